@@ -1,0 +1,52 @@
+"""sandlot: secure, ephemeral sandboxes for untrusted code, with the Koyeb Sandbox SDK's API.
+
+The public names are loaded lazily (PEP 562) so that ``python -m sandlot.agent`` -- which runs
+inside every sandbox with nothing but the standard library -- never imports the SDK's
+dependencies.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Sandbox": "sandlot.sdk",
+    "AsyncSandbox": "sandlot.sdk",
+    "SandboxError": "sandlot.sdk.errors",
+    "MissingApiTokenError": "sandlot.sdk.errors",
+    "InvalidPortError": "sandlot.sdk.errors",
+    "SandboxTimeoutError": "sandlot.sdk.errors",
+    "NoSandboxSecretError": "sandlot.sdk.errors",
+    "SandboxRequestError": "sandlot.sdk.errors",
+    "SandboxServiceError": "sandlot.sdk.errors",
+    "SandboxNotFoundError": "sandlot.sdk.errors",
+    "SandboxCommandError": "sandlot.sdk.errors",
+    "UnsupportedFeatureError": "sandlot.sdk.errors",
+}
+
+__all__ = [*_LAZY, "__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover - names for type checkers only
+    from sandlot.sdk import AsyncSandbox, Sandbox
+    from sandlot.sdk.errors import (
+        InvalidPortError,
+        MissingApiTokenError,
+        NoSandboxSecretError,
+        SandboxCommandError,
+        SandboxError,
+        SandboxNotFoundError,
+        SandboxRequestError,
+        SandboxServiceError,
+        SandboxTimeoutError,
+        UnsupportedFeatureError,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sandlot' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

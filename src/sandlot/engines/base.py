@@ -1,0 +1,120 @@
+"""The engine interface: what the server needs from anything that runs sandboxes.
+
+The local engine (crun on this machine) is the default; a Kubernetes engine implements the same
+interface later. Engines know nothing of API tokens, projects or lifecycle timers -- that is the
+server's business -- they only turn a :class:`SandboxSpec` into an isolated, running sandbox whose
+agent answers at :attr:`SandboxInfo.agent_address`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from sandlot.instance_types import InstanceType
+
+
+class EngineError(Exception):
+    """Base class of engine failures; the message is meant for the user."""
+
+
+class SandboxNotFound(EngineError):
+    """The engine has no sandbox with this id."""
+
+
+class ImageError(EngineError):
+    """The image cannot be found, pulled or used (e.g. it has no /bin/sh)."""
+
+
+class EngineUnavailableError(EngineError):
+    """The engine cannot run on this host (missing runtime, not root, unsupported kernel)."""
+
+
+class NetworkMode(str, enum.Enum):
+    #: Loopback only. The default: untrusted code reaches nothing.
+    NONE = "none"
+    #: Outbound access through user-mode networking; the host's loopback stays unreachable.
+    OUTBOUND = "outbound"
+
+
+class SandboxState(str, enum.Enum):
+    CREATING = "creating"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """Everything an engine needs to create one sandbox."""
+
+    id: str
+    image: str
+    instance_type: InstanceType
+    #: The agent's bearer secret (the gateway forwards the client's token; the agent checks it).
+    secret: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    name: str | None = None
+    privileged: bool = False
+    network: NetworkMode = NetworkMode.NONE
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AgentAddress:
+    """Where a sandbox's agent listens: a Unix socket path on this host, or host:port."""
+
+    unix_path: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.unix_path is None) == (self.host is None):
+            raise ValueError("AgentAddress needs exactly one of unix_path or host/port")
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    id: str
+    state: SandboxState
+    agent_address: AgentAddress
+    #: Pid of the sandbox's init process on the host, when the engine has one.
+    pid: int | None = None
+    detail: str = ""
+
+
+class Engine(Protocol):
+    """What the server calls. All methods are safe to call concurrently for different ids, and
+    ``delete`` is idempotent and safe to call concurrently with itself and with ``create``."""
+
+    name: str
+
+    async def create(self, spec: SandboxSpec) -> SandboxInfo:
+        """Create and start a sandbox. Returns once its agent process runs (health is polled by
+        the caller). On failure nothing is left behind."""
+        ...
+
+    async def delete(self, sandbox_id: str) -> None:
+        """Kill every process and remove mounts, cgroups and files. No error if already gone."""
+        ...
+
+    async def pause(self, sandbox_id: str) -> None:
+        """Freeze every process (memory kept, no CPU)."""
+        ...
+
+    async def resume(self, sandbox_id: str) -> None: ...
+
+    async def inspect(self, sandbox_id: str) -> SandboxInfo:
+        """Raise :class:`SandboxNotFound` if the engine does not know the id."""
+        ...
+
+    async def list(self) -> list[SandboxInfo]:
+        """Every sandbox the engine holds, including ones created before a restart."""
+        ...
+
+    async def close(self) -> None:
+        """Release engine resources (not the sandboxes: they outlive the server)."""
+        ...

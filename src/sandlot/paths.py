@@ -1,0 +1,40 @@
+"""Where sandlot keeps things, on the host and inside every sandbox.
+
+Host paths can be moved with ``SANDLOT_STATE_DIR`` (tests use a temporary one). Paths inside a
+sandbox are fixed: the engine mounts them, the agent and the server rely on them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: Inside every sandbox: the read-only runtime that runs the agent (Python closure + agent code).
+SANDBOX_RUNTIME_DIR = "/.sandlot/runtime"
+#: Inside every sandbox: the directory shared with the host that holds the agent's socket.
+SANDBOX_RUN_DIR = "/.sandlot/run"
+SANDBOX_AGENT_SOCKET = f"{SANDBOX_RUN_DIR}/agent.sock"
+SANDBOX_SECRET_FILE = f"{SANDBOX_RUN_DIR}/secret"
+
+
+def state_dir() -> Path:
+    """Root of the host's persistent state (images, sandboxes, database)."""
+    configured = os.environ.get("SANDLOT_STATE_DIR")
+    if configured:
+        return Path(configured)
+    if os.geteuid() == 0:
+        return Path("/var/lib/sandlot")
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(xdg) / "sandlot"
+
+
+def runtime_dir() -> Path:
+    """Per-user runtime directory: the server's default socket lives here."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "sandlot"
+    return Path(f"/tmp/sandlot-{os.geteuid()}")
+
+
+def default_server_socket() -> Path:
+    return runtime_dir() / "sandlot.sock"

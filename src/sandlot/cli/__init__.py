@@ -1,0 +1,1 @@
+"""The ``sandlot`` command line."""

@@ -1,0 +1,49 @@
+"""``sandlot``: the command line. (Minimal for now: the ``server`` command.)"""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group()
+@click.version_option(package_name="sandlot")
+def main() -> None:
+    """sandlot: secure, ephemeral sandboxes on your own machine."""
+
+
+@main.command()
+@click.option(
+    "--listen",
+    default=None,
+    metavar="unix:PATH|tcp:HOST:PORT",
+    help="Where to listen (default: the per-user Unix socket, whose permissions are the "
+    "authentication; TCP requires API tokens).",
+)
+@click.option(
+    "--database",
+    default=None,
+    metavar="URL",
+    help="SQLAlchemy URL (default: SQLite in the state directory; e.g. postgresql://...).",
+)
+@click.option(
+    "--engine",
+    default="local",
+    show_default=True,
+    help="'local', or module:factory returning an Engine.",
+)
+@click.option("--public-url", default=None, help="Base URL clients use to reach this server.")
+@click.option("--log-level", default="info", show_default=True)
+def server(
+    listen: str | None, database: str | None, engine: str, public_url: str | None, log_level: str
+) -> None:
+    """Run the control server and gateway."""
+    from sandlot.server.run import parse_listen, serve
+
+    try:
+        parse_listen(listen)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--listen") from None
+    try:
+        serve(listen, database=database, engine=engine, public_url=public_url, log_level=log_level)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None

@@ -1,0 +1,88 @@
+"""The SDK's exceptions: the Koyeb Sandbox SDK's names, under one root.
+
+Hierarchy::
+
+    SandboxError
+    ├── MissingApiTokenError (also ValueError)   a remote server needs an API token
+    ├── InvalidPortError (also ValueError)       a port that is not an int in 1..65535
+    ├── SandboxTimeoutError                      readiness, a command or a request timed out
+    ├── NoSandboxSecretError                     a handle without the sandbox secret (from list())
+    ├── SandboxRequestError                      the server or agent answered 4xx
+    │   └── SandboxNotFoundError                 ... 404: no such sandbox (or not yours)
+    ├── SandboxServiceError                      5xx, or the server/agent cannot be reached
+    ├── SandboxCommandError                      exec(..., raise_on_error=True) and code != 0
+    └── UnsupportedFeatureError                  an option/method a later release completes
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "InvalidPortError",
+    "MissingApiTokenError",
+    "NoSandboxSecretError",
+    "SandboxCommandError",
+    "SandboxError",
+    "SandboxNotFoundError",
+    "SandboxRequestError",
+    "SandboxServiceError",
+    "SandboxTimeoutError",
+    "UnsupportedFeatureError",
+]
+
+
+class SandboxError(Exception):
+    """Root of every error the SDK raises."""
+
+
+class MissingApiTokenError(SandboxError, ValueError):
+    """A remote (TCP) sandlot server needs an API token: pass ``api_token=`` or set
+    ``SANDLOT_API_TOKEN``."""
+
+
+class InvalidPortError(SandboxError, ValueError):
+    """A port must be an ``int`` in 1..65535."""
+
+
+class SandboxTimeoutError(SandboxError):
+    """Waiting for readiness, a command or a request took longer than its timeout."""
+
+
+class NoSandboxSecretError(SandboxError):
+    """This handle has no sandbox secret (handles from ``list()`` do not); use ``get_from_id``."""
+
+
+class SandboxRequestError(SandboxError):
+    """The server or the sandbox's agent rejected the request (HTTP 4xx)."""
+
+    def __init__(self, message: str, status_code: int, body: Any = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.body = body
+
+
+class SandboxNotFoundError(SandboxRequestError):
+    """No sandbox with this id exists for your API token's project (or it was deleted)."""
+
+
+class SandboxServiceError(SandboxError):
+    """The server or the agent failed (HTTP 5xx) or could not be reached."""
+
+    def __init__(self, message: str, status_code: int | None = None, body: Any = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.body = body
+
+
+class SandboxCommandError(SandboxError):
+    """A command exited with a non-zero code and ``raise_on_error=True`` was given."""
+
+    def __init__(self, message: str, result: Any = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class UnsupportedFeatureError(SandboxError):
+    """An option or method this version of sandlot does not support yet. The message says
+    which; nothing was done."""

@@ -1,0 +1,535 @@
+"""The sandlot server: one ASGI app with the control API (``/v1/...``), the gateway
+(``/sandboxes/{id}/koyeb-sandbox/...``) and its OpenAPI document (``/openapi.json``).
+
+Authentication depends on where the server listens. On its Unix socket the socket's file
+permissions are the authentication: every request is the administrator's, acting in the project
+named by the ``X-Sandlot-Project`` header (``default`` without it). On TCP every control request
+needs ``Authorization: Bearer <API token>`` and sees only its token's project; managing tokens is
+allowed only on the socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import quote
+
+import anyio
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+import sandlot
+from sandlot.engines.base import Engine
+from sandlot.server.control import ApiError, Control
+from sandlot.server.db import DEFAULT_PROJECT, ApiToken, SandboxRow, Store
+from sandlot.server.gateway import Gateway
+from sandlot.server.schemas import (
+    CreateSandbox,
+    CreateToken,
+    DeletedOut,
+    ErrorOut,
+    HealthOut,
+    SandboxList,
+    SandboxOut,
+    TokenList,
+    TokenOut,
+    UpdateSandbox,
+)
+
+AuthMode = Literal["socket", "token"]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    database_url: str
+    engines: dict[str, Engine]
+    default_region: str
+    auth: AuthMode
+    #: Base of the sandbox URLs handed to clients, e.g. ``http://127.0.0.1:7000``.
+    #: For a Unix socket: ``http+unix://<quoted socket path>``. None: from each request.
+    public_url: str | None = None
+    #: Rows still "creating" this long after creation are discarded at startup (a crash).
+    stale_create_after: float = 0.0
+
+
+@dataclass(frozen=True)
+class Principal:
+    project: str
+    admin: bool
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _iso(value: Any) -> str:
+    return value.isoformat() if value is not None else ""
+
+
+def _public_base(request: Request, config: ServerConfig) -> str:
+    if config.public_url:
+        return config.public_url.rstrip("/")
+    return str(request.base_url).rstrip("/")
+
+
+def sandbox_out(row: SandboxRow, base: str, with_secret: bool) -> SandboxOut:
+    url = f"{base}/sandboxes/{row.id}/koyeb-sandbox"
+    domain = base.split("://", 1)[-1]
+    return SandboxOut(
+        id=row.id,
+        name=row.name,
+        status=row.status,  # type: ignore[arg-type]
+        image=row.image,
+        instance_type=row.instance_type,
+        region=row.region,
+        created_at=_iso(row.created_at),
+        updated_at=_iso(row.updated_at),
+        labels=row.labels or {},
+        env=row.env or {},
+        sandbox_url=url,
+        domain=domain,
+        privileged=row.privileged,
+        exposed_port_protocol=row.exposed_port_protocol,
+        enable_tcp_proxy=row.enable_tcp_proxy,
+        idle_timeout=row.idle_timeout,
+        delete_after_delay=row.delete_after_delay,
+        delete_after_inactivity_delay=row.delete_after_inactivity_delay,
+        enable_light_sleep=row.light_sleep,
+        error=row.error or "",
+        secret=row.secret if with_secret else None,
+    )
+
+
+def token_out(row: ApiToken, token: str | None = None) -> TokenOut:
+    return TokenOut(
+        id=row.id,
+        project=row.project,
+        name=row.name,
+        created_at=_iso(row.created_at),
+        revoked_at=_iso(row.revoked_at) if row.revoked_at else None,
+        token=token,
+    )
+
+
+def json_response(model: BaseModel, status: int = 200) -> Response:
+    return Response(
+        model.model_dump_json(exclude_none=False), status_code=status, media_type="application/json"
+    )
+
+
+def error_response(status: int, code: str, message: str, detail: Any = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": message, "code": code}
+    if detail is not None:
+        body["detail"] = detail
+    return JSONResponse(body, status_code=status)
+
+
+async def parse_body(request: Request, model: type[BaseModel]) -> Any:
+    raw = await request.body()
+    try:
+        data = json.loads(raw or b"{}")
+    except ValueError:
+        raise ApiError(400, "invalid_json", "request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_json", "request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "body"
+            problems.append(f"{where}: {err['msg']}")
+        raise ApiError(400, "invalid_request", "invalid request: " + "; ".join(problems)) from None
+
+
+async def cancel_on_disconnect(request: Request, work: Callable[[], Awaitable[Any]]) -> Any:
+    """Run ``work()``; cancel it if the client disconnects first (then return None). Its own
+    exception, if any, is re-raised as is (not inside an exception group)."""
+    result: Any = None
+    error: BaseException | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            tg.cancel_scope.cancel()
+
+        async def run() -> None:
+            nonlocal result, error
+            try:
+                result = await work()
+            except Exception as exc:
+                error = exc
+            finally:
+                tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        tg.start_soon(run)
+    if error is not None:
+        raise error
+    return result
+
+
+# -- the app ----------------------------------------------------------------------------------
+
+
+class Api:
+    """Route handlers, bound to one server's state."""
+
+    def __init__(self, config: ServerConfig, control: Control) -> None:
+        self.config = config
+        self.control = control
+        self.store = control.store
+
+    async def principal(self, request: Request) -> Principal:
+        if self.config.auth == "socket":
+            return Principal(request.headers.get("x-sandlot-project") or DEFAULT_PROJECT, True)
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "unauthorized", "missing API token (Authorization: Bearer <token>)")
+        project = await self.control.db(self.store.project_for_token, token.strip())
+        if project is None:
+            raise ApiError(401, "unauthorized", "invalid or revoked API token")
+        return Principal(project, False)
+
+    async def admin(self, request: Request) -> Principal:
+        who = await self.principal(request)
+        if not who.admin:
+            raise ApiError(
+                403, "forbidden", "API tokens can be managed only on the server's Unix socket"
+            )
+        return who
+
+    # -- sandboxes --
+
+    async def create_sandbox(self, request: Request) -> Response:
+        who = await self.principal(request)
+        req = await parse_body(request, CreateSandbox)
+        # A client that disconnects mid-create cancels it (and Control cleans up): otherwise
+        # the sandbox would run with nobody knowing its id.
+        row = await cancel_on_disconnect(request, lambda: self.control.create(who.project, req))
+        if row is None:
+            return Response(status_code=499)
+        return json_response(sandbox_out(row, _public_base(request, self.config), True), 201)
+
+    async def list_sandboxes(self, request: Request) -> Response:
+        who = await self.principal(request)
+        name = request.query_params.get("name")
+        labels: dict[str, str] = {}
+        for item in request.query_params.getlist("label"):
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ApiError(400, "invalid_request", f"label filter {item!r} must be KEY=VALUE")
+            labels[key] = value
+        rows = await self.control.db(self.store.list_sandboxes, who.project, name, labels)
+        base = _public_base(request, self.config)
+        return json_response(SandboxList(sandboxes=[sandbox_out(r, base, False) for r in rows]))
+
+    async def get_sandbox(self, request: Request) -> Response:
+        who = await self.principal(request)
+        row = await self.control.get(who.project, request.path_params["sandbox_id"])
+        return json_response(sandbox_out(row, _public_base(request, self.config), True))
+
+    async def update_sandbox(self, request: Request) -> Response:
+        who = await self.principal(request)
+        req = await parse_body(request, UpdateSandbox)
+        fields = req.model_dump(exclude_unset=True)
+        if "enable_light_sleep" in fields:
+            value = fields.pop("enable_light_sleep")
+            if value is not None:
+                fields["light_sleep"] = value
+        for key in ("idle_timeout", "labels"):
+            if key in fields and fields[key] is None:
+                raise ApiError(400, "invalid_request", f"{key} cannot be null")
+        row = await self.control.update(who.project, request.path_params["sandbox_id"], fields)
+        return json_response(sandbox_out(row, _public_base(request, self.config), True))
+
+    async def delete_sandbox(self, request: Request) -> Response:
+        who = await self.principal(request)
+        sandbox_id = request.path_params["sandbox_id"]
+        with anyio.CancelScope(shield=True):  # a delete, once begun, completes
+            await self.control.delete(who.project, sandbox_id)
+        return json_response(DeletedOut(id=sandbox_id, status="deleted"))
+
+    async def unsupported_ports(self, request: Request) -> Response:
+        await self.principal(request)
+        raise ApiError(
+            501, "unsupported", "exposing ports is not supported yet by this sandlot server"
+        )
+
+    # -- tokens --
+
+    async def create_token(self, request: Request) -> Response:
+        await self.admin(request)
+        req = await parse_body(request, CreateToken)
+        row, token = await self.control.db(self.store.create_token, req.project, req.name)
+        return json_response(token_out(row, token), 201)
+
+    async def list_tokens(self, request: Request) -> Response:
+        await self.admin(request)
+        project = request.query_params.get("project")
+        rows = await self.control.db(self.store.list_tokens, project)
+        return json_response(TokenList(tokens=[token_out(r) for r in rows]))
+
+    async def revoke_token(self, request: Request) -> Response:
+        await self.admin(request)
+        token_id = request.path_params["token_id"]
+        row = await self.control.db(self.store.revoke_token, token_id)
+        if row is None:
+            raise ApiError(404, "not_found", f"token {token_id} not found (or already revoked)")
+        return json_response(token_out(row))
+
+    # -- misc --
+
+    async def health(self, request: Request) -> Response:
+        return json_response(
+            HealthOut(
+                status="ok", version=sandlot.__version__, regions=sorted(self.control.engines)
+            )
+        )
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi_document(self.routes()))
+
+    def routes(self) -> list[ApiRoute]:
+        """The routing table: every route, its handler and its OpenAPI description."""
+        sid = "/v1/sandboxes/{sandbox_id}"
+        return [
+            ApiRoute(
+                "GET", "/v1/health", self.health, "Server health", None, HealthOut, auth=False
+            ),
+            ApiRoute(
+                "POST",
+                "/v1/sandboxes",
+                self.create_sandbox,
+                "Create a sandbox",
+                CreateSandbox,
+                SandboxOut,
+                status=201,
+            ),
+            ApiRoute(
+                "GET",
+                "/v1/sandboxes",
+                self.list_sandboxes,
+                "List sandboxes (filters: name=, label=KEY=VALUE repeated)",
+                None,
+                SandboxList,
+                query=["name", "label"],
+            ),
+            ApiRoute(
+                "GET", sid, self.get_sandbox, "Get a sandbox (with its secret)", None, SandboxOut
+            ),
+            ApiRoute(
+                "PATCH",
+                sid,
+                self.update_sandbox,
+                "Update lifecycle fields and labels",
+                UpdateSandbox,
+                SandboxOut,
+            ),
+            ApiRoute("DELETE", sid, self.delete_sandbox, "Delete a sandbox", None, DeletedOut),
+            ApiRoute(
+                "POST",
+                sid + "/ports",
+                self.unsupported_ports,
+                "Expose a port (not supported yet: 501)",
+                None,
+                ErrorOut,
+                status=501,
+            ),
+            ApiRoute(
+                "DELETE",
+                sid + "/ports",
+                self.unsupported_ports,
+                "Unexpose a port (not supported yet: 501)",
+                None,
+                ErrorOut,
+                status=501,
+            ),
+            ApiRoute(
+                "POST",
+                "/v1/tokens",
+                self.create_token,
+                "Create an API token (Unix socket only)",
+                CreateToken,
+                TokenOut,
+                status=201,
+            ),
+            ApiRoute(
+                "GET",
+                "/v1/tokens",
+                self.list_tokens,
+                "List API tokens (Unix socket only)",
+                None,
+                TokenList,
+                query=["project"],
+            ),
+            ApiRoute(
+                "DELETE",
+                "/v1/tokens/{token_id}",
+                self.revoke_token,
+                "Revoke an API token (Unix socket only)",
+                None,
+                TokenOut,
+            ),
+            ApiRoute("GET", "/openapi.json", self.openapi, "This document", None, None, auth=False),
+        ]
+
+
+@dataclass(frozen=True)
+class ApiRoute:
+    method: str
+    path: str
+    handler: Callable[[Request], Awaitable[Response]]
+    summary: str
+    request: type[BaseModel] | None
+    response: type[BaseModel] | None
+    status: int = 200
+    auth: bool = True
+    query: list[str] | None = None
+
+
+GATEWAY_PATH = "/sandboxes/{sandbox_id}/koyeb-sandbox/{path:path}"
+GATEWAY_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+def openapi_document(routes: list[ApiRoute]) -> dict[str, Any]:
+    components: dict[str, Any] = {}
+
+    def ref(model: type[BaseModel]) -> dict[str, str]:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, sub in schema.pop("$defs", {}).items():
+            components[name] = sub
+        components[model.__name__] = schema
+        return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+    error = {"content": {"application/json": {"schema": ref(ErrorOut)}}}
+    paths: dict[str, dict[str, Any]] = {}
+    for r in routes:
+        op: dict[str, Any] = {"summary": r.summary, "operationId": r.handler.__name__}
+        params = [
+            {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+            for p in _path_params(r.path)
+        ]
+        params += [
+            {"name": q, "in": "query", "required": False, "schema": {"type": "string"}}
+            for q in r.query or []
+        ]
+        if params:
+            op["parameters"] = params
+        if r.request is not None:
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": ref(r.request)}},
+            }
+        responses: dict[str, Any] = {}
+        if r.response is not None:
+            responses[str(r.status)] = {
+                "description": "OK",
+                "content": {"application/json": {"schema": ref(r.response)}},
+            }
+        else:
+            responses[str(r.status)] = {"description": "OK"}
+        if r.auth:
+            for code in ("400", "401", "404"):
+                responses.setdefault(code, {"description": "error", **error})
+            op["security"] = [{"bearer": []}]
+        op["responses"] = responses
+        paths.setdefault(r.path, {})[r.method.lower()] = op
+    gateway_path = GATEWAY_PATH.replace("{path:path}", "{path}")
+    for method in GATEWAY_METHODS:
+        paths.setdefault(gateway_path, {})[method.lower()] = {
+            "summary": "The sandbox's agent API (Koyeb executor protocol), proxied; "
+            "authenticated by the sandbox secret",
+            "operationId": f"gateway_{method.lower()}",
+            "parameters": [
+                {
+                    "name": "sandbox_id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string"},
+                },
+                {"name": "path", "in": "path", "required": True, "schema": {"type": "string"}},
+            ],
+            "responses": {
+                "200": {"description": "the agent's answer"},
+                "404": {"description": "no such sandbox", **error},
+                "502": {"description": "agent not reachable", **error},
+            },
+        }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "sandlot", "version": sandlot.__version__},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _path_params(path: str) -> list[str]:
+    import re
+
+    return re.findall(r"\{([a-z_]+)(?::[a-z]+)?\}", path)
+
+
+def _wrap(
+    handler: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message)
+
+    endpoint.__name__ = handler.__name__
+    return endpoint
+
+
+def create_app(config: ServerConfig) -> Starlette:
+    store = Store(config.database_url)
+    control = Control(
+        store=store, engines=dict(config.engines), default_region=config.default_region
+    )
+    api = Api(config, control)
+    routes: list[BaseRoute] = [
+        Route(r.path, _wrap(r.handler), methods=[r.method]) for r in api.routes()
+    ]
+    routes.append(Route(GATEWAY_PATH, Gateway(control), methods=GATEWAY_METHODS))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await control.reconcile(config.stale_create_after)
+        try:
+            yield
+        finally:
+            await control.close()
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return error_response(404, "not_found", f"no route for {request.method} {request.url.path}")
+
+    async def method_not_allowed(request: Request, exc: Exception) -> Response:
+        return error_response(405, "method_not_allowed", f"{request.method} not allowed here")
+
+    async def internal(request: Request, exc: Exception) -> Response:
+        return error_response(500, "internal", f"internal error: {type(exc).__name__}: {exc}")
+
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={404: not_found, 405: method_not_allowed, 500: internal},
+    )
+    app.state.control = control
+    app.state.api = api
+    return app
+
+
+def unix_public_url(socket_path: str) -> str:
+    return "http+unix://" + quote(socket_path, safe="")

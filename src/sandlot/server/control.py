@@ -1,0 +1,306 @@
+"""The control plane's logic: sandboxes' life from create to delete, kept consistent between the
+database and the engines. HTTP concerns (parsing, status codes) live in :mod:`.app`."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+import httpx
+
+from sandlot.engines.base import (
+    AgentAddress,
+    Engine,
+    EngineError,
+    EngineUnavailableError,
+    ImageError,
+    SandboxSpec,
+)
+from sandlot.instance_types import get_instance_type
+from sandlot.server.db import SandboxRow, Store, utcnow
+from sandlot.server.schemas import CreateSandbox
+
+log = logging.getLogger("sandlot.server")
+
+T = TypeVar("T")
+
+DEFAULT_IMAGE = "default"
+#: Koyeb's image names that mean "the default sandbox image" here.
+IMAGE_ALIASES = {"koyeb/sandbox": DEFAULT_IMAGE, "koyeb/sandbox:latest": DEFAULT_IMAGE}
+#: How long the gateway trusts its cached sandbox → agent mapping before re-reading the database
+#: (another replica may have deleted the sandbox).
+AGENT_CACHE_TTL = 5.0
+LIVE_STATUSES = ("creating", "running", "paused")
+
+
+class ApiError(Exception):
+    """An error for the API's client: HTTP status, a stable code and a readable message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class _AgentEntry:
+    client: httpx.AsyncClient
+    checked_at: float
+
+
+def agent_client(address: AgentAddress) -> httpx.AsyncClient:
+    """A pooled HTTP client to one sandbox's agent. No timeouts: streamed commands run as long as
+    the caller keeps the connection; the caller's own deadlines apply."""
+    if address.unix_path is not None:
+        transport = httpx.AsyncHTTPTransport(uds=address.unix_path)
+        base = "http://agent"
+    else:
+        transport = httpx.AsyncHTTPTransport()
+        base = f"http://{address.host}:{address.port}"
+    return httpx.AsyncClient(
+        transport=transport,
+        base_url=base,
+        timeout=httpx.Timeout(None, connect=10.0),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
+    )
+
+
+def address_of(row: SandboxRow) -> AgentAddress | None:
+    if row.agent_unix_path:
+        return AgentAddress(unix_path=row.agent_unix_path)
+    if row.agent_host and row.agent_port:
+        return AgentAddress(host=row.agent_host, port=row.agent_port)
+    return None
+
+
+@dataclass
+class Control:
+    store: Store
+    engines: dict[str, Engine]
+    default_region: str
+    _agents: dict[str, _AgentEntry] = field(default_factory=dict)
+
+    async def db(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+
+    # -- create -------------------------------------------------------------------------------
+
+    async def create(self, project: str, req: CreateSandbox) -> SandboxRow:
+        if req.enable_tcp_proxy:
+            raise ApiError(
+                501, "unsupported", "enable_tcp_proxy is not supported yet by this sandlot server"
+            )
+        if req.registry_secret is not None:
+            raise ApiError(
+                501,
+                "unsupported",
+                "registry_secret (private registry pulls) is not supported yet by this sandlot "
+                "server",
+            )
+        region = req.region or self.default_region
+        engine = self.engines.get(region)
+        if engine is None:
+            known = ", ".join(sorted(self.engines))
+            raise ApiError(
+                400, "invalid_region", f"unknown region {region!r}; this server has: {known}"
+            )
+        image = req.image or DEFAULT_IMAGE
+        image = IMAGE_ALIASES.get(image, image)
+        sandbox_id = secrets.token_hex(12)
+        secret = secrets.token_urlsafe(32)
+        now = utcnow()
+        row = SandboxRow(
+            id=sandbox_id,
+            project=project,
+            name=req.name or f"sandbox-{sandbox_id[:8]}",
+            status="creating",
+            image=image,
+            instance_type=req.instance_type,
+            region=region,
+            labels=dict(req.labels or {}),
+            env=dict(req.env or {}),
+            secret=secret,
+            privileged=req.privileged,
+            exposed_port_protocol=req.exposed_port_protocol,
+            enable_tcp_proxy=req.enable_tcp_proxy,
+            registry_secret=req.registry_secret,
+            idle_timeout=req.idle_timeout,
+            delete_after_delay=req.delete_after_delay,
+            delete_after_inactivity_delay=req.delete_after_inactivity_delay,
+            light_sleep=req.enable_light_sleep,
+            error="",
+            created_at=now,
+            updated_at=now,
+        )
+        await self.db(self.store.add_sandbox, row)
+        spec = SandboxSpec(
+            id=sandbox_id,
+            image=image,
+            instance_type=get_instance_type(req.instance_type),
+            secret=secret,
+            env=dict(req.env or {}),
+            name=row.name,
+            privileged=req.privileged,
+            labels=dict(req.labels or {}),
+        )
+        try:
+            info = await engine.create(spec)
+            address = info.agent_address
+            await self.db(
+                self.store.update_sandbox,
+                sandbox_id,
+                agent_unix_path=address.unix_path,
+                agent_host=address.host,
+                agent_port=address.port,
+            )
+            if req.wait_ready:
+                await self._wait_healthy(sandbox_id, address, req.timeout)
+            final = await self.db(
+                self.store.update_sandbox, sandbox_id, only_if_status="creating", status="running"
+            )
+            if final is None:  # pragma: no cover - row vanished under us
+                raise ApiError(500, "internal", "sandbox row disappeared during create")
+            if final.status != "running":
+                raise ApiError(
+                    409, "deleted", f"sandbox {sandbox_id} was deleted while being created"
+                )
+            return final  # type: ignore[no-any-return]
+        except BaseException as exc:
+            # No half-created sandboxes, whatever went wrong (including the client going away,
+            # which arrives here as cancellation): remove it from the engine and mark the row.
+            with anyio.CancelScope(shield=True):
+                await self._discard(engine, sandbox_id, _describe(exc))
+            if isinstance(exc, ImageError):
+                raise ApiError(400, "invalid_image", str(exc)) from exc
+            if isinstance(exc, EngineUnavailableError):
+                raise ApiError(503, "engine_unavailable", str(exc)) from exc
+            if isinstance(exc, EngineError):
+                raise ApiError(500, "engine_error", f"creating the sandbox failed: {exc}") from exc
+            raise
+
+    async def _discard(self, engine: Engine, sandbox_id: str, reason: str) -> None:
+        try:
+            await engine.delete(sandbox_id)
+        except Exception:  # pragma: no cover - logged; the row still says what happened
+            log.exception("cleaning up sandbox %s failed", sandbox_id)
+        await self._evict(sandbox_id)
+        await self.db(
+            self.store.update_sandbox,
+            sandbox_id,
+            status="deleted",
+            deleted_at=utcnow(),
+            error=reason,
+        )
+
+    async def _wait_healthy(self, sandbox_id: str, address: AgentAddress, timeout: float) -> None:
+        client = await self._client_for(sandbox_id, address)
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        last = "no answer yet"
+        while True:
+            try:
+                resp = await client.get("/health", timeout=2.0)
+                if resp.status_code == 200:
+                    return
+                last = f"HTTP {resp.status_code}"
+            except (httpx.HTTPError, OSError) as exc:
+                last = _describe(exc)
+            if time.monotonic() + delay > deadline:
+                raise ApiError(
+                    504,
+                    "timeout",
+                    f"sandbox {sandbox_id} did not become ready within {timeout:g}s ({last})",
+                )
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    # -- read / update / delete -----------------------------------------------------------------
+
+    async def get(self, project: str, sandbox_id: str) -> SandboxRow:
+        row = await self.db(self.store.get_sandbox, sandbox_id, project)
+        if row is None:
+            raise ApiError(404, "not_found", f"sandbox {sandbox_id} not found")
+        return row  # type: ignore[no-any-return]
+
+    async def update(self, project: str, sandbox_id: str, fields: dict[str, Any]) -> SandboxRow:
+        await self.get(project, sandbox_id)
+        row = await self.db(self.store.update_sandbox, sandbox_id, **fields)
+        return row  # type: ignore[no-any-return]
+
+    async def delete(self, project: str, sandbox_id: str) -> None:
+        row = await self.get(project, sandbox_id)
+        engine = self.engines.get(row.region)
+        if engine is not None:
+            await engine.delete(sandbox_id)
+        await self._evict(sandbox_id)
+        await self.db(self.store.update_sandbox, sandbox_id, status="deleted", deleted_at=utcnow())
+
+    # -- gateway support ----------------------------------------------------------------------
+
+    async def _client_for(self, sandbox_id: str, address: AgentAddress) -> httpx.AsyncClient:
+        entry = self._agents.get(sandbox_id)
+        if entry is None:
+            entry = _AgentEntry(agent_client(address), time.monotonic())
+            self._agents[sandbox_id] = entry
+        return entry.client
+
+    async def agent_for(self, sandbox_id: str) -> httpx.AsyncClient | None:
+        """The pooled client of a live sandbox's agent, or None if there is no such sandbox.
+        (The gateway is authenticated by the sandbox secret, checked by the agent itself.)"""
+        entry = self._agents.get(sandbox_id)
+        now = time.monotonic()
+        if entry is not None and now - entry.checked_at < AGENT_CACHE_TTL:
+            return entry.client
+        row = await self.db(self.store.get_sandbox, sandbox_id)
+        address = address_of(row) if row is not None and row.status in LIVE_STATUSES else None
+        if address is None:
+            await self._evict(sandbox_id)
+            return None
+        client = await self._client_for(sandbox_id, address)
+        self._agents[sandbox_id].checked_at = now
+        return client
+
+    async def _evict(self, sandbox_id: str) -> None:
+        entry = self._agents.pop(sandbox_id, None)
+        if entry is not None:
+            with anyio.CancelScope(shield=True):
+                await entry.client.aclose()
+
+    # -- server lifecycle ---------------------------------------------------------------------
+
+    async def reconcile(self, stale_after: float) -> None:
+        """After a crash, sandboxes left in "creating" are half-created: remove them."""
+        rows = await self.db(self.store.sandboxes_with_status, ["creating"])
+        now = utcnow()
+        for row in rows:
+            created = (
+                row.created_at
+                if row.created_at.tzinfo
+                else row.created_at.replace(tzinfo=now.tzinfo)
+            )
+            if (now - created).total_seconds() < stale_after:
+                continue
+            engine = self.engines.get(row.region)
+            if engine is not None:
+                await self._discard(engine, row.id, "server stopped while the sandbox was created")
+
+    async def close(self) -> None:
+        for sandbox_id in list(self._agents):
+            await self._evict(sandbox_id)
+        for engine in self.engines.values():
+            await engine.close()
+        await self.db(self.store.close)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ApiError):
+        return exc.message
+    if isinstance(exc, anyio.get_cancelled_exc_class()):
+        return "create cancelled (the client went away)"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,147 @@
+"""Running the server: listen address parsing, the Unix socket's permissions, engine loading."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from sandlot.engines.base import Engine
+from sandlot.paths import default_server_socket, state_dir
+from sandlot.server.app import ServerConfig, create_app, unix_public_url
+from sandlot.server.db import default_database_url
+
+DEFAULT_REGION = "local"
+
+
+@dataclass(frozen=True)
+class Listen:
+    unix_path: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.unix_path is not None
+
+
+def parse_listen(value: str | None) -> Listen:
+    """``unix:/path/to.sock`` or ``tcp:HOST:PORT`` (default: the per-user Unix socket)."""
+    if not value:
+        return Listen(unix_path=str(default_server_socket()))
+    kind, sep, rest = value.partition(":")
+    if sep and kind == "unix" and rest:
+        return Listen(unix_path=rest)
+    if sep and kind == "tcp":
+        host, sep2, port = rest.rpartition(":")
+        if sep2 and host and port.isdigit() and 0 < int(port) < 65536:
+            return Listen(host=host.strip("[]"), port=int(port))
+    raise ValueError(f"--listen must be unix:PATH or tcp:HOST:PORT, not {value!r}")
+
+
+def load_engine(spec: str) -> Engine:
+    """``local`` (the default), or ``package.module:factory`` -- a callable returning an Engine
+    (used by tests and for out-of-tree engines)."""
+    if spec == "local":
+        from sandlot.engines.local import LocalEngine  # type: ignore[attr-defined]
+
+        engine: Engine = LocalEngine(state_dir())
+        return engine
+    module, sep, attr = spec.partition(":")
+    if not sep:
+        raise ValueError(f"unknown engine {spec!r}: use 'local' or 'module:factory'")
+    factory: Any = getattr(importlib.import_module(module), attr)
+    result: Engine = factory()
+    return result
+
+
+def bind_unix_socket(path: str) -> socket.socket:
+    """Bind the server's socket: its directory 0700 and the socket 0600, because on this socket
+    file permissions are the only authentication."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = p.parent.stat()
+    if info.st_uid != os.geteuid():
+        raise RuntimeError(
+            f"{p.parent} belongs to uid {info.st_uid}, not to us; refusing to use it"
+        )
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        os.chmod(p.parent, 0o700)
+    if p.exists() or p.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            p.unlink()  # stale socket of a server that died
+        else:
+            raise RuntimeError(f"a sandlot server is already listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(512)
+    return sock
+
+
+def build_config(
+    listen: Listen, database: str | None, engine: str, public_url: str | None
+) -> ServerConfig:
+    url = database or os.environ.get("SANDLOT_DATABASE_URL") or default_database_url(state_dir())
+    if public_url is None and listen.unix_path is not None:
+        public_url = unix_public_url(listen.unix_path)
+    return ServerConfig(
+        database_url=url,
+        engines={DEFAULT_REGION: load_engine(engine)},
+        default_region=DEFAULT_REGION,
+        auth="socket" if listen.is_unix else "token",
+        public_url=public_url,
+        # SQLite means one server process: anything still "creating" at start is a leftover.
+        stale_create_after=0.0 if url.startswith("sqlite") else 900.0,
+    )
+
+
+def serve(
+    listen_value: str | None,
+    database: str | None = None,
+    engine: str = "local",
+    public_url: str | None = None,
+    log_level: str = "info",
+) -> None:
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    listen = parse_listen(listen_value)
+    config = build_config(listen, database, engine, public_url)
+    app = create_app(config)
+    uv_config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        host=listen.host or "127.0.0.1",
+        port=listen.port or 0,
+    )
+    server = uvicorn.Server(uv_config)
+    if listen.unix_path is not None:
+        sock = bind_unix_socket(listen.unix_path)
+        try:
+            server.run(sockets=[sock])
+        finally:
+            sock.close()
+            if Path(listen.unix_path).is_socket():
+                Path(listen.unix_path).unlink(missing_ok=True)
+    else:
+        server.run()

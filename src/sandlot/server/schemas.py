@@ -1,0 +1,181 @@
+"""The control API's request and response bodies (pydantic): one definition serves validation,
+serialisation and the OpenAPI document."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
+
+from sandlot.instance_types import DEFAULT_INSTANCE_TYPE, INSTANCE_TYPES
+
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$"
+LABEL_KEY_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9_./-]{0,126}[A-Za-z0-9])?$"
+
+NonNegativeInt = Annotated[int, Field(ge=0)]
+NonNegativeSeconds = Annotated[float, Field(ge=0)]
+
+
+class _Strict(BaseModel):
+    # strict: "1" is not an int and 1 is not a str; forbid: a misspelt option is an error,
+    # not silently ignored.
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+def _check_labels(value: dict[str, str] | None) -> dict[str, str] | None:
+    import re
+
+    if value is None:
+        return value
+    if len(value) > 64:
+        raise ValueError("at most 64 labels")
+    for key, v in value.items():
+        if not re.match(LABEL_KEY_PATTERN, key):
+            raise ValueError(
+                f"label key {key!r} must be 1-128 letters, digits, '_', '.', '/', '-' "
+                "starting and ending with a letter or digit"
+            )
+        if len(v) > 256:
+            raise ValueError(f"label {key!r}: value longer than 256 characters")
+    return value
+
+
+class CreateSandbox(_Strict):
+    image: StrictStr | None = Field(
+        None,
+        description="Image to boot; default: sandlot's default image (koyeb/sandbox equivalent).",
+    )
+    name: StrictStr | None = Field(
+        None, pattern=NAME_PATTERN, description="Shown in listings; default: the id."
+    )
+    wait_ready: StrictBool = Field(True, description="Answer only once the agent is healthy.")
+    instance_type: StrictStr = Field(
+        DEFAULT_INSTANCE_TYPE, description="One of: " + ", ".join(INSTANCE_TYPES)
+    )
+    exposed_port_protocol: Literal["http", "http2"] = "http"
+    env: dict[StrictStr, StrictStr] | None = None
+    region: StrictStr | None = Field(
+        None, description="Which engine runs the sandbox; default: the server's default region."
+    )
+    timeout: NonNegativeSeconds = Field(
+        300, description="Seconds to wait for readiness when wait_ready."
+    )
+    idle_timeout: NonNegativeInt = Field(
+        300, description="Seconds without traffic before sleep; 0 disables sleep."
+    )
+    enable_tcp_proxy: StrictBool = False
+    privileged: StrictBool = False
+    registry_secret: StrictStr | None = None
+    delete_after_delay: NonNegativeInt | None = None
+    delete_after_inactivity_delay: NonNegativeInt | None = None
+    enable_light_sleep: StrictBool = False
+    labels: dict[StrictStr, StrictStr] | None = None
+
+    @field_validator("instance_type")
+    @classmethod
+    def _known_instance_type(cls, value: str) -> str:
+        if value not in INSTANCE_TYPES:
+            raise ValueError(
+                f"unknown instance_type {value!r}; expected one of: {', '.join(INSTANCE_TYPES)}"
+            )
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for key, v in (value or {}).items():
+            if not key or "=" in key or "\0" in key:
+                raise ValueError(f"invalid environment variable name {key!r}")
+            if "\0" in v:
+                raise ValueError(f"environment variable {key!r} contains a NUL byte")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return _check_labels(value)
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or any(c.isspace() for c in value)):
+            raise ValueError("image must be a non-empty name without spaces")
+        return value
+
+
+class UpdateSandbox(_Strict):
+    """Lifecycle fields (and labels). Omitted fields are unchanged; ``null`` clears a delay."""
+
+    idle_timeout: NonNegativeInt | None = None
+    delete_after_delay: NonNegativeInt | None = None
+    delete_after_inactivity_delay: NonNegativeInt | None = None
+    enable_light_sleep: StrictBool | None = None
+    labels: dict[StrictStr, StrictStr] | None = None
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return _check_labels(value)
+
+
+class SandboxOut(BaseModel):
+    id: str
+    name: str
+    status: Literal["creating", "running", "paused", "error", "deleted"]
+    image: str
+    instance_type: str
+    region: str
+    created_at: str
+    updated_at: str
+    labels: dict[str, str]
+    env: dict[str, str]
+    sandbox_url: str
+    domain: str
+    privileged: bool
+    exposed_port_protocol: str
+    enable_tcp_proxy: bool
+    idle_timeout: int
+    delete_after_delay: int | None
+    delete_after_inactivity_delay: int | None
+    enable_light_sleep: bool
+    error: str = ""
+    secret: str | None = Field(None, description="Present on create and get; absent from list.")
+
+
+class SandboxList(BaseModel):
+    sandboxes: list[SandboxOut]
+
+
+class DeletedOut(BaseModel):
+    id: str
+    status: Literal["deleted"]
+
+
+class CreateToken(_Strict):
+    project: StrictStr = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    name: StrictStr = Field("", max_length=128)
+
+
+class TokenOut(BaseModel):
+    id: str
+    project: str
+    name: str
+    created_at: str
+    revoked_at: str | None = None
+    token: str | None = Field(None, description="The token itself: shown once, at creation.")
+
+
+class TokenList(BaseModel):
+    tokens: list[TokenOut]
+
+
+class ErrorOut(BaseModel):
+    error: str
+    code: str
+    detail: list[dict[str, object]] | None = None
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+    version: str
+    regions: list[str]

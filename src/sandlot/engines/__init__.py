@@ -1,1 +1,2 @@
-"""Engines run sandboxes. The server talks to them only through :class:`~sandlot.engines.base.Engine`."""
+"""Engines run sandboxes; the server talks to them only through
+:class:`~sandlot.engines.base.Engine`."""

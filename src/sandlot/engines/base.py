@@ -32,14 +32,14 @@ class EngineUnavailableError(EngineError):
     """The engine cannot run on this host (missing runtime, not root, unsupported kernel)."""
 
 
-class NetworkMode(str, enum.Enum):
+class NetworkMode(enum.StrEnum):
     #: Loopback only. The default: untrusted code reaches nothing.
     NONE = "none"
     #: Outbound access through user-mode networking; the host's loopback stays unreachable.
     OUTBOUND = "outbound"
 
 
-class SandboxState(str, enum.Enum):
+class SandboxState(enum.StrEnum):
     CREATING = "creating"
     RUNNING = "running"
     PAUSED = "paused"

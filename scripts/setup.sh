@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up sandlot on a fresh Debian/Ubuntu machine: system packages, the virtualenv, the default
+# image. Idempotent: a second run only checks. Needs root (the local engine runs as root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "setup.sh needs root (apt packages, and the local engine mounts and creates cgroups)" >&2
+  exit 1
+fi
+
+# What the local engine and its tests use:
+#   crun (runc as fallback)  OCI runtimes           mmdebstrap            builds the default image
+#   python3.11 + stdlib      the agent's runtime    tini                  pid 1 in every sandbox
+#   patchelf                 makes the runtime relocatable               busybox-static  tiny test image
+#   uidmap/util-linux        user namespaces        umoci                 OCI image layouts
+#   passt, slirp4netns       outbound networking    postgresql            server store tests
+PACKAGES=(crun runc mmdebstrap python3.11-minimal libpython3.11-stdlib tini patchelf
+          busybox-static umoci uidmap passt slirp4netns postgresql python3-venv)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> installing: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv"
+  "$PY" -m venv .venv
+  .venv/bin/pip install -q -U pip
+fi
+echo "==> installing sandlot into .venv"
+.venv/bin/pip install -q -e '.[dev]'
+
+echo "==> building the default image (cached after the first run)"
+.venv/bin/python -m sandlot.images build

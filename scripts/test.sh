@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite (the README's second command). Runs as root: the engine tests start real sandboxes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+.venv/bin/ruff check src tests
+.venv/bin/mypy
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,362 @@
+"""The local engine: sandboxes as OCI containers run by crun on this machine.
+
+One sandbox on disk (``<state>/sandboxes/<id>/``)::
+
+    meta.json        what the sandbox was created from; ``"ready": true`` once create succeeded
+    lower/           the image rootfs, id-mapped read-only into the sandbox's uid range
+    upper/ work/     the sandbox's own writable overlay layer
+    bundle/          OCI bundle: config.json and rootfs/ (the overlay mount)
+    etc/             hostname, hosts, resolv.conf bind-mounted into the sandbox
+    run/             bind-mounted at /.sandlot/run: the agent's socket and secret
+    agent.log        stdout/stderr of the sandbox's pid 1 (tini + agent)
+
+Every step of ``create`` is undone by ``delete``, which tolerates any partial state; ``recover``
+runs ``delete`` over whatever a crash left half-made and re-attaches the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sandlot.engines.base import (
+    AgentAddress,
+    EngineError,
+    EngineUnavailableError,
+    ImageError,
+    NetworkMode,
+    SandboxInfo,
+    SandboxNotFound,
+    SandboxSpec,
+    SandboxState,
+)
+from sandlot.engines.local import cgroups, idmap, mounts
+from sandlot.engines.local.oci_runtime import OciRuntime
+from sandlot.engines.local.oci_spec import SandboxConfig, build_config
+from sandlot.images.store import Image, ImageStore
+from sandlot.paths import SANDBOX_AGENT_SOCKET, SANDBOX_SECRET_FILE
+from sandlot.runtime.closure import agent_command, build_runtime
+
+#: Variables owned by the platform; a user's ``env`` cannot override them.
+_RESERVED_ENV = frozenset({"SANDBOX_SECRET", "SANDBOX_SECRET_FILE", "SANDBOX_SECRET_PATH",
+                           "SANDBOX_AUTH_MODE"})
+_ID_ALPHABET = set("abcdefghijklmnopqrstuvwxyz0123456789-")
+
+
+def _resolve_in_root(root: Path, relative: str) -> Path | None:
+    """Resolve ``relative`` inside ``root`` as the sandbox would see it (absolute symlinks are
+    relative to ``root``); None if it does not exist. Never escapes ``root``."""
+    parts = [p for p in relative.strip("/").split("/") if p]
+    current = root
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            current = current.parent if current != root else root
+            continue
+        candidate = current / part
+        if candidate.is_symlink():
+            hops += 1
+            if hops > 40:
+                return None
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                current = root
+            parts = [p for p in target.split("/") if p and p != "."] + parts
+            continue
+        if not candidate.exists():
+            return None
+        current = candidate
+    return current
+
+
+class LocalEngine:
+    """Runs sandboxes with crun (or runc) on this host. Needs root."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        images: ImageStore | None = None,
+        oci_runtime: str | None = None,
+    ) -> None:
+        if os.geteuid() != 0:
+            raise EngineUnavailableError(
+                "the local engine needs root (it mounts overlays, creates user namespaces and "
+                "cgroups); run the sandlot server as root"
+            )
+        self.state_dir = state_dir
+        self.sandboxes_dir = state_dir / "sandboxes"
+        self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
+        self.sandboxes_dir.chmod(0o711)
+        self.images = images or ImageStore(state_dir / "images")
+        self.layout = cgroups.detect_layout()
+        self.runtime = OciRuntime.detect(state_dir / "oci", self.layout, oci_runtime)
+        self._runtime_dir: Path | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._slot_lock = asyncio.Lock()
+        self._deleting: set[str] = set()
+        self._memsw = self.layout is cgroups.CgroupLayout.V2 or Path(
+            "/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists()
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _dir(self, sandbox_id: str) -> Path:
+        if not sandbox_id or not set(sandbox_id) <= _ID_ALPHABET or len(sandbox_id) > 64:
+            raise SandboxNotFound(f"invalid sandbox id {sandbox_id!r}")
+        return self.sandboxes_dir / sandbox_id
+
+    def _lock(self, sandbox_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(sandbox_id, asyncio.Lock())
+
+    def agent_runtime(self) -> Path:
+        if self._runtime_dir is None or not self._runtime_dir.exists():
+            self._runtime_dir = build_runtime(self.state_dir / "runtime")
+        return self._runtime_dir
+
+    def _address(self, directory: Path) -> AgentAddress:
+        return AgentAddress(unix_path=str(directory / "run" / "agent.sock"))
+
+    @staticmethod
+    def _read_meta(directory: Path) -> dict[str, Any] | None:
+        try:
+            meta: dict[str, Any] = json.loads((directory / "meta.json").read_text())
+            return meta
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _write_meta(directory: Path, meta: Mapping[str, Any]) -> None:
+        tmp = directory / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta))
+        tmp.rename(directory / "meta.json")
+
+    async def _allocate_slot(self, directory: Path, meta: dict[str, Any]) -> int:
+        """Give the sandbox its own uid range; recorded before anything is mounted."""
+        async with self._slot_lock:
+            used = set()
+            for other in self.sandboxes_dir.iterdir():
+                m = self._read_meta(other)
+                if m is not None and "slot" in m:
+                    used.add(m["slot"])
+            slot = next(i for i in range(len(used) + 1) if i not in used)
+            meta["slot"] = slot
+            directory.mkdir(mode=0o700)
+            self._write_meta(directory, meta)
+            return slot
+
+    # -- Engine interface ---------------------------------------------------------------------
+
+    async def create(self, spec: SandboxSpec) -> SandboxInfo:
+        directory = self._dir(spec.id)
+        if spec.network is not NetworkMode.NONE:
+            raise EngineError(
+                "outbound networking is not supported by the local engine yet; sandboxes have "
+                "loopback only"
+            )
+        bad_env = sorted(k for k in spec.env if k in _RESERVED_ENV or "=" in k or not k)
+        if bad_env:
+            raise EngineError(f"invalid or reserved environment variable names: {bad_env}")
+        image = await asyncio.to_thread(self.images.resolve, spec.image)
+        runtime_dir = await asyncio.to_thread(self.agent_runtime)
+        async with self._lock(spec.id):
+            if directory.exists():
+                raise EngineError(f"sandbox {spec.id} already exists")
+            meta: dict[str, Any] = {
+                "id": spec.id, "image": spec.image, "image_rootfs": str(image.rootfs),
+                "instance_type": spec.instance_type.name, "name": spec.name,
+                "created_at": time.time(), "ready": False,
+            }
+            try:
+                await self._allocate_slot(directory, meta)
+                await asyncio.to_thread(self._prepare, directory, spec, image, meta, runtime_dir)
+                if spec.id in self._deleting:
+                    raise SandboxNotFound(f"sandbox {spec.id} was deleted while being created")
+                await self.runtime.run_detached(spec.id, directory / "bundle",
+                                                directory / "agent.log")
+                meta["ready"] = True
+                self._write_meta(directory, meta)
+            except BaseException:
+                await asyncio.shield(self._destroy(spec.id, directory))
+                raise
+        return await self.inspect(spec.id)
+
+    def _prepare(
+        self, directory: Path, spec: SandboxSpec, image: Image, meta: dict[str, Any],
+        runtime_dir: Path,
+    ) -> None:
+        base = idmap.ID_BASE + meta["slot"] * idmap.ID_RANGE
+        lower, upper, work = directory / "lower", directory / "upper", directory / "work"
+        bundle, rootfs = directory / "bundle", directory / "bundle" / "rootfs"
+        etc, run = directory / "etc", directory / "run"
+        for d in (lower, upper, work, bundle, rootfs, etc, run):
+            d.mkdir()
+        for d in (upper, work, run, etc):
+            os.chown(d, base, base)
+
+        ns_fd = idmap.userns_fd(base)
+        try:
+            idmap.mount_idmapped(image.rootfs, lower, ns_fd)
+        finally:
+            os.close(ns_fd)
+        mounts.mount_overlay(lower, upper, work, rootfs)
+
+        if _resolve_in_root(rootfs, "/bin/sh") is None:
+            raise ImageError(
+                f"image {spec.image!r} has no /bin/sh: sandboxes run commands with sh -c"
+            )
+        hostname = (spec.name or spec.id)[:63]
+        hostname = "".join(c if c.isalnum() or c == "-" else "-" for c in hostname).strip("-")
+        hostname = hostname or spec.id[:12]
+        files = {
+            "hostname": f"{hostname}\n",
+            "hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\t{hostname}\n",
+            "resolv.conf": "# sandlot: this sandbox has no outbound network\n",
+        }
+        for name, content in files.items():
+            path = etc / name
+            path.write_text(content)
+            os.chown(path, base, base)
+        secret = run / "secret"
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+        with os.fdopen(fd, "w") as f:
+            f.write(spec.secret)
+        os.chown(secret, base, base)
+
+        env = {**image.env, **dict(spec.env)}
+        env.setdefault("HOME", "/root")
+        env["HOSTNAME"] = hostname
+        env["SANDBOX_SECRET_FILE"] = SANDBOX_SECRET_FILE
+        cwd = image.workdir if _resolve_in_root(rootfs, image.workdir) else "/"
+        config = build_config(SandboxConfig(
+            hostname=hostname,
+            args=agent_command(f"unix:{SANDBOX_AGENT_SOCKET}"),
+            env=env,
+            cwd=cwd,
+            instance_type=spec.instance_type,
+            id_base=base,
+            id_range=idmap.ID_RANGE,
+            runtime_dir=runtime_dir,
+            run_dir=run,
+            cgroup_name=spec.id,
+            layout=self.layout,
+            privileged=spec.privileged,
+            memory_swap_supported=self._memsw,
+        ))
+        config["mounts"] += [
+            {"destination": f"/etc/{name}", "type": "bind", "source": str(etc / name),
+             "options": ["bind", "rw", "nosuid", "nodev", "noexec"]}
+            for name in files
+        ]
+        (bundle / "config.json").write_text(json.dumps(config))
+
+    async def _destroy(self, sandbox_id: str, directory: Path) -> None:
+        """Remove everything of one sandbox, from whatever state it is in."""
+        await self.runtime.kill_all(sandbox_id, "KILL")
+        await self.runtime.delete(sandbox_id)
+        await asyncio.to_thread(self._remove_files, sandbox_id, directory)
+
+    def _remove_files(self, sandbox_id: str, directory: Path) -> None:
+        for point in mounts.mounts_under(directory):
+            mounts.unmount(point)
+        left = cgroups.remove_cgroup_dirs(cgroups.sandbox_cgroup_dirs(self.layout, sandbox_id))
+        if left:
+            # Processes still inside (e.g. runtime died mid-kill): kill them through the cgroup.
+            for d in left:
+                with contextlib.suppress(OSError):
+                    for pid in (d / "cgroup.procs").read_text().split():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(int(pid), 9)
+            time.sleep(0.05)
+            cgroups.remove_cgroup_dirs(left)
+        if directory.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+        if directory.exists():
+            raise EngineError(f"could not remove {directory}")
+
+    async def delete(self, sandbox_id: str) -> None:
+        directory = self._dir(sandbox_id)
+        self._deleting.add(sandbox_id)
+        try:
+            async with self._lock(sandbox_id):
+                await self._destroy(sandbox_id, directory)
+        finally:
+            self._deleting.discard(sandbox_id)
+            self._locks.pop(sandbox_id, None)
+
+    async def pause(self, sandbox_id: str) -> None:
+        await self.inspect(sandbox_id)
+        await self.runtime.pause(sandbox_id)
+
+    async def resume(self, sandbox_id: str) -> None:
+        await self.inspect(sandbox_id)
+        await self.runtime.resume(sandbox_id)
+
+    async def inspect(self, sandbox_id: str) -> SandboxInfo:
+        directory = self._dir(sandbox_id)
+        meta = self._read_meta(directory)
+        if meta is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id}")
+        address = self._address(directory)
+        if not meta.get("ready"):
+            return SandboxInfo(sandbox_id, SandboxState.CREATING, address)
+        state = await self.runtime.state(sandbox_id)
+        if state is None:
+            return SandboxInfo(sandbox_id, SandboxState.STOPPED, address,
+                               detail="the runtime has no record of it (host restarted?)")
+        status = state.get("status")
+        mapped = {"running": SandboxState.RUNNING, "paused": SandboxState.PAUSED,
+                  "created": SandboxState.CREATING}.get(status or "", SandboxState.STOPPED)
+        return SandboxInfo(sandbox_id, mapped, address, pid=state.get("pid") or None,
+                           detail=str(status))
+
+    async def list(self) -> list[SandboxInfo]:
+        out = []
+        for directory in sorted(self.sandboxes_dir.iterdir()):
+            with contextlib.suppress(SandboxNotFound):
+                out.append(await self.inspect(directory.name))
+        return out
+
+    async def recover(self) -> builtins.list[str]:
+        """After a crash: remove half-created sandboxes, orphaned runtime state and cgroups.
+        Returns the ids that were removed."""
+        removed = []
+        known = set()
+        for directory in sorted(self.sandboxes_dir.iterdir()):
+            meta = self._read_meta(directory)
+            if meta is None or not meta.get("ready"):
+                await self._destroy(directory.name, directory)
+                removed.append(directory.name)
+            else:
+                known.add(directory.name)
+        for sandbox_id in await self.runtime.list_ids():
+            if sandbox_id not in known:
+                await self._destroy(sandbox_id, self.sandboxes_dir / sandbox_id)
+                removed.append(sandbox_id)
+        for parent in cgroups.sandbox_cgroup_dirs(self.layout, ""):
+            if parent.is_dir():
+                for child in parent.iterdir():
+                    if child.is_dir() and child.name not in known:
+                        cgroups.remove_cgroup_dirs([child])
+        return removed
+
+    def memory_usage(self, sandbox_id: str) -> int | None:
+        return cgroups.memory_usage_bytes(self.layout, sandbox_id)
+
+    async def close(self) -> None:
+        return None
+
+
+def new_sandbox_id() -> str:
+    return secrets.token_hex(8)

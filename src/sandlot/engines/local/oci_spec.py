@@ -1,0 +1,125 @@
+"""Build a sandbox's OCI runtime ``config.json`` from typed inputs (never from string templates).
+
+The defaults are the isolation promised in DESIGN.md: every namespace (user namespace included),
+Docker's default capability set, seccomp deny-by-default, no_new_privileges, masked and read-only
+/proc and /sys paths, a minimal /dev, cgroup limits from the instance type. ``privileged`` widens
+capabilities and seccomp explicitly but keeps the user namespace: root inside is never host root.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sandlot.engines.local.cgroups import CGROUP_PARENT, CgroupLayout
+from sandlot.engines.local.seccomp import seccomp_profile
+from sandlot.instance_types import InstanceType
+from sandlot.paths import SANDBOX_RUN_DIR, SANDBOX_RUNTIME_DIR
+
+#: Docker's default capability set.
+DEFAULT_CAPABILITIES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+)
+#: What ``privileged=True`` adds (all of them are scoped to the sandbox's user namespace).
+PRIVILEGED_EXTRA_CAPABILITIES = (
+    "CAP_DAC_READ_SEARCH", "CAP_LINUX_IMMUTABLE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN",
+    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_PTRACE", "CAP_SYS_ADMIN", "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE", "CAP_SYS_TTY_CONFIG", "CAP_LEASE", "CAP_AUDIT_CONTROL",
+    "CAP_SETPCAP", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
+)
+
+MASKED_PATHS = (
+    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+    "/sys/firmware", "/sys/devices/virtual/powercap",
+)
+READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+
+CPU_PERIOD_US = 100_000
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """Typed inputs of one sandbox's OCI config."""
+
+    hostname: str
+    args: list[str]
+    env: Mapping[str, str]
+    cwd: str
+    instance_type: InstanceType
+    #: First host uid/gid of the sandbox's range (root inside maps to it).
+    id_base: int
+    id_range: int
+    runtime_dir: Path
+    run_dir: Path
+    cgroup_name: str
+    layout: CgroupLayout
+    privileged: bool = False
+    memory_swap_supported: bool = True
+
+
+def _mount(dest: str, typ: str, source: str, options: list[str]) -> dict[str, Any]:
+    return {"destination": dest, "type": typ, "source": source, "options": options}
+
+
+def build_config(cfg: SandboxConfig) -> dict[str, Any]:
+    caps = list(DEFAULT_CAPABILITIES)
+    if cfg.privileged:
+        caps += [c for c in PRIVILEGED_EXTRA_CAPABILITIES if c not in caps]
+    it = cfg.instance_type
+    memory: dict[str, Any] = {"limit": it.memory_bytes}
+    if cfg.memory_swap_supported:
+        memory["swap"] = it.memory_bytes  # memory+swap == memory: no swap
+    mounts = [
+        _mount("/proc", "proc", "proc", ["nosuid", "noexec", "nodev"]),
+        _mount("/dev", "tmpfs", "tmpfs", ["nosuid", "strictatime", "mode=755", "size=65536k"]),
+        _mount("/dev/pts", "devpts", "devpts",
+               ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]),
+        _mount("/dev/shm", "tmpfs", "shm",
+               ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]),
+        _mount("/dev/mqueue", "mqueue", "mqueue", ["nosuid", "noexec", "nodev"]),
+        _mount("/sys", "sysfs", "sysfs", ["nosuid", "noexec", "nodev", "ro"]),
+        _mount("/sys/fs/cgroup", "cgroup", "cgroup",
+               ["nosuid", "noexec", "nodev", "relatime", "ro"]),
+        _mount(SANDBOX_RUNTIME_DIR, "bind", str(cfg.runtime_dir),
+               ["rbind", "ro", "nosuid", "nodev"]),
+        _mount(SANDBOX_RUN_DIR, "bind", str(cfg.run_dir),
+               ["rbind", "rw", "nosuid", "nodev", "noexec"]),
+    ]
+    linux: dict[str, Any] = {
+        "uidMappings": [{"containerID": 0, "hostID": cfg.id_base, "size": cfg.id_range}],
+        "gidMappings": [{"containerID": 0, "hostID": cfg.id_base, "size": cfg.id_range}],
+        "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "user",
+                                             "cgroup")],
+        "resources": {
+            "memory": memory,
+            "cpu": {"quota": int(it.vcpu * CPU_PERIOD_US), "period": CPU_PERIOD_US},
+            "pids": {"limit": it.pids},
+            "devices": [{"allow": False, "access": "rwm"}],
+        },
+        "cgroupsPath": f"/{CGROUP_PARENT}/{cfg.cgroup_name}",
+        "maskedPaths": list(MASKED_PATHS),
+        "readonlyPaths": list(READONLY_PATHS),
+        "seccomp": seccomp_profile(privileged=cfg.privileged),
+    }
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": 0, "gid": 0},
+            "args": cfg.args,
+            "env": [f"{k}={v}" for k, v in cfg.env.items()],
+            "cwd": cfg.cwd,
+            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": it.open_files, "soft": it.open_files}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": False},
+        "hostname": cfg.hostname,
+        "mounts": mounts,
+        "linux": linux,
+    }

@@ -1,0 +1,1 @@
+"""Images: the read-only root filesystems sandboxes start from."""

@@ -1,0 +1,246 @@
+"""Images: read-only root filesystems that sandboxes are created from.
+
+An image is a directory holding ``rootfs/`` and ``image.json`` (its environment and working
+directory). Image rootfs trees are shared read-only by every sandbox made from them (each sandbox
+writes to its own overlay upper directory), so nothing here is ever modified after it is built.
+
+Image references a user can give:
+
+- ``default`` or ``koyeb/sandbox`` -- the default image (Debian bookworm with python3, pip, git,
+  curl, ...), built locally once with mmdebstrap, rebuilt only when its recipe changes;
+- ``busybox`` -- a tiny image made from the host's static busybox (no Python in it at all);
+- an absolute path to a root filesystem directory;
+- ``oci:PATH[:TAG]`` -- an OCI image layout on disk (unpacked with umoci).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sandlot.engines.base import ImageError
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_IMAGE_ALIASES = frozenset({"default", "koyeb/sandbox", "koyeb/sandbox:latest"})
+
+#: What the default image holds: what a user of koyeb/sandbox or E2B's base image expects.
+DEFAULT_IMAGE_PACKAGES = (
+    "python3", "python3-pip", "python3-venv", "git", "curl", "wget", "ca-certificates",
+    "procps", "unzip", "xz-utils", "bzip2", "jq", "less", "file", "iproute2", "vim-tiny",
+)
+DEBIAN_SUITE = "bookworm"
+DEBIAN_SOURCES = (
+    "deb http://deb.debian.org/debian bookworm main",
+    "deb http://deb.debian.org/debian bookworm-updates main",
+    "deb http://deb.debian.org/debian-security bookworm-security main",
+)
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Image:
+    name: str
+    rootfs: Path
+    env: dict[str, str] = field(default_factory=lambda: {"PATH": DEFAULT_PATH})
+    workdir: str = "/"
+
+
+def _write_meta(directory: Path, env: dict[str, str], workdir: str) -> None:
+    (directory / "image.json").write_text(json.dumps({"env": env, "workdir": workdir}))
+
+
+def _read_image(name: str, directory: Path) -> Image:
+    meta = json.loads((directory / "image.json").read_text())
+    return Image(name=name, rootfs=directory / "rootfs", env=meta["env"], workdir=meta["workdir"])
+
+
+def _recipe_digest(*parts: str) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+
+
+def default_image_digest() -> str:
+    return _recipe_digest("default-v1", DEBIAN_SUITE, *DEFAULT_IMAGE_PACKAGES, *DEBIAN_SOURCES)
+
+
+class ImageStore:
+    """Finds, builds and caches images under ``root`` (``<state>/images``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    # -- resolution ---------------------------------------------------------------------------
+
+    def resolve(self, ref: str, *, build: bool = True, progress: Progress | None = None) -> Image:
+        """Return the image for ``ref``; build the built-in ones on first use when ``build``."""
+        if not isinstance(ref, str) or not ref.strip():
+            raise ImageError("image must be a non-empty string")
+        if ref in DEFAULT_IMAGE_ALIASES:
+            return self.default_image(build=build, progress=progress)
+        if ref == "busybox":
+            return self.busybox_image()
+        if ref.startswith("oci:"):
+            return self.oci_image(ref[4:], progress=progress)
+        if ref.startswith("/"):
+            return self.rootfs_image(Path(ref))
+        raise ImageError(
+            f"unknown image {ref!r}: use 'default' (alias 'koyeb/sandbox'), 'busybox', an absolute "
+            "path to a root filesystem directory, or 'oci:/path/to/layout[:tag]'"
+            " (pulling from registries is not supported yet)"
+        )
+
+    def list(self) -> list[dict[str, str]]:
+        out = []
+        for meta in sorted(self.root.glob("*/image.json")):
+            out.append({"name": meta.parent.name, "path": str(meta.parent / "rootfs")})
+        return out
+
+    # -- built-in images ----------------------------------------------------------------------
+
+    def _build_atomically(
+        self, final: Path, build: Callable[[Path], None]
+    ) -> Path:
+        """Run ``build(tmpdir)`` and move the result to ``final``; never leave half an image."""
+        if (final / "image.json").exists():
+            return final
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".build-{final.name}-", dir=self.root))
+        try:
+            build(tmp)
+            try:
+                tmp.rename(final)
+            except OSError:
+                if not (final / "image.json").exists():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def default_image(self, *, build: bool = True, progress: Progress | None = None) -> Image:
+        final = self.root / f"default-{default_image_digest()}"
+        if not (final / "image.json").exists():
+            if not build:
+                raise ImageError("the default image is not built yet: run `sandlot image build`")
+            self._build_atomically(final, lambda tmp: _mmdebstrap(tmp, progress))
+        return _read_image("default", final)
+
+    def busybox_image(self) -> Image:
+        busybox = Path("/bin/busybox")
+        if not busybox.exists():
+            raise ImageError("the busybox image needs the host's static busybox (busybox-static)")
+        st = busybox.stat()
+        digest = _recipe_digest("busybox-v1", str(st.st_size), str(st.st_mtime_ns))
+        final = self.root / f"busybox-{digest}"
+
+        def build(tmp: Path) -> None:
+            rootfs = tmp / "rootfs"
+            for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp",
+                      "root", "var/tmp"):
+                (rootfs / d).mkdir(parents=True, exist_ok=True)
+            (rootfs / "tmp").chmod(0o1777)
+            (rootfs / "var/tmp").chmod(0o1777)
+            shutil.copy2(busybox, rootfs / "bin" / "busybox")
+            applets = subprocess.run(
+                [str(busybox), "--list-full"], capture_output=True, text=True, check=True
+            ).stdout.split()
+            for applet in applets:
+                link = rootfs / applet
+                if not link.exists():
+                    link.parent.mkdir(parents=True, exist_ok=True)
+                    link.symlink_to("/bin/busybox")
+            (rootfs / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+            (rootfs / "etc/group").write_text("root:x:0:\n")
+            _write_meta(tmp, {"PATH": DEFAULT_PATH, "HOME": "/root"}, "/root")
+
+        self._build_atomically(final, build)
+        return _read_image("busybox", final)
+
+    # -- user-supplied images -----------------------------------------------------------------
+
+    def rootfs_image(self, path: Path) -> Image:
+        if not path.is_dir():
+            raise ImageError(f"image {str(path)!r} is not a directory")
+        return Image(name=str(path), rootfs=path, env={"PATH": DEFAULT_PATH, "HOME": "/root"})
+
+    def oci_image(self, spec: str, *, progress: Progress | None = None) -> Image:
+        layout, _, tag = spec.partition(":")
+        tag = tag or "latest"
+        layout_path = Path(layout)
+        if not (layout_path / "index.json").is_file():
+            raise ImageError(f"{layout!r} is not an OCI image layout (no index.json)")
+        if shutil.which("umoci") is None:
+            raise ImageError("OCI layouts need umoci: install the Debian package 'umoci'")
+        index = (layout_path / "index.json").read_bytes()
+        digest = _recipe_digest(
+            "oci-v1", str(layout_path.resolve()), tag, hashlib.sha256(index).hexdigest()
+        )
+        final = self.root / f"oci-{digest}"
+
+        def build(tmp: Path) -> None:
+            if progress:
+                progress(f"unpacking {layout}:{tag}")
+            unpacked = tmp / "bundle"
+            result = subprocess.run(
+                ["umoci", "unpack", "--image", f"{layout}:{tag}", str(unpacked)],
+                capture_output=True, text=True,
+            )
+            if result.returncode != 0:
+                raise ImageError(f"cannot unpack {layout}:{tag}: {result.stderr.strip()}")
+            (unpacked / "rootfs").rename(tmp / "rootfs")
+            config = json.loads((unpacked / "config.json").read_text())
+            process = config.get("process", {})
+            env = dict(e.split("=", 1) for e in process.get("env", []) if "=" in e)
+            env.setdefault("PATH", DEFAULT_PATH)
+            _write_meta(tmp, env, process.get("cwd") or "/")
+            shutil.rmtree(unpacked, ignore_errors=True)
+
+        self._build_atomically(final, build)
+        return _read_image(spec, final)
+
+
+def _mmdebstrap(tmp: Path, progress: Progress | None) -> None:
+    if shutil.which("mmdebstrap") is None:
+        raise ImageError("building the default image needs mmdebstrap: apt-get install mmdebstrap")
+    rootfs = tmp / "rootfs"
+    cmd = [
+        "mmdebstrap", "--variant=minbase", f"--include={','.join(DEFAULT_IMAGE_PACKAGES)}",
+        "--components=main",
+        # Keep the image lean: no apt lists, docs or man pages.
+        "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/doc/*",
+        "--customize-hook=rm -rf $1/var/lib/apt/lists/* $1/var/cache/apt/*",
+        DEBIAN_SUITE, str(rootfs), *DEBIAN_SOURCES,
+    ]
+    if progress:
+        progress(f"building the default image (Debian {DEBIAN_SUITE}) with mmdebstrap ...")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    tail: list[str] = []
+    for line in proc.stdout:
+        tail = [*tail[-20:], line.rstrip()]
+        if progress and line.startswith("I: "):
+            progress(line[3:].rstrip())
+    if proc.wait() != 0:
+        raise ImageError("mmdebstrap failed building the default image:\n" + "\n".join(tail))
+    _write_meta(tmp, {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8"}, "/root")
+    if progress:
+        size = sum(
+            f.stat().st_size for f in rootfs.rglob("*") if f.is_file() and not f.is_symlink()
+        )
+        progress(f"default image ready ({size / 2**20:.0f} MiB)")
+
+
+def default_store() -> ImageStore:
+    from sandlot.paths import state_dir
+
+    return ImageStore(state_dir() / "images")
+
+
+__all__ = ["DEFAULT_IMAGE_ALIASES", "Image", "ImageStore", "default_store"]

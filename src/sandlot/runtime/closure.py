@@ -1,0 +1,195 @@
+"""The agent runtime: a self-contained, read-only Python closure mounted into every sandbox.
+
+Why: the agent must reach every sandbox without help from its image -- a busybox rootfs with no
+Python works as well as the default image, and a user who breaks the image's own python3 (pip
+installs, removals) cannot break the agent. The closure is Debian's python3.11 binary, its standard
+library (tests and GUI toolkits dropped), every shared library they load and the dynamic loader,
+with the binary's interpreter and rpath rewritten (patchelf) to point inside the closure so it
+runs without any environment variable that would leak into user commands. ``tini`` rides along as
+the sandbox's pid 1 (it reaps orphans and forwards signals to the agent).
+
+Layout, mounted at :data:`sandlot.paths.SANDBOX_RUNTIME_DIR`::
+
+    bin/tini
+    python/bin/python3               (patched interpreter, runs with -I)
+    python/lib/ld-linux-x86-64.so.2  (loader) and the .so files
+    python/lib/python3.11/...        (stdlib; the agent package lives here as ``sandlot.agent``)
+
+The directory name is a digest of its inputs, so a changed agent or Python yields a new runtime
+and running sandboxes keep the one they were started with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from sandlot.paths import SANDBOX_RUNTIME_DIR
+
+#: Debian's python3.11 (package python3.11-minimal + libpython3.11-stdlib).
+HOST_PYTHON = Path("/usr/bin/python3.11")
+HOST_STDLIB = Path("/usr/lib/python3.11")
+HOST_TINI = Path("/usr/bin/tini-static")
+PY_VERSION = "python3.11"
+
+#: Standard-library parts the agent never needs; dropping them keeps the closure small.
+_STDLIB_EXCLUDE = {
+    "test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "distutils",
+    "pydoc_data", "site-packages", "dist-packages", "config-3.11-x86_64-linux-gnu",
+    "EXTERNALLY-MANAGED",
+}
+_DYNLOAD_EXCLUDE = re.compile(r"^(_test|xx|_xx|_ctypes_test|_curses|readline|_tkinter)")
+
+_AGENT_PACKAGE = Path(__file__).resolve().parent.parent / "agent"
+
+
+class RuntimeBuildError(RuntimeError):
+    """The closure cannot be built on this host (missing python3.11, tini or patchelf)."""
+
+
+def _require(path: Path, package: str) -> None:
+    if not path.exists():
+        raise RuntimeBuildError(f"{path} is missing: install the Debian package {package!r}")
+
+
+def _agent_files() -> list[Path]:
+    return sorted(p for p in _AGENT_PACKAGE.rglob("*") if p.is_file() and p.suffix != ".pyc"
+                  and "__pycache__" not in p.parts)
+
+
+def runtime_digest() -> str:
+    """Digest of everything the closure is made of (cheap: stat of big files, content of ours)."""
+    h = hashlib.sha256(b"sandlot-runtime-v1")
+    for big in (HOST_PYTHON, HOST_TINI):
+        st = big.stat()
+        h.update(f"{big}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(str(sorted(_STDLIB_EXCLUDE)).encode())
+    h.update(Path(__file__).read_bytes())
+    for f in _agent_files():
+        h.update(str(f.relative_to(_AGENT_PACKAGE)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _shared_libraries(binaries: list[Path]) -> dict[str, Path]:
+    """Map soname -> host path for every library the binaries load (via ldd)."""
+    libs: dict[str, Path] = {}
+    for binary in binaries:
+        out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            line = line.strip()
+            m = re.match(r"(\S+) => (/\S+)", line)
+            if m:
+                libs[m.group(1)] = Path(m.group(2))
+            elif line.startswith("/"):
+                path = Path(line.split()[0])
+                libs[path.name] = path
+    return libs
+
+
+def _copy_stdlib(dest: Path) -> None:
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        if Path(directory) == HOST_STDLIB:
+            return {n for n in names if n in _STDLIB_EXCLUDE}
+        if Path(directory).name == "lib-dynload":
+            return {n for n in names if _DYNLOAD_EXCLUDE.match(n)}
+        return set()
+
+    # copy2 keeps mtimes, which the shipped .pyc files are validated against.
+    shutil.copytree(HOST_STDLIB, dest, ignore=ignore, symlinks=False, copy_function=shutil.copy2)
+
+
+def _install_agent(stdlib_dest: Path) -> None:
+    package = stdlib_dest / "sandlot"
+    package.mkdir()
+    # A bare package: the real sandlot/__init__.py belongs to the host-side SDK.
+    (package / "__init__.py").write_text('"""sandlot agent runtime (standard library only)."""\n')
+    shutil.copytree(
+        _AGENT_PACKAGE, package / "agent", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
+    # The runtime is mounted read-only: compile now so start-up never recompiles.
+    subprocess.run(
+        [str(HOST_PYTHON), "-I", "-m", "compileall", "-q", str(package)], check=True
+    )
+
+
+def build_runtime(root: Path, *, log: object = None) -> Path:
+    """Return the runtime directory for the current inputs, building it if needed.
+
+    Building is atomic (a temporary sibling renamed into place), so concurrent callers and
+    crashes never leave a half-built runtime behind that would later be used.
+    """
+    _require(HOST_PYTHON, "python3.11-minimal")
+    _require(HOST_STDLIB / "os.py", "libpython3.11-stdlib")
+    _require(HOST_TINI, "tini")
+    if shutil.which("patchelf") is None:
+        raise RuntimeBuildError("patchelf is missing: install the Debian package 'patchelf'")
+
+    final = root / runtime_digest()
+    if (final / "python" / "bin" / "python3").exists():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
+    try:
+        pydir = tmp / "python"
+        libdir = pydir / "lib"
+        (pydir / "bin").mkdir(parents=True)
+        libdir.mkdir()
+        (tmp / "bin").mkdir()
+        stdlib = libdir / PY_VERSION
+        _copy_stdlib(stdlib)
+        _install_agent(stdlib)
+
+        dynload = sorted((stdlib / "lib-dynload").glob("*.so"))
+        libs = _shared_libraries([HOST_PYTHON, *dynload])
+        loader_name = ""
+        for soname, src in libs.items():
+            shutil.copy2(src.resolve(), libdir / soname)
+            if soname.startswith("ld-linux"):
+                loader_name = soname
+        if not loader_name:
+            raise RuntimeBuildError("ldd did not report the dynamic loader of python3.11")
+
+        binary = pydir / "bin" / "python3"
+        shutil.copy2(HOST_PYTHON, binary)
+        inner_lib = f"{SANDBOX_RUNTIME_DIR}/python/lib"
+        # DT_RPATH (not RUNPATH) so it also applies to libraries dlopen()ed by extension modules.
+        subprocess.run(
+            ["patchelf", "--set-interpreter", f"{inner_lib}/{loader_name}",
+             "--force-rpath", "--set-rpath", inner_lib, str(binary)],
+            check=True, capture_output=True,
+        )
+        shutil.copy2(HOST_TINI, tmp / "bin" / "tini")
+        for path in (tmp, *tmp.rglob("*")):
+            if path.is_dir():
+                path.chmod(0o755)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not (final / "python" / "bin" / "python3").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another builder won the race
+        return final
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def agent_command(listen: str) -> list[str]:
+    """The argv of the sandbox's pid 1: tini, then the agent in isolated mode (-I ignores the
+    user's PYTHON* variables, so a sandbox env cannot break or hijack the agent)."""
+    return [
+        f"{SANDBOX_RUNTIME_DIR}/bin/tini", "-s", "-g", "--",
+        f"{SANDBOX_RUNTIME_DIR}/python/bin/python3", "-I", "-m", "sandlot.agent",
+        "--listen", listen,
+    ]
+
+
+if __name__ == "__main__":  # pragma: no cover - manual use: python -m sandlot.runtime.closure DIR
+    print(build_runtime(Path(sys.argv[1] if len(sys.argv) > 1 else os.getcwd())))

@@ -50,7 +50,7 @@ def load_engine(spec: str) -> Engine:
     """``local`` (the default), or ``package.module:factory`` -- a callable returning an Engine
     (used by tests and for out-of-tree engines)."""
     if spec == "local":
-        from sandlot.engines.local import LocalEngine  # type: ignore[attr-defined]
+        from sandlot.engines.local import LocalEngine
 
         engine: Engine = LocalEngine(state_dir())
         return engine

@@ -1,0 +1,845 @@
+"""AsyncSandbox: the Koyeb Sandbox SDK's API over a sandlot server.
+
+This file is the source of truth; ``src/sandlot/sdk/_sync/`` is generated from it by
+``scripts/unasync.py`` (do not edit the sync twin by hand).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import shlex
+from collections.abc import AsyncGenerator, Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from sandlot.sdk._common import (
+    DEFAULT_CREATE_TIMEOUT,
+    DEFAULT_EXEC_TIMEOUT,
+    DEFAULT_HEALTH_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_POLL_INTERVAL,
+    DEFAULT_WAIT_READY_TIMEOUT,
+    EVENT_NAMES,
+    CancelToken,
+    CommandCancelledError,
+    CommandResult,
+    Connection,
+    EndEvent,
+    ExitEvent,
+    FileContent,
+    Listener,
+    ProcessInfo,
+    StderrEvent,
+    StdoutEvent,
+    StreamEvent,
+    StreamGuard,
+    async_ensure_local_server,
+    async_run_blocking,
+    async_sleep,
+    check_port,
+    client_kwargs,
+    monotonic,
+    parse_sse_line,
+    raise_for_status,
+    resolve_connection,
+    transport_error,
+)
+from sandlot.sdk.errors import (
+    NoSandboxSecretError,
+    SandboxCommandError,
+    SandboxError,
+    SandboxNotFoundError,
+    SandboxRequestError,
+    SandboxServiceError,
+    SandboxTimeoutError,
+    UnsupportedFeatureError,
+)
+
+_UNSET: Any = object()
+# Aliases: inside AsyncSandbox, "list" is the classmethod.
+_ProcessList = list[ProcessInfo]
+
+
+async def _open_client(conn: Connection) -> httpx.AsyncClient:
+    if conn.unix_path is not None:
+        if conn.autostart:
+            await async_ensure_local_server(conn.unix_path)
+        transport = httpx.AsyncHTTPTransport(uds=conn.unix_path)
+    else:
+        transport = httpx.AsyncHTTPTransport()
+    return httpx.AsyncClient(transport=transport, **client_kwargs(conn))
+
+
+async def _request(
+    client: httpx.AsyncClient,
+    conn: Connection,
+    method: str,
+    path: str,
+    what: str,
+    **kwargs: Any,
+) -> Any:
+    """One request to the server; the answer's JSON, or the SDK's exception for an error."""
+    try:
+        response = await client.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        raise transport_error(exc, conn, what) from exc
+    raise_for_status(response, what)
+    if not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        raise SandboxServiceError(f"{what}: the answer is not JSON", response.status_code) from None
+
+
+def _json_body(**fields: Any) -> bytes:
+    try:
+        return json.dumps(fields).encode()
+    except (TypeError, ValueError) as exc:
+        raise SandboxRequestError(f"invalid option: {exc}", 400) from None
+
+
+class AsyncSandbox:
+    """A sandbox: create one with :meth:`create`, find one with :meth:`get_from_id` or
+    :meth:`list`. ``async with await AsyncSandbox.create() as sb:`` deletes it on exit."""
+
+    def __init__(
+        self, info: dict[str, Any], conn: Connection, client: httpx.AsyncClient | None = None
+    ) -> None:
+        self._info = info
+        self._conn = conn
+        self._client = client
+        self._deleted = False
+        self.filesystem = AsyncFilesystem(self)
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    async def create(
+        cls,
+        image: str | None = None,
+        name: str | None = None,
+        wait_ready: bool = True,
+        instance_type: str = "micro",
+        exposed_port_protocol: str | None = None,
+        env: Mapping[str, str] | None = None,
+        region: str | None = None,
+        api_token: str | None = None,
+        timeout: float = DEFAULT_CREATE_TIMEOUT,
+        idle_timeout: int = DEFAULT_IDLE_TIMEOUT,
+        enable_tcp_proxy: bool = False,
+        privileged: bool = False,
+        registry_secret: str | None = None,
+        delete_after_delay: int | None = None,
+        delete_after_inactivity_delay: int | None = None,
+        _experimental_enable_light_sleep: bool = False,
+        labels: Mapping[str, str] | None = None,
+        api_url: str | None = None,
+    ) -> AsyncSandbox:
+        """Create a sandbox. With ``wait_ready`` (the default) it answers once the sandbox is
+        healthy, waiting at most ``timeout`` seconds (then :class:`SandboxTimeoutError`)."""
+        if enable_tcp_proxy:
+            raise UnsupportedFeatureError("enable_tcp_proxy is not supported yet by sandlot")
+        if registry_secret is not None:
+            raise UnsupportedFeatureError(
+                "registry_secret (private registry pulls) is not supported yet by sandlot"
+            )
+        conn = resolve_connection(api_url, api_token)
+        body: dict[str, Any] = {
+            "image": image,
+            "name": name,
+            "wait_ready": wait_ready,
+            "instance_type": instance_type,
+            "exposed_port_protocol": exposed_port_protocol or "http",
+            "env": dict(env) if isinstance(env, Mapping) else env,
+            "region": region,
+            "timeout": timeout,
+            "idle_timeout": idle_timeout,
+            "enable_tcp_proxy": enable_tcp_proxy,
+            "privileged": privileged,
+            "registry_secret": registry_secret,
+            "delete_after_delay": delete_after_delay,
+            "delete_after_inactivity_delay": delete_after_inactivity_delay,
+            "enable_light_sleep": _experimental_enable_light_sleep,
+            "labels": dict(labels) if isinstance(labels, Mapping) else labels,
+        }
+        content = _json_body(**body)
+        client = await _open_client(conn)
+        try:
+            # The server waits for readiness; give it the create timeout plus a margin.
+            info = await _request(
+                client,
+                conn,
+                "POST",
+                "/v1/sandboxes",
+                "create sandbox",
+                content=content,
+                headers={"content-type": "application/json"},
+                timeout=httpx.Timeout(timeout + 30.0, connect=10.0),
+            )
+        except BaseException:
+            await client.aclose()
+            raise
+        return cls(info, conn, client)
+
+    @classmethod
+    async def get_from_id(
+        cls, id: str, api_token: str | None = None, api_url: str | None = None
+    ) -> AsyncSandbox:
+        """Load an existing sandbox (with its secret) by id."""
+        conn = resolve_connection(api_url, api_token)
+        client = await _open_client(conn)
+        try:
+            info = await _request(client, conn, "GET", f"/v1/sandboxes/{id}", f"get sandbox {id}")
+        except BaseException:
+            await client.aclose()
+            raise
+        return cls(info, conn, client)
+
+    @classmethod
+    async def list(
+        cls,
+        name: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        api_token: str | None = None,
+        api_url: str | None = None,
+    ) -> list[AsyncSandbox]:
+        """Your project's sandboxes, optionally filtered by name and labels. These handles have
+        no secret (:class:`NoSandboxSecretError` on sandbox calls): use :meth:`get_from_id`."""
+        conn = resolve_connection(api_url, api_token)
+        params: list[tuple[str, str]] = []
+        if name is not None:
+            params.append(("name", name))
+        for key, value in (labels or {}).items():
+            params.append(("label", f"{key}={value}"))
+        client = await _open_client(conn)
+        try:
+            data = await _request(
+                client, conn, "GET", "/v1/sandboxes", "list sandboxes", params=params
+            )
+        finally:
+            await client.aclose()
+        return [cls(item, conn) for item in data["sandboxes"]]
+
+    # -- context manager --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self.delete()
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Release this handle's connections (the sandbox keeps running)."""
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    async def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = await _open_client(self._conn)
+        return self._client
+
+    # -- properties -------------------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return str(self._info["id"])
+
+    @property
+    def name(self) -> str:
+        return str(self._info["name"])
+
+    @property
+    def status(self) -> str:
+        """The status when this handle last heard from the server (see :meth:`refresh`)."""
+        return "deleted" if self._deleted else str(self._info["status"])
+
+    @property
+    def image(self) -> str:
+        return str(self._info["image"])
+
+    @property
+    def instance_type(self) -> str:
+        return str(self._info["instance_type"])
+
+    @property
+    def region(self) -> str:
+        return str(self._info["region"])
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict(self._info.get("labels") or {})
+
+    @property
+    def created_at(self) -> str:
+        return str(self._info["created_at"])
+
+    @property
+    def secret(self) -> str | None:
+        value = self._info.get("secret")
+        return str(value) if value else None
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The server's full description of this sandbox, as last fetched."""
+        return dict(self._info)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} id={self.id} name={self.name!r} status={self.status}>"
+
+    async def refresh(self) -> AsyncSandbox:
+        client = await self._http()
+        data = await _request(
+            client, self._conn, "GET", f"/v1/sandboxes/{self.id}", f"get sandbox {self.id}"
+        )
+        self._info.update(data)
+        return self
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def get_sandbox_url(self) -> str:
+        """The sandbox's agent URL (``{server}/sandboxes/{id}/koyeb-sandbox``)."""
+        return str(self._info["sandbox_url"])
+
+    def get_domain(self) -> str:
+        return str(self._info.get("domain") or "")
+
+    async def is_healthy(self) -> bool:
+        """Whether the sandbox's agent answers ``/health``."""
+        client = await self._http()
+        try:
+            response = await client.get(self._agent_path("/health"), timeout=DEFAULT_HEALTH_TIMEOUT)
+        except httpx.HTTPError:
+            return False
+        if response.status_code != 200:
+            return False
+        try:
+            status = response.json().get("status")
+        except (ValueError, AttributeError):
+            return False
+        return status in ("ok", "healthy", "ready")
+
+    async def wait_ready(
+        self,
+        timeout: float = DEFAULT_WAIT_READY_TIMEOUT,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        cancel: CancelToken | None = None,
+    ) -> bool:
+        """Poll health until it succeeds (returns True) or ``timeout`` passes
+        (:class:`SandboxTimeoutError`)."""
+        deadline = monotonic() + timeout
+        while True:
+            if cancel is not None and cancel.cancelled:
+                raise CommandCancelledError("wait_ready cancelled")
+            if await self.is_healthy():
+                return True
+            if monotonic() + poll_interval > deadline:
+                raise SandboxTimeoutError(
+                    f"sandbox {self.id} did not become ready within {timeout:g}s"
+                )
+            await async_sleep(poll_interval)
+
+    async def wait_tcp_proxy_ready(
+        self,
+        timeout: float = DEFAULT_WAIT_READY_TIMEOUT,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        cancel: CancelToken | None = None,
+    ) -> bool:
+        raise UnsupportedFeatureError("the TCP proxy is not supported yet by sandlot")
+
+    async def get_tcp_proxy_info(self) -> tuple[str, int] | None:
+        raise UnsupportedFeatureError("the TCP proxy is not supported yet by sandlot")
+
+    async def update_lifecycle(
+        self,
+        delete_after_delay: int | None = _UNSET,
+        delete_after_inactivity_delay: int | None = _UNSET,
+        idle_timeout: int = _UNSET,
+        _experimental_enable_light_sleep: bool = _UNSET,
+    ) -> None:
+        """Change the auto-deletion (and sleep) settings; omitted ones stay, ``None`` clears
+        a delay."""
+        body: dict[str, Any] = {}
+        if delete_after_delay is not _UNSET:
+            body["delete_after_delay"] = delete_after_delay
+        if delete_after_inactivity_delay is not _UNSET:
+            body["delete_after_inactivity_delay"] = delete_after_inactivity_delay
+        if idle_timeout is not _UNSET:
+            body["idle_timeout"] = idle_timeout
+        if _experimental_enable_light_sleep is not _UNSET:
+            body["enable_light_sleep"] = _experimental_enable_light_sleep
+        client = await self._http()
+        data = await _request(
+            client,
+            self._conn,
+            "PATCH",
+            f"/v1/sandboxes/{self.id}",
+            f"update sandbox {self.id}",
+            content=_json_body(**body),
+            headers={"content-type": "application/json"},
+        )
+        self._info.update(data)
+
+    async def delete(self) -> None:
+        """Tear the sandbox down. Deleting an already deleted sandbox is not an error."""
+        if self._deleted:
+            return
+        client = await self._http()
+        with contextlib.suppress(SandboxNotFoundError):
+            await _request(
+                client,
+                self._conn,
+                "DELETE",
+                f"/v1/sandboxes/{self.id}",
+                f"delete sandbox {self.id}",
+                timeout=httpx.Timeout(120.0, connect=10.0),
+            )
+        self._deleted = True
+
+    # -- ports ------------------------------------------------------------------------------------
+
+    async def expose_port(self, port: int) -> dict[str, Any]:
+        check_port(port)
+        raise UnsupportedFeatureError("exposing ports is not supported yet by sandlot")
+
+    async def unexpose_port(self, port: int | None = None) -> None:
+        if port is not None:
+            check_port(port)
+        raise UnsupportedFeatureError("exposing ports is not supported yet by sandlot")
+
+    # -- the agent --------------------------------------------------------------------------------
+
+    def _agent_path(self, route: str) -> str:
+        return f"/sandboxes/{self.id}/koyeb-sandbox{route}"
+
+    def _agent_headers(self) -> dict[str, str]:
+        secret = self.secret
+        if not secret:
+            raise NoSandboxSecretError(
+                f"this handle of sandbox {self.id} has no secret (handles from list() do not); "
+                "use get_from_id()"
+            )
+        return {"authorization": f"Bearer {secret}"}
+
+    async def _agent(
+        self, method: str, route: str, what: str, *, json_body: Any = None, **kwargs: Any
+    ) -> Any:
+        headers = self._agent_headers()
+        if json_body is not None:
+            kwargs["content"] = _json_body(**json_body)
+            headers["content-type"] = "application/json"
+        client = await self._http()
+        return await _request(
+            client, self._conn, method, self._agent_path(route), what, headers=headers, **kwargs
+        )
+
+    # -- commands ---------------------------------------------------------------------------------
+
+    async def exec(
+        self,
+        cmd: str,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = DEFAULT_EXEC_TIMEOUT,
+        on_stdout: Any = None,
+        on_stderr: Any = None,
+        cancel: CancelToken | None = None,
+        raise_on_error: bool = False,
+    ) -> CommandResult:
+        """Run ``cmd`` with ``sh -c`` and return its ``stdout``, ``stderr`` and ``code``.
+
+        ``on_stdout``/``on_stderr`` get each chunk of output as it arrives. The command is
+        killed when ``timeout`` passes (:class:`SandboxTimeoutError`), when ``cancel`` is
+        cancelled (:class:`CommandCancelledError`) or when the calling task is cancelled.
+        """
+        stream = AsyncExecStream(self, cmd, cwd=cwd, env=env, timeout=timeout, cancel=cancel)
+        if on_stdout is not None:
+            stream.add_event_listener("stdout", lambda ev: on_stdout(ev.data["data"]))
+        if on_stderr is not None:
+            stream.add_event_listener("stderr", lambda ev: on_stderr(ev.data["data"]))
+        result = await stream.wait()
+        if raise_on_error and result.exit_code != 0:
+            raise SandboxCommandError(
+                f"command exited with code {result.exit_code}: {cmd}", result=result
+            )
+        return result
+
+    def exec_stream(
+        self,
+        cmd: str,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        cancel: CancelToken | None = None,
+    ) -> AsyncExecStream:
+        """Stream a command's output: add listeners for ``stdout``, ``stderr``, ``exit`` and
+        ``end`` then ``await stream.wait()``, or iterate over the stream's events."""
+        return AsyncExecStream(self, cmd, cwd=cwd, env=env, timeout=timeout, cancel=cancel)
+
+    # -- background processes -------------------------------------------------------------------
+
+    async def launch_process(
+        self, cmd: str, cwd: str | None = None, env: Mapping[str, str] | None = None
+    ) -> str:
+        """Start a long-lived background process; returns its id."""
+        body: dict[str, Any] = {"cmd": cmd}
+        if cwd is not None:
+            body["cwd"] = cwd
+        if env is not None:
+            body["env"] = dict(env)
+        data = await self._agent("POST", "/start_process", "launch process", json_body=body)
+        return str(data["id"])
+
+    async def kill_process(self, process_id: str) -> None:
+        await self._agent(
+            "POST", "/kill_process", f"kill process {process_id}", json_body={"id": process_id}
+        )
+
+    async def list_processes(self) -> _ProcessList:
+        data = await self._agent("GET", "/list_processes", "list processes")
+        return [
+            ProcessInfo(
+                id=str(p.get("id")),
+                pid=p.get("pid"),
+                status=str(p.get("status")),
+                command=str(p.get("command", "")),
+                raw=p,
+            )
+            for p in data.get("processes", [])
+        ]
+
+    async def kill_all_processes(self) -> int:
+        """Stop every running background process; returns how many were stopped."""
+        count = 0
+        for process in await self.list_processes():
+            if process.status == "running":
+                try:
+                    await self.kill_process(process.id)
+                    count += 1
+                except SandboxRequestError:
+                    pass  # it finished meanwhile
+        return count
+
+
+class AsyncExecStream:
+    """A command's output as it happens (the seed's ``exec_stream``).
+
+    Either add listeners (``stdout``, ``stderr``, ``exit``, ``end``) and ``await wait()``, or
+    ``async for event in stream`` (typed :class:`StreamEvent` objects). Leaving an
+    ``async with`` block or cancelling kills the command if it still runs.
+    """
+
+    def __init__(
+        self,
+        sandbox: AsyncSandbox,
+        cmd: str,
+        *,
+        cwd: str | None,
+        env: Mapping[str, str] | None,
+        timeout: float | None,
+        cancel: CancelToken | None,
+    ) -> None:
+        if not isinstance(cmd, str):
+            raise SandboxRequestError(f"cmd must be a string, not {type(cmd).__name__}", 400)
+        if env is not None and not isinstance(env, Mapping):
+            raise SandboxRequestError(f"env must be a mapping, not {type(env).__name__}", 400)
+        if timeout is not None and timeout < 0:
+            raise SandboxRequestError("timeout must not be negative", 400)
+        self._sandbox = sandbox
+        self.cmd = cmd
+        self._cwd = cwd
+        self._env = env
+        self._timeout = timeout
+        self._cancel = cancel
+        self._listeners: dict[str, list[Listener]] = {name: [] for name in EVENT_NAMES}
+        self._started = False
+        self._iterator: AsyncGenerator[StreamEvent, None] | None = None
+        self._stdout: list[bytes] = []
+        self._stderr: list[bytes] = []
+        self.result: CommandResult | None = None
+
+    def add_event_listener(self, name: str, callback: Listener) -> None:
+        if name not in self._listeners:
+            raise ValueError(f"unknown event {name!r}; expected one of {', '.join(EVENT_NAMES)}")
+        self._listeners[name].append(callback)
+
+    def remove_event_listener(self, name: str, callback: Listener) -> None:
+        if callback in self._listeners.get(name, []):
+            self._listeners[name].remove(callback)
+
+    async def __aenter__(self) -> AsyncExecStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop following the command; if it still runs, it is killed (the connection closes)."""
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None:
+            await iterator.aclose()
+
+    def __aiter__(self) -> AsyncGenerator[StreamEvent, None]:
+        if self._iterator is None:
+            self._iterator = self._events()
+        return self._iterator
+
+    async def wait(self) -> CommandResult:
+        """Run the command to its end, calling the listeners; returns its result."""
+        async for _event in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+    def _dispatch(self, event: StreamEvent) -> None:
+        for callback in list(self._listeners[event.type]):
+            callback(event)
+
+    async def _events(self) -> AsyncGenerator[StreamEvent, None]:
+        if self._started:
+            raise SandboxError("an exec stream can be consumed once")
+        self._started = True
+        sandbox = self._sandbox
+        body: dict[str, Any] = {"cmd": self.cmd}
+        if self._cwd is not None:
+            body["cwd"] = self._cwd
+        if self._env is not None:
+            body["env"] = dict(self._env)
+        if self._timeout:
+            body["timeout"] = self._timeout  # the agent kills the command itself, too
+        headers = sandbox._agent_headers()
+        headers["content-type"] = "application/json"
+        headers["accept"] = "text/event-stream"
+        content = _json_body(**body)
+        client = await sandbox._http()
+        started = monotonic()
+        what = f"exec in sandbox {sandbox.id}"
+        # The client-side deadline is a little later than the agent's own, which reports a
+        # timeout itself; this one only covers an agent that cannot.
+        guard_after = self._timeout + 2.0 if self._timeout else None
+        completed: dict[str, Any] | None = None
+        try:
+            async with client.stream(
+                "POST",
+                sandbox._agent_path("/run_streaming"),
+                content=content,
+                headers=headers,
+                timeout=httpx.Timeout(None, connect=10.0),
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise_for_status(response, what)
+                guard = StreamGuard(response, guard_after, self._cancel)
+                try:
+                    event_name: str | None = None
+                    async for line in response.aiter_lines():
+                        kind, value = parse_sse_line(line)
+                        if kind == "event":
+                            event_name = value
+                            continue
+                        if kind != "data" or value is None:
+                            continue
+                        payload = json.loads(value)
+                        for event in self._translate(event_name, payload):
+                            if isinstance(event, ExitEvent):
+                                completed = payload
+                            self._dispatch(event)
+                            yield event
+                        event_name = None
+                except (httpx.HTTPError, OSError) as exc:
+                    if guard.reason in ("timeout", "cancelled"):
+                        pass
+                    else:
+                        raise SandboxServiceError(
+                            f"{what}: the output stream broke off ({exc or type(exc).__name__}); "
+                            "was the sandbox deleted?"
+                        ) from exc
+                finally:
+                    guard.close()
+                if completed is None:
+                    if guard.reason == "cancelled":
+                        raise CommandCancelledError(f"command cancelled: {self.cmd}")
+                    if guard.reason == "timeout":
+                        raise SandboxTimeoutError(
+                            f"command timed out after {self._timeout:g}s: {self.cmd}"
+                        )
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, sandbox._conn, what) from exc
+        if completed is None:
+            raise SandboxServiceError(
+                f"{what}: the output stream ended before the command did; was the sandbox deleted?"
+            )
+        if completed.get("timed_out"):
+            raise SandboxTimeoutError(f"command timed out after {self._timeout:g}s: {self.cmd}")
+        self.result = CommandResult(
+            stdout=b"".join(self._stdout).decode("utf-8", "replace"),
+            stderr=b"".join(self._stderr).decode("utf-8", "replace"),
+            exit_code=int(completed.get("code", -1)),
+            command=self.cmd,
+            duration=monotonic() - started,
+            signal=completed.get("signal"),
+        )
+        end = EndEvent("end", {})
+        self._dispatch(end)
+        yield end
+
+    def _translate(self, event_name: str | None, payload: dict[str, Any]) -> list[StreamEvent]:
+        if "stream" in payload:
+            raw = payload.get("data", "")
+            if payload.get("encoding") == "base64":
+                data = base64.b64decode(raw)
+                text = data.decode("utf-8", "replace")
+            else:
+                text = str(raw)
+                data = text.encode("utf-8")
+            if payload["stream"] == "stderr":
+                self._stderr.append(data)
+                return [StderrEvent("stderr", {"data": text})]
+            self._stdout.append(data)
+            return [StdoutEvent("stdout", {"data": text})]
+        if "code" in payload:
+            return [ExitEvent("exit", {"code": int(payload["code"])})]
+        if "error" in payload or event_name == "error":
+            raise SandboxServiceError(
+                f"exec failed: {payload.get('error') or 'unknown error'}", body=payload
+            )
+        return []
+
+
+class AsyncFilesystem:
+    """``sandbox.filesystem``: files and directories inside the sandbox (binary-safe)."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    async def _call(self, route: str, what: str, body: dict[str, Any]) -> Any:
+        data = await self._sandbox._agent("POST", route, what, json_body=body)
+        if isinstance(data, dict) and data.get("error"):
+            raise SandboxRequestError(f"{what}: {data['error']}", 400, data)
+        return data
+
+    async def _sh(self, script: str, what: str) -> CommandResult:
+        return await self._sandbox.exec(script, timeout=DEFAULT_EXEC_TIMEOUT)
+
+    async def mkdir(self, path: str, recursive: bool = False) -> None:
+        await self._call("/make_dir", f"mkdir {path}", {"path": path, "recursive": recursive})
+
+    async def list_dir(self, path: str = ".") -> list[str]:
+        data = await self._call("/list_dir", f"list {path}", {"path": path})
+        return [str(e) for e in data.get("entries", [])]
+
+    async def delete_dir(self, path: str) -> None:
+        await self._call("/delete_dir", f"delete directory {path}", {"path": path})
+
+    async def write_file(self, path: str, content: str | bytes) -> None:
+        """Create or replace a file with ``content`` (text is written as UTF-8; bytes as is)."""
+        if isinstance(content, str):
+            body = {"path": path, "content": content}
+        elif isinstance(content, (bytes, bytearray, memoryview)):
+            body = {
+                "path": path,
+                "content": base64.b64encode(bytes(content)).decode("ascii"),
+                "encoding": "base64",
+            }
+        else:
+            raise SandboxRequestError(
+                f"content must be str or bytes, not {type(content).__name__}", 400
+            )
+        await self._call("/write_file", f"write {path}", body)
+
+    async def write_files(
+        self, files: Iterable[Mapping[str, Any]] | Mapping[str, str | bytes]
+    ) -> None:
+        """Write several files: ``[{"path": ..., "content": ...}, ...]`` or ``{path: content}``."""
+        items: list[tuple[str, Any]]
+        if isinstance(files, Mapping):
+            items = [(str(p), c) for p, c in files.items()]
+        else:
+            items = [(str(f["path"]), f["content"]) for f in files]
+        for path, content in items:
+            await self.write_file(path, content)
+
+    async def read_file(self, path: str, encoding: str = "utf-8") -> FileContent:
+        """``{content, encoding}``: text for ``encoding="utf-8"`` (the default), base64 text
+        for ``encoding="base64"`` (use ``.bytes`` for the raw bytes either way)."""
+        if encoding not in ("utf-8", "base64"):
+            raise SandboxRequestError("encoding must be 'utf-8' or 'base64'", 400)
+        data = await self._call("/read_file", f"read {path}", {"path": path, "encoding": "base64"})
+        raw = (
+            base64.b64decode(data.get("content", ""))
+            if data.get("encoding") == "base64"
+            else (str(data.get("content", "")).encode("utf-8"))
+        )
+        if encoding == "base64":
+            return FileContent(base64.b64encode(raw).decode("ascii"), "base64")
+        return FileContent(raw.decode("utf-8", "replace"), "utf-8")
+
+    async def read_bytes(self, path: str) -> bytes:
+        return (await self.read_file(path, encoding="base64")).bytes
+
+    async def rename_file(self, old_path: str, new_path: str) -> None:
+        result = await self._sh(
+            f"mv -- {shlex.quote(old_path)} {shlex.quote(new_path)}", f"rename {old_path}"
+        )
+        if result.exit_code != 0:
+            raise SandboxRequestError(
+                f"rename {old_path} -> {new_path}: {result.stderr.strip()}", 400, result.stderr
+            )
+
+    async def rm(self, path: str, recursive: bool = False) -> None:
+        flags = "-rf" if recursive else "-f"
+        if not recursive and await self.is_dir(path):
+            raise SandboxRequestError(f"rm {path}: is a directory (use recursive=True)", 400)
+        if not await self.exists(path):
+            raise SandboxRequestError(f"rm {path}: No such file or directory", 404)
+        result = await self._sh(f"rm {flags} -- {shlex.quote(path)}", f"rm {path}")
+        if result.exit_code != 0:
+            raise SandboxRequestError(f"rm {path}: {result.stderr.strip()}", 400, result.stderr)
+
+    async def _test(self, flag: str, path: str) -> bool:
+        result = await self._sh(f"test {flag} {shlex.quote(path)}", f"test {path}")
+        return result.exit_code == 0
+
+    async def exists(self, path: str) -> bool:
+        return await self._test("-e", path)
+
+    async def is_file(self, path: str) -> bool:
+        return await self._test("-f", path)
+
+    async def is_dir(self, path: str) -> bool:
+        return await self._test("-d", path)
+
+    async def upload_file(self, local_path: str | os.PathLike[str], remote_path: str) -> None:
+        """Copy a local file into the sandbox (binary-safe)."""
+        data = await async_run_blocking(_read_local, os.fspath(local_path))
+        await self.write_file(remote_path, data)
+
+    async def download_file(self, local_path: str | os.PathLike[str], remote_path: str) -> None:
+        """Copy a sandbox file to ``local_path`` (binary-safe). Note the seed's order:
+        local path first."""
+        data = await self.read_bytes(remote_path)
+        await async_run_blocking(_write_local, os.fspath(local_path), data)
+
+
+def _read_local(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _write_local(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)

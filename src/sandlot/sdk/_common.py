@@ -1,0 +1,440 @@
+"""What the async SDK and its generated sync twin share: result and event types, the cancel
+token, configuration, error mapping, and the sync/async primitives that ``unasync`` swaps
+(``async_sleep`` in ``_async/`` becomes ``sync_sleep`` in ``_sync/``, and so on)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import enum
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.to_thread
+import httpx
+
+from sandlot.paths import default_server_socket
+from sandlot.sdk.errors import (
+    MissingApiTokenError,
+    SandboxError,
+    SandboxNotFoundError,
+    SandboxRequestError,
+    SandboxServiceError,
+    SandboxTimeoutError,
+    UnsupportedFeatureError,
+)
+
+T = TypeVar("T")
+
+DEFAULT_CREATE_TIMEOUT = 300.0
+DEFAULT_WAIT_READY_TIMEOUT = 60.0
+DEFAULT_HEALTH_TIMEOUT = 5.0
+DEFAULT_EXEC_TIMEOUT = 30.0
+DEFAULT_POLL_INTERVAL = 0.5
+DEFAULT_IDLE_TIMEOUT = 300
+#: Server start when the SDK launches the local server itself.
+SERVER_START_TIMEOUT = 60.0
+
+
+# -- results and events -----------------------------------------------------------------------
+
+
+class CommandStatus(enum.StrEnum):
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+@dataclasses.dataclass
+class CommandResult:
+    """What ``exec`` returns: ``stdout``, ``stderr`` and ``code`` (also ``exit_code``)."""
+
+    stdout: str
+    stderr: str
+    exit_code: int
+    command: str = ""
+    duration: float = 0.0
+    #: The signal that killed the command, when one did (e.g. "SIGKILL").
+    signal: str | None = None
+
+    @property
+    def code(self) -> int:
+        return self.exit_code
+
+    @property
+    def status(self) -> CommandStatus:
+        return CommandStatus.FINISHED if self.exit_code == 0 else CommandStatus.FAILED
+
+    @property
+    def success(self) -> bool:
+        return self.exit_code == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamEvent:
+    """One event of ``exec_stream``. ``type`` is ``stdout``, ``stderr``, ``exit`` or ``end``;
+    ``data`` is the seed's payload (``{"data": text}`` for output, ``{"code": n}`` for exit)."""
+
+    type: str
+    data: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class StdoutEvent(StreamEvent):
+    @property
+    def text(self) -> str:
+        return str(self.data["data"])
+
+
+@dataclasses.dataclass(frozen=True)
+class StderrEvent(StreamEvent):
+    @property
+    def text(self) -> str:
+        return str(self.data["data"])
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitEvent(StreamEvent):
+    @property
+    def code(self) -> int:
+        return int(self.data["code"])
+
+
+@dataclasses.dataclass(frozen=True)
+class EndEvent(StreamEvent):
+    pass
+
+
+EVENT_NAMES = ("stdout", "stderr", "exit", "end")
+Listener = Callable[[StreamEvent], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessInfo:
+    id: str
+    pid: int | None
+    status: str
+    command: str
+    raw: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class FileContent:
+    """``read_file``'s result: ``content`` (text, or base64 text if ``encoding == "base64"``)."""
+
+    content: str
+    encoding: str = "utf-8"
+
+    @property
+    def bytes(self) -> bytes:
+        if self.encoding == "base64":
+            return base64.b64decode(self.content)
+        return self.content.encode("utf-8")
+
+
+class CommandCancelledError(SandboxError):
+    """``exec`` was cancelled through its :class:`CancelToken`; the command was killed."""
+
+
+class CancelToken:
+    """Python's AbortSignal: pass it as ``exec(..., cancel=token)`` and call :meth:`cancel` from
+    anywhere (another thread or task) to kill the command. A token can be shared by several
+    commands and stays cancelled."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._callbacks: list[Callable[[], None]] = []
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            cb()
+
+    def _subscribe(self, cb: Callable[[], None]) -> Callable[[], None]:
+        with self._lock:
+            if not self._cancelled:
+                self._callbacks.append(cb)
+
+                def unsubscribe() -> None:
+                    with self._lock:
+                        if cb in self._callbacks:
+                            self._callbacks.remove(cb)
+
+                return unsubscribe
+        cb()
+        return lambda: None
+
+
+class StreamGuard:
+    """Ends a streaming response early -- on a deadline or a cancel token -- by shutting its
+    socket down, which wakes a blocked read in any thread or event loop. The reader then sees
+    the stream end and asks :attr:`reason` why."""
+
+    def __init__(self, response: httpx.Response, timeout: float | None, cancel: CancelToken | None):
+        self.reason: str | None = None
+        self._response = response
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._unsubscribe: Callable[[], None] = lambda: None
+        if timeout is not None and timeout > 0:
+            self._timer = threading.Timer(timeout, self._fire, args=("timeout",))
+            self._timer.daemon = True
+            self._timer.start()
+        if cancel is not None:
+            self._unsubscribe = cancel._subscribe(lambda: self._fire("cancelled"))
+
+    def _fire(self, reason: str) -> None:
+        with self._lock:
+            if self.reason is not None:
+                return
+            self.reason = reason
+        stream = self._response.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        with self._lock:
+            if self.reason is None:
+                self.reason = "done"
+        if self._timer is not None:
+            self._timer.cancel()
+        self._unsubscribe()
+
+
+# -- sync/async primitives (unasync maps async_* to sync_*) ------------------------------------
+
+
+async def async_sleep(seconds: float) -> None:
+    await anyio.sleep(seconds)
+
+
+def sync_sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+async def async_run_blocking(fn: Callable[..., T], *args: Any) -> T:
+    return await anyio.to_thread.run_sync(lambda: fn(*args))
+
+
+def sync_run_blocking(fn: Callable[..., T], *args: Any) -> T:
+    return fn(*args)
+
+
+def monotonic() -> float:
+    return time.monotonic()
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Connection:
+    """Where the server is and how to authenticate to it."""
+
+    #: ``http(s)://host:port`` for TCP, or None for a Unix socket.
+    base_url: str
+    unix_path: str | None
+    api_token: str | None
+    #: True when this is the default local server, which the SDK starts if needed.
+    autostart: bool
+
+    @property
+    def description(self) -> str:
+        return f"unix:{self.unix_path}" if self.unix_path else self.base_url
+
+
+def resolve_connection(api_url: str | None, api_token: str | None) -> Connection:
+    """Arguments win over ``SANDLOT_URL`` / ``SANDLOT_API_TOKEN``; with neither, the default
+    local server on its Unix socket."""
+    url = api_url or os.environ.get("SANDLOT_URL") or None
+    token = api_token or os.environ.get("SANDLOT_API_TOKEN") or None
+    if url is None:
+        return Connection("http://sandlot", str(default_server_socket()), token, autostart=True)
+    if url.startswith("unix:"):
+        path = url[len("unix:") :]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise ValueError(f"invalid api_url {url!r}: expected unix:/path/to/sandlot.sock")
+        return Connection("http://sandlot", path, token, autostart=False)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(
+            f"invalid api_url {url!r}: expected http(s)://host:port or unix:/path/to.sock"
+        )
+    if token is None:
+        raise MissingApiTokenError(
+            f"the sandlot server at {url} needs an API token: pass api_token= or set "
+            "SANDLOT_API_TOKEN (create one with `sandlot token create` on the server)"
+        )
+    return Connection(url.rstrip("/"), None, token, autostart=False)
+
+
+def client_kwargs(conn: Connection) -> dict[str, Any]:
+    """Keyword arguments for httpx.Client / httpx.AsyncClient (the transport is added by the
+    caller, which knows which of the two it builds)."""
+    headers = {"user-agent": "sandlot-python"}
+    if conn.api_token:
+        headers["authorization"] = f"Bearer {conn.api_token}"
+    return {
+        "base_url": conn.base_url,
+        "headers": headers,
+        "timeout": httpx.Timeout(60.0, connect=10.0),
+    }
+
+
+_server_lock = threading.Lock()
+
+
+def ensure_local_server(path: str) -> None:
+    """Start the local server on ``path`` in the background unless something answers there.
+
+    The server runs detached in its own session (it outlives this process, like a user
+    daemon) and logs to ``sandlot-server.log`` next to its socket. A lock file keeps two
+    processes from starting two servers at once.
+    """
+    import fcntl
+    import subprocess
+    import sys
+
+    if _socket_answers(path):
+        return
+    with _server_lock:
+        directory = os.path.dirname(path)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        with open(os.path.join(directory, "autostart.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if _socket_answers(path):
+                return
+            log_path = os.path.join(directory, "sandlot-server.log")
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "sandlot.cli", "server", "--listen", f"unix:{path}"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            deadline = time.monotonic() + SERVER_START_TIMEOUT
+            while time.monotonic() < deadline:
+                if _socket_answers(path):
+                    return
+                if proc.poll() is not None:
+                    raise SandboxServiceError(
+                        f"the local sandlot server exited at start (code {proc.returncode}); "
+                        f"its log {log_path} ends with:\n{_tail(log_path)}"
+                    )
+                time.sleep(0.02)
+            raise SandboxTimeoutError(
+                f"the local sandlot server did not start within {SERVER_START_TIMEOUT:g}s; "
+                f"see {log_path}"
+            )
+
+
+async def async_ensure_local_server(path: str) -> None:
+    await anyio.to_thread.run_sync(ensure_local_server, path)
+
+
+def sync_ensure_local_server(path: str) -> None:
+    ensure_local_server(path)
+
+
+def _socket_answers(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1.0)
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+def error_message(body: Any, fallback: str) -> str:
+    if isinstance(body, dict):
+        for key in ("error", "message", "detail"):
+            value = body.get(key)
+            if isinstance(value, str) and value:
+                return value
+    if isinstance(body, str) and body.strip():
+        return body.strip()
+    return fallback
+
+
+def raise_for_status(response: httpx.Response, what: str) -> None:
+    """Map an HTTP error answer to the SDK's exceptions. ``response`` must have been read."""
+    status = response.status_code
+    if status < 400:
+        return
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = response.text
+    message = f"{what}: {error_message(body, f'HTTP {status}')}"
+    code = body.get("code") if isinstance(body, dict) else None
+    if status == 404 and code == "not_found":
+        raise SandboxNotFoundError(message, status, body)
+    if status == 501 or code == "unsupported":
+        raise UnsupportedFeatureError(message)
+    if status == 504 or code == "timeout":
+        raise SandboxTimeoutError(message)
+    if 400 <= status < 500:
+        raise SandboxRequestError(message, status, body)
+    raise SandboxServiceError(message, status, body)
+
+
+def transport_error(exc: Exception, conn: Connection, what: str) -> SandboxError:
+    if isinstance(exc, httpx.TimeoutException):
+        return SandboxTimeoutError(f"{what}: timed out talking to {conn.description}")
+    return SandboxServiceError(
+        f"{what}: cannot reach the sandlot server at {conn.description}: "
+        f"{exc or type(exc).__name__}"
+    )
+
+
+def parse_sse_line(line: str) -> tuple[str | None, str | None]:
+    """``event: x`` → ("event", x); ``data: y`` → ("data", y); other lines → (None, None)."""
+    if line.startswith("event:"):
+        return "event", line[6:].strip()
+    if line.startswith("data:"):
+        value = line[5:]
+        return "data", value[1:] if value.startswith(" ") else value
+    return None, None
+
+
+def check_port(port: Any) -> int:
+    from sandlot.sdk.errors import InvalidPortError
+
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise InvalidPortError(f"port must be an int between 1 and 65535, not {port!r}")
+    return port

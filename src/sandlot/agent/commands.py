@@ -1,0 +1,239 @@
+"""Starting shell commands and moving their output, for ``/run``, ``/run_streaming`` and
+background processes.
+
+Every command is ``sh -c <cmd>`` in a new session (hence a new process group whose id is the
+shell's pid), so that one ``killpg`` reaches everything it started. Output is read from both
+pipes by one thread with ``poll``: chunks are handed on in the order they become readable,
+which is the order the process wrote them as far as two pipes can tell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from sandlot.agent.http11 import HTTPError
+
+#: Variables of the agent's own environment that commands never see.
+HIDDEN_ENV = frozenset(
+    {"SANDBOX_SECRET", "SANDBOX_SECRET_FILE", "SANDBOX_SECRET_PATH", "SANDBOX_AUTH_MODE"}
+)
+READ_SIZE = 65536
+#: After the shell exits, keep reading its pipes while data still flows (a background child
+#: may hold them open forever), for at most this long, and stop after this much silence.
+DRAIN_MAX = 2.0
+DRAIN_IDLE = 0.1
+
+
+class SpawnError(Exception):
+    """The command could not be started (no ``sh``, resource limits, ...)."""
+
+
+def base_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in HIDDEN_ENV}
+
+
+def parse_command_request(
+    body: Mapping[str, Any], *, default_cwd: str
+) -> tuple[str, str, dict[str, str] | None]:
+    """Validate ``cmd``, ``cwd`` and ``env`` of a request; 400 with a clear message otherwise."""
+    cmd = body.get("cmd")
+    if not isinstance(cmd, str):
+        raise HTTPError(400, "'cmd' is required and must be a string")
+    if not cmd.strip():
+        raise HTTPError(400, "'cmd' must not be empty")
+    if "\x00" in cmd:
+        raise HTTPError(400, "'cmd' must not contain NUL characters")
+    cwd = body.get("cwd")
+    if cwd is None or cwd == "":
+        cwd = default_cwd
+    elif not isinstance(cwd, str):
+        raise HTTPError(400, "'cwd' must be a string")
+    if "\x00" in cwd or not os.path.isdir(cwd):
+        raise HTTPError(400, f"Invalid working directory: {cwd}")
+    env = body.get("env")
+    if env is not None:
+        if not isinstance(env, dict):
+            raise HTTPError(400, "'env' must be an object of strings")
+        for k, v in env.items():
+            if not isinstance(v, str):
+                raise HTTPError(400, f"'env' value for {k!r} must be a string")
+            if not k or "=" in k or "\x00" in k or "\x00" in v:
+                raise HTTPError(400, f"invalid environment variable name or value: {k!r}")
+    return cmd, cwd, env
+
+
+def _find_sh() -> str:
+    for directory in os.get_exec_path(None):
+        candidate = os.path.join(directory, "sh")
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    raise SpawnError("cannot start command: no 'sh' found on the agent's PATH")
+
+
+def spawn(
+    cmd: str,
+    cwd: str,
+    env: Mapping[str, str] | None,
+    *,
+    base_env: Mapping[str, str],
+    stdin: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start ``sh -c cmd`` in a new session with piped stdout/stderr (and stdin if asked)."""
+    full_env = dict(base_env)
+    if env:
+        full_env.update(env)
+    try:
+        return subprocess.Popen(
+            [_find_sh(), "-c", cmd],
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            env=full_env,
+            start_new_session=True,
+            close_fds=True,
+        )
+    except OSError as exc:
+        raise SpawnError(f"cannot start command: {exc.strerror or exc}") from None
+
+
+def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
+    """Signal a whole process group; False if it no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+Sink = Callable[[str, bytes], None]
+
+
+class PumpResult:
+    __slots__ = ("client_gone", "timed_out")
+
+    def __init__(self) -> None:
+        self.timed_out = False
+        self.client_gone = False
+
+
+def pump(
+    proc: subprocess.Popen[bytes],
+    sink: Sink,
+    *,
+    timeout: float | None = None,
+    peer_gone: Callable[[], bool] | None = None,
+    peer_fd: int | None = None,
+    idle: Callable[[], None] | None = None,
+    idle_interval: float = 15.0,
+    stop: threading.Event | None = None,
+) -> PumpResult:
+    """Move output from ``proc``'s pipes to ``sink(stream, data)`` until both close.
+
+    - ``timeout``: kill the group (SIGKILL) when it runs longer; ``result.timed_out``.
+    - ``peer_fd``/``peer_gone``: the client's socket; if it closes, kill the group and stop.
+    - ``idle``: called after ``idle_interval`` seconds of silence (SSE keep-alive comments).
+    - ``stop``: set from elsewhere (agent shutdown) to kill and stop.
+    A ``sink`` that raises (the client went away while we wrote) kills the group too; the
+    exception propagates after the kill.
+
+    The shell is always reaped before this returns.
+    """
+    result = PumpResult()
+    assert proc.stdout is not None and proc.stderr is not None
+    names = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
+    poller = select.poll()
+    for fd in names:
+        poller.register(fd, select.POLLIN)
+    if peer_fd is not None:
+        poller.register(peer_fd, select.POLLIN)
+    start = time.monotonic()
+    deadline = start + timeout if timeout is not None else None
+    last_activity = start
+    exited_at: float | None = None
+    killed = False
+    try:
+        while names or proc.poll() is None:
+            now = time.monotonic()
+            waits = [idle_interval - (now - last_activity)]
+            if deadline is not None and not killed:
+                waits.append(deadline - now)
+            if exited_at is not None:
+                waits.append(DRAIN_IDLE)
+            if stop is not None or not names:
+                waits.append(0.25)  # nothing to read: check on the shell itself
+            wait_ms = max(0, int(min(waits) * 1000) + 1)
+            exited_before_poll = exited_at is not None
+            events = poller.poll(wait_ms)
+            progressed = False  # output or end-of-file on a pipe
+            for fd, ev in events:
+                if fd == peer_fd:
+                    if peer_gone is not None and peer_gone():
+                        result.client_gone = True
+                    else:
+                        poller.unregister(fd)  # a pipelined request: stop watching
+                    continue
+                if ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    progressed = True
+                    try:
+                        data = os.read(fd, READ_SIZE)
+                    except OSError:
+                        data = b""
+                    if data:
+                        last_activity = time.monotonic()
+                        sink(names[fd], data)
+                    else:
+                        poller.unregister(fd)
+                        del names[fd]
+            if result.client_gone or (stop is not None and stop.is_set()):
+                kill_group(proc.pid)
+                killed = True
+                break
+            now = time.monotonic()
+            if deadline is not None and not killed and now >= deadline:
+                result.timed_out = True
+                kill_group(proc.pid)
+                killed = True
+                deadline = None
+            if exited_at is None and proc.poll() is not None:
+                exited_at = now
+            if (
+                exited_before_poll
+                and exited_at is not None
+                and names
+                and (not progressed or now - exited_at > DRAIN_MAX)
+            ):
+                break  # the shell is gone; whoever still holds the pipes is not waited for
+            if idle is not None and now - last_activity >= idle_interval:
+                last_activity = now
+                idle()
+    except BaseException:
+        kill_group(proc.pid)
+        raise
+    finally:
+        for stream in (proc.stdout, proc.stderr):
+            stream.close()
+        proc.wait()
+    return result
+
+
+def exit_code(returncode: int) -> int:
+    """Shell convention: a death by signal N is reported as 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def signal_name(returncode: int) -> str | None:
+    if returncode >= 0:
+        return None
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"SIG{-returncode}"

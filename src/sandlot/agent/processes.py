@@ -1,0 +1,246 @@
+"""Background processes: ``/start_process`` and friends.
+
+Each process has a uuid, its shell's pid (also its process-group id), a status
+(``running`` → ``completed`` | ``failed`` | ``killed``), an exit code, start and end times, an
+optional stdin pipe, and a bounded history of its output (a ring of chunks, capped both in
+count and in bytes) that any number of readers can replay and follow.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from sandlot.agent.chunks import Chunk, Utf8Splitter, chunk_bytes, chunk_fields
+from sandlot.agent.commands import exit_code, kill_group, pump, signal_name, spawn
+
+LOG_MAX_CHUNKS = 10_000
+LOG_MAX_BYTES = 4 * 1024 * 1024
+#: Finished processes kept for ``list_processes``; the oldest finished ones are forgotten.
+MAX_FINISHED = 1000
+DEFAULT_KILL_GRACE = 5.0
+
+
+def new_id() -> str:
+    """A random (version 4) UUID, without importing :mod:`uuid`."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def iso_now() -> str:
+    return iso(time.time())
+
+
+def iso(ts: float) -> str:
+    """RFC 3339 in UTC with microseconds: ``2026-01-02T03:04:05.678901Z``."""
+    whole = int(ts)
+    micros = int((ts - whole) * 1e6)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{micros:06d}Z"
+
+
+class LogEntry:
+    __slots__ = ("chunk", "seq", "stream", "ts")
+
+    def __init__(self, seq: int, ts: float, stream: str, chunk: Chunk) -> None:
+        self.seq = seq
+        self.ts = ts
+        self.stream = stream
+        self.chunk = chunk
+
+    def event(self) -> dict[str, Any]:
+        return {"timestamp": iso(self.ts), "stream": self.stream, **chunk_fields(self.chunk)}
+
+
+class LogRing:
+    """Bounded output history; readers follow it by sequence number."""
+
+    def __init__(self, max_chunks: int = LOG_MAX_CHUNKS, max_bytes: int = LOG_MAX_BYTES) -> None:
+        self._entries: collections.deque[LogEntry] = collections.deque()
+        self._bytes = 0
+        self._max_chunks = max_chunks
+        self._max_bytes = max_bytes
+        self.next_seq = 0
+        self.dropped = 0
+        self.closed = False
+        self.cond = threading.Condition()
+
+    def append(self, stream: str, chunk: Chunk) -> None:
+        size = len(chunk_bytes(chunk))
+        with self.cond:
+            self._entries.append(LogEntry(self.next_seq, time.time(), stream, chunk))
+            self.next_seq += 1
+            self._bytes += size
+            while len(self._entries) > self._max_chunks or (
+                self._bytes > self._max_bytes and len(self._entries) > 1
+            ):
+                old = self._entries.popleft()
+                self._bytes -= len(chunk_bytes(old.chunk))
+                self.dropped += 1
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def read_from(self, seq: int, wait: float | None) -> tuple[list[LogEntry], int, bool]:
+        """Entries with sequence ≥ ``seq`` (waiting up to ``wait`` s for one); also the next
+        sequence to ask for and whether the log is closed (the process ended)."""
+        with self.cond:
+            if wait and self.next_seq <= seq and not self.closed:
+                self.cond.wait(wait)
+            out = [e for e in self._entries if e.seq >= seq]
+            return out, self.next_seq, self.closed
+
+
+class ManagedProcess:
+    def __init__(
+        self, command: str, cwd: str, popen: subprocess.Popen[bytes], *, started_at: float
+    ) -> None:
+        self.id = new_id()
+        self.command = command
+        self.cwd = cwd
+        self.popen = popen
+        self.pid = popen.pid
+        self.started_at = started_at
+        self.ended_at: float | None = None
+        self.returncode: int | None = None
+        self.kill_requested = False
+        self.logs = LogRing()
+        self.stdin_lock = threading.Lock()
+        self.done = threading.Event()
+
+    @property
+    def status(self) -> str:
+        if self.returncode is None:
+            return "running"
+        if self.kill_requested:
+            return "killed"
+        return "completed" if self.returncode == 0 else "failed"
+
+    def summary(self) -> dict[str, Any]:
+        """Exactly the fields Koyeb's SDK accepts (it builds ``ProcessInfo(**entry)``)."""
+        return {
+            "id": self.id,
+            "command": self.command,
+            "status": self.status,
+            "pid": self.pid,
+            "exit_code": None if self.returncode is None else exit_code(self.returncode),
+            "started_at": iso(self.started_at),
+            "completed_at": None if self.ended_at is None else iso(self.ended_at),
+        }
+
+    def details(self) -> dict[str, Any]:
+        """Everything we know (sandlot extension)."""
+        return {
+            **self.summary(),
+            "ended_at": None if self.ended_at is None else iso(self.ended_at),
+            "signal": None if self.returncode is None else signal_name(self.returncode),
+            "cwd": self.cwd,
+            "stdin": self.popen.stdin is not None and not self.popen.stdin.closed,
+            "log_dropped_chunks": self.logs.dropped,
+        }
+
+    def _run(self, live_groups: set[int], lock: threading.Lock) -> None:
+        splitters = {"stdout": Utf8Splitter(), "stderr": Utf8Splitter()}
+
+        def sink(stream: str, data: bytes) -> None:
+            for chunk in splitters[stream].feed(data):
+                self.logs.append(stream, chunk)
+
+        try:
+            pump(self.popen, sink)
+        finally:
+            for stream, splitter in splitters.items():
+                for chunk in splitter.flush():
+                    self.logs.append(stream, chunk)
+            if self.popen.stdin is not None:
+                with contextlib.suppress(OSError):
+                    self.popen.stdin.close()
+            self.ended_at = time.time()
+            self.returncode = self.popen.returncode
+            with lock:
+                live_groups.discard(self.pid)
+            self.logs.close()
+            self.done.set()
+
+    def wait(self, timeout: float | None) -> bool:
+        return self.done.wait(timeout)
+
+    def write_stdin(self, data: bytes, eof: bool) -> None:
+        stdin = self.popen.stdin
+        if stdin is None:
+            raise ValueError("process was not started with stdin: true")
+        with self.stdin_lock:
+            if stdin.closed:
+                raise ValueError("stdin is closed")
+            try:
+                if data:
+                    stdin.write(data)
+                    stdin.flush()
+            except BrokenPipeError:
+                raise ValueError("the process closed its stdin") from None
+            finally:
+                if eof:
+                    with contextlib.suppress(OSError):
+                        stdin.close()
+
+    def kill(self, sig: int, grace: float | None) -> None:
+        """Send ``sig`` to the group; with ``grace``, SIGKILL the group if still alive after it."""
+        self.kill_requested = True
+        kill_group(self.pid, sig)
+        if grace is None:
+            return
+        if not self.done.wait(grace):
+            kill_group(self.pid, signal.SIGKILL)
+            self.done.wait(5)
+        else:
+            kill_group(self.pid, signal.SIGKILL)  # stragglers left in the group
+
+
+class ProcessManager:
+    def __init__(self, base_env: Mapping[str, str], live_groups: set[int], lock: threading.Lock):
+        self._base_env = base_env
+        self._live_groups = live_groups
+        self._lock = lock
+        self._procs: dict[str, ManagedProcess] = {}
+
+    def start(
+        self, cmd: str, cwd: str, env: Mapping[str, str] | None, *, stdin: bool
+    ) -> ManagedProcess:
+        popen = spawn(cmd, cwd, env, base_env=self._base_env, stdin=stdin)
+        proc = ManagedProcess(cmd, cwd, popen, started_at=time.time())
+        with self._lock:
+            self._procs[proc.id] = proc
+            self._live_groups.add(proc.pid)
+            self._forget_old()
+        threading.Thread(
+            target=proc._run, args=(self._live_groups, self._lock), daemon=True
+        ).start()
+        return proc
+
+    def _forget_old(self) -> None:
+        finished = [p for p in self._procs.values() if p.done.is_set()]
+        for p in finished[: max(0, len(finished) - MAX_FINISHED)]:
+            del self._procs[p.id]
+
+    def get(self, process_id: str) -> ManagedProcess | None:
+        with self._lock:
+            return self._procs.get(process_id)
+
+    def all(self) -> list[ManagedProcess]:
+        with self._lock:
+            return list(self._procs.values())
+
+    def running(self) -> Iterator[ManagedProcess]:
+        return (p for p in self.all() if not p.done.is_set())

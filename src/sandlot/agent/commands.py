@@ -9,7 +9,6 @@ which is the order the process wrote them as far as two pipes can tell.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
 import signal

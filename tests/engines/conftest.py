@@ -24,6 +24,7 @@ from sandlot.engines.local.mounts import mounts_under, unmount
 from sandlot.images.store import default_store
 from sandlot.instance_types import get_instance_type
 
+
 @pytest.fixture(scope="session")
 def engine_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     state = tmp_path_factory.mktemp("engine-state")
@@ -92,7 +93,9 @@ Factory = Callable[..., Any]
 async def make_sandbox(engine: LocalEngine) -> AsyncIterator[Factory]:
     handles: list[SandboxHandle] = []
 
-    async def make(image: str = "default", instance_type: str = "micro", **kw: Any) -> SandboxHandle:
+    async def make(
+        image: str = "default", instance_type: str = "micro", **kw: Any
+    ) -> SandboxHandle:
         secret = "test-secret-" + new_sandbox_id()
         spec = SandboxSpec(id=new_sandbox_id(), image=image,
                            instance_type=get_instance_type(instance_type), secret=secret, **kw)

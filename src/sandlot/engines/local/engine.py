@@ -9,6 +9,7 @@ One sandbox on disk (``<state>/sandboxes/<id>/``)::
     etc/             hostname, hosts, resolv.conf bind-mounted into the sandbox
     run/             bind-mounted at /.sandlot/run: the agent's socket and secret
     agent.log        stdout/stderr of the sandbox's pid 1 (tini + agent)
+    pasta.pid        the user-mode network process, for sandboxes with outbound access
 
 Every step of ``create`` is undone by ``delete``, which tolerates any partial state; ``recover``
 runs ``delete`` over whatever a crash left half-made and re-attaches the rest.
@@ -39,7 +40,7 @@ from sandlot.engines.base import (
     SandboxSpec,
     SandboxState,
 )
-from sandlot.engines.local import cgroups, idmap, mounts
+from sandlot.engines.local import cgroups, idmap, mounts, network
 from sandlot.engines.local.oci_runtime import OciRuntime
 from sandlot.engines.local.oci_spec import SandboxConfig, build_config
 from sandlot.images.store import Image, ImageStore
@@ -160,11 +161,6 @@ class LocalEngine:
 
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
         directory = self._dir(spec.id)
-        if spec.network is not NetworkMode.NONE:
-            raise EngineError(
-                "outbound networking is not supported by the local engine yet; sandboxes have "
-                "loopback only"
-            )
         bad_env = sorted(k for k in spec.env if k in _RESERVED_ENV or "=" in k or not k)
         if bad_env:
             raise EngineError(f"invalid or reserved environment variable names: {bad_env}")
@@ -185,6 +181,11 @@ class LocalEngine:
                     raise SandboxNotFound(f"sandbox {spec.id} was deleted while being created")
                 await self.runtime.run_detached(spec.id, directory / "bundle",
                                                 directory / "agent.log")
+                if spec.network is NetworkMode.OUTBOUND:
+                    state = await self.runtime.state(spec.id)
+                    if not state or not state.get("pid"):
+                        raise EngineError(f"sandbox {spec.id} stopped right after it started")
+                    await network.attach_pasta(int(state["pid"]), directory / "pasta.pid")
                 meta["ready"] = True
                 self._write_meta(directory, meta)
             except BaseException:
@@ -222,7 +223,7 @@ class LocalEngine:
         files = {
             "hostname": f"{hostname}\n",
             "hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\t{hostname}\n",
-            "resolv.conf": "# sandlot: this sandbox has no outbound network\n",
+            "resolv.conf": network.resolv_conf(spec.network is NetworkMode.OUTBOUND),
         }
         for name, content in files.items():
             path = etc / name
@@ -265,6 +266,7 @@ class LocalEngine:
         """Remove everything of one sandbox, from whatever state it is in."""
         await self.runtime.kill_all(sandbox_id, "KILL")
         await self.runtime.delete(sandbox_id)
+        network.detach_pasta(directory / "pasta.pid")
         await asyncio.to_thread(self._remove_files, sandbox_id, directory)
 
     def _remove_files(self, sandbox_id: str, directory: Path) -> None:

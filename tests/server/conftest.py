@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import itertools
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from support.agent_engine import AgentProcessEngine  # noqa: E402
+from support.postgres import APT_PACKAGE, find_bin_dir, postgres_cluster  # noqa: E402
+from support.server import RunningServer, start_server  # noqa: E402
+
+_db_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    if find_bin_dir() is None:
+        pytest.skip(f"PostgreSQL binaries not found: apt-get install {APT_PACKAGE}")
+    with postgres_cluster() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'sandlot.db'}"
+    import psycopg
+
+    base: str = request.getfixturevalue("postgres_url")
+    name = f"t{next(_db_counter)}"
+    host = base.split("host=", 1)[1]
+    with psycopg.connect(f"host={host} user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return base.replace("/postgres?", f"/{name}?")
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short path for Unix sockets (108-byte limit)."""
+    d = Path(tempfile.mkdtemp(prefix="sl-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def engine(short_dir: Path) -> AgentProcessEngine:
+    return AgentProcessEngine(short_dir / "sandboxes", slow_seconds=30)
+
+
+@pytest.fixture
+def server(engine: AgentProcessEngine, database_url: str, short_dir: Path) -> Iterator[RunningServer]:
+    srv = start_server(engine, database_url, unix_path=short_dir / "run" / "sandlot.sock")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def tcp_server(engine: AgentProcessEngine, database_url: str) -> Iterator[RunningServer]:
+    srv = start_server(engine, database_url, tcp=True)
+    yield srv
+    srv.stop()

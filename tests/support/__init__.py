@@ -1,0 +1,1 @@
+"""Test helpers shared by tests/server and tests/sdk (imported as ``support``)."""

@@ -1,0 +1,89 @@
+"""A real sandlot server (uvicorn) in a background thread, on a Unix socket or 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from sandlot.engines.base import Engine
+from sandlot.server.app import ServerConfig, create_app, unix_public_url
+from sandlot.server.run import bind_unix_socket
+
+
+@dataclass
+class RunningServer:
+    app: Any
+    server: uvicorn.Server
+    thread: threading.Thread
+    engine: Engine
+    unix_path: str | None
+    url: str  # for SANDLOT_URL / api_url
+
+    def client(self, token: str | None = None, project: str | None = None) -> httpx.Client:
+        headers = {}
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        if project:
+            headers["x-sandlot-project"] = project
+        if self.unix_path:
+            return httpx.Client(
+                transport=httpx.HTTPTransport(uds=self.unix_path),
+                base_url="http://sandlot",
+                headers=headers,
+                timeout=60,
+            )
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def start_server(
+    engine: Engine,
+    database_url: str,
+    *,
+    unix_path: Path | None = None,
+    tcp: bool = False,
+    stale_create_after: float = 0.0,
+) -> RunningServer:
+    if tcp:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        port = sock.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        public = url
+    else:
+        assert unix_path is not None
+        sock = bind_unix_socket(str(unix_path))
+        url = f"unix:{unix_path}"
+        public = unix_public_url(str(unix_path))
+    config = ServerConfig(
+        database_url=database_url,
+        engines={"local": engine},
+        default_region="local",
+        auth="token" if tcp else "socket",
+        public_url=public,
+        stale_create_after=stale_create_after,
+    )
+    app = create_app(config)
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("test server did not start")
+        time.sleep(0.01)
+    return RunningServer(app, server, thread, engine, None if tcp else str(unix_path), url)

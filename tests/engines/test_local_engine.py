@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -88,7 +90,8 @@ async def test_fork_bomb_is_contained(make_sandbox: Factory) -> None:
     out = await sb.run("i=0; while [ $i -lt 2000 ]; do sleep 30 & i=$((i+1)); done; "
                        "echo started $i", timeout=20)
     assert out["code"] != 0 or "started 2000" not in out["stdout"]
-    await sb.run("kill -9 -1 2>/dev/null; true")
+    # (not `kill -9 -1`: that would take the agent down with the sleeps)
+    await sb.run("killall -9 sleep; true")
     assert await sb.sh("echo alive") == "alive\n"
 
 
@@ -154,6 +157,8 @@ def _assert_nothing_left(engine: LocalEngine, sandbox_id: str) -> None:
     assert not (engine.sandboxes_dir / sandbox_id).exists()
     assert not mounts_under(engine.sandboxes_dir / sandbox_id)
     assert not [d for d in sandbox_cgroup_dirs(engine.layout, sandbox_id) if d.exists()]
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert sandbox_id not in loops
 
 
 async def test_unknown_image(engine: LocalEngine) -> None:
@@ -247,3 +252,33 @@ async def test_create_delete_cycles_leave_nothing(engine: LocalEngine, cycles: i
         await engine.delete(spec.id)
         _assert_nothing_left(engine, spec.id)
     assert list(engine.sandboxes_dir.iterdir()) == []
+
+
+async def test_disk_quota_on_writable_layer(make_sandbox: Factory) -> None:
+    sb = await make_sandbox(image="busybox", instance_type="nano")  # 1 GiB
+    out = await sb.run("dd if=/dev/zero of=/big bs=1M count=1100 2>&1; echo rc=$?", timeout=60)
+    assert "No space left" in out["stdout"]
+    assert await sb.sh("rm /big && echo ok") == "ok\n"
+
+
+async def test_full_disk_under_state_dir(tmp_path: Path) -> None:
+    from sandlot.engines.local.mounts import unmount
+    from sandlot.images.store import default_store
+
+    state = tmp_path / "small"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(state)], check=True)
+    try:
+        eng = LocalEngine(state, images=default_store())
+        eng.agent_runtime()  # fits; then fill the rest of the disk
+        filler = state / "filler"
+        with open(filler, "wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * (1 << 20))
+        spec = _spec()
+        with pytest.raises(EngineError, match="cannot create"):
+            await eng.create(spec)
+        _assert_nothing_left(eng, spec.id)
+        filler.unlink()
+    finally:
+        unmount(state)

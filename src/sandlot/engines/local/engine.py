@@ -4,7 +4,8 @@ One sandbox on disk (``<state>/sandboxes/<id>/``)::
 
     meta.json        what the sandbox was created from; ``"ready": true`` once create succeeded
     lower/           the image rootfs, id-mapped read-only into the sandbox's uid range
-    upper/ work/     the sandbox's own writable overlay layer
+    disk.img         sparse ext4 image sized by the instance type (the sandbox's disk quota),
+    layer/           ... mounted here, holding upper/ and work/ (the writable overlay layer)
     bundle/          OCI bundle: config.json and rootfs/ (the overlay mount)
     etc/             hostname, hosts, resolv.conf bind-mounted into the sandbox
     run/             bind-mounted at /.sandlot/run: the agent's socket and secret
@@ -188,8 +189,10 @@ class LocalEngine:
                     await network.attach_pasta(int(state["pid"]), directory / "pasta.pid")
                 meta["ready"] = True
                 self._write_meta(directory, meta)
-            except BaseException:
+            except BaseException as exc:
                 await asyncio.shield(self._destroy(spec.id, directory))
+                if isinstance(exc, OSError):  # e.g. ENOSPC under the state directory
+                    raise EngineError(f"cannot create sandbox {spec.id}: {exc}") from exc
                 raise
         return await self.inspect(spec.id)
 
@@ -198,12 +201,19 @@ class LocalEngine:
         runtime_dir: Path,
     ) -> None:
         base = idmap.ID_BASE + meta["slot"] * idmap.ID_RANGE
-        lower, upper, work = directory / "lower", directory / "upper", directory / "work"
+        lower, layer = directory / "lower", directory / "layer"
         bundle, rootfs = directory / "bundle", directory / "bundle" / "rootfs"
         etc, run = directory / "etc", directory / "run"
-        for d in (lower, upper, work, bundle, rootfs, etc, run):
+        for d in (lower, layer, bundle, rootfs, etc, run):
             d.mkdir()
-        for d in (upper, work, run, etc):
+        for d in (run, etc):
+            os.chown(d, base, base)
+        # The writable layer lives in its own filesystem image: that is the disk quota.
+        mounts.mount_disk_image(directory / "disk.img", layer,
+                                size_mb=spec.instance_type.disk_mb, owner=base)
+        upper, work = layer / "upper", layer / "work"
+        for d in (upper, work):
+            d.mkdir()
             os.chown(d, base, base)
 
         ns_fd = idmap.userns_fd(base)

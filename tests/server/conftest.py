@@ -11,9 +11,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from support.agent_engine import AgentProcessEngine  # noqa: E402
-from support.postgres import APT_PACKAGE, find_bin_dir, postgres_cluster  # noqa: E402
-from support.server import RunningServer, start_server  # noqa: E402
+from support.agent_engine import AgentProcessEngine
+from support.postgres import APT_PACKAGE, find_bin_dir, postgres_cluster
+from support.server import RunningServer, start_server
 
 _db_counter = itertools.count()
 
@@ -54,7 +54,9 @@ def engine(short_dir: Path) -> AgentProcessEngine:
 
 
 @pytest.fixture
-def server(engine: AgentProcessEngine, database_url: str, short_dir: Path) -> Iterator[RunningServer]:
+def server(
+    engine: AgentProcessEngine, database_url: str, short_dir: Path
+) -> Iterator[RunningServer]:
     srv = start_server(engine, database_url, unix_path=short_dir / "run" / "sandlot.sock")
     yield srv
     srv.stop()

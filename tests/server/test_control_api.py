@@ -31,8 +31,18 @@ def test_create_get_list_delete(server: RunningServer, engine: AgentProcessEngin
         r = create(c, name="first", labels={"team": "a"}, env={"FOO": "bar"})
         assert r.status_code == 201, r.text
         sb = r.json()
-        for key in ("id", "name", "status", "image", "instance_type", "region", "created_at",
-                    "labels", "sandbox_url", "secret"):
+        for key in (
+            "id",
+            "name",
+            "status",
+            "image",
+            "instance_type",
+            "region",
+            "created_at",
+            "labels",
+            "sandbox_url",
+            "secret",
+        ):
             assert key in sb
         assert sb["status"] == "running"
         assert sb["image"] == "default"
@@ -123,15 +133,17 @@ def test_ports_not_supported_yet(server: RunningServer) -> None:
 def test_update_lifecycle(server: RunningServer) -> None:
     with server.client() as c:
         sid = create(c, delete_after_delay=60).json()["id"]
-        r = c.patch(f"/v1/sandboxes/{sid}", json={"delete_after_inactivity_delay": 30,
-                                                   "idle_timeout": 0})
+        r = c.patch(
+            f"/v1/sandboxes/{sid}", json={"delete_after_inactivity_delay": 30, "idle_timeout": 0}
+        )
         assert r.status_code == 200, r.text
         sb = r.json()
         assert sb["delete_after_delay"] == 60
         assert sb["delete_after_inactivity_delay"] == 30
         assert sb["idle_timeout"] == 0
-        sb = c.patch(f"/v1/sandboxes/{sid}", json={"delete_after_delay": None,
-                                                    "enable_light_sleep": True}).json()
+        sb = c.patch(
+            f"/v1/sandboxes/{sid}", json={"delete_after_delay": None, "enable_light_sleep": True}
+        ).json()
         assert sb["delete_after_delay"] is None and sb["enable_light_sleep"] is True
         assert c.patch(f"/v1/sandboxes/{sid}", json={"idle_timeout": -1}).status_code == 400
         assert c.patch(f"/v1/sandboxes/{sid}", json={"idle_timeout": None}).status_code == 400

@@ -14,6 +14,7 @@ Images with special names make it misbehave on purpose:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -76,16 +77,16 @@ class AgentProcessEngine:
         self.procs[spec.id] = proc
         if spec.image == "slow":
             await asyncio.sleep(self.slow_seconds)
-        return SandboxInfo(spec.id, SandboxState.RUNNING, AgentAddress(unix_path=str(sock)), proc.pid)
+        return SandboxInfo(
+            spec.id, SandboxState.RUNNING, AgentAddress(unix_path=str(sock)), proc.pid
+        )
 
     async def delete(self, sandbox_id: str) -> None:
         self.deleted.append(sandbox_id)
         proc = self.procs.pop(sandbox_id, None)
         if proc is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             await asyncio.to_thread(proc.wait)
         shutil.rmtree(self._dir(sandbox_id), ignore_errors=True)
 

@@ -58,15 +58,40 @@ def postgres_cluster() -> Iterator[str]:
 
     def run(args: list[str]) -> None:
         cmd, _ = _as_user(args)
-        subprocess.run(cmd, check=True, env=env, cwd=tmp, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT)
+        subprocess.run(
+            cmd, check=True, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
 
     try:
-        run([str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-             "-E", "UTF8", "--no-sync"])
+        run(
+            [
+                str(bin_dir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]
+        )
         opts = f"-c listen_addresses='' -c unix_socket_directories={sock} -c fsync=off"
-        run([str(bin_dir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(tmp / "log"),
-             "-w", "-t", "60", "start"])
+        run(
+            [
+                str(bin_dir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-o",
+                opts,
+                "-l",
+                str(tmp / "log"),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ]
+        )
         try:
             yield f"postgresql+psycopg://postgres@/postgres?host={sock}"
         finally:

@@ -128,7 +128,10 @@ def _raw_request(agent: Agent, path: str, body: bytes) -> socket.socket:
 
 def test_streaming_client_disconnect_kills_group(agent: Agent, tmp_path: Path) -> None:
     marker = tmp_path / "pids"
-    cmd = f"sleep 60 & echo $! > {marker}; echo $$ >> {marker}; while :; do echo tick; sleep 0.05; done"
+    cmd = (
+        f"sleep 60 & echo $! > {marker}; echo $$ >> {marker}; "
+        "while :; do echo tick; sleep 0.05; done"
+    )
     s = _raw_request(agent, "/run_streaming", f'{{"cmd": "{cmd}"}}'.encode())
     assert b"tick" in s.recv(65536) or b"tick" in s.recv(65536)
     s.close()

@@ -542,8 +542,9 @@ class App:
 
     def wait_process(self, req: Request) -> Reply:
         body = self.body(req)
-        proc = self._get_process(_process_id(body.get("id")))
+        process_id = _process_id(body.get("id"))
         timeout = _opt_number(body, "timeout", maximum=86400)
+        proc = self._get_process(process_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         while not proc.done.is_set():
             step = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())

@@ -548,10 +548,20 @@ def _bind_unix(path: str) -> socket.socket:
             raise ValueError(f"another process is already listening on {path}")
         finally:
             probe.close()
+    # Bind and listen under a temporary name, then rename into place: whoever sees the socket
+    # file can connect to it at once (no window between bind() and listen()).
+    tmp = f"{path}.{os.getpid()}.tmp"
+    if len(os.fsencode(tmp)) > 107:  # sun_path limit: no room for a temporary name
+        tmp = path
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
-        sock.bind(path)
+        sock.bind(tmp)
     finally:
         os.umask(old_umask)
+    sock.listen(256)
+    if tmp != path:
+        os.rename(tmp, path)
     return sock

@@ -118,7 +118,14 @@ def start_agent(
             err = proc.stderr.read().decode() if proc.stderr else ""
             raise RuntimeError(f"agent exited with {proc.returncode}: {err}")
         if listen is None and os.path.exists(sock):
-            return agent
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(sock)
+                return agent
+            except OSError:
+                pass  # a stale socket the agent has not replaced yet
+            finally:
+                probe.close()
         if listen is not None:
             host, _, port = listen[4:].rpartition(":")
             try:

@@ -186,9 +186,9 @@ def test_agent_runs_without_site_packages(tmp_path: Path) -> None:
     """-S -I: no site-packages, no user paths -- the agent's runtime in a sandbox."""
     sock = tmp_path / "agent.sock"
     code = (
-        "import sys; sys.path.insert(0, %r); sys.argv = ['sandlot.agent', '--listen', %r];"
+        "import sys; sys.path.insert(0, {!r}); sys.argv = ['sandlot.agent', '--listen', {!r}];"
         "import runpy; runpy.run_module('sandlot.agent', run_name='__main__')"
-    ) % (SRC, f"unix:{sock}")
+    ).format(SRC, f"unix:{sock}")
     proc = subprocess.Popen(
         [sys.executable, "-S", "-I", "-c", code],
         env={"SANDBOX_SECRET": "x", "PATH": "/usr/bin:/bin"},

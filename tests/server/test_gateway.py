@@ -88,7 +88,8 @@ def test_client_disconnect_kills_streamed_command(server: RunningServer) -> None
             headers=auth,
             json={"cmd": f"echo started; sleep {marker}"},
         ) as r:
-            for line in r.iter_lines():
+            lines = r.iter_lines()  # kept referenced: a collected iterator closes the response
+            for line in lines:
                 if "started" in line:
                     break
             deadline = time.monotonic() + 5

@@ -447,6 +447,33 @@ class AsyncSandbox:
             client, self._conn, method, self._agent_path(route), what, headers=headers, **kwargs
         )
 
+    async def _agent_raw(
+        self,
+        method: str,
+        route: str,
+        what: str,
+        *,
+        params: dict[str, str],
+        content: bytes | None = None,
+    ) -> httpx.Response:
+        headers = self._agent_headers()
+        if content is not None:
+            headers["content-type"] = "application/octet-stream"
+        client = await self._http()
+        try:
+            response = await client.request(
+                method,
+                self._agent_path(route),
+                params=params,
+                content=content,
+                headers=headers,
+                timeout=httpx.Timeout(600.0, connect=10.0),
+            )
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self._conn, what) from exc
+        raise_for_status(response, what)
+        return response
+
     # -- commands ---------------------------------------------------------------------------------
 
     async def exec(
@@ -732,9 +759,6 @@ class AsyncFilesystem:
             raise SandboxRequestError(f"{what}: {data['error']}", 400, data)
         return data
 
-    async def _sh(self, script: str, what: str) -> CommandResult:
-        return await self._sandbox.exec(script, timeout=DEFAULT_EXEC_TIMEOUT)
-
     async def mkdir(self, path: str, recursive: bool = False) -> None:
         await self._call("/make_dir", f"mkdir {path}", {"path": path, "recursive": recursive})
 
@@ -746,20 +770,19 @@ class AsyncFilesystem:
         await self._call("/delete_dir", f"delete directory {path}", {"path": path})
 
     async def write_file(self, path: str, content: str | bytes) -> None:
-        """Create or replace a file with ``content`` (text is written as UTF-8; bytes as is)."""
+        """Create or replace a file with ``content`` (text is written as UTF-8, bytes as they
+        are). The write is atomic; parent directories must exist."""
         if isinstance(content, str):
-            body = {"path": path, "content": content}
+            data = content.encode("utf-8")
         elif isinstance(content, (bytes, bytearray, memoryview)):
-            body = {
-                "path": path,
-                "content": base64.b64encode(bytes(content)).decode("ascii"),
-                "encoding": "base64",
-            }
+            data = bytes(content)
         else:
             raise SandboxRequestError(
                 f"content must be str or bytes, not {type(content).__name__}", 400
             )
-        await self._call("/write_file", f"write {path}", body)
+        await self._sandbox._agent_raw(
+            "PUT", "/files", f"write {path}", params={"path": path}, content=data
+        )
 
     async def write_files(
         self, files: Iterable[Mapping[str, Any]] | Mapping[str, str | bytes]
@@ -774,54 +797,58 @@ class AsyncFilesystem:
             await self.write_file(path, content)
 
     async def read_file(self, path: str, encoding: str = "utf-8") -> FileContent:
-        """``{content, encoding}``: text for ``encoding="utf-8"`` (the default), base64 text
-        for ``encoding="base64"`` (use ``.bytes`` for the raw bytes either way)."""
+        """``{content, encoding}``: text for ``encoding="utf-8"`` (the default; bytes that are
+        not UTF-8 become U+FFFD), base64 text for ``encoding="base64"``. ``.bytes`` gives the
+        exact bytes either way -- or use :meth:`read_bytes`."""
         if encoding not in ("utf-8", "base64"):
             raise SandboxRequestError("encoding must be 'utf-8' or 'base64'", 400)
-        data = await self._call("/read_file", f"read {path}", {"path": path, "encoding": "base64"})
-        raw = (
-            base64.b64decode(data.get("content", ""))
-            if data.get("encoding") == "base64"
-            else (str(data.get("content", "")).encode("utf-8"))
-        )
+        raw = await self.read_bytes(path)
         if encoding == "base64":
             return FileContent(base64.b64encode(raw).decode("ascii"), "base64")
         return FileContent(raw.decode("utf-8", "replace"), "utf-8")
 
     async def read_bytes(self, path: str) -> bytes:
-        return (await self.read_file(path, encoding="base64")).bytes
+        """A file's exact bytes."""
+        response = await self._sandbox._agent_raw(
+            "GET", "/files", f"read {path}", params={"path": path}
+        )
+        return response.content
 
     async def rename_file(self, old_path: str, new_path: str) -> None:
-        result = await self._sh(
-            f"mv -- {shlex.quote(old_path)} {shlex.quote(new_path)}", f"rename {old_path}"
-        )
+        """Rename (``mv``) a file or directory."""
+        result = await self._sandbox.exec(f"mv -- {shlex.quote(old_path)} {shlex.quote(new_path)}")
         if result.exit_code != 0:
             raise SandboxRequestError(
                 f"rename {old_path} -> {new_path}: {result.stderr.strip()}", 400, result.stderr
             )
 
     async def rm(self, path: str, recursive: bool = False) -> None:
-        flags = "-rf" if recursive else "-f"
-        if not recursive and await self.is_dir(path):
-            raise SandboxRequestError(f"rm {path}: is a directory (use recursive=True)", 400)
-        if not await self.exists(path):
-            raise SandboxRequestError(f"rm {path}: No such file or directory", 404)
-        result = await self._sh(f"rm {flags} -- {shlex.quote(path)}", f"rm {path}")
-        if result.exit_code != 0:
-            raise SandboxRequestError(f"rm {path}: {result.stderr.strip()}", 400, result.stderr)
+        """Remove a file, or a directory tree with ``recursive=True``."""
+        info = await self.stat(path)
+        if not info.get("exists"):
+            raise SandboxRequestError(f"rm {path}: No such file or directory", 404, info)
+        if info.get("type") == "directory":
+            if not recursive:
+                raise SandboxRequestError(
+                    f"rm {path}: is a directory (pass recursive=True)", 400, info
+                )
+            await self.delete_dir(path)
+        else:
+            await self._call("/delete_file", f"rm {path}", {"path": path})
 
-    async def _test(self, flag: str, path: str) -> bool:
-        result = await self._sh(f"test {flag} {shlex.quote(path)}", f"test {path}")
-        return result.exit_code == 0
+    async def stat(self, path: str) -> dict[str, Any]:
+        """``{exists, type, size, mode, mtime, uid, gid}`` of a path (symlinks followed)."""
+        data = await self._call("/stat", f"stat {path}", {"path": path})
+        return dict(data)
 
     async def exists(self, path: str) -> bool:
-        return await self._test("-e", path)
+        return bool((await self.stat(path)).get("exists"))
 
     async def is_file(self, path: str) -> bool:
-        return await self._test("-f", path)
+        return (await self.stat(path)).get("type") == "file"
 
     async def is_dir(self, path: str) -> bool:
-        return await self._test("-d", path)
+        return (await self.stat(path)).get("type") == "directory"
 
     async def upload_file(self, local_path: str | os.PathLike[str], remote_path: str) -> None:
         """Copy a local file into the sandbox (binary-safe)."""

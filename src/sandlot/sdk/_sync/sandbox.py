@@ -446,6 +446,33 @@ class Sandbox:
             client, self._conn, method, self._agent_path(route), what, headers=headers, **kwargs
         )
 
+    def _agent_raw(
+        self,
+        method: str,
+        route: str,
+        what: str,
+        *,
+        params: dict[str, str],
+        content: bytes | None = None,
+    ) -> httpx.Response:
+        headers = self._agent_headers()
+        if content is not None:
+            headers["content-type"] = "application/octet-stream"
+        client = self._http()
+        try:
+            response = client.request(
+                method,
+                self._agent_path(route),
+                params=params,
+                content=content,
+                headers=headers,
+                timeout=httpx.Timeout(600.0, connect=10.0),
+            )
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self._conn, what) from exc
+        raise_for_status(response, what)
+        return response
+
     # -- commands ---------------------------------------------------------------------------------
 
     def exec(
@@ -731,9 +758,6 @@ class Filesystem:
             raise SandboxRequestError(f"{what}: {data['error']}", 400, data)
         return data
 
-    def _sh(self, script: str, what: str) -> CommandResult:
-        return self._sandbox.exec(script, timeout=DEFAULT_EXEC_TIMEOUT)
-
     def mkdir(self, path: str, recursive: bool = False) -> None:
         self._call("/make_dir", f"mkdir {path}", {"path": path, "recursive": recursive})
 
@@ -745,20 +769,19 @@ class Filesystem:
         self._call("/delete_dir", f"delete directory {path}", {"path": path})
 
     def write_file(self, path: str, content: str | bytes) -> None:
-        """Create or replace a file with ``content`` (text is written as UTF-8; bytes as is)."""
+        """Create or replace a file with ``content`` (text is written as UTF-8, bytes as they
+        are). The write is atomic; parent directories must exist."""
         if isinstance(content, str):
-            body = {"path": path, "content": content}
+            data = content.encode("utf-8")
         elif isinstance(content, (bytes, bytearray, memoryview)):
-            body = {
-                "path": path,
-                "content": base64.b64encode(bytes(content)).decode("ascii"),
-                "encoding": "base64",
-            }
+            data = bytes(content)
         else:
             raise SandboxRequestError(
                 f"content must be str or bytes, not {type(content).__name__}", 400
             )
-        self._call("/write_file", f"write {path}", body)
+        self._sandbox._agent_raw(
+            "PUT", "/files", f"write {path}", params={"path": path}, content=data
+        )
 
     def write_files(self, files: Iterable[Mapping[str, Any]] | Mapping[str, str | bytes]) -> None:
         """Write several files: ``[{"path": ..., "content": ...}, ...]`` or ``{path: content}``."""
@@ -771,54 +794,56 @@ class Filesystem:
             self.write_file(path, content)
 
     def read_file(self, path: str, encoding: str = "utf-8") -> FileContent:
-        """``{content, encoding}``: text for ``encoding="utf-8"`` (the default), base64 text
-        for ``encoding="base64"`` (use ``.bytes`` for the raw bytes either way)."""
+        """``{content, encoding}``: text for ``encoding="utf-8"`` (the default; bytes that are
+        not UTF-8 become U+FFFD), base64 text for ``encoding="base64"``. ``.bytes`` gives the
+        exact bytes either way -- or use :meth:`read_bytes`."""
         if encoding not in ("utf-8", "base64"):
             raise SandboxRequestError("encoding must be 'utf-8' or 'base64'", 400)
-        data = self._call("/read_file", f"read {path}", {"path": path, "encoding": "base64"})
-        raw = (
-            base64.b64decode(data.get("content", ""))
-            if data.get("encoding") == "base64"
-            else (str(data.get("content", "")).encode("utf-8"))
-        )
+        raw = self.read_bytes(path)
         if encoding == "base64":
             return FileContent(base64.b64encode(raw).decode("ascii"), "base64")
         return FileContent(raw.decode("utf-8", "replace"), "utf-8")
 
     def read_bytes(self, path: str) -> bytes:
-        return (self.read_file(path, encoding="base64")).bytes
+        """A file's exact bytes."""
+        response = self._sandbox._agent_raw("GET", "/files", f"read {path}", params={"path": path})
+        return response.content
 
     def rename_file(self, old_path: str, new_path: str) -> None:
-        result = self._sh(
-            f"mv -- {shlex.quote(old_path)} {shlex.quote(new_path)}", f"rename {old_path}"
-        )
+        """Rename (``mv``) a file or directory."""
+        result = self._sandbox.exec(f"mv -- {shlex.quote(old_path)} {shlex.quote(new_path)}")
         if result.exit_code != 0:
             raise SandboxRequestError(
                 f"rename {old_path} -> {new_path}: {result.stderr.strip()}", 400, result.stderr
             )
 
     def rm(self, path: str, recursive: bool = False) -> None:
-        flags = "-rf" if recursive else "-f"
-        if not recursive and self.is_dir(path):
-            raise SandboxRequestError(f"rm {path}: is a directory (use recursive=True)", 400)
-        if not self.exists(path):
-            raise SandboxRequestError(f"rm {path}: No such file or directory", 404)
-        result = self._sh(f"rm {flags} -- {shlex.quote(path)}", f"rm {path}")
-        if result.exit_code != 0:
-            raise SandboxRequestError(f"rm {path}: {result.stderr.strip()}", 400, result.stderr)
+        """Remove a file, or a directory tree with ``recursive=True``."""
+        info = self.stat(path)
+        if not info.get("exists"):
+            raise SandboxRequestError(f"rm {path}: No such file or directory", 404, info)
+        if info.get("type") == "directory":
+            if not recursive:
+                raise SandboxRequestError(
+                    f"rm {path}: is a directory (pass recursive=True)", 400, info
+                )
+            self.delete_dir(path)
+        else:
+            self._call("/delete_file", f"rm {path}", {"path": path})
 
-    def _test(self, flag: str, path: str) -> bool:
-        result = self._sh(f"test {flag} {shlex.quote(path)}", f"test {path}")
-        return result.exit_code == 0
+    def stat(self, path: str) -> dict[str, Any]:
+        """``{exists, type, size, mode, mtime, uid, gid}`` of a path (symlinks followed)."""
+        data = self._call("/stat", f"stat {path}", {"path": path})
+        return dict(data)
 
     def exists(self, path: str) -> bool:
-        return self._test("-e", path)
+        return bool((self.stat(path)).get("exists"))
 
     def is_file(self, path: str) -> bool:
-        return self._test("-f", path)
+        return (self.stat(path)).get("type") == "file"
 
     def is_dir(self, path: str) -> bool:
-        return self._test("-d", path)
+        return (self.stat(path)).get("type") == "directory"
 
     def upload_file(self, local_path: str | os.PathLike[str], remote_path: str) -> None:
         """Copy a local file into the sandbox (binary-safe)."""

@@ -180,13 +180,12 @@ class LocalEngine:
                 await asyncio.to_thread(self._prepare, directory, spec, image, meta, runtime_dir)
                 if spec.id in self._deleting:
                     raise SandboxNotFound(f"sandbox {spec.id} was deleted while being created")
-                await self.runtime.run_detached(spec.id, directory / "bundle",
-                                                directory / "agent.log")
+                pid = await self.runtime.run_detached(
+                    spec.id, directory / "bundle", directory / "agent.log",
+                    directory / "init.pid",
+                )
                 if spec.network is NetworkMode.OUTBOUND:
-                    state = await self.runtime.state(spec.id)
-                    if not state or not state.get("pid"):
-                        raise EngineError(f"sandbox {spec.id} stopped right after it started")
-                    await network.attach_pasta(int(state["pid"]), directory / "pasta.pid")
+                    await network.attach_pasta(pid, directory / "pasta.pid")
                 meta["ready"] = True
                 self._write_meta(directory, meta)
             except BaseException as exc:
@@ -194,7 +193,7 @@ class LocalEngine:
                 if isinstance(exc, OSError):  # e.g. ENOSPC under the state directory
                     raise EngineError(f"cannot create sandbox {spec.id}: {exc}") from exc
                 raise
-        return await self.inspect(spec.id)
+        return SandboxInfo(spec.id, SandboxState.RUNNING, self._address(directory), pid=pid)
 
     def _prepare(
         self, directory: Path, spec: SandboxSpec, image: Image, meta: dict[str, Any],

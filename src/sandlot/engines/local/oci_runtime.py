@@ -69,17 +69,22 @@ class OciRuntime:
             raise OciRuntimeError(f"{self.name} {args[0]} failed: {text_err or text_out}")
         return rc, text_out, text_err
 
-    async def run_detached(self, sandbox_id: str, bundle: Path, log_path: Path) -> None:
+    async def run_detached(
+        self, sandbox_id: str, bundle: Path, log_path: Path, pid_file: Path
+    ) -> int:
+        """Start the sandbox and return the host pid of its init process."""
         # The container's stdout/stderr go to a file: a pipe would keep crun waiting on it.
         with open(log_path, "ab") as log:
             proc = await asyncio.create_subprocess_exec(
-                *self.argv("run", "--detach", "--bundle", str(bundle), sandbox_id),
+                *self.argv("run", "--detach", "--pid-file", str(pid_file), "--bundle",
+                           str(bundle), sandbox_id),
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
             )
             rc = await proc.wait()
         if rc != 0:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
             raise OciRuntimeError(f"{self.name} could not start the sandbox: " + " | ".join(tail))
+        return int(pid_file.read_text().strip())
 
     async def state(self, sandbox_id: str) -> dict[str, Any] | None:
         rc, out, _ = await self._call("state", sandbox_id, check=False)

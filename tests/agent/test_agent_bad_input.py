@@ -3,6 +3,7 @@ stays up, without zombies or leaked descriptors."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -237,3 +238,13 @@ def test_agent_stays_clean_after_abuse(agent: Agent, client: httpx.Client) -> No
     assert agent.fd_count() <= base_fds + 1
     assert agent.zombies() == []
     assert agent.proc.poll() is None
+
+
+def test_reading_a_fifo_does_not_block(client: httpx.Client, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for r in (
+        client.post("/read_file", json={"path": str(fifo)}),
+        client.get("/files", params={"path": str(fifo)}),
+    ):
+        assert r.status_code == 400 and "Not a regular file" in r.json()["error"]

@@ -126,15 +126,23 @@ def atomic_write(
 
 
 def open_for_read(path: str) -> tuple[int, int]:
-    """Open a regular file; returns ``(fd, size)``. Directories and missing files are errors."""
+    """Open a file to read; returns ``(fd, size)``.
+
+    Directories, FIFOs and sockets are refused (a FIFO would block the handler forever);
+    ``O_NONBLOCK`` keeps even the ``open`` of a FIFO from blocking.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise os_error(exc, path) from None
     st = os.fstat(fd)
     if stat.S_ISDIR(st.st_mode):
         os.close(fd)
         raise HTTPError(400, f"Is a directory: {path}")
+    if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+        os.close(fd)
+        raise HTTPError(400, f"Not a regular file: {path}")
+    os.set_blocking(fd, True)
     return fd, st.st_size
 
 

@@ -1,4 +1,5 @@
-"""``sandlot``: the command line. (Minimal for now: the ``server`` command.)"""
+"""``sandlot``: the command line. ``server`` runs the control server; the user commands
+(create, ls, exec, run, cp, rm, token, image) live in :mod:`sandlot.cli.commands`."""
 
 from __future__ import annotations
 
@@ -47,3 +48,13 @@ def server(
         serve(listen, database=database, engine=engine, public_url=public_url, log_level=log_level)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _register() -> None:
+    from sandlot.cli.commands import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_register()

@@ -1,0 +1,311 @@
+"""The user-facing CLI commands: sandboxes, files, tokens and images.
+
+Every command goes through the SDK (so the CLI exercises exactly what users call), talks to
+``SANDLOT_URL`` or the local server (started on demand), and prints either a human table or, with
+``--json``, one JSON document a script can parse. Errors become a one-line message and exit 1;
+``exec`` and ``run`` exit with the command's own code.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shlex
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from sandlot.sdk import Sandbox
+from sandlot.sdk._common import ExitEvent, StderrEvent, StdoutEvent
+from sandlot.sdk.errors import SandboxError
+
+F = TypeVar("F", bound=Callable[..., Any])
+err_console = Console(stderr=True)
+
+
+def sdk_errors(fn: F) -> F:
+    """Turn SDK errors into a clean message and exit code 1 (no traceback for user errors)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (SandboxError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_pairs(values: Iterable[str], what: str) -> dict[str, str]:
+    out = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {value!r}", param_hint=what)
+        out[key] = val
+    return out
+
+
+def command_string(argv: tuple[str, ...]) -> str:
+    """One argument is taken as a shell command line; several are quoted and joined."""
+    if not argv:
+        raise click.UsageError("missing command (put it after --)")
+    return argv[0] if len(argv) == 1 else shlex.join(argv)
+
+
+def summary(sb: Sandbox) -> dict[str, Any]:
+    return {k: v for k, v in sb.info.items() if k != "secret"}
+
+
+def stream_command(sb: Sandbox, cmd: str, cwd: str | None, env: dict[str, str]) -> int:
+    """Run ``cmd``, copying its output to ours as it comes; return its exit code."""
+    code = 1
+    with sb.exec_stream(cmd, cwd=cwd, env=env or None, timeout=None) as stream:
+        for event in stream:
+            if isinstance(event, StdoutEvent):
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            elif isinstance(event, StderrEvent):
+                sys.stderr.write(event.text)
+                sys.stderr.flush()
+            elif isinstance(event, ExitEvent):
+                code = event.code
+    return code
+
+
+create_options = [
+    click.option("--image", default=None, help="Image (default: the default image)."),
+    click.option("--name", default=None, help="Name shown in listings."),
+    click.option("--instance-type", default="micro", show_default=True,
+                 help="nano, micro, small, medium, large or xlarge."),
+    click.option("--env", "env", multiple=True, metavar="KEY=VALUE",
+                 help="Environment variable (repeatable)."),
+    click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+                 help="Label (repeatable)."),
+]
+
+
+def with_create_options(fn: F) -> F:
+    for option in reversed(create_options):
+        fn = option(fn)
+    return fn
+
+
+@click.command()
+@with_create_options
+@click.option("--json", "as_json", is_flag=True, help="Print the sandbox as JSON.")
+@sdk_errors
+def create(image: str | None, name: str | None, instance_type: str, env: tuple[str, ...],
+           labels: tuple[str, ...], as_json: bool) -> None:
+    """Create a sandbox and print its id."""
+    sb = Sandbox.create(image=image, name=name, instance_type=instance_type,
+                        env=parse_pairs(env, "--env"), labels=parse_pairs(labels, "--label"))
+    info = summary(sb)
+    sb.close()  # the sandbox keeps running: only the handle goes
+    click.echo(json.dumps(info) if as_json else info["id"])
+
+
+@click.command(name="ls")
+@click.option("--name", default=None, help="Only sandboxes with this name.")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Filter by label.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@sdk_errors
+def list_sandboxes(name: str | None, labels: tuple[str, ...], as_json: bool) -> None:
+    """List sandboxes."""
+    items = [summary(sb) for sb in Sandbox.list(name=name, labels=parse_pairs(labels, "--label"))]
+    if as_json:
+        click.echo(json.dumps(items))
+        return
+    table = Table("NAME", "STATUS", "IMAGE", "TYPE", "CREATED", box=None)
+    table.add_column("ID", no_wrap=True, min_width=24)  # ids are what scripts copy: never cut
+    for it in items:
+        table.add_row(it.get("name") or "", it.get("status", ""), it.get("image", ""),
+                      it.get("instance_type", ""), str(it.get("created_at", ""))[:19], it["id"])
+    Console().print(table)
+
+
+@click.command(name="exec", context_settings={"ignore_unknown_options": True})
+@click.argument("sandbox_id")
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
+@click.option("--cwd", default=None, help="Working directory in the sandbox.")
+@click.option("--env", "env", multiple=True, metavar="KEY=VALUE")
+@sdk_errors
+def exec_command(sandbox_id: str, argv: tuple[str, ...], cwd: str | None,
+                 env: tuple[str, ...]) -> None:
+    """Run a command in a sandbox, streaming its output; exit with its code.
+
+    sandlot exec ID -- python3 -c 'print(1)'"""
+    cmd = command_string(argv)
+    sb = Sandbox.get_from_id(sandbox_id)
+    try:
+        code = stream_command(sb, cmd, cwd, parse_pairs(env, "--env"))
+    finally:
+        sb.close()
+    sys.exit(code)
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@with_create_options
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
+@click.option("--cwd", default=None, help="Working directory in the sandbox.")
+@sdk_errors
+def run(image: str | None, name: str | None, instance_type: str, env: tuple[str, ...],
+        labels: tuple[str, ...], argv: tuple[str, ...], cwd: str | None) -> None:
+    """Create a sandbox, run one command in it, delete it; exit with the command's code.
+
+    sandlot run -- python3 -c 'print(6*7)'"""
+    cmd = command_string(argv)
+    with Sandbox.create(image=image, name=name, instance_type=instance_type,
+                        env=parse_pairs(env, "--env"),
+                        labels=parse_pairs(labels, "--label")) as sb:
+        code = stream_command(sb, cmd, cwd, {})
+    sys.exit(code)
+
+
+def _split_remote(arg: str) -> tuple[str, str] | None:
+    """``ID:/path`` -> (ID, /path); a local path -> None."""
+    head, sep, tail = arg.partition(":")
+    if sep and head and "/" not in head and tail:
+        return head, tail
+    return None
+
+
+@click.command()
+@click.argument("source")
+@click.argument("dest")
+@sdk_errors
+def cp(source: str, dest: str) -> None:
+    """Copy a file into or out of a sandbox (binary-safe).
+
+    sandlot cp ./data.bin ID:/root/data.bin    |    sandlot cp ID:/root/out.txt ./out.txt"""
+    src_remote, dst_remote = _split_remote(source), _split_remote(dest)
+    if (src_remote is None) == (dst_remote is None):
+        raise click.UsageError("exactly one of SOURCE and DEST must be ID:PATH")
+    sandbox_id, remote_path = src_remote or dst_remote  # type: ignore[misc]
+    sb = Sandbox.get_from_id(sandbox_id)
+    try:
+        if dst_remote is not None:
+            sb.filesystem.upload_file(source, remote_path)
+        else:
+            sb.filesystem.download_file(dest, remote_path)
+    finally:
+        sb.close()
+
+
+@click.command()
+@click.argument("sandbox_ids", nargs=-1, required=True)
+@sdk_errors
+def rm(sandbox_ids: tuple[str, ...]) -> None:
+    """Delete sandboxes."""
+    for sandbox_id in sandbox_ids:
+        sb = Sandbox.get_from_id(sandbox_id)
+        sb.delete()
+        click.echo(sandbox_id)
+
+
+# -- tokens -------------------------------------------------------------------------------------
+
+
+def _admin(method: str, path: str, what: str, **kwargs: Any) -> Any:
+    from sandlot.sdk._common import resolve_connection
+    from sandlot.sdk._sync.sandbox import _open_client, _request
+
+    conn = resolve_connection(None, None)
+    with _open_client(conn) as client:
+        return _request(client, conn, method, path, what, **kwargs)
+
+
+@click.group()
+def token() -> None:
+    """Manage API tokens (on the local server's Unix socket only)."""
+
+
+@token.command(name="create")
+@click.option("--project", default="default", show_default=True,
+              help="The project the token can see and act on.")
+@click.option("--name", default=None, help="A note to recognise the token by.")
+@click.option("--json", "as_json", is_flag=True)
+@sdk_errors
+def token_create(project: str, name: str | None, as_json: bool) -> None:
+    """Create a token; it is shown once."""
+    body = {"project": project, "name": name or ""}
+    data = _admin("POST", "/v1/tokens", "create token", json=body)
+    if as_json:
+        click.echo(json.dumps(data))
+    else:
+        click.echo(data["token"])
+        err_console.print(f"token {data['id']} for project {data['project']!r} "
+                          "(shown once: store it now)")
+
+
+@token.command(name="ls")
+@click.option("--project", default=None)
+@click.option("--json", "as_json", is_flag=True)
+@sdk_errors
+def token_list(project: str | None, as_json: bool) -> None:
+    """List tokens (never their values)."""
+    params = {"project": project} if project else {}
+    data = _admin("GET", "/v1/tokens", "list tokens", params=params)
+    items = data["tokens"]
+    if as_json:
+        click.echo(json.dumps(items))
+        return
+    table = Table("ID", "PROJECT", "NAME", "CREATED", "REVOKED", box=None)
+    for it in items:
+        table.add_row(it["id"], it["project"], it.get("name") or "",
+                      str(it.get("created_at", ""))[:19], str(it.get("revoked_at") or ""))
+    Console().print(table)
+
+
+@token.command(name="revoke")
+@click.argument("token_id")
+@sdk_errors
+def token_revoke(token_id: str) -> None:
+    """Revoke a token."""
+    _admin("DELETE", f"/v1/tokens/{token_id}", "revoke token")
+    click.echo(token_id)
+
+
+# -- images -------------------------------------------------------------------------------------
+
+
+@click.group()
+def image() -> None:
+    """Build and list local images."""
+
+
+@image.command(name="build")
+def image_build() -> None:
+    """Build the default image (Debian bookworm + python3, pip, git, curl...), if needed."""
+    from sandlot.engines.base import ImageError
+    from sandlot.images.store import default_store
+
+    store = default_store()
+    try:
+        with err_console.status("building the default image") as status:
+            img = store.default_image(progress=lambda line: status.update(line))
+            store.busybox_image()
+    except ImageError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(str(img.rootfs))
+
+
+@image.command(name="ls")
+@click.option("--json", "as_json", is_flag=True)
+def image_list(as_json: bool) -> None:
+    """List built images."""
+    from sandlot.images.store import default_store
+
+    items = default_store().list()
+    if as_json:
+        click.echo(json.dumps(items))
+        return
+    for it in items:
+        click.echo(f"{it['name']}\t{it['path']}")
+
+
+COMMANDS = [create, list_sandboxes, exec_command, run, cp, rm, token, image]

@@ -1,0 +1,90 @@
+"""The ``sandlot`` command line against a real server and real sandboxes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from sandlot.cli.main import main
+
+
+@pytest.fixture
+def cli(api_url: str) -> CliRunner:
+    return CliRunner(env={"SANDLOT_URL": api_url})
+
+
+def test_run_prints_42(cli: CliRunner) -> None:
+    result = cli.invoke(main, ["run", "--", "python3", "-c", "print(6*7)"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "42\n"
+
+
+def test_run_returns_the_commands_exit_code(cli: CliRunner) -> None:
+    result = cli.invoke(main, ["run", "--image", "busybox", "--", "sh", "-c",
+                               "echo oops >&2; exit 7"])
+    assert result.exit_code == 7
+    assert "oops" in result.stderr
+
+
+def test_create_ls_exec_cp_rm(cli: CliRunner, tmp_path: Path) -> None:
+    created = cli.invoke(main, ["create", "--name", "cli-box", "--label", "team=a", "--json"])
+    assert created.exit_code == 0, created.output
+    info = json.loads(created.stdout)
+    sid = info["id"]
+    assert "secret" not in info
+    try:
+        listed = cli.invoke(main, ["ls", "--label", "team=a", "--json"])
+        assert [s["id"] for s in json.loads(listed.stdout)] == [sid]
+        table = cli.invoke(main, ["ls"])
+        assert "cli-box" in table.stdout
+
+        out = cli.invoke(main, ["exec", sid, "--", "sh", "-c", "echo $FOO", ], env={})
+        assert out.exit_code == 0
+        out = cli.invoke(main, ["exec", sid, "--env", "FOO=bar", "--", "echo $FOO"])
+        assert out.stdout == "bar\n"
+
+        payload = os.urandom(300_000) + b"\x00\xff tail"
+        src = tmp_path / "in.bin"
+        src.write_bytes(payload)
+        assert cli.invoke(main, ["cp", str(src), f"{sid}:/root/in.bin"]).exit_code == 0
+        back = tmp_path / "back.bin"
+        assert cli.invoke(main, ["cp", f"{sid}:/root/in.bin", str(back)]).exit_code == 0
+        assert back.read_bytes() == payload
+    finally:
+        removed = cli.invoke(main, ["rm", sid])
+    assert removed.exit_code == 0
+    gone = cli.invoke(main, ["exec", sid, "--", "true"])
+    assert gone.exit_code == 1
+    assert "not found" in gone.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--instance-type", "huge", "--", "true"], "unknown instance_type 'huge'"),
+        (["run", "--env", "NOEQUALS", "--", "true"], "expected KEY=VALUE"),
+        (["run"], "missing command"),
+        (["exec", "no-such-sandbox", "--", "true"], "not found"),
+        (["cp", "a", "b"], "exactly one of SOURCE and DEST"),
+    ],
+)
+def test_bad_input_is_a_clear_error(cli: CliRunner, args: list[str], message: str) -> None:
+    result = cli.invoke(main, args)
+    assert result.exit_code != 0
+    assert message in result.output + result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_token_create_list_revoke(cli: CliRunner) -> None:
+    created = cli.invoke(main, ["token", "create", "--project", "cli-proj", "--json"])
+    assert created.exit_code == 0, created.output
+    tok = json.loads(created.stdout)
+    assert tok["token"]
+    listed = json.loads(cli.invoke(main, ["token", "ls", "--json"]).stdout)
+    assert tok["id"] in [t["id"] for t in listed]
+    assert all(t.get("token") is None for t in listed)
+    assert cli.invoke(main, ["token", "revoke", tok["id"]]).exit_code == 0

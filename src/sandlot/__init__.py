@@ -27,7 +27,21 @@ _LAZY = {
     "UnsupportedFeatureError": "sandlot.sdk.errors",
 }
 
-__all__ = [*_LAZY, "__version__"]
+__all__ = [
+    "AsyncSandbox",
+    "InvalidPortError",
+    "MissingApiTokenError",
+    "NoSandboxSecretError",
+    "Sandbox",
+    "SandboxCommandError",
+    "SandboxError",
+    "SandboxNotFoundError",
+    "SandboxRequestError",
+    "SandboxServiceError",
+    "SandboxTimeoutError",
+    "UnsupportedFeatureError",
+    "__version__",
+]
 
 if TYPE_CHECKING:  # pragma: no cover - names for type checkers only
     from sandlot.sdk import AsyncSandbox, Sandbox

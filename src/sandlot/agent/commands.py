@@ -154,26 +154,40 @@ def pump(
         poller.register(fd, select.POLLIN)
     if peer_fd is not None:
         poller.register(peer_fd, select.POLLIN)
+    # A pidfd becomes readable when the shell exits: no polling of waitpid() in a loop.
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # pragma: no cover - kernels before 5.3
+        pidfd = -1
+    else:
+        poller.register(pidfd, select.POLLIN)
     start = time.monotonic()
     deadline = start + timeout if timeout is not None else None
     last_activity = start
     exited_at: float | None = None
     killed = False
+    backoff = 0.001  # without a pidfd: how long to sleep before asking waitpid() again
     try:
-        while names or proc.poll() is None:
+        while names or exited_at is None:
             now = time.monotonic()
             waits = [idle_interval - (now - last_activity)]
             if deadline is not None and not killed:
                 waits.append(deadline - now)
             if exited_at is not None:
                 waits.append(DRAIN_IDLE)
-            if stop is not None or not names:
-                waits.append(0.25)  # nothing to read: check on the shell itself
+            if stop is not None:
+                waits.append(0.25)
+            if pidfd < 0 and exited_at is None:
+                waits.append(backoff)
+                backoff = min(backoff * 2, 0.05)
             wait_ms = max(0, int(min(waits) * 1000) + 1)
             exited_before_poll = exited_at is not None
             events = poller.poll(wait_ms)
             progressed = False  # output or end-of-file on a pipe
             for fd, ev in events:
+                if fd == pidfd:
+                    poller.unregister(pidfd)  # level-triggered: stop watching once it fired
+                    continue
                 if fd == peer_fd:
                     if peer_gone is not None and peer_gone():
                         result.client_gone = True
@@ -218,6 +232,8 @@ def pump(
         kill_group(proc.pid)
         raise
     finally:
+        if pidfd >= 0:
+            os.close(pidfd)
         for stream in (proc.stdout, proc.stderr):
             stream.close()
         proc.wait()

@@ -249,3 +249,31 @@ def test_reading_a_fifo_does_not_block(client: httpx.Client, tmp_path: Path) -> 
         client.get("/files", params={"path": str(fifo)}),
     ):
         assert r.status_code == 400 and "Not a regular file" in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/run", b'{"cmd": "echo \\ud800"}'),
+        ("/run", b'{"cmd": "true", "cwd": "/tmp/\\ud800"}'),
+        ("/run", b'{"cmd": "true", "env": {"A": "\\udfff"}}'),
+        ("/start_process", b'{"cmd": "\\ud800"}'),
+        ("/read_file", b'{"path": "/tmp/\\ud800"}'),
+        ("/write_file", b'{"path": "/tmp/\\ud800", "content": "x"}'),
+        ("/stat", b'{"path": "\\udbff"}'),
+    ],
+)
+def test_lone_surrogates_are_400_not_500(client: httpx.Client, route: str, body: bytes) -> None:
+    r = client.post(route, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+
+
+def test_non_utf8_file_names_round_trip(client: httpx.Client, tmp_path: Path) -> None:
+    name = os.fsdecode(b"caf\xe9")  # Latin-1 bytes: not UTF-8
+    (tmp_path / name).write_bytes(b"x")
+    r = client.post("/list_dir", json={"path": str(tmp_path)})
+    assert r.status_code == 200
+    assert "caf\udce9" in r.json()["entries"]
+    # query parameters are percent-decoded to the same bytes
+    r = client.get(f"/files?path={tmp_path}/caf%E9")
+    assert r.status_code == 200 and r.content == b"x"

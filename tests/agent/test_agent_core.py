@@ -193,3 +193,12 @@ def test_keep_alive_reuses_connection(client: httpx.Client, agent: Agent) -> Non
         assert client.post("/run", json={"cmd": "true"}).json()["code"] == 0
     time.sleep(0.05)
     assert agent.zombies() == []
+
+
+def test_run_round_trip_is_not_stuck_in_polling(client: httpx.Client) -> None:
+    """Regression: the exit of `true` was noticed only by a 250 ms waitpid() poll."""
+    client.post("/run", json={"cmd": "true"})
+    t0 = time.monotonic()
+    for _ in range(20):
+        assert client.post("/run", json={"cmd": "true"}).json()["code"] == 0
+    assert time.monotonic() - t0 < 2.0

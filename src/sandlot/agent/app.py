@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 from sandlot.agent import commands, files
 from sandlot.agent.auth import Authenticator
@@ -23,6 +22,11 @@ from sandlot.agent.chunks import Utf8Splitter, chunk_fields
 from sandlot.agent.commands import SpawnError, exit_code, parse_command_request, pump, spawn
 from sandlot.agent.http11 import ClientGone, HTTPError, Reply, Request
 from sandlot.agent.processes import DEFAULT_KILL_GRACE, ManagedProcess, ProcessManager
+
+# Annotations only: importing typing at run time costs the agent milliseconds of start-up.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 #: ``/run`` keeps at most this much of each stream in memory; the rest is read and dropped.

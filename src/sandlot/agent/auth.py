@@ -9,9 +9,11 @@ Comparison is constant-time.
 
 from __future__ import annotations
 
-import hmac
 import os
 import threading
+
+# compare_digest is this very function; importing hmac would load OpenSSL's _hashlib.
+from _operator import _compare_digest as compare_digest
 from collections.abc import Mapping
 
 
@@ -72,7 +74,7 @@ class Authenticator:
         secret = self._secret
         if secret is None:
             return self._claim(presented)
-        return hmac.compare_digest(presented, secret)
+        return compare_digest(presented, secret)
 
     def _claim(self, token: bytes) -> bool:
         with self._lock:
@@ -81,7 +83,7 @@ class Authenticator:
                     _persist(self._persist_path, token)
                 self._secret = token
                 return True
-        return hmac.compare_digest(token, self._secret)
+        return compare_digest(token, self._secret)
 
 
 def _persist(path: str, token: bytes) -> None:

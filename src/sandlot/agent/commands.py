@@ -16,9 +16,13 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from sandlot.agent.http11 import HTTPError
+
+# Annotations only: importing typing at run time costs the agent milliseconds of start-up.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 #: Variables of the agent's own environment that commands never see.
 HIDDEN_ENV = frozenset(
@@ -39,6 +43,14 @@ def base_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in HIDDEN_ENV}
 
 
+def _encodable(value: str) -> bool:
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError:  # a lone surrogate from JSON such as "\\ud800"
+        return False
+    return True
+
+
 def parse_command_request(
     body: Mapping[str, Any], *, default_cwd: str
 ) -> tuple[str, str, dict[str, str] | None]:
@@ -50,12 +62,14 @@ def parse_command_request(
         raise HTTPError(400, "'cmd' must not be empty")
     if "\x00" in cmd:
         raise HTTPError(400, "'cmd' must not contain NUL characters")
+    if not _encodable(cmd):
+        raise HTTPError(400, "'cmd' is not valid Unicode text")
     cwd = body.get("cwd")
     if cwd is None or cwd == "":
         cwd = default_cwd
     elif not isinstance(cwd, str):
         raise HTTPError(400, "'cwd' must be a string")
-    if "\x00" in cwd or not os.path.isdir(cwd):
+    if "\x00" in cwd or not _encodable(cwd) or not os.path.isdir(cwd):
         raise HTTPError(400, f"Invalid working directory: {cwd}")
     env = body.get("env")
     if env is not None:
@@ -64,7 +78,7 @@ def parse_command_request(
         for k, v in env.items():
             if not isinstance(v, str):
                 raise HTTPError(400, f"'env' value for {k!r} must be a string")
-            if not k or "=" in k or "\x00" in k or "\x00" in v:
+            if not k or "=" in k or "\x00" in k or "\x00" in v or not _encodable(k + v):
                 raise HTTPError(400, f"invalid environment variable name or value: {k!r}")
     return cmd, cwd, env
 

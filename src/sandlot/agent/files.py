@@ -13,9 +13,13 @@ import errno
 import os
 import stat
 from collections.abc import Iterable
-from typing import Any
 
 from sandlot.agent.http11 import HTTPError
+
+# Annotations only: importing typing at run time costs the agent milliseconds of start-up.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_FILE_MODE = 0o644
 DEFAULT_DIR_MODE = 0o755
@@ -50,6 +54,10 @@ def check_path(value: Any, field: str = "path") -> str:
         raise HTTPError(400, f"'{field}' is required and must be a non-empty string")
     if "\x00" in value:
         raise HTTPError(400, f"'{field}' must not contain NUL characters")
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError:
+        raise HTTPError(400, f"'{field}' is not a valid file name (lone surrogate)") from None
     return value
 
 

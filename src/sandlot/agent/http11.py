@@ -22,8 +22,11 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+
+# Annotations only: importing typing at run time costs the agent milliseconds of start-up.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 MAX_REQUEST_LINE = 65536
 MAX_HEADER_COUNT = 100
@@ -100,7 +103,32 @@ class Reply:
 
 
 def dump_json(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate (e.g. an undecodable file name): escape it
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def percent_decode(text: str, plus: bool = False) -> str:
+    """``%XX`` decoding (and ``+`` as space in queries), as :func:`urllib.parse.unquote`
+    does, without importing :mod:`urllib` (start-up time). Undecodable bytes are kept with
+    ``surrogateescape``, which is how Python represents non-UTF-8 file names."""
+    if plus:
+        text = text.replace("+", " ")
+    if "%" not in text:
+        return text
+    head, *rest = text.split("%")
+    out = bytearray(head.encode("utf-8", "surrogateescape"))
+    for piece in rest:
+        if len(piece) >= 2 and piece[0] in _HEX and piece[1] in _HEX:
+            out.append(int(piece[:2], 16))
+            out += piece[2:].encode("utf-8", "surrogateescape")
+        else:
+            out += b"%" + piece.encode("utf-8", "surrogateescape")
+    return out.decode("utf-8", "surrogateescape")
 
 
 class Request:
@@ -114,11 +142,16 @@ class Request:
         self.target = target
         self.version = version
         self.headers = headers
-        parts = urlsplit(target)
-        self.path = unquote(parts.path) or "/"
-        self.query: dict[str, str] = {
-            k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()
-        }
+        raw_path, _, raw_query = target.partition("?")
+        raw_path = raw_path.partition("#")[0]
+        if raw_path.startswith(("http://", "https://")):  # absolute-form target
+            raw_path = "/" + raw_path.split("/", 3)[-1] if raw_path.count("/") >= 3 else "/"
+        self.path = percent_decode(raw_path) or "/"
+        self.query: dict[str, str] = {}
+        for pair in raw_query.partition("#")[0].split("&"):
+            if pair:
+                key, _, value = pair.partition("=")
+                self.query[percent_decode(key, plus=True)] = percent_decode(value, plus=True)
         self.responded = False
         self.keep_alive = self._wants_keep_alive()
         self._expect_continue = headers.get("expect", "").lower() == "100-continue"

@@ -16,10 +16,14 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
 
 from sandlot.agent.chunks import Chunk, Utf8Splitter, chunk_bytes, chunk_fields
 from sandlot.agent.commands import exit_code, kill_group, pump, signal_name, spawn
+
+# Annotations only: importing typing at run time costs the agent milliseconds of start-up.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 LOG_MAX_CHUNKS = 10_000
 LOG_MAX_BYTES = 4 * 1024 * 1024

@@ -98,7 +98,7 @@ class AgentProcessEngine:
 
     async def inspect(self, sandbox_id: str) -> SandboxInfo:
         proc = self.procs.get(sandbox_id)
-        if proc is None:
+        if proc is None and not self._dir(sandbox_id).exists():
             raise SandboxNotFound(sandbox_id)
         sock = self._dir(sandbox_id) / "agent.sock"
         return SandboxInfo(sandbox_id, SandboxState.RUNNING, AgentAddress(unix_path=str(sock)))

@@ -20,6 +20,7 @@ from sandlot.engines.base import (
     EngineUnavailableError,
     ImageError,
     SandboxSpec,
+    SandboxState,
 )
 from sandlot.instance_types import get_instance_type
 from sandlot.server.db import SandboxRow, Store, utcnow
@@ -160,7 +161,7 @@ class Control:
                 agent_port=address.port,
             )
             if req.wait_ready:
-                await self._wait_healthy(sandbox_id, address, req.timeout)
+                await self._wait_healthy(engine, sandbox_id, address, req.timeout)
             final = await self.db(
                 self.store.update_sandbox, sandbox_id, only_if_status="creating", status="running"
             )
@@ -198,12 +199,34 @@ class Control:
             error=reason,
         )
 
-    async def _wait_healthy(self, sandbox_id: str, address: AgentAddress, timeout: float) -> None:
+    async def _wait_healthy(
+        self, engine: Engine, sandbox_id: str, address: AgentAddress, timeout: float
+    ) -> None:
+        if address.unix_path is not None and len(address.unix_path.encode()) > 107:
+            raise ApiError(
+                500,
+                "engine_error",
+                f"the agent socket path of sandbox {sandbox_id} is longer than a Unix socket "
+                f"allows (108 bytes): {address.unix_path}; use a shorter state directory",
+            )
         client = await self._client_for(sandbox_id, address)
         deadline = time.monotonic() + timeout
         delay = 0.005
         last = "no answer yet"
+        next_inspect = time.monotonic() + 0.5
         while True:
+            if time.monotonic() >= next_inspect:
+                # A sandbox whose init died will never answer: fail now, not at the deadline.
+                next_inspect = time.monotonic() + 0.5
+                info = await engine.inspect(sandbox_id)
+                if info.state not in (SandboxState.CREATING, SandboxState.RUNNING):
+                    detail = f": {info.detail}" if info.detail else ""
+                    raise ApiError(
+                        500,
+                        "sandbox_died",
+                        f"sandbox {sandbox_id} stopped before it became ready "
+                        f"({info.state.value}){detail}",
+                    )
             try:
                 resp = await client.get("/health", timeout=2.0)
                 if resp.status_code == 200:

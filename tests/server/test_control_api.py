@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -268,3 +269,39 @@ def test_socket_project_header(server: RunningServer) -> None:
         sid = create(ca).json()["id"]
         assert cd.get(f"/v1/sandboxes/{sid}").status_code == 404
         assert ca.get(f"/v1/sandboxes/{sid}").status_code == 200
+
+
+def test_half_created_rows_are_cleaned_at_start(
+    engine: AgentProcessEngine, database_url: str, short_dir: Path
+) -> None:
+    """A server that died mid-create leaves a "creating" row; the next start removes it."""
+    from support.server import start_server
+
+    from sandlot.server.db import SandboxRow, Store, utcnow
+
+    store = Store(database_url)
+    store.add_sandbox(
+        SandboxRow(
+            id="deadbeef",
+            project="default",
+            name="x",
+            status="creating",
+            image="default",
+            instance_type="micro",
+            region="local",
+            labels={},
+            env={},
+            secret="s",
+            error="",
+            created_at=utcnow(),
+            updated_at=utcnow(),
+        )
+    )
+    store.close()
+    srv = start_server(engine, database_url, unix_path=short_dir / "r2" / "sandlot.sock")
+    try:
+        assert "deadbeef" in engine.deleted
+        with srv.client() as c:
+            assert c.get("/v1/sandboxes/deadbeef").status_code == 404
+    finally:
+        srv.stop()

@@ -18,3 +18,13 @@ def local_engine_unavailable() -> str | None:
     if not (shutil.which("crun") or shutil.which("runc")):
         return "needs crun or runc (apt-get install crun)"
     return None
+
+
+def engine_from_env() -> object:
+    """``sandlot server --engine support.local:engine_from_env``: a LocalEngine whose state is
+    ``$SANDLOT_TEST_ENGINE_STATE`` and whose images are the host's (for benchmarks and tests
+    that need the server in its own process)."""
+    from sandlot.engines.local import LocalEngine
+    from sandlot.images.store import ImageStore
+
+    return LocalEngine(Path(os.environ["SANDLOT_TEST_ENGINE_STATE"]), images=ImageStore(IMAGES_DIR))

@@ -282,3 +282,23 @@ async def test_full_disk_under_state_dir(tmp_path: Path) -> None:
         filler.unlink()
     finally:
         unmount(state)
+
+
+async def test_deep_state_dir_keeps_socket_paths_short(tmp_path: Path) -> None:
+    from sandlot.images.store import default_store
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    eng = LocalEngine(deep, images=default_store())
+    spec = _spec()
+    info = await eng.create(spec)
+    try:
+        assert info.agent_address.unix_path
+        assert len(info.agent_address.unix_path) < 100
+        from .conftest import SandboxHandle
+
+        handle = SandboxHandle(info, "s")
+        await handle.wait_healthy()
+        assert await handle.sh("echo deep") == "deep\n"
+        await handle.aclose()
+    finally:
+        await eng.delete(spec.id)

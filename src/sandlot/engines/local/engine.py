@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -81,6 +82,25 @@ def _resolve_in_root(root: Path, relative: str) -> Path | None:
     return current
 
 
+#: Where short aliases of sandbox directories live (see :func:`_short_link`).
+SOCKET_LINKS_DIR = Path("/run/sandlot/links")
+
+
+def _short_link(target: Path) -> Path:
+    """A short symlink to ``target``: Unix socket paths are limited to 107 bytes, and a state
+    directory can be deep (``connect`` follows symlinks, so the alias keeps agent socket paths
+    short whatever the state directory is)."""
+    link = SOCKET_LINKS_DIR / hashlib.sha256(str(target.resolve()).encode()).hexdigest()[:12]
+    SOCKET_LINKS_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not (link.is_symlink() and os.readlink(link) == str(target.resolve())):
+        tmp = link.with_name(link.name + f".{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        tmp.symlink_to(target.resolve())
+        tmp.rename(link)
+    return link
+
+
 class LocalEngine:
     """Runs sandboxes with crun (or runc) on this host. Needs root."""
 
@@ -102,6 +122,7 @@ class LocalEngine:
         self.sandboxes_dir = state_dir / "sandboxes"
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         self.sandboxes_dir.chmod(0o711)
+        self._socket_root = _short_link(self.sandboxes_dir)
         self.images = images or ImageStore(state_dir / "images")
         self.layout = cgroups.detect_layout()
         self.runtime = OciRuntime.detect(state_dir / "oci", self.layout, oci_runtime)
@@ -128,7 +149,8 @@ class LocalEngine:
         return self._runtime_dir
 
     def _address(self, directory: Path) -> AgentAddress:
-        return AgentAddress(unix_path=str(directory / "run" / "agent.sock"))
+        sock = self._socket_root / directory.name / "run" / "agent.sock"
+        return AgentAddress(unix_path=str(sock))
 
     @staticmethod
     def _read_meta(directory: Path) -> dict[str, Any] | None:

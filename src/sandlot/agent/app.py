@@ -149,7 +149,6 @@ class App:
         self.live_groups: set[int] = set()
         self.processes = ProcessManager(self.base_env, self.live_groups, self._lock)
         self.ports: list[str] = []
-        self.terminals: dict[str, Any] = {}
 
         # The whole API at a glance: path -> method -> handler.
         self.routes: dict[str, dict[str, Handler]] = {
@@ -180,6 +179,7 @@ class App:
             "/process": {"GET": self.process_info},
             "/wait_process": {"POST": self.wait_process},
             "/write_stdin": {"POST": self.write_stdin},
+            "/pty": {"GET": self.pty},
         }
 
     # -- dispatch -----------------------------------------------------------------------------
@@ -499,6 +499,20 @@ class App:
     def bound_ports(self, req: Request) -> Reply:
         with self._lock:
             return _json_reply({"ports": list(self.ports)})
+
+    # -- terminals ----------------------------------------------------------------------------
+
+    def pty(self, req: Request) -> None:
+        from sandlot.agent.terminal import open_terminal  # termios & co. only when used
+
+        def track(pgid: int, alive: bool) -> None:
+            with self._lock:
+                if alive:
+                    self.live_groups.add(pgid)
+                else:
+                    self.live_groups.discard(pgid)
+
+        open_terminal(req, default_cwd=self.cwd, base_env=self.base_env, track=track)
 
     # -- processes ----------------------------------------------------------------------------
 

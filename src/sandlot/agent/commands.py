@@ -83,7 +83,7 @@ def parse_command_request(
     return cmd, cwd, env
 
 
-def _find_sh() -> str:
+def find_sh() -> str:
     for directory in os.get_exec_path(None):
         candidate = os.path.join(directory, "sh")
         if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
@@ -105,7 +105,7 @@ def spawn(
         full_env.update(env)
     try:
         return subprocess.Popen(
-            [_find_sh(), "-c", cmd],
+            [find_sh(), "-c", cmd],
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -49,7 +49,7 @@ def test_interactive_shell_input_resize_and_ctrl_c(agent: Agent, tmp_path: Path)
     c.read_until_output(b"interrupted\r\n")
     assert time.monotonic() - t0 < 5
     c.send_frame(OP_BINARY, b"exit 0\n")
-    out, controls, close = c.collect()
+    _out, controls, close = c.collect()
     assert controls[-1]["type"] == "exit" and controls[-1]["code"] == 0
     assert close == 1000
 
@@ -64,7 +64,7 @@ def test_bad_control_message_is_reported_not_fatal(agent: Agent) -> None:
     c.send_frame(OP_BINARY, b"still-alive\n")
     c.read_until_output(b"still-alive")
     c.send_json({"type": "signal", "signal": "TERM"})
-    out, controls, _ = c.collect()
+    _out, controls, _ = c.collect()
     assert controls[-1]["signal"] == "SIGTERM" and controls[-1]["code"] == 143
 
 

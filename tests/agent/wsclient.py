@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -106,10 +107,8 @@ class WSClient:
                 controls.append(json.loads(payload))
             elif op == OP_CLOSE:
                 code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
-                try:
+                with contextlib.suppress(OSError):
                     self.send_frame(OP_CLOSE, payload[:2])
-                except OSError:
-                    pass
                 return out, controls, code
 
     def read_until_output(self, needle: bytes) -> bytes:

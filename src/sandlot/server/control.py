@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
-import httpx
 
 from sandlot.engines.base import (
     AgentAddress,
@@ -25,6 +24,7 @@ from sandlot.engines.base import (
 from sandlot.instance_types import get_instance_type
 from sandlot.server.db import SandboxRow, Store, utcnow
 from sandlot.server.schemas import CreateSandbox
+from sandlot.server.upstream import AgentPool, UpstreamError
 
 log = logging.getLogger("sandlot.server")
 
@@ -51,25 +51,8 @@ class ApiError(Exception):
 
 @dataclass
 class _AgentEntry:
-    client: httpx.AsyncClient
+    pool: AgentPool
     checked_at: float
-
-
-def agent_client(address: AgentAddress) -> httpx.AsyncClient:
-    """A pooled HTTP client to one sandbox's agent. No timeouts: streamed commands run as long as
-    the caller keeps the connection; the caller's own deadlines apply."""
-    if address.unix_path is not None:
-        transport = httpx.AsyncHTTPTransport(uds=address.unix_path)
-        base = "http://agent"
-    else:
-        transport = httpx.AsyncHTTPTransport()
-        base = f"http://{address.host}:{address.port}"
-    return httpx.AsyncClient(
-        transport=transport,
-        base_url=base,
-        timeout=httpx.Timeout(None, connect=10.0),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
-    )
 
 
 def address_of(row: SandboxRow) -> AgentAddress | None:
@@ -209,7 +192,7 @@ class Control:
                 f"the agent socket path of sandbox {sandbox_id} is longer than a Unix socket "
                 f"allows (108 bytes): {address.unix_path}; use a shorter state directory",
             )
-        client = await self._client_for(sandbox_id, address)
+        pool = self._pool_for(sandbox_id, address)
         deadline = time.monotonic() + timeout
         delay = 0.005
         last = "no answer yet"
@@ -227,13 +210,9 @@ class Control:
                         f"sandbox {sandbox_id} stopped before it became ready "
                         f"({info.state.value}){detail}",
                     )
-            try:
-                resp = await client.get("/health", timeout=2.0)
-                if resp.status_code == 200:
-                    return
-                last = f"HTTP {resp.status_code}"
-            except (httpx.HTTPError, OSError) as exc:
-                last = _describe(exc)
+            last = await self._probe(pool)
+            if last == "":
+                return
             if time.monotonic() + delay > deadline:
                 raise ApiError(
                     504,
@@ -242,6 +221,24 @@ class Control:
                 )
             await anyio.sleep(delay)
             delay = min(delay * 2, 0.1)
+
+    @staticmethod
+    async def _probe(pool: AgentPool) -> str:
+        """ "" if the agent answers /health with 200, else why not."""
+        with anyio.move_on_after(2.0):
+            try:
+                response = await pool.request("GET", "/health", [], b"")
+            except UpstreamError as exc:
+                return str(exc)
+            try:
+                async for _ in response.iter_body():
+                    pass
+            except UpstreamError as exc:
+                return str(exc)
+            finally:
+                response.close()
+            return "" if response.status == 200 else f"HTTP {response.status}"
+        return "no answer within 2s"
 
     # -- read / update / delete -----------------------------------------------------------------
 
@@ -266,34 +263,35 @@ class Control:
 
     # -- gateway support ----------------------------------------------------------------------
 
-    async def _client_for(self, sandbox_id: str, address: AgentAddress) -> httpx.AsyncClient:
+    def _pool_for(self, sandbox_id: str, address: AgentAddress) -> AgentPool:
         entry = self._agents.get(sandbox_id)
-        if entry is None:
-            entry = _AgentEntry(agent_client(address), time.monotonic())
+        if entry is None or entry.pool.address != address:
+            if entry is not None:
+                entry.pool.close()
+            entry = _AgentEntry(AgentPool(address), time.monotonic())
             self._agents[sandbox_id] = entry
-        return entry.client
+        return entry.pool
 
-    async def agent_for(self, sandbox_id: str) -> httpx.AsyncClient | None:
-        """The pooled client of a live sandbox's agent, or None if there is no such sandbox.
+    async def agent_for(self, sandbox_id: str) -> AgentPool | None:
+        """The connection pool of a live sandbox's agent, or None if there is no such sandbox.
         (The gateway is authenticated by the sandbox secret, checked by the agent itself.)"""
         entry = self._agents.get(sandbox_id)
         now = time.monotonic()
         if entry is not None and now - entry.checked_at < AGENT_CACHE_TTL:
-            return entry.client
+            return entry.pool
         row = await self.db(self.store.get_sandbox, sandbox_id)
         address = address_of(row) if row is not None and row.status in LIVE_STATUSES else None
         if address is None:
             await self._evict(sandbox_id)
             return None
-        client = await self._client_for(sandbox_id, address)
+        pool = self._pool_for(sandbox_id, address)
         self._agents[sandbox_id].checked_at = now
-        return client
+        return pool
 
     async def _evict(self, sandbox_id: str) -> None:
         entry = self._agents.pop(sandbox_id, None)
         if entry is not None:
-            with anyio.CancelScope(shield=True):
-                await entry.client.aclose()
+            entry.pool.close()
 
     # -- server lifecycle ---------------------------------------------------------------------
 
@@ -312,6 +310,24 @@ class Control:
             engine = self.engines.get(row.region)
             if engine is not None:
                 await self._discard(engine, row.id, "server stopped while the sandbox was created")
+        await self._reconcile_engines()
+
+    async def _reconcile_engines(self) -> None:
+        """Engine-side leftovers of a crash: half-made sandboxes (the engine's own ``recover``)
+        and sandboxes this database says were deleted (the server died mid-delete). Sandboxes
+        unknown to this database are left alone -- another server may share the engine -- and
+        logged."""
+        for region, engine in self.engines.items():
+            removed = await engine.recover()
+            if removed:
+                log.warning("engine %s: removed half-created sandboxes %s", region, removed)
+            for info in await engine.list():
+                row = await self.db(self.store.get_any_sandbox, info.id)
+                if row is not None and row.status == "deleted":
+                    await engine.delete(info.id)
+                elif row is None:
+                    log.warning("engine %s holds sandbox %s unknown to this server",
+                                region, info.id)
 
     async def close(self) -> None:
         for sandbox_id in list(self._agents):

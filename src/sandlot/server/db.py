@@ -159,6 +159,11 @@ class Store:
         with self.session() as s, s.begin():
             s.add(row)
 
+    def get_any_sandbox(self, sandbox_id: str) -> SandboxRow | None:
+        """A sandbox row whatever its status (deleted ones included)."""
+        with self.session() as s:
+            return s.get(SandboxRow, sandbox_id)
+
     def get_sandbox(self, sandbox_id: str, project: str | None = None) -> SandboxRow | None:
         """A live (not deleted) sandbox; with ``project``, only if it belongs to it."""
         with self.session() as s:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import anyio
-import httpx
 
 from sandlot.server.control import Control
+from sandlot.server.upstream import AgentPool, UpstreamError
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -35,7 +36,7 @@ _DROP_REQUEST = {
     b"upgrade",
     b"proxy-authorization",
 }
-_DROP_RESPONSE = {"connection", "keep-alive", "transfer-encoding", "trailer", "upgrade"}
+_DROP_RESPONSE = {b"connection", b"keep-alive", b"transfer-encoding", b"trailer", b"upgrade"}
 
 
 async def _send_json(send: Any, status: int, body: dict[str, Any]) -> None:
@@ -60,8 +61,8 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         params = scope["path_params"]
         sandbox_id: str = params["sandbox_id"]
-        client = await self.control.agent_for(sandbox_id)
-        if client is None:
+        pool = await self.control.agent_for(sandbox_id)
+        if pool is None:
             await _send_json(
                 send,
                 404,
@@ -77,25 +78,21 @@ class Gateway:
         content: bytes | AsyncIterator[bytes]
         if not first.get("more_body", False):
             content = first.get("body", b"")
+            headers = [(k, v) for k, v in headers if k != b"content-length"]
             body_done.set()
         elif has_length:
             content = _body_stream(first, receive, body_done)
         else:
-            # Chunked upload without a length: the agent (a stdlib HTTP server) needs one,
-            # so gather the body first.
+            # Chunked upload without a length: gather it, and send it with one.
             try:
                 content = b"".join([c async for c in _body_stream(first, receive, body_done)])
             except _ClientGone:
                 return
-            headers.append((b"content-length", str(len(content)).encode()))
-        path = "/" + params.get("path", "")
         query = scope.get("query_string", b"")
-        request = client.build_request(
-            scope["method"],
-            path + ("?" + query.decode("latin-1") if query else ""),
-            headers=headers,
-            content=content,
-        )
+        target = quote("/" + params.get("path", ""), safe="/%:@!$&'()*+,;=-._~")
+        if query:
+            target += "?" + query.decode("latin-1")
+
         async with anyio.create_task_group() as tg:
 
             async def watch_disconnect() -> None:
@@ -103,57 +100,62 @@ class Gateway:
                 while True:
                     message = await receive()
                     if message["type"] == "http.disconnect":
+                        # Closing the upstream connection is what tells the agent to kill a
+                        # streamed command.
                         tg.cancel_scope.cancel()
                         return
 
             tg.start_soon(watch_disconnect)
-            await self._forward(client, request, send, sandbox_id)
+            await self._forward(pool, scope["method"], target, headers, content, send, sandbox_id)
             tg.cancel_scope.cancel()
 
     async def _forward(
-        self, client: httpx.AsyncClient, request: httpx.Request, send: Any, sandbox_id: str
+        self,
+        pool: AgentPool,
+        method: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        content: bytes | AsyncIterator[bytes],
+        send: Any,
+        sandbox_id: str,
     ) -> None:
         try:
-            upstream = await client.send(request, stream=True)
+            upstream = await pool.request(method, target, headers, content)
         except _ClientGone:
             return
-        except (httpx.TransportError, OSError) as exc:
-            reason = str(exc) or type(exc).__name__
+        except UpstreamError as exc:
             await _send_json(
                 send,
                 502,
                 {
-                    "error": f"sandbox {sandbox_id}'s agent is not reachable: {reason}",
+                    "error": f"sandbox {sandbox_id}'s agent is not reachable: {exc}",
                     "code": "agent_unreachable",
                 },
             )
             return
         try:
-            response_headers = [
-                (k.encode("latin-1"), v.encode("latin-1"))
-                for k, v in upstream.headers.multi_items()
-                if k.lower() not in _DROP_RESPONSE
-            ]
-            if "text/event-stream" in upstream.headers.get("content-type", ""):
+            response_headers = [(k, v) for k, v in upstream.headers if k not in _DROP_RESPONSE]
+            if any(
+                k == b"content-type" and v.startswith(b"text/event-stream")
+                for k, v in response_headers
+            ):
                 # Tell any proxy in front of us not to buffer the stream either.
                 response_headers.append((b"x-accel-buffering", b"no"))
             await send(
                 {
                     "type": "http.response.start",
-                    "status": upstream.status_code,
+                    "status": upstream.status,
                     "headers": response_headers,
                 }
             )
-            # If the agent's stream breaks (sandbox deleted under an open stream), the exception
+            # If the agent's stream breaks (sandbox deleted under an open stream), the error
             # propagates and the server aborts the connection: the client sees a truncated
             # response rather than a clean end that would pass for success.
-            async for chunk in upstream.aiter_raw():
-                if chunk:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            async for chunk in upstream.iter_body():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            with anyio.CancelScope(shield=True):
-                await upstream.aclose()
+            upstream.close()
 
 
 class _ClientGone(Exception):

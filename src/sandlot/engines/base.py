@@ -8,6 +8,7 @@ agent answers at :attr:`SandboxInfo.agent_address`.
 
 from __future__ import annotations
 
+import builtins
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -113,6 +114,11 @@ class Engine(Protocol):
 
     async def list(self) -> list[SandboxInfo]:
         """Every sandbox the engine holds, including ones created before a restart."""
+        ...
+
+    async def recover(self) -> builtins.list[str]:
+        """At server start: remove what a crash left half-made (partial sandboxes, orphaned
+        mounts or cgroups); return the ids removed. Healthy sandboxes are left running."""
         ...
 
     async def close(self) -> None:

@@ -180,6 +180,7 @@ class App:
             "/wait_process": {"POST": self.wait_process},
             "/write_stdin": {"POST": self.write_stdin},
             "/pty": {"GET": self.pty},
+            "/tunnel": {"GET": self.tunnel},
         }
 
     # -- dispatch -----------------------------------------------------------------------------
@@ -513,6 +514,11 @@ class App:
                     self.live_groups.discard(pgid)
 
         open_terminal(req, default_cwd=self.cwd, base_env=self.base_env, track=track)
+
+    def tunnel(self, req: Request) -> None:
+        from sandlot.agent.tunnel import open_tunnel
+
+        open_tunnel(req)
 
     # -- processes ----------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 # Annotations only: importing typing at run time costs the agent milliseconds of start-up.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from io import BufferedReader
     from typing import Any
 
 MAX_REQUEST_LINE = 65536
@@ -56,6 +57,7 @@ REASONS = {
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
+    502: "Bad Gateway",
     503: "Service Unavailable",
     507: "Insufficient Storage",
 }
@@ -377,7 +379,7 @@ class Connection:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         sock.settimeout(IO_TIMEOUT)
-        self.rfile = sock.makefile("rb", buffering=65536)
+        self.rfile: BufferedReader = sock.makefile("rb", buffering=65536)  # type: ignore[assignment]
         self._wlock = threading.Lock()
         self.closed = False
 

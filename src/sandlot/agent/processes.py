@@ -103,7 +103,10 @@ class LogRing:
         with self.cond:
             if wait and self.next_seq <= seq and not self.closed:
                 self.cond.wait(wait)
-            out = [e for e in self._entries if e.seq >= seq]
+            entries = self._entries
+            # Sequence numbers are consecutive, so the first wanted entry is found by offset.
+            start = max(0, seq - entries[0].seq) if entries else 0
+            out = [entries[i] for i in range(start, len(entries))] if start < len(entries) else []
             return out, self.next_seq, self.closed
 
 

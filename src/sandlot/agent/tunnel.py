@@ -1,0 +1,72 @@
+"""TCP tunnels to ports inside the sandbox, for the gateway.
+
+``GET /tunnel?port=8080`` with ``Connection: Upgrade`` and ``Upgrade: tcp`` answers
+``101 Switching Protocols`` once the agent has connected to ``127.0.0.1:8080`` inside the
+sandbox, then relays raw bytes both ways (half-closes included) until both sides are done.
+This is how a gateway outside the sandbox reaches a port in a network namespace that has
+nothing but loopback: through the agent's own socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+
+from sandlot.agent.http11 import HTTPError, Request
+
+CONNECT_TIMEOUT = 5.0
+BUFFER = 65536
+
+
+def _port(value: str | None) -> int:
+    if value is None or not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise HTTPError(400, "'port' must be a port number (1-65535)")
+    return int(value)
+
+
+def open_tunnel(req: Request) -> None:
+    port = _port(req.query.get("port"))
+    upgrade = {t.strip().lower() for t in req.headers.get("upgrade", "").split(",")}
+    connection = {t.strip().lower() for t in req.headers.get("connection", "").split(",")}
+    if "tcp" not in upgrade or "upgrade" not in connection:
+        raise HTTPError(426, "this route needs 'Connection: Upgrade' and 'Upgrade: tcp'")
+    if req.declared_length:
+        raise HTTPError(400, "a tunnel request has no body")
+    try:
+        target = socket.create_connection(("127.0.0.1", port), timeout=CONNECT_TIMEOUT)
+    except OSError as exc:
+        raise HTTPError(502, f"cannot connect to port {port}: {exc.strerror or exc}") from None
+    target.settimeout(None)
+    conn = req.upgrade({"Connection": "Upgrade", "Upgrade": "tcp"})
+    conn.sock.settimeout(None)
+
+    def client_to_target() -> None:
+        try:
+            while True:
+                # read1: bytes the client sent right after its request are already buffered
+                data = conn.rfile.read1(BUFFER)
+                if not data:
+                    break
+                target.sendall(data)
+        except (OSError, ValueError):
+            pass
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_WR)
+
+    upstream = threading.Thread(target=client_to_target, daemon=True)
+    upstream.start()
+    try:
+        while True:
+            data = target.recv(BUFFER)
+            if not data:
+                break
+            conn.sock.sendall(data)
+    except OSError:
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        conn.sock.shutdown(socket.SHUT_WR)
+    upstream.join()
+    target.close()
+    conn.close()

@@ -1,0 +1,100 @@
+"""TCP tunnels through the agent's socket to ports inside the sandbox (for the gateway)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+from agentlib import Agent
+
+
+@pytest.fixture
+def echo_port() -> Iterator[int]:
+    """A TCP server on loopback that echoes, upper-cased, until the client half-closes."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            with c:
+                data = b""
+                while chunk := c.recv(65536):
+                    data += chunk
+                    c.sendall(chunk.upper())
+                c.sendall(b"|total=%d" % len(data))
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield srv.getsockname()[1]
+    srv.close()
+
+
+def _tunnel(
+    agent: Agent,
+    port: object,
+    extra: str = "Connection: Upgrade\r\nUpgrade: tcp\r\n",
+    early: bytes = b"",
+) -> tuple[socket.socket, bytes]:
+    s = agent.raw()
+    s.sendall(
+        f"GET /tunnel?port={port} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {agent.secret}\r\n"
+        f"{extra}\r\n".encode()
+        + early
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(1)
+        if not chunk:
+            break
+        head += chunk
+    return s, head
+
+
+def test_relays_both_ways_with_half_close(agent: Agent, echo_port: int) -> None:
+    s, head = _tunnel(agent, echo_port, early=b"early-")
+    assert head.startswith(b"HTTP/1.1 101 ") and b"Upgrade: tcp" in head
+    payload = b"x" * 200_000
+    s.sendall(payload)
+    s.shutdown(socket.SHUT_WR)
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    s.close()
+    assert out == b"EARLY-" + b"X" * 200_000 + b"|total=200006"
+
+
+def test_errors(agent: Agent, echo_port: int) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()
+    for port, extra, status in [
+        (dead_port, "Connection: Upgrade\r\nUpgrade: tcp\r\n", b"502"),
+        (echo_port, "", b"426"),
+        ("http", "Connection: Upgrade\r\nUpgrade: tcp\r\n", b"400"),
+        (70000, "Connection: Upgrade\r\nUpgrade: tcp\r\n", b"400"),
+    ]:
+        s, head = _tunnel(agent, port, extra)
+        s.close()
+        assert head.startswith(b"HTTP/1.1 " + status), (port, head)
+
+
+def test_many_tunnels_leave_no_fds(agent: Agent, echo_port: int) -> None:
+    s, _ = _tunnel(agent, echo_port)
+    s.close()
+    base = agent.fd_count()
+    for _ in range(10):
+        s, head = _tunnel(agent, echo_port)
+        s.sendall(b"a")
+        assert s.recv(10) == b"A"
+        s.close()  # abrupt: no half-close
+    import time
+
+    time.sleep(0.3)
+    assert agent.fd_count() <= base + 1

@@ -90,7 +90,7 @@ def test_many_tunnels_leave_no_fds(agent: Agent, echo_port: int) -> None:
     s.close()
     base = agent.fd_count()
     for _ in range(10):
-        s, head = _tunnel(agent, echo_port)
+        s, _head = _tunnel(agent, echo_port)
         s.sendall(b"a")
         assert s.recv(10) == b"A"
         s.close()  # abrupt: no half-close

@@ -116,3 +116,8 @@ class AgentProcessEngine:
 
     def alive(self) -> list[str]:
         return [i for i, p in self.procs.items() if p.poll() is None]
+
+
+def from_env() -> AgentProcessEngine:
+    """``sandlot server --engine support.agent_engine:from_env``, in $SANDLOT_TEST_AGENTS."""
+    return AgentProcessEngine(Path(os.environ["SANDLOT_TEST_AGENTS"]))

@@ -134,14 +134,31 @@ def serve(
         host=listen.host or "127.0.0.1",
         port=listen.port or 0,
     )
-    server = uvicorn.Server(uv_config)
     if listen.unix_path is not None:
         sock = bind_unix_socket(listen.unix_path)
+        server = _Server(uv_config, unlink=listen.unix_path)
         try:
             server.run(sockets=[sock])
         finally:
             sock.close()
-            if Path(listen.unix_path).is_socket():
-                Path(listen.unix_path).unlink(missing_ok=True)
+            _unlink_socket(listen.unix_path)
     else:
-        server.run()
+        uvicorn.Server(uv_config).run()
+
+
+def _unlink_socket(path: str) -> None:
+    if Path(path).is_socket():
+        Path(path).unlink(missing_ok=True)
+
+
+class _Server(uvicorn.Server):
+    """Removes its Unix socket at shutdown. (After a SIGTERM uvicorn re-raises the signal once
+    it has shut down, so code after ``run()`` may never run.)"""
+
+    def __init__(self, config: uvicorn.Config, unlink: str) -> None:
+        super().__init__(config)
+        self._unlink = unlink
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        _unlink_socket(self._unlink)

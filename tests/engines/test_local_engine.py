@@ -302,3 +302,52 @@ async def test_deep_state_dir_keeps_socket_paths_short(tmp_path: Path) -> None:
         await handle.aclose()
     finally:
         await eng.delete(spec.id)
+
+
+# -- sleep: pause/resume (light) and stop/start (deep) ----------------------------------------
+
+
+async def test_pause_keeps_memory_and_resume_continues(make_sandbox: Factory,
+                                                       engine: LocalEngine) -> None:
+    from sandlot.engines.base import SandboxState
+
+    sb = await make_sandbox(image="busybox")
+    await sb.sh("echo 41 > /tmp/n; (sleep 0.2; echo 42 > /tmp/n) >/dev/null 2>&1 &")
+    await engine.pause(sb.id)
+    assert (await engine.inspect(sb.id)).state is SandboxState.PAUSED
+    await asyncio.sleep(0.5)  # frozen: the background job cannot run
+    await engine.resume(sb.id)
+    assert (await engine.inspect(sb.id)).state is SandboxState.RUNNING
+    await asyncio.sleep(0.5)
+    assert await sb.sh("cat /tmp/n") == "42\n"
+
+
+async def test_stop_releases_memory_start_keeps_files(make_sandbox: Factory,
+                                                      engine: LocalEngine) -> None:
+    from sandlot.engines.base import SandboxState
+    from sandlot.engines.local.mounts import unmount
+
+    sb = await make_sandbox(image="busybox")
+    await sb.sh("echo kept > /root/file; sleep 300 >/dev/null 2>&1 &")
+    await engine.stop(sb.id)
+    assert (await engine.inspect(sb.id)).state is SandboxState.STOPPED
+    assert engine.memory_usage(sb.id) is None  # cgroup gone: memory released
+    info = await engine.start(sb.id)
+    assert info.state is SandboxState.RUNNING
+    await sb.wait_healthy()
+    assert await sb.sh("cat /root/file") == "kept\n"
+    assert "sleep 300" not in await sb.sh("ps -o args")
+    # as after a host reboot: the mounts are gone, the files are not
+    await engine.stop(sb.id)
+    for point in mounts_under(engine.sandboxes_dir / sb.id):
+        unmount(point)
+    await engine.start(sb.id)
+    await sb.wait_healthy()
+    assert await sb.sh("cat /root/file") == "kept\n"
+
+
+async def test_start_unknown_sandbox(engine: LocalEngine) -> None:
+    with pytest.raises(SandboxNotFound):
+        await engine.start("nope")
+    with pytest.raises(SandboxNotFound):
+        await engine.stop("nope")

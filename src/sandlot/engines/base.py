@@ -103,10 +103,18 @@ class Engine(Protocol):
         ...
 
     async def pause(self, sandbox_id: str) -> None:
-        """Freeze every process (memory kept, no CPU)."""
+        """Light sleep: freeze every process (memory kept, no CPU)."""
         ...
 
     async def resume(self, sandbox_id: str) -> None: ...
+
+    async def stop(self, sandbox_id: str) -> None:
+        """Deep sleep: end every process and release its memory; keep the filesystem."""
+        ...
+
+    async def start(self, sandbox_id: str) -> SandboxInfo:
+        """Start a stopped sandbox again on its kept filesystem."""
+        ...
 
     async def inspect(self, sandbox_id: str) -> SandboxInfo:
         """Raise :class:`SandboxNotFound` if the engine does not know the id."""

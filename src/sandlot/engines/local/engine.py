@@ -195,7 +195,7 @@ class LocalEngine:
             meta: dict[str, Any] = {
                 "id": spec.id, "image": spec.image, "image_rootfs": str(image.rootfs),
                 "instance_type": spec.instance_type.name, "name": spec.name,
-                "created_at": time.time(), "ready": False,
+                "created_at": time.time(), "ready": False, "network": spec.network.value,
             }
             try:
                 await self._allocate_slot(directory, meta)
@@ -217,6 +217,28 @@ class LocalEngine:
                 raise
         return SandboxInfo(spec.id, SandboxState.RUNNING, self._address(directory), pid=pid)
 
+    @staticmethod
+    def _mount_root(directory: Path, image_rootfs: Path, base: int) -> None:
+        """Id-mapped image below, the sandbox's own layer above, merged at bundle/rootfs."""
+        lower, layer = directory / "lower", directory / "layer"
+        ns_fd = idmap.userns_fd(base)
+        try:
+            idmap.mount_idmapped(image_rootfs, lower, ns_fd)
+        finally:
+            os.close(ns_fd)
+        merged = directory / "bundle" / "rootfs"
+        mounts.mount_overlay(lower, layer / "upper", layer / "work", merged)
+
+    def _remount_if_needed(self, directory: Path, meta: dict[str, Any]) -> None:
+        """After a host reboot the mounts are gone but the files are not: mount them again."""
+        if mounts.is_mountpoint(directory / "bundle" / "rootfs"):
+            return
+        for point in mounts.mounts_under(directory):
+            mounts.unmount(point)
+        base = idmap.ID_BASE + meta["slot"] * idmap.ID_RANGE
+        mounts.mount_existing_disk_image(directory / "disk.img", directory / "layer")
+        self._mount_root(directory, Path(meta["image_rootfs"]), base)
+
     def _prepare(
         self, directory: Path, spec: SandboxSpec, image: Image, meta: dict[str, Any],
         runtime_dir: Path,
@@ -236,13 +258,7 @@ class LocalEngine:
         for d in (upper, work):
             d.mkdir()
             os.chown(d, base, base)
-
-        ns_fd = idmap.userns_fd(base)
-        try:
-            idmap.mount_idmapped(image.rootfs, lower, ns_fd)
-        finally:
-            os.close(ns_fd)
-        mounts.mount_overlay(lower, upper, work, rootfs)
+        self._mount_root(directory, image.rootfs, base)
 
         if _resolve_in_root(rootfs, "/bin/sh") is None:
             raise ImageError(
@@ -327,6 +343,38 @@ class LocalEngine:
         finally:
             self._deleting.discard(sandbox_id)
             self._locks.pop(sandbox_id, None)
+
+    async def stop(self, sandbox_id: str) -> None:
+        """Deep sleep: every process ends and its memory is released; the filesystem stays."""
+        directory = self._dir(sandbox_id)
+        async with self._lock(sandbox_id):
+            if self._read_meta(directory) is None:
+                raise SandboxNotFound(f"no sandbox {sandbox_id}")
+            await self.runtime.kill_all(sandbox_id, "KILL")
+            await self.runtime.delete(sandbox_id)
+            network.detach_pasta(directory / "pasta.pid")
+
+    async def start(self, sandbox_id: str) -> SandboxInfo:
+        """Start a stopped sandbox again on its kept filesystem (its agent starts afresh)."""
+        directory = self._dir(sandbox_id)
+        async with self._lock(sandbox_id):
+            meta = self._read_meta(directory)
+            if meta is None or not meta.get("ready"):
+                raise SandboxNotFound(f"no sandbox {sandbox_id}")
+            state = await self.runtime.state(sandbox_id)
+            if state is not None and state.get("status") in ("running", "paused"):
+                return await self.inspect(sandbox_id)
+            if state is not None:
+                await self.runtime.delete(sandbox_id)
+            await asyncio.to_thread(self._remount_if_needed, directory, meta)
+            with contextlib.suppress(FileNotFoundError):
+                (directory / "run" / "agent.sock").unlink()
+            pid = await self.runtime.run_detached(
+                sandbox_id, directory / "bundle", directory / "agent.log", directory / "init.pid"
+            )
+            if meta.get("network") == NetworkMode.OUTBOUND.value:
+                await network.attach_pasta(pid, directory / "pasta.pid")
+            return SandboxInfo(sandbox_id, SandboxState.RUNNING, self._address(directory), pid=pid)
 
     async def pause(self, sandbox_id: str) -> None:
         await self.inspect(sandbox_id)

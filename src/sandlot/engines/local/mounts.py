@@ -43,6 +43,10 @@ def mount_disk_image(image: Path, target: Path, *, size_mb: int, owner: int) -> 
     )
     if mkfs.returncode != 0:
         raise MountError(f"cannot create the sandbox's disk ({image}): {mkfs.stderr.strip()}")
+    mount_existing_disk_image(image, target)
+
+
+def mount_existing_disk_image(image: Path, target: Path) -> None:
     # mount(8) sets up the loop device with autoclear: it goes away with the last unmount.
     mounted = subprocess.run(
         ["mount", "-t", "ext4", "-o", "loop,nodev,nosuid", str(image), str(target)],
@@ -58,6 +62,10 @@ def unmount(target: Path) -> None:
         err = ctypes.get_errno()
         if err not in (_EINVAL, _ENOENT):
             raise MountError(f"cannot unmount {target}: {os.strerror(err)}")
+
+
+def is_mountpoint(path: Path) -> bool:
+    return os.path.ismount(path)
 
 
 def mounts_under(prefix: Path) -> list[Path]:

@@ -244,7 +244,7 @@ async def test_recover_removes_half_created(engine: LocalEngine) -> None:
     _assert_nothing_left(engine, spec.id)
 
 
-@pytest.mark.parametrize("cycles", [int(os.environ.get("SANDLOT_CYCLES", "20"))])
+@pytest.mark.parametrize("cycles", [int(os.environ.get("SANDLOT_CYCLES", "200"))])
 async def test_create_delete_cycles_leave_nothing(engine: LocalEngine, cycles: int) -> None:
     for _ in range(cycles):
         spec = _spec()

@@ -83,6 +83,8 @@ def test_koyeb_image_name_maps_to_default(server: RunningServer) -> None:
         ({"env": ["A=1"]}, "env"),
         ({"env": {"A": 1}}, "env.A"),
         ({"env": {"A=B": "x"}}, "invalid environment variable name"),
+        ({"env": {"SANDBOX_SECRET": "x"}}, "reserved"),
+        ({"env": {"A": "x\u0000y"}}, "NUL"),
         ({"timeout": -1}, "timeout"),
         ({"idle_timeout": -5}, "idle_timeout"),
         ({"delete_after_delay": -1}, "delete_after_delay"),

@@ -326,8 +326,9 @@ class Control:
                 if row is not None and row.status == "deleted":
                     await engine.delete(info.id)
                 elif row is None:
-                    log.warning("engine %s holds sandbox %s unknown to this server",
-                                region, info.id)
+                    log.warning(
+                        "engine %s holds sandbox %s unknown to this server", region, info.id
+                    )
 
     async def close(self) -> None:
         for sandbox_id in list(self._agents):

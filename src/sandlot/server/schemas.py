@@ -12,6 +12,11 @@ from sandlot.instance_types import DEFAULT_INSTANCE_TYPE, INSTANCE_TYPES
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$"
 LABEL_KEY_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9_./-]{0,126}[A-Za-z0-9])?$"
 
+#: The agent's own configuration: a sandbox's env must not set these.
+RESERVED_ENV = frozenset(
+    {"SANDBOX_SECRET", "SANDBOX_SECRET_FILE", "SANDBOX_SECRET_PATH", "SANDBOX_AUTH_MODE"}
+)
+
 NonNegativeInt = Annotated[int, Field(ge=0)]
 NonNegativeSeconds = Annotated[float, Field(ge=0)]
 
@@ -86,6 +91,8 @@ class CreateSandbox(_Strict):
         for key, v in (value or {}).items():
             if not key or "=" in key or "\0" in key:
                 raise ValueError(f"invalid environment variable name {key!r}")
+            if key in RESERVED_ENV:
+                raise ValueError(f"environment variable {key!r} is reserved for sandlot's agent")
             if "\0" in v:
                 raise ValueError(f"environment variable {key!r} contains a NUL byte")
         return value

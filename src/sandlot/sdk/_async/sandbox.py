@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import shlex
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -482,8 +482,8 @@ class AsyncSandbox:
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         timeout: float | None = DEFAULT_EXEC_TIMEOUT,
-        on_stdout: Any = None,
-        on_stderr: Any = None,
+        on_stdout: Callable[[str], object] | None = None,
+        on_stderr: Callable[[str], object] | None = None,
         cancel: CancelToken | None = None,
         raise_on_error: bool = False,
     ) -> CommandResult:
@@ -495,9 +495,11 @@ class AsyncSandbox:
         """
         stream = AsyncExecStream(self, cmd, cwd=cwd, env=env, timeout=timeout, cancel=cancel)
         if on_stdout is not None:
-            stream.add_event_listener("stdout", lambda ev: on_stdout(ev.data["data"]))
+            out = on_stdout
+            stream.add_event_listener("stdout", lambda ev: out(ev.data["data"]))
         if on_stderr is not None:
-            stream.add_event_listener("stderr", lambda ev: on_stderr(ev.data["data"]))
+            err = on_stderr
+            stream.add_event_listener("stderr", lambda ev: err(ev.data["data"]))
         result = await stream.wait()
         if raise_on_error and result.exit_code != 0:
             raise SandboxCommandError(

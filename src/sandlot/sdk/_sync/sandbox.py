@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import shlex
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -481,8 +481,8 @@ class Sandbox:
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         timeout: float | None = DEFAULT_EXEC_TIMEOUT,
-        on_stdout: Any = None,
-        on_stderr: Any = None,
+        on_stdout: Callable[[str], object] | None = None,
+        on_stderr: Callable[[str], object] | None = None,
         cancel: CancelToken | None = None,
         raise_on_error: bool = False,
     ) -> CommandResult:
@@ -494,9 +494,11 @@ class Sandbox:
         """
         stream = ExecStream(self, cmd, cwd=cwd, env=env, timeout=timeout, cancel=cancel)
         if on_stdout is not None:
-            stream.add_event_listener("stdout", lambda ev: on_stdout(ev.data["data"]))
+            out = on_stdout
+            stream.add_event_listener("stdout", lambda ev: out(ev.data["data"]))
         if on_stderr is not None:
-            stream.add_event_listener("stderr", lambda ev: on_stderr(ev.data["data"]))
+            err = on_stderr
+            stream.add_event_listener("stderr", lambda ev: err(ev.data["data"]))
         result = stream.wait()
         if raise_on_error and result.exit_code != 0:
             raise SandboxCommandError(

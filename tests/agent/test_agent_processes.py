@@ -151,3 +151,12 @@ def test_processes_survive_and_are_killed_on_shutdown(agent: Agent, tmp_path: Pa
     assert agent.stop() == 0
     _assert_dead(int(marker.read_text()))
     assert not Path(agent.sock).exists()
+
+
+def test_output_of_children_outliving_the_shell_is_still_logged(client: httpx.Client) -> None:
+    pid = _start(client, "(sleep 0.5; echo late) & echo early")
+    r = client.post("/wait_process", json={"id": pid, "timeout": 5}).json()
+    assert r["status"] == "completed"  # the shell itself ended at once
+    with client.stream("GET", "/process_logs_streaming", params={"id": pid}) as resp:
+        events = sse_events(resp.iter_lines())
+    assert "".join(d["data"] for n, d in events if n == "log") == "early\nlate\n"

@@ -148,6 +148,8 @@ def pump(
     idle: Callable[[], None] | None = None,
     idle_interval: float = 15.0,
     stop: threading.Event | None = None,
+    drain_max: float | None = DRAIN_MAX,
+    on_exit: Callable[[int], None] | None = None,
 ) -> PumpResult:
     """Move output from ``proc``'s pipes to ``sink(stream, data)`` until both close.
 
@@ -155,6 +157,9 @@ def pump(
     - ``peer_fd``/``peer_gone``: the client's socket; if it closes, kill the group and stop.
     - ``idle``: called after ``idle_interval`` seconds of silence (SSE keep-alive comments).
     - ``stop``: set from elsewhere (agent shutdown) to kill and stop.
+    - ``drain_max``: after the shell exits, how long to keep reading pipes that others still
+      hold open (None: until they close -- background processes keep logging).
+    - ``on_exit(returncode)``: called as soon as the shell has exited (and been reaped).
     A ``sink`` that raises (the client went away while we wrote) kills the group too; the
     exception propagates after the kill.
 
@@ -232,11 +237,14 @@ def pump(
                 deadline = None
             if exited_at is None and proc.poll() is not None:
                 exited_at = now
+                if on_exit is not None:
+                    on_exit(proc.returncode)
             if (
-                exited_before_poll
+                drain_max is not None
+                and exited_before_poll
                 and exited_at is not None
                 and names
-                and (not progressed or now - exited_at > DRAIN_MAX)
+                and (not progressed or now - exited_at > drain_max)
             ):
                 break  # the shell is gone; whoever still holds the pipes is not waited for
             if idle is not None and now - last_activity >= idle_interval:

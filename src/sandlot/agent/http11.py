@@ -416,7 +416,6 @@ class Connection:
         self.sock.close()
 
 
-Handler = Callable[[Request], "Reply | None"]
 Dispatch = Callable[[Request], "Reply | None"]
 
 
@@ -480,7 +479,10 @@ def serve_connection(sock: socket.socket, dispatch: Dispatch) -> None:
             except HTTPError as err:
                 if req.responded:
                     return
-                req.respond_json(err.status, err.body())
+                try:
+                    req.respond_json(err.status, err.body())
+                except ClientGone:
+                    return
             except (ClientGone, TimeoutError, ConnectionError):
                 return
             except Exception as exc:

@@ -158,6 +158,11 @@ class ManagedProcess:
             "log_dropped_chunks": self.logs.dropped,
         }
 
+    def _exited(self, returncode: int) -> None:
+        self.ended_at = time.time()
+        self.returncode = returncode
+        self.done.set()
+
     def _run(self, live_groups: set[int], lock: threading.Lock) -> None:
         splitters = {"stdout": Utf8Splitter(), "stderr": Utf8Splitter()}
 
@@ -166,7 +171,8 @@ class ManagedProcess:
                 self.logs.append(stream, chunk)
 
         try:
-            pump(self.popen, sink)
+            # drain_max=None: children the command left running keep their output logged
+            pump(self.popen, sink, drain_max=None, on_exit=self._exited)
         finally:
             for stream, splitter in splitters.items():
                 for chunk in splitter.flush():
@@ -174,12 +180,11 @@ class ManagedProcess:
             if self.popen.stdin is not None:
                 with contextlib.suppress(OSError):
                     self.popen.stdin.close()
-            self.ended_at = time.time()
-            self.returncode = self.popen.returncode
+            if self.returncode is None:
+                self._exited(self.popen.returncode)
             with lock:
                 live_groups.discard(self.pid)
             self.logs.close()
-            self.done.set()
 
     def wait(self, timeout: float | None) -> bool:
         return self.done.wait(timeout)

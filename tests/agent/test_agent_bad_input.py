@@ -34,6 +34,17 @@ def _raw(agent: Agent, data: bytes, *, read: bool = True) -> bytes:
         s.close()
 
 
+@pytest.fixture(scope="module")
+def shared_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    """One agent for the many table-driven cases below (each case is independent)."""
+    a = start_agent(tmp_path_factory.mktemp("bad-input"))
+    try:
+        with a.client() as c:
+            yield c
+    finally:
+        a.stop()
+
+
 def _auth(agent: Agent) -> bytes:
     return f"Authorization: Bearer {agent.secret}\r\n".encode()
 
@@ -263,8 +274,10 @@ def test_reading_a_fifo_does_not_block(client: httpx.Client, tmp_path: Path) -> 
         ("/stat", b'{"path": "\\udbff"}'),
     ],
 )
-def test_lone_surrogates_are_400_not_500(client: httpx.Client, route: str, body: bytes) -> None:
-    r = client.post(route, content=body, headers={"Content-Type": "application/json"})
+def test_lone_surrogates_are_400_not_500(
+    shared_client: httpx.Client, route: str, body: bytes
+) -> None:
+    r = shared_client.post(route, content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 400, r.text
 
 

@@ -164,3 +164,19 @@ def test_streamed_chunked_upload(server: RunningServer) -> None:
         assert r.status_code == 200, r.text
         r = c.get(base + "/files", params={"path": "chunked.bin"}, headers=auth)
         assert r.content == b"".join(chunks)
+
+
+def test_api_tokens_are_not_forwarded_into_sandboxes(server: RunningServer) -> None:
+    """The sandbox is untrusted: a request to the gateway carrying an API token (sl_...) reaches
+    the agent without it (so the agent answers 401), and project headers are dropped too."""
+    with server.client() as c:
+        base, auth = new_sandbox(c)
+        r = c.post(
+            base + "/run",
+            json={"cmd": "true"},
+            headers={"authorization": "Bearer sl_someone-s-api-token"},
+        )
+        assert r.status_code == 401
+        assert c.post(base + "/run", json={"cmd": "true"}, headers=auth).status_code == 200
+        sb = c.get("/v1/sandboxes").json()["sandboxes"][0]
+        assert not c.get(f"/v1/sandboxes/{sb['id']}").json()["secret"].startswith("sl_")

@@ -21,6 +21,7 @@ import select
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 # Annotations only: importing typing at run time costs the agent milliseconds of start-up.
@@ -552,7 +553,11 @@ class Listener:
             if self.sock.family != socket.AF_UNIX:
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             thread = threading.Thread(target=serve_connection, args=(client, dispatch), daemon=True)
-            thread.start()
+            try:
+                thread.start()
+            except RuntimeError:  # "can't start new thread": the pids limit, most likely
+                client.close()
+                time.sleep(0.05)
 
     def close(self) -> None:
         if self.closed:

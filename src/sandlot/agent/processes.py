@@ -18,7 +18,14 @@ import time
 from collections.abc import Iterator, Mapping
 
 from sandlot.agent.chunks import Chunk, Utf8Splitter, chunk_bytes, chunk_fields
-from sandlot.agent.commands import exit_code, kill_group, pump, signal_name, spawn
+from sandlot.agent.commands import (
+    SpawnError,
+    exit_code,
+    kill_group,
+    pump,
+    signal_name,
+    spawn,
+)
 
 # Annotations only: importing typing at run time costs the agent milliseconds of start-up.
 TYPE_CHECKING = False
@@ -236,9 +243,20 @@ class ProcessManager:
             self._procs[proc.id] = proc
             self._live_groups.add(proc.pid)
             self._forget_old()
-        threading.Thread(
-            target=proc._run, args=(self._live_groups, self._lock), daemon=True
-        ).start()
+        try:
+            threading.Thread(
+                target=proc._run, args=(self._live_groups, self._lock), daemon=True
+            ).start()
+        except RuntimeError:  # no thread to read its output: do not leave it running unread
+            kill_group(popen.pid)
+            popen.wait()
+            for pipe in (popen.stdin, popen.stdout, popen.stderr):
+                if pipe is not None:
+                    pipe.close()
+            with self._lock:
+                del self._procs[proc.id]
+                self._live_groups.discard(proc.pid)
+            raise SpawnError("cannot start process: no thread available (pids limit?)") from None
         return proc
 
     def _forget_old(self) -> None:

@@ -287,15 +287,22 @@ def resolve_connection(api_url: str | None, api_token: str | None) -> Connection
 
 def client_kwargs(conn: Connection) -> dict[str, Any]:
     """Keyword arguments for httpx.Client / httpx.AsyncClient (the transport is added by the
-    caller, which knows which of the two it builds)."""
+    caller, which knows which of the two it builds). No default Authorization header: the API
+    token goes only on control requests (:func:`control_headers`), never to a sandbox."""
     headers = {"user-agent": "sandlot-python"}
-    if conn.api_token:
-        headers["authorization"] = f"Bearer {conn.api_token}"
     return {
         "base_url": conn.base_url,
         "headers": headers,
         "timeout": httpx.Timeout(60.0, connect=10.0),
     }
+
+
+def control_headers(conn: Connection, headers: dict[str, str] | None) -> dict[str, str]:
+    """Headers of a request to the control API: the API token unless the caller set one."""
+    merged = dict(headers or {})
+    if conn.api_token and "authorization" not in merged:
+        merged["authorization"] = f"Bearer {conn.api_token}"
+    return merged
 
 
 _server_lock = threading.Lock()

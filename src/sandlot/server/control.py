@@ -97,7 +97,7 @@ class Control:
         image = req.image or DEFAULT_IMAGE
         image = IMAGE_ALIASES.get(image, image)
         sandbox_id = secrets.token_hex(12)
-        secret = secrets.token_urlsafe(32)
+        secret = new_sandbox_secret()
         now = utcnow()
         row = SandboxRow(
             id=sandbox_id,
@@ -336,6 +336,18 @@ class Control:
         for engine in self.engines.values():
             await engine.close()
         await self.db(self.store.close)
+
+
+#: API tokens start with this; sandbox secrets never do, so the gateway can refuse to forward a
+#: token into a sandbox (see gateway.py).
+API_TOKEN_PREFIX = "sl_"
+
+
+def new_sandbox_secret() -> str:
+    while True:
+        secret = secrets.token_urlsafe(32)
+        if not secret.startswith(API_TOKEN_PREFIX):
+            return secret
 
 
 def _describe(exc: BaseException) -> str:

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import anyio
 
-from sandlot.server.control import Control
+from sandlot.server.control import API_TOKEN_PREFIX, Control
 from sandlot.server.upstream import AgentPool, UpstreamError
 
 Scope = dict[str, Any]
@@ -26,6 +26,7 @@ Message = dict[str, Any]
 
 #: Hop-by-hop headers (RFC 9110 §7.6.1) and ones the proxy sets itself.
 _DROP_REQUEST = {
+    b"x-sandlot-project",
     b"host",
     b"connection",
     b"keep-alive",
@@ -36,6 +37,7 @@ _DROP_REQUEST = {
     b"upgrade",
     b"proxy-authorization",
 }
+_TOKEN_PREFIX = API_TOKEN_PREFIX.encode()
 _DROP_RESPONSE = {b"connection", b"keep-alive", b"transfer-encoding", b"trailer", b"upgrade"}
 
 
@@ -69,7 +71,13 @@ class Gateway:
                 {"error": f"sandbox {sandbox_id} not found", "code": "not_found"},
             )
             return
-        headers = [(k, v) for k, v in scope["headers"] if k not in _DROP_REQUEST]
+        # The sandbox is untrusted: an API token sent here by mistake is not passed on to it.
+        headers = [
+            (k, v)
+            for k, v in scope["headers"]
+            if k not in _DROP_REQUEST
+            and not (k == b"authorization" and v[7:].lstrip().startswith(_TOKEN_PREFIX))
+        ]
         has_length = any(k == b"content-length" for k, _ in headers)
         first = await receive()
         if first["type"] == "http.disconnect":

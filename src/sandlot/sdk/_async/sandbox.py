@@ -43,6 +43,7 @@ from sandlot.sdk._common import (
     async_sleep,
     check_port,
     client_kwargs,
+    control_headers,
     monotonic,
     parse_sse_line,
     raise_for_status,
@@ -84,6 +85,7 @@ async def _request(
     **kwargs: Any,
 ) -> Any:
     """One request to the server; the answer's JSON, or the SDK's exception for an error."""
+    kwargs["headers"] = control_headers(conn, kwargs.get("headers"))
     try:
         response = await client.request(method, path, **kwargs)
     except httpx.HTTPError as exc:

@@ -41,6 +41,7 @@ from sandlot.sdk._common import (
     StreamGuard,
     check_port,
     client_kwargs,
+    control_headers,
     monotonic,
     parse_sse_line,
     raise_for_status,
@@ -85,6 +86,7 @@ def _request(
     **kwargs: Any,
 ) -> Any:
     """One request to the server; the answer's JSON, or the SDK's exception for an error."""
+    kwargs["headers"] = control_headers(conn, kwargs.get("headers"))
     try:
         response = client.request(method, path, **kwargs)
     except httpx.HTTPError as exc:

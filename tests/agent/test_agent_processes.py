@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from agentlib import Agent, sse_events
 from test_agent_exactness import _assert_dead
 
@@ -160,3 +161,22 @@ def test_output_of_children_outliving_the_shell_is_still_logged(client: httpx.Cl
     with client.stream("GET", "/process_logs_streaming", params={"id": pid}) as resp:
         events = sse_events(resp.iter_lines())
     assert "".join(d["data"] for n, d in events if n == "log") == "early\nlate\n"
+
+
+def test_no_thread_for_a_process_means_no_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a pids limit, Thread.start() fails: the process must not run on unread."""
+    import os
+    import threading
+
+    from sandlot.agent.commands import SpawnError
+    from sandlot.agent.processes import ProcessManager
+
+    manager = ProcessManager(dict(os.environ), set(), threading.Lock())
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    with pytest.raises(SpawnError, match="no thread"):
+        manager.start("sleep 30", "/", None, stdin=False)
+    assert manager.all() == []

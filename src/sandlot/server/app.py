@@ -34,6 +34,8 @@ from sandlot.server.schemas import (
     CreateToken,
     DeletedOut,
     ErrorOut,
+    EventList,
+    EventOut,
     HealthOut,
     SandboxList,
     SandboxOut,
@@ -84,6 +86,8 @@ def sandbox_out(row: SandboxRow, base: str, with_secret: bool) -> SandboxOut:
         id=row.id,
         name=row.name,
         status=row.status,  # type: ignore[arg-type]
+        sleep_kind=row.sleep_kind if row.status == "sleeping" else None,  # type: ignore[arg-type]
+        last_activity_at=_iso(row.last_activity_at) if row.last_activity_at else None,
         image=row.image,
         instance_type=row.instance_type,
         region=row.region,
@@ -257,6 +261,13 @@ class Api:
             await self.control.delete(who.project, sandbox_id)
         return json_response(DeletedOut(id=sandbox_id, status="deleted"))
 
+    async def sandbox_events(self, request: Request) -> Response:
+        who = await self.principal(request)
+        rows = await self.control.events(who.project, request.path_params["sandbox_id"])
+        return json_response(
+            EventList(events=[EventOut(at=_iso(e.at), kind=e.kind, detail=e.detail) for e in rows])
+        )
+
     async def unsupported_ports(self, request: Request) -> Response:
         await self.principal(request)
         raise ApiError(
@@ -334,6 +345,14 @@ class Api:
                 SandboxOut,
             ),
             ApiRoute("DELETE", sid, self.delete_sandbox, "Delete a sandbox", None, DeletedOut),
+            ApiRoute(
+                "GET",
+                sid + "/events",
+                self.sandbox_events,
+                "A sandbox's history: created, slept, woke, deleted, error",
+                None,
+                EventList,
+            ),
             ApiRoute(
                 "POST",
                 sid + "/ports",
@@ -507,10 +526,13 @@ def create_app(config: ServerConfig) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await control.reconcile(config.stale_create_after)
-        try:
-            yield
-        finally:
-            await control.close()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(control.lifecycle.run)
+            try:
+                yield
+            finally:
+                tg.cancel_scope.cancel()
+                await control.close()
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return error_response(404, "not_found", f"no route for {request.method} {request.url.path}")

@@ -23,6 +23,7 @@ from sandlot.engines.base import (
 )
 from sandlot.instance_types import get_instance_type
 from sandlot.server.db import SandboxRow, Store, utcnow
+from sandlot.server.lifecycle import Lifecycle
 from sandlot.server.schemas import CreateSandbox
 from sandlot.server.upstream import AgentPool, UpstreamError
 
@@ -36,7 +37,7 @@ IMAGE_ALIASES = {"koyeb/sandbox": DEFAULT_IMAGE, "koyeb/sandbox:latest": DEFAULT
 #: How long the gateway trusts its cached sandbox → agent mapping before re-reading the database
 #: (another replica may have deleted the sandbox).
 AGENT_CACHE_TTL = 5.0
-LIVE_STATUSES = ("creating", "running", "paused")
+LIVE_STATUSES = ("creating", "running", "paused", "sleeping")
 
 
 class ApiError(Exception):
@@ -69,6 +70,10 @@ class Control:
     engines: dict[str, Engine]
     default_region: str
     _agents: dict[str, _AgentEntry] = field(default_factory=dict)
+    lifecycle: Lifecycle = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lifecycle = Lifecycle(self)
 
     async def db(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
@@ -154,6 +159,7 @@ class Control:
                 raise ApiError(
                     409, "deleted", f"sandbox {sandbox_id} was deleted while being created"
                 )
+            await self.event(sandbox_id, "created", f"{image} ({req.instance_type})")
             return final  # type: ignore[no-any-return]
         except BaseException as exc:
             # No half-created sandboxes, whatever went wrong (including the client going away,
@@ -253,13 +259,28 @@ class Control:
         row = await self.db(self.store.update_sandbox, sandbox_id, **fields)
         return row  # type: ignore[no-any-return]
 
-    async def delete(self, project: str, sandbox_id: str) -> None:
+    async def delete(
+        self, project: str, sandbox_id: str, reason: str = "deleted on request"
+    ) -> None:
         row = await self.get(project, sandbox_id)
         engine = self.engines.get(row.region)
         if engine is not None:
             await engine.delete(sandbox_id)
         await self._evict(sandbox_id)
         await self.db(self.store.update_sandbox, sandbox_id, status="deleted", deleted_at=utcnow())
+        await self.event(sandbox_id, "deleted", reason)
+        self.lifecycle.forget(sandbox_id)
+
+    async def event(self, sandbox_id: str, kind: str, detail: str = "") -> None:
+        """Record a step of a sandbox's history (``GET /v1/sandboxes/{id}/events``)."""
+        with anyio.CancelScope(shield=True):
+            await self.db(self.store.add_event, sandbox_id, kind, detail)
+
+    async def events(self, project: str, sandbox_id: str) -> list[Any]:
+        row = await self.db(self.store.get_any_sandbox, sandbox_id)
+        if row is None or row.project != project:
+            raise ApiError(404, "not_found", f"sandbox {sandbox_id} not found")
+        return await self.db(self.store.list_events, sandbox_id)  # type: ignore[no-any-return]
 
     # -- gateway support ----------------------------------------------------------------------
 

@@ -22,7 +22,9 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    inspect,
     select,
+    text,
 )
 from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -73,6 +75,12 @@ class SandboxRow(Base):
     delete_after_delay: Mapped[int | None] = mapped_column(Integer, nullable=True)
     delete_after_inactivity_delay: Mapped[int | None] = mapped_column(Integer, nullable=True)
     light_sleep: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Lifecycle state: when traffic was last seen, when it fell asleep and how deeply.
+    last_activity_at: Mapped[dt.datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True
+    )
+    slept_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    sleep_kind: Mapped[str | None] = mapped_column(String(16), nullable=True)
     # Where the agent answers (from the engine).
     agent_unix_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     agent_host: Mapped[str | None] = mapped_column(String(256), nullable=True)
@@ -81,6 +89,18 @@ class SandboxRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class SandboxEvent(Base):
+    """A sandbox's history: created, slept, woke, deleted, error (``sandlot events ID``)."""
+
+    __tablename__ = "sandbox_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sandbox_id: Mapped[str] = mapped_column(String(64), index=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str] = mapped_column(Text, default="")
 
 
 def hash_token(token: str) -> str:
@@ -109,6 +129,21 @@ class Store:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         Base.metadata.create_all(self.engine)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Bring a database made by an older sandlot up to date: new columns are all nullable
+        or defaulted, so adding them is the whole migration."""
+        inspector = inspect(self.engine)
+        with self.engine.begin() as conn:
+            for table in Base.metadata.sorted_tables:
+                present = {c["name"] for c in inspector.get_columns(table.name)}
+                for column in table.columns:
+                    if column.name not in present:
+                        kind = column.type.compile(dialect=self.engine.dialect)
+                        conn.execute(text(
+                            f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'
+                        ))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -119,7 +154,7 @@ class Store:
     # -- tokens -------------------------------------------------------------------------------
 
     def create_token(self, project: str, name: str) -> tuple[ApiToken, str]:
-        token = "sl_" + secrets.token_urlsafe(32)
+        token = "sl_" + secrets.token_urlsafe(32)  # control.API_TOKEN_PREFIX
         row = ApiToken(
             id="tok_" + secrets.token_hex(8),
             project=project,
@@ -207,6 +242,19 @@ class Store:
                 setattr(row, key, value)
             row.updated_at = utcnow()
             return row
+
+    def add_event(self, sandbox_id: str, kind: str, detail: str = "") -> None:
+        with self.session() as s, s.begin():
+            s.add(SandboxEvent(sandbox_id=sandbox_id, kind=kind, detail=detail, at=utcnow()))
+
+    def list_events(self, sandbox_id: str) -> list[SandboxEvent]:
+        with self.session() as s:
+            query = (
+                select(SandboxEvent)
+                .where(SandboxEvent.sandbox_id == sandbox_id)
+                .order_by(SandboxEvent.id)
+            )
+            return list(s.scalars(query))
 
     def sandboxes_with_status(self, statuses: Iterable[str]) -> list[SandboxRow]:
         with self.session() as s:

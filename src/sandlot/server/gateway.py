@@ -19,6 +19,7 @@ from urllib.parse import quote
 import anyio
 
 from sandlot.server.control import API_TOKEN_PREFIX, Control
+from sandlot.server.lifecycle import WakeError
 from sandlot.server.upstream import AgentPool, UpstreamError
 
 Scope = dict[str, Any]
@@ -61,8 +62,16 @@ class Gateway:
         self.control = control
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        sandbox_id: str = scope["path_params"]["sandbox_id"]
+        # The whole request is activity: it keeps the sandbox awake, and wakes it if asleep.
+        try:
+            async with self.control.lifecycle.activity(sandbox_id):
+                await self._proxy(scope, receive, send, sandbox_id)
+        except WakeError as exc:
+            await _send_json(send, 503, {"error": str(exc), "code": "wake_failed"})
+
+    async def _proxy(self, scope: Scope, receive: Any, send: Any, sandbox_id: str) -> None:
         params = scope["path_params"]
-        sandbox_id: str = params["sandbox_id"]
         pool = await self.control.agent_for(sandbox_id)
         if pool is None:
             await _send_json(

@@ -18,6 +18,8 @@ RESERVED_ENV = frozenset(
 )
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
+#: Lifecycle timers: whole seconds, at most ten years (a larger value is a typo, not a plan).
+TimerSeconds = Annotated[int, Field(ge=0, le=10 * 365 * 24 * 3600)]
 NonNegativeSeconds = Annotated[float, Field(ge=0)]
 
 
@@ -65,14 +67,14 @@ class CreateSandbox(_Strict):
     timeout: NonNegativeSeconds = Field(
         300, description="Seconds to wait for readiness when wait_ready."
     )
-    idle_timeout: NonNegativeInt = Field(
+    idle_timeout: TimerSeconds = Field(
         300, description="Seconds without traffic before sleep; 0 disables sleep."
     )
     enable_tcp_proxy: StrictBool = False
     privileged: StrictBool = False
     registry_secret: StrictStr | None = None
-    delete_after_delay: NonNegativeInt | None = None
-    delete_after_inactivity_delay: NonNegativeInt | None = None
+    delete_after_delay: TimerSeconds | None = None
+    delete_after_inactivity_delay: TimerSeconds | None = None
     enable_light_sleep: StrictBool = False
     labels: dict[StrictStr, StrictStr] | None = None
 
@@ -113,9 +115,9 @@ class CreateSandbox(_Strict):
 class UpdateSandbox(_Strict):
     """Lifecycle fields (and labels). Omitted fields are unchanged; ``null`` clears a delay."""
 
-    idle_timeout: NonNegativeInt | None = None
-    delete_after_delay: NonNegativeInt | None = None
-    delete_after_inactivity_delay: NonNegativeInt | None = None
+    idle_timeout: TimerSeconds | None = None
+    delete_after_delay: TimerSeconds | None = None
+    delete_after_inactivity_delay: TimerSeconds | None = None
     enable_light_sleep: StrictBool | None = None
     labels: dict[StrictStr, StrictStr] | None = None
 
@@ -128,7 +130,12 @@ class UpdateSandbox(_Strict):
 class SandboxOut(BaseModel):
     id: str
     name: str
-    status: Literal["creating", "running", "paused", "error", "deleted"]
+    status: Literal["creating", "running", "paused", "sleeping", "error", "deleted"]
+    sleep_kind: Literal["light", "deep"] | None = Field(
+        None, description="While sleeping: light (frozen, memory kept) or deep (processes ended, "
+        "filesystem kept; background processes are lost)."
+    )
+    last_activity_at: str | None = None
     image: str
     instance_type: str
     region: str
@@ -151,6 +158,16 @@ class SandboxOut(BaseModel):
 
 class SandboxList(BaseModel):
     sandboxes: list[SandboxOut]
+
+
+class EventOut(BaseModel):
+    at: str
+    kind: str
+    detail: str
+
+
+class EventList(BaseModel):
+    events: list[EventOut]
 
 
 class DeletedOut(BaseModel):

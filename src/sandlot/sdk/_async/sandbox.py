@@ -311,6 +311,16 @@ class AsyncSandbox:
         self._info.update(data)
         return self
 
+    async def events(self) -> list[dict[str, Any]]:
+        """The sandbox's history, oldest first: ``{at, kind, detail}`` for created, slept
+        (light/deep), woke, deleted (with the reason) and error. Readable after deletion."""
+        client = await self._http()
+        data = await _request(
+            client, self._conn, "GET", f"/v1/sandboxes/{self.id}/events",
+            f"get events of sandbox {self.id}",
+        )
+        return list(data["events"])
+
     # -- lifecycle --------------------------------------------------------------------------------
 
     def get_sandbox_url(self) -> str:

@@ -1,0 +1,221 @@
+"""Sandbox lifecycle: sleep when idle, wake on traffic, delete after the chosen delays.
+
+The rules are the seed's (Koyeb's):
+
+- ``idle_timeout`` seconds without activity put a sandbox to sleep (0 disables sleep). Sleep is
+  *deep* -- processes end, memory is released, the filesystem stays -- unless light sleep is
+  enabled, in which case it is *light* (processes frozen, memory kept, no CPU) and turns deep
+  after :data:`DEEP_SLEEP_AFTER_LIGHT` seconds.
+- ``delete_after_delay``: delete that many seconds after creation.
+- ``delete_after_inactivity_delay``: delete that many seconds after the sandbox fell asleep.
+
+Activity is what passes through the gateway: every request to the agent API counts from its
+start to its end, so an open stream (``exec_stream``, process logs) keeps a sandbox awake, while
+a background process started with ``launch_process`` alone does not (use ``idle_timeout=0`` for
+that). A request to a sleeping sandbox wakes it first, transparently.
+
+Deadlines are computed from timestamps stored in the database (created, last activity, slept),
+so they survive a server restart; the last-activity time is written at most every
+:data:`ACTIVITY_FLUSH_SECONDS` (and at every sleep) to keep the gateway's hot path free of writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import anyio
+
+from sandlot.engines.base import EngineError
+from sandlot.server.db import SandboxRow, utcnow
+
+if TYPE_CHECKING:
+    from sandlot.server.control import Control
+
+log = logging.getLogger("sandlot.lifecycle")
+
+#: With light sleep, a sandbox asleep this long goes into deep sleep (Koyeb: 3900 s).
+DEEP_SLEEP_AFTER_LIGHT = 3900
+ACTIVITY_FLUSH_SECONDS = 5.0
+TICK_SECONDS = 0.5
+
+
+class WakeError(Exception):
+    """A sleeping sandbox could not be woken (the gateway answers 503 with this message)."""
+
+
+def _aware(value: dt.datetime | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+class Lifecycle:
+    def __init__(self, control: Control, tick: float = TICK_SECONDS) -> None:
+        self.control = control
+        self.tick = tick
+        self._inflight: dict[str, int] = defaultdict(int)
+        #: Monotonic-free wall times (UTC) of the last activity seen by this server.
+        self._last_activity: dict[str, dt.datetime] = {}
+        self._flushed: dict[str, float] = {}
+        self._locks: dict[str, anyio.Lock] = {}
+
+    def _lock(self, sandbox_id: str) -> anyio.Lock:
+        return self._locks.setdefault(sandbox_id, anyio.Lock())
+
+    # -- activity (the gateway) ---------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def activity(self, sandbox_id: str) -> AsyncIterator[None]:
+        """Wrap one request to a sandbox: it is awake for the request's whole duration."""
+        self._inflight[sandbox_id] += 1
+        try:
+            await self.ensure_awake(sandbox_id)
+            yield
+        finally:
+            self._inflight[sandbox_id] -= 1
+            if self._inflight[sandbox_id] <= 0:
+                del self._inflight[sandbox_id]
+            await self._touch(sandbox_id)
+
+    async def _touch(self, sandbox_id: str) -> None:
+        now = utcnow()
+        self._last_activity[sandbox_id] = now
+        if time.monotonic() - self._flushed.get(sandbox_id, 0.0) >= ACTIVITY_FLUSH_SECONDS:
+            self._flushed[sandbox_id] = time.monotonic()
+            with anyio.CancelScope(shield=True):
+                await self.control.db(
+                    self.control.store.update_sandbox, sandbox_id, last_activity_at=now,
+                )
+
+    async def ensure_awake(self, sandbox_id: str) -> None:
+        """Wake a sleeping sandbox (no-op for any other status, including unknown ids)."""
+        row = await self.control.db(self.control.store.get_sandbox, sandbox_id)
+        if row is None or row.status != "sleeping":
+            return
+        async with self._lock(sandbox_id):
+            row = await self.control.db(self.control.store.get_sandbox, sandbox_id)
+            if row is None or row.status != "sleeping":
+                return
+            await self._wake(row)
+
+    async def _wake(self, row: SandboxRow) -> None:
+        engine = self.control.engines[row.region]
+        started = time.perf_counter()
+        kind = row.sleep_kind or "deep"
+        try:
+            if kind == "light":
+                await engine.resume(row.id)
+            else:
+                info = await engine.start(row.id)
+                await self.control.db(
+                    self.control.store.update_sandbox, row.id,
+                    agent_unix_path=info.agent_address.unix_path,
+                    agent_host=info.agent_address.host, agent_port=info.agent_address.port,
+                )
+                await self.control._evict(row.id)  # connections to the old agent are gone
+                await self.control._wait_healthy(engine, row.id, info.agent_address, 60.0)
+        except (EngineError, OSError) as exc:
+            await self.control.db(
+                self.control.store.update_sandbox, row.id, status="error",
+                error=f"waking from {kind} sleep failed: {exc}",
+            )
+            await self.control.event(row.id, "error", f"waking from {kind} sleep failed: {exc}")
+            raise WakeError(f"sandbox {row.id} could not wake from {kind} sleep: {exc}") from exc
+        ms = (time.perf_counter() - started) * 1000
+        await self.control.db(
+            self.control.store.update_sandbox, row.id, status="running", sleep_kind=None,
+            slept_at=None, last_activity_at=utcnow(),
+        )
+        await self.control.event(row.id, "woke", f"from {kind} sleep in {ms:.1f} ms")
+
+    # -- transitions --------------------------------------------------------------------------
+
+    async def sleep(self, sandbox_id: str, kind: str) -> bool:
+        """Put a sandbox to sleep unless a request is in flight; True if it slept."""
+        async with self._lock(sandbox_id):
+            if self._inflight.get(sandbox_id):
+                return False
+            row = await self.control.db(self.control.store.get_sandbox, sandbox_id)
+            if row is None or row.status not in ("running", "sleeping"):
+                return False
+            if row.status == "sleeping" and (row.sleep_kind == kind or kind == "light"):
+                return False
+            engine = self.control.engines[row.region]
+            if kind == "light":
+                await engine.pause(sandbox_id)
+            else:
+                if row.status == "sleeping":  # light -> deep: thaw so the kill can land
+                    with contextlib.suppress(EngineError):
+                        await engine.resume(sandbox_id)
+                await engine.stop(sandbox_id)
+                await self.control._evict(sandbox_id)
+            slept_at = row.slept_at if row.status == "sleeping" else utcnow()
+            await self.control.db(
+                self.control.store.update_sandbox, sandbox_id, status="sleeping",
+                sleep_kind=kind, slept_at=slept_at,
+                last_activity_at=self._last_activity.get(sandbox_id, row.last_activity_at),
+            )
+            detail = "processes frozen, memory kept" if kind == "light" else (
+                "processes stopped, memory released, filesystem kept")
+            await self.control.event(sandbox_id, f"slept ({kind})", detail)
+            return True
+
+    async def expire(self, row: SandboxRow, reason: str) -> None:
+        from sandlot.server.control import ApiError
+
+        async with self._lock(row.id):
+            with contextlib.suppress(ApiError):  # already gone: nothing to do
+                await self.control.delete(row.project, row.id, reason=reason)
+
+    def forget(self, sandbox_id: str) -> None:
+        for d in (self._last_activity, self._flushed, self._locks):
+            d.pop(sandbox_id, None)
+
+    # -- the timer loop -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.check(utcnow())
+            except Exception:  # pragma: no cover - logged; the loop must go on
+                log.exception("lifecycle check failed")
+            await anyio.sleep(self.tick)
+
+    async def check(self, now: dt.datetime) -> None:
+        rows = await self.control.db(
+            self.control.store.sandboxes_with_status, ["running", "sleeping"]
+        )
+        for row in rows:
+            await self._check_one(row, now)
+
+    async def _check_one(self, row: SandboxRow, now: dt.datetime) -> None:
+        created = _aware(row.created_at) or now
+        slept = _aware(row.slept_at)
+        if row.delete_after_delay is not None and (now - created).total_seconds() >= (
+            row.delete_after_delay
+        ):
+            await self.expire(row, f"delete_after_delay ({row.delete_after_delay}s) passed")
+            return
+        if row.status == "sleeping":
+            asleep_for = (now - slept).total_seconds() if slept else 0.0
+            if row.delete_after_inactivity_delay is not None and asleep_for >= (
+                row.delete_after_inactivity_delay
+            ):
+                await self.expire(
+                    row,
+                    f"delete_after_inactivity_delay ({row.delete_after_inactivity_delay}s) passed",
+                )
+            elif row.sleep_kind == "light" and asleep_for >= DEEP_SLEEP_AFTER_LIGHT:
+                await self.sleep(row.id, "deep")
+            return
+        if row.idle_timeout <= 0 or self._inflight.get(row.id):
+            return
+        last = self._last_activity.get(row.id) or _aware(row.last_activity_at) or created
+        if (now - last).total_seconds() >= row.idle_timeout:
+            await self.sleep(row.id, "light" if row.light_sleep else "deep")

@@ -64,6 +64,7 @@ from sandlot.sdk.errors import (
 _UNSET: Any = object()
 # Aliases: inside AsyncSandbox, "list" is the classmethod.
 _ProcessList = list[ProcessInfo]
+_EventList = list[dict[str, Any]]
 
 
 async def _open_client(conn: Connection) -> httpx.AsyncClient:
@@ -311,7 +312,7 @@ class AsyncSandbox:
         self._info.update(data)
         return self
 
-    async def events(self) -> list[dict[str, Any]]:
+    async def events(self) -> _EventList:
         """The sandbox's history, oldest first: ``{at, kind, detail}`` for created, slept
         (light/deep), woke, deleted (with the reason) and error. Readable after deletion."""
         client = await self._http()

@@ -65,6 +65,7 @@ from sandlot.sdk.errors import (
 _UNSET: Any = object()
 # Aliases: inside AsyncSandbox, "list" is the classmethod.
 _ProcessList = list[ProcessInfo]
+_EventList = list[dict[str, Any]]
 
 
 def _open_client(conn: Connection) -> httpx.Client:
@@ -310,7 +311,7 @@ class Sandbox:
         self._info.update(data)
         return self
 
-    def events(self) -> list[dict[str, Any]]:
+    def events(self) -> _EventList:
         """The sandbox's history, oldest first: ``{at, kind, detail}`` for created, slept
         (light/deep), woke, deleted (with the reason) and error. Readable after deletion."""
         client = self._http()

@@ -88,3 +88,14 @@ def test_token_create_list_revoke(cli: CliRunner) -> None:
     assert tok["id"] in [t["id"] for t in listed]
     assert all(t.get("token") is None for t in listed)
     assert cli.invoke(main, ["token", "revoke", tok["id"]]).exit_code == 0
+
+
+def test_events_after_delete(cli: CliRunner) -> None:
+    created = cli.invoke(main, ["create", "--image", "busybox"])
+    sid = created.stdout.strip()
+    assert cli.invoke(main, ["rm", sid]).exit_code == 0
+    out = cli.invoke(main, ["events", sid, "--json"])
+    assert out.exit_code == 0, out.output
+    assert [e["kind"] for e in json.loads(out.stdout)] == ["created", "deleted"]
+    text = cli.invoke(main, ["events", sid])
+    assert "deleted on request" in text.stdout

@@ -123,7 +123,10 @@ def list_sandboxes(name: str | None, labels: tuple[str, ...], as_json: bool) -> 
     table = Table("NAME", "STATUS", "IMAGE", "TYPE", "CREATED", box=None)
     table.add_column("ID", no_wrap=True, min_width=24)  # ids are what scripts copy: never cut
     for it in items:
-        table.add_row(it.get("name") or "", it.get("status", ""), it.get("image", ""),
+        status = it.get("status", "")
+        if status == "sleeping" and it.get("sleep_kind"):
+            status = f"sleeping ({it['sleep_kind']})"
+        table.add_row(it.get("name") or "", status, it.get("image", ""),
                       it.get("instance_type", ""), str(it.get("created_at", ""))[:19], it["id"])
     Console().print(table)
 
@@ -205,6 +208,27 @@ def rm(sandbox_ids: tuple[str, ...]) -> None:
         sb = Sandbox.get_from_id(sandbox_id)
         sb.delete()
         click.echo(sandbox_id)
+
+
+@click.command()
+@click.argument("sandbox_id")
+@click.option("--json", "as_json", is_flag=True)
+@sdk_errors
+def events(sandbox_id: str, as_json: bool) -> None:
+    """Show a sandbox's history: created, slept, woke, deleted (also after deletion)."""
+    from sandlot.sdk._common import resolve_connection
+    from sandlot.sdk._sync.sandbox import _open_client, _request
+
+    conn = resolve_connection(None, None)
+    with _open_client(conn) as client:
+        data = _request(client, conn, "GET", f"/v1/sandboxes/{sandbox_id}/events",
+                        f"get events of sandbox {sandbox_id}")
+    items = data["events"]
+    if as_json:
+        click.echo(json.dumps(items))
+        return
+    for it in items:
+        click.echo(f"{it['at'][:23]}  {it['kind']:<14} {it['detail']}")
 
 
 # -- tokens -------------------------------------------------------------------------------------
@@ -308,4 +332,4 @@ def image_list(as_json: bool) -> None:
         click.echo(f"{it['name']}\t{it['path']}")
 
 
-COMMANDS = [create, list_sandboxes, exec_command, run, cp, rm, token, image]
+COMMANDS = [create, list_sandboxes, exec_command, run, cp, rm, events, token, image]

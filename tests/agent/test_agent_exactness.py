@@ -182,3 +182,22 @@ def test_no_fd_leak_and_no_zombies(agent: Agent, client: httpx.Client) -> None:
     assert agent.fd_count() <= before + 1
     assert agent.zombies() == []
     assert os.path.exists(agent.sock)
+
+
+def test_http10_client_gets_an_unchunked_stream(agent: Agent) -> None:
+    s = agent.raw()
+    body = b'{"cmd": "echo one; echo two"}'
+    s.sendall(
+        b"POST /run_streaming HTTP/1.0\r\nAuthorization: Bearer "
+        + (agent.secret or "").encode()
+        + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    s.close()
+    head, _, rest = out.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head and b"Connection: close" in head
+    assert rest.startswith(b"event: output\ndata: ")
+    assert rest.endswith(b'event: complete\ndata: {"code":0,"error":false}\n\n')

@@ -321,15 +321,25 @@ class Request:
     def start_stream(
         self, status: int, content_type: str, headers: dict[str, str] | None = None
     ) -> ChunkedWriter:
-        """Send the head of a chunked response; the body follows through the writer."""
+        """Send the head of a chunked response; the body follows through the writer.
+
+        HTTP/1.0 has no chunked encoding: such a client gets the raw body, ended by closing.
+        """
         if self.responded:
             raise RuntimeError("response already sent")
         self.responded = True
-        h = {"Content-Type": content_type, "Transfer-Encoding": "chunked"}
+        if not self._body_done:
+            self.discard_body()
+        chunked = self.version != "HTTP/1.0"
+        if not chunked:
+            self.keep_alive = False
+        h = {"Content-Type": content_type}
+        if chunked:
+            h["Transfer-Encoding"] = "chunked"
         if headers:
             h.update(headers)
         self.conn.send(self._head(status, h))
-        return ChunkedWriter(self)
+        return ChunkedWriter(self, chunked)
 
     def start_fixed(self, status: int, length: int, content_type: str) -> None:
         """Send the head of a response whose body (``length`` bytes) follows by :meth:`send`."""
@@ -353,13 +363,16 @@ class Request:
 class ChunkedWriter:
     """The body of a chunked response; any write failure becomes :class:`ClientGone`."""
 
-    def __init__(self, request: Request) -> None:
+    def __init__(self, request: Request, chunked: bool = True) -> None:
         self.request = request
+        self.chunked = chunked
         self.closed = False
 
     def write(self, data: bytes) -> None:
         if data:
-            self.request.conn.send(b"%x\r\n%b\r\n" % (len(data), data))
+            if self.chunked:
+                data = b"%x\r\n%b\r\n" % (len(data), data)
+            self.request.conn.send(data)
 
     def event(self, name: str, obj: Any) -> None:
         """One server-sent event: ``event: <name>\\ndata: <json>\\n\\n``."""
@@ -371,7 +384,8 @@ class ChunkedWriter:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.request.conn.send(b"0\r\n\r\n")
+            if self.chunked:
+                self.request.conn.send(b"0\r\n\r\n")
 
 
 class Connection:

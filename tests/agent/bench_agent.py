@@ -82,6 +82,35 @@ def memory_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def stream_latency(path: str, lines: int = 50) -> list[float]:
+    """Each line carries the wall-clock time it was written; compare with when it arrives."""
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    cmd = f"for i in $(seq {lines}); do date +%s.%N; sleep 0.01; done"
+    body = json.dumps({"cmd": cmd}).encode()
+    s.sendall(
+        f"POST /run_streaming HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {SECRET}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    out: list[float] = []
+    buf = b""
+    while len(out) < lines:
+        data = s.recv(65536)
+        now = time.time()
+        if not data:
+            break
+        buf += data
+        while b"\n\n" in buf:
+            event, _, buf = buf.partition(b"\n\n")
+            for line in event.split(b"\n"):
+                if b"data: {" in line and b'"stream"' in line:
+                    payload = json.loads(line.split(b"data: ", 1)[1])
+                    out.append(now - float(payload["data"]))
+    s.close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--python", default="/usr/bin/python3.11")
@@ -113,6 +142,7 @@ def main() -> None:
                 health.append(time.perf_counter() - t0)
             busy = memory_kib(proc.pid)
             s.close()
+            latencies = stream_latency(path)
         finally:
             proc.terminate()
             proc.wait()
@@ -128,6 +158,10 @@ def main() -> None:
         f"{sorted(rtts)[int(len(rtts) * 0.9)] * ms:.2f}, n={len(rtts)})"
     )
     print(f"/health round trip: median {statistics.median(health) * ms:.3f} ms")
+    print(
+        f"streamed output, write -> client: median {statistics.median(latencies) * ms:.2f} ms "
+        f"(p90 {sorted(latencies)[int(len(latencies) * 0.9)] * ms:.2f}, n={len(latencies)})"
+    )
     print(f"memory idle (KiB): {idle}")
     print(f"memory after {args.execs} runs (KiB): {busy}")
 

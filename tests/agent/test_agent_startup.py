@@ -221,3 +221,31 @@ def test_agent_runs_without_site_packages(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_sigterm_during_a_stream_kills_the_command_and_exits(tmp_path: Path) -> None:
+    marker = tmp_path / "pid"
+    a = start_agent(tmp_path)
+    with (
+        a.client() as c,
+        c.stream(
+            "POST", "/run_streaming", json={"cmd": f"echo $$ > {marker}; echo go; exec sleep 60"}
+        ) as r,
+    ):
+        lines = r.iter_lines()
+        while "go" not in next(lines):
+            pass
+        t0 = time.monotonic()
+        a.proc.send_signal(signal.SIGTERM)
+        assert a.proc.wait(10) == 0
+        assert time.monotonic() - t0 < 5
+    pid = int(marker.read_text())
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.02)
+    else:
+        assert not os.path.exists(f"/proc/{pid}")
+    assert not Path(a.sock).exists()

@@ -290,3 +290,27 @@ def test_non_utf8_file_names_round_trip(client: httpx.Client, tmp_path: Path) ->
     # query parameters are percent-decoded to the same bytes
     r = client.get(f"/files?path={tmp_path}/caf%E9")
     assert r.status_code == 200 and r.content == b"x"
+
+
+@pytest.mark.parametrize("size", [b"0x5", b"+5", b"5_0", b"-1", b""])
+def test_chunk_sizes_must_be_plain_hex(agent: Agent, size: bytes) -> None:
+    out = _raw(
+        agent,
+        b"POST /run HTTP/1.1\r\nHost: a\r\n"
+        + _auth(agent)
+        + b"Transfer-Encoding: chunked\r\n\r\n"
+        + size
+        + b"\r\nhello\r\n0\r\n\r\n",
+    )
+    assert out.startswith(b"HTTP/1.1 400 ")
+
+
+def test_rejected_expect_continue_is_answered_without_waiting(agent: Agent) -> None:
+    s = agent.raw(timeout=5)
+    s.sendall(
+        b"POST /run HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer wrong\r\n"
+        b"Expect: 100-continue\r\nContent-Length: 100\r\n\r\n"
+    )
+    out = s.recv(65536)
+    s.close()
+    assert out.startswith(b"HTTP/1.1 401 ") and b"Connection: close" in out

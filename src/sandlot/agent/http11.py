@@ -113,6 +113,7 @@ def dump_json(obj: Any) -> bytes:
 
 
 _HEX = frozenset("0123456789abcdefABCDEF")
+_HEX_BYTES = frozenset(b"0123456789abcdefABCDEF")
 
 
 def percent_decode(text: str, plus: bool = False) -> str:
@@ -211,12 +212,10 @@ class Request:
             line = rfile.readline(1024)
             if not line.endswith(b"\n"):
                 raise HTTPError(400, "malformed chunked body")
-            try:
-                self._chunk_left = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise HTTPError(400, "malformed chunk size") from None
-            if self._chunk_left < 0:
+            size_field = line.split(b";", 1)[0].strip()
+            if not size_field or not all(c in _HEX_BYTES for c in size_field):
                 raise HTTPError(400, "malformed chunk size")
+            self._chunk_left = int(size_field, 16)
             if self._chunk_left == 0:
                 # Trailer section: header lines until an empty line.
                 for _ in range(MAX_HEADER_COUNT):
@@ -277,9 +276,12 @@ class Request:
         if not self._chunked and self._remaining > limit:
             self.keep_alive = False
             return
+        if self._expect_continue:
+            # The client waits for "100 Continue" before sending the body: it will not come,
+            # so answer and close instead of waiting for bytes that may never be sent.
+            self.keep_alive = False
+            return
         total = 0
-        # Never send "100 Continue" just to throw the body away.
-        self._expect_continue = False
         try:
             for data in self.iter_body():
                 total += len(data)

@@ -17,6 +17,7 @@ fi
 #   passt, slirp4netns       outbound networking    postgresql            server store tests
 PACKAGES=(crun runc mmdebstrap python3.11-minimal libpython3.11-stdlib tini patchelf
           busybox-static umoci uidmap passt slirp4netns postgresql python3-venv)
+PACKAGES+=(podman docker.io)  # python -m bench compares sandlot with them (daemon started by the bench)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,248 @@
+"""Where the time goes: stage timers around the local engine's create/delete, and cProfile of
+the server (and of the SDK client) while it serves creates and execs.
+
+The stage timers wrap the engine's own functions in this process (a LocalEngine on a private
+state dir and the host's images); nothing in ``src/`` changes. The profiles come from a private
+server started under ``python -m cProfile`` (:class:`bench.server.BenchServer`), so they show the
+server's Python work per request; waits on subprocesses (mkfs, crun) are in the stage timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import cProfile
+import functools
+import inspect
+import io
+import pstats
+import shutil
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.server import BenchServer, images_dir
+from bench.stats import Result
+
+CREATE_STAGES = [
+    ("images.resolve", "image lookup"),
+    ("agent_runtime", "agent runtime lookup"),
+    ("_allocate_slot", "uid-range slot (scans every sandbox's meta.json)"),
+    ("mounts.mount_disk_image", "disk quota: truncate + mkfs.ext4 (includes the loop mount below)"),
+    ("mounts.mount_existing_disk_image", "disk quota: mount -o loop"),
+    ("idmap.userns_fd", "user namespace fd for the id-mapping"),
+    ("idmap.mount_idmapped", "id-mapped read-only image mount"),
+    ("mounts.mount_overlay", "overlay mount"),
+    ("build_config", "OCI config.json from typed data"),
+    ("_prepare", "all of the bundle preparation (the rows above from disk quota on, + files)"),
+    ("runtime.run_detached", "crun run --detach (unshare + sh + crun; namespaces, cgroups, "
+                             "seccomp)"),
+    ("agent_health", "agent start: tini -> python agent -> first /health answer"),
+]
+DELETE_STAGES = [
+    ("runtime.kill_all", "crun kill --all KILL"),
+    ("runtime.delete", "crun delete --force"),
+    ("_remove_files", "unmount overlay/idmap/disk, rmdir cgroups, rm -rf"),
+]
+
+
+class _Timers:
+    def __init__(self) -> None:
+        self.current: dict[str, float] = defaultdict(float)
+
+    def wrap(self, owner: Any, attr: str, label: str) -> None:
+        fn = getattr(owner, attr)
+        if inspect.iscoroutinefunction(fn):
+            @functools.wraps(fn)
+            async def awrapper(*a: Any, **k: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return await fn(*a, **k)
+                finally:
+                    self.current[label] += (time.perf_counter() - t0) * 1000
+
+            setattr(owner, attr, awrapper)
+        else:
+            @functools.wraps(fn)
+            def wrapper(*a: Any, **k: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    self.current[label] += (time.perf_counter() - t0) * 1000
+
+            setattr(owner, attr, wrapper)
+
+    def take(self) -> dict[str, float]:
+        out, self.current = dict(self.current), defaultdict(float)
+        return out
+
+
+async def _wait_health(sock: str, timeout: float = 30) -> None:
+    transport = httpx.AsyncHTTPTransport(uds=sock)
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(transport=transport, base_url="http://a") as client:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                if (await client.get("/health")).status_code == 200:
+                    return
+            await asyncio.sleep(0.001)
+    raise TimeoutError("agent did not answer /health")
+
+
+def engine_stages(n: int, image: str = "default") -> dict[str, Any]:
+    """Median milliseconds per stage of LocalEngine.create (to a healthy agent) and delete."""
+    from sandlot.engines import local as local_pkg
+    from sandlot.engines.base import SandboxSpec
+    from sandlot.engines.local import LocalEngine, idmap, mounts
+    from sandlot.engines.local import engine as engine_mod
+    from sandlot.images.store import ImageStore
+    from sandlot.instance_types import get_instance_type
+
+    del local_pkg
+    tmp = Path(tempfile.mkdtemp(prefix="slb-st-", dir="/tmp"))
+    timers = _Timers()
+    patched: list[tuple[Any, str, Any]] = []
+
+    def wrap(owner: Any, attr: str, label: str) -> None:
+        patched.append((owner, attr, getattr(owner, attr)))
+        timers.wrap(owner, attr, label)
+
+    async def run() -> dict[str, Any]:
+        eng = LocalEngine(tmp / "state", images=ImageStore(images_dir()))
+        eng.agent_runtime()
+        wrap(eng.images, "resolve", "images.resolve")
+        wrap(eng, "agent_runtime", "agent_runtime")
+        wrap(eng, "_allocate_slot", "_allocate_slot")
+        wrap(eng, "_prepare", "_prepare")
+        wrap(mounts, "mount_disk_image", "mounts.mount_disk_image")
+        wrap(mounts, "mount_existing_disk_image", "mounts.mount_existing_disk_image")
+        wrap(mounts, "mount_overlay", "mounts.mount_overlay")
+        wrap(idmap, "userns_fd", "idmap.userns_fd")
+        wrap(idmap, "mount_idmapped", "idmap.mount_idmapped")
+        wrap(engine_mod, "build_config", "build_config")
+        wrap(eng.runtime.__class__, "run_detached", "runtime.run_detached")
+        wrap(eng.runtime.__class__, "kill_all", "runtime.kill_all")
+        wrap(eng.runtime.__class__, "delete", "runtime.delete")
+        wrap(eng, "_remove_files", "_remove_files")
+        creates: list[dict[str, float]] = []
+        deletes: list[dict[str, float]] = []
+        totals: list[float] = []
+        del_totals: list[float] = []
+        try:
+            for i in range(n + 1):  # the first is a warm-up
+                spec = SandboxSpec(id=f"slbst{i:04d}{int(time.time()) % 100000}", image=image,
+                                   secret="s", instance_type=get_instance_type("micro"))
+                timers.take()
+                t0 = time.perf_counter()
+                info = await eng.create(spec)
+                assert info.agent_address.unix_path
+                t1 = time.perf_counter()
+                await _wait_health(info.agent_address.unix_path)
+                t2 = time.perf_counter()
+                stage = timers.take()
+                stage["agent_health"] = (t2 - t1) * 1000
+                await asyncio.sleep(0.2)
+                timers.take()
+                t3 = time.perf_counter()
+                await eng.delete(spec.id)
+                dstage = timers.take()
+                if i:
+                    creates.append(stage)
+                    deletes.append(dstage)
+                    totals.append((t2 - t0) * 1000)
+                    del_totals.append((time.perf_counter() - t3) * 1000)
+        finally:
+            for owner, attr, original in reversed(patched):
+                setattr(owner, attr, original)
+            for leftover in list((tmp / "state" / "sandboxes").iterdir()):
+                with contextlib.suppress(Exception):
+                    await eng.delete(leftover.name)
+
+        def med(rows: list[dict[str, float]], key: str) -> float:
+            return round(statistics.median([r.get(key, 0.0) for r in rows]), 2)
+
+        return {
+            "image": image,
+            "n": n,
+            "create_to_healthy_ms": round(statistics.median(totals), 2),
+            "delete_ms": round(statistics.median(del_totals), 2),
+            "create": [{"stage": k, "what": w, "median_ms": med(creates, k)}
+                       for k, w in CREATE_STAGES],
+            "delete": [{"stage": k, "what": w, "median_ms": med(deletes, k)}
+                       for k, w in DELETE_STAGES],
+        }
+
+    try:
+        return asyncio.run(run())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _top(stats_path: Path, per: int, limit: int = 14) -> list[dict[str, Any]]:
+    """Functions by own time (tottime), per operation, without interpreter start-up."""
+    st = pstats.Stats(str(stats_path), stream=io.StringIO())
+    rows = []
+    for (filename, line, func), (_cc, nc, tt, ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
+        if filename.startswith("<frozen") or func in ("<module>", "exec"):
+            continue
+        short = filename.split("site-packages/")[-1].split("/src/")[-1]
+        rows.append({"function": f"{short}:{line}({func})" if line else func,
+                     "calls_per_op": round(nc / per, 2),
+                     "own_ms_per_op": round(tt * 1000 / per, 3),
+                     "cum_ms_per_op": round(ct * 1000 / per, 3)})
+    rows.sort(key=lambda r: r["own_ms_per_op"], reverse=True)
+    return rows[:limit]
+
+
+def profile_server(creates: int, execs: int) -> dict[str, Any]:
+    """cProfile of a private server: once while it serves ``creates`` create+delete cycles, once
+    while it serves ``execs`` execs of ``true``; plus cProfile of the SDK client for the execs."""
+    from sandlot import Sandbox
+
+    tmp = Path(tempfile.mkdtemp(prefix="slb-prof-", dir="/tmp"))
+    out: dict[str, Any] = {}
+    try:
+        create_prof = tmp / "create.prof"
+        with BenchServer(profile_to=create_prof) as srv:
+            with Sandbox.create(image="default", api_url=srv.url) as sb:  # warm-up
+                sb.exec("true")
+            t0 = time.perf_counter()
+            for _ in range(creates):
+                with Sandbox.create(image="default", api_url=srv.url) as sb:
+                    pass
+            out["create_wall_ms_per_op"] = round((time.perf_counter() - t0) * 1000 / creates, 2)
+            srv.stop_server()
+        out["server_create"] = _top(create_prof, creates)
+        exec_prof = tmp / "exec.prof"
+        with BenchServer(profile_to=exec_prof) as srv:
+            with Sandbox.create(image="default", api_url=srv.url) as sb:
+                for _ in range(20):
+                    sb.exec("true")
+                client = cProfile.Profile()
+                t0 = time.perf_counter()
+                client.enable()
+                for _ in range(execs):
+                    sb.exec("true")
+                client.disable()
+                out["exec_wall_ms_per_op_profiled"] = round(
+                    (time.perf_counter() - t0) * 1000 / execs, 3)
+            srv.stop_server()
+        out["server_exec"] = _top(exec_prof, execs)
+        client_prof = tmp / "client.prof"
+        client.dump_stats(str(client_prof))
+        out["client_exec"] = _top(client_prof, execs)
+        out["note"] = ("cProfile slows Python down ~1.5-2x; read the rows as shares, not as "
+                       "absolute times. Server profiles include its start-up and the warm-up.")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def summarize_stages(result: dict[str, Any]) -> Result:
+    return result

@@ -202,3 +202,31 @@ def test_run_round_trip_is_not_stuck_in_polling(client: httpx.Client) -> None:
     for _ in range(20):
         assert client.post("/run", json={"cmd": "true"}).json()["code"] == 0
     assert time.monotonic() - t0 < 2.0
+
+
+def test_concurrent_clients(agent: Agent) -> None:
+    import threading
+
+    errors: list[str] = []
+
+    def worker(i: int) -> None:
+        try:
+            with agent.client() as c:
+                for j in range(5):
+                    r = c.post("/run", json={"cmd": f"echo {i}-{j}"})
+                    assert r.json()["stdout"] == f"{i}-{j}\n"
+                    with c.stream("POST", "/run_streaming", json={"cmd": "seq 1 500"}) as s:
+                        events = sse_events(s.iter_lines())
+                    joined = "".join(d["data"] for n, d in events if n == "output")
+                    assert joined == "".join(f"{k}\n" for k in range(1, 501))
+        except Exception as exc:  # collected: assertion errors in threads are otherwise lost
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    time.sleep(0.2)
+    assert agent.zombies() == [] and agent.children() == []

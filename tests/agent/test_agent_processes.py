@@ -180,3 +180,25 @@ def test_no_thread_for_a_process_means_no_process(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(SpawnError, match="no thread"):
         manager.start("sleep 30", "/", None, stdin=False)
     assert manager.all() == []
+
+
+def test_finished_histories_share_a_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import threading
+
+    from sandlot.agent import processes
+
+    monkeypatch.setattr(processes, "FINISHED_LOG_BUDGET", 2_500_000)
+    manager = processes.ProcessManager(dict(os.environ), set(), threading.Lock())
+    started = []
+    for _ in range(3):
+        p = manager.start("head -c 1000000 /dev/zero | tr '\\0' x", "/", None, stdin=False)
+        p.wait(10)
+        while not p.logs.closed:
+            time.sleep(0.01)
+        started.append(p)
+    manager.start("true", "/", None, stdin=False).wait(10)
+    sizes = [p.logs.size for p in started]
+    assert sizes[0] == 0 and sizes[1] == sizes[2] == 1_000_000
+    assert started[0].details()["log_dropped_chunks"] > 0
+    assert started[0].status == "completed"  # the process itself is still listed

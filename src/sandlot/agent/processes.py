@@ -33,9 +33,12 @@ if TYPE_CHECKING:
     from typing import Any
 
 LOG_MAX_CHUNKS = 10_000
-LOG_MAX_BYTES = 4 * 1024 * 1024
+LOG_MAX_BYTES = 2 * 1024 * 1024
 #: Finished processes kept for ``list_processes``; the oldest finished ones are forgotten.
 MAX_FINISHED = 1000
+#: Output kept for all finished processes together; the oldest histories are emptied first
+#: (a sandbox may have 256 MiB in all: a thousand full histories must not fit in it).
+FINISHED_LOG_BUDGET = 32 * 1024 * 1024
 DEFAULT_KILL_GRACE = 5.0
 
 
@@ -60,13 +63,14 @@ def iso(ts: float) -> str:
 
 
 class LogEntry:
-    __slots__ = ("chunk", "seq", "stream", "ts")
+    __slots__ = ("chunk", "seq", "size", "stream", "ts")
 
     def __init__(self, seq: int, ts: float, stream: str, chunk: Chunk) -> None:
         self.seq = seq
         self.ts = ts
         self.stream = stream
         self.chunk = chunk
+        self.size = len(chunk_bytes(chunk))
 
     def event(self) -> dict[str, Any]:
         return {"timestamp": iso(self.ts), "stream": self.stream, **chunk_fields(self.chunk)}
@@ -86,18 +90,30 @@ class LogRing:
         self.cond = threading.Condition()
 
     def append(self, stream: str, chunk: Chunk) -> None:
-        size = len(chunk_bytes(chunk))
+        entry = LogEntry(self.next_seq, time.time(), stream, chunk)
         with self.cond:
-            self._entries.append(LogEntry(self.next_seq, time.time(), stream, chunk))
+            self._entries.append(entry)
             self.next_seq += 1
-            self._bytes += size
+            self._bytes += entry.size
             while len(self._entries) > self._max_chunks or (
                 self._bytes > self._max_bytes and len(self._entries) > 1
             ):
-                old = self._entries.popleft()
-                self._bytes -= len(chunk_bytes(old.chunk))
-                self.dropped += 1
+                self._drop_oldest()
             self.cond.notify_all()
+
+    def _drop_oldest(self) -> None:
+        self._bytes -= self._entries.popleft().size
+        self.dropped += 1
+
+    @property
+    def size(self) -> int:
+        return self._bytes
+
+    def clear(self) -> None:
+        """Forget the history (readers skip ahead; the sequence numbers go on)."""
+        with self.cond:
+            while self._entries:
+                self._drop_oldest()
 
     def close(self) -> None:
         with self.cond:
@@ -263,6 +279,13 @@ class ProcessManager:
         finished = [p for p in self._procs.values() if p.done.is_set()]
         for p in finished[: max(0, len(finished) - MAX_FINISHED)]:
             del self._procs[p.id]
+        finished = finished[max(0, len(finished) - MAX_FINISHED) :]
+        total = sum(p.logs.size for p in finished)
+        for p in finished:  # oldest first
+            if total <= FINISHED_LOG_BUDGET:
+                break
+            total -= p.logs.size
+            p.logs.clear()
 
     def get(self, process_id: str) -> ManagedProcess | None:
         with self._lock:

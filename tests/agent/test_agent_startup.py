@@ -249,3 +249,32 @@ def test_sigterm_during_a_stream_kills_the_command_and_exits(tmp_path: Path) -> 
     else:
         assert not os.path.exists(f"/proc/{pid}")
     assert not Path(a.sock).exists()
+
+
+def test_pool_mode_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="cannot be set"):
+        start_agent(tmp_path, env={"SANDBOX_AUTH_MODE": "pool"})  # with SANDBOX_SECRET
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    with pytest.raises(RuntimeError, match="empty"):
+        start_agent(
+            tmp_path,
+            secret=None,
+            env={"SANDBOX_AUTH_MODE": "pool", "SANDBOX_SECRET_PATH": str(empty)},
+        )
+
+
+def test_pool_mode_creates_the_secret_directory(tmp_path: Path) -> None:
+    persist = tmp_path / "state" / "sub" / "secret"
+    a = start_agent(
+        tmp_path,
+        secret=None,
+        env={"SANDBOX_AUTH_MODE": "pool", "SANDBOX_SECRET_PATH": str(persist)},
+    )
+    try:
+        with a.client(secret="claimer") as c:
+            assert c.post("/run", json={"cmd": "true"}).status_code == 200
+        assert persist.read_text() == "claimer"
+        assert persist.parent.stat().st_mode & 0o777 == 0o700
+    finally:
+        a.stop()

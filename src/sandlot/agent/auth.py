@@ -48,11 +48,13 @@ class Authenticator:
             if not secret:
                 raise ConfigError(f"secret file {env['SANDBOX_SECRET_FILE']} is empty")
         if pool:
+            if secret is not None:
+                raise ConfigError("SANDBOX_SECRET(_FILE) cannot be set when SANDBOX_AUTH_MODE=pool")
             # A claimed sandbox keeps its owner across agent restarts.
             if persist and os.path.exists(persist):
-                secret = _read_secret_file(persist) or None
-            else:
-                secret = None
+                secret = _read_secret_file(persist)
+                if not secret:
+                    raise ConfigError(f"persisted secret {persist} is empty")
         elif secret is None:
             raise ConfigError(
                 "no secret: set SANDBOX_SECRET or SANDBOX_SECRET_FILE (or SANDBOX_AUTH_MODE=pool)"
@@ -87,6 +89,9 @@ class Authenticator:
 
 
 def _persist(path: str, token: bytes) -> None:
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, 0o700, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:

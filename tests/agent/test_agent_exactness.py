@@ -201,3 +201,26 @@ def test_http10_client_gets_an_unchunked_stream(agent: Agent) -> None:
     assert b"Transfer-Encoding" not in head and b"Connection: close" in head
     assert rest.startswith(b"event: output\ndata: ")
     assert rest.endswith(b'event: complete\ndata: {"code":0,"error":false}\n\n')
+
+
+def test_run_with_input(client: httpx.Client) -> None:
+    r = client.post("/run", json={"cmd": "cat; echo; wc -c < /dev/null", "input": "héllo"})
+    assert r.json()["stdout"] == "héllo\n0\n"
+    data = bytes(range(256)) * 1000  # larger than a pipe buffer: must not deadlock
+    r = client.post(
+        "/run",
+        json={
+            "cmd": "cat",
+            "input": base64.b64encode(data).decode(),
+            "input_encoding": "base64",
+        },
+    ).json()
+    assert base64.b64decode(r["stdout_base64"]) == data
+    events = _stream(client, "tr a-z A-Z", input="streamed\n")
+    assert _joined(events) == b"STREAMED\n"
+    # a command that does not read its input is fine too
+    assert (
+        client.post("/run", json={"cmd": "echo x", "input": "y" * 200000}).json()["stdout"] == "x\n"
+    )
+    r = client.post("/run", json={"cmd": "cat", "input": "@@", "input_encoding": "base64"})
+    assert r.status_code == 400 and "'input'" in r.json()["error"]

@@ -22,11 +22,11 @@ def test_details_and_wait(client: httpx.Client) -> None:
     info = client.get("/process", params={"id": pid}).json()
     assert info["status"] == "running" and info["ended_at"] is None
     r = client.post("/wait_process", json={"id": pid, "timeout": 10}).json()
-    assert r["timed_out"] is False and r["status"] == "failed" and r["exit_code"] == 5
+    assert r["wait_timed_out"] is False and r["status"] == "failed" and r["exit_code"] == 5
     assert r["ended_at"] == r["completed_at"] and r["ended_at"] >= r["started_at"]
     pid2 = _start(client, "sleep 30")
     r = client.post("/wait_process", json={"id": pid2, "timeout": 0.2}).json()
-    assert r["timed_out"] is True and r["status"] == "running"
+    assert r["wait_timed_out"] is True and r["status"] == "running"
     client.post("/kill_process", json={"id": pid2})
 
 
@@ -202,3 +202,13 @@ def test_finished_histories_share_a_memory_budget(monkeypatch: pytest.MonkeyPatc
     assert sizes[0] == 0 and sizes[1] == sizes[2] == 1_000_000
     assert started[0].details()["log_dropped_chunks"] > 0
     assert started[0].status == "completed"  # the process itself is still listed
+
+
+def test_process_timeout(client: httpx.Client) -> None:
+    pid = _start(client, "echo started; sleep 30", timeout=0.3)
+    r = client.post("/wait_process", json={"id": pid, "timeout": 10}).json()
+    assert r["status"] == "killed" and r["timed_out"] is True and r["timeout"] == 0.3
+    assert r["signal"] == "SIGKILL"
+    quick = _start(client, "true", timeout=5)
+    r = client.post("/wait_process", json={"id": quick, "timeout": 10}).json()
+    assert r["status"] == "completed" and r["timed_out"] is False

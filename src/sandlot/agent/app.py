@@ -119,21 +119,32 @@ def _process_id(value: Any) -> str:
     return value
 
 
-def _decode_content(body: dict[str, Any]) -> bytes:
+def _input(body: dict[str, Any]) -> bytes | None:
+    """``input`` (text, or base64 with ``input_encoding: "base64"``): the command's stdin."""
+    if body.get("input") is None:
+        if body.get("input_encoding") is not None:
+            raise HTTPError(400, "'input_encoding' without 'input'")
+        return None
+    return _decode_content(
+        {"content": body["input"], "encoding": body.get("input_encoding")}, field="input"
+    )
+
+
+def _decode_content(body: dict[str, Any], field: str = "content") -> bytes:
     content = body.get("content")
     if not isinstance(content, str):
-        raise HTTPError(400, "'content' is required and must be a string", success=False)
+        raise HTTPError(400, f"'{field}' is required and must be a string", success=False)
     encoding = body.get("encoding")
     if encoding is None or encoding in ("utf-8", "utf8", "text"):
         try:
             return content.encode("utf-8")
         except UnicodeEncodeError:
-            raise HTTPError(400, "'content' is not valid Unicode text", success=False) from None
+            raise HTTPError(400, f"'{field}' is not valid Unicode text", success=False) from None
     if encoding == "base64":
         try:
             return base64.b64decode(content, validate=True)
         except ValueError:
-            raise HTTPError(400, "'content' is not valid base64", success=False) from None
+            raise HTTPError(400, f"'{field}' is not valid base64", success=False) from None
     raise HTTPError(400, '\'encoding\' must be "utf-8" or "base64"', success=False)
 
 
@@ -249,17 +260,17 @@ class App:
 
     # -- commands -----------------------------------------------------------------------------
 
-    def _spawn(self, body: dict[str, Any], *, stdin: bool = False) -> subprocess.Popen[bytes]:
-        cmd, cwd, env = parse_command_request(body, default_cwd=self.cwd)
-        return spawn(cmd, cwd, env, base_env=self.base_env, stdin=stdin)
-
     def run(self, req: Request) -> Reply:
         body = self.body(req)
         timeout = _opt_number(body, "timeout")
+        cmd, cwd, env = parse_command_request(body, default_cwd=self.cwd)
+        data = _input(body)
         try:
-            proc = self._spawn(body)
+            proc = spawn(cmd, cwd, env, base_env=self.base_env, stdin=data is not None)
         except SpawnError as exc:
             raise HTTPError(500, str(exc)) from None
+        if data is not None:
+            commands.feed_stdin(proc, data)
         out = {"stdout": bytearray(), "stderr": bytearray()}
         truncated: set[str] = set()
 
@@ -307,13 +318,16 @@ class App:
         body = self.body(req)
         timeout = _opt_number(body, "timeout")
         cmd, cwd, env = parse_command_request(body, default_cwd=self.cwd)
+        data = _input(body)
         writer = req.start_stream(200, "text/event-stream", SSE_HEADERS)
         try:
-            proc = spawn(cmd, cwd, env, base_env=self.base_env)
+            proc = spawn(cmd, cwd, env, base_env=self.base_env, stdin=data is not None)
         except SpawnError as exc:
             writer.event("error", {"error": str(exc)})
             writer.close()
             return
+        if data is not None:
+            commands.feed_stdin(proc, data)
         splitters = {"stdout": Utf8Splitter(), "stderr": Utf8Splitter()}
 
         def sink(stream: str, data: bytes) -> None:
@@ -532,8 +546,9 @@ class App:
         body = self.body(req)
         cmd, cwd, env = parse_command_request(body, default_cwd=self.cwd)
         stdin = _opt_bool(body, "stdin")
+        timeout = _opt_number(body, "timeout")
         try:
-            proc = self.processes.start(cmd, cwd, env, stdin=stdin)
+            proc = self.processes.start(cmd, cwd, env, stdin=stdin, timeout=timeout)
         except SpawnError as exc:
             raise HTTPError(500, f"Failed to start process: {exc}") from None
         return _json_reply({"id": proc.id, "pid": proc.pid, "status": "running"}, 201)
@@ -578,7 +593,7 @@ class App:
                 break
             if req.conn.peer_gone():
                 raise ClientGone("client disconnected during /wait_process")
-        return _json_reply({**proc.details(), "timed_out": not proc.done.is_set()})
+        return _json_reply({**proc.details(), "wait_timed_out": not proc.done.is_set()})
 
     def write_stdin(self, req: Request) -> Reply:
         body = self.body(req)

@@ -9,6 +9,7 @@ which is the order the process wrote them as far as two pipes can tell.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -118,6 +119,24 @@ def spawn(
         raise SpawnError(f"cannot start command: {exc.strerror or exc}") from None
 
 
+def feed_stdin(proc: subprocess.Popen[bytes], data: bytes) -> None:
+    """Write ``data`` to the command's stdin and close it, from a thread of its own (a command
+    that writes before it reads would otherwise deadlock against us)."""
+    stdin = proc.stdin
+    assert stdin is not None
+
+    def feed() -> None:
+        try:
+            stdin.write(data)
+        except (BrokenPipeError, ValueError, OSError):
+            pass  # the command exited or closed its stdin without reading everything
+        finally:
+            with contextlib.suppress(OSError):
+                stdin.close()
+
+    threading.Thread(target=feed, daemon=True).start()
+
+
 def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
     """Signal a whole process group; False if it no longer exists."""
     try:
@@ -150,6 +169,7 @@ def pump(
     stop: threading.Event | None = None,
     drain_max: float | None = DRAIN_MAX,
     on_exit: Callable[[int], None] | None = None,
+    on_timeout: Callable[[], None] | None = None,
 ) -> PumpResult:
     """Move output from ``proc``'s pipes to ``sink(stream, data)`` until both close.
 
@@ -160,6 +180,7 @@ def pump(
     - ``drain_max``: after the shell exits, how long to keep reading pipes that others still
       hold open (None: until they close -- background processes keep logging).
     - ``on_exit(returncode)``: called as soon as the shell has exited (and been reaped).
+    - ``on_timeout()``: called just before the group is killed for its ``timeout``.
     A ``sink`` that raises (the client went away while we wrote) kills the group too; the
     exception propagates after the kill.
 
@@ -232,6 +253,8 @@ def pump(
             now = time.monotonic()
             if deadline is not None and not killed and now >= deadline:
                 result.timed_out = True
+                if on_timeout is not None:
+                    on_timeout()
                 kill_group(proc.pid)
                 killed = True
                 deadline = None

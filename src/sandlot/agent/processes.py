@@ -146,6 +146,8 @@ class ManagedProcess:
         self.ended_at: float | None = None
         self.returncode: int | None = None
         self.kill_requested = False
+        self.timed_out = False
+        self.timeout: float | None = None
         self.logs = LogRing()
         self.stdin_lock = threading.Lock()
         self.done = threading.Event()
@@ -179,7 +181,13 @@ class ManagedProcess:
             "cwd": self.cwd,
             "stdin": self.popen.stdin is not None and not self.popen.stdin.closed,
             "log_dropped_chunks": self.logs.dropped,
+            "timeout": self.timeout,
+            "timed_out": self.timed_out,
         }
+
+    def _timed_out(self) -> None:
+        self.timed_out = True
+        self.kill_requested = True  # status "killed", like a kill_process
 
     def _exited(self, returncode: int) -> None:
         self.ended_at = time.time()
@@ -195,7 +203,14 @@ class ManagedProcess:
 
         try:
             # drain_max=None: children the command left running keep their output logged
-            pump(self.popen, sink, drain_max=None, on_exit=self._exited)
+            pump(
+                self.popen,
+                sink,
+                timeout=self.timeout,
+                drain_max=None,
+                on_exit=self._exited,
+                on_timeout=self._timed_out,
+            )
         finally:
             for stream, splitter in splitters.items():
                 for chunk in splitter.flush():
@@ -251,10 +266,17 @@ class ProcessManager:
         self._procs: dict[str, ManagedProcess] = {}
 
     def start(
-        self, cmd: str, cwd: str, env: Mapping[str, str] | None, *, stdin: bool
+        self,
+        cmd: str,
+        cwd: str,
+        env: Mapping[str, str] | None,
+        *,
+        stdin: bool,
+        timeout: float | None = None,
     ) -> ManagedProcess:
         popen = spawn(cmd, cwd, env, base_env=self._base_env, stdin=stdin)
         proc = ManagedProcess(cmd, cwd, popen, started_at=time.time())
+        proc.timeout = timeout
         with self._lock:
             self._procs[proc.id] = proc
             self._live_groups.add(proc.pid)

@@ -60,3 +60,11 @@ def test_public_routes_have_no_security(client: httpx.Client) -> None:
     for path in PUBLIC_PATHS:
         for method, op in spec["paths"][path].items():
             assert op.get("security") == [], (path, method)
+
+
+def test_committed_json_is_generated_from_the_spec_module() -> None:
+    from openapi_spec import render
+
+    assert SPEC_PATH.read_text() == render(), (
+        "regenerate: python tests/agent/openapi_spec.py > src/sandlot/agent/openapi.json"
+    )

@@ -534,9 +534,18 @@ paths = {
     ),
     "/files": {
         "get": {
-            "summary": "Download a file's raw bytes (streamed)",
+            "summary": "Download a file's raw bytes (streamed; one Range supported)",
             "tags": ["sandlot"],
-            "parameters": path_q,
+            "parameters": [
+                *path_q,
+                {
+                    "name": "Range",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string"},
+                    "description": "One range, e.g. bytes=0-99, bytes=100-, bytes=-10.",
+                },
+            ],
             "responses": {
                 "200": {
                     "description": "The bytes",
@@ -546,7 +555,16 @@ paths = {
                         }
                     },
                 },
-                "400": ERR("Bad path or a directory"),
+                "206": {
+                    "description": "The requested range (Content-Range says which)",
+                    "content": {
+                        "application/octet-stream": {
+                            "schema": {"type": "string", "format": "binary"}
+                        }
+                    },
+                },
+                "416": ERR("Range not satisfiable"),
+                "400": ERR("Bad path, a directory, or not a regular file"),
                 "403": ERR("Permission denied"),
                 "404": ERR("Missing"),
                 "401": {"$ref": "#/components/responses/Unauthorized"},

@@ -175,3 +175,35 @@ def test_permission_denied_is_403(agent: Agent, client: httpx.Client, d: Path) -
     (d / "ro").mkdir(mode=0o500)
     r = client.post("/write_file", json={"path": str(d / "ro" / "f"), "content": "x"})
     assert r.status_code == 403
+
+
+def test_download_ranges(client: httpx.Client, d: Path) -> None:
+    data = bytes(range(256)) * 40
+    (d / "f").write_bytes(data)
+    url = "/files"
+    params = {"path": str(d / "f")}
+    r = client.get(url, params=params)
+    assert r.status_code == 200 and r.headers["accept-ranges"] == "bytes" and r.content == data
+    for header, first, expected in [
+        ("bytes=0-9", 0, data[:10]),
+        ("bytes=100-", 100, data[100:]),
+        ("bytes=-5", len(data) - 5, data[-5:]),
+        ("bytes=10000-99999", 10000, data[10000:]),
+    ]:
+        r = client.get(url, params=params, headers={"Range": header})
+        assert r.status_code == 206, header
+        assert r.content == expected
+        assert r.headers["content-range"] == (
+            f"bytes {first}-{first + len(expected) - 1}/{len(data)}"
+        )
+    for bad in ["bytes=20000-", "bytes=5-2", "bytes=x-y", "bytes=-"]:
+        assert client.get(url, params=params, headers={"Range": bad}).status_code == 416, bad
+    # several ranges: the whole file
+    r = client.get(url, params=params, headers={"Range": "bytes=0-1,5-6"})
+    assert r.status_code == 200 and r.content == data
+
+
+def test_download_procfs_file_with_zero_size(client: httpx.Client) -> None:
+    r = client.get("/files", params={"path": "/proc/self/status"})
+    assert r.status_code == 200 and b"Pid:" in r.content
+    assert client.get("/files", params={"path": "/dev/null"}).status_code == 400

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -117,6 +118,30 @@ def _process_id(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise HTTPError(400, "'id' (the process id) is required", success=False)
     return value
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int]:
+    """The first and last byte of a single ``Range: bytes=...`` (the whole file without one);
+    416 when it cannot be satisfied. Several ranges are not supported (the whole file)."""
+    if not header:
+        return 0, size - 1
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return 0, size - 1
+    start, dash, end = spec.strip().partition("-")
+    try:
+        if not dash or not (start or end):
+            raise ValueError
+        if not start:  # the last N bytes
+            first, last = max(0, size - int(end)), size - 1
+        else:
+            first = int(start)
+            last = min(int(end), size - 1) if end else size - 1
+    except ValueError:
+        raise HTTPError(416, f"bad Range header: {header}") from None
+    if first < 0 or first > last or first >= size:
+        raise HTTPError(416, f"range not satisfiable: {header} (size {size})")
+    return first, last
 
 
 def _input(body: dict[str, Any]) -> bytes | None:
@@ -464,12 +489,31 @@ class App:
         path = files.check_path(req.query.get("path"), "path (query parameter)")
         fd, size = files.open_for_read(path)
         with os.fdopen(fd, "rb") as f:
-            req.start_fixed(200, size, "application/octet-stream")
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise HTTPError(400, f"Not a regular file: {path}")
+            if size == 0:
+                # procfs and sysfs files say 0 bytes and have content: stream until EOF.
+                writer = req.start_stream(200, "application/octet-stream")
+                while data := f.read(65536):
+                    writer.write(data)
+                writer.close()
+                return
+            first, last = _byte_range(req.headers.get("range"), size)
+            length = last - first + 1
+            if length == size:
+                req.start_fixed(200, size, "application/octet-stream", {"Accept-Ranges": "bytes"})
+            else:
+                req.start_fixed(
+                    206,
+                    length,
+                    "application/octet-stream",
+                    {"Content-Range": f"bytes {first}-{last}/{size}", "Accept-Ranges": "bytes"},
+                )
             try:
-                sent = req.conn.sock.sendfile(f, 0, size) if size else 0
+                sent = req.conn.sock.sendfile(f, first, length)
             except OSError as exc:
                 raise ClientGone(str(exc)) from None
-            if sent != size:  # the file shrank while we sent it: the length we promised is wrong
+            if sent != length:  # the file shrank while we sent it: the length we promised is wrong
                 req.keep_alive = False
 
     # -- ports --------------------------------------------------------------------------------

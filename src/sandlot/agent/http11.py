@@ -42,6 +42,7 @@ REASONS = {
     200: "OK",
     201: "Created",
     204: "No Content",
+    206: "Partial Content",
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
@@ -53,6 +54,7 @@ REASONS = {
     413: "Content Too Large",
     414: "URI Too Long",
     415: "Unsupported Media Type",
+    416: "Range Not Satisfiable",
     422: "Unprocessable Content",
     426: "Upgrade Required",
     431: "Request Header Fields Too Large",
@@ -343,12 +345,15 @@ class Request:
         self.conn.send(self._head(status, h))
         return ChunkedWriter(self, chunked)
 
-    def start_fixed(self, status: int, length: int, content_type: str) -> None:
+    def start_fixed(
+        self, status: int, length: int, content_type: str, headers: dict[str, str] | None = None
+    ) -> None:
         """Send the head of a response whose body (``length`` bytes) follows by :meth:`send`."""
         self.responded = True
-        self.conn.send(
-            self._head(status, {"Content-Type": content_type, "Content-Length": str(length)})
-        )
+        h = {"Content-Type": content_type, "Content-Length": str(length)}
+        if headers:
+            h.update(headers)
+        self.conn.send(self._head(status, h))
 
     def send(self, data: bytes) -> None:
         self.conn.send(data)

@@ -53,7 +53,7 @@ def test_stream_multibyte_split_across_reads_stays_text(client: httpx.Client) ->
 
 
 def test_stream_interleaves_in_write_order(client: httpx.Client) -> None:
-    cmd = "for i in 1 2 3 4 5; do echo out$i; sleep 0.02; echo err$i >&2; sleep 0.02; done"
+    cmd = "for i in 1 2 3 4 5; do echo out$i; sleep 0.05; echo err$i >&2; sleep 0.05; done"
     events = _stream(client, cmd)
     order = [d["data"] for n, d in events if n == "output"]
     expected = [f"{s}{i}\n" for i in range(1, 6) for s in ("out", "err")]

@@ -182,12 +182,30 @@ def _markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
             w("")
             w("| stage | median ms | what |")
             w("|---|---|---|")
-            for row in st["create"] + st["delete"]:
+            for row in st["create"] + st["delete"] + st.get("wake", []):
                 w(f"| `{row['stage']}` | {_fmt(row['median_ms'])} | {row['what']} |")
             w("")
             if key == "engine_default":
                 continue
+    dec = res.get("exec_decomposition")
+    if dec:
+        w(f"The exec round trip taken apart on one live sandbox ({dec['n']} samples each, "
+          "medians; `bench/stages.py:exec_decomposition`):")
+        w("")
+        w("| path | median ms |")
+        w("|---|---|")
+        for row in dec["rows"]:
+            w(f"| {row['path']} | {_fmt(row['median_ms'])} |")
+        w("")
     prof = res.get("profile")
+    exp = (prof or {}).get("ready_poll_experiment")
+    if exp:
+        a, b = exp["as_is"], exp["poll_1ms"]
+        w("Experiment: the server's readiness poll (backoff 5, 10, 20, 40, 80, 100 ms between "
+          "`/health` probes) capped at 1 ms, same engine (`bench.server:engine_fast_ready_poll`)"
+          f": cold create → first echo {_fmt(a['median'])} → **{_fmt(b['median'])} ms** "
+          f"(p95 {_fmt(a['p95'])} → {_fmt(b['p95'])}; n = {b['n']}).")
+        w("")
     if prof:
         w("cProfile of the server process (functions by own time per operation; "
           f"{prof.get('note', '')})")

@@ -249,6 +249,43 @@ class SandlotBench:
 
         return asyncio.run(run())
 
+    # -- sleep and wake -----------------------------------------------------------------------
+
+    def wake(self, n: int, light: bool, asleep_within_s: float = 20.0) -> Result:
+        """Sandboxes with ``idle_timeout=1`` fall asleep (light: frozen; deep: stopped); then
+        the time for ``exec("true")`` to return, which wakes it through the gateway."""
+        kind = "light" if light else "deep"
+        boxes: list[Sandbox] = []
+        try:
+            for _ in range(n):
+                boxes.append(Sandbox.create(image="default", api_url=self.srv.url,
+                                            idle_timeout=1,
+                                            _experimental_enable_light_sleep=light))
+            deadline = time.monotonic() + asleep_within_s
+            for sb in boxes:
+                while True:
+                    sb.refresh()
+                    if sb.status == "sleeping" and sb.info.get("sleep_kind") == kind:
+                        break
+                    if time.monotonic() > deadline:
+                        return skipped(f"sandboxes did not fall into {kind} sleep within "
+                                       f"{asleep_within_s:g} s of idle_timeout=1 (status "
+                                       f"{sb.status!r}; lifecycle: issue 5)")
+                    time.sleep(0.1)
+            samples = []
+            for sb in boxes:
+                t0 = time.perf_counter()
+                r = sb.exec("true")
+                samples.append(ms_since(t0))
+                assert r.exit_code == 0
+        finally:
+            for sb in boxes:
+                with contextlib.suppress(Exception):
+                    sb.delete()
+                sb.close()
+        return summarize(samples, how=f"{kind} sleep (idle_timeout=1) -> exec('true') returns "
+                                      "(the exec itself included)")
+
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def create_delete(self, concurrency: int, cycles: int, rounds: int) -> Result:

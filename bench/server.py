@@ -45,8 +45,12 @@ def engine() -> Any:
 class BenchServer:
     """``with BenchServer() as srv: Sandbox.create(api_url=srv.url)``."""
 
-    def __init__(self, *, profile_to: Path | None = None) -> None:
+    def __init__(self, *, profile_to: Path | None = None,
+                 engine_factory: str = "bench.server:engine") -> None:
+        """``profile_to``: a server that profiles itself between :meth:`profile_start` and
+        :meth:`profile_stop`, which writes the cProfile stats there."""
         self.profile_to = profile_to
+        self.engine_factory = "bench.server:engine_profiled" if profile_to else engine_factory
         self.tmp: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -89,11 +93,10 @@ class BenchServer:
             "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p),
         })
         env.pop("SANDLOT_URL", None)
-        argv = [sys.executable]
         if self.profile_to is not None:
-            argv += ["-m", "cProfile", "-o", str(self.profile_to)]
-        argv += ["-m", "sandlot.cli", "server", "--listen", self.url, "--engine",
-                 "bench.server:engine", "--database", f"sqlite:///{self.tmp / 'db.sqlite'}",
+            env["SANDLOT_BENCH_PROFILE"] = str(self.profile_to)
+        argv = [sys.executable, "-m", "sandlot.cli", "server", "--listen", self.url, "--engine",
+                 self.engine_factory, "--database", f"sqlite:///{self.tmp / 'db.sqlite'}",
                  "--log-level", "warning"]
         self.log = open(self.tmp / "server.log", "wb")  # noqa: SIM115 (closed in __exit__)
         self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT,
@@ -115,6 +118,21 @@ class BenchServer:
             if time.monotonic() > deadline:
                 raise RuntimeError("bench server did not start in 120 s: " + self.log_tail())
             time.sleep(0.05)
+
+    def profile_start(self) -> None:
+        assert self.proc is not None and self.profile_to is not None
+        self.proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.2)
+
+    def profile_stop(self) -> Path:
+        assert self.proc is not None and self.profile_to is not None
+        self.proc.send_signal(signal.SIGUSR2)
+        deadline = time.monotonic() + 30
+        while not self.profile_to.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server wrote no profile")
+            time.sleep(0.05)
+        return self.profile_to
 
     def log_tail(self, lines: int = 15) -> str:
         assert self.tmp is not None
@@ -165,3 +183,49 @@ def cleanup_state(state: Path) -> list[str]:
         return ids
 
     return asyncio.run(run())
+
+
+def engine_profiled() -> Any:
+    """The same engine, in a server that profiles itself between SIGUSR1 (start) and SIGUSR2
+    (stop and write ``$SANDLOT_BENCH_PROFILE``): a profile of the requests only, not of start-up.
+    """
+    import cProfile
+
+    prof = cProfile.Profile()
+
+    def start(_sig: int, _frame: Any) -> None:
+        prof.enable()
+
+    def stop(_sig: int, _frame: Any) -> None:
+        prof.disable()
+        prof.dump_stats(os.environ["SANDLOT_BENCH_PROFILE"] + ".tmp")
+        os.rename(os.environ["SANDLOT_BENCH_PROFILE"] + ".tmp", os.environ["SANDLOT_BENCH_PROFILE"])
+
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, stop)
+    return engine()
+
+
+def engine_fast_ready_poll() -> Any:
+    """An experiment, not a figure: the same engine, with the server's readiness poll capped at
+    1 ms between probes (instead of a backoff 5, 10, 20, 40, 80, 100 ms). Patches the server's
+    module in the server process only; used by :func:`bench.stages.ready_poll_experiment`."""
+    import types
+
+    import anyio
+
+    from sandlot.server import control
+
+    real_sleep = anyio.sleep
+
+    async def capped_sleep(delay: float) -> None:
+        await real_sleep(min(delay, 0.001))
+
+    class Shim(types.ModuleType):
+        def __getattr__(self, name: str) -> Any:
+            return getattr(anyio, name)
+
+    shim = Shim("anyio")
+    shim.sleep = capped_sleep  # type: ignore[attr-defined]
+    setattr(control, "anyio", shim)  # noqa: B010 (mypy: a module attribute)
+    return engine()

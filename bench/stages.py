@@ -27,7 +27,6 @@ from typing import Any
 import httpx
 
 from bench.server import BenchServer, images_dir
-from bench.stats import Result
 
 CREATE_STAGES = [
     ("images.resolve", "image lookup"),
@@ -149,10 +148,16 @@ def engine_stages(n: int, image: str = "default") -> dict[str, Any]:
                 stage["agent_health"] = (t2 - t1) * 1000
                 await asyncio.sleep(0.2)
                 timers.take()
+                await eng.pause(spec.id)
+                t4 = time.perf_counter()
+                await eng.resume(spec.id)
+                stage_resume = (time.perf_counter() - t4) * 1000
+                timers.take()
                 t3 = time.perf_counter()
                 await eng.delete(spec.id)
                 dstage = timers.take()
                 if i:
+                    stage["engine.resume"] = stage_resume
                     creates.append(stage)
                     deletes.append(dstage)
                     totals.append((t2 - t0) * 1000)
@@ -176,6 +181,8 @@ def engine_stages(n: int, image: str = "default") -> dict[str, Any]:
                        for k, w in CREATE_STAGES],
             "delete": [{"stage": k, "what": w, "median_ms": med(deletes, k)}
                        for k, w in DELETE_STAGES],
+            "wake": [{"stage": "engine.resume", "what": "light wake in the engine: crun resume "
+                      "of a paused (frozen) sandbox", "median_ms": med(creates, "engine.resume")}],
         }
 
     try:
@@ -192,6 +199,7 @@ def _top(stats_path: Path, per: int, limit: int = 14) -> list[dict[str, Any]]:
         if filename.startswith("<frozen") or func in ("<module>", "exec"):
             continue
         short = filename.split("site-packages/")[-1].split("/src/")[-1]
+        short = short.split("/lib/python3.11/")[-1]
         rows.append({"function": f"{short}:{line}({func})" if line else func,
                      "calls_per_op": round(nc / per, 2),
                      "own_ms_per_op": round(tt * 1000 / per, 3),
@@ -201,48 +209,103 @@ def _top(stats_path: Path, per: int, limit: int = 14) -> list[dict[str, Any]]:
 
 
 def profile_server(creates: int, execs: int) -> dict[str, Any]:
-    """cProfile of a private server: once while it serves ``creates`` create+delete cycles, once
-    while it serves ``execs`` execs of ``true``; plus cProfile of the SDK client for the execs."""
+    """cProfile of a private server while it serves ``creates`` create+delete cycles, then
+    ``execs`` execs of ``true`` (start-up excluded); and of the SDK client for the execs."""
     from sandlot import Sandbox
 
     tmp = Path(tempfile.mkdtemp(prefix="slb-prof-", dir="/tmp"))
     out: dict[str, Any] = {}
     try:
-        create_prof = tmp / "create.prof"
-        with BenchServer(profile_to=create_prof) as srv:
+        with BenchServer(profile_to=tmp / "create.prof") as srv:
             with Sandbox.create(image="default", api_url=srv.url) as sb:  # warm-up
                 sb.exec("true")
+            srv.profile_start()
             t0 = time.perf_counter()
             for _ in range(creates):
                 with Sandbox.create(image="default", api_url=srv.url) as sb:
                     pass
             out["create_wall_ms_per_op"] = round((time.perf_counter() - t0) * 1000 / creates, 2)
-            srv.stop_server()
-        out["server_create"] = _top(create_prof, creates)
-        exec_prof = tmp / "exec.prof"
-        with BenchServer(profile_to=exec_prof) as srv:
-            with Sandbox.create(image="default", api_url=srv.url) as sb:
-                for _ in range(20):
-                    sb.exec("true")
-                client = cProfile.Profile()
-                t0 = time.perf_counter()
-                client.enable()
-                for _ in range(execs):
-                    sb.exec("true")
-                client.disable()
-                out["exec_wall_ms_per_op_profiled"] = round(
-                    (time.perf_counter() - t0) * 1000 / execs, 3)
-            srv.stop_server()
-        out["server_exec"] = _top(exec_prof, execs)
+            out["server_create"] = _top(srv.profile_stop(), creates)
+        with BenchServer(profile_to=tmp / "exec.prof") as srv, \
+                Sandbox.create(image="default", api_url=srv.url) as sb:
+            for _ in range(20):
+                sb.exec("true")
+            srv.profile_start()
+            client = cProfile.Profile()
+            t0 = time.perf_counter()
+            client.enable()
+            for _ in range(execs):
+                sb.exec("true")
+            client.disable()
+            out["exec_wall_ms_per_op_profiled"] = round(
+                (time.perf_counter() - t0) * 1000 / execs, 3)
+            out["server_exec"] = _top(srv.profile_stop(), execs)
         client_prof = tmp / "client.prof"
         client.dump_stats(str(client_prof))
         out["client_exec"] = _top(client_prof, execs)
-        out["note"] = ("cProfile slows Python down ~1.5-2x; read the rows as shares, not as "
-                       "absolute times. Server profiles include its start-up and the warm-up.")
+        out["note"] = ("cProfile slows Python down; read the rows as shares, not absolute "
+                       "times. In the server, time spent waiting in the event loop is charged "
+                       "to whichever frame is open, so coroutine rows can look inflated.")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def summarize_stages(result: dict[str, Any]) -> Result:
-    return result
+def exec_decomposition(n: int) -> dict[str, Any]:
+    """The exec round trip taken apart by measurement, on one live sandbox: HTTP to the agent
+    alone, the agent running ``true``, the same through the server's gateway, then the SDK."""
+    from sandlot import Sandbox
+
+    def timed(fn: Any) -> float:
+        for _ in range(5):
+            fn()
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1000)
+        return round(statistics.median(samples), 3)
+
+    with BenchServer() as srv, Sandbox.create(image="default", api_url=srv.url) as sb:
+        auth = {"authorization": f"Bearer {sb.secret}"}
+        body = {"cmd": "true"}
+        agent = httpx.Client(transport=httpx.HTTPTransport(uds=srv.agent_socket(sb.id)),
+                             base_url="http://agent", timeout=30)
+        gateway = httpx.Client(transport=httpx.HTTPTransport(uds=srv.socket_path),
+                               base_url="http://sandlot", timeout=30)
+        prefix = f"/sandboxes/{sb.id}/koyeb-sandbox"
+
+        def stream(client: httpx.Client, path: str) -> None:
+            with client.stream("POST", path, json=body, headers=auth) as r:
+                for _ in r.iter_bytes():
+                    pass
+
+        with agent, gateway:
+            rows = [
+                ("agent GET /health", timed(lambda: agent.get("/health", headers=auth))),
+                ("agent POST /run `true`", timed(lambda: agent.post("/run", json=body,
+                                                                     headers=auth))),
+                ("agent POST /run_streaming `true`", timed(lambda: stream(agent,
+                                                                          "/run_streaming"))),
+                ("gateway GET /health", timed(lambda: gateway.get(prefix + "/health",
+                                                                  headers=auth))),
+                ("gateway POST /run_streaming `true`",
+                 timed(lambda: stream(gateway, prefix + "/run_streaming"))),
+                ("SDK sb.exec('true')", timed(lambda: sb.exec("true"))),
+            ]
+    return {"n": n, "rows": [{"path": p, "median_ms": v} for p, v in rows]}
+
+
+def ready_poll_experiment(n: int) -> dict[str, Any]:
+    """Cold create -> first echo with the server as it is, then with its readiness poll capped at
+    1 ms (:func:`bench.server.engine_fast_ready_poll`), alternating servers to share the noise."""
+    from bench.sandlot_workloads import SandlotBench
+
+    out: dict[str, Any] = {}
+    for label, factory in (("as_is", "bench.server:engine"),
+                           ("poll_1ms", "bench.server:engine_fast_ready_poll")):
+        with BenchServer(engine_factory=factory) as srv:
+            sb = SandlotBench(srv, lambda _m: None)
+            sb.warm_up()
+            out[label] = sb.tti_cold(n)
+    return out

@@ -24,7 +24,6 @@ from bench.stats import Result, ratio, skipped
 REPO = machine.REPO
 DEFAULT_JSON = REPO / "bench" / "results" / "latest.json"
 DEFAULT_DOCS = REPO / "docs"
-ISSUE_5 = "warm pools and sleep/wake: issue 5"
 
 
 @dataclass(frozen=True)
@@ -49,6 +48,7 @@ class Sizes:
     create_delete_cycles: int
     create_delete_rounds: int
     stage_n: int
+    wake_n: int
     profile_creates: int  # 0: no profile
     profile_execs: int
     extra: dict[str, Any] = field(default_factory=dict)
@@ -62,14 +62,14 @@ MODES: dict[str, Sizes] = {
         stream_lines=100, file_sizes={"1KB": 1024, "1MB": MiB, "100MB": 100 * MiB},
         file_rounds=5, idle_count=100, idle_count_alt=20, idle_settle_s=3.0, max_idle=500,
         create_delete_concurrency=4, create_delete_cycles=12, create_delete_rounds=5,
-        stage_n=10, profile_creates=10, profile_execs=300),
+        stage_n=10, wake_n=10, profile_creates=10, profile_execs=300),
     "quick": Sizes(
         tti_n=5, tti_n_alt=3, exec_n=50, exec_n_alt=10, concurrency=(1, 4, 16),
         throughput_sandboxes=4, throughput_ops=32, throughput_ops_alt=16, throughput_rounds=2,
         stream_lines=20, file_sizes={"1KB": 1024, "1MB": MiB, "10MB": 10 * MiB},
         file_rounds=2, idle_count=5, idle_count_alt=3, idle_settle_s=1.0, max_idle=0,
         create_delete_concurrency=4, create_delete_cycles=4, create_delete_rounds=2,
-        stage_n=3, profile_creates=0, profile_execs=0),
+        stage_n=3, wake_n=3, profile_creates=0, profile_execs=0),
     # For the CI test: every code path, the smallest samples.
     "tiny": Sizes(
         tti_n=2, tti_n_alt=2, exec_n=10, exec_n_alt=5, concurrency=(1, 4, 16),
@@ -77,7 +77,7 @@ MODES: dict[str, Sizes] = {
         stream_lines=5, file_sizes={"1KB": 1024, "64KB": 64 * 1024, "1MB": MiB},
         file_rounds=1, idle_count=2, idle_count_alt=2, idle_settle_s=0.5, max_idle=0,
         create_delete_concurrency=2, create_delete_cycles=2, create_delete_rounds=1,
-        stage_n=1, profile_creates=0, profile_execs=0),
+        stage_n=1, wake_n=1, profile_creates=0, profile_execs=0),
 }
 
 #: Every figure the JSON carries, with its unit and direction.
@@ -221,6 +221,10 @@ def run_sandlot(run: Run) -> None:
                     lambda: run.put("create_delete_per_s", "sandlot", sb.create_delete(
                         s.create_delete_concurrency, s.create_delete_cycles,
                         s.create_delete_rounds)))
+        for figure, light in (("light_wake_ms", True), ("deep_wake_ms", False)):
+            run.attempt(figure, "sandlot", [(figure, ("-",))],
+                        lambda figure=figure, light=light: run.put(  # type: ignore[misc]
+                            figure, "sandlot", sb.wake(s.wake_n, light)))
         if s.max_idle:
             def max_idle() -> None:
                 res = sb.max_idle(s.max_idle, min_available_mib=3072, budget_s=900)
@@ -230,9 +234,7 @@ def run_sandlot(run: Run) -> None:
                         max_idle)
         else:
             run.skip_figure("max_idle_sandboxes", "full run only (python -m bench)")
-    run.skip_figure("tti_warm_ms", ISSUE_5)
-    run.skip_figure("light_wake_ms", ISSUE_5)
-    run.skip_figure("deep_wake_ms", ISSUE_5)
+    run.skip_figure("tti_warm_ms", "warm pools do not exist yet (issue 5)")
 
 
 def run_alternative(run: Run, name: str, enabled: bool, why_off: str) -> None:
@@ -315,8 +317,13 @@ def run_stages(run: Run) -> None:
     if s.profile_creates:
         def profile() -> None:
             run.extra["profile"] = stages.profile_server(s.profile_creates, s.profile_execs)
+            run.extra["profile"]["ready_poll_experiment"] = stages.ready_poll_experiment(
+                s.profile_creates)
 
         run.attempt("cProfile of the server", "sandlot", [], profile)
+    run.attempt("exec decomposition", "sandlot", [],
+                lambda: run.extra.__setitem__("exec_decomposition",
+                                              stages.exec_decomposition(max(20, s.exec_n))))
 
 
 def _default_rootfs() -> Path | None:

@@ -230,3 +230,15 @@ def test_concurrent_clients(agent: Agent) -> None:
     assert errors == []
     time.sleep(0.2)
     assert agent.zombies() == [] and agent.children() == []
+
+
+def test_commands_inherit_only_stdio(client: httpx.Client) -> None:
+    for body in ({}, {"input": "x"}):
+        r = client.post("/run", json={"cmd": "ls /proc/$$/fd", **body}).json()
+        assert r["stdout"].split() == ["0", "1", "2"], r
+    pid = client.post("/start_process", json={"cmd": "ls /proc/$$/fd", "stdin": True}).json()["id"]
+    client.post("/write_stdin", json={"id": pid, "eof": True})
+    client.post("/wait_process", json={"id": pid, "timeout": 5})
+    with client.stream("GET", "/process_logs_streaming", params={"id": pid}) as s:
+        logs = "".join(d["data"] for n, d in sse_events(s.iter_lines()) if n == "log")
+    assert logs.split() == ["0", "1", "2"]

@@ -182,3 +182,13 @@ def test_large_output_arrives_whole(agent: Agent) -> None:
     out, controls, _ = c.collect()
     assert out == b"a" * 300000
     assert controls[-1]["code"] == 0
+
+
+def test_last_output_before_exit_is_never_lost(agent: Agent) -> None:
+    """Regression: output written just before the exit could be dropped when the exit was
+    noticed right after an empty poll."""
+    for i in range(20):
+        c = _open(agent, cmd=f"sleep 0.0{i % 10}; printf last-{i}")
+        out, controls, _ = c.collect()
+        assert out == f"last-{i}".encode(), (i, out)
+        assert controls[-1]["type"] == "exit"

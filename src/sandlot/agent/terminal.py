@@ -186,6 +186,8 @@ def _pump_output(ws: WebSocket, term: Terminal, reader_done: threading.Event) ->
     last_sent = time.monotonic()
     try:
         while not reader_done.is_set():
+            # Only a poll that started after the exit was seen may conclude "no more output".
+            exited_before_poll = exited_at is not None
             events = poller.poll(100 if exited_at is None else 50)
             data = b""
             if events:
@@ -202,7 +204,11 @@ def _pump_output(ws: WebSocket, term: Terminal, reader_done: threading.Event) ->
                 last_sent = time.monotonic()
             if exited_at is None and term.proc.poll() is not None:
                 exited_at = time.monotonic()
-            if exited_at is not None and (not data or time.monotonic() - exited_at > 2):
+            if (
+                exited_before_poll
+                and exited_at is not None
+                and (not data or time.monotonic() - exited_at > 2)
+            ):
                 break  # the shell is gone; background jobs holding the pty are not waited for
             if time.monotonic() - last_sent > 30:
                 ws.ping()

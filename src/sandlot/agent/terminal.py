@@ -35,6 +35,7 @@ from sandlot.agent.websocket import OP_BINARY, OP_TEXT, WebSocket, handshake
 
 DEFAULT_COMMAND = "if command -v bash >/dev/null 2>&1; then exec bash -i; else exec sh -i; fi"
 READ_SIZE = 65536
+INPUT_STALL_LIMIT = 60.0
 
 
 def _set_size(fd: int, rows: int, cols: int) -> None:
@@ -63,14 +64,20 @@ class Terminal:
         _set_size(self.master, rows, cols)  # the kernel sends SIGWINCH to the foreground group
 
     def write(self, data: bytes) -> None:
+        """Input to the terminal; if the program has not read any of it for a minute, the
+        session is given up (OSError) rather than blocking this thread for ever."""
         view = memoryview(data)
+        stalled_since = time.monotonic()
         while view:
             try:
                 n = os.write(self.master, view)
             except BlockingIOError:
+                if time.monotonic() - stalled_since > INPUT_STALL_LIMIT:
+                    raise OSError("terminal input not read for a minute") from None
                 select.select([], [self.master], [], 1.0)
                 continue
             view = view[n:]
+            stalled_since = time.monotonic()
 
     def hang_up(self, grace: float = 1.0) -> None:
         if self.proc.poll() is None:

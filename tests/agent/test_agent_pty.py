@@ -192,3 +192,26 @@ def test_last_output_before_exit_is_never_lost(agent: Agent) -> None:
         out, controls, _ = c.collect()
         assert out == f"last-{i}".encode(), (i, out)
         assert controls[-1]["type"] == "exit"
+
+
+def test_unread_input_gives_up_instead_of_blocking(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    from sandlot.agent import terminal
+
+    monkeypatch.setattr(terminal, "INPUT_STALL_LIMIT", 0.3)
+    master, slave = os.openpty()
+    proc = subprocess.Popen(
+        ["sleep", "30"], stdin=slave, stdout=slave, stderr=slave, start_new_session=True
+    )
+    os.close(slave)
+    os.set_blocking(master, False)
+    term = terminal.Terminal(proc, master)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(OSError, match="not read"):
+            term.write(b"x" * 1_000_000)  # far more than a pty's input buffer
+        assert time.monotonic() - t0 < 5
+    finally:
+        term.hang_up(0.1)
+        os.close(master)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import time
@@ -201,13 +202,24 @@ def test_unread_input_gives_up_instead_of_blocking(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(terminal, "INPUT_STALL_LIMIT", 0.3)
     master, slave = os.openpty()
+    # raw mode: the line discipline then holds input back instead of dropping it
     proc = subprocess.Popen(
-        ["sleep", "30"], stdin=slave, stdout=slave, stderr=slave, start_new_session=True
+        ["sh", "-c", "stty raw -echo; echo ready; exec sleep 30"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
     )
     os.close(slave)
     os.set_blocking(master, False)
     term = terminal.Terminal(proc, master)
     try:
+        deadline = time.monotonic() + 5
+        seen = b""
+        while b"ready" not in seen and time.monotonic() < deadline:
+            with contextlib.suppress(BlockingIOError):
+                seen += os.read(master, 100)
+            time.sleep(0.01)
         t0 = time.monotonic()
         with pytest.raises(OSError, match="not read"):
             term.write(b"x" * 1_000_000)  # far more than a pty's input buffer

@@ -8,6 +8,8 @@ import base64
 import contextlib
 import dataclasses
 import enum
+import heapq
+import itertools
 import os
 import socket
 import threading
@@ -178,6 +180,57 @@ class CancelToken:
         return lambda: None
 
 
+class _Watchdog:
+    """One daemon thread that runs callbacks at deadlines. (A ``threading.Timer`` per command
+    costs a thread start, ~0.1 ms, on every exec; scheduling here costs ~2 us.)"""
+
+    def __init__(self) -> None:
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        #: [deadline, seq, callback or None once cancelled]
+        self._heap: list[list[Any]] = []
+        self._thread: threading.Thread | None = None
+
+    def schedule(self, delay: float, callback: Callable[[], None]) -> Callable[[], None]:
+        """Run ``callback`` in ``delay`` seconds; returns a function that cancels it."""
+        entry: list[Any] = [time.monotonic() + delay, next(self._seq), callback]
+        with self._cond:
+            heapq.heappush(self._heap, entry)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="sandlot-watchdog", daemon=True
+                )
+                self._thread.start()
+            elif self._heap[0] is entry:
+                self._cond.notify()
+
+        def cancel() -> None:
+            entry[2] = None
+
+        return cancel
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    while self._heap and self._heap[0][2] is None:
+                        heapq.heappop(self._heap)
+                    if not self._heap:
+                        self._cond.wait()
+                        continue
+                    wait = self._heap[0][0] - time.monotonic()
+                    if wait <= 0:
+                        callback = heapq.heappop(self._heap)[2]
+                        break
+                    self._cond.wait(wait)
+            if callback is not None:
+                with contextlib.suppress(Exception):  # must not kill the thread
+                    callback()
+
+
+_watchdog = _Watchdog()
+
+
 class StreamGuard:
     """Ends a streaming response early -- on a deadline or a cancel token -- by shutting its
     socket down, which wakes a blocked read in any thread or event loop. The reader then sees
@@ -187,12 +240,10 @@ class StreamGuard:
         self.reason: str | None = None
         self._response = response
         self._lock = threading.Lock()
-        self._timer: threading.Timer | None = None
+        self._cancel_timer: Callable[[], None] = lambda: None
         self._unsubscribe: Callable[[], None] = lambda: None
         if timeout is not None and timeout > 0:
-            self._timer = threading.Timer(timeout, self._fire, args=("timeout",))
-            self._timer.daemon = True
-            self._timer.start()
+            self._cancel_timer = _watchdog.schedule(timeout, lambda: self._fire("timeout"))
         if cancel is not None:
             self._unsubscribe = cancel._subscribe(lambda: self._fire("cancelled"))
 
@@ -211,8 +262,7 @@ class StreamGuard:
         with self._lock:
             if self.reason is None:
                 self.reason = "done"
-        if self._timer is not None:
-            self._timer.cancel()
+        self._cancel_timer()
         self._unsubscribe()
 
 

@@ -117,3 +117,31 @@ def test_bad_listen_is_a_usage_error(short_dir: Path) -> None:
     proc = _start(["--listen", "carrier-pigeon"], short_dir)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 2 and b"--listen" in out
+
+
+def test_engine_failure_at_start_is_a_clear_error(short_dir: Path) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sandlot.cli",
+            "server",
+            "--engine",
+            "support.agent_engine:unavailable",
+            "--listen",
+            f"unix:{short_dir / 's.sock'}",
+            "--database",
+            f"sqlite:///{short_dir / 'db'}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "cannot start the engine: no runtime here (test)" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -121,3 +121,8 @@ class AgentProcessEngine:
 def from_env() -> AgentProcessEngine:
     """``sandlot server --engine support.agent_engine:from_env``, in $SANDLOT_TEST_AGENTS."""
     return AgentProcessEngine(Path(os.environ["SANDLOT_TEST_AGENTS"]))
+
+
+def unavailable() -> AgentProcessEngine:
+    """An engine factory that fails like the local engine does without root."""
+    raise EngineUnavailableError("no runtime here (test)")

@@ -13,7 +13,7 @@ from typing import Any
 
 import uvicorn
 
-from sandlot.engines.base import Engine
+from sandlot.engines.base import Engine, EngineError
 from sandlot.paths import default_server_socket, state_dir
 from sandlot.server.app import ServerConfig, create_app, unix_public_url
 from sandlot.server.db import default_database_url
@@ -123,7 +123,11 @@ def serve(
         level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     listen = parse_listen(listen_value)
-    config = build_config(listen, database, engine, public_url)
+    try:
+        config = build_config(listen, database, engine, public_url)
+    except EngineError as exc:
+        # e.g. the local engine without root: a message for the user, not a traceback
+        raise RuntimeError(f"cannot start the engine: {exc}") from exc
     app = create_app(config)
     uv_config = uvicorn.Config(
         app,

@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import anyio
+import anyio.abc
 
 from sandlot.engines.base import EngineError
 from sandlot.server.db import SandboxRow, utcnow
@@ -64,6 +65,11 @@ class Lifecycle:
         self._last_activity: dict[str, dt.datetime] = {}
         self._flushed: dict[str, float] = {}
         self._locks: dict[str, anyio.Lock] = {}
+        #: Which sandboxes sleep, for the gateway's fast path; ``_transitions`` counts the
+        #: changes this server made, so a refresh read before one of them is not applied.
+        self._sleeping: set[str] = set()
+        self._transitions = 0
+        self._background: anyio.abc.TaskGroup | None = None
 
     def _lock(self, sandbox_id: str) -> anyio.Lock:
         return self._locks.setdefault(sandbox_id, anyio.Lock())
@@ -94,45 +100,69 @@ class Lifecycle:
                 )
 
     async def ensure_awake(self, sandbox_id: str) -> None:
-        """Wake a sleeping sandbox (no-op for any other status, including unknown ids)."""
-        row = await self.control.db(self.control.store.get_sandbox, sandbox_id)
-        if row is None or row.status != "sleeping":
+        """Wake a sleeping sandbox (no-op for any other status, including unknown ids).
+
+        The common case -- an awake sandbox -- costs a set lookup: which sandboxes sleep is kept
+        in memory (filled from the database at every check, so a restart or another replica's
+        transition is seen within a tick)."""
+        transition = self._locks.get(sandbox_id)
+        if sandbox_id not in self._sleeping and (transition is None or not transition.locked()):
             return
+        # Asleep, or a transition is under way (a request that slipped in as the sandbox was
+        # being put to sleep must not reach a frozen agent): wait for it, then look again.
         async with self._lock(sandbox_id):
             row = await self.control.db(self.control.store.get_sandbox, sandbox_id)
             if row is None or row.status != "sleeping":
+                self._mark(sandbox_id, sleeping=False)
                 return
             await self._wake(row)
 
     async def _wake(self, row: SandboxRow) -> None:
+        from sandlot.server.control import ApiError
+
         engine = self.control.engines[row.region]
         started = time.perf_counter()
         kind = row.sleep_kind or "deep"
         try:
             if kind == "light":
                 await engine.resume(row.id)
-            else:
-                info = await engine.start(row.id)
-                await self.control.db(
-                    self.control.store.update_sandbox, row.id,
-                    agent_unix_path=info.agent_address.unix_path,
-                    agent_host=info.agent_address.host, agent_port=info.agent_address.port,
-                )
-                await self.control._evict(row.id)  # connections to the old agent are gone
-                await self.control._wait_healthy(engine, row.id, info.agent_address, 60.0)
-        except (EngineError, OSError) as exc:
+                # Thawed: let the request through now; the bookkeeping follows in the
+                # background, under the sandbox's lock so no later transition overtakes it.
+                self._mark(row.id, sleeping=False)
+                if self._background is not None:
+                    self._background.start_soon(self._record_wake, row.id, kind, started)
+                else:  # the timer loop is not running (embedded use): record it now
+                    await self._write_wake(row.id, kind, started)
+                return
+            info = await engine.start(row.id)
+            await self.control.db(
+                self.control.store.update_sandbox, row.id,
+                agent_unix_path=info.agent_address.unix_path,
+                agent_host=info.agent_address.host, agent_port=info.agent_address.port,
+            )
+            await self.control._evict(row.id)  # connections to the old agent are gone
+            await self.control._wait_healthy(engine, row.id, info.agent_address, 60.0)
+        except (EngineError, OSError, ApiError) as exc:
             await self.control.db(
                 self.control.store.update_sandbox, row.id, status="error",
                 error=f"waking from {kind} sleep failed: {exc}",
             )
             await self.control.event(row.id, "error", f"waking from {kind} sleep failed: {exc}")
             raise WakeError(f"sandbox {row.id} could not wake from {kind} sleep: {exc}") from exc
+        self._mark(row.id, sleeping=False)
+        await self._write_wake(row.id, kind, started)
+
+    async def _record_wake(self, sandbox_id: str, kind: str, started: float) -> None:
+        async with self._lock(sandbox_id):
+            await self._write_wake(sandbox_id, kind, started)
+
+    async def _write_wake(self, sandbox_id: str, kind: str, started: float) -> None:
         ms = (time.perf_counter() - started) * 1000
         await self.control.db(
-            self.control.store.update_sandbox, row.id, status="running", sleep_kind=None,
+            self.control.store.update_sandbox, sandbox_id, status="running", sleep_kind=None,
             slept_at=None, last_activity_at=utcnow(),
         )
-        await self.control.event(row.id, "woke", f"from {kind} sleep in {ms:.1f} ms")
+        await self.control.event(sandbox_id, "woke", f"from {kind} sleep in {ms:.1f} ms")
 
     # -- transitions --------------------------------------------------------------------------
 
@@ -163,6 +193,7 @@ class Lifecycle:
             )
             detail = "processes frozen, memory kept" if kind == "light" else (
                 "processes stopped, memory released, filesystem kept")
+            self._mark(sandbox_id, sleeping=True)
             await self.control.event(sandbox_id, f"slept ({kind})", detail)
             return True
 
@@ -173,24 +204,37 @@ class Lifecycle:
             with contextlib.suppress(ApiError):  # already gone: nothing to do
                 await self.control.delete(row.project, row.id, reason=reason)
 
+    def _mark(self, sandbox_id: str, *, sleeping: bool) -> None:
+        self._transitions += 1
+        if sleeping:
+            self._sleeping.add(sandbox_id)
+        else:
+            self._sleeping.discard(sandbox_id)
+
     def forget(self, sandbox_id: str) -> None:
         for d in (self._last_activity, self._flushed, self._locks):
             d.pop(sandbox_id, None)
+        self._mark(sandbox_id, sleeping=False)
 
     # -- the timer loop -----------------------------------------------------------------------
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.check(utcnow())
-            except Exception:  # pragma: no cover - logged; the loop must go on
-                log.exception("lifecycle check failed")
-            await anyio.sleep(self.tick)
+        async with anyio.create_task_group() as tg:
+            self._background = tg
+            while True:
+                try:
+                    await self.check(utcnow())
+                except Exception:  # pragma: no cover - logged; the loop must go on
+                    log.exception("lifecycle check failed")
+                await anyio.sleep(self.tick)
 
     async def check(self, now: dt.datetime) -> None:
+        generation = self._transitions
         rows = await self.control.db(
             self.control.store.sandboxes_with_status, ["running", "sleeping"]
         )
+        if generation == self._transitions:  # no transition since the read: it is current
+            self._sleeping = {r.id for r in rows if r.status == "sleeping"}
         for row in rows:
             await self._check_one(row, now)
 

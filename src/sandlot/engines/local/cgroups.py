@@ -84,3 +84,46 @@ def remove_cgroup_dirs(dirs: list[Path]) -> list[Path]:
         except OSError:
             left.append(d)
     return left
+
+
+class FreezerError(OSError):
+    pass
+
+
+def set_frozen(layout: CgroupLayout, sandbox_id: str, frozen: bool, timeout: float = 5.0) -> None:
+    """Freeze or thaw every process of a sandbox by writing its cgroup's freezer directly.
+
+    Why not ``crun pause``: going through the runtime costs ~25 ms (two process spawns on a
+    hybrid host); the write itself takes well under a millisecond, and waking a lightly sleeping
+    sandbox is on the path of the request that wakes it.
+    """
+    import time
+
+    if layout is CgroupLayout.V2:
+        control = CGROUP_ROOT / CGROUP_PARENT / sandbox_id / "cgroup.freeze"
+        value = "1" if frozen else "0"
+    else:
+        control = CGROUP_ROOT / "freezer" / CGROUP_PARENT / sandbox_id / "freezer.state"
+        value = "FROZEN" if frozen else "THAWED"
+    try:
+        control.write_text(value)
+    except FileNotFoundError:
+        raise FreezerError(f"sandbox {sandbox_id} has no cgroup (is it running?)") from None
+    deadline = time.monotonic() + timeout
+    delay = 0.0001
+    while is_frozen(layout, sandbox_id) != frozen:
+        if time.monotonic() > deadline:
+            raise FreezerError(f"sandbox {sandbox_id} did not {'freeze' if frozen else 'thaw'}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.01)
+
+
+def is_frozen(layout: CgroupLayout, sandbox_id: str) -> bool:
+    try:
+        if layout is CgroupLayout.V2:
+            events = (CGROUP_ROOT / CGROUP_PARENT / sandbox_id / "cgroup.events").read_text()
+            return "frozen 1" in events
+        state = (CGROUP_ROOT / "freezer" / CGROUP_PARENT / sandbox_id / "freezer.state")
+        return state.read_text().strip() == "FROZEN"
+    except OSError:
+        return False

@@ -377,12 +377,19 @@ class LocalEngine:
             return SandboxInfo(sandbox_id, SandboxState.RUNNING, self._address(directory), pid=pid)
 
     async def pause(self, sandbox_id: str) -> None:
-        await self.inspect(sandbox_id)
-        await self.runtime.pause(sandbox_id)
+        self._set_frozen(sandbox_id, True)
 
     async def resume(self, sandbox_id: str) -> None:
-        await self.inspect(sandbox_id)
-        await self.runtime.resume(sandbox_id)
+        self._set_frozen(sandbox_id, False)
+
+    def _set_frozen(self, sandbox_id: str, frozen: bool) -> None:
+        # Direct freezer writes take ~0.1 ms: cheap enough to do on the event loop.
+        if self._read_meta(self._dir(sandbox_id)) is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id}")
+        try:
+            cgroups.set_frozen(self.layout, sandbox_id, frozen)
+        except cgroups.FreezerError as exc:
+            raise EngineError(str(exc)) from exc
 
     async def inspect(self, sandbox_id: str) -> SandboxInfo:
         directory = self._dir(sandbox_id)
@@ -397,6 +404,8 @@ class LocalEngine:
             return SandboxInfo(sandbox_id, SandboxState.STOPPED, address,
                                detail="the runtime has no record of it (host restarted?)")
         status = state.get("status")
+        if status == "running" and cgroups.is_frozen(self.layout, sandbox_id):
+            status = "paused"
         mapped = {"running": SandboxState.RUNNING, "paused": SandboxState.PAUSED,
                   "created": SandboxState.CREATING}.get(status or "", SandboxState.STOPPED)
         return SandboxInfo(sandbox_id, mapped, address, pid=state.get("pid") or None,

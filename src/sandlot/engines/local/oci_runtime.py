@@ -99,12 +99,6 @@ class OciRuntime:
     async def delete(self, sandbox_id: str) -> None:
         await self._call("delete", "--force", sandbox_id, check=False)
 
-    async def pause(self, sandbox_id: str) -> None:
-        await self._call("pause", sandbox_id)
-
-    async def resume(self, sandbox_id: str) -> None:
-        await self._call("resume", sandbox_id)
-
     async def list_ids(self) -> list[str]:
         rc, out, _ = await self._call("list", "--format", "json", check=False)
         if rc != 0 or not out.strip():

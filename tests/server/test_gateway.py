@@ -180,3 +180,21 @@ def test_api_tokens_are_not_forwarded_into_sandboxes(server: RunningServer) -> N
         assert c.post(base + "/run", json={"cmd": "true"}, headers=auth).status_code == 200
         sb = c.get("/v1/sandboxes").json()["sandboxes"][0]
         assert not c.get(f"/v1/sandboxes/{sb['id']}").json()["secret"].startswith("sl_")
+
+
+def test_deleted_by_another_replica_is_404_not_502(
+    server: RunningServer, engine: AgentProcessEngine
+) -> None:
+    """Two servers share a database; one deletes a sandbox the other has a cached route to."""
+    with server.client() as c:
+        sb = c.post("/v1/sandboxes", json={}).json()
+        base = f"/sandboxes/{sb['id']}/koyeb-sandbox"
+        assert c.get(base + "/health").status_code == 200  # now cached
+        # "the other replica": straight to the engine and the database
+        import anyio
+
+        anyio.run(engine.delete, sb["id"])
+        store = server.app.state.control.store
+        store.update_sandbox(sb["id"], status="deleted")
+        r = c.get(base + "/health")
+        assert r.status_code == 404 and r.json()["code"] == "not_found"

@@ -293,12 +293,13 @@ class Control:
             self._agents[sandbox_id] = entry
         return entry.pool
 
-    async def agent_for(self, sandbox_id: str) -> AgentPool | None:
+    async def agent_for(self, sandbox_id: str, fresh: bool = False) -> AgentPool | None:
         """The connection pool of a live sandbox's agent, or None if there is no such sandbox.
+        ``fresh``: re-read the database rather than trust the cache.
         (The gateway is authenticated by the sandbox secret, checked by the agent itself.)"""
         entry = self._agents.get(sandbox_id)
         now = time.monotonic()
-        if entry is not None and now - entry.checked_at < AGENT_CACHE_TTL:
+        if not fresh and entry is not None and now - entry.checked_at < AGENT_CACHE_TTL:
             return entry.pool
         row = await self.db(self.store.get_sandbox, sandbox_id)
         address = address_of(row) if row is not None and row.status in LIVE_STATUSES else None

@@ -141,6 +141,12 @@ class Gateway:
         except _ClientGone:
             return
         except UpstreamError as exc:
+            if await self.control.agent_for(sandbox_id, fresh=True) is None:
+                # Deleted meanwhile (perhaps by another replica; our cache was stale).
+                await _send_json(
+                    send, 404, {"error": f"sandbox {sandbox_id} not found", "code": "not_found"}
+                )
+                return
             await _send_json(
                 send,
                 502,

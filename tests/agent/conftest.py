@@ -1,4 +1,9 @@
-"""Fixtures for the agent tests (helpers live in ``agentlib``)."""
+"""Fixtures for the agent tests (helpers live in ``agentlib``).
+
+``agent`` is a fresh agent per test (for tests that look at its processes, descriptors or
+exit); ``client`` talks to that agent when the test also asks for ``agent``, and otherwise to
+one agent shared by the module (starting ~200 agents would dominate the suite's time).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,18 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
         a.stop()
 
 
+@pytest.fixture(scope="module")
+def shared_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    a = start_agent(tmp_path_factory.mktemp("shared-agent"))
+    try:
+        yield a
+    finally:
+        a.stop()
+
+
 @pytest.fixture
-def client(agent: Agent) -> Iterator[httpx.Client]:
-    with agent.client() as c:
+def client(request: pytest.FixtureRequest) -> Iterator[httpx.Client]:
+    name = "agent" if "agent" in request.fixturenames else "shared_agent"
+    target: Agent = request.getfixturevalue(name)
+    with target.client() as c:
         yield c

@@ -99,7 +99,7 @@ CHECKS = [
 
 @schema.parametrize()
 @hypothesis.settings(
-    max_examples=int(os.environ.get("SANDLOT_FUZZ_EXAMPLES", "12")),
+    max_examples=int(os.environ.get("SANDLOT_FUZZ_EXAMPLES", "10")),
     deadline=None,
     suppress_health_check=list(hypothesis.HealthCheck),
     derandomize=True,

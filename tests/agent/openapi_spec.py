@@ -211,6 +211,12 @@ schemas = {
         ["entries"],
     ),
     "StatRequest": obj({"path": S, "follow_symlinks": B}, ["path"]),
+    "ConfigureRequest": obj(
+        {"env": {"type": "object", "additionalProperties": S}}, ["env"]
+    ),
+    "ConfigureResponse": obj(
+        {"success": B, "env": {"type": "array", "items": S}}, ["success", "env"]
+    ),
     "StatResponse": {
         "allOf": [obj({"path": S, "exists": B}, ["path", "exists"])],
         "description": "With `exists: true`, also the FileInfo fields.",
@@ -530,6 +536,12 @@ paths = {
             "200": jresp("Metadata, or exists: false", ref("StatResponse")),
             "403": ERR("Permission denied"),
         },
+        ["sandlot"],
+    ),
+    "/configure": post(
+        "Set environment variables for every later command (warm-pool claims)",
+        ref("ConfigureRequest"),
+        {"200": jresp("Names that were set", ref("ConfigureResponse"))},
         ["sandlot"],
     ),
     "/files": {

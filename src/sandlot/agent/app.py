@@ -210,6 +210,7 @@ class App:
             },
             # sandlot extensions
             "/stat": {"POST": self.stat},
+            "/configure": {"POST": self.configure},
             "/files": {"GET": self.download, "PUT": self.upload},
             "/bound_ports": {"GET": self.bound_ports},
             "/process": {"GET": self.process_info},
@@ -596,6 +597,21 @@ class App:
         except SpawnError as exc:
             raise HTTPError(500, f"Failed to start process: {exc}") from None
         return _json_reply({"id": proc.id, "pid": proc.pid, "status": "running"}, 201)
+
+    def configure(self, req: Request) -> Reply:
+        """Set environment variables for every later command, process and terminal (a warm-pool
+        sandbox gets its owner's ``env`` this way when it is claimed)."""
+        env = self.body(req).get("env")
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise HTTPError(400, "'env' must be an object of string values", success=False)
+        bad = sorted(k for k in env if not k or "=" in k or "\0" in k or k in commands.HIDDEN_ENV)
+        if bad:
+            raise HTTPError(400, f"invalid or reserved variable names: {bad}", success=False)
+        with self._lock:
+            self.base_env.update(env)
+        return _json_reply({"success": True, "env": sorted(env)})
 
     def list_processes(self, req: Request) -> Reply:
         return _json_reply({"processes": [p.summary() for p in self.processes.all()]})

@@ -351,3 +351,31 @@ async def test_start_unknown_sandbox(engine: LocalEngine) -> None:
         await engine.start("nope")
     with pytest.raises(SandboxNotFound):
         await engine.stop("nope")
+
+
+async def test_pool_sandbox_is_claimed_by_first_token(engine: LocalEngine) -> None:
+    import httpx
+
+    from .conftest import SandboxHandle
+
+    spec = SandboxSpec(id=new_sandbox_id(), image="busybox", secret="",
+                       instance_type=get_instance_type("nano"), pool=True)
+    info = await engine.create(spec)
+    owner = SandboxHandle(info, "owner-token")
+    other = SandboxHandle(info, "someone-else")
+    try:
+        await owner.wait_healthy()
+        assert await owner.sh("echo mine") == "mine\n"  # first token claims it
+        with pytest.raises(AssertionError):
+            await other.run("true")
+        # the claim survives a deep sleep (the agent restarts, reads the persisted secret)
+        await engine.stop(spec.id)
+        await engine.start(spec.id)
+        await owner.wait_healthy()
+        assert await owner.sh("echo still-mine") == "still-mine\n"
+        r = await other.client.post("/run", json={"cmd": "true"})
+        assert r.status_code == httpx.codes.UNAUTHORIZED
+    finally:
+        await owner.aclose()
+        await other.aclose()
+        await engine.delete(spec.id)

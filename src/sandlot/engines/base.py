@@ -62,6 +62,10 @@ class SandboxSpec:
     privileged: bool = False
     network: NetworkMode = NetworkMode.NONE
     labels: Mapping[str, str] = field(default_factory=dict)
+    #: A warm-pool sandbox: started without a secret, its agent in pool mode -- the first
+    #: authenticated request claims it and its bearer token becomes the secret (kept across
+    #: restarts of the agent). ``secret`` is ignored.
+    pool: bool = False
 
 
 @dataclass(frozen=True)

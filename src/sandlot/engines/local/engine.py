@@ -276,16 +276,21 @@ class LocalEngine:
             path = etc / name
             path.write_text(content)
             os.chown(path, base, base)
-        secret = run / "secret"
-        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
-        with os.fdopen(fd, "w") as f:
-            f.write(spec.secret)
-        os.chown(secret, base, base)
+        if not spec.pool:
+            secret = run / "secret"
+            fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+            with os.fdopen(fd, "w") as f:
+                f.write(spec.secret)
+            os.chown(secret, base, base)
 
         env = {**image.env, **dict(spec.env)}
         env.setdefault("HOME", "/root")
         env["HOSTNAME"] = hostname
-        env["SANDBOX_SECRET_FILE"] = SANDBOX_SECRET_FILE
+        if spec.pool:
+            env["SANDBOX_AUTH_MODE"] = "pool"
+            env["SANDBOX_SECRET_PATH"] = SANDBOX_SECRET_FILE  # the claim is kept here
+        else:
+            env["SANDBOX_SECRET_FILE"] = SANDBOX_SECRET_FILE
         cwd = image.workdir if _resolve_in_root(rootfs, image.workdir) else "/"
         config = build_config(SandboxConfig(
             hostname=hostname,

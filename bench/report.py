@@ -197,6 +197,16 @@ def _markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
         for row in dec["rows"]:
             w(f"| {row['path']} | {_fmt(row['median_ms'])} |")
         w("")
+    fdec = res.get("file_write_decomposition")
+    if fdec:
+        w(f"A {fdec['bytes'] // 2**20} MiB binary file taken apart "
+          "(`bench/stages.py:file_write_decomposition`, MiB/s):")
+        w("")
+        w("| path | MiB/s |")
+        w("|---|---|")
+        for row in fdec["rows"]:
+            w(f"| {row['path']} | {_fmt(row['mib_s'])} |")
+        w("")
     prof = res.get("profile")
     exp = (prof or {}).get("ready_poll_experiment")
     if exp:

@@ -237,7 +237,13 @@ class SandlotBench:
                         stop = f"create failed: {type(errors[0]).__name__}: {errors[0]}"[:300]
                         break
                 elapsed = time.perf_counter() - t_start
-                ok = await boxes[-1].exec("true") if boxes else None
+                death = self.srv.died()
+                if death:
+                    stop = f"the sandlot server died: {death}"[-600:]
+                ok = None
+                if boxes and not death:
+                    with contextlib.suppress(Exception):
+                        ok = await boxes[-1].exec("true")
                 mem = [m / 2**20 for m in (_cgroup_memory(b.id)[0] for b in boxes) if m]
                 return {"value": len(boxes), "limit": stop, "image": "busybox",
                         "seconds_to_create": round(elapsed, 1),

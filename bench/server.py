@@ -142,7 +142,16 @@ class BenchServer:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def died(self) -> str | None:
+        """Why the server is gone, if it exited on its own: its exit status and log tail."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        return f"the server exited with status {self.proc.returncode}: {self.log_tail(25)}"
+
     def stop_server(self) -> None:
+        death = self.died()
+        if death:
+            print(f"[bench] {death}", file=sys.stderr, flush=True)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

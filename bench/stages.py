@@ -297,15 +297,93 @@ def exec_decomposition(n: int) -> dict[str, Any]:
 
 
 def ready_poll_experiment(n: int) -> dict[str, Any]:
-    """Cold create -> first echo with the server as it is, then with its readiness poll capped at
-    1 ms (:func:`bench.server.engine_fast_ready_poll`), alternating servers to share the noise."""
-    from bench.sandlot_workloads import SandlotBench
+    """Cold create -> first echo with the server as it is, and with its readiness poll capped at
+    1 ms (:func:`bench.server.engine_fast_ready_poll`). Both servers run at once and the samples
+    alternate between them, so both see the same machine load."""
+    from bench.stats import summarize
+    from sandlot import Sandbox
 
-    out: dict[str, Any] = {}
-    for label, factory in (("as_is", "bench.server:engine"),
-                           ("poll_1ms", "bench.server:engine_fast_ready_poll")):
-        with BenchServer(engine_factory=factory) as srv:
-            sb = SandlotBench(srv, lambda _m: None)
-            sb.warm_up()
-            out[label] = sb.tti_cold(n)
-    return out
+    labels = {"as_is": "bench.server:engine", "poll_1ms": "bench.server:engine_fast_ready_poll"}
+    samples: dict[str, list[float]] = {k: [] for k in labels}
+    with contextlib.ExitStack() as stack:
+        servers = {k: stack.enter_context(BenchServer(engine_factory=f))
+                   for k, f in labels.items()}
+        for srv in servers.values():
+            with Sandbox.create(image="default", api_url=srv.url) as sb:
+                sb.exec("true")
+        for i in range(n):
+            order = list(servers.items()) if i % 2 == 0 else list(servers.items())[::-1]
+            for label, srv in order:
+                t0 = time.perf_counter()
+                sb = Sandbox.create(image="default", api_url=srv.url)
+                try:
+                    sb.exec("echo hi")
+                    samples[label].append((time.perf_counter() - t0) * 1000)
+                finally:
+                    sb.delete()
+                    sb.close()
+    return {k: summarize(v) for k, v in samples.items()}
+
+
+def file_write_decomposition(size: int, rounds: int = 2) -> dict[str, Any]:
+    """A large binary write taken apart: straight to the agent (PUT /files), through the
+    server's gateway with httpx, and with the SDK's ``filesystem.write_file``."""
+    import os
+
+    from sandlot import Sandbox
+
+    data = os.urandom(size)
+
+    def rate(fn: Any) -> float:
+        best = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            fn()
+            best.append(size / 2**20 / (time.perf_counter() - t0))
+        return round(statistics.median(best), 1)
+
+    with BenchServer() as srv, Sandbox.create(image="default", api_url=srv.url) as sb:
+        auth = {"authorization": f"Bearer {sb.secret}",
+                "content-type": "application/octet-stream"}
+        agent = httpx.Client(transport=httpx.HTTPTransport(uds=srv.agent_socket(sb.id)),
+                             base_url="http://agent", timeout=600)
+        gateway = httpx.Client(transport=httpx.HTTPTransport(uds=srv.socket_path),
+                               base_url="http://sandlot", timeout=600)
+        prefix = f"/sandboxes/{sb.id}/koyeb-sandbox"
+
+        def raw_put() -> None:
+            """The same PUT, written to the agent's socket in 1 MiB pieces (no HTTP library)."""
+            import socket
+
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(srv.agent_socket(sb.id))
+                sock.sendall(f"PUT /files?path=/root/big.bin HTTP/1.1\r\nHost: a\r\n"
+                             f"Authorization: Bearer {sb.secret}\r\nContent-Length: "
+                             f"{len(data)}\r\nConnection: close\r\n\r\n".encode())
+                view = memoryview(data)
+                for i in range(0, len(data), 2**20):
+                    sock.sendall(view[i:i + 2**20])
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+                if not answer.startswith(b"HTTP/1.1 200"):
+                    raise RuntimeError(f"raw PUT answered {answer[:80]!r}")
+
+        def put(client: httpx.Client, path: str) -> None:
+            r = client.put(path, params={"path": "/root/big.bin"}, content=data, headers=auth)
+            r.raise_for_status()
+
+        with agent, gateway:
+            rows = [
+                ("agent PUT /files, raw socket, 1 MiB sends", rate(raw_put)),
+                ("agent PUT /files (httpx, one bytes body)", rate(lambda: put(agent, "/files"))),
+                ("gateway PUT /files (httpx)", rate(lambda: put(gateway, prefix + "/files"))),
+                ("SDK filesystem.write_file", rate(
+                    lambda: sb.filesystem.write_file("/root/big.bin", data))),
+                ("agent GET /files", rate(lambda: agent.get(
+                    "/files", params={"path": "/root/big.bin"}, headers=auth).content)),
+                ("gateway GET /files (httpx)", rate(lambda: gateway.get(
+                    prefix + "/files", params={"path": "/root/big.bin"}, headers=auth).content)),
+            ]
+    return {"bytes": size, "rounds": rounds,
+            "rows": [{"path": p, "mib_s": v} for p, v in rows]}

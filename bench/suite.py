@@ -321,6 +321,11 @@ def run_stages(run: Run) -> None:
                 s.profile_creates)
 
         run.attempt("cProfile of the server", "sandlot", [], profile)
+    if s.profile_creates:
+        big = max(s.file_sizes.values())
+        run.attempt("file write decomposition", "sandlot", [],
+                    lambda: run.extra.__setitem__("file_write_decomposition",
+                                                  stages.file_write_decomposition(big, 1)))
     run.attempt("exec decomposition", "sandlot", [],
                 lambda: run.extra.__setitem__("exec_decomposition",
                                               stages.exec_decomposition(max(20, s.exec_n))))

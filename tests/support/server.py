@@ -53,6 +53,7 @@ def start_server(
     unix_path: Path | None = None,
     tcp: bool = False,
     stale_create_after: float = 0.0,
+    pools: dict[Any, int] | None = None,
 ) -> RunningServer:
     if tcp:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -74,6 +75,7 @@ def start_server(
         auth="token" if tcp else "socket",
         public_url=public,
         stale_create_after=stale_create_after,
+        pools=dict(pools or {}),
     )
     app = create_app(config)
     server = uvicorn.Server(

@@ -34,10 +34,24 @@ def main() -> None:
 )
 @click.option("--public-url", default=None, help="Base URL clients use to reach this server.")
 @click.option("--log-level", default="info", show_default=True)
+@click.option(
+    "--pool",
+    "pools",
+    multiple=True,
+    metavar="IMAGE:INSTANCE_TYPE=N",
+    help="Keep N sandboxes of this kind ready for instant create() (repeatable; "
+    "e.g. default:micro=2). Default: no pools.",
+)
 def server(
-    listen: str | None, database: str | None, engine: str, public_url: str | None, log_level: str
+    listen: str | None,
+    database: str | None,
+    engine: str,
+    public_url: str | None,
+    log_level: str,
+    pools: tuple[str, ...],
 ) -> None:
     """Run the control server and gateway."""
+    from sandlot.server.pool import PoolKey
     from sandlot.server.run import parse_listen, serve
 
     try:
@@ -45,7 +59,18 @@ def server(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--listen") from None
     try:
-        serve(listen, database=database, engine=engine, public_url=public_url, log_level=log_level)
+        pool_sizes = dict(PoolKey.parse(p) for p in pools)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--pool") from None
+    try:
+        serve(
+            listen,
+            database=database,
+            engine=engine,
+            public_url=public_url,
+            log_level=log_level,
+            pools=pool_sizes,
+        )
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
 

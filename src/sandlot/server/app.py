@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -29,6 +29,7 @@ from sandlot.engines.base import Engine
 from sandlot.server.control import ApiError, Control
 from sandlot.server.db import DEFAULT_PROJECT, ApiToken, SandboxRow, Store
 from sandlot.server.gateway import Gateway
+from sandlot.server.pool import PoolKey
 from sandlot.server.schemas import (
     CreateSandbox,
     CreateToken,
@@ -58,6 +59,8 @@ class ServerConfig:
     public_url: str | None = None
     #: Rows still "creating" this long after creation are discarded at startup (a crash).
     stale_create_after: float = 0.0
+    #: Warm pools: how many ready sandboxes to keep per (image, instance type).
+    pools: dict[PoolKey, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -515,7 +518,10 @@ def _wrap(
 def create_app(config: ServerConfig) -> Starlette:
     store = Store(config.database_url)
     control = Control(
-        store=store, engines=dict(config.engines), default_region=config.default_region
+        store=store,
+        engines=dict(config.engines),
+        default_region=config.default_region,
+        pool_sizes=dict(config.pools),
     )
     api = Api(config, control)
     routes: list[BaseRoute] = [
@@ -528,6 +534,8 @@ def create_app(config: ServerConfig) -> Starlette:
         await control.reconcile(config.stale_create_after)
         async with anyio.create_task_group() as tg:
             tg.start_soon(control.lifecycle.run)
+            if control.pools is not None:
+                tg.start_soon(control.pools.run)
             try:
                 yield
             finally:

@@ -24,6 +24,7 @@ from sandlot.engines.base import (
 from sandlot.instance_types import get_instance_type
 from sandlot.server.db import SandboxRow, Store, utcnow
 from sandlot.server.lifecycle import Lifecycle
+from sandlot.server.pool import PoolKey, WarmPools
 from sandlot.server.schemas import CreateSandbox
 from sandlot.server.upstream import AgentPool, UpstreamError
 
@@ -70,10 +71,15 @@ class Control:
     engines: dict[str, Engine]
     default_region: str
     _agents: dict[str, _AgentEntry] = field(default_factory=dict)
+    pool_sizes: dict[PoolKey, int] = field(default_factory=dict)
     lifecycle: Lifecycle = field(init=False)
+    pools: WarmPools | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.lifecycle = Lifecycle(self)
+        self.pools = (
+            WarmPools(self, self.pool_sizes, self.default_region) if self.pool_sizes else None
+        )
 
     async def db(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
@@ -101,6 +107,10 @@ class Control:
             )
         image = req.image or DEFAULT_IMAGE
         image = IMAGE_ALIASES.get(image, image)
+        if self.pools is not None:
+            claimed = await self.pools.claim(project, req, image)
+            if claimed is not None:
+                return claimed
         sandbox_id = secrets.token_hex(12)
         secret = new_sandbox_secret()
         now = utcnow()
@@ -149,7 +159,7 @@ class Control:
                 agent_port=address.port,
             )
             if req.wait_ready:
-                await self._wait_healthy(engine, sandbox_id, address, req.timeout)
+                await self._wait_healthy(engine, sandbox_id, address, req.timeout, secret)
             final = await self.db(
                 self.store.update_sandbox, sandbox_id, only_if_status="creating", status="running"
             )
@@ -189,7 +199,12 @@ class Control:
         )
 
     async def _wait_healthy(
-        self, engine: Engine, sandbox_id: str, address: AgentAddress, timeout: float
+        self,
+        engine: Engine,
+        sandbox_id: str,
+        address: AgentAddress,
+        timeout: float,
+        secret: str | None = None,
     ) -> None:
         if address.unix_path is not None and len(address.unix_path.encode()) > 107:
             raise ApiError(
@@ -198,7 +213,7 @@ class Control:
                 f"the agent socket path of sandbox {sandbox_id} is longer than a Unix socket "
                 f"allows (108 bytes): {address.unix_path}; use a shorter state directory",
             )
-        pool = self._pool_for(sandbox_id, address)
+        pool = self._pool_for(sandbox_id, address, secret)
         deadline = time.monotonic() + timeout
         delay = 0.005
         last = "no answer yet"
@@ -284,13 +299,17 @@ class Control:
 
     # -- gateway support ----------------------------------------------------------------------
 
-    def _pool_for(self, sandbox_id: str, address: AgentAddress) -> AgentPool:
+    def _pool_for(
+        self, sandbox_id: str, address: AgentAddress, secret: str | None = None
+    ) -> AgentPool:
         entry = self._agents.get(sandbox_id)
         if entry is None or entry.pool.address != address:
             if entry is not None:
                 entry.pool.close()
             entry = _AgentEntry(AgentPool(address), time.monotonic())
             self._agents[sandbox_id] = entry
+        if secret is not None:
+            entry.pool.secret = secret.encode()
         return entry.pool
 
     async def agent_for(self, sandbox_id: str, fresh: bool = False) -> AgentPool | None:
@@ -306,7 +325,7 @@ class Control:
         if address is None:
             await self._evict(sandbox_id)
             return None
-        pool = self._pool_for(sandbox_id, address)
+        pool = self._pool_for(sandbox_id, address, row.secret)
         self._agents[sandbox_id].checked_at = now
         return pool
 
@@ -318,8 +337,11 @@ class Control:
     # -- server lifecycle ---------------------------------------------------------------------
 
     async def reconcile(self, stale_after: float) -> None:
-        """After a crash, sandboxes left in "creating" are half-created: remove them."""
-        rows = await self.db(self.store.sandboxes_with_status, ["creating"])
+        """After a crash, sandboxes left half-created ("creating", or a warm-pool sandbox being
+        made or claimed) are removed."""
+        rows = await self.db(
+            self.store.sandboxes_with_status, ["creating", "pooling", "claiming"]
+        )
         now = utcnow()
         for row in rows:
             created = (

@@ -141,9 +141,9 @@ class Store:
                 for column in table.columns:
                     if column.name not in present:
                         kind = column.type.compile(dialect=self.engine.dialect)
-                        conn.execute(text(
-                            f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'
-                        ))
+                        conn.execute(
+                            text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
+                        )
 
     def close(self) -> None:
         self.engine.dispose()
@@ -242,6 +242,42 @@ class Store:
                 setattr(row, key, value)
             row.updated_at = utcnow()
             return row
+
+    def claim_pooled(
+        self, pool_project: str, image: str, instance_type: str, **fields: Any
+    ) -> SandboxRow | None:
+        """Atomically take the oldest ready pooled sandbox of this kind and set ``fields``."""
+        with self.session() as s, s.begin():
+            query = (
+                select(SandboxRow)
+                .where(
+                    SandboxRow.project == pool_project,
+                    SandboxRow.status == "pooled",
+                    SandboxRow.image == image,
+                    SandboxRow.instance_type == instance_type,
+                )
+                .order_by(SandboxRow.created_at)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
+            row = s.scalars(query).first()
+            if row is None:
+                return None
+            for key, value in fields.items():
+                setattr(row, key, value)
+            row.updated_at = utcnow()
+            return row
+
+    def count_pooled(self, pool_project: str, image: str, instance_type: str) -> int:
+        """Pooled sandboxes of this kind, ready or being made."""
+        with self.session() as s:
+            query = select(SandboxRow.id).where(
+                SandboxRow.project == pool_project,
+                SandboxRow.status.in_(["pooled", "pooling"]),
+                SandboxRow.image == image,
+                SandboxRow.instance_type == instance_type,
+            )
+            return len(s.scalars(query).all())
 
     def add_event(self, sandbox_id: str, kind: str, detail: str = "") -> None:
         with self.session() as s, s.begin():

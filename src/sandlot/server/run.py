@@ -17,6 +17,7 @@ from sandlot.engines.base import Engine, EngineError
 from sandlot.paths import default_server_socket, state_dir
 from sandlot.server.app import ServerConfig, create_app, unix_public_url
 from sandlot.server.db import default_database_url
+from sandlot.server.pool import PoolKey
 
 DEFAULT_REGION = "local"
 
@@ -96,7 +97,11 @@ def bind_unix_socket(path: str) -> socket.socket:
 
 
 def build_config(
-    listen: Listen, database: str | None, engine: str, public_url: str | None
+    listen: Listen,
+    database: str | None,
+    engine: str,
+    public_url: str | None,
+    pools: dict[PoolKey, int] | None = None,
 ) -> ServerConfig:
     url = database or os.environ.get("SANDLOT_DATABASE_URL") or default_database_url(state_dir())
     if public_url is None and listen.unix_path is not None:
@@ -109,6 +114,7 @@ def build_config(
         public_url=public_url,
         # SQLite means one server process: anything still "creating" at start is a leftover.
         stale_create_after=0.0 if url.startswith("sqlite") else 900.0,
+        pools=dict(pools or {}),
     )
 
 
@@ -118,13 +124,14 @@ def serve(
     engine: str = "local",
     public_url: str | None = None,
     log_level: str = "info",
+    pools: dict[PoolKey, int] | None = None,
 ) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     listen = parse_listen(listen_value)
     try:
-        config = build_config(listen, database, engine, public_url)
+        config = build_config(listen, database, engine, public_url, pools)
     except EngineError as exc:
         # e.g. the local engine without root: a message for the user, not a traceback
         raise RuntimeError(f"cannot start the engine: {exc}") from exc

@@ -8,10 +8,12 @@ import base64
 import contextlib
 import dataclasses
 import enum
+import functools
 import heapq
 import itertools
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -333,6 +335,13 @@ def resolve_connection(api_url: str | None, api_token: str | None) -> Connection
             "SANDLOT_API_TOKEN (create one with `sandlot token create` on the server)"
         )
     return Connection(url.rstrip("/"), None, token, autostart=False)
+
+
+@functools.cache
+def shared_ssl_context() -> ssl.SSLContext:
+    """One TLS context per process. Building one loads the CA bundle (~20 ms here), and each
+    httpx transport would otherwise build its own: that was most of a warm-pool create."""
+    return ssl.create_default_context()
 
 
 def client_kwargs(conn: Connection) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from sandlot.sdk._common import (
     parse_sse_line,
     raise_for_status,
     resolve_connection,
+    shared_ssl_context,
     transport_error,
 )
 from sandlot.sdk.errors import (
@@ -71,9 +72,9 @@ async def _open_client(conn: Connection) -> httpx.AsyncClient:
     if conn.unix_path is not None:
         if conn.autostart:
             await async_ensure_local_server(conn.unix_path)
-        transport = httpx.AsyncHTTPTransport(uds=conn.unix_path)
+        transport = httpx.AsyncHTTPTransport(uds=conn.unix_path, verify=shared_ssl_context())
     else:
-        transport = httpx.AsyncHTTPTransport()
+        transport = httpx.AsyncHTTPTransport(verify=shared_ssl_context())
     return httpx.AsyncClient(transport=transport, **client_kwargs(conn))
 
 

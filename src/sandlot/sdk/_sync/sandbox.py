@@ -46,6 +46,7 @@ from sandlot.sdk._common import (
     parse_sse_line,
     raise_for_status,
     resolve_connection,
+    shared_ssl_context,
     sync_ensure_local_server,
     sync_run_blocking,
     sync_sleep,
@@ -72,9 +73,9 @@ def _open_client(conn: Connection) -> httpx.Client:
     if conn.unix_path is not None:
         if conn.autostart:
             sync_ensure_local_server(conn.unix_path)
-        transport = httpx.HTTPTransport(uds=conn.unix_path)
+        transport = httpx.HTTPTransport(uds=conn.unix_path, verify=shared_ssl_context())
     else:
-        transport = httpx.HTTPTransport()
+        transport = httpx.HTTPTransport(verify=shared_ssl_context())
     return httpx.Client(transport=transport, **client_kwargs(conn))
 
 

@@ -75,6 +75,38 @@ class SandlotBench:
         return summarize(total, create_ms=summarize(create), first_exec_ms=summarize(first_exec),
                          delete_ms=summarize(delete))
 
+    def tti_warm(self, n: int, refill_s: float = 2.0) -> Result:
+        """create -> first ``echo hi`` on a server keeping a warm pool (``--pool
+        default:micro=2``); each sample waits for the pool to refill first. A sample is kept
+        only if the sandbox's events say it came from the pool."""
+        total, cold = [], 0
+        for _ in range(n):
+            time.sleep(refill_s)
+            t0 = time.perf_counter()
+            sb = self.create()
+            try:
+                result = sb.exec("echo hi")
+                elapsed = ms_since(t0)
+                if result.stdout != "hi\n":
+                    raise RuntimeError(f"echo hi answered {result.stdout!r}")
+                if self._from_pool(sb.id):
+                    total.append(elapsed)
+                else:
+                    cold += 1
+            finally:
+                sb.delete()
+                sb.close()
+        if not total:
+            return skipped(f"no create was served from the warm pool ({cold} cold)")
+        return summarize(total, cold_fallbacks=cold, how="server with --pool default:micro=2")
+
+    def _from_pool(self, sandbox_id: str) -> bool:
+        transport = httpx.HTTPTransport(uds=self.srv.socket_path)
+        with httpx.Client(transport=transport, base_url="http://s", timeout=10) as c:
+            r = c.get(f"/v1/sandboxes/{sandbox_id}/events")
+            events = r.json().get("events", []) if r.status_code == 200 else []
+        return any("warm pool" in str(e.get("detail", "")) for e in events)
+
     # -- exec --------------------------------------------------------------------------------------
 
     def exec_rtt(self, n: int) -> tuple[Result, Result]:

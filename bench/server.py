@@ -46,10 +46,12 @@ class BenchServer:
     """``with BenchServer() as srv: Sandbox.create(api_url=srv.url)``."""
 
     def __init__(self, *, profile_to: Path | None = None,
-                 engine_factory: str = "bench.server:engine") -> None:
+                 engine_factory: str = "bench.server:engine",
+                 pools: tuple[str, ...] = ()) -> None:
         """``profile_to``: a server that profiles itself between :meth:`profile_start` and
         :meth:`profile_stop`, which writes the cProfile stats there."""
         self.profile_to = profile_to
+        self.pools = pools
         self.engine_factory = "bench.server:engine_profiled" if profile_to else engine_factory
         self.tmp: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -98,6 +100,8 @@ class BenchServer:
         argv = [sys.executable, "-m", "sandlot.cli", "server", "--listen", self.url, "--engine",
                  self.engine_factory, "--database", f"sqlite:///{self.tmp / 'db.sqlite'}",
                  "--log-level", "warning"]
+        for pool in self.pools:
+            argv += ["--pool", pool]
         self.log = open(self.tmp / "server.log", "wb")  # noqa: SIM115 (closed in __exit__)
         self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=str(self.tmp))

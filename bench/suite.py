@@ -234,7 +234,32 @@ def run_sandlot(run: Run) -> None:
                         max_idle)
         else:
             run.skip_figure("max_idle_sandboxes", "full run only (python -m bench)")
-    run.skip_figure("tti_warm_ms", "warm pools do not exist yet (issue 5)")
+    run_warm_pool(run)
+
+
+def run_warm_pool(run: Run) -> None:
+    """tti_warm_ms needs a server with a warm pool; a server without ``--pool`` is a skip."""
+    from bench.sandlot_workloads import SandlotBench
+    from bench.server import BenchServer
+
+    run.log("sandlot: tti_warm_ms")
+    try:
+        srv = BenchServer(pools=("default:micro=2",)).__enter__()
+    except RuntimeError as exc:
+        if "no such option" in str(exc).lower():
+            run.skip_figure("tti_warm_ms", "this server has no warm pools yet (issue 5)")
+        else:
+            run.errors.append(f"sandlot tti_warm_ms: {exc}"[:400])
+            run.skip_figure("tti_warm_ms", f"failed: server with a pool did not start: {exc}"
+                            [:400])
+        return
+    try:
+        bench = SandlotBench(srv, run.log)
+        run.attempt("tti_warm_ms", "sandlot", [("tti_warm_ms", ("-",))],
+                    lambda: run.put("tti_warm_ms", "sandlot",
+                                    bench.tti_warm(max(2, run.sizes.tti_n // 3))))
+    finally:
+        srv.__exit__(None, None, None)
 
 
 def run_alternative(run: Run, name: str, enabled: bool, why_off: str) -> None:

@@ -28,6 +28,15 @@ def state_dir() -> Path:
     return Path(xdg) / "sandlot"
 
 
+def images_dir(state: Path | None = None) -> Path:
+    """Where built images live: ``SANDLOT_IMAGES_DIR``, else ``<state>/images``. (Tests and
+    benchmarks run servers with their own state directory but share the built images.)"""
+    configured = os.environ.get("SANDLOT_IMAGES_DIR")
+    if configured:
+        return Path(configured)
+    return (state if state is not None else state_dir()) / "images"
+
+
 def runtime_dir() -> Path:
     """Per-user runtime directory: the server's default socket lives here."""
     xdg = os.environ.get("XDG_RUNTIME_DIR")

@@ -13,7 +13,7 @@ import pytest
 from sdk.conftest import IMAGES_DIR, local_engine_unavailable
 from support.server import RunningServer, start_server
 
-from sandlot import Sandbox
+from sandlot import Sandbox, SandboxRequestError
 from sandlot.server.pool import POOL_PROJECT, PoolKey
 
 
@@ -69,8 +69,9 @@ def test_claim_from_pool_then_refill(pooled_server: RunningServer) -> None:
         # the sandbox's agent answers only its owner's secret
         intruder = Sandbox.get_from_id(sb.id, api_url=srv.url)
         intruder._info["secret"] = "not-the-secret"
-        with pytest.raises(Exception, match="401|[Uu]nauthori"):
+        with pytest.raises(SandboxRequestError) as denied:
             intruder.exec("true")
+        assert denied.value.status_code == 401
     finally:
         sb.delete()
 

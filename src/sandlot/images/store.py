@@ -238,9 +238,9 @@ def _mmdebstrap(tmp: Path, progress: Progress | None) -> None:
 
 
 def default_store() -> ImageStore:
-    from sandlot.paths import state_dir
+    from sandlot.paths import images_dir
 
-    return ImageStore(state_dir() / "images")
+    return ImageStore(images_dir())
 
 
 __all__ = ["DEFAULT_IMAGE_ALIASES", "Image", "ImageStore", "default_store"]

@@ -354,6 +354,15 @@ class Control:
             engine = self.engines.get(row.region)
             if engine is not None:
                 await self._discard(engine, row.id, "server stopped while the sandbox was created")
+        # Pooled sandboxes of pools this server no longer keeps (or keeps fewer of).
+        pooled = await self.db(self.store.sandboxes_with_status, ["pooled"])
+        kept: dict[PoolKey, int] = {}
+        for row in pooled:
+            key = PoolKey(row.image, row.instance_type)
+            kept[key] = kept.get(key, 0) + 1
+            engine = self.engines.get(row.region)
+            if kept[key] > self.pool_sizes.get(key, 0) and engine is not None:
+                await self._discard(engine, row.id, "warm pool shrunk")
         await self._reconcile_engines()
 
     async def _reconcile_engines(self) -> None:

@@ -46,7 +46,7 @@ from sandlot.engines.local import cgroups, idmap, mounts, network
 from sandlot.engines.local.oci_runtime import OciRuntime
 from sandlot.engines.local.oci_spec import SandboxConfig, build_config
 from sandlot.images.store import Image, ImageStore
-from sandlot.paths import SANDBOX_AGENT_SOCKET, SANDBOX_SECRET_FILE
+from sandlot.paths import SANDBOX_AGENT_SOCKET, SANDBOX_SECRET_FILE, images_dir
 from sandlot.runtime.closure import agent_command, build_runtime
 
 #: Variables owned by the platform; a user's ``env`` cannot override them.
@@ -123,7 +123,7 @@ class LocalEngine:
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         self.sandboxes_dir.chmod(0o711)
         self._socket_root = _short_link(self.sandboxes_dir)
-        self.images = images or ImageStore(state_dir / "images")
+        self.images = images or ImageStore(images_dir(state_dir))
         self.layout = cgroups.detect_layout()
         self.runtime = OciRuntime.detect(state_dir / "oci", self.layout, oci_runtime)
         self._runtime_dir: Path | None = None

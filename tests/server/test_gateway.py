@@ -198,3 +198,19 @@ def test_deleted_by_another_replica_is_404_not_502(
         store.update_sandbox(sb["id"], status="deleted")
         r = c.get(base + "/health")
         assert r.status_code == 404 and r.json()["code"] == "not_found"
+
+
+def test_big_upload_with_wrong_secret_is_401(server: RunningServer) -> None:
+    """The agent refuses before reading the body and closes; the gateway passes its 401 on
+    (not a 502 for the broken upload)."""
+    data = os.urandom(16 * 1024 * 1024)
+    with server.client() as c:
+        base, _ = new_sandbox(c)
+        r = c.put(
+            base + "/files",
+            params={"path": "x.bin"},
+            content=data,
+            headers={"authorization": "Bearer wrong"},
+        )
+        assert r.status_code == 401
+        assert c.get(base + "/health").status_code == 200  # and the gateway is fine after

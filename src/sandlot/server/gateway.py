@@ -11,6 +11,7 @@ The client's ``Authorization: Bearer <sandbox secret>`` is passed through; the a
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -39,6 +40,8 @@ _DROP_REQUEST = {
     b"proxy-authorization",
 }
 _TOKEN_PREFIX = API_TOKEN_PREFIX.encode()
+#: Agent routes that need no secret (as in the agent's own PUBLIC_PATHS).
+_PUBLIC_AGENT_PATHS = frozenset({"health", "openapi.json"})
 _DROP_RESPONSE = {b"connection", b"keep-alive", b"transfer-encoding", b"trailer", b"upgrade"}
 
 
@@ -80,6 +83,27 @@ class Gateway:
                 {"error": f"sandbox {sandbox_id} not found", "code": "not_found"},
             )
             return
+        if pool.secret is not None and params.get("path", "") not in _PUBLIC_AGENT_PATHS:
+            # The agent checks the secret too; checking here first answers a wrong one without
+            # waking the agent or streaming a body it would refuse anyway.
+            given = b""
+            for k, v in scope["headers"]:
+                if k == b"authorization":
+                    given = v
+            if not hmac.compare_digest(given, b"Bearer " + pool.secret):
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 401,
+                        "headers": [
+                            (b"content-type", b"text/plain; charset=utf-8"),
+                            (b"www-authenticate", b"Bearer"),
+                            (b"content-length", b"13"),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": b"Unauthorized\n"})
+                return
         # The sandbox is untrusted: an API token sent here by mistake is not passed on to it.
         headers = [
             (k, v)

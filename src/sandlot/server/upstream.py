@@ -125,11 +125,31 @@ class UpstreamResponse:
             conn.close()
 
 
+def _salvage(conn: _Conn) -> bytes | None:
+    """After a failed send, asyncio's reader refuses to read even what the agent answered
+    before closing (an early 401 or 413). Take that answer from the reader's buffer (a private
+    attribute, hence the care) and give the connection a fresh reader holding the rest."""
+    buffered = getattr(conn.reader, "_buffer", None)
+    if not isinstance(buffered, bytearray):
+        return None
+    data = bytes(buffered)
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    rest = asyncio.StreamReader(limit=MAX_HEAD)
+    rest.feed_data(data[end + 4 :])
+    rest.feed_eof()
+    conn.reader = rest
+    return data[: end + 4]
+
+
 class AgentPool:
     """Idle keep-alive connections to one agent."""
 
-    def __init__(self, address: AgentAddress) -> None:
+    def __init__(self, address: AgentAddress, secret: bytes | None = None) -> None:
         self.address = address
+        #: The sandbox's secret, for the gateway's own check (None: leave it to the agent).
+        self.secret = secret
         self._idle: list[_Conn] = []
 
     async def _connect(self) -> _Conn:
@@ -177,7 +197,8 @@ class AgentPool:
             head.append(b"content-length: " + str(len(body)).encode() + b"\r\n")
         head.append(b"\r\n")
         raw_head = b"".join(head)
-        retries = 1 if method in _RETRYABLE else 0
+        # A body iterator cannot be replayed: only requests with their body in hand retry.
+        retries = 1 if method in _RETRYABLE and isinstance(body, bytes | bytearray) else 0
         while True:
             conn = self._take_idle()
             reused = conn is not None
@@ -203,8 +224,8 @@ class AgentPool:
         body: bytes | AsyncIterator[bytes],
         method: str,
     ) -> UpstreamResponse:
+        writer = conn.writer
         try:
-            writer = conn.writer
             if isinstance(body, bytes | bytearray):
                 # One write for the common small request: one syscall, one packet.
                 writer.write(raw_head + body if len(body) <= READ_CHUNK else raw_head)
@@ -217,9 +238,24 @@ class AgentPool:
                     writer.write(chunk)
                     await writer.drain()
                 await writer.drain()
+        except (OSError, RuntimeError) as exc:  # uvloop: RuntimeError on a closed transport
+            # The agent may have answered early (401, 413...) and closed without reading the
+            # whole body: its answer, if any, beats a generic 502.
+            send_error: Exception | None = exc
+        else:
+            send_error = None
+        try:
             head = await conn.reader.readuntil(b"\r\n\r\n")
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            raise UpstreamError("the agent closed the connection") from exc
+            early = _salvage(conn) if send_error is not None else None
+            if early is None:
+                reason = (
+                    f"agent connection failed: {send_error}"
+                    if send_error
+                    else "the agent closed the connection"
+                )
+                raise UpstreamError(reason) from exc
+            head = early
         except asyncio.LimitOverrunError as exc:
             raise UpstreamError("response head from the agent too large") from exc
         except OSError as exc:
@@ -247,6 +283,9 @@ class AgentPool:
             length = 0
             chunked = False
         response = UpstreamResponse(status, headers, self, conn, length, chunked)
+        if send_error is not None:
+            # The request was not sent whole: this connection must not be reused.
+            headers.append((b"connection", b"close"))
         if length == 0 and not chunked:
             response._done = True
         return response

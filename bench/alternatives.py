@@ -16,13 +16,13 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.machine import make_tmp
 from bench.sandlot_workloads import STREAM_SCRIPT
 from bench.stats import Result, ms_since, skipped, summarize
 
@@ -160,7 +160,7 @@ class Crun(Backend):
     def __enter__(self) -> Crun:
         if shutil.which("crun") is None:
             raise Unavailable("crun is not installed")
-        self.tmp = Path(tempfile.mkdtemp(prefix="slb-crun-", dir="/tmp"))
+        self.tmp = make_tmp("slb-crun-")
         self.state_root = self.tmp / "root"
         from sandlot.engines.local import cgroups
 
@@ -314,7 +314,7 @@ class Docker(_Cli):
         dockerd, client = shutil.which("dockerd"), "/usr/bin/docker"
         if dockerd is None or not os.path.exists(client):
             raise Unavailable("Debian's docker.io is not installed (apt-get install docker.io)")
-        self.tmp = Path(tempfile.mkdtemp(prefix="slb-dk-", dir="/tmp"))
+        self.tmp = make_tmp("slb-dk-")
         sock = self.tmp / "docker.sock"
         self.env = {**os.environ, "DOCKER_CONFIG": str(self.tmp / "config")}
         self.env.pop("DOCKER_HOST", None)
@@ -374,7 +374,7 @@ class Podman(_Cli):
         podman = shutil.which("podman")
         if podman is None:
             raise Unavailable("podman is not installed (apt-get install podman)")
-        self.tmp = Path(tempfile.mkdtemp(prefix="slb-pm-", dir="/tmp"))
+        self.tmp = make_tmp("slb-pm-")
         runtime = shutil.which("runc") or "runc"
         self.cli = [podman, "--root", str(self.tmp / "root"), "--runroot", str(self.tmp / "run"),
                     "--tmpdir", str(self.tmp / "tmp"), "--runtime", runtime, "--cgroup-manager",
@@ -537,7 +537,7 @@ class AltBench:
             return ({k: skipped(reason) for k in sizes}, {k: skipped(reason) for k in sizes})
         write: dict[str, Result] = {}
         read: dict[str, Result] = {}
-        tmp = Path(tempfile.mkdtemp(prefix="slb-files-", dir="/tmp"))
+        tmp = make_tmp("slb-files-")
         try:
             with self.idle(1) as (name,):
                 for label, size in sizes.items():

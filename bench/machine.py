@@ -78,3 +78,11 @@ def describe() -> dict[str, Any]:
         },
         "versions": _versions(),
     }
+
+
+def make_tmp(prefix: str) -> Path:
+    """A temporary directory for the bench, under ``$SANDLOT_BENCH_TMP`` (default ``/tmp``):
+    short, because agent sockets live below it and Unix socket paths are limited to 107 bytes."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("SANDLOT_BENCH_TMP", "/tmp")))

@@ -16,12 +16,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.machine import REPO
+from bench.machine import REPO, make_tmp
 
 IMAGES_ENV = "SANDLOT_BENCH_IMAGES_DIR"
 ENGINE_STATE_ENV = "SANDLOT_BENCH_ENGINE_STATE"
@@ -75,7 +74,7 @@ class BenchServer:
 
     def __enter__(self) -> BenchServer:
         # Short path: agent sockets live below it and Unix socket paths are limited to 107 bytes.
-        self.tmp = Path(tempfile.mkdtemp(prefix="slb-", dir="/tmp"))
+        self.tmp = make_tmp("slb-")
         try:
             self._start()
         except BaseException:

@@ -18,7 +18,6 @@ import io
 import pstats
 import shutil
 import statistics
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from bench.machine import make_tmp
 from bench.server import BenchServer, images_dir
 
 CREATE_STAGES = [
@@ -104,7 +104,7 @@ def engine_stages(n: int, image: str = "default") -> dict[str, Any]:
     from sandlot.instance_types import get_instance_type
 
     del local_pkg
-    tmp = Path(tempfile.mkdtemp(prefix="slb-st-", dir="/tmp"))
+    tmp = make_tmp("slb-st-")
     timers = _Timers()
     patched: list[tuple[Any, str, Any]] = []
 
@@ -213,7 +213,7 @@ def profile_server(creates: int, execs: int) -> dict[str, Any]:
     ``execs`` execs of ``true`` (start-up excluded); and of the SDK client for the execs."""
     from sandlot import Sandbox
 
-    tmp = Path(tempfile.mkdtemp(prefix="slb-prof-", dir="/tmp"))
+    tmp = make_tmp("slb-prof-")
     out: dict[str, Any] = {}
     try:
         with BenchServer(profile_to=tmp / "create.prof") as srv:

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -39,10 +40,20 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     if reason:
         pytest.skip(reason)
     out, docs = tmp_path / "latest.json", tmp_path / "docs"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--tiny", "--no-docker", "--no-podman",
-         "--json", str(out), "--docs", str(docs)],
-        cwd=REPO, capture_output=True, text=True, timeout=170, check=False)
+    # The bench's own temporary directories go here (short: agent sockets live below it), so
+    # what it leaves behind can be told apart from another bench running at the same time.
+    bench_tmp = Path(tempfile.mkdtemp(prefix="slbt-", dir="/tmp"))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench", "--quick", "--tiny", "--no-docker", "--no-podman",
+             "--json", str(out), "--docs", str(docs)],
+            cwd=REPO, capture_output=True, text=True, timeout=170, check=False,
+            env={**os.environ, "SANDLOT_BENCH_TMP": str(bench_tmp)})
+        left_mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                       if f" {bench_tmp}/" in line]
+        left_files = sorted(p.name for p in bench_tmp.iterdir())
+    finally:
+        shutil.rmtree(bench_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
 
@@ -75,7 +86,6 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     assert "## Side by side" in page and "tti_cold_ms" in page
     pngs = list((docs / "img").glob("*.png"))
     assert len(pngs) >= 5, pngs
-    # nothing left behind: no bench temp dirs, no mounts under them
-    leftovers = [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
-                 if " /tmp/slb-" in line]
-    assert not leftovers, leftovers
+    # nothing left behind: no mounts, no temporary directories
+    assert not left_mounts, left_mounts
+    assert not left_files, left_files

@@ -32,6 +32,8 @@ REPLACEMENTS = {
     "AsyncExecStream": "ExecStream",
     "AsyncClient": "Client",
     "AsyncHTTPTransport": "HTTPTransport",
+    "AsyncBaseTransport": "BaseTransport",
+    "async_uds_transport": "sync_uds_transport",
     "aclose": "close",
     "aread": "read",
     "aiter_lines": "iter_lines",

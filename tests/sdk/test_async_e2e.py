@@ -183,3 +183,28 @@ async def test_concurrent_execs(sb: AsyncSandbox) -> None:
         for i in range(10):
             tg.start_soon(run, i)
     assert results == [f"{i}\n" for i in range(10)]
+
+
+async def test_delete_while_streaming_and_server_down(api_url: str, tmp_path: Path) -> None:
+    from sandlot import SandboxServiceError
+
+    sandbox = await AsyncSandbox.create(image="busybox")
+    other = await AsyncSandbox.get_from_id(sandbox.id)
+    with pytest.raises(SandboxServiceError):
+        async for event in sandbox.exec_stream("echo started; sleep 60"):
+            if event.type == "stdout":
+                await other.delete()
+    await other.close()
+    await sandbox.close()
+    with pytest.raises(SandboxServiceError, match="cannot reach"):
+        await AsyncSandbox.create(api_url=f"unix:{tmp_path / 'nobody.sock'}")
+
+
+async def test_connection_reuse_after_errors(sb: AsyncSandbox) -> None:
+    """Error answers and broken-off streams leave the handle's connections usable."""
+    with pytest.raises(SandboxRequestError):
+        await sb.filesystem.read_file("/no/such/file")
+    with anyio.move_on_after(0.3):
+        await sb.exec("sleep 5")
+    for i in range(20):
+        assert (await sb.exec(f"echo {i}")).stdout == f"{i}\n"

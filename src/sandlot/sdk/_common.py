@@ -256,9 +256,11 @@ class StreamGuard:
             self.reason = reason
         stream = self._response.extensions.get("network_stream")
         sock = stream.get_extra_info("socket") if stream is not None else None
-        if isinstance(sock, socket.socket):
+        # a socket.socket, or asyncio's TransportSocket wrapper: both can shut down
+        shutdown = getattr(sock, "shutdown", None)
+        if shutdown is not None:
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+                shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         with self._lock:
@@ -285,6 +287,17 @@ async def async_run_blocking(fn: Callable[..., T], *args: Any) -> T:
 
 def sync_run_blocking(fn: Callable[..., T], *args: Any) -> T:
     return fn(*args)
+
+
+def async_uds_transport(path: str) -> httpx.AsyncBaseTransport:
+    """The async SDK's transport to the local server (see :mod:`sandlot.sdk._uds`)."""
+    from sandlot.sdk._uds import AsyncUnixTransport
+
+    return AsyncUnixTransport(path)
+
+
+def sync_uds_transport(path: str) -> httpx.BaseTransport:
+    return httpx.HTTPTransport(uds=path, verify=shared_ssl_context())
 
 
 def monotonic() -> float:

@@ -41,6 +41,7 @@ from sandlot.sdk._common import (
     async_ensure_local_server,
     async_run_blocking,
     async_sleep,
+    async_uds_transport,
     check_port,
     client_kwargs,
     control_headers,
@@ -69,10 +70,11 @@ _EventList = list[dict[str, Any]]
 
 
 async def _open_client(conn: Connection) -> httpx.AsyncClient:
+    transport: httpx.AsyncBaseTransport
     if conn.unix_path is not None:
         if conn.autostart:
             await async_ensure_local_server(conn.unix_path)
-        transport = httpx.AsyncHTTPTransport(uds=conn.unix_path, verify=shared_ssl_context())
+        transport = async_uds_transport(conn.unix_path)
     else:
         transport = httpx.AsyncHTTPTransport(verify=shared_ssl_context())
     return httpx.AsyncClient(transport=transport, **client_kwargs(conn))

@@ -50,6 +50,7 @@ from sandlot.sdk._common import (
     sync_ensure_local_server,
     sync_run_blocking,
     sync_sleep,
+    sync_uds_transport,
     transport_error,
 )
 from sandlot.sdk.errors import (
@@ -70,10 +71,11 @@ _EventList = list[dict[str, Any]]
 
 
 def _open_client(conn: Connection) -> httpx.Client:
+    transport: httpx.BaseTransport
     if conn.unix_path is not None:
         if conn.autostart:
             sync_ensure_local_server(conn.unix_path)
-        transport = httpx.HTTPTransport(uds=conn.unix_path, verify=shared_ssl_context())
+        transport = sync_uds_transport(conn.unix_path)
     else:
         transport = httpx.HTTPTransport(verify=shared_ssl_context())
     return httpx.Client(transport=transport, **client_kwargs(conn))

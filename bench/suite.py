@@ -5,7 +5,6 @@ in ``finally`` blocks (sandboxes, containers, daemons, mounts, temporary directo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import json
 import os
@@ -155,12 +154,7 @@ class Run:
                     self.put(figure, backend, skipped(msg), case)
 
     def finish(self, meta: dict[str, Any]) -> dict[str, Any]:
-        for fig in self.figures.values():
-            fig["ratios"] = {}
-            for case, backends in fig["cases"].items():
-                ours = backends.get("sandlot")
-                r = {b: ratio(ours, res) for b, res in backends.items() if b != "sandlot"}
-                fig["ratios"][case] = {b: v for b, v in r.items() if v is not None}
+        compute_ratios(self.figures)
         return {
             "meta": {**meta, "mode": self.mode, "duration_s": round(time.perf_counter() - self.t0,
                                                                      1)},
@@ -169,6 +163,16 @@ class Run:
             **self.extra,
             "errors": self.errors,
         }
+
+
+def compute_ratios(figures: dict[str, dict[str, Any]]) -> None:
+    """Each figure's ``ratios[case][alternative]``: sandlot's median / the alternative's."""
+    for fig in figures.values():
+        fig["ratios"] = {}
+        for case, backends in fig["cases"].items():
+            ours = backends.get("sandlot")
+            r = {b: ratio(ours, res) for b, res in backends.items() if b != "sandlot"}
+            fig["ratios"][case] = {b: v for b, v in r.items() if v is not None}
 
 
 def _cases(sizes: Sizes) -> dict[str, tuple[str, ...]]:
@@ -387,7 +391,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="where benchmarks.md and img/ go (default: docs/)")
     p.add_argument("--render-only", action="store_true",
                    help="re-render the docs from --json without measuring")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"what to measure, comma-separated (default: all of {','.join(PARTS)})")
+    p.add_argument("--merge-into", type=Path, default=None,
+                   help="finish an interrupted run: keep this JSON's results and add the parts "
+                        "measured now (recorded in meta.parts with their dates)")
     return p.parse_args(argv)
+
+
+PARTS = ("sandlot", *ALTERNATIVES, "stages")
+
+
+def _merge(old: dict[str, Any], new: dict[str, Any], parts: list[str]) -> dict[str, Any]:
+    """``old`` with the backends and extras measured in ``new`` laid over it."""
+    out: dict[str, Any] = json.loads(json.dumps(old))
+    for name, fig in new["figures"].items():
+        target = out["figures"].setdefault(name, {**fig, "cases": {}})
+        for case, backends in fig["cases"].items():
+            for backend, result in backends.items():
+                if backend in parts:
+                    target["cases"].setdefault(case, {})[backend] = result
+    for key, value in new.items():
+        if key not in ("meta", "sizes", "figures", "errors"):
+            out[key] = value
+    compute_ratios(out["figures"])
+    out["errors"] = old.get("errors", []) + new.get("errors", [])
+    first = {k: v for k, v in old["meta"].items() if k != "parts"}
+    out["meta"]["parts"] = old["meta"].get("parts") or [
+        {"parts": "as recorded", "date": first["date"], "commit": first["commit"],
+         "duration_s": first.get("duration_s")}]
+    out["meta"]["parts"].append({"parts": ",".join(parts), "date": new["meta"]["date"],
+                                 "commit": new["meta"]["commit"],
+                                 "duration_s": new["meta"]["duration_s"]})
+    out["meta"]["duration_s"] = round(sum(p.get("duration_s") or 0
+                                          for p in out["meta"]["parts"]), 1)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,24 +447,34 @@ def main(argv: list[str] | None = None) -> int:
     meta = machine.describe()
     run = Run(mode, sizes)
     run.log(f"mode {mode}; machine {meta['machine']}")
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        print(f"unknown --parts {unknown}; choose from {', '.join(PARTS)}", file=sys.stderr)
+        return 2
+    previous = json.loads(args.merge_into.read_text()) if args.merge_into else None
     try:
-        run_sandlot(run)
+        if "sandlot" in parts:
+            run_sandlot(run)
         for alt in ALTERNATIVES:
+            if alt not in parts:
+                continue
             wanted = getattr(args, alt)
             default_on = mode == "full" or alt == "crun"
             enabled = default_on if wanted is None else wanted
             run_alternative(run, alt, enabled, f"left out of this run (--{alt} to include)")
-        run_stages(run)
+        if "stages" in parts:
+            run_stages(run)
     except KeyboardInterrupt:
         run.errors.append("interrupted")
         raise
     finally:
         results = run.finish(meta)
+        if previous is not None:
+            results = _merge(previous, results, parts)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1) + "\n")
         run.log(f"wrote {args.json}")
-    with contextlib.suppress(Exception):
-        pass
     report.render(results, args.docs)
     run.log(f"rendered {args.docs / 'benchmarks.md'}")
     missing = [f for f, fig in results["figures"].items() if not fig["cases"]]

@@ -1,4 +1,5 @@
-"""Instance types: Koyeb's names and sizes, shared by the SDK (validation) and the engines (limits)."""
+"""Instance types: Koyeb's names and sizes, shared by the SDK (validation) and the engines
+(limits)."""
 
 from __future__ import annotations
 

@@ -181,8 +181,8 @@ def engine_stages(n: int, image: str = "default") -> dict[str, Any]:
                        for k, w in CREATE_STAGES],
             "delete": [{"stage": k, "what": w, "median_ms": med(deletes, k)}
                        for k, w in DELETE_STAGES],
-            "wake": [{"stage": "engine.resume", "what": "light wake in the engine: crun resume "
-                      "of a paused (frozen) sandbox", "median_ms": med(creates, "engine.resume")}],
+            "wake": [{"stage": "engine.resume", "what": "light wake in the engine: thaw a "
+                      "paused (frozen) sandbox", "median_ms": med(creates, "engine.resume")}],
         }
 
     try:

@@ -418,7 +418,7 @@ def _merge(old: dict[str, Any], new: dict[str, Any], parts: list[str]) -> dict[s
     out["errors"] = old.get("errors", []) + new.get("errors", [])
     first = {k: v for k, v in old["meta"].items() if k != "parts"}
     out["meta"]["parts"] = old["meta"].get("parts") or [
-        {"parts": "as recorded", "date": first["date"], "commit": first["commit"],
+        {"parts": "earlier run (kept)", "date": first["date"], "commit": first["commit"],
          "duration_s": first.get("duration_s")}]
     out["meta"]["parts"].append({"parts": ",".join(parts), "date": new["meta"]["date"],
                                  "commit": new["meta"]["commit"],

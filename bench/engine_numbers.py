@@ -1,5 +1,8 @@
 """Local engine figures: create -> agent healthy, delete, memory per idle sandbox.
 
+The suite (``python -m bench``) measures this and more, with the engine's stages timed one by
+one (:mod:`bench.stages`); this script stays as the small engine-only check.
+
 Run as root: ``.venv/bin/python bench/engine_numbers.py [N]``. Prints medians for the default and
 the busybox image. Memory is the sandbox cgroup's own accounting (memory.usage_in_bytes on v1,
 memory.current on v2: RSS + page cache charged to the sandbox) and the PSS of its processes.

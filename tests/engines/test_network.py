@@ -6,6 +6,7 @@ pair on a private /30) and to loopback -- never to any other address.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import shutil
 import socket
@@ -23,52 +24,66 @@ from .conftest import Factory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.root]
 
-PEER_IP = "10.213.7.2"
-HOST_IP = "10.213.7.1"
 
 
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
-@pytest.fixture
-def peer_host(tmp_path: Path) -> Iterator[str]:
-    """An HTTP server on a host of our own: a network namespace behind a veth pair."""
+@contextlib.contextmanager
+def _peer(tmp_path: Path, subnet: int) -> Iterator[str]:
+    """An HTTP server on a host of our own: a network namespace behind a veth pair on
+    10.213.<subnet>.0/30. Yields its URL."""
     if shutil.which("ip") is None or shutil.which("pasta") is None:
         pytest.skip("needs iproute2 and pasta (scripts/setup.sh installs them)")
+    host_ip, peer_ip = f"10.213.{subnet}.1", f"10.213.{subnet}.2"
     ns = f"slpeer-{secrets.token_hex(3)}"
     veth = f"slv{secrets.token_hex(3)}"
-    (tmp_path / "index.html").write_text("hello from the peer\n")
+    root = tmp_path / f"peer{subnet}"
+    root.mkdir()
+    (root / "index.html").write_text("hello from the peer\n")
     _ip("netns", "add", ns)
     server = None
     try:
         _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        _ip("addr", "add", f"{HOST_IP}/30", "dev", veth)
+        _ip("addr", "add", f"{host_ip}/30", "dev", veth)
         _ip("link", "set", veth, "up")
-        _ip("-n", ns, "addr", "add", f"{PEER_IP}/30", "dev", "eth0")
+        _ip("-n", ns, "addr", "add", f"{peer_ip}/30", "dev", "eth0")
         _ip("-n", ns, "link", "set", "eth0", "up")
         _ip("-n", ns, "link", "set", "lo", "up")
         server = subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, "-m", "http.server", "8080",
-             "--bind", PEER_IP, "--directory", str(tmp_path)],
+             "--bind", peer_ip, "--directory", str(root)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while True:
             try:
-                socket.create_connection((PEER_IP, 8080), timeout=0.5).close()
+                socket.create_connection((peer_ip, 8080), timeout=0.5).close()
                 break
             except OSError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-        yield f"http://{PEER_IP}:8080/index.html"
+        yield f"http://{peer_ip}:8080/index.html"
     finally:
         if server is not None:
             server.kill()
             server.wait()
         subprocess.run(["ip", "link", "del", veth], capture_output=True)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.fixture
+def peer_host(tmp_path: Path) -> Iterator[str]:
+    with _peer(tmp_path, 7) as url:
+        yield url
+
+
+@pytest.fixture
+def other_peer_host(tmp_path: Path) -> Iterator[str]:
+    with _peer(tmp_path, 8) as url:
+        yield url
 
 
 @pytest.fixture
@@ -104,6 +119,67 @@ async def test_pasta_goes_away_with_the_sandbox(make_sandbox: Factory, engine: o
     pid = int((engine.sandboxes_dir / sb.id / "pasta.pid").read_text())
     assert Path(f"/proc/{pid}").exists()
     await engine.delete(sb.id)
-    time.sleep(0.05)
-    assert not Path(f"/proc/{pid}").exists() or "pasta" not in Path(
-        f"/proc/{pid}/comm").read_text()
+    from sandlot.engines.local.network import _running
+
+    assert not _running(pid)  # gone, or a zombie waiting for its reaper
+
+
+async def test_allowlist_reaches_only_listed_networks(
+    make_sandbox: Factory, peer_host: str, other_peer_host: str
+) -> None:
+    sb = await make_sandbox(image="busybox", network=NetworkMode.OUTBOUND,
+                            outbound_allowlist=("10.213.7.2",))  # a bare IP: /32
+    assert await sb.sh(f"timeout 5 wget -q -O- {peer_host}") == "hello from the peer\n"
+    out = await sb.run(f"timeout 5 wget -q -O- {other_peer_host}")
+    assert out["code"] != 0
+
+
+async def test_sandbox_cannot_lift_its_policy(make_sandbox: Factory) -> None:
+    sb = await make_sandbox(network=NetworkMode.OUTBOUND, outbound_allowlist=("10.213.7.0/30",))
+    eff = int((await sb.sh("grep CapEff /proc/self/status")).split()[1], 16)
+    assert not eff & (1 << 12), "CAP_NET_ADMIN must not be granted"
+    out = await sb.run("ip route add 10.99.0.0/16 dev eth0 2>&1; ip link set eth0 down 2>&1")
+    assert "not permitted" in out["stdout"].lower()
+
+
+async def test_network_policy_changes_live(
+    make_sandbox: Factory, engine: object, peer_host: str
+) -> None:
+    from sandlot.engines.local import LocalEngine
+
+    assert isinstance(engine, LocalEngine)
+    sb = await make_sandbox(image="busybox")
+    assert (await sb.run(f"timeout 3 wget -q -O- {peer_host}"))["code"] != 0
+    await engine.set_network(sb.id, NetworkMode.OUTBOUND, ("10.213.7.0/30",))
+    assert await sb.sh(f"timeout 5 wget -q -O- {peer_host}") == "hello from the peer\n"
+    await engine.set_network(sb.id, NetworkMode.NONE, None)
+    assert (await sb.sh("ls /sys/class/net")).split() == ["lo"]
+    assert (await sb.run(f"timeout 3 wget -q -O- {peer_host}"))["code"] != 0
+
+
+@pytest.mark.parametrize("bad", [["not-an-ip"], ["10.0.0.0/33"], "10.0.0.0/8", [42]])
+async def test_invalid_allowlist(engine: object, bad: object) -> None:
+    from sandlot.engines.base import SandboxSpec
+    from sandlot.engines.local import LocalEngine, new_sandbox_id
+    from sandlot.engines.local.network import EgressPolicyError
+    from sandlot.instance_types import get_instance_type
+
+    assert isinstance(engine, LocalEngine)
+    spec = SandboxSpec(id=new_sandbox_id(), image="busybox", secret="s",
+                       instance_type=get_instance_type("nano"), network=NetworkMode.OUTBOUND,
+                       outbound_allowlist=bad)  # type: ignore[arg-type]
+    with pytest.raises(EgressPolicyError):
+        await engine.create(spec)
+    assert not (engine.sandboxes_dir / spec.id).exists()
+
+
+def test_ruleset_blocks_link_local_and_allows_dns_to_resolvers() -> None:
+    from sandlot.engines.local.network import egress_ruleset
+
+    everything = egress_ruleset(None, ["10.255.255.53"])
+    assert "ip daddr 169.254.0.0/16 drop" in everything and "    accept" in everything
+    listed = egress_ruleset(("192.0.2.0/24", "2001:db8::/32"), ["10.255.255.53"])
+    assert "ip daddr { 192.0.2.0/24 } accept" in listed
+    assert "ip6 daddr { 2001:db8::/32 } accept" in listed
+    assert "ip daddr 10.255.255.53 udp dport 53 accept" in listed
+    assert "policy drop" in listed

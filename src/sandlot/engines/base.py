@@ -61,6 +61,8 @@ class SandboxSpec:
     name: str | None = None
     privileged: bool = False
     network: NetworkMode = NetworkMode.NONE
+    #: With ``NetworkMode.OUTBOUND``: the networks (CIDRs) it may reach; None: everywhere.
+    outbound_allowlist: tuple[str, ...] | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
     #: A warm-pool sandbox: started without a secret, its agent in pool mode -- the first
     #: authenticated request claims it and its bearer token becomes the secret (kept across
@@ -111,6 +113,12 @@ class Engine(Protocol):
         ...
 
     async def resume(self, sandbox_id: str) -> None: ...
+
+    async def set_network(
+        self, sandbox_id: str, mode: NetworkMode, outbound_allowlist: tuple[str, ...] | None
+    ) -> None:
+        """Change a sandbox's egress policy, live."""
+        ...
 
     async def stop(self, sandbox_id: str) -> None:
         """Deep sleep: end every process and release its memory; keep the filesystem."""

@@ -196,6 +196,8 @@ class LocalEngine:
                 "id": spec.id, "image": spec.image, "image_rootfs": str(image.rootfs),
                 "instance_type": spec.instance_type.name, "name": spec.name,
                 "created_at": time.time(), "ready": False, "network": spec.network.value,
+                "allow": None if spec.outbound_allowlist is None
+                else list(network.normalize_allowlist(list(spec.outbound_allowlist))),
             }
             try:
                 await self._allocate_slot(directory, meta)
@@ -206,8 +208,7 @@ class LocalEngine:
                     spec.id, directory / "bundle", directory / "agent.log",
                     directory / "init.pid",
                 )
-                if spec.network is NetworkMode.OUTBOUND:
-                    await network.attach_pasta(pid, directory / "pasta.pid")
+                await self._connect(directory, pid, meta)
                 meta["ready"] = True
                 self._write_meta(directory, meta)
             except BaseException as exc:
@@ -349,6 +350,40 @@ class LocalEngine:
             self._deleting.discard(sandbox_id)
             self._locks.pop(sandbox_id, None)
 
+    async def _connect(self, directory: Path, pid: int, meta: dict[str, Any]) -> None:
+        """Outbound access per the sandbox's policy: the nftables egress table first, then the
+        interface, so there is no moment with an open network."""
+        if meta.get("network") != NetworkMode.OUTBOUND.value:
+            return
+        allow = meta.get("allow")
+        await network.apply_egress(pid, None if allow is None else tuple(allow))
+        await network.attach_pasta(pid, directory / "pasta.pid")
+
+    async def set_network(
+        self, sandbox_id: str, mode: NetworkMode, outbound_allowlist: tuple[str, ...] | None
+    ) -> None:
+        directory = self._dir(sandbox_id)
+        allow = None if outbound_allowlist is None else list(
+            network.normalize_allowlist(list(outbound_allowlist)))
+        async with self._lock(sandbox_id):
+            meta = self._read_meta(directory)
+            if meta is None or not meta.get("ready"):
+                raise SandboxNotFound(f"no sandbox {sandbox_id}")
+            meta["network"], meta["allow"] = mode.value, allow
+            self._write_meta(directory, meta)
+            (directory / "etc" / "resolv.conf").write_text(
+                network.resolv_conf(mode is NetworkMode.OUTBOUND))
+            state = await self.runtime.state(sandbox_id)
+            if state is None or not state.get("pid"):
+                return  # stopped: applied at the next start
+            pid = int(state["pid"])
+            if mode is NetworkMode.OUTBOUND:
+                await network.apply_egress(pid, None if allow is None else tuple(allow))
+                if not network.pasta_alive(directory / "pasta.pid"):
+                    await network.attach_pasta(pid, directory / "pasta.pid")
+            else:
+                network.detach_pasta(directory / "pasta.pid")
+
     async def stop(self, sandbox_id: str) -> None:
         """Deep sleep: every process ends and its memory is released; the filesystem stays."""
         directory = self._dir(sandbox_id)
@@ -377,8 +412,7 @@ class LocalEngine:
             pid = await self.runtime.run_detached(
                 sandbox_id, directory / "bundle", directory / "agent.log", directory / "init.pid"
             )
-            if meta.get("network") == NetworkMode.OUTBOUND.value:
-                await network.attach_pasta(pid, directory / "pasta.pid")
+            await self._connect(directory, pid, meta)
             return SandboxInfo(sandbox_id, SandboxState.RUNNING, self._address(directory), pid=pid)
 
     async def pause(self, sandbox_id: str) -> None:

@@ -5,17 +5,24 @@ A sandbox always has its own network namespace. By default it holds only ``lo``.
 namespace and carries its TCP/UDP/ICMP through ordinary sockets of the host, so the host's routing
 table and firewall still apply and no bridge, veth or iptables rule is created on the host.
 ``--no-map-gw`` keeps the host's loopback unreachable (pasta would otherwise map the gateway
-address to it), and no port is forwarded in either direction. Allow-lists (issue 7) will be
-enforced by nftables rules inside the namespace, where sandbox code cannot lift them.
+address to it), and no port is forwarded in either direction.
+
+The egress policy is an nftables table inside the sandbox's namespace, installed from the host
+before pasta attaches: sandbox code has no CAP_NET_ADMIN, so it cannot lift it (a ``privileged``
+sandbox has it within its own user namespace and can: privileged means trusted). Link-local
+addresses (cloud metadata services) are always refused; with an allow-list, only the listed
+networks and DNS to the sandbox's resolvers are reachable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 from sandlot.engines.base import EngineError
@@ -63,16 +70,104 @@ async def attach_pasta(netns_pid: int, pid_file: Path) -> None:
         )
 
 
-def detach_pasta(pid_file: Path) -> None:
+def _pasta_pid(pid_file: Path) -> int | None:
+    """The pid in ``pid_file`` if that process is still a pasta (pids are reused)."""
     try:
         pid = int(pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return
-    # Only signal it if it is still our pasta (pids are reused).
-    try:
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return
-    if comm.startswith("pasta"):
+    except (OSError, ValueError):
+        return None
+    # pasta is passt under another name (comm: "passt", "passt.avx2", "pasta", ...)
+    return pid if comm.startswith(("pasta", "passt")) else None
+
+
+def pasta_alive(pid_file: Path) -> bool:
+    return _pasta_pid(pid_file) is not None
+
+
+def detach_pasta(pid_file: Path) -> None:
+    """Stop the sandbox's pasta; its interface goes with it."""
+    pid = _pasta_pid(pid_file)
+    if pid is not None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+        # The interface is gone once pasta's tap fd is closed, i.e. once it has exited.
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and _running(pid):
+            time.sleep(0.002)
+        with contextlib.suppress(OSError):
+            pid_file.unlink()
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+class EgressPolicyError(EngineError, ValueError):
+    """An allow-list entry that is not an IP address or network."""
+
+
+def normalize_allowlist(entries: object) -> tuple[str, ...]:
+    """CIDRs as given; bare addresses become /32 or /128 (Koyeb's rule). Clear errors otherwise."""
+    if isinstance(entries, str) or not isinstance(entries, list | tuple):
+        raise EgressPolicyError("outbound_allowlist must be a list of IP addresses or CIDRs")
+    out = []
+    for entry in entries:
+        if not isinstance(entry, str):
+            raise EgressPolicyError(f"outbound_allowlist entry {entry!r} is not a string")
+        try:
+            out.append(str(ipaddress.ip_network(entry.strip(), strict=False)))
+        except ValueError:
+            raise EgressPolicyError(
+                f"outbound_allowlist entry {entry!r} is not an IP address or CIDR"
+            ) from None
+    return tuple(dict.fromkeys(out))
+
+
+def egress_ruleset(allow: tuple[str, ...] | None, resolvers: list[str]) -> str:
+    """The nftables script for a sandbox with outbound access (``allow`` None: everywhere)."""
+    lines = [
+        "table inet sandlot_egress",
+        "delete table inet sandlot_egress",
+        "table inet sandlot_egress {",
+        "  chain output {",
+        "    type filter hook output priority 0; policy drop;",
+        '    oifname "lo" accept',
+        "    ct state established,related accept",
+        "    ip daddr 169.254.0.0/16 drop",
+        "    ip6 daddr fe80::/10 drop",
+    ]
+    if allow is None:
+        lines.append("    accept")
+    else:
+        v4 = [n for n in allow if ipaddress.ip_network(n).version == 4]
+        v6 = [n for n in allow if ipaddress.ip_network(n).version == 6]
+        if v4:
+            lines.append(f"    ip daddr {{ {', '.join(v4)} }} accept")
+        if v6:
+            lines.append(f"    ip6 daddr {{ {', '.join(v6)} }} accept")
+        for server in resolvers:
+            family = "ip" if ipaddress.ip_address(server).version == 4 else "ip6"
+            lines.append(f"    {family} daddr {server} udp dport 53 accept")
+            lines.append(f"    {family} daddr {server} tcp dport 53 accept")
+    lines += ["  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+async def apply_egress(netns_pid: int, allow: tuple[str, ...] | None) -> None:
+    """Install (or replace, atomically) the egress table in the namespace of ``netns_pid``."""
+    if shutil.which("nft") is None:
+        raise NetworkSetupError("egress policies need nftables: apt-get install nftables")
+    script = egress_ruleset(allow, host_nameservers())
+    proc = await asyncio.create_subprocess_exec(
+        "nsenter", f"--net=/proc/{netns_pid}/ns/net", "--", "nft", "-f", "-",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate(script.encode())
+    if proc.returncode != 0:
+        raise NetworkSetupError(f"cannot install the egress policy: {(err or out).decode()}")

@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import shlex
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -470,11 +470,18 @@ class AsyncSandbox:
         what: str,
         *,
         params: dict[str, str],
-        content: bytes | None = None,
+        content: bytes | AsyncIterator[bytes] | None = None,
+        length: int | None = None,
     ) -> httpx.Response:
         headers = self._agent_headers()
         if content is not None:
             headers["content-type"] = "application/octet-stream"
+        if isinstance(content, bytes) and len(content) > UPLOAD_CHUNK:
+            # httpcore re-slices the unsent rest of a body on every partial send (quadratic
+            # in the size: 100 MB went at 7 MiB/s); fixed-size pieces keep it linear.
+            length, content = len(content), _pieces(content)
+        if length is not None:
+            headers["content-length"] = str(length)
         client = await self._http()
         try:
             response = await client.request(
@@ -869,9 +876,14 @@ class AsyncFilesystem:
         return (await self.stat(path)).get("type") == "directory"
 
     async def upload_file(self, local_path: str | os.PathLike[str], remote_path: str) -> None:
-        """Copy a local file into the sandbox (binary-safe)."""
-        data = await async_run_blocking(_read_local, os.fspath(local_path))
-        await self.write_file(remote_path, data)
+        """Copy a local file into the sandbox (binary-safe, streamed: the file is never held
+        in memory whole)."""
+        path = os.fspath(local_path)
+        size = await async_run_blocking(os.path.getsize, path)
+        await self._sandbox._agent_raw(
+            "PUT", "/files", f"upload {path} to {remote_path}", params={"path": remote_path},
+            content=_file_pieces(path), length=size,
+        )
 
     async def download_file(self, local_path: str | os.PathLike[str], remote_path: str) -> None:
         """Copy a sandbox file to ``local_path`` (binary-safe). Note the seed's order:
@@ -880,9 +892,23 @@ class AsyncFilesystem:
         await async_run_blocking(_write_local, os.fspath(local_path), data)
 
 
-def _read_local(path: str) -> bytes:
+#: Request bodies go out in pieces of this size.
+UPLOAD_CHUNK = 1 << 20
+
+
+async def _pieces(data: bytes) -> AsyncIterator[bytes]:
+    view = memoryview(data)
+    for start in range(0, len(view), UPLOAD_CHUNK):
+        yield bytes(view[start : start + UPLOAD_CHUNK])
+
+
+async def _file_pieces(path: str) -> AsyncIterator[bytes]:
     with open(path, "rb") as f:
-        return f.read()
+        while True:
+            piece = await async_run_blocking(f.read, UPLOAD_CHUNK)
+            if not piece:
+                return
+            yield piece
 
 
 def _write_local(path: str, data: bytes) -> None:

@@ -16,7 +16,6 @@ networks and DNS to the sandbox's resolvers are reachable.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ipaddress
 import os
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 from sandlot.engines.base import EngineError
+from sandlot.engines.local.oci_runtime import spawn
 
 
 class NetworkSetupError(EngineError):
@@ -56,17 +56,15 @@ async def attach_pasta(netns_pid: int, pid_file: Path) -> None:
     """Give the network namespace of ``netns_pid`` outbound access; returns once configured."""
     if shutil.which("pasta") is None:
         raise NetworkSetupError("outbound networking needs pasta: apt-get install passt")
-    proc = await asyncio.create_subprocess_exec(
+    result = await spawn([
         "pasta", "--runas", "0:0", "--quiet", "--config-net", "--no-map-gw",
         "-t", "none", "-u", "none", "-T", "none", "-U", "none",
         "--pid", str(pid_file), "--netns", f"/proc/{netns_pid}/ns/net", "--netns-only",
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
+    ])
+    if result.returncode != 0:
         raise NetworkSetupError(
-            f"pasta could not set up outbound networking: {(err or out).decode().strip()}"
+            "pasta could not set up outbound networking: "
+            f"{(result.stderr or result.stdout).decode().strip()}"
         )
 
 
@@ -163,11 +161,11 @@ async def apply_egress(netns_pid: int, allow: tuple[str, ...] | None) -> None:
     if shutil.which("nft") is None:
         raise NetworkSetupError("egress policies need nftables: apt-get install nftables")
     script = egress_ruleset(allow, host_nameservers())
-    proc = await asyncio.create_subprocess_exec(
-        "nsenter", f"--net=/proc/{netns_pid}/ns/net", "--", "nft", "-f", "-",
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    result = await spawn(
+        ["nsenter", f"--net=/proc/{netns_pid}/ns/net", "--", "nft", "-f", "-"],
+        input=script.encode(),
     )
-    out, err = await proc.communicate(script.encode())
-    if proc.returncode != 0:
-        raise NetworkSetupError(f"cannot install the egress policy: {(err or out).decode()}")
+    if result.returncode != 0:
+        raise NetworkSetupError(
+            f"cannot install the egress policy: {(result.stderr or result.stdout).decode()}"
+        )

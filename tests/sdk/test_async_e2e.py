@@ -161,12 +161,13 @@ async def test_processes_and_files(sb: AsyncSandbox, tmp_path: Path) -> None:
 async def test_ports_and_errors(sb: AsyncSandbox, api_url: str) -> None:
     with pytest.raises(InvalidPortError):
         await sb.expose_port(0)
+    with pytest.raises(InvalidPortError):
+        await sb.expose_port("3000")  # type: ignore[arg-type]
+    assert await sb.get_tcp_proxy_info() is None  # created without enable_tcp_proxy
+    with pytest.raises(SandboxRequestError):
+        await sb.wait_tcp_proxy_ready(timeout=1)
     with pytest.raises(UnsupportedFeatureError):
-        await sb.expose_port(3000)
-    with pytest.raises(UnsupportedFeatureError):
-        await sb.get_tcp_proxy_info()
-    with pytest.raises(UnsupportedFeatureError):
-        await AsyncSandbox.create(enable_tcp_proxy=True)
+        await AsyncSandbox.create(registry_secret="creds")
     with pytest.raises(SandboxRequestError):
         await AsyncSandbox.create(instance_type="galactic")
     with pytest.raises(SandboxNotFoundError):

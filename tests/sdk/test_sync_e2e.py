@@ -264,22 +264,24 @@ def test_ports_and_tcp_proxy(sb: Sandbox) -> None:
     for bad in ("80", 0, 65536, -1, 8.0, True, None):
         with pytest.raises(InvalidPortError):
             sb.expose_port(bad)  # type: ignore[arg-type]
-    with pytest.raises(UnsupportedFeatureError, match="not supported yet"):
-        sb.expose_port(8080)
-    with pytest.raises(UnsupportedFeatureError):
-        sb.unexpose_port()
+    exposed = sb.expose_port(8080)
+    assert exposed["port"] == 8080
+    assert exposed["exposed_at"].endswith(f"/sandboxes/{sb.id}/ports/8080/")
+    sb.unexpose_port()
+    with pytest.raises(SandboxRequestError) as info:
+        sb.unexpose_port(8080)  # no longer exposed
+    assert info.value.status_code == 404 and "8080" in str(info.value)
     with pytest.raises(InvalidPortError):
         sb.unexpose_port(0)
-    with pytest.raises(UnsupportedFeatureError):
-        sb.wait_tcp_proxy_ready(timeout=1)
-    with pytest.raises(UnsupportedFeatureError):
-        sb.get_tcp_proxy_info()
+    with pytest.raises(SandboxRequestError):
+        sb.wait_tcp_proxy_ready(timeout=1)  # created without enable_tcp_proxy
+    assert sb.get_tcp_proxy_info() is None
     assert issubclass(InvalidPortError, ValueError)
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"enable_tcp_proxy": True}, {"registry_secret": "creds"}],
+    [{"registry_secret": "creds"}],
 )
 def test_unsupported_create_options(api_url: str, kwargs: dict[str, Any]) -> None:
     with pytest.raises(UnsupportedFeatureError, match="not supported yet"):

@@ -118,7 +118,7 @@ def test_bad_json(server: RunningServer) -> None:
         assert r.status_code == 400 and "JSON object" in r.json()["error"]
 
 
-@pytest.mark.parametrize("body", [{"enable_tcp_proxy": True}, {"registry_secret": "creds"}])
+@pytest.mark.parametrize("body", [{"registry_secret": "creds"}])
 def test_unsupported_options_say_so(server: RunningServer, body: dict[str, Any]) -> None:
     with server.client() as c:
         r = create(c, **body)
@@ -126,11 +126,18 @@ def test_unsupported_options_say_so(server: RunningServer, body: dict[str, Any])
     assert "not supported yet" in r.json()["error"]
 
 
-def test_ports_not_supported_yet(server: RunningServer) -> None:
+def test_ports_bad_input(server: RunningServer) -> None:
     with server.client() as c:
         sid = create(c).json()["id"]
-        r = c.post(f"/v1/sandboxes/{sid}/ports")
-        assert r.status_code == 501 and "not supported yet" in r.json()["error"]
+        for body in ({}, {"port": 0}, {"port": 70000}, {"port": "abc"}, {"port": "80"}):
+            r = c.post(f"/v1/sandboxes/{sid}/ports", json=body)
+            assert r.status_code == 400 and "port" in r.json()["error"], (body, r.text)
+        for bad in ("0", "70000", "abc"):
+            r = c.delete(f"/v1/sandboxes/{sid}/ports", params={"port": bad})
+            assert r.status_code == 400, (bad, r.text)
+        r = c.delete(f"/v1/sandboxes/{sid}/ports", params={"port": "8080"})
+        assert r.status_code == 404 and r.json()["code"] == "port_not_exposed"
+        assert "8080" in r.json()["error"]
 
 
 def test_update_lifecycle(server: RunningServer) -> None:

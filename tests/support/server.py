@@ -54,6 +54,7 @@ def start_server(
     tcp: bool = False,
     stale_create_after: float = 0.0,
     pools: dict[Any, int] | None = None,
+    domain: str | None = None,
 ) -> RunningServer:
     if tcp:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -76,6 +77,7 @@ def start_server(
         public_url=public,
         stale_create_after=stale_create_after,
         pools=dict(pools or {}),
+        domain=domain,
     )
     app = create_app(config)
     server = uvicorn.Server(

@@ -42,6 +42,19 @@ def main() -> None:
     help="Keep N sandboxes of this kind ready for instant create() (repeatable; "
     "e.g. default:micro=2). Default: no pools.",
 )
+@click.option(
+    "--domain",
+    default=None,
+    metavar="DOMAIN[:PORT]",
+    help="Wildcard domain pointing at this server: exposed ports are also served at "
+    "{port}-{sandbox id}.DOMAIN (routed by the Host header).",
+)
+@click.option(
+    "--tcp-proxy-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the TCP proxies of sandboxes created with enable_tcp_proxy listen on.",
+)
 def server(
     listen: str | None,
     database: str | None,
@@ -49,6 +62,8 @@ def server(
     public_url: str | None,
     log_level: str,
     pools: tuple[str, ...],
+    domain: str | None,
+    tcp_proxy_host: str,
 ) -> None:
     """Run the control server and gateway."""
     from sandlot.server.pool import PoolKey
@@ -70,6 +85,8 @@ def server(
             public_url=public_url,
             log_level=log_level,
             pools=pool_sizes,
+            domain=domain,
+            tcp_proxy_host=tcp_proxy_host,
         )
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None

@@ -30,6 +30,7 @@ from sandlot.server.control import ApiError, Control
 from sandlot.server.db import DEFAULT_PROJECT, ApiToken, SandboxRow, Store
 from sandlot.server.gateway import Gateway
 from sandlot.server.pool import PoolKey
+from sandlot.server.ports import ExposedPortOut, ExposePort, Ports, PortsOut, UnexposedOut
 from sandlot.server.schemas import (
     CreateSandbox,
     CreateToken,
@@ -61,6 +62,10 @@ class ServerConfig:
     stale_create_after: float = 0.0
     #: Warm pools: how many ready sandboxes to keep per (image, instance type).
     pools: dict[PoolKey, int] = field(default_factory=dict)
+    #: Wildcard domain for exposed ports' host form ``{port}-{id}.{domain}`` (None: path form only).
+    domain: str | None = None
+    #: Where TCP proxies listen (``enable_tcp_proxy``).
+    tcp_proxy_host: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -82,9 +87,11 @@ def _public_base(request: Request, config: ServerConfig) -> str:
     return str(request.base_url).rstrip("/")
 
 
-def sandbox_out(row: SandboxRow, base: str, with_secret: bool) -> SandboxOut:
+def sandbox_out(
+    row: SandboxRow, base: str, with_secret: bool, domain: str | None = None
+) -> SandboxOut:
     url = f"{base}/sandboxes/{row.id}/koyeb-sandbox"
-    domain = base.split("://", 1)[-1]
+    domain = domain or base.split("://", 1)[-1]
     return SandboxOut(
         id=row.id,
         name=row.name,
@@ -192,6 +199,7 @@ class Api:
         self.config = config
         self.control = control
         self.store = control.store
+        self.ports = Ports(config, control, self.principal)
 
     async def principal(self, request: Request) -> Principal:
         if self.config.auth == "socket":
@@ -223,7 +231,9 @@ class Api:
         row = await cancel_on_disconnect(request, lambda: self.control.create(who.project, req))
         if row is None:
             return Response(status_code=499)
-        return json_response(sandbox_out(row, _public_base(request, self.config), True), 201)
+        row = await self.ports.after_create(row, req.protect_ports, req.enable_tcp_proxy)
+        base = _public_base(request, self.config)
+        return json_response(sandbox_out(row, base, True, self.config.domain), 201)
 
     async def list_sandboxes(self, request: Request) -> Response:
         who = await self.principal(request)
@@ -236,12 +246,16 @@ class Api:
             labels[key] = value
         rows = await self.control.db(self.store.list_sandboxes, who.project, name, labels)
         base = _public_base(request, self.config)
-        return json_response(SandboxList(sandboxes=[sandbox_out(r, base, False) for r in rows]))
+        domain = self.config.domain
+        return json_response(
+            SandboxList(sandboxes=[sandbox_out(r, base, False, domain) for r in rows])
+        )
 
     async def get_sandbox(self, request: Request) -> Response:
         who = await self.principal(request)
         row = await self.control.get(who.project, request.path_params["sandbox_id"])
-        return json_response(sandbox_out(row, _public_base(request, self.config), True))
+        base = _public_base(request, self.config)
+        return json_response(sandbox_out(row, base, True, self.config.domain))
 
     async def update_sandbox(self, request: Request) -> Response:
         who = await self.principal(request)
@@ -269,12 +283,6 @@ class Api:
         rows = await self.control.events(who.project, request.path_params["sandbox_id"])
         return json_response(
             EventList(events=[EventOut(at=_iso(e.at), kind=e.kind, detail=e.detail) for e in rows])
-        )
-
-    async def unsupported_ports(self, request: Request) -> Response:
-        await self.principal(request)
-        raise ApiError(
-            501, "unsupported", "exposing ports is not supported yet by this sandlot server"
         )
 
     # -- tokens --
@@ -359,20 +367,28 @@ class Api:
             ApiRoute(
                 "POST",
                 sid + "/ports",
-                self.unsupported_ports,
-                "Expose a port (not supported yet: 501)",
-                None,
-                ErrorOut,
-                status=501,
+                self.ports.expose,
+                "Expose a port: served at {server}/sandboxes/{id}/ports/{port}/ (and "
+                "{port}-{id}.{domain} with --domain); 409 on conflict when exclusive",
+                ExposePort,
+                ExposedPortOut,
             ),
             ApiRoute(
                 "DELETE",
                 sid + "/ports",
-                self.unsupported_ports,
-                "Unexpose a port (not supported yet: 501)",
+                self.ports.unexpose,
+                "Unexpose one port (?port=N; 404 if it is not exposed) or all of them",
                 None,
-                ErrorOut,
-                status=501,
+                UnexposedOut,
+                query=["port"],
+            ),
+            ApiRoute(
+                "GET",
+                sid + "/ports",
+                self.ports.list_ports,
+                "Exposed ports, the TCP proxy's address and the ports' domain",
+                None,
+                PortsOut,
             ),
             ApiRoute(
                 "POST",
@@ -536,10 +552,12 @@ def create_app(config: ServerConfig) -> Starlette:
             tg.start_soon(control.lifecycle.run)
             if control.pools is not None:
                 tg.start_soon(control.pools.run)
+            tg.start_soon(api.ports.run)
             try:
                 yield
             finally:
                 tg.cancel_scope.cancel()
+                await api.ports.close()
                 await control.close()
 
     async def not_found(request: Request, exc: Exception) -> Response:
@@ -556,6 +574,7 @@ def create_app(config: ServerConfig) -> Starlette:
         lifespan=lifespan,
         exception_handlers={404: not_found, 405: method_not_allowed, 500: internal},
     )
+    app.add_middleware(_PortsMiddleware, ports=api.ports)  # exposed ports' URLs first
     app.state.control = control
     app.state.api = api
     return app
@@ -563,3 +582,13 @@ def create_app(config: ServerConfig) -> Starlette:
 
 def unix_public_url(socket_path: str) -> str:
     return "http+unix://" + quote(socket_path, safe="")
+
+
+class _PortsMiddleware:
+    """Exposed ports' URLs (path and host form) are answered by :mod:`.ports`."""
+
+    def __init__(self, app: Any, ports: Ports) -> None:
+        self.handle = ports.middleware(app)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.handle(scope, receive, send)

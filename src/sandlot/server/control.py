@@ -87,10 +87,6 @@ class Control:
     # -- create -------------------------------------------------------------------------------
 
     async def create(self, project: str, req: CreateSandbox) -> SandboxRow:
-        if req.enable_tcp_proxy:
-            raise ApiError(
-                501, "unsupported", "enable_tcp_proxy is not supported yet by this sandlot server"
-            )
         if req.registry_secret is not None:
             raise ApiError(
                 501,
@@ -128,6 +124,7 @@ class Control:
             privileged=req.privileged,
             exposed_port_protocol=req.exposed_port_protocol,
             enable_tcp_proxy=req.enable_tcp_proxy,
+            protect_ports=req.protect_ports,
             registry_secret=req.registry_secret,
             idle_timeout=req.idle_timeout,
             delete_after_delay=req.delete_after_delay,

@@ -69,6 +69,9 @@ class SandboxRow(Base):
     privileged: Mapped[bool] = mapped_column(Boolean, default=False)
     exposed_port_protocol: Mapped[str] = mapped_column(String(16), default="http")
     enable_tcp_proxy: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Exposed ports: {"8080": {"since": iso time, "token": str | None}} (see server/ports.py).
+    exposed_ports: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    protect_ports: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     registry_secret: Mapped[str | None] = mapped_column(String(256), nullable=True)
     # Lifecycle (stored now; the timers come with the lifecycle issue).
     idle_timeout: Mapped[int] = mapped_column(Integer, default=300)

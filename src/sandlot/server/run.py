@@ -102,6 +102,8 @@ def build_config(
     engine: str,
     public_url: str | None,
     pools: dict[PoolKey, int] | None = None,
+    domain: str | None = None,
+    tcp_proxy_host: str = "127.0.0.1",
 ) -> ServerConfig:
     url = database or os.environ.get("SANDLOT_DATABASE_URL") or default_database_url(state_dir())
     if public_url is None and listen.unix_path is not None:
@@ -115,6 +117,8 @@ def build_config(
         # SQLite means one server process: anything still "creating" at start is a leftover.
         stale_create_after=0.0 if url.startswith("sqlite") else 900.0,
         pools=dict(pools or {}),
+        domain=domain,
+        tcp_proxy_host=tcp_proxy_host,
     )
 
 
@@ -125,13 +129,17 @@ def serve(
     public_url: str | None = None,
     log_level: str = "info",
     pools: dict[PoolKey, int] | None = None,
+    domain: str | None = None,
+    tcp_proxy_host: str = "127.0.0.1",
 ) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     listen = parse_listen(listen_value)
     try:
-        config = build_config(listen, database, engine, public_url, pools)
+        config = build_config(
+            listen, database, engine, public_url, pools, domain, tcp_proxy_host
+        )
     except EngineError as exc:
         # e.g. the local engine without root: a message for the user, not a traceback
         raise RuntimeError(f"cannot start the engine: {exc}") from exc

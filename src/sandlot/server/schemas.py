@@ -71,6 +71,10 @@ class CreateSandbox(_Strict):
         300, description="Seconds without traffic before sleep; 0 disables sleep."
     )
     enable_tcp_proxy: StrictBool = False
+    protect_ports: StrictBool = Field(
+        False,
+        description="Exposed ports need a per-port token (returned by expose); default: public.",
+    )
     privileged: StrictBool = False
     registry_secret: StrictStr | None = None
     delete_after_delay: TimerSeconds | None = None

@@ -190,7 +190,9 @@ class AgentPool:
     ) -> UpstreamResponse:
         """Send a request and read the response head. ``headers`` must already carry the
         body's ``content-length`` when ``body`` is an iterator."""
-        head = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1"), b"host: agent\r\n"]
+        head = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1")]
+        if not any(k == b"host" for k, _ in headers):  # the ports gateway passes the client's
+            head.append(b"host: agent\r\n")
         for k, v in headers:
             head.append(k + b": " + v + b"\r\n")
         if isinstance(body, bytes | bytearray):

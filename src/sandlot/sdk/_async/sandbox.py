@@ -146,11 +146,15 @@ class AsyncSandbox:
         _experimental_enable_light_sleep: bool = False,
         labels: Mapping[str, str] | None = None,
         api_url: str | None = None,
+        protect_ports: bool = False,
     ) -> AsyncSandbox:
         """Create a sandbox. With ``wait_ready`` (the default) it answers once the sandbox is
-        healthy, waiting at most ``timeout`` seconds (then :class:`SandboxTimeoutError`)."""
-        if enable_tcp_proxy:
-            raise UnsupportedFeatureError("enable_tcp_proxy is not supported yet by sandlot")
+        healthy, waiting at most ``timeout`` seconds (then :class:`SandboxTimeoutError`).
+
+        ``enable_tcp_proxy``: a TCP listener on the server's host relays to the port bound by
+        :meth:`expose_port` (see :meth:`get_tcp_proxy_info`). ``protect_ports`` (sandlot):
+        exposed ports need their token (returned by :meth:`expose_port`) instead of being
+        public."""
         if registry_secret is not None:
             raise UnsupportedFeatureError(
                 "registry_secret (private registry pulls) is not supported yet by sandlot"
@@ -174,6 +178,8 @@ class AsyncSandbox:
             "enable_light_sleep": _experimental_enable_light_sleep,
             "labels": dict(labels) if isinstance(labels, Mapping) else labels,
         }
+        if protect_ports:
+            body["protect_ports"] = True
         content = _json_body(**body)
         client = await _open_client(conn)
         try:
@@ -332,6 +338,9 @@ class AsyncSandbox:
         return str(self._info["sandbox_url"])
 
     def get_domain(self) -> str:
+        """Where exposed ports are served: the server's wildcard domain (ports at
+        ``{port}-{id}.{domain}``) or, without one, the server's own host (ports at
+        ``{server}/sandboxes/{id}/ports/{port}/``)."""
         return str(self._info.get("domain") or "")
 
     async def is_healthy(self) -> bool:
@@ -375,10 +384,33 @@ class AsyncSandbox:
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         cancel: CancelToken | None = None,
     ) -> bool:
-        raise UnsupportedFeatureError("the TCP proxy is not supported yet by sandlot")
+        """Poll until the TCP proxy's address is known (True), or ``timeout`` passes
+        (:class:`SandboxTimeoutError`). A sandbox created without ``enable_tcp_proxy`` has none
+        (:class:`SandboxRequestError` at once)."""
+        if not self._info.get("enable_tcp_proxy"):
+            raise SandboxRequestError(
+                f"sandbox {self.id} was created without enable_tcp_proxy", 400
+            )
+        deadline = monotonic() + timeout
+        while True:
+            if cancel is not None and cancel.cancelled:
+                raise CommandCancelledError("wait_tcp_proxy_ready cancelled")
+            if await self.get_tcp_proxy_info() is not None:
+                return True
+            if monotonic() + poll_interval > deadline:
+                raise SandboxTimeoutError(
+                    f"the TCP proxy of sandbox {self.id} was not ready within {timeout:g}s"
+                )
+            await async_sleep(poll_interval)
 
     async def get_tcp_proxy_info(self) -> tuple[str, int] | None:
-        raise UnsupportedFeatureError("the TCP proxy is not supported yet by sandlot")
+        """``(host, port)`` of the TCP proxy (a listener on the server's host relaying raw TCP
+        to the port bound by :meth:`expose_port`; with several, the first one exposed), or None
+        if there is none (the sandbox was created without ``enable_tcp_proxy``)."""
+        proxy = (await self._ports())["tcp_proxy"]
+        if not proxy:
+            return None
+        return str(proxy["host"]), int(proxy["port"])
 
     async def update_lifecycle(
         self,
@@ -428,14 +460,58 @@ class AsyncSandbox:
 
     # -- ports ------------------------------------------------------------------------------------
 
-    async def expose_port(self, port: int) -> dict[str, Any]:
+    async def expose_port(self, port: int, exclusive: bool = False) -> dict[str, Any]:
+        """Serve the sandbox's ``port`` through the server: ``{port, exposed_at, ...}``.
+
+        ``exposed_at`` is the path form ``{server}/sandboxes/{id}/ports/{port}/``; with a server
+        run with ``--domain D``, ``host_url`` is ``http://{port}-{id}.D/``. Several ports can be
+        exposed at once (sandlot); ``exclusive=True`` keeps Koyeb's single port (a
+        :class:`SandboxRequestError` with status 409 if another one is exposed). With
+        ``protect_ports``, ``token`` is what a client must send (``Authorization: Bearer`` or
+        ``?sandlot_token=``)."""
         check_port(port)
-        raise UnsupportedFeatureError("exposing ports is not supported yet by sandlot")
+        client = await self._http()
+        data = await _request(
+            client,
+            self._conn,
+            "POST",
+            f"/v1/sandboxes/{self.id}/ports",
+            f"expose port {port} of sandbox {self.id}",
+            content=_json_body(port=port, exclusive=bool(exclusive)),
+            headers={"content-type": "application/json"},
+        )
+        return dict(data)
 
     async def unexpose_port(self, port: int | None = None) -> None:
+        """Stop serving ``port`` (:class:`SandboxRequestError` 404 if it is not exposed), or
+        every exposed port when ``port`` is omitted."""
+        params: dict[str, str] = {}
         if port is not None:
-            check_port(port)
-        raise UnsupportedFeatureError("exposing ports is not supported yet by sandlot")
+            params["port"] = str(check_port(port))
+        client = await self._http()
+        await _request(
+            client,
+            self._conn,
+            "DELETE",
+            f"/v1/sandboxes/{self.id}/ports",
+            f"unexpose port {port if port is not None else '(all)'} of sandbox {self.id}",
+            params=params,
+        )
+
+    async def list_exposed_ports(self) -> _EventList:
+        """The exposed ports (sandlot): ``[{port, exposed_at, host_url, token, ...}]``."""
+        return list((await self._ports())["ports"])
+
+    async def _ports(self) -> dict[str, Any]:
+        client = await self._http()
+        data = await _request(
+            client,
+            self._conn,
+            "GET",
+            f"/v1/sandboxes/{self.id}/ports",
+            f"get the ports of sandbox {self.id}",
+        )
+        return dict(data)
 
     # -- the agent --------------------------------------------------------------------------------
 

@@ -1,0 +1,903 @@
+"""Exposed ports: the control API that exposes them, the gateway that serves them, and the TCP
+proxy.
+
+URL forms of an exposed port (both served by the server's own listener):
+
+- path form, always: ``{server}/sandboxes/{id}/ports/{port}/{path}`` -- the prefix is stripped
+  before the request reaches the sandbox (which sees ``/{path}``; ``X-Forwarded-Prefix`` says what
+  was stripped). This is what ``expose_port()`` returns as ``exposed_at``.
+- host form, when the server runs with ``--domain D``: ``http://{port}-{id}.D/{path}``, routed by
+  the ``Host`` header, the path passed unchanged (apps with absolute links work here).
+
+Every request reaches the sandbox through the agent's ``GET /tunnel`` (see :mod:`.tunnel`):
+sandboxes have no network the host can reach. HTTP/1.1 requests and responses are streamed in
+both directions with backpressure (keep-alive tunnels are pooled per sandbox and port);
+WebSockets are relayed message by message (the client's handshake is replayed to the sandbox's
+server, its subprotocol choice passed back). The whole exchange is lifecycle *activity*: it wakes a
+sleeping sandbox and keeps it awake while a response streams or a WebSocket stays open.
+
+Exposed URLs are public, as on Koyeb, unless the sandbox was created with ``protect_ports``:
+then each exposed port has its own token, accepted as ``Authorization: Bearer <token>``, as a
+``?sandlot_token=`` query parameter (which also sets a cookie scoped to that port, for browsers)
+or as that cookie; the token is removed before the request reaches the sandbox.
+
+The TCP proxy (``enable_tcp_proxy``): a listener per sandbox on the server's host
+(``--tcp-proxy-host``, 127.0.0.1 by default; the port is chosen by the system) relaying raw TCP
+to the port bound with ``/bind_port``, as Koyeb's does. With several bound ports the first one
+bound (the agent's ``GET /bound_ports`` order) is the target; each new connection reads it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import re
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from http.cookies import SimpleCookie
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, quote, urlencode
+
+import anyio
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from sqlalchemy import select
+from starlette.requests import Request
+from starlette.responses import Response
+
+from sandlot.engines.base import AgentAddress
+from sandlot.server.control import API_TOKEN_PREFIX, LIVE_STATUSES, ApiError, Control
+from sandlot.server.db import SandboxRow, utcnow
+from sandlot.server.lifecycle import WakeError
+from sandlot.server.tunnel import TunnelError, open_tunnel, open_tunnel_socket, relay
+from sandlot.server.upstream import AgentPool, UpstreamError, UpstreamResponse, _Conn
+
+if TYPE_CHECKING:
+    from sandlot.server.app import ServerConfig
+
+log = logging.getLogger("sandlot.ports")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: How long a replica trusts its cached view of a sandbox's exposed ports (another replica may
+#: have changed them); this replica's own changes apply at once.
+EXPOSED_CACHE_TTL = 2.0
+TOKEN_PARAM = "sandlot_token"
+TOKEN_COOKIE = "sandlot_port_token"
+_PATH_FORM = re.compile(r"^/sandboxes/([A-Za-z0-9_-]{1,64})/ports/([^/]*)(/.*)?$")
+_HOST_LABEL = re.compile(r"^(\d{1,5})-([a-z0-9_-]{1,64})$")
+_DROP_REQUEST = {
+    b"x-sandlot-project",
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+    b"proxy-authorization",
+    b"expect",  # the server answers 100-continue itself when the body is read
+    b"content-length",  # set again below
+    b"x-forwarded-prefix",
+}
+#: (``date``: the server in front adds its own.)
+_DROP_RESPONSE = {
+    b"connection",
+    b"keep-alive",
+    b"transfer-encoding",
+    b"trailer",
+    b"upgrade",
+    b"date",
+}
+_TOKEN_PREFIX = API_TOKEN_PREFIX.encode()
+
+
+# -- API bodies -----------------------------------------------------------------------------------
+
+
+class ExposePort(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    port: StrictInt = Field(..., ge=1, le=65535)
+    exclusive: StrictBool = Field(
+        False,
+        description="Koyeb's semantics: fail with 409 if another port is already exposed "
+        "(default: sandlot's, several ports at once).",
+    )
+
+
+class ExposedPortOut(BaseModel):
+    port: int
+    exposed_at: str = Field(..., description="Path form URL: {server}/sandboxes/{id}/ports/{port}/")
+    host_url: str | None = Field(
+        None, description="Host form URL ({port}-{id}.{domain}) when the server has --domain."
+    )
+    protocol: str
+    token: str | None = Field(None, description="With protect_ports: this port's token.")
+    since: str
+
+
+class TcpProxyOut(BaseModel):
+    host: str
+    port: int
+
+
+class PortsOut(BaseModel):
+    ports: list[ExposedPortOut]
+    tcp_proxy: TcpProxyOut | None = None
+    domain: str = Field(..., description="Where ports are served: the wildcard domain or server.")
+
+
+class UnexposedOut(BaseModel):
+    unexposed: list[int]
+    ports: list[int]
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+async def send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    data = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for k, v in scope["headers"]:
+        if k == name:
+            return bytes(v)
+    return None
+
+
+class _PortPool(AgentPool):
+    """Keep-alive HTTP/1.1 connections to one port in one sandbox, each a tunnel through the
+    agent: the gateway's agent client (request writing, response parsing, pooling) reused."""
+
+    def __init__(self, address: AgentAddress, secret: bytes | None, port: int) -> None:
+        super().__init__(address, secret)
+        self.port = port
+
+    async def _connect(self) -> _Conn:
+        reader, writer = await open_tunnel(self.address, self.secret, self.port)
+        return _Conn(reader, writer)
+
+
+@dataclass
+class _Exposed:
+    ports: dict[int, dict[str, Any]]
+    protocol: str
+    checked_at: float
+
+
+@dataclass
+class _Target:
+    sandbox_id: str
+    port_text: str
+    path: str
+    #: What the path form strips ("" for the host form).
+    prefix: str
+
+
+class Ports:
+    """Exposed ports of every sandbox: state, API handlers, gateway and TCP proxies."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        control: Control,
+        principal: Callable[[Request], Awaitable[Any]],
+    ) -> None:
+        self.config = config
+        self.control = control
+        self.principal = principal
+        domain = (config.domain or "").strip().lower().strip(".")
+        self.domain = domain or None
+        self._domain_host = domain.rsplit(":", 1)[0] if domain else ""
+        self._exposed: dict[str, _Exposed] = {}
+        self._pools: dict[tuple[str, int], _PortPool] = {}
+        self._proxies: dict[str, asyncio.Server] = {}
+        self._proxy_locks: dict[str, asyncio.Lock] = {}
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def _read(self, sandbox_id: str) -> SandboxRow | None:
+        row: SandboxRow | None = self.control.store.get_sandbox(sandbox_id)
+        return row
+
+    def _change(self, sandbox_id: str, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """Read-modify-write of a sandbox's exposed ports, under the row's lock."""
+        with self.control.store.session() as s, s.begin():
+            row = s.scalars(
+                select(SandboxRow).where(SandboxRow.id == sandbox_id).with_for_update()
+            ).first()
+            if row is None:
+                return {}
+            ports = dict(row.exposed_ports or {})
+            change(ports)
+            row.exposed_ports = ports
+            row.updated_at = utcnow()
+            return ports
+
+    async def exposed(self, sandbox_id: str) -> _Exposed | None:
+        """The sandbox's exposed ports (cached briefly); None if there is no such sandbox."""
+        entry = self._exposed.get(sandbox_id)
+        now = time.monotonic()
+        if entry is not None and now - entry.checked_at < EXPOSED_CACHE_TTL:
+            return entry
+        row = await self.control.db(self._read, sandbox_id)
+        if row is None or row.status not in LIVE_STATUSES:
+            self._forget(sandbox_id)
+            return None
+        entry = _Exposed(
+            {int(p): dict(v) for p, v in (row.exposed_ports or {}).items()},
+            row.exposed_port_protocol or "http",
+            now,
+        )
+        self._exposed[sandbox_id] = entry
+        return entry
+
+    def _forget(self, sandbox_id: str) -> None:
+        self._exposed.pop(sandbox_id, None)
+        for key in [k for k in self._pools if k[0] == sandbox_id]:
+            self._pools.pop(key).close()
+
+    def _pool(self, sandbox_id: str, agent: AgentPool, port: int) -> _PortPool:
+        pool = self._pools.get((sandbox_id, port))
+        if pool is None or pool.address != agent.address or pool.secret != agent.secret:
+            if pool is not None:
+                pool.close()
+            pool = _PortPool(agent.address, agent.secret, port)
+            self._pools[(sandbox_id, port)] = pool
+        return pool
+
+    # -- URLs -----------------------------------------------------------------------------------
+
+    def path_url(self, base: str, sandbox_id: str, port: int) -> str:
+        return f"{base}/sandboxes/{sandbox_id}/ports/{port}/"
+
+    def host_url(self, base: str, sandbox_id: str, port: int) -> str | None:
+        if self.domain is None:
+            return None
+        scheme = "https" if base.startswith("https:") else "http"
+        return f"{scheme}://{port}-{sandbox_id}.{self.domain}/"
+
+    def domain_for(self, base: str) -> str:
+        return self.domain or base.split("://", 1)[-1]
+
+    def _out(self, base: str, row_id: str, port: int, info: dict[str, Any], protocol: str) -> Any:
+        return ExposedPortOut(
+            port=port,
+            exposed_at=self.path_url(base, row_id, port),
+            host_url=self.host_url(base, row_id, port),
+            protocol=protocol,
+            token=info.get("token"),
+            since=str(info.get("since", "")),
+        )
+
+    # -- control API ----------------------------------------------------------------------------
+
+    async def _live_row(self, request: Request) -> SandboxRow:
+        who = await self.principal(request)
+        row: SandboxRow = await self.control.get(who.project, request.path_params["sandbox_id"])
+        if row.status not in ("running", "sleeping"):
+            raise ApiError(409, "not_running", f"sandbox {row.id} is {row.status}")
+        return row
+
+    async def _agent_call(self, sandbox_id: str, route: str, body: dict[str, Any]) -> Any:
+        """A JSON call to the sandbox's agent (waking it if needed): (status, answer)."""
+        async with self.control.lifecycle.activity(sandbox_id):
+            agent = await self.control.agent_for(sandbox_id)
+            if agent is None:
+                raise ApiError(404, "not_found", f"sandbox {sandbox_id} not found")
+            data = json.dumps(body).encode() if body else b""
+            headers = [(b"content-type", b"application/json")]
+            if agent.secret is not None:
+                headers.append((b"authorization", b"Bearer " + agent.secret))
+            method = "POST" if body or route != "/bound_ports" else "GET"
+            try:
+                response = await agent.request(method, route, headers, data)
+                try:
+                    raw = b"".join([c async for c in response.iter_body()])
+                finally:
+                    response.close()
+            except UpstreamError as exc:
+                raise ApiError(
+                    502, "agent_unreachable", f"sandbox {sandbox_id}'s agent: {exc}"
+                ) from exc
+        try:
+            return response.status, json.loads(raw or b"{}")
+        except ValueError:
+            return response.status, {"error": raw.decode("utf-8", "replace")}
+
+    async def expose(self, request: Request) -> Response:
+        from sandlot.server.app import _public_base, json_response, parse_body
+
+        row = await self._live_row(request)
+        req: ExposePort = await parse_body(request, ExposePort)
+        status, answer = await self._agent_call(
+            row.id, "/bind_port", {"port": str(req.port), "multi": not req.exclusive}
+        )
+        if status == 409:
+            current = answer.get("current_port")
+            return Response(
+                json.dumps(
+                    {
+                        "success": False,
+                        "error": f"Port already bound: port {current} is exposed "
+                        f"(unexpose it first, or expose without exclusive)",
+                        "code": "port_conflict",
+                        "current_port": current,
+                    }
+                ),
+                status_code=409,
+                media_type="application/json",
+            )
+        if status != 200:
+            raise ApiError(
+                502, "agent_error", f"binding port {req.port}: {answer.get('error', status)}"
+            )
+        protect = bool(row.protect_ports)
+
+        def add(ports: dict[str, Any]) -> None:
+            info = ports.get(str(req.port)) or {
+                "since": utcnow().isoformat(),
+                "token": secrets.token_urlsafe(24) if protect else None,
+            }
+            ports[str(req.port)] = info
+
+        ports = await self.control.db(self._change, row.id, add)
+        self._exposed.pop(row.id, None)
+        base = _public_base(request, self.config)
+        info = ports.get(str(req.port), {})
+        return json_response(self._out(base, row.id, req.port, info, row.exposed_port_protocol))
+
+    async def unexpose(self, request: Request) -> Response:
+        from sandlot.server.app import json_response
+
+        row = await self._live_row(request)
+        raw = request.query_params.get("port")
+        port: int | None = None
+        if raw is not None:
+            if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+                raise ApiError(400, "invalid_port", f"port must be 1-65535, not {raw!r}")
+            port = int(raw)
+            if str(port) not in (row.exposed_ports or {}):
+                raise ApiError(
+                    404, "port_not_exposed", f"port {port} is not exposed on sandbox {row.id}"
+                )
+        status, answer = await self._agent_call(
+            row.id, "/unbind_port", {"port": str(port)} if port is not None else {"port": ""}
+        )
+        if status != 200:
+            raise ApiError(502, "agent_error", f"unbinding: {answer.get('error', status)}")
+        removed: list[int] = []
+
+        def drop(ports: dict[str, Any]) -> None:
+            for p in list(ports):
+                if port is None or p == str(port):
+                    del ports[p]
+                    removed.append(int(p))
+
+        ports = await self.control.db(self._change, row.id, drop)
+        self._exposed.pop(row.id, None)
+        for p in removed:
+            pool = self._pools.pop((row.id, p), None)
+            if pool is not None:
+                pool.close()
+        return json_response(UnexposedOut(unexposed=sorted(removed), ports=sorted(map(int, ports))))
+
+    async def list_ports(self, request: Request) -> Response:
+        from sandlot.server.app import _public_base, json_response
+
+        who = await self.principal(request)
+        row: SandboxRow = await self.control.get(who.project, request.path_params["sandbox_id"])
+        base = _public_base(request, self.config)
+        ports = sorted((int(p), v) for p, v in (row.exposed_ports or {}).items())
+        proxy = None
+        if row.enable_tcp_proxy and row.status in ("running", "sleeping"):
+            server = await self.ensure_tcp_proxy(row.id)
+            host, port = server.sockets[0].getsockname()[:2]
+            proxy = TcpProxyOut(host=host, port=port)
+        return json_response(
+            PortsOut(
+                ports=[self._out(base, row.id, p, v, row.exposed_port_protocol) for p, v in ports],
+                tcp_proxy=proxy,
+                domain=self.domain_for(base),
+            )
+        )
+
+    async def after_create(self, row: SandboxRow, protect_ports: bool, tcp_proxy: bool) -> Any:
+        """Options a warm-pool claim does not carry, and the TCP proxy's listener."""
+        if bool(row.protect_ports) != protect_ports or row.enable_tcp_proxy != tcp_proxy:
+            row = await self.control.db(
+                self.control.store.update_sandbox,
+                row.id,
+                protect_ports=protect_ports,
+                enable_tcp_proxy=tcp_proxy,
+            )
+        if tcp_proxy:
+            await self.ensure_tcp_proxy(row.id)
+        return row
+
+    # -- the gateway ------------------------------------------------------------------------------
+
+    def match(self, scope: Scope) -> _Target | None:
+        if self.domain is not None:
+            host = (_header(scope, b"host") or b"").decode("latin-1").lower()
+            host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if host.endswith("." + self._domain_host):
+                label = _HOST_LABEL.match(host[: -len(self._domain_host) - 1])
+                if label is not None:
+                    return _Target(label.group(2), label.group(1), scope["path"], "")
+        found = _PATH_FORM.match(scope["path"])
+        if found is None:
+            return None
+        sandbox_id, port_text, rest = found.groups()
+        prefix = f"/sandboxes/{sandbox_id}/ports/{port_text}"
+        return _Target(sandbox_id, port_text, rest or "", prefix)
+
+    def middleware(self, app: ASGIApp) -> ASGIApp:
+        """Wrap the server's app: port URLs are answered here, everything else goes on."""
+
+        async def ports_router(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] in ("http", "websocket"):
+                target = self.match(scope)
+                if target is not None:
+                    await self.serve(target, scope, receive, send)
+                    return
+            await app(scope, receive, send)
+
+        return ports_router
+
+    async def serve(self, target: _Target, scope: Scope, receive: Receive, send: Send) -> None:
+        is_ws = scope["type"] == "websocket"
+
+        async def refuse(status: int, code: str, message: str, **extra: Any) -> None:
+            body = {"error": message, "code": code, **extra}
+            if is_ws:
+                await _refuse_websocket(scope, receive, send, status, body)
+            else:
+                await send_json(send, status, body)
+
+        text = target.port_text
+        if not text.isdigit() or not 1 <= int(text) <= 65535:
+            await refuse(404, "port_not_exposed", f"{text!r} is not a port (1-65535)")
+            return
+        port = int(text)
+        exposed = await self.exposed(target.sandbox_id)
+        if exposed is None:
+            await refuse(404, "not_found", f"sandbox {target.sandbox_id} not found")
+            return
+        info = exposed.ports.get(port)
+        if info is None:
+            await refuse(
+                404,
+                "port_not_exposed",
+                f"port {port} is not exposed on sandbox {target.sandbox_id}",
+                port=port,
+            )
+            return
+        if target.prefix and not target.path:
+            if is_ws:
+                target.path = "/"
+            else:  # /sandboxes/ID/ports/8080 → .../8080/ (relative links resolve below it)
+                location = target.prefix + "/"
+                if scope.get("query_string"):
+                    location += "?" + scope["query_string"].decode("latin-1")
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 307,
+                        "headers": [(b"location", location.encode()), (b"content-length", b"0")],
+                    }
+                )
+                await send({"type": "http.response.body", "body": b""})
+                return
+        token = info.get("token")
+        query = scope.get("query_string", b"").decode("latin-1")
+        set_cookie: bytes | None = None
+        if token:
+            given, query, from_query = _given_token(scope, query)
+            if given is None or not hmac.compare_digest(given.encode(), token.encode()):
+                await refuse(
+                    401,
+                    "unauthorized",
+                    f"port {port} of sandbox {target.sandbox_id} is protected: pass its token "
+                    f"as 'Authorization: Bearer <token>' or ?{TOKEN_PARAM}=<token>",
+                    port=port,
+                )
+                return
+            if from_query:
+                cookie_path = (target.prefix or "") + "/"
+                set_cookie = (
+                    f"{TOKEN_COOKIE}={token}; Path={cookie_path}; HttpOnly; SameSite=Lax"
+                ).encode()
+        try:
+            async with self.control.lifecycle.activity(target.sandbox_id):
+                agent = await self.control.agent_for(target.sandbox_id)
+                if agent is None:
+                    await refuse(404, "not_found", f"sandbox {target.sandbox_id} not found")
+                    return
+                forward = _Forward(target, port, query, bool(token), set_cookie)
+                if is_ws:
+                    await self._websocket(agent, forward, scope, receive, send)
+                else:
+                    pool = self._pool(target.sandbox_id, agent, port)
+                    await self._http(pool, forward, scope, receive, send)
+        except WakeError as exc:
+            await refuse(503, "wake_failed", str(exc))
+
+    async def _http(
+        self, pool: _PortPool, fwd: _Forward, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        headers = fwd.headers(scope)
+        first = await receive()
+        if first["type"] == "http.disconnect":
+            return
+        body_done = anyio.Event()
+        content: bytes | AsyncIterator[bytes]
+        length = _header(scope, b"content-length")
+        if not first.get("more_body", False):
+            content = first.get("body", b"")
+            body_done.set()
+        elif length is not None:
+            headers.append((b"content-length", length))
+            content = _body(first, receive, body_done)
+        else:  # a chunked upload stays chunked (streamed, never gathered)
+            headers.append((b"transfer-encoding", b"chunked"))
+            content = _chunked(_body(first, receive, body_done))
+        target = quote(fwd.target.path or "/", safe="/%:@!$&'()*+,;=-._~")
+        if fwd.query:
+            target += "?" + fwd.query
+        async with anyio.create_task_group() as tg:
+
+            async def watch_disconnect() -> None:
+                await body_done.wait()
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                tg.cancel_scope.cancel()  # closing the tunnel tells the sandbox's server
+
+            tg.start_soon(watch_disconnect)
+            await self._exchange(pool, fwd, scope["method"], target, headers, content, send)
+            tg.cancel_scope.cancel()
+
+    async def _exchange(
+        self,
+        pool: _PortPool,
+        fwd: _Forward,
+        method: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        content: bytes | AsyncIterator[bytes],
+        send: Send,
+    ) -> None:
+        try:
+            upstream: UpstreamResponse = await pool.request(method, target, headers, content)
+        except _ClientGone:
+            return
+        except UpstreamError as exc:
+            await send_json(send, 502, fwd.bad_gateway(exc))
+            return
+        try:
+            out = [(k, v) for k, v in upstream.headers if k not in _DROP_RESPONSE]
+            if any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in out):
+                out.append((b"x-accel-buffering", b"no"))
+            if fwd.set_cookie is not None:
+                out.append((b"set-cookie", fwd.set_cookie))
+            await send({"type": "http.response.start", "status": upstream.status, "headers": out})
+            # A server that breaks off mid-response: the error propagates and the connection is
+            # aborted, so the client sees a truncated response, not one that passes for whole.
+            async for chunk in upstream.iter_body():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            upstream.close()
+
+    async def _websocket(
+        self, agent: AgentPool, fwd: _Forward, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+        from websockets.typing import Origin, Subprotocol
+
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        try:
+            sock = await open_tunnel_socket(agent.address, agent.secret, fwd.port)
+        except TunnelError as exc:
+            await _refuse_websocket(scope, receive, send, 502, fwd.bad_gateway(exc))
+            return
+        host = (_header(scope, b"host") or b"sandbox").decode("latin-1")
+        if not re.fullmatch(r"[A-Za-z0-9.:\[\]_-]{1,255}", host):
+            host = "sandbox"
+        path = quote(fwd.target.path or "/", safe="/%:@!$&'()*+,;=-._~")
+        if fwd.query:
+            path += "?" + fwd.query
+        keep = {b"cookie", b"authorization", b"user-agent", b"accept-language"}
+        extra = [(k.decode(), v.decode("latin-1")) for k, v in fwd.headers(scope) if k in keep]
+        origin = _header(scope, b"origin")
+        try:
+            upstream = await connect(
+                f"ws://{host}{path}",
+                sock=sock,
+                unix=sock.family == socket.AF_UNIX,
+                origin=Origin(origin.decode("latin-1")) if origin else None,
+                subprotocols=[Subprotocol(p) for p in scope.get("subprotocols") or []],
+                additional_headers=extra,
+                user_agent_header=None,
+                compression=None,
+                max_size=None,
+                ping_interval=None,
+                proxy=None,
+                open_timeout=10,
+            )
+        except InvalidStatus as exc:
+            sock.close()
+            await _refuse_websocket(
+                scope,
+                receive,
+                send,
+                exc.response.status_code,
+                {
+                    "error": f"port {fwd.port}: the sandbox's server refused the WebSocket "
+                    f"(HTTP {exc.response.status_code})",
+                    "code": "websocket_refused",
+                    "port": fwd.port,
+                },
+            )
+            return
+        except (InvalidHandshake, OSError, TimeoutError) as exc:
+            sock.close()
+            await _refuse_websocket(scope, receive, send, 502, fwd.bad_gateway(exc))
+            return
+        await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
+        async with upstream, anyio.create_task_group() as tg:
+
+            async def client_to_sandbox() -> None:
+                while True:
+                    msg = await receive()
+                    if msg["type"] == "websocket.disconnect":
+                        with contextlib.suppress(ConnectionClosed):
+                            await upstream.close(code=_close_code(msg.get("code", 1000)))
+                        break
+                    if msg.get("bytes") is not None:
+                        await upstream.send(msg["bytes"])
+                    elif msg.get("text") is not None:
+                        await upstream.send(msg["text"])
+                tg.cancel_scope.cancel()
+
+            async def sandbox_to_client() -> None:
+                try:
+                    async for data in upstream:
+                        if isinstance(data, bytes):
+                            await send({"type": "websocket.send", "bytes": data})
+                        else:
+                            await send({"type": "websocket.send", "text": data})
+                except ConnectionClosed:
+                    pass
+                code = upstream.close_code or 1000
+                with contextlib.suppress(OSError, RuntimeError):
+                    await send({"type": "websocket.close", "code": _close_code(code)})
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(client_to_sandbox)
+            tg.start_soon(sandbox_to_client)
+
+    # -- TCP proxy ------------------------------------------------------------------------------
+
+    async def ensure_tcp_proxy(self, sandbox_id: str) -> asyncio.Server:
+        lock = self._proxy_locks.setdefault(sandbox_id, asyncio.Lock())
+        async with lock:
+            server = self._proxies.get(sandbox_id)
+            if server is not None:
+                return server
+
+            async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await self._tcp_connection(sandbox_id, reader, writer)
+
+            server = await asyncio.start_server(
+                handle, self.config.tcp_proxy_host, 0, limit=65536, backlog=512
+            )
+            self._proxies[sandbox_id] = server
+            log.info(
+                "TCP proxy of sandbox %s on %s", sandbox_id, server.sockets[0].getsockname()[:2]
+            )
+            return server
+
+    async def _tcp_connection(
+        self, sandbox_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        with contextlib.suppress(Exception):
+            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            async with self.control.lifecycle.activity(sandbox_id):
+                agent = await self.control.agent_for(sandbox_id)
+                if agent is None:
+                    return
+                status, answer = await self._agent_call(sandbox_id, "/bound_ports", {})
+                bound = answer.get("ports") or [] if status == 200 else []
+                if not bound:
+                    log.info("TCP proxy of %s: no port bound, connection closed", sandbox_id)
+                    return
+                upstream = await open_tunnel(agent.address, agent.secret, int(bound[0]))
+                await relay((reader, writer), upstream)
+        except (TunnelError, ApiError, WakeError, OSError) as exc:
+            log.info("TCP proxy of %s: %s", sandbox_id, exc)
+        finally:
+            writer.close()
+
+    async def _close_proxy(self, sandbox_id: str) -> None:
+        server = self._proxies.pop(sandbox_id, None)
+        self._proxy_locks.pop(sandbox_id, None)
+        if server is not None:
+            server.close()
+
+    async def run(self, interval: float = 1.0) -> None:
+        """Keep TCP proxies in step with the database: a listener for every live sandbox that
+        asked for one (also after a restart or a warm-pool claim), none for the others."""
+        while True:
+            try:
+                rows = await self.control.db(
+                    self.control.store.sandboxes_with_status, ["running", "sleeping"]
+                )
+                wanted = {r.id for r in rows if r.enable_tcp_proxy}
+                for sandbox_id in list(self._proxies):
+                    if sandbox_id not in wanted:
+                        await self._close_proxy(sandbox_id)
+                for sandbox_id in wanted - set(self._proxies):
+                    await self.ensure_tcp_proxy(sandbox_id)
+                live = {r.id for r in rows}
+                for sandbox_id in list(self._exposed):
+                    if sandbox_id not in live:
+                        self._forget(sandbox_id)
+            except Exception:  # pragma: no cover - logged; the loop must go on
+                log.exception("ports check failed")
+            await anyio.sleep(interval)
+
+    async def close(self) -> None:
+        for sandbox_id in list(self._proxies):
+            await self._close_proxy(sandbox_id)
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+
+
+@dataclass
+class _Forward:
+    """One request's way to a port: what to strip and add."""
+
+    target: _Target
+    port: int
+    query: str
+    protected: bool
+    set_cookie: bytes | None
+
+    def headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        out: list[tuple[bytes, bytes]] = []
+        for k, v in scope["headers"]:
+            if k in _DROP_REQUEST:
+                continue
+            if k == b"authorization":
+                value = v[7:].strip()
+                # Never pass an API token into a sandbox, nor the port's own token.
+                if value.startswith(_TOKEN_PREFIX) or self.protected:
+                    continue
+            if k == b"cookie" and self.protected:
+                v = _strip_cookie(v)
+                if not v:
+                    continue
+            out.append((k, v))
+        client = scope.get("client")
+        if client:
+            out.append((b"x-forwarded-for", str(client[0]).encode()))
+        secure = scope.get("scheme") in ("https", "wss")
+        out.append((b"x-forwarded-proto", b"https" if secure else b"http"))
+        if self.target.prefix:
+            out.append((b"x-forwarded-prefix", self.target.prefix.encode()))
+        return out
+
+    def bad_gateway(self, exc: Exception) -> dict[str, Any]:
+        status = getattr(exc, "status", None)
+        if status == 502:
+            message = (
+                f"nothing is listening on port {self.port} in sandbox {self.target.sandbox_id} "
+                f"({exc})"
+            )
+        else:
+            message = f"port {self.port} of sandbox {self.target.sandbox_id}: {exc}"
+        return {"error": message, "code": "bad_gateway", "port": self.port}
+
+
+def _given_token(scope: Scope, query: str) -> tuple[str | None, str, bool]:
+    """The port token the client gave (header, query or cookie), the query without it, and
+    whether it came from the query."""
+    auth = _header(scope, b"authorization")
+    if auth is not None and auth[:7].lower() == b"bearer ":
+        return auth[7:].strip().decode("latin-1"), query, False
+    if TOKEN_PARAM in query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        given = next((v for k, v in pairs if k == TOKEN_PARAM), None)
+        rest = urlencode([(k, v) for k, v in pairs if k != TOKEN_PARAM])
+        return given, rest, True
+    cookie = _header(scope, b"cookie")
+    if cookie is not None:
+        jar: SimpleCookie = SimpleCookie()
+        with contextlib.suppress(Exception):
+            jar.load(cookie.decode("latin-1"))
+        if TOKEN_COOKIE in jar:
+            return jar[TOKEN_COOKIE].value, query, False
+    return None, query, False
+
+
+def _strip_cookie(value: bytes) -> bytes:
+    parts = [p for p in value.split(b";") if not p.strip().startswith(TOKEN_COOKIE.encode() + b"=")]
+    return b";".join(parts).strip()
+
+
+def _close_code(code: int) -> int:
+    # Codes a peer may not send on the wire (1005, 1006, 1015) become a normal closure.
+    return 1000 if code in (1005, 1006, 1015) or not 1000 <= code <= 4999 else code
+
+
+async def _refuse_websocket(
+    scope: Scope, receive: Receive, send: Send, status: int, body: dict[str, Any]
+) -> None:
+    """Answer a WebSocket handshake with an HTTP error (the ASGI denial-response extension),
+    or close it when the server does not support that."""
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        data = json.dumps(body).encode()
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(data)).encode()),
+                ],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": data})
+    else:
+        await send({"type": "websocket.close", "code": 1011 if status >= 500 else 1008})
+
+
+class _ClientGone(Exception):
+    """The client disconnected while sending its request body."""
+
+
+async def _body(first: Message, receive: Receive, done: anyio.Event) -> AsyncIterator[bytes]:
+    message = first
+    while True:
+        body = message.get("body", b"")
+        if body:
+            yield body
+        if not message.get("more_body", False):
+            done.set()
+            return
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+
+
+async def _chunked(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async for chunk in body:
+        yield b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+    yield b"0\r\n\r\n"

@@ -1,0 +1,183 @@
+"""The client side of the agent's ``GET /tunnel?port=N``: a raw byte stream to ``127.0.0.1:N``
+inside a sandbox, for the ports gateway and the TCP proxy.
+
+A sandbox's network namespace has nothing the host can reach, so every exposed port is reached
+through the agent's own socket: an HTTP/1.1 request with ``Connection: Upgrade`` and ``Upgrade:
+tcp``; the agent connects to the port, answers ``101 Switching Protocols`` and relays bytes both
+ways (half-closes included) until both sides are done. Nothing listening → the agent's ``502``.
+
+The handshake is read with ``MSG_PEEK`` so that the socket is handed over positioned exactly after
+the ``101`` head: a server that speaks first (an SMTP banner, a database greeting) loses nothing,
+and the socket can go to any consumer (asyncio streams, the ``websockets`` client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+
+from sandlot.engines.base import AgentAddress
+from sandlot.server.upstream import UpstreamError
+
+MAX_HEAD = 16384
+HANDSHAKE_TIMEOUT = 10.0
+RELAY_CHUNK = 65536
+
+
+class TunnelError(UpstreamError):
+    """The tunnel could not be opened. ``status`` is the agent's answer (502: nothing listens on
+    the port), or None when the agent itself could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def _wait_readable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+
+    def readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), readable)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+async def open_tunnel_socket(
+    address: AgentAddress, secret: bytes | None, port: int, timeout: float = HANDSHAKE_TIMEOUT
+) -> socket.socket:
+    """A non-blocking socket carrying the raw stream to ``port`` in the sandbox."""
+    loop = asyncio.get_running_loop()
+    if address.unix_path is not None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        where: str | tuple[str, int] = address.unix_path
+    else:
+        assert address.host is not None and address.port is not None
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        where = (address.host, address.port)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout):
+            try:
+                await loop.sock_connect(sock, where)
+            except OSError as exc:
+                raise TunnelError(
+                    f"the sandbox's agent is not reachable: {exc.strerror or exc}"
+                ) from exc
+            request = (
+                f"GET /tunnel?port={port} HTTP/1.1\r\nHost: agent\r\n"
+                "Connection: Upgrade\r\nUpgrade: tcp\r\n"
+            ).encode()
+            if secret is not None:
+                request += b"Authorization: Bearer " + secret + b"\r\n"
+            await loop.sock_sendall(sock, request + b"\r\n")
+            head = await _read_head(sock)
+            status, length = _parse_head(head)
+            if status == 101:
+                return sock
+            body = b""
+            while len(body) < min(length, 65536):
+                await _wait_readable(sock)
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                body += chunk
+            raise TunnelError(_error_text(body, status), status)
+    except TimeoutError:
+        sock.close()
+        raise TunnelError(
+            f"the sandbox's agent did not open a tunnel within {timeout:g}s"
+        ) from None
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def _read_head(sock: socket.socket) -> bytes:
+    while True:
+        await _wait_readable(sock)
+        try:
+            peeked = sock.recv(MAX_HEAD, socket.MSG_PEEK)
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            raise TunnelError(f"tunnel handshake failed: {exc.strerror or exc}") from exc
+        if not peeked:
+            raise TunnelError("the sandbox's agent closed the connection during the handshake")
+        end = peeked.find(b"\r\n\r\n")
+        if end >= 0:
+            return sock.recv(end + 4)  # exactly the head; what follows stays in the socket
+        if len(peeked) >= MAX_HEAD:
+            raise TunnelError("tunnel handshake: response head too large")
+        await asyncio.sleep(0.001)  # a partial head: let the rest arrive
+
+
+def _parse_head(head: bytes) -> tuple[int, int]:
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise TunnelError(f"malformed tunnel answer from the agent: {lines[0]!r}")
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            length = int(value.strip())
+    return int(parts[1]), length
+
+
+def _error_text(body: bytes, status: int) -> str:
+    with contextlib.suppress(ValueError, AttributeError):
+        return str(json.loads(body)["error"])
+    return body.decode("utf-8", "replace").strip() or f"HTTP {status}"
+
+
+async def open_tunnel(
+    address: AgentAddress, secret: bytes | None, port: int, limit: int = 65536
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """The tunnel as asyncio streams."""
+    sock = await open_tunnel_socket(address, secret, port)
+    try:
+        if sock.family == socket.AF_UNIX:
+            return await asyncio.open_unix_connection(sock=sock, limit=limit)
+        return await asyncio.open_connection(sock=sock, limit=limit)
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def relay(
+    a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+) -> tuple[int, int]:
+    """Copy bytes both ways until both directions ended (half-closes passed on); each write waits
+    for the other side to drain (backpressure). Returns the bytes copied a→b and b→a."""
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+        total = 0
+        try:
+            while data := await reader.read(RELAY_CHUNK):
+                writer.write(data)
+                total += len(data)
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+        except (OSError, RuntimeError):  # reset, or a transport already closed (uvloop)
+            a[1].close()
+            b[1].close()
+        return total
+
+    try:
+        up, down = await asyncio.gather(pump(a[0], b[1]), pump(b[0], a[1]))
+    finally:
+        a[1].close()
+        b[1].close()
+    return up, down

@@ -96,7 +96,9 @@ class Lifecycle:
             self._flushed[sandbox_id] = time.monotonic()
             with anyio.CancelScope(shield=True):
                 await self.control.db(
-                    self.control.store.update_sandbox, sandbox_id, last_activity_at=now,
+                    self.control.store.update_sandbox,
+                    sandbox_id,
+                    last_activity_at=now,
                 )
 
     async def ensure_awake(self, sandbox_id: str) -> None:
@@ -136,15 +138,19 @@ class Lifecycle:
                 return
             info = await engine.start(row.id)
             await self.control.db(
-                self.control.store.update_sandbox, row.id,
+                self.control.store.update_sandbox,
+                row.id,
                 agent_unix_path=info.agent_address.unix_path,
-                agent_host=info.agent_address.host, agent_port=info.agent_address.port,
+                agent_host=info.agent_address.host,
+                agent_port=info.agent_address.port,
             )
             await self.control._evict(row.id)  # connections to the old agent are gone
             await self.control._wait_healthy(engine, row.id, info.agent_address, 60.0)
         except (EngineError, OSError, ApiError) as exc:
             await self.control.db(
-                self.control.store.update_sandbox, row.id, status="error",
+                self.control.store.update_sandbox,
+                row.id,
+                status="error",
                 error=f"waking from {kind} sleep failed: {exc}",
             )
             await self.control.event(row.id, "error", f"waking from {kind} sleep failed: {exc}")
@@ -159,8 +165,12 @@ class Lifecycle:
     async def _write_wake(self, sandbox_id: str, kind: str, started: float) -> None:
         ms = (time.perf_counter() - started) * 1000
         await self.control.db(
-            self.control.store.update_sandbox, sandbox_id, status="running", sleep_kind=None,
-            slept_at=None, last_activity_at=utcnow(),
+            self.control.store.update_sandbox,
+            sandbox_id,
+            status="running",
+            sleep_kind=None,
+            slept_at=None,
+            last_activity_at=utcnow(),
         )
         await self.control.event(sandbox_id, "woke", f"from {kind} sleep in {ms:.1f} ms")
 
@@ -187,12 +197,18 @@ class Lifecycle:
                 await self.control._evict(sandbox_id)
             slept_at = row.slept_at if row.status == "sleeping" else utcnow()
             await self.control.db(
-                self.control.store.update_sandbox, sandbox_id, status="sleeping",
-                sleep_kind=kind, slept_at=slept_at,
+                self.control.store.update_sandbox,
+                sandbox_id,
+                status="sleeping",
+                sleep_kind=kind,
+                slept_at=slept_at,
                 last_activity_at=self._last_activity.get(sandbox_id, row.last_activity_at),
             )
-            detail = "processes frozen, memory kept" if kind == "light" else (
-                "processes stopped, memory released, filesystem kept")
+            detail = (
+                "processes frozen, memory kept"
+                if kind == "light"
+                else ("processes stopped, memory released, filesystem kept")
+            )
             self._mark(sandbox_id, sleeping=True)
             await self.control.event(sandbox_id, f"slept ({kind})", detail)
             return True

@@ -136,8 +136,9 @@ class SandboxOut(BaseModel):
     name: str
     status: Literal["creating", "running", "paused", "sleeping", "error", "deleted"]
     sleep_kind: Literal["light", "deep"] | None = Field(
-        None, description="While sleeping: light (frozen, memory kept) or deep (processes ended, "
-        "filesystem kept; background processes are lost)."
+        None,
+        description="While sleeping: light (frozen, memory kept) or deep (processes ended, "
+        "filesystem kept; background processes are lost).",
     )
     last_activity_at: str | None = None
     image: str

@@ -563,7 +563,7 @@ class Ports:
         else:  # a chunked upload stays chunked (streamed, never gathered)
             headers.append((b"transfer-encoding", b"chunked"))
             content = _chunked(_body(first, receive, body_done))
-        target = quote(fwd.target.path or "/", safe="/%:@!$&'()*+,;=-._~")
+        target = fwd.target_path(scope)
         if fwd.query:
             target += "?" + fwd.query
         async with anyio.create_task_group() as tg:
@@ -628,7 +628,7 @@ class Ports:
         host = (_header(scope, b"host") or b"sandbox").decode("latin-1")
         if not re.fullmatch(r"[A-Za-z0-9.:\[\]_-]{1,255}", host):
             host = "sandbox"
-        path = quote(fwd.target.path or "/", safe="/%:@!$&'()*+,;=-._~")
+        path = fwd.target_path(scope)
         if fwd.query:
             path += "?" + fwd.query
         keep = {b"cookie", b"authorization", b"user-agent", b"accept-language"}
@@ -813,6 +813,16 @@ class _Forward:
         if self.target.prefix:
             out.append((b"x-forwarded-prefix", self.target.prefix.encode()))
         return out
+
+    def target_path(self, scope: Scope) -> str:
+        """The path for the sandbox, as the client encoded it (``%2F`` stays ``%2F``)."""
+        raw = scope.get("raw_path")
+        prefix = self.target.prefix.encode()
+        if isinstance(raw, bytes) and raw.startswith(prefix):
+            rest = raw[len(prefix) :].split(b"?", 1)[0]
+            if rest.startswith(b"/"):
+                return rest.decode("latin-1")
+        return quote(self.target.path or "/", safe="/%:@!$&'()*+,;=-._~")
 
     def bad_gateway(self, exc: Exception) -> dict[str, Any]:
         status = getattr(exc, "status", None)

@@ -1,0 +1,192 @@
+"""Servers the port tests run inside sandboxes (standard library only: sandboxes have no network,
+so no pip). Each is written into the sandbox as a file and started with ``launch_process``."""
+
+from __future__ import annotations
+
+#: HTTP/1.1 (keep-alive) on the port given: ``/sse`` streams 4 events 0.4 s apart (chunked),
+#: ``/broken`` promises 1 MB and closes after 1000 bytes, ``POST`` counts and hashes the body
+#: (Content-Length or chunked), anything else echoes the path and headers as JSON.
+HTTP_APP = r"""
+import hashlib, json, socket, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, obj, status=200):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path.startswith("/sse"):
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            for i in range(4):
+                event = ("data: %d\n\n" % i).encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+                self.wfile.flush()
+                time.sleep(0.4)
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        if self.path.startswith("/broken"):
+            self.send_response(200)
+            self.send_header("content-length", "1000000")
+            self.end_headers()
+            self.wfile.write(b"x" * 1000)
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        self.reply({"path": self.path, "headers": headers})
+
+    def do_POST(self):
+        digest = hashlib.sha256()
+        total = 0
+        chunked = self.headers.get("transfer-encoding", "").lower() == "chunked"
+        if chunked:
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                left = size
+                while left:
+                    data = self.rfile.read(min(left, 1 << 20))
+                    digest.update(data)
+                    total += len(data)
+                    left -= len(data)
+                self.rfile.readline()
+        else:
+            left = int(self.headers.get("content-length", 0))
+            while left:
+                data = self.rfile.read(min(left, 1 << 20))
+                if not data:
+                    break
+                digest.update(data)
+                total += len(data)
+                left -= len(data)
+        self.reply({"size": total, "sha256": digest.hexdigest(), "chunked": chunked})
+
+
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer.request_queue_size = 512
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+#: A WebSocket echo server (RFC 6455, unfragmented messages; pings answered; the first offered
+#: subprotocol accepted), asyncio: one thread for any number of connections.
+WS_ECHO = r"""
+import asyncio, base64, hashlib, struct, sys
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def unmask(data, mask):
+    n = len(data)
+    if not n:
+        return b""
+    key = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+
+
+def frame(op, data):
+    n = len(data)
+    if n < 126:
+        head = bytes([0x80 | op, n])
+    elif n < 65536:
+        head = bytes([0x80 | op, 126]) + struct.pack("!H", n)
+    else:
+        head = bytes([0x80 | op, 127]) + struct.pack("!Q", n)
+    return head + data
+
+
+async def handle(reader, writer):
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = proto = None
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"sec-websocket-key":
+                key = value.strip()
+            elif name == b"sec-websocket-protocol":
+                proto = value.split(b",")[0].strip()
+        accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+        answer = (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept + b"\r\n"
+        )
+        if proto:
+            answer += b"Sec-WebSocket-Protocol: " + proto + b"\r\n"
+        writer.write(answer + b"\r\n")
+        while True:
+            b0, b1 = await reader.readexactly(2)
+            op, n = b0 & 0x0F, b1 & 0x7F
+            if n == 126:
+                (n,) = struct.unpack("!H", await reader.readexactly(2))
+            elif n == 127:
+                (n,) = struct.unpack("!Q", await reader.readexactly(8))
+            mask = await reader.readexactly(4) if b1 & 0x80 else b"\0\0\0\0"
+            data = unmask(await reader.readexactly(n), mask)
+            if op == 8:
+                writer.write(frame(8, data[:2] or struct.pack("!H", 1000)))
+                await writer.drain()
+                break
+            if op == 10:
+                continue
+            writer.write(frame(10 if op == 9 else op, data))
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]), backlog=1024)
+    await server.serve_forever()
+
+
+asyncio.run(main())
+"""
+
+#: A raw TCP echo server: echoes each read; on the client's half-close, sends "|total=N" and
+#: closes.
+TCP_ECHO = r"""
+import asyncio, sys
+
+
+async def handle(reader, writer):
+    total = 0
+    try:
+        while data := await reader.read(65536):
+            total += len(data)
+            writer.write(data)
+            await writer.drain()
+        writer.write(b"|total=%d" % total)
+        await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]))
+    await server.serve_forever()
+
+
+asyncio.run(main())
+"""

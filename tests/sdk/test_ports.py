@@ -1,0 +1,502 @@
+"""Exposed ports and the TCP proxy (issue 7), end to end: a real server (TCP on 127.0.0.1, with
+a wildcard domain for the host form) in front of real LocalEngine sandboxes running servers of
+their own (tests/sdk/sandbox_servers.py). Traffic goes only to loopback and Unix sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import os
+import resource
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sandbox_servers import HTTP_APP, TCP_ECHO, WS_ECHO
+from support.server import RunningServer, start_server
+
+from sandlot import InvalidPortError, Sandbox, SandboxRequestError
+
+DOMAIN = "sandlot.test"
+
+
+@dataclass
+class Gateway:
+    server: RunningServer
+    token: str
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def create(self, **kwargs: Any) -> Sandbox:
+        return Sandbox.create(api_url=self.url, api_token=self.token, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def gw(local_server: RunningServer) -> Iterator[Gateway]:
+    tmp = Path(tempfile.mkdtemp(prefix="sl-ports-"))
+    srv = start_server(local_server.engine, f"sqlite:///{tmp / 'db'}", tcp=True, domain=DOMAIN)
+    _, token = srv.app.state.control.store.create_token("ports", "test")
+    yield Gateway(srv, token)
+    srv.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def start_servers(sb: Sandbox, servers: dict[int, str]) -> None:
+    """Start servers (port → "app" | "www" | "ws" | "tcp") and wait until they listen."""
+    files = {"app": HTTP_APP, "ws": WS_ECHO, "tcp": TCP_ECHO}
+    sb.filesystem.write_files({f"/srv/{k}.py": v for k, v in files.items()})
+    sb.exec("mkdir -p /srv/www && printf 'hello from the sandbox\\n' > /srv/www/hello.txt")
+    for port, kind in servers.items():
+        if kind == "www":
+            sb.launch_process(
+                f"python3 -m http.server {port} --bind 127.0.0.1 --directory /srv/www"
+            )
+        else:
+            sb.launch_process(f"python3 /srv/{kind}.py {port}")
+    wait = (
+        "import socket, sys, time\n"
+        "for p in sys.argv[1:]:\n"
+        "    for _ in range(200):\n"
+        "        try: socket.create_connection(('127.0.0.1', int(p)), 1).close(); break\n"
+        "        except OSError: time.sleep(0.05)\n"
+        "    else: sys.exit('port %s never listened' % p)\n"
+    )
+    sb.filesystem.write_file("/srv/wait.py", wait)
+    result = sb.exec("python3 /srv/wait.py " + " ".join(map(str, servers)))
+    assert result.exit_code == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def box(gw: Gateway) -> Iterator[Sandbox]:
+    """One sandbox with an HTTP/1.1 app on 8000, Python's http.server on 8001, a WebSocket echo
+    on 8765 and a TCP echo on 9000; 8000, 8001 and 8765 exposed. Medium: the 500-WebSocket test
+    needs ~1000 agent threads (each tunnel costs two) and micro's pids limit is 512."""
+    sb = gw.create(instance_type="medium", idle_timeout=0)
+    try:
+        start_servers(sb, {8000: "app", 8001: "www", 8765: "ws", 9000: "tcp"})
+        for port in (8000, 8001, 8765):
+            sb.expose_port(port)
+        yield sb
+    finally:
+        sb.delete()
+
+
+def path_url(gw: Gateway, sb: Sandbox, port: int, rest: str = "") -> str:
+    return f"{gw.url}/sandboxes/{sb.id}/ports/{port}/{rest}"
+
+
+def host_get(gw: Gateway, sb: Sandbox, port: int, path: str, **kwargs: Any) -> httpx.Response:
+    """The host form: the server's own listener, routed by the Host header."""
+    headers = {"host": f"{port}-{sb.id}.{DOMAIN}", **kwargs.pop("headers", {})}
+    return httpx.get(f"{gw.url}{path}", headers=headers, timeout=30, **kwargs)
+
+
+# -- HTTP -----------------------------------------------------------------------------------------
+
+
+def test_expose_answers_urls(gw: Gateway, box: Sandbox) -> None:
+    exposed = box.expose_port(8000)  # again: idempotent
+    assert exposed["port"] == 8000
+    assert exposed["exposed_at"] == path_url(gw, box, 8000)
+    assert exposed["host_url"] == f"http://8000-{box.id}.{DOMAIN}/"
+    assert exposed["token"] is None
+    assert box.get_domain() == DOMAIN
+    assert box.get_sandbox_url() == f"{gw.url}/sandboxes/{box.id}/koyeb-sandbox"
+    listed = {p["port"] for p in box.list_exposed_ports()}
+    assert {8000, 8001, 8765} <= listed
+
+
+def test_http_path_form(gw: Gateway, box: Sandbox) -> None:
+    r = httpx.get(path_url(gw, box, 8000, "echo/a%20b?x=1&y=2"), timeout=30)
+    assert r.status_code == 200, r.text
+    seen = r.json()
+    assert seen["path"] == "/echo/a%20b?x=1&y=2"
+    assert seen["headers"]["x-forwarded-prefix"] == f"/sandboxes/{box.id}/ports/8000"
+    assert seen["headers"]["host"] == f"127.0.0.1:{gw.port}"
+    # Python's own http.server
+    r = httpx.get(path_url(gw, box, 8001, "hello.txt"), timeout=30)
+    assert r.status_code == 200 and r.text == "hello from the sandbox\n"
+    assert "SimpleHTTP" in r.headers["server"]
+    # no trailing slash: redirected below the prefix
+    r = httpx.get(path_url(gw, box, 8001).rstrip("/") + "?q=1", timeout=30)
+    assert r.status_code == 307
+    assert r.headers["location"] == f"/sandboxes/{box.id}/ports/8001/?q=1"
+
+
+def test_http_host_form(gw: Gateway, box: Sandbox) -> None:
+    r = host_get(gw, box, 8000, "/echo?z=1")
+    assert r.status_code == 200 and r.json()["path"] == "/echo?z=1"
+    assert "x-forwarded-prefix" not in r.json()["headers"]
+    assert r.json()["headers"]["host"] == f"8000-{box.id}.{DOMAIN}"
+    r = host_get(gw, box, 8001, "/hello.txt")
+    assert r.status_code == 200 and r.text == "hello from the sandbox\n"
+    # the API is not reachable under a sandbox's host name
+    r = host_get(gw, box, 8001, "/v1/sandboxes")
+    assert r.status_code == 404
+    # other host names are the API as usual
+    r = httpx.get(f"{gw.url}/v1/health", headers={"host": f"api.{DOMAIN}"})
+    assert r.status_code == 200
+
+
+def test_keep_alive_many_requests(gw: Gateway, box: Sandbox) -> None:
+    with httpx.Client(timeout=30) as c:
+        for i in range(50):
+            r = c.get(path_url(gw, box, 8000, f"n/{i}"))
+            assert r.status_code == 200 and r.json()["path"] == f"/n/{i}"
+
+
+def test_sse_is_streamed_unbuffered(gw: Gateway, box: Sandbox) -> None:
+    arrivals: list[float] = []
+    with httpx.stream("GET", path_url(gw, box, 8000, "sse"), timeout=30) as r:
+        assert r.headers["content-type"] == "text/event-stream"
+        start = time.monotonic()
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                arrivals.append(time.monotonic() - start)
+    assert len(arrivals) == 4
+    assert arrivals[0] < 0.3, arrivals  # the first event did not wait for the others
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert all(g > 0.2 for g in gaps), arrivals
+
+
+def test_server_closing_mid_response(gw: Gateway, box: Sandbox) -> None:
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(path_url(gw, box, 8000, "broken"), timeout=30)
+    # the gateway is fine afterwards
+    assert httpx.get(path_url(gw, box, 8000, "ok"), timeout=30).status_code == 200
+
+
+def test_unexposed_and_bad_ports_are_404(gw: Gateway, box: Sandbox) -> None:
+    r = httpx.get(path_url(gw, box, 9999), timeout=30)
+    assert r.status_code == 404
+    assert r.json()["code"] == "port_not_exposed" and "9999" in r.json()["error"]
+    for bad in ("0", "70000", "abc"):
+        r = httpx.get(f"{gw.url}/sandboxes/{box.id}/ports/{bad}/", timeout=30)
+        assert r.status_code == 404 and bad in r.json()["error"], (bad, r.text)
+    r = host_get(gw, box, 9999, "/")
+    assert r.status_code == 404 and "9999" in r.json()["error"]
+    r = httpx.get(f"{gw.url}/sandboxes/{'f' * 24}/ports/8000/", timeout=30)
+    assert r.status_code == 404 and r.json()["code"] == "not_found"
+
+
+def test_nothing_listening_is_502_naming_the_port(gw: Gateway, box: Sandbox) -> None:
+    box.expose_port(8099)
+    try:
+        r = httpx.get(path_url(gw, box, 8099), timeout=30)
+        assert r.status_code == 502
+        assert r.json()["port"] == 8099 and "8099" in r.json()["error"]
+        assert "nothing is listening" in r.json()["error"]
+    finally:
+        box.unexpose_port(8099)
+
+
+def test_two_ports_and_unexpose_closes_the_path(gw: Gateway, box: Sandbox) -> None:
+    box.expose_port(9000)  # the TCP echo: exposed, then closed again
+    assert httpx.get(path_url(gw, box, 8000, "x"), timeout=30).status_code == 200
+    assert httpx.get(path_url(gw, box, 8001, "hello.txt"), timeout=30).status_code == 200
+    box.unexpose_port(8001)
+    r = httpx.get(path_url(gw, box, 8001, "hello.txt"), timeout=30)
+    assert r.status_code == 404 and "8001" in r.json()["error"]
+    assert host_get(gw, box, 8001, "/hello.txt").status_code == 404
+    assert httpx.get(path_url(gw, box, 8000, "x"), timeout=30).status_code == 200
+    with pytest.raises(SandboxRequestError) as info:
+        box.unexpose_port(8001)  # never exposed (any more)
+    assert info.value.status_code == 404 and "8001" in str(info.value)
+    box.unexpose_port(9000)
+    box.expose_port(8001)
+    assert httpx.get(path_url(gw, box, 8001, "hello.txt"), timeout=30).status_code == 200
+
+
+def test_exclusive_keeps_koyebs_409(box: Sandbox) -> None:
+    with pytest.raises(SandboxRequestError) as info:
+        box.expose_port(7000, exclusive=True)
+    assert info.value.status_code == 409
+    assert info.value.body["current_port"] in ("8000", "8001", "8765")
+
+
+def test_bad_input(box: Sandbox) -> None:
+    for bad in (0, 70000, "abc", "8080", -1, 80.0, True, None):
+        with pytest.raises(InvalidPortError):
+            box.expose_port(bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidPortError):
+        box.unexpose_port(70000)
+    with pytest.raises(SandboxRequestError) as info:
+        box.unexpose_port(4242)
+    assert info.value.status_code == 404 and "4242" in str(info.value)
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class _PeakRss:
+    def __init__(self) -> None:
+        self.base = _rss()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, _rss())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak - self.base
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_large_upload_is_streamed(gw: Gateway, box: Sandbox, chunked: bool) -> None:
+    """200 MB through an exposed port; the server (in this process) holds no copy of it."""
+    size = 200 * 1024 * 1024
+    piece = os.urandom(1 << 20)
+    expected = hashlib.sha256()
+    for _ in range(size // len(piece)):
+        expected.update(piece)
+
+    def body() -> Iterator[bytes]:
+        for _ in range(size // len(piece)):
+            yield piece
+
+    headers = {} if chunked else {"content-length": str(size)}
+    watch = _PeakRss()
+    started = time.monotonic()
+    r = httpx.post(
+        path_url(gw, box, 8000, "upload"), content=body(), headers=headers, timeout=120
+    )
+    elapsed = time.monotonic() - started
+    grew = watch.stop()
+    assert r.status_code == 200, r.text
+    assert r.json() == {"size": size, "sha256": expected.hexdigest(), "chunked": chunked}
+    print(f"\n200 MB upload ({'chunked' if chunked else 'content-length'}): {elapsed:.2f}s, "
+          f"{size / elapsed / 1e6:.0f} MB/s, peak RSS growth {grew / 1e6:.1f} MB")
+    assert grew < 64 * 1024 * 1024, f"memory grew by {grew / 1e6:.0f} MB"
+
+
+def test_slowloris_does_not_block_others(gw: Gateway, box: Sandbox) -> None:
+    """Clients trickling their request heads (and one a body) byte by byte, while others get
+    answers at the usual speed."""
+    stop = threading.Event()
+    request = (
+        f"GET /sandboxes/{box.id}/ports/8000/slow HTTP/1.1\r\nHost: x\r\n"
+        + "".join(f"X-Pad-{i}: {'a' * 20}\r\n" for i in range(50))
+        + "\r\n"
+    ).encode()
+    upload = (
+        f"POST /sandboxes/{box.id}/ports/8000/upload HTTP/1.1\r\nHost: x\r\n"
+        "Content-Length: 100000\r\n\r\n"
+    ).encode() + b"z" * 1000
+
+    def trickle(data: bytes) -> None:
+        with socket.create_connection(("127.0.0.1", gw.port)) as s:
+            for i in range(len(data)):
+                if stop.wait(0.02):
+                    return
+                s.sendall(data[i : i + 1])
+            stop.wait()
+
+    threads = [threading.Thread(target=trickle, args=(d,)) for d in [request] * 5 + [upload] * 3]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        times = []
+        with httpx.Client(timeout=10) as c:
+            for i in range(30):
+                t0 = time.monotonic()
+                r = c.get(path_url(gw, box, 8000, f"fast/{i}"))
+                times.append(time.monotonic() - t0)
+                assert r.status_code == 200
+        times.sort()
+        assert times[len(times) // 2] < 0.1 and times[-1] < 1.0, times
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
+# -- WebSocket ----------------------------------------------------------------------------------
+
+
+def test_websocket_echo_path_and_host_form(gw: Gateway, box: Sandbox) -> None:
+    from websockets.sync.client import connect
+
+    url = path_url(gw, box, 8765).replace("http://", "ws://")
+    with connect(url, subprotocols=["echo.v1"]) as ws:  # type: ignore[list-item]
+        assert ws.subprotocol == "echo.v1"
+        ws.send("hello")
+        assert ws.recv(timeout=10) == "hello"
+        payload = os.urandom(300_000)
+        ws.send(payload)
+        assert ws.recv(timeout=10) == payload
+    sock = socket.create_connection(("127.0.0.1", gw.port))
+    with connect(f"ws://8765-{box.id}.{DOMAIN}/chat", sock=sock) as ws:
+        ws.send(b"\x00\x01binary")
+        assert ws.recv(timeout=10) == b"\x00\x01binary"
+
+
+def test_websocket_to_an_unexposed_or_dead_port(gw: Gateway, box: Sandbox) -> None:
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    with pytest.raises(InvalidStatus) as info:
+        connect(path_url(gw, box, 8766).replace("http://", "ws://"))
+    assert info.value.response.status_code == 404
+    assert b"8766" in info.value.response.body
+    box.expose_port(8767)
+    try:
+        with pytest.raises(InvalidStatus) as info:
+            connect(path_url(gw, box, 8767).replace("http://", "ws://"))
+        assert info.value.response.status_code == 502 and b"8767" in info.value.response.body
+    finally:
+        box.unexpose_port(8767)
+
+
+MANY_WEBSOCKETS = 500
+
+
+def test_many_idle_websockets(gw: Gateway, box: Sandbox) -> None:
+    """500 WebSockets open at once and idle; each still echoes afterwards. (Each costs two
+    agent threads in the sandbox, which bounds this per instance type's pids limit.)"""
+    from websockets.asyncio.client import connect
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    url = path_url(gw, box, 8765).replace("http://", "ws://")
+
+    async def run() -> tuple[float, int]:
+        before = _rss()
+        started = time.monotonic()
+        sockets = []
+        for _ in range(0, MANY_WEBSOCKETS, 50):  # opened 50 at a time
+            batch = [connect(url, ping_interval=None) for _ in range(50)]
+            sockets += await asyncio.gather(*batch)
+        opened = time.monotonic() - started
+        grew = _rss() - before
+        await asyncio.sleep(2)  # idle
+        for i, ws in enumerate(sockets):
+            await ws.send(f"m{i}")
+        for i, ws in enumerate(sockets):
+            assert await asyncio.wait_for(ws.recv(), 20) == f"m{i}"
+        await asyncio.gather(*(ws.close() for ws in sockets))
+        return opened, grew
+
+    opened, grew = asyncio.run(run())
+    print(
+        f"\n{MANY_WEBSOCKETS} WebSockets opened in {opened:.2f}s; this process (client + "
+        f"server) grew by {grew / 1e6:.1f} MB ({grew / MANY_WEBSOCKETS / 1e3:.0f} kB each)"
+    )
+    # all closed: the gateway's relays are gone, the sandbox still answers
+    assert httpx.get(path_url(gw, box, 8000, "after"), timeout=30).status_code == 200
+
+
+# -- protection, lifecycle ----------------------------------------------------------------------
+
+
+def test_protected_ports(gw: Gateway) -> None:
+    with gw.create(protect_ports=True, idle_timeout=0) as sb:
+        start_servers(sb, {8000: "app"})
+        exposed = sb.expose_port(8000)
+        token = exposed["token"]
+        assert token
+        url = exposed["exposed_at"] + "echo"
+        r = httpx.get(url, timeout=30)
+        assert r.status_code == 401 and "8000" in r.json()["error"]
+        assert httpx.get(url, headers={"authorization": "Bearer nope"}).status_code == 401
+        r = httpx.get(url, headers={"authorization": f"Bearer {token}"}, timeout=30)
+        assert r.status_code == 200
+        assert "authorization" not in r.json()["headers"]  # the token stays outside
+        r = httpx.get(url + f"?a=1&sandlot_token={token}", timeout=30)
+        assert r.status_code == 200 and r.json()["path"] == "/echo?a=1"
+        cookie = r.headers["set-cookie"]
+        assert cookie.startswith("sandlot_port_token=") and "/ports/8000/" in cookie
+        r = httpx.get(url, headers={"cookie": f"sandlot_port_token={token}; app=1"}, timeout=30)
+        assert r.status_code == 200 and r.json()["headers"]["cookie"] == "app=1"
+        r = host_get(gw, sb, 8000, "/echo", headers={"authorization": f"Bearer {token}"})
+        assert r.status_code == 200
+        assert host_get(gw, sb, 8000, "/echo").status_code == 401
+
+
+def test_sleeping_sandbox_wakes_on_its_port(gw: Gateway) -> None:
+    with gw.create(idle_timeout=1, _experimental_enable_light_sleep=True) as sb:
+        start_servers(sb, {8000: "app"})
+        sb.expose_port(8000)
+        deadline = time.monotonic() + 20
+        while sb.refresh().status != "sleeping":
+            assert time.monotonic() < deadline, "never fell asleep"
+            time.sleep(0.2)
+        r = httpx.get(path_url(gw, sb, 8000, "wake"), timeout=30)
+        assert r.status_code == 200 and r.json()["path"] == "/wake"
+        assert sb.refresh().status == "running"
+        assert any(e["kind"] == "woke" for e in sb.events())
+
+
+# -- TCP proxy ----------------------------------------------------------------------------------
+
+
+def _echo_through(host: str, port: int, payload: bytes) -> bytes:
+    with socket.create_connection((host, port), timeout=20) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_tcp_proxy(gw: Gateway) -> None:
+    with gw.create(enable_tcp_proxy=True, idle_timeout=0) as sb:
+        start_servers(sb, {9000: "tcp", 8000: "app"})
+        assert sb.wait_tcp_proxy_ready(timeout=10)
+        info = sb.get_tcp_proxy_info()
+        assert info is not None and info[0] == "127.0.0.1"
+        host, port = info
+        # nothing bound yet: the connection is closed at once
+        assert _echo_through(host, port, b"x") == b""
+        sb.expose_port(9000)
+        payload = os.urandom(1_000_000)
+        assert _echo_through(host, port, payload) == payload + b"|total=1000000"
+        # several bound ports: the first one bound stays the target
+        sb.expose_port(8000)
+        assert _echo_through(host, port, b"abc") == b"abc|total=3"
+        sb.unexpose_port(9000)
+        raw = _echo_through(host, port, b"GET /via-proxy HTTP/1.0\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 200") and b'"/via-proxy"' in raw
+    # the listener goes with the sandbox
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+        except OSError:
+            break
+        assert time.monotonic() < deadline, "TCP proxy still listening after delete"
+        time.sleep(0.2)
+
+
+def test_tcp_proxy_info_in_listing(gw: Gateway, box: Sandbox) -> None:
+    assert box.get_tcp_proxy_info() is None  # created without enable_tcp_proxy
+    with httpx.Client(base_url=gw.url, headers={"authorization": f"Bearer {gw.token}"}) as c:
+        data = c.get(f"/v1/sandboxes/{box.id}/ports").json()
+    assert data["tcp_proxy"] is None and data["domain"] == DOMAIN
+    assert json.dumps(data)  # plain JSON

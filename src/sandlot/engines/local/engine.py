@@ -325,6 +325,7 @@ class LocalEngine:
     def _remove_files(self, sandbox_id: str, directory: Path) -> None:
         for point in mounts.mounts_under(directory):
             mounts.unmount(point)
+        mounts.wait_loop_released(directory / "disk.img")
         left = cgroups.remove_cgroup_dirs(cgroups.sandbox_cgroup_dirs(self.layout, sandbox_id))
         if left:
             # Processes still inside (e.g. runtime died mid-kill): kill them through the cgroup.

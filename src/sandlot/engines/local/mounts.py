@@ -78,3 +78,34 @@ def mounts_under(prefix: Path) -> list[Path]:
             if point == root or point.startswith(root + "/"):
                 found.append(Path(point))
     return sorted(set(found), key=lambda p: -len(p.parts))
+
+
+def loop_devices_of(image: Path) -> list[str]:
+    """Loop devices still backed by ``image`` (also when the file is already deleted)."""
+    found = []
+    target = str(image)
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            name = backing.read_text().strip()
+        except OSError:
+            continue
+        if name == target or name == f"{target} (deleted)":
+            found.append(backing.parent.parent.name)
+    return found
+
+
+def wait_loop_released(image: Path, timeout: float = 2.0) -> None:
+    """After the lazy unmount of a disk image, its loop device goes once the last user of the
+    filesystem (a dying sandbox's mount namespace) lets go; wait for that, then detach it
+    ourselves if it lingers (its autoclear flag would do so later anyway)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while loop_devices_of(image):
+        if time.monotonic() > deadline:
+            for device in loop_devices_of(image):
+                subprocess.run(["losetup", "-d", f"/dev/{device}"], capture_output=True)
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)

@@ -107,3 +107,14 @@ def _gone(sb: Sandbox) -> bool:
 
 def _events_of_deleted(sb: Sandbox) -> list[str]:
     return _events(sb)
+
+
+def test_a_wrong_secret_does_not_wake_a_sleeping_sandbox() -> None:
+    with Sandbox.create(image="busybox", idle_timeout=1) as sb:
+        _wait_for(lambda: _status(sb)[0] == "sleeping")
+        intruder = Sandbox.get_from_id(sb.id)
+        intruder._info["secret"] = "wrong"
+        with pytest.raises(SandboxRequestError) as denied:
+            intruder.exec("true")
+        assert denied.value.status_code == 401
+        assert _status(sb)[0] == "sleeping"

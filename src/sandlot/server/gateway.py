@@ -66,15 +66,6 @@ class Gateway:
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         sandbox_id: str = scope["path_params"]["sandbox_id"]
-        # The whole request is activity: it keeps the sandbox awake, and wakes it if asleep.
-        try:
-            async with self.control.lifecycle.activity(sandbox_id):
-                await self._proxy(scope, receive, send, sandbox_id)
-        except WakeError as exc:
-            await _send_json(send, 503, {"error": str(exc), "code": "wake_failed"})
-
-    async def _proxy(self, scope: Scope, receive: Any, send: Any, sandbox_id: str) -> None:
-        params = scope["path_params"]
         pool = await self.control.agent_for(sandbox_id)
         if pool is None:
             await _send_json(
@@ -83,6 +74,18 @@ class Gateway:
                 {"error": f"sandbox {sandbox_id} not found", "code": "not_found"},
             )
             return
+        # Refused before it counts as activity: a wrong secret must not wake a sandbox.
+        if not await self._authorized(scope, send, pool):
+            return
+        # The whole request is activity: it keeps the sandbox awake, and wakes it if asleep.
+        try:
+            async with self.control.lifecycle.activity(sandbox_id):
+                await self._proxy(scope, receive, send, sandbox_id)
+        except WakeError as exc:
+            await _send_json(send, 503, {"error": str(exc), "code": "wake_failed"})
+
+    async def _authorized(self, scope: Scope, send: Any, pool: AgentPool) -> bool:
+        params = scope["path_params"]
         if pool.secret is not None and params.get("path", "") not in _PUBLIC_AGENT_PATHS:
             # The agent checks the secret too; checking here first answers a wrong one without
             # waking the agent or streaming a body it would refuse anyway.
@@ -103,7 +106,18 @@ class Gateway:
                     }
                 )
                 await send({"type": "http.response.body", "body": b"Unauthorized\n"})
-                return
+                return False
+        return True
+
+    async def _proxy(self, scope: Scope, receive: Any, send: Any, sandbox_id: str) -> None:
+        params = scope["path_params"]
+        # Looked up again: waking from deep sleep starts a new agent (and a new pool).
+        pool = await self.control.agent_for(sandbox_id)
+        if pool is None:
+            await _send_json(
+                send, 404, {"error": f"sandbox {sandbox_id} not found", "code": "not_found"}
+            )
+            return
         # The sandbox is untrusted: an API token sent here by mistake is not passed on to it.
         headers = [
             (k, v)

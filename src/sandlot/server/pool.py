@@ -118,7 +118,7 @@ class WarmPools:
             raise RuntimeError("the pooled sandbox has no agent address")
         # The gateway's own keep-alive pool to this agent: the claim opens the connection the
         # owner's first request will reuse.
-        agent = self.control._pool_for(row.id, address)
+        agent = self.control._pool_for(row.id, address, secret)
         headers = [(b"authorization", f"Bearer {secret}".encode()),
                    (b"content-type", b"application/json")]
         body = json.dumps({"env": env}).encode()

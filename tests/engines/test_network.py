@@ -161,8 +161,8 @@ async def test_network_policy_changes_live(
 async def test_invalid_allowlist(engine: object, bad: object) -> None:
     from sandlot.engines.base import SandboxSpec
     from sandlot.engines.local import LocalEngine, new_sandbox_id
-    from sandlot.engines.local.network import EgressPolicyError
     from sandlot.instance_types import get_instance_type
+    from sandlot.netpolicy import EgressPolicyError
 
     assert isinstance(engine, LocalEngine)
     spec = SandboxSpec(id=new_sandbox_id(), image="busybox", secret="s",

@@ -114,6 +114,8 @@ def sandbox_out(
         delete_after_delay=row.delete_after_delay,
         delete_after_inactivity_delay=row.delete_after_inactivity_delay,
         enable_light_sleep=row.light_sleep,
+        network=row.network or "none",  # type: ignore[arg-type]
+        outbound_allowlist=row.outbound_allowlist,
         error=row.error or "",
         secret=row.secret if with_secret else None,
     )

@@ -18,10 +18,12 @@ from sandlot.engines.base import (
     EngineError,
     EngineUnavailableError,
     ImageError,
+    NetworkMode,
     SandboxSpec,
     SandboxState,
 )
 from sandlot.instance_types import get_instance_type
+from sandlot.netpolicy import resolve_policy
 from sandlot.server.db import SandboxRow, Store, utcnow
 from sandlot.server.lifecycle import Lifecycle
 from sandlot.server.pool import PoolKey, WarmPools
@@ -103,7 +105,8 @@ class Control:
             )
         image = req.image or DEFAULT_IMAGE
         image = IMAGE_ALIASES.get(image, image)
-        if self.pools is not None:
+        mode, allow = resolve_policy(req.block_network, req.outbound_allowlist)
+        if self.pools is not None and mode is NetworkMode.NONE:
             claimed = await self.pools.claim(project, req, image)
             if claimed is not None:
                 return claimed
@@ -130,6 +133,8 @@ class Control:
             delete_after_delay=req.delete_after_delay,
             delete_after_inactivity_delay=req.delete_after_inactivity_delay,
             light_sleep=req.enable_light_sleep,
+            network=mode.value,
+            outbound_allowlist=list(allow) if allow is not None else None,
             error="",
             created_at=now,
             updated_at=now,
@@ -144,6 +149,8 @@ class Control:
             name=row.name,
             privileged=req.privileged,
             labels=dict(req.labels or {}),
+            network=mode,
+            outbound_allowlist=allow,
         )
         try:
             info = await engine.create(spec)
@@ -267,7 +274,21 @@ class Control:
         return row  # type: ignore[no-any-return]
 
     async def update(self, project: str, sandbox_id: str, fields: dict[str, Any]) -> SandboxRow:
-        await self.get(project, sandbox_id)
+        row = await self.get(project, sandbox_id)
+        if "block_network" in fields or "outbound_allowlist" in fields:
+            mode, allow = resolve_policy(
+                fields.pop("block_network", None), fields.pop("outbound_allowlist", None)
+            )
+            engine = self.engines.get(row.region)
+            if engine is not None:
+                try:
+                    await engine.set_network(sandbox_id, mode, allow)
+                except EngineError as exc:
+                    raise ApiError(
+                        500, "engine_error", f"changing the network failed: {exc}"
+                    ) from exc
+            fields["network"] = mode.value
+            fields["outbound_allowlist"] = list(allow) if allow is not None else None
         row = await self.db(self.store.update_sandbox, sandbox_id, **fields)
         return row  # type: ignore[no-any-return]
 

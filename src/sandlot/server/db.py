@@ -84,6 +84,9 @@ class SandboxRow(Base):
     )
     slept_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     sleep_kind: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    #: Egress policy: "none" or "outbound", and the allow-list (None: everywhere).
+    network: Mapped[str | None] = mapped_column(String(16), nullable=True, default="none")
+    outbound_allowlist: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     # Where the agent answers (from the engine).
     agent_unix_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     agent_host: Mapped[str | None] = mapped_column(String(256), nullable=True)

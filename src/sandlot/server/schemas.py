@@ -5,9 +5,18 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 from sandlot.instance_types import DEFAULT_INSTANCE_TYPE, INSTANCE_TYPES
+from sandlot.netpolicy import resolve_policy
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$"
 LABEL_KEY_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9_./-]{0,126}[A-Za-z0-9])?$"
@@ -81,6 +90,17 @@ class CreateSandbox(_Strict):
     delete_after_inactivity_delay: TimerSeconds | None = None
     enable_light_sleep: StrictBool = False
     labels: dict[StrictStr, StrictStr] | None = None
+    block_network: StrictBool | None = Field(
+        None, description="False: full outbound access. Default (and True): no network at all."
+    )
+    outbound_allowlist: list[StrictStr] | None = Field(
+        None, description="Outbound access to these addresses/CIDRs only (bare IPs: /32, /128)."
+    )
+
+    @model_validator(mode="after")
+    def _egress(self) -> CreateSandbox:
+        resolve_policy(self.block_network, self.outbound_allowlist)  # raises on bad input
+        return self
 
     @field_validator("instance_type")
     @classmethod
@@ -124,6 +144,13 @@ class UpdateSandbox(_Strict):
     delete_after_inactivity_delay: TimerSeconds | None = None
     enable_light_sleep: StrictBool | None = None
     labels: dict[StrictStr, StrictStr] | None = None
+    block_network: StrictBool | None = None
+    outbound_allowlist: list[StrictStr] | None = None
+
+    @model_validator(mode="after")
+    def _egress(self) -> UpdateSandbox:
+        resolve_policy(self.block_network, self.outbound_allowlist)
+        return self
 
     @field_validator("labels")
     @classmethod
@@ -157,6 +184,8 @@ class SandboxOut(BaseModel):
     delete_after_delay: int | None
     delete_after_inactivity_delay: int | None
     enable_light_sleep: bool
+    network: Literal["none", "outbound"] = "none"
+    outbound_allowlist: list[str] | None = None
     error: str = ""
     secret: str | None = Field(None, description="Present on create and get; absent from list.")
 

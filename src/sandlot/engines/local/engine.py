@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sandlot import netpolicy
 from sandlot.engines.base import (
     AgentAddress,
     EngineError,
@@ -197,7 +198,7 @@ class LocalEngine:
                 "instance_type": spec.instance_type.name, "name": spec.name,
                 "created_at": time.time(), "ready": False, "network": spec.network.value,
                 "allow": None if spec.outbound_allowlist is None
-                else list(network.normalize_allowlist(list(spec.outbound_allowlist))),
+                else list(netpolicy.normalize_allowlist(list(spec.outbound_allowlist))),
             }
             try:
                 await self._allocate_slot(directory, meta)
@@ -365,7 +366,7 @@ class LocalEngine:
     ) -> None:
         directory = self._dir(sandbox_id)
         allow = None if outbound_allowlist is None else list(
-            network.normalize_allowlist(list(outbound_allowlist)))
+            netpolicy.normalize_allowlist(list(outbound_allowlist)))
         async with self._lock(sandbox_id):
             meta = self._read_meta(directory)
             if meta is None or not meta.get("ready"):

@@ -105,27 +105,6 @@ def _running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
-class EgressPolicyError(EngineError, ValueError):
-    """An allow-list entry that is not an IP address or network."""
-
-
-def normalize_allowlist(entries: object) -> tuple[str, ...]:
-    """CIDRs as given; bare addresses become /32 or /128 (Koyeb's rule). Clear errors otherwise."""
-    if isinstance(entries, str) or not isinstance(entries, list | tuple):
-        raise EgressPolicyError("outbound_allowlist must be a list of IP addresses or CIDRs")
-    out = []
-    for entry in entries:
-        if not isinstance(entry, str):
-            raise EgressPolicyError(f"outbound_allowlist entry {entry!r} is not a string")
-        try:
-            out.append(str(ipaddress.ip_network(entry.strip(), strict=False)))
-        except ValueError:
-            raise EgressPolicyError(
-                f"outbound_allowlist entry {entry!r} is not an IP address or CIDR"
-            ) from None
-    return tuple(dict.fromkeys(out))
-
-
 def egress_ruleset(allow: tuple[str, ...] | None, resolvers: list[str]) -> str:
     """The nftables script for a sandbox with outbound access (``allow`` None: everywhere)."""
     lines = [

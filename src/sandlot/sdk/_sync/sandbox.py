@@ -12,7 +12,14 @@ import contextlib
 import json
 import os
 import shlex
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import (
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import Any
 
@@ -148,6 +155,8 @@ class Sandbox:
         labels: Mapping[str, str] | None = None,
         api_url: str | None = None,
         protect_ports: bool = False,
+        block_network: bool | None = None,
+        outbound_allowlist: Sequence[str] | None = None,
     ) -> Sandbox:
         """Create a sandbox. With ``wait_ready`` (the default) it answers once the sandbox is
         healthy, waiting at most ``timeout`` seconds (then :class:`SandboxTimeoutError`).
@@ -155,7 +164,12 @@ class Sandbox:
         ``enable_tcp_proxy``: a TCP listener on the server's host relays to the port bound by
         :meth:`expose_port` (see :meth:`get_tcp_proxy_info`). ``protect_ports`` (sandlot):
         exposed ports need their token (returned by :meth:`expose_port`) instead of being
-        public."""
+        public.
+
+        Network (Koyeb's option names, a stricter default): with neither option the sandbox
+        has no network at all; ``block_network=False`` gives it full outbound access;
+        ``outbound_allowlist=["10.1.2.0/24", "192.0.2.7"]`` only those networks (plus DNS to
+        its resolvers). Change it later with :meth:`update_network`."""
         if registry_secret is not None:
             raise UnsupportedFeatureError(
                 "registry_secret (private registry pulls) is not supported yet by sandlot"
@@ -181,6 +195,12 @@ class Sandbox:
         }
         if protect_ports:
             body["protect_ports"] = True
+        if block_network is not None:
+            body["block_network"] = block_network
+        if outbound_allowlist is not None:
+            if isinstance(outbound_allowlist, str):
+                raise SandboxRequestError("outbound_allowlist must be a list of CIDRs", 400)
+            body["outbound_allowlist"] = list(outbound_allowlist)
         content = _json_body(**body)
         client = _open_client(conn)
         try:
@@ -439,6 +459,28 @@ class Sandbox:
             "PATCH",
             f"/v1/sandboxes/{self.id}",
             f"update sandbox {self.id}",
+            content=_json_body(**body),
+            headers={"content-type": "application/json"},
+        )
+        self._info.update(data)
+
+    def update_network(
+        self, block_network: bool | None = None, outbound_allowlist: Sequence[str] | None = None
+    ) -> None:
+        """Change the sandbox's egress policy, live: ``block_network=True`` (no network),
+        ``False`` (full outbound), or an ``outbound_allowlist`` of addresses/CIDRs."""
+        body: dict[str, Any] = {"block_network": block_network}
+        if outbound_allowlist is not None:
+            if isinstance(outbound_allowlist, str):
+                raise SandboxRequestError("outbound_allowlist must be a list of CIDRs", 400)
+            body["outbound_allowlist"] = list(outbound_allowlist)
+        client = self._http()
+        data = _request(
+            client,
+            self._conn,
+            "PATCH",
+            f"/v1/sandboxes/{self.id}",
+            f"update network of sandbox {self.id}",
             content=_json_body(**body),
             headers={"content-type": "application/json"},
         )

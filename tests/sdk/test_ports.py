@@ -500,3 +500,23 @@ def test_tcp_proxy_info_in_listing(gw: Gateway, box: Sandbox) -> None:
         data = c.get(f"/v1/sandboxes/{box.id}/ports").json()
     assert data["tcp_proxy"] is None and data["domain"] == DOMAIN
     assert json.dumps(data)  # plain JSON
+
+
+def test_h2c_upgrade_request_is_answered_in_http11(gw: Gateway, box: Sandbox) -> None:
+    """An h2c *upgrade* client (``Upgrade: h2c``) gets the sandbox's HTTP/1.1 answer, which
+    RFC 9113 allows (the server may ignore the upgrade). Prior-knowledge h2c goes through the
+    TCP proxy (raw bytes); the HTTP gateway does not speak HTTP/2."""
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=20) as s:
+        s.sendall(
+            f"GET /sandboxes/{box.id}/ports/8000/h2c HTTP/1.1\r\nHost: x\r\n"
+            "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+            "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n".encode()
+        )
+        data = b""
+        while b'"/h2c"' not in data:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200"), data[:200]
+    assert b'"/h2c"' in data

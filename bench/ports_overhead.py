@@ -1,0 +1,197 @@
+"""Exposed ports: what the gateway adds, measured (``python bench/ports_overhead.py``, root).
+
+One sandbox runs a small HTTP/1.1 keep-alive server (tests/sdk/sandbox_servers.py's app, its
+``GET /x`` answer is ~300 bytes of JSON). The same load generator (standard library, raw sockets,
+keep-alive) runs three ways:
+
+- ``direct``:  inside the sandbox, against 127.0.0.1:8000 (no sandlot at all);
+- ``tunnel``:  on the host, through one agent tunnel (``GET /tunnel?port=8000`` on the agent's
+  Unix socket): the agent's relay threads only;
+- ``gateway``: on the host, to the server's TCP listener, path form
+  ``/sandboxes/{id}/ports/8000/x``: uvicorn + the ports gateway + its pooled tunnels.
+
+Latency: one connection, sequential requests, median and p90. Throughput: 8 connections, each
+sending requests back to back for 3 s. The load generator runs in its own process (not in the
+server's), but on the same 2 shared cores as everything else: read the ratios, not the absolute
+values. The server runs in this process (uvicorn with uvloop and httptools, as ``sandlot
+server``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "sdk"))
+
+#: The load generator: stdlib only, so it also runs inside the sandbox.
+LOADGEN = r"""
+import json, socket, statistics, sys, threading, time
+
+spec = json.loads(sys.argv[1])
+
+
+def connect():
+    if spec["kind"] == "tcp":
+        s = socket.create_connection((spec["host"], spec["port"]))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return s
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(spec["unix"])
+    head = "GET /tunnel?port=%d HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer %s\r\n" % (
+        spec["port"], spec["secret"])
+    s.sendall((head + "Connection: Upgrade\r\nUpgrade: tcp\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return s
+
+
+REQUEST = ("GET %s HTTP/1.1\r\nHost: bench\r\n\r\n" % spec["path"]).encode()
+
+
+def one(s, buf):
+    s.sendall(REQUEST)
+    while b"\r\n\r\n" not in buf[0]:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed")
+        buf[0] += chunk
+    head, _, rest = buf[0].partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        k, _, v = line.partition(b":")
+        if k.strip().lower() == b"content-length":
+            length = int(v)
+    while len(rest) < length:
+        rest += s.recv(65536)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    buf[0] = rest[length:]
+
+
+s = connect()
+buf = [b""]
+for _ in range(100):
+    one(s, buf)
+lat = []
+for _ in range(spec["n"]):
+    t = time.perf_counter()
+    one(s, buf)
+    lat.append((time.perf_counter() - t) * 1e3)
+s.close()
+lat.sort()
+counts = [0] * spec["conc"]
+stop = time.monotonic() + spec["seconds"]
+
+
+def worker(i):
+    c = connect()
+    b = [b""]
+    while time.monotonic() < stop:
+        one(c, b)
+        counts[i] += 1
+    c.close()
+
+
+threads = [threading.Thread(target=worker, args=(i,)) for i in range(spec["conc"])]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps({"median_ms": statistics.median(lat), "p90_ms": lat[int(len(lat) * 0.9)],
+                  "rps": sum(counts) / spec["seconds"]}))
+"""
+
+
+def main() -> None:
+    from sandbox_servers import HTTP_APP
+    from support.server import start_server
+
+    from sandlot import Sandbox
+    from sandlot.engines.local import LocalEngine
+    from sandlot.images.store import ImageStore
+    from sandlot.paths import state_dir
+
+    tmp = Path(tempfile.mkdtemp(prefix="sl-portbench-"))
+    engine = LocalEngine(tmp / "state", images=ImageStore(state_dir() / "images"))
+    srv = start_server(engine, f"sqlite:///{tmp / 'db'}", tcp=True)
+    _, token = srv.app.state.control.store.create_token("bench", "bench")
+    port = int(srv.url.rsplit(":", 1)[1])
+    loadgen = tmp / "loadgen.py"
+    loadgen.write_text(LOADGEN)
+    common = {"n": 2000, "conc": 8, "seconds": 3}
+    results: dict[str, dict[str, float]] = {}
+    try:
+        sb = Sandbox.create(
+            api_url=srv.url, api_token=token, instance_type="medium", idle_timeout=0
+        )
+        try:
+            sb.filesystem.write_file("/srv/app.py", HTTP_APP)
+            sb.filesystem.write_file("/srv/loadgen.py", LOADGEN)
+            sb.launch_process("python3 /srv/app.py 8000")
+            time.sleep(1.0)
+            sb.expose_port(8000)
+            row = srv.app.state.control.store.get_sandbox(sb.id)
+            specs = {
+                "direct": {"kind": "tcp", "host": "127.0.0.1", "port": 8000, "path": "/x"},
+                "tunnel": {
+                    "kind": "unix",
+                    "unix": row.agent_unix_path,
+                    "port": 8000,
+                    "secret": sb.secret,
+                    "path": "/x",
+                },
+                "gateway": {
+                    "kind": "tcp",
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "path": f"/sandboxes/{sb.id}/ports/8000/x",
+                },
+            }
+            for name, spec in specs.items():
+                arg = json.dumps({**spec, **common})
+                if name == "direct":
+                    quoted = arg.replace("'", "'\\''")
+                    result = sb.exec(f"python3 /srv/loadgen.py '{quoted}'", timeout=120)
+                    assert result.exit_code == 0, result.stderr
+                    out = result.stdout
+                else:
+                    out = subprocess.run(
+                        [sys.executable, str(loadgen), arg],
+                        check=True,
+                        capture_output=True,
+                        text=True,
+                        timeout=120,
+                    ).stdout
+                results[name] = json.loads(out)
+                print(name, results[name], flush=True)
+        finally:
+            sb.delete()
+    finally:
+        srv.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    direct, tunnel, gateway = results["direct"], results["tunnel"], results["gateway"]
+    print()
+    print("| path | median latency | p90 | requests/s (8 connections) |")
+    print("|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['median_ms']:.3f} ms | {r['p90_ms']:.3f} ms | {r['rps']:.0f} |")
+    print()
+    print(
+        f"gateway adds {gateway['median_ms'] - tunnel['median_ms']:.3f} ms over the tunnel and "
+        f"{gateway['median_ms'] - direct['median_ms']:.3f} ms over direct (median); "
+        f"throughput {gateway['rps'] / tunnel['rps']:.2f}x the tunnel's, "
+        f"{gateway['rps'] / direct['rps']:.2f}x direct"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -520,3 +520,50 @@ def test_h2c_upgrade_request_is_answered_in_http11(gw: Gateway, box: Sandbox) ->
             data += chunk
     assert data.startswith(b"HTTP/1.1 200"), data[:200]
     assert b'"/h2c"' in data
+
+
+def test_ports_bound_at_the_agent_follow(gw: Gateway, box: Sandbox) -> None:
+    """Koyeb's SDK binds with the agent's /bind_port (through the agent gateway): such a port is
+    exposed too, and unbinding it there unexposes it."""
+    box.launch_process("python3 -m http.server 8002 --bind 127.0.0.1 --directory /srv/www")
+    assert box.exec("python3 /srv/wait.py 8002").exit_code == 0
+    agent = f"{gw.url}/sandboxes/{box.id}/koyeb-sandbox"
+    auth = {"authorization": f"Bearer {box.secret}"}
+
+    def status_within(expected: int) -> int:
+        deadline = time.monotonic() + 10
+        while True:
+            status = httpx.get(path_url(gw, box, 8002, "hello.txt"), timeout=30).status_code
+            if status == expected or time.monotonic() > deadline:
+                return status
+            time.sleep(0.2)
+
+    r = httpx.post(f"{agent}/bind_port", json={"port": "8002", "multi": True}, headers=auth)
+    assert r.status_code == 200
+    assert status_within(200) == 200
+    assert 8002 in {p["port"] for p in box.list_exposed_ports()}
+    r = httpx.post(f"{agent}/unbind_port", json={"port": "8002"}, headers=auth)
+    assert r.status_code == 200
+    assert status_within(404) == 404
+
+
+def test_deep_sleep_keeps_exposed_ports(gw: Gateway) -> None:
+    """Deep sleep ends the sandbox's processes (and the agent's bound-port list with them); on
+    waking, the stored ports are bound again, so the TCP proxy still finds its port."""
+    with gw.create(enable_tcp_proxy=True, idle_timeout=1) as sb:
+        start_servers(sb, {9000: "tcp"})
+        sb.expose_port(9000)
+        host, port = sb.get_tcp_proxy_info() or ("", 0)
+        assert _echo_through(host, port, b"before") == b"before|total=6"
+        deadline = time.monotonic() + 30
+        while sb.refresh().status != "sleeping":
+            assert time.monotonic() < deadline, "never fell asleep"
+            time.sleep(0.2)
+        # the first connection wakes it; the echo server died with the deep sleep
+        assert _echo_through(host, port, b"x") == b""
+        agent = sb.get_sandbox_url()
+        r = httpx.get(f"{agent}/bound_ports", headers={"authorization": f"Bearer {sb.secret}"})
+        assert r.json()["ports"] == ["9000"]
+        sb.update_lifecycle(idle_timeout=0)
+        start_servers(sb, {9000: "tcp"})
+        assert _echo_through(host, port, b"after") == b"after|total=5"

@@ -214,6 +214,8 @@ class Ports:
         self._pools: dict[tuple[str, int], _PortPool] = {}
         self._proxies: dict[str, asyncio.Server] = {}
         self._proxy_locks: dict[str, asyncio.Lock] = {}
+        #: The agent (pool) each sandbox's ports were last pushed to (see :meth:`_sync`).
+        self._synced: dict[str, AgentPool] = {}
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -239,22 +241,83 @@ class Ports:
         """The sandbox's exposed ports (cached briefly); None if there is no such sandbox."""
         entry = self._exposed.get(sandbox_id)
         now = time.monotonic()
-        if entry is not None and now - entry.checked_at < EXPOSED_CACHE_TTL:
+        if (
+            entry is not None
+            and now - entry.checked_at < EXPOSED_CACHE_TTL
+            and not self._agent_changed(sandbox_id)
+        ):
             return entry
         row = await self.control.db(self._read, sandbox_id)
         if row is None or row.status not in LIVE_STATUSES:
             self._forget(sandbox_id)
             return None
+        ports = dict(row.exposed_ports or {})
+        if row.status == "running":  # never ask a sleeping (perhaps frozen) agent
+            ports = await self._sync(row, ports)
         entry = _Exposed(
-            {int(p): dict(v) for p, v in (row.exposed_ports or {}).items()},
+            {int(p): dict(v) for p, v in ports.items()},
             row.exposed_port_protocol or "http",
             now,
         )
         self._exposed[sandbox_id] = entry
         return entry
 
+    async def _agent(self, sandbox_id: str) -> AgentPool | None:
+        """The sandbox's agent pool, with its secret (a pool made while the sandbox woke has
+        none until the control's cache is refreshed; the tunnel needs it)."""
+        agent = await self.control.agent_for(sandbox_id)
+        if agent is not None and agent.secret is None:
+            agent = await self.control.agent_for(sandbox_id, fresh=True)
+        return agent
+
+    def _agent_changed(self, sandbox_id: str) -> bool:
+        current = self.control._agents.get(sandbox_id)
+        return current is not None and current.pool is not self._synced.get(sandbox_id)
+
+    async def _sync(self, row: SandboxRow, ports: dict[str, Any]) -> dict[str, Any]:
+        """Keep the agent's bound ports and the database in step. A new agent (the sandbox woke
+        from deep sleep, or this server restarted) gets the stored ports bound again; otherwise
+        the agent is the truth: a port bound or unbound there directly (Koyeb's SDK calls
+        ``/bind_port`` through the agent gateway) is exposed or unexposed here too."""
+        agent = await self._agent(row.id)
+        if agent is None:
+            return ports
+        try:
+            with anyio.fail_after(2.0):
+                if self._synced.get(row.id) is not agent:
+                    ok = True
+                    for port in sorted(ports, key=lambda p: str(ports[p].get("since", ""))):
+                        body = {"port": port, "multi": True}
+                        status, _ = await _call(agent, "POST", "/bind_port", body)
+                        ok = ok and status == 200
+                    if ok:
+                        self._synced[row.id] = agent
+                    return ports
+                status, answer = await _call(agent, "GET", "/bound_ports", None)
+        except (UpstreamError, TimeoutError) as exc:
+            log.info("ports of %s: the agent did not answer (%s)", row.id, exc)
+            return ports
+        if status != 200:
+            return ports
+        bound = [str(p) for p in answer.get("ports") or []]
+        added = [p for p in bound if p not in ports]
+        removed = [p for p in ports if p not in bound]
+        if not added and not removed:
+            return ports
+        protect = bool(row.protect_ports)
+
+        def change(current: dict[str, Any]) -> None:
+            for p in removed:
+                current.pop(p, None)
+            for p in added:
+                current.setdefault(p, _new_port_info(protect))
+
+        result: dict[str, Any] = await self.control.db(self._change, row.id, change)
+        return result
+
     def _forget(self, sandbox_id: str) -> None:
         self._exposed.pop(sandbox_id, None)
+        self._synced.pop(sandbox_id, None)
         for key in [k for k in self._pools if k[0] == sandbox_id]:
             self._pools.pop(key).close()
 
@@ -300,31 +363,19 @@ class Ports:
             raise ApiError(409, "not_running", f"sandbox {row.id} is {row.status}")
         return row
 
-    async def _agent_call(self, sandbox_id: str, route: str, body: dict[str, Any]) -> Any:
+    async def _agent_call(self, sandbox_id: str, route: str, body: dict[str, Any] | None) -> Any:
         """A JSON call to the sandbox's agent (waking it if needed): (status, answer)."""
         async with self.control.lifecycle.activity(sandbox_id):
-            agent = await self.control.agent_for(sandbox_id)
+            agent = await self._agent(sandbox_id)
             if agent is None:
                 raise ApiError(404, "not_found", f"sandbox {sandbox_id} not found")
-            data = json.dumps(body).encode() if body else b""
-            headers = [(b"content-type", b"application/json")]
-            if agent.secret is not None:
-                headers.append((b"authorization", b"Bearer " + agent.secret))
-            method = "POST" if body or route != "/bound_ports" else "GET"
+            method = "GET" if route == "/bound_ports" else "POST"
             try:
-                response = await agent.request(method, route, headers, data)
-                try:
-                    raw = b"".join([c async for c in response.iter_body()])
-                finally:
-                    response.close()
+                return await _call(agent, method, route, body)
             except UpstreamError as exc:
                 raise ApiError(
                     502, "agent_unreachable", f"sandbox {sandbox_id}'s agent: {exc}"
                 ) from exc
-        try:
-            return response.status, json.loads(raw or b"{}")
-        except ValueError:
-            return response.status, {"error": raw.decode("utf-8", "replace")}
 
     async def expose(self, request: Request) -> Response:
         from sandlot.server.app import _public_base, json_response, parse_body
@@ -356,11 +407,7 @@ class Ports:
         protect = bool(row.protect_ports)
 
         def add(ports: dict[str, Any]) -> None:
-            info = ports.get(str(req.port)) or {
-                "since": utcnow().isoformat(),
-                "token": secrets.token_urlsafe(24) if protect else None,
-            }
-            ports[str(req.port)] = info
+            ports[str(req.port)] = ports.get(str(req.port)) or _new_port_info(protect)
 
         ports = await self.control.db(self._change, row.id, add)
         self._exposed.pop(row.id, None)
@@ -531,7 +578,7 @@ class Ports:
                 ).encode()
         try:
             async with self.control.lifecycle.activity(target.sandbox_id):
-                agent = await self.control.agent_for(target.sandbox_id)
+                agent = await self._agent(target.sandbox_id)
                 if agent is None:
                     await refuse(404, "not_found", f"sandbox {target.sandbox_id} not found")
                     return
@@ -729,10 +776,11 @@ class Ports:
             writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             async with self.control.lifecycle.activity(sandbox_id):
-                agent = await self.control.agent_for(sandbox_id)
+                agent = await self._agent(sandbox_id)
                 if agent is None:
                     return
-                status, answer = await self._agent_call(sandbox_id, "/bound_ports", {})
+                await self.exposed(sandbox_id)  # a new agent gets the stored ports bound again
+                status, answer = await self._agent_call(sandbox_id, "/bound_ports", None)
                 bound = answer.get("ports") or [] if status == 200 else []
                 if not bound:
                     log.info("TCP proxy of %s: no port bound, connection closed", sandbox_id)
@@ -834,6 +882,32 @@ class _Forward:
         else:
             message = f"port {self.port} of sandbox {self.target.sandbox_id}: {exc}"
         return {"error": message, "code": "bad_gateway", "port": self.port}
+
+
+def _new_port_info(protect: bool) -> dict[str, Any]:
+    return {
+        "since": utcnow().isoformat(),
+        "token": secrets.token_urlsafe(24) if protect else None,
+    }
+
+
+async def _call(
+    agent: AgentPool, method: str, route: str, body: dict[str, Any] | None
+) -> tuple[int, Any]:
+    """One JSON call to an agent: (status, decoded answer)."""
+    data = json.dumps(body).encode() if body is not None else b""
+    headers = [(b"content-type", b"application/json")] if body is not None else []
+    if agent.secret is not None:
+        headers.append((b"authorization", b"Bearer " + agent.secret))
+    response = await agent.request(method, route, headers, data)
+    try:
+        raw = b"".join([c async for c in response.iter_body()])
+    finally:
+        response.close()
+    try:
+        return response.status, json.loads(raw or b"{}")
+    except ValueError:
+        return response.status, {"error": raw.decode("utf-8", "replace")}
 
 
 def _given_token(scope: Scope, query: str) -> tuple[str | None, str, bool]:

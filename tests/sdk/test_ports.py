@@ -429,13 +429,21 @@ def test_protected_ports(gw: Gateway) -> None:
         assert "authorization" not in r.json()["headers"]  # the token stays outside
         r = httpx.get(url + f"?a=1&sandlot_token={token}", timeout=30)
         assert r.status_code == 200 and r.json()["path"] == "/echo?a=1"
-        cookie = r.headers["set-cookie"]
-        assert cookie.startswith("sandlot_port_token=") and "/ports/8000/" in cookie
+        assert "set-cookie" not in r.headers  # path form: the server's origin is shared
         r = httpx.get(url, headers={"cookie": f"sandlot_port_token={token}; app=1"}, timeout=30)
         assert r.status_code == 200 and r.json()["headers"]["cookie"] == "app=1"
         r = host_get(gw, sb, 8000, "/echo", headers={"authorization": f"Bearer {token}"})
         assert r.status_code == 200
         assert host_get(gw, sb, 8000, "/echo").status_code == 401
+        r = host_get(gw, sb, 8000, f"/echo?sandlot_token={token}")
+        assert r.status_code == 200 and r.json()["path"] == "/echo"
+        assert r.headers["set-cookie"].startswith("sandlot_port_token=")  # host form: own origin
+        # another sandbox's token is no key to this port
+        with gw.create(protect_ports=True, idle_timeout=0) as other:
+            other_token = other.expose_port(8000)["token"]
+            assert other_token != token
+            r = httpx.get(url, headers={"authorization": f"Bearer {other_token}"}, timeout=30)
+            assert r.status_code == 401
 
 
 def test_sleeping_sandbox_wakes_on_its_port(gw: Gateway) -> None:

@@ -18,8 +18,10 @@ sleeping sandbox and keeps it awake while a response streams or a WebSocket stay
 
 Exposed URLs are public, as on Koyeb, unless the sandbox was created with ``protect_ports``:
 then each exposed port has its own token, accepted as ``Authorization: Bearer <token>``, as a
-``?sandlot_token=`` query parameter (which also sets a cookie scoped to that port, for browsers)
-or as that cookie; the token is removed before the request reaches the sandbox.
+``?sandlot_token=`` query parameter (in the host form, this also sets a cookie for that host, so
+a browser can follow links), or as that cookie; the token is removed before the request reaches
+the sandbox. The path form shares the server's origin among all sandboxes: for browsers, prefer
+the host form (each port its own origin).
 
 The TCP proxy (``enable_tcp_proxy``): a listener per sandbox on the server's host
 (``--tcp-proxy-host``, 127.0.0.1 by default; the port is chosen by the system) relaying raw TCP
@@ -571,11 +573,11 @@ class Ports:
                     port=port,
                 )
                 return
-            if from_query:
-                cookie_path = (target.prefix or "") + "/"
-                set_cookie = (
-                    f"{TOKEN_COOKIE}={token}; Path={cookie_path}; HttpOnly; SameSite=Lax"
-                ).encode()
+            if from_query and not target.prefix:
+                # Host form only: there each port is its own origin. In the path form every
+                # sandbox shares the server's origin, and a page of another sandbox could make
+                # the browser send this cookie (and read the answer).
+                set_cookie = f"{TOKEN_COOKIE}={token}; Path=/; HttpOnly; SameSite=Lax".encode()
         try:
             async with self.control.lifecycle.activity(target.sandbox_id):
                 agent = await self._agent(target.sandbox_id)

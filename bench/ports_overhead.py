@@ -10,6 +10,9 @@ keep-alive) runs three ways:
 - ``gateway``: on the host, to the server's TCP listener, path form
   ``/sandboxes/{id}/ports/8000/x``: uvicorn + the ports gateway + its pooled tunnels.
 
+For scale, the agent's own ``/health`` straight on its socket and through the (older) agent
+gateway ``/sandboxes/{id}/koyeb-sandbox/health``: the same server's per-request cost.
+
 Latency: one connection, sequential requests, median and p90. Throughput: 8 connections, each
 sending requests back to back for 3 s. The load generator runs in its own process (not in the
 server's), but on the same 2 shared cores as everything else: read the ratios, not the absolute
@@ -45,6 +48,8 @@ def connect():
         return s
     s = socket.socket(socket.AF_UNIX)
     s.connect(spec["unix"])
+    if spec["kind"] == "unix":  # the agent itself, no tunnel
+        return s
     head = "GET /tunnel?port=%d HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer %s\r\n" % (
         spec["port"], spec["secret"])
     s.sendall((head + "Connection: Upgrade\r\nUpgrade: tcp\r\n\r\n").encode())
@@ -143,7 +148,7 @@ def main() -> None:
             specs = {
                 "direct": {"kind": "tcp", "host": "127.0.0.1", "port": 8000, "path": "/x"},
                 "tunnel": {
-                    "kind": "unix",
+                    "kind": "tunnel",
                     "unix": row.agent_unix_path,
                     "port": 8000,
                     "secret": sb.secret,
@@ -154,6 +159,14 @@ def main() -> None:
                     "host": "127.0.0.1",
                     "port": port,
                     "path": f"/sandboxes/{sb.id}/ports/8000/x",
+                },
+                # For scale: the agent's /health, straight and through the agent gateway.
+                "agent /health": {"kind": "unix", "unix": row.agent_unix_path, "path": "/health"},
+                "agent gateway /health": {
+                    "kind": "tcp",
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "path": f"/sandboxes/{sb.id}/koyeb-sandbox/health",
                 },
             }
             for name, spec in specs.items():

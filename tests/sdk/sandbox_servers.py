@@ -191,3 +191,104 @@ async def main():
 
 asyncio.run(main())
 """
+
+#: A minimal h2c server (HTTP/2 with prior knowledge, cleartext): enough of RFC 9113 for one
+#: client that sends its header blocks without Huffman coding or the dynamic table (the test's).
+#: It answers each request stream with ``:status 200`` and the request's ``:path`` as the body.
+H2C_SERVER = r"""
+import socket, struct, sys, threading
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+STATIC = {1: ":authority", 2: ":method", 3: ":method", 4: ":path", 5: ":path", 6: ":scheme",
+          7: ":scheme"}
+STATIC_VALUES = {2: "GET", 3: "POST", 4: "/", 5: "/index.html", 6: "http", 7: "https"}
+
+
+def frame(kind, flags, stream, payload=b""):
+    head = struct.pack("!I", len(payload))[1:] + bytes([kind, flags])
+    return head + struct.pack("!I", stream) + payload
+
+
+def read_exact(conn, n):
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+def integer(block, i, prefix):
+    value = block[i] & ((1 << prefix) - 1)
+    i += 1
+    if value < (1 << prefix) - 1:
+        return value, i
+    shift = 0
+    while True:
+        b = block[i]
+        i += 1
+        value += (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, i
+
+
+def string(block, i):
+    assert not block[i] & 0x80, "Huffman-coded strings are not supported here"
+    n, i = integer(block, i, 7)
+    return block[i:i + n].decode(), i + n
+
+
+def headers(block):
+    out, i = {}, 0
+    while i < len(block):
+        b = block[i]
+        if b & 0x80:  # indexed (static table only)
+            index, i = integer(block, i, 7)
+            out[STATIC[index]] = STATIC_VALUES.get(index, "")
+            continue
+        prefix = 6 if b & 0x40 else 4
+        index, i = integer(block, i, prefix)
+        if index:
+            name = STATIC[index]
+        else:
+            name, i = string(block, i)
+        value, i = string(block, i)
+        out[name] = value
+    return out
+
+
+def serve(conn):
+    with conn:
+        assert read_exact(conn, len(PREFACE)) == PREFACE
+        conn.sendall(frame(4, 0, 0))  # our SETTINGS
+        while True:
+            head = read_exact(conn, 9)
+            length = int.from_bytes(head[:3], "big")
+            kind, flags = head[3], head[4]
+            stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+            payload = read_exact(conn, length)
+            if kind == 4 and not flags & 1:
+                conn.sendall(frame(4, 1, 0))  # SETTINGS ACK
+            elif kind == 1:  # HEADERS (END_HEADERS expected: no CONTINUATION here)
+                block = payload
+                if flags & 0x8:  # PADDED
+                    block = block[1:len(block) - payload[0]]
+                if flags & 0x20:  # PRIORITY
+                    block = block[5:]
+                request = headers(block)
+                body = ("h2c says hello to " + request[":path"]).encode()
+                conn.sendall(frame(1, 4, stream, b"\x88") + frame(0, 1, stream, body))
+            elif kind == 7:  # GOAWAY
+                return
+
+
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(sys.argv[1])))
+srv.listen(16)
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""

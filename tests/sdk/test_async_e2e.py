@@ -164,6 +164,12 @@ async def test_ports_and_errors(sb: AsyncSandbox, api_url: str) -> None:
     with pytest.raises(InvalidPortError):
         await sb.expose_port("3000")  # type: ignore[arg-type]
     assert await sb.get_tcp_proxy_info() is None  # created without enable_tcp_proxy
+    exposed = await sb.expose_port(3000)
+    assert exposed["exposed_at"].endswith(f"/sandboxes/{sb.id}/ports/3000/")
+    assert [p["port"] for p in await sb.list_exposed_ports()] == [3000]
+    await sb.unexpose_port(3000)
+    with pytest.raises(SandboxRequestError):
+        await sb.unexpose_port(3000)
     with pytest.raises(SandboxRequestError):
         await sb.wait_tcp_proxy_ready(timeout=1)
     with pytest.raises(UnsupportedFeatureError):

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sandbox_servers import HTTP_APP, TCP_ECHO, WS_ECHO
+from sandbox_servers import H2C_SERVER, HTTP_APP, TCP_ECHO, WS_ECHO
 from support.server import RunningServer, start_server
 
 from sandlot import InvalidPortError, Sandbox, SandboxRequestError
@@ -58,8 +58,9 @@ def gw(local_server: RunningServer) -> Iterator[Gateway]:
 
 
 def start_servers(sb: Sandbox, servers: dict[int, str]) -> None:
-    """Start servers (port → "app" | "www" | "ws" | "tcp") and wait until they listen."""
-    files = {"app": HTTP_APP, "ws": WS_ECHO, "tcp": TCP_ECHO}
+    """Start servers (port → "app" | "www" | "ws" | "tcp" | "h2c") and wait until they
+    listen."""
+    files = {"app": HTTP_APP, "ws": WS_ECHO, "tcp": TCP_ECHO, "h2c": H2C_SERVER}
     sb.filesystem.write_files({f"/srv/{k}.py": v for k, v in files.items()})
     sb.exec("mkdir -p /srv/www && printf 'hello from the sandbox\\n' > /srv/www/hello.txt")
     for port, kind in servers.items():
@@ -575,3 +576,41 @@ def test_deep_sleep_keeps_exposed_ports(gw: Gateway) -> None:
         sb.update_lifecycle(idle_timeout=0)
         start_servers(sb, {9000: "tcp"})
         assert _echo_through(host, port, b"after") == b"after|total=5"
+
+
+def _h2_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return (
+        len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+    )
+
+
+def test_h2c_prior_knowledge_through_the_tcp_proxy(gw: Gateway) -> None:
+    """HTTP/2 cleartext with prior knowledge (what gRPC does) to a sandbox created with
+    exposed_port_protocol="http2": the TCP proxy carries its bytes unchanged."""
+    with gw.create(enable_tcp_proxy=True, exposed_port_protocol="http2", idle_timeout=0) as sb:
+        start_servers(sb, {8443: "h2c"})
+        assert sb.expose_port(8443)["protocol"] == "http2"
+        host, port = sb.get_tcp_proxy_info() or ("", 0)
+        # HPACK without Huffman: :method GET, :scheme http, :path /grpc-ish, :authority x
+        block = b"\x82\x86" + b"\x44\x09/grpc-ish" + b"\x41\x01x"
+        with socket.create_connection((host, port), timeout=20) as s:
+            s.sendall(
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+                + _h2_frame(4, 0, 0)  # SETTINGS
+                + _h2_frame(1, 0x4 | 0x1, 1, block)  # HEADERS, END_HEADERS | END_STREAM
+            )
+            frames: list[tuple[int, int, int, bytes]] = []
+            buf = b""
+            while not any(k == 0 and f & 1 for k, f, _, _ in frames):
+                chunk = s.recv(65536)
+                assert chunk, frames
+                buf += chunk
+                while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+                    n = int.from_bytes(buf[:3], "big")
+                    stream = int.from_bytes(buf[5:9], "big")
+                    frames.append((buf[3], buf[4], stream, buf[9 : 9 + n]))
+                    buf = buf[9 + n :]
+        kinds = [(k, f, st) for k, f, st, _ in frames]
+        assert (4, 0, 0) in kinds and (4, 1, 0) in kinds  # server SETTINGS, and ACK of ours
+        assert (1, 4, 1, b"\x88") in frames  # :status 200 on stream 1
+        assert (0, 1, 1, b"h2c says hello to /grpc-ish") in frames

@@ -67,7 +67,7 @@ class Lifecycle:
         self._locks: dict[str, anyio.Lock] = {}
         #: Which sandboxes sleep, for the gateway's fast path; ``_transitions`` counts the
         #: changes this server made, so a refresh read before one of them is not applied.
-        self._sleeping: set[str] = set()
+        self._sleeping: dict[str, tuple[str, str]] = {}  # id -> (sleep kind, region)
         self._transitions = 0
         self._background: anyio.abc.TaskGroup | None = None
 
@@ -113,11 +113,26 @@ class Lifecycle:
         # Asleep, or a transition is under way (a request that slipped in as the sandbox was
         # being put to sleep must not reach a frozen agent): wait for it, then look again.
         async with self._lock(sandbox_id):
+            known = self._sleeping.get(sandbox_id)
+            if known is not None and known[0] == "light":
+                # The hot case of light sleep: thaw without a database round trip first.
+                await self._thaw(sandbox_id, known[1], time.perf_counter())
+                return
             row = await self.control.db(self.control.store.get_sandbox, sandbox_id)
             if row is None or row.status != "sleeping":
-                self._mark(sandbox_id, sleeping=False)
+                self._mark(sandbox_id, sleeping=None)
                 return
             await self._wake(row)
+
+    async def _thaw(self, sandbox_id: str, region: str, started: float) -> None:
+        await self.control.engines[region].resume(sandbox_id)
+        # Thawed: let the request through now; the bookkeeping follows in the background,
+        # under the sandbox's lock so no later transition overtakes it.
+        self._mark(sandbox_id, sleeping=None)
+        if self._background is not None:
+            self._background.start_soon(self._record_wake, sandbox_id, "light", started)
+        else:  # the timer loop is not running (embedded use): record it now
+            await self._write_wake(sandbox_id, "light", started)
 
     async def _wake(self, row: SandboxRow) -> None:
         from sandlot.server.control import ApiError
@@ -127,14 +142,7 @@ class Lifecycle:
         kind = row.sleep_kind or "deep"
         try:
             if kind == "light":
-                await engine.resume(row.id)
-                # Thawed: let the request through now; the bookkeeping follows in the
-                # background, under the sandbox's lock so no later transition overtakes it.
-                self._mark(row.id, sleeping=False)
-                if self._background is not None:
-                    self._background.start_soon(self._record_wake, row.id, kind, started)
-                else:  # the timer loop is not running (embedded use): record it now
-                    await self._write_wake(row.id, kind, started)
+                await self._thaw(row.id, row.region, started)
                 return
             info = await engine.start(row.id)
             await self.control.db(
@@ -155,7 +163,7 @@ class Lifecycle:
             )
             await self.control.event(row.id, "error", f"waking from {kind} sleep failed: {exc}")
             raise WakeError(f"sandbox {row.id} could not wake from {kind} sleep: {exc}") from exc
-        self._mark(row.id, sleeping=False)
+        self._mark(row.id, sleeping=None)
         await self._write_wake(row.id, kind, started)
 
     async def _record_wake(self, sandbox_id: str, kind: str, started: float) -> None:
@@ -209,7 +217,7 @@ class Lifecycle:
                 if kind == "light"
                 else ("processes stopped, memory released, filesystem kept")
             )
-            self._mark(sandbox_id, sleeping=True)
+            self._mark(sandbox_id, sleeping=(kind, row.region))
             await self.control.event(sandbox_id, f"slept ({kind})", detail)
             return True
 
@@ -220,17 +228,18 @@ class Lifecycle:
             with contextlib.suppress(ApiError):  # already gone: nothing to do
                 await self.control.delete(row.project, row.id, reason=reason)
 
-    def _mark(self, sandbox_id: str, *, sleeping: bool) -> None:
+    def _mark(self, sandbox_id: str, *, sleeping: tuple[str, str] | None) -> None:
+        """Record a transition: ``sleeping`` is (kind, region), or None once awake."""
         self._transitions += 1
-        if sleeping:
-            self._sleeping.add(sandbox_id)
+        if sleeping is not None:
+            self._sleeping[sandbox_id] = sleeping
         else:
-            self._sleeping.discard(sandbox_id)
+            self._sleeping.pop(sandbox_id, None)
 
     def forget(self, sandbox_id: str) -> None:
         for d in (self._last_activity, self._flushed, self._locks):
             d.pop(sandbox_id, None)
-        self._mark(sandbox_id, sleeping=False)
+        self._mark(sandbox_id, sleeping=None)
 
     # -- the timer loop -----------------------------------------------------------------------
 
@@ -250,7 +259,9 @@ class Lifecycle:
             self.control.store.sandboxes_with_status, ["running", "sleeping"]
         )
         if generation == self._transitions:  # no transition since the read: it is current
-            self._sleeping = {r.id for r in rows if r.status == "sleeping"}
+            self._sleeping = {
+                r.id: (r.sleep_kind or "deep", r.region) for r in rows if r.status == "sleeping"
+            }
         for row in rows:
             await self._check_one(row, now)
 

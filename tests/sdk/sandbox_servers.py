@@ -127,7 +127,7 @@ async def handle(reader, writer):
         accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
         answer = (
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + accept + b"\r\n"
+            b"Sec-WebSocket-Accept: " + accept + b"\r\nX-Echo-Server: in-the-sandbox\r\n"
         )
         if proto:
             answer += b"Sec-WebSocket-Protocol: " + proto + b"\r\n"

@@ -283,15 +283,15 @@ def test_large_upload_is_streamed(gw: Gateway, box: Sandbox, chunked: bool) -> N
     headers = {} if chunked else {"content-length": str(size)}
     watch = _PeakRss()
     started = time.monotonic()
-    r = httpx.post(
-        path_url(gw, box, 8000, "upload"), content=body(), headers=headers, timeout=120
-    )
+    r = httpx.post(path_url(gw, box, 8000, "upload"), content=body(), headers=headers, timeout=120)
     elapsed = time.monotonic() - started
     grew = watch.stop()
     assert r.status_code == 200, r.text
     assert r.json() == {"size": size, "sha256": expected.hexdigest(), "chunked": chunked}
-    print(f"\n200 MB upload ({'chunked' if chunked else 'content-length'}): {elapsed:.2f}s, "
-          f"{size / elapsed / 1e6:.0f} MB/s, peak RSS growth {grew / 1e6:.1f} MB")
+    print(
+        f"\n200 MB upload ({'chunked' if chunked else 'content-length'}): {elapsed:.2f}s, "
+        f"{size / elapsed / 1e6:.0f} MB/s, peak RSS growth {grew / 1e6:.1f} MB"
+    )
     assert grew < 64 * 1024 * 1024, f"memory grew by {grew / 1e6:.0f} MB"
 
 
@@ -341,10 +341,13 @@ def test_slowloris_does_not_block_others(gw: Gateway, box: Sandbox) -> None:
 
 
 def test_websocket_echo_path_and_host_form(gw: Gateway, box: Sandbox) -> None:
+    """Bytes both ways: the 101 is the sandbox server's own (its headers reach the client)."""
     from websockets.sync.client import connect
 
     url = path_url(gw, box, 8765).replace("http://", "ws://")
     with connect(url, subprotocols=["echo.v1"]) as ws:  # type: ignore[list-item]
+        assert ws.response is not None
+        assert ws.response.headers["x-echo-server"] == "in-the-sandbox"
         assert ws.subprotocol == "echo.v1"
         ws.send("hello")
         assert ws.recv(timeout=10) == "hello"
@@ -614,3 +617,30 @@ def test_h2c_prior_knowledge_through_the_tcp_proxy(gw: Gateway) -> None:
         assert (4, 0, 0) in kinds and (4, 1, 0) in kinds  # server SETTINGS, and ACK of ours
         assert (1, 4, 1, b"\x88") in frames  # :status 200 on stream 1
         assert (0, 1, 1, b"h2c says hello to /grpc-ish") in frames
+
+
+def test_websocket_relay_under_any_asgi_server(local_server: RunningServer, box: Sandbox) -> None:
+    """Served by an ASGI server without sandlot's WebSocket protocol class, the gateway relays
+    messages instead of bytes: the same echo works (the 101 is then the server's own)."""
+    from websockets.sync.client import connect
+
+    tmp = Path(tempfile.mkdtemp(prefix="sl-ports-asgi-"))
+    srv = start_server(
+        local_server.engine, f"sqlite:///{tmp / 'db'}", raw_websockets=False, tcp=True
+    )
+    try:
+        _, token = srv.app.state.control.store.create_token("ports", "test")
+        with Sandbox.create(api_url=srv.url, api_token=token, idle_timeout=0) as sb:
+            start_servers(sb, {8765: "ws"})
+            url = sb.expose_port(8765)["exposed_at"].replace("http://", "ws://")
+            with connect(url, subprotocols=["echo.v1"]) as ws:  # type: ignore[list-item]
+                assert ws.response is not None
+                assert "x-echo-server" not in ws.response.headers
+                assert ws.subprotocol == "echo.v1"
+                ws.send("relayed")
+                assert ws.recv(timeout=10) == "relayed"
+                ws.send(b"\x00" * 100_000)
+                assert ws.recv(timeout=10) == b"\x00" * 100_000
+    finally:
+        srv.stop()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -15,6 +15,7 @@ import uvicorn
 from sandlot.engines.base import Engine
 from sandlot.server.app import ServerConfig, create_app, unix_public_url
 from sandlot.server.run import bind_unix_socket
+from sandlot.server.wsraw import PortsWebSocketProtocol
 
 
 @dataclass
@@ -55,6 +56,7 @@ def start_server(
     stale_create_after: float = 0.0,
     pools: dict[Any, int] | None = None,
     domain: str | None = None,
+    raw_websockets: bool = True,
 ) -> RunningServer:
     if tcp:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -81,7 +83,14 @@ def start_server(
     )
     app = create_app(config)
     server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=2,
+            # as `sandlot server` runs it; without: the ASGI relay any ASGI server gets
+            ws=PortsWebSocketProtocol if raw_websockets else "auto",
+        )
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -585,7 +585,10 @@ class Ports:
                     await refuse(404, "not_found", f"sandbox {target.sandbox_id} not found")
                     return
                 forward = _Forward(target, port, query, bool(token), set_cookie)
-                if is_ws:
+                raw = (scope.get("extensions") or {}).get("sandlot.raw_tunnel")
+                if is_ws and raw is not None:  # sandlot's runner: bytes both ways (wsraw.py)
+                    await raw["run"](agent, forward, scope)
+                elif is_ws:
                     await self._websocket(agent, forward, scope, receive, send)
                 else:
                     pool = self._pool(target.sandbox_id, agent, port)
@@ -840,10 +843,10 @@ class _Forward:
     protected: bool
     set_cookie: bytes | None
 
-    def headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+    def headers(self, scope: Scope, keep_upgrade: bool = False) -> list[tuple[bytes, bytes]]:
         out: list[tuple[bytes, bytes]] = []
         for k, v in scope["headers"]:
-            if k in _DROP_REQUEST:
+            if k in _DROP_REQUEST and not (keep_upgrade and k in (b"connection", b"upgrade")):
                 continue
             if k == b"authorization":
                 value = v[7:].strip()

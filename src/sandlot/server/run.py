@@ -18,6 +18,7 @@ from sandlot.paths import default_server_socket, state_dir
 from sandlot.server.app import ServerConfig, create_app, unix_public_url
 from sandlot.server.db import default_database_url
 from sandlot.server.pool import PoolKey
+from sandlot.server.wsraw import PortsWebSocketProtocol
 
 DEFAULT_REGION = "local"
 
@@ -146,6 +147,7 @@ def serve(
     app = create_app(config)
     uv_config = uvicorn.Config(
         app,
+        ws=PortsWebSocketProtocol,  # WebSockets to exposed ports: bytes both ways
         log_level=log_level,
         access_log=False,
         lifespan="on",

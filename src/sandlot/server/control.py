@@ -4,6 +4,7 @@ database and the engines. HTTP concerns (parsing, status codes) live in :mod:`.a
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -219,7 +220,7 @@ class Control:
             )
         pool = self._pool_for(sandbox_id, address, secret)
         deadline = time.monotonic() + timeout
-        delay = 0.005
+        delay = 0.001
         last = "no answer yet"
         next_inspect = time.monotonic() + 0.5
         while True:
@@ -235,9 +236,16 @@ class Control:
                         f"sandbox {sandbox_id} stopped before it became ready "
                         f"({info.state.value}){detail}",
                     )
-            last = await self._probe(pool)
-            if last == "":
-                return
+            if address.unix_path is not None and not os.path.exists(address.unix_path):
+                # The agent puts its socket in place only once it listens: until then a stat
+                # (microseconds) says "not yet" far more cheaply than a connection attempt,
+                # so poll it often -- every millisecond of the poll is added to create().
+                last, delay = "the agent is not listening yet", 0.001
+            else:
+                last = await self._probe(pool)
+                if last == "":
+                    return
+                delay = min(max(delay, 0.005) * 2, 0.1)
             if time.monotonic() + delay > deadline:
                 raise ApiError(
                     504,
@@ -245,7 +253,6 @@ class Control:
                     f"sandbox {sandbox_id} did not become ready within {timeout:g}s ({last})",
                 )
             await anyio.sleep(delay)
-            delay = min(delay * 2, 0.1)
 
     @staticmethod
     async def _probe(pool: AgentPool) -> str:

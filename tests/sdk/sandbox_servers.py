@@ -259,10 +259,28 @@ def headers(block):
     return out
 
 
+def answer(conn, stream, path):
+    body = ("h2c says hello to " + path).encode()
+    conn.sendall(frame(1, 4, stream, b"\x88") + frame(0, 1, stream, body))
+
+
 def serve(conn):
     with conn:
-        assert read_exact(conn, len(PREFACE)) == PREFACE
-        conn.sendall(frame(4, 0, 0))  # our SETTINGS
+        first = conn.recv(len(PREFACE), socket.MSG_PEEK | socket.MSG_WAITALL)
+        if first != PREFACE:  # HTTP/1.1 with Upgrade: h2c (RFC 7540 3.2)
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += read_exact(conn, 1)
+            assert b"upgrade: h2c" in head.lower(), head
+            path = head.split(b" ")[1].decode()
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                         b"Upgrade: h2c\r\n\r\n")
+            conn.sendall(frame(4, 0, 0))
+            answer(conn, 1, path)  # the upgraded request is stream 1
+            assert read_exact(conn, len(PREFACE)) == PREFACE
+        else:
+            assert read_exact(conn, len(PREFACE)) == PREFACE
+            conn.sendall(frame(4, 0, 0))  # our SETTINGS
         while True:
             head = read_exact(conn, 9)
             length = int.from_bytes(head[:3], "big")
@@ -277,9 +295,7 @@ def serve(conn):
                     block = block[1:len(block) - payload[0]]
                 if flags & 0x20:  # PRIORITY
                     block = block[5:]
-                request = headers(block)
-                body = ("h2c says hello to " + request[":path"]).encode()
-                conn.sendall(frame(1, 4, stream, b"\x88") + frame(0, 1, stream, body))
+                answer(conn, stream, headers(block)[":path"])
             elif kind == 7:  # GOAWAY
                 return
 

@@ -515,9 +515,8 @@ def test_tcp_proxy_info_in_listing(gw: Gateway, box: Sandbox) -> None:
 
 
 def test_h2c_upgrade_request_is_answered_in_http11(gw: Gateway, box: Sandbox) -> None:
-    """An h2c *upgrade* client (``Upgrade: h2c``) gets the sandbox's HTTP/1.1 answer, which
-    RFC 9113 allows (the server may ignore the upgrade). Prior-knowledge h2c goes through the
-    TCP proxy (raw bytes); the HTTP gateway does not speak HTTP/2."""
+    """An h2c upgrade request reaches the sandbox's server as it is; one that does not speak
+    HTTP/2 answers in HTTP/1.1, which RFC 7540 allows."""
     with socket.create_connection(("127.0.0.1", gw.port), timeout=20) as s:
         s.sendall(
             f"GET /sandboxes/{box.id}/ports/8000/h2c HTTP/1.1\r\nHost: x\r\n"
@@ -644,3 +643,49 @@ def test_websocket_relay_under_any_asgi_server(local_server: RunningServer, box:
     finally:
         srv.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_h2_frames(s: socket.socket, buf: bytes = b"") -> list[tuple[int, int, int, bytes]]:
+    """Frames until a DATA frame ends a stream."""
+    frames: list[tuple[int, int, int, bytes]] = []
+    while not any(k == 0 and f & 1 for k, f, _, _ in frames):
+        while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+            n = int.from_bytes(buf[:3], "big")
+            frames.append((buf[3], buf[4], int.from_bytes(buf[5:9], "big"), buf[9 : 9 + n]))
+            buf = buf[9 + n :]
+        if any(k == 0 and f & 1 for k, f, _, _ in frames):
+            break
+        chunk = s.recv(65536)
+        assert chunk, frames
+        buf += chunk
+    return frames
+
+
+@pytest.mark.parametrize("form", ["path", "host"])
+def test_h2c_upgrade_passes_through(gw: Gateway, form: str) -> None:
+    """``Upgrade: h2c`` to an exposed port: the sandbox's h2c server answers 101 itself and the
+    HTTP/2 connection that follows goes through as bytes (the first request is stream 1)."""
+    with gw.create(exposed_port_protocol="http2", idle_timeout=0) as sb:
+        start_servers(sb, {8443: "h2c"})
+        sb.expose_port(8443)
+        if form == "path":
+            target, host = f"/sandboxes/{sb.id}/ports/8443/upgraded", "x"
+        else:
+            target, host = "/upgraded", f"8443-{sb.id}.{DOMAIN}"
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=20) as s:
+            s.sendall(
+                f"GET {target} HTTP/1.1\r\nHost: {host}\r\n"
+                "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n".encode()
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = s.recv(65536)
+                assert chunk, head
+                head += chunk
+            head, _, rest = head.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101"), head
+            s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(4, 0, 0))
+            frames = _read_h2_frames(s, rest)
+        assert (1, 4, 1, b"\x88") in frames  # :status 200 on stream 1
+        assert (0, 1, 1, b"h2c says hello to /upgraded") in frames

@@ -15,7 +15,7 @@ import uvicorn
 from sandlot.engines.base import Engine
 from sandlot.server.app import ServerConfig, create_app, unix_public_url
 from sandlot.server.run import bind_unix_socket
-from sandlot.server.wsraw import PortsWebSocketProtocol
+from sandlot.server.wsraw import PortsWebSocketProtocol, ports_http_protocol
 
 
 @dataclass
@@ -90,6 +90,7 @@ def start_server(
             timeout_graceful_shutdown=2,
             # as `sandlot server` runs it; without: the ASGI relay any ASGI server gets
             ws=PortsWebSocketProtocol if raw_websockets else "auto",
+            http=ports_http_protocol() if raw_websockets else "auto",
         )
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

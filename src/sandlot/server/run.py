@@ -18,7 +18,7 @@ from sandlot.paths import default_server_socket, state_dir
 from sandlot.server.app import ServerConfig, create_app, unix_public_url
 from sandlot.server.db import default_database_url
 from sandlot.server.pool import PoolKey
-from sandlot.server.wsraw import PortsWebSocketProtocol
+from sandlot.server.wsraw import PortsWebSocketProtocol, ports_http_protocol
 
 DEFAULT_REGION = "local"
 
@@ -147,7 +147,9 @@ def serve(
     app = create_app(config)
     uv_config = uvicorn.Config(
         app,
-        ws=PortsWebSocketProtocol,  # WebSockets to exposed ports: bytes both ways
+        # WebSockets and h2c upgrades to exposed ports: bytes both ways (wsraw.py)
+        ws=PortsWebSocketProtocol,
+        http=ports_http_protocol(),
         log_level=log_level,
         access_log=False,
         lifespan="on",

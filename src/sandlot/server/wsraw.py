@@ -1,5 +1,5 @@
-"""WebSockets to exposed ports passed through as bytes: uvicorn's ``ws`` protocol class for
-``sandlot server``.
+"""WebSockets (and h2c upgrades) to exposed ports passed through as bytes: uvicorn's ``ws``
+and ``http`` protocol classes for ``sandlot server``.
 
 ASGI hands a WebSocket to the app message by message, which is what :mod:`.ports` relays when
 the server in front is any ASGI server. Served by sandlot's own runner, uvicorn is given this
@@ -253,3 +253,29 @@ def _scope(head: bytes, transport: asyncio.Transport) -> dict[str, Any] | None:
         "client": peer[:2] if isinstance(peer, tuple) else None,
         "subprotocols": [],
     }
+
+
+def ports_http_protocol() -> Any:
+    """uvicorn's HTTP protocol class, extended: an ``Upgrade: h2c`` request aimed at an exposed
+    port is handed to :class:`PortsWebSocketProtocol` (which passes it, and everything after,
+    through as bytes) instead of being answered in HTTP/1.1. Other requests are unchanged."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class PortsHttpToolsProtocol(HttpToolsProtocol):
+        def _should_upgrade(self) -> bool:
+            if self._get_upgrade() == b"h2c" and self._h2c_to_a_port():
+                return True
+            return super()._should_upgrade()
+
+        def _h2c_to_a_port(self) -> bool:
+            ws_class = self.ws_protocol_class
+            if not (isinstance(ws_class, type) and issubclass(ws_class, PortsWebSocketProtocol)):
+                return False
+            ports = _ports_of(self.config)
+            if ports is None:
+                return False
+            raw_path = self.url.split(b"?", 1)[0]
+            scope = {"path": unquote(raw_path.decode("latin-1")), "headers": self.headers}
+            return ports.match(scope) is not None
+
+    return PortsHttpToolsProtocol

@@ -44,6 +44,7 @@ from sandlot.engines.base import (
     SandboxState,
 )
 from sandlot.engines.local import cgroups, idmap, mounts, network
+from sandlot.engines.local.disks import DiskStock
 from sandlot.engines.local.oci_runtime import OciRuntime
 from sandlot.engines.local.oci_spec import SandboxConfig, build_config
 from sandlot.images.store import Image, ImageStore
@@ -124,6 +125,7 @@ class LocalEngine:
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         self.sandboxes_dir.chmod(0o711)
         self._socket_root = _short_link(self.sandboxes_dir)
+        self.disks = DiskStock(state_dir / "disks")
         self.images = images or ImageStore(images_dir(state_dir))
         self.layout = cgroups.detect_layout()
         self.runtime = OciRuntime.detect(state_dir / "oci", self.layout, oci_runtime)
@@ -254,8 +256,9 @@ class LocalEngine:
         for d in (run, etc):
             os.chown(d, base, base)
         # The writable layer lives in its own filesystem image: that is the disk quota.
-        mounts.mount_disk_image(directory / "disk.img", layer,
-                                size_mb=spec.instance_type.disk_mb, owner=base)
+        self.disks.take(spec.instance_type.disk_mb, directory / "disk.img")
+        mounts.mount_existing_disk_image(directory / "disk.img", layer)
+        os.chown(layer, base, base)
         upper, work = layer / "upper", layer / "work"
         for d in (upper, work):
             d.mkdir()

@@ -26,26 +26,6 @@ def mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> None:
         raise MountError(f"cannot mount the sandbox overlay on {target}: {os.strerror(err)}")
 
 
-def mount_disk_image(image: Path, target: Path, *, size_mb: int, owner: int) -> None:
-    """Create a sparse ext4 image of ``size_mb`` and loop-mount it at ``target``.
-
-    Why a filesystem image: it is the one quota mechanism that works on every host filesystem
-    without changing how the host mounts it (project quotas would need ``prjquota``), and it
-    costs ~25 ms. Lazy inode-table and journal init keep mkfs from writing the whole image.
-    """
-    with open(image, "wb") as f:
-        f.truncate(size_mb * 1024 * 1024)
-    mkfs = subprocess.run(
-        ["mkfs.ext4", "-q", "-F", "-m", "0", "-E",
-         f"lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner={owner}:{owner}",
-         str(image)],
-        capture_output=True, text=True,
-    )
-    if mkfs.returncode != 0:
-        raise MountError(f"cannot create the sandbox's disk ({image}): {mkfs.stderr.strip()}")
-    mount_existing_disk_image(image, target)
-
-
 def mount_existing_disk_image(image: Path, target: Path) -> None:
     # mount(8) sets up the loop device with autoclear: it goes away with the last unmount.
     mounted = subprocess.run(

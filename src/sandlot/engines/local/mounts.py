@@ -26,14 +26,67 @@ def mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> None:
         raise MountError(f"cannot mount the sandbox overlay on {target}: {os.strerror(err)}")
 
 
+class _LoopInfo64(ctypes.Structure):
+    _fields_ = [
+        ("lo_device", ctypes.c_uint64), ("lo_inode", ctypes.c_uint64),
+        ("lo_rdevice", ctypes.c_uint64), ("lo_offset", ctypes.c_uint64),
+        ("lo_sizelimit", ctypes.c_uint64), ("lo_number", ctypes.c_uint32),
+        ("lo_encrypt_type", ctypes.c_uint32), ("lo_encrypt_key_size", ctypes.c_uint32),
+        ("lo_flags", ctypes.c_uint32), ("lo_file_name", ctypes.c_uint8 * 64),
+        ("lo_crypt_name", ctypes.c_uint8 * 64), ("lo_encrypt_key", ctypes.c_uint8 * 32),
+        ("lo_init", ctypes.c_uint64 * 2),
+    ]
+
+
+class _LoopConfig(ctypes.Structure):
+    _fields_ = [
+        ("fd", ctypes.c_uint32), ("block_size", ctypes.c_uint32),
+        ("info", _LoopInfo64), ("reserved", ctypes.c_uint64 * 8),
+    ]
+
+
+_LOOP_CTL_GET_FREE = 0x4C82
+_LOOP_CONFIGURE = 0x4C0A
+_LO_FLAGS_AUTOCLEAR = 4
+_MS_NOSUID = 2
+_MS_NODEV = 4
+_EBUSY = 16
+
+
 def mount_existing_disk_image(image: Path, target: Path) -> None:
-    # mount(8) sets up the loop device with autoclear: it goes away with the last unmount.
-    mounted = subprocess.run(
-        ["mount", "-t", "ext4", "-o", "loop,nodev,nosuid", str(image), str(target)],
-        capture_output=True, text=True,
-    )
-    if mounted.returncode != 0:
-        raise MountError(f"cannot mount the sandbox's disk: {mounted.stderr.strip()}")
+    """Attach ``image`` to a free loop device (autoclear: it goes with the last unmount) and
+    mount its ext4 at ``target``. Done with ioctls and mount(2) directly: mount(8) and
+    losetup(8) as processes cost ~9 ms of every create."""
+    backing = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for _attempt in range(8):
+            control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                number = _libc.ioctl(control, _LOOP_CTL_GET_FREE)
+            finally:
+                os.close(control)
+            if number < 0:
+                raise MountError(f"no free loop device: {os.strerror(ctypes.get_errno())}")
+            device = f"/dev/loop{number}"
+            loop = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                config = _LoopConfig(fd=backing)
+                config.info.lo_flags = _LO_FLAGS_AUTOCLEAR
+                if _libc.ioctl(loop, _LOOP_CONFIGURE, ctypes.byref(config)) != 0:
+                    err = ctypes.get_errno()
+                    if err == _EBUSY:
+                        continue  # another process took this device between our two calls
+                    raise MountError(f"cannot attach {image} to {device}: {os.strerror(err)}")
+                if _libc.mount(device.encode(), str(target).encode(), b"ext4",
+                               _MS_NOSUID | _MS_NODEV, None) != 0:
+                    err = ctypes.get_errno()
+                    raise MountError(f"cannot mount the sandbox's disk: {os.strerror(err)}")
+                return
+            finally:
+                os.close(loop)  # the mount (or, on failure, autoclear) keeps what it needs
+        raise MountError("no free loop device after several attempts")
+    finally:
+        os.close(backing)
 
 
 def unmount(target: Path) -> None:

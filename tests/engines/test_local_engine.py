@@ -85,6 +85,17 @@ async def test_instance_type_limits(
     assert (await sb.sh("ulimit -n")).strip() == str(it.open_files)
 
 
+@pytest.mark.parametrize("instance_type", list(INSTANCE_TYPES))
+async def test_every_instance_type_starts(make_sandbox: Factory, engine: LocalEngine,
+                                          instance_type: str) -> None:
+    sb = await make_sandbox(image="busybox", instance_type=instance_type)
+    it = INSTANCE_TYPES[instance_type]
+    assert int(await sb.sh(f"cat {_limit_file(engine.layout, 'memory')}")) == it.memory_bytes
+    nofile = int(await sb.sh("ulimit -n"))
+    # the instance type's limit, or the host's ceiling when it cannot grant more
+    assert nofile == min(it.open_files, engine._max_open_files or it.open_files)
+
+
 async def test_fork_bomb_is_contained(make_sandbox: Factory) -> None:
     sb = await make_sandbox(image="busybox", instance_type="nano")
     out = await sb.run("i=0; while [ $i -lt 2000 ]; do sleep 30 & i=$((i+1)); done; "

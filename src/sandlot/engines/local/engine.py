@@ -103,6 +103,24 @@ def _short_link(target: Path) -> Path:
     return link
 
 
+def _grantable_open_files() -> int | None:
+    """RLIMIT_NOFILE above our own hard limit needs CAP_SYS_RESOURCE (some hosts, containers
+    among them, withhold it from root): then that hard limit is the most a sandbox can get."""
+    import resource
+
+    try:
+        cap_eff = next(int(line.split()[1], 16) for line in
+                       Path("/proc/self/status").read_text().splitlines()
+                       if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        cap_eff = 0
+    cap_sys_resource = 24
+    if cap_eff & (1 << cap_sys_resource):
+        return None
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return None if hard == resource.RLIM_INFINITY else hard
+
+
 class LocalEngine:
     """Runs sandboxes with crun (or runc) on this host. Needs root."""
 
@@ -133,6 +151,7 @@ class LocalEngine:
         self._locks: dict[str, asyncio.Lock] = {}
         self._slot_lock = asyncio.Lock()
         self._deleting: set[str] = set()
+        self._max_open_files = _grantable_open_files()
         self._memsw = self.layout is cgroups.CgroupLayout.V2 or Path(
             "/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists()
 
@@ -311,6 +330,7 @@ class LocalEngine:
             layout=self.layout,
             privileged=spec.privileged,
             memory_swap_supported=self._memsw,
+            max_open_files=self._max_open_files,
         ))
         config["mounts"] += [
             {"destination": f"/etc/{name}", "type": "bind", "source": str(etc / name),

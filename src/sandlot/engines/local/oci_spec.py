@@ -60,6 +60,9 @@ class SandboxConfig:
     layout: CgroupLayout
     privileged: bool = False
     memory_swap_supported: bool = True
+    #: The most open files the host lets us grant (our own hard limit, unless we hold
+    #: CAP_SYS_RESOURCE): an instance type's open-files limit is capped to it.
+    max_open_files: int | None = None
 
 
 def _mount(dest: str, typ: str, source: str, options: list[str]) -> dict[str, Any]:
@@ -71,6 +74,8 @@ def build_config(cfg: SandboxConfig) -> dict[str, Any]:
     if cfg.privileged:
         caps += [c for c in PRIVILEGED_EXTRA_CAPABILITIES if c not in caps]
     it = cfg.instance_type
+    nofile = it.open_files if cfg.max_open_files is None else min(it.open_files,
+                                                                  cfg.max_open_files)
     memory: dict[str, Any] = {"limit": it.memory_bytes}
     if cfg.memory_swap_supported:
         memory["swap"] = it.memory_bytes  # memory+swap == memory: no swap
@@ -115,7 +120,7 @@ def build_config(cfg: SandboxConfig) -> dict[str, Any]:
             "env": [f"{k}={v}" for k, v in cfg.env.items()],
             "cwd": cfg.cwd,
             "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": it.open_files, "soft": it.open_files}],
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
             "noNewPrivileges": True,
         },
         "root": {"path": "rootfs", "readonly": False},

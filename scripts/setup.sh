@@ -15,8 +15,10 @@ fi
 #   patchelf                 makes the runtime relocatable               busybox-static  tiny test image
 #   uidmap/util-linux        user namespaces        umoci                 OCI image layouts
 #   passt, slirp4netns       outbound networking    postgresql            server store tests
+#   nftables                 egress policies        iproute2              network tests (peer hosts)
 PACKAGES=(crun runc mmdebstrap python3.11-minimal libpython3.11-stdlib tini patchelf
-          busybox-static umoci uidmap passt slirp4netns postgresql python3-venv)
+          busybox-static umoci uidmap passt slirp4netns postgresql python3-venv
+          nftables iproute2 e2fsprogs util-linux)
 PACKAGES+=(podman docker.io)  # python -m bench compares sandlot with them (daemon started by the bench)
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from support.server import RunningServer
 
 from sandlot import Sandbox, SandboxNotFoundError, SandboxRequestError
 
@@ -118,3 +119,22 @@ def test_a_wrong_secret_does_not_wake_a_sleeping_sandbox() -> None:
             intruder.exec("true")
         assert denied.value.status_code == 401
         assert _status(sb)[0] == "sleeping"
+
+
+def test_a_failed_wake_is_a_clear_error_not_a_hang(local_server: RunningServer) -> None:
+    """Fault injection standing in for a wake that cannot succeed (e.g. no memory left on the
+    host): the sandbox's bundle is made unusable while it is in deep sleep."""
+    from sandlot import SandboxServiceError
+
+    with Sandbox.create(image="busybox", idle_timeout=1) as sb:
+        _wait_for(lambda: _status(sb) == ("sleeping", "deep"))
+        bundle = local_server.engine.sandboxes_dir / sb.id / "bundle" / "config.json"
+        bundle.write_text("{ not json")
+        t0 = time.monotonic()
+        with pytest.raises(SandboxServiceError) as failed:
+            sb.exec("true", timeout=30)
+        assert time.monotonic() - t0 < 20
+        assert "could not wake" in str(failed.value)
+        info = Sandbox.get_from_id(sb.id).info
+        assert info["status"] == "error" and "waking from deep sleep failed" in info["error"]
+        assert "error" in _events(sb)

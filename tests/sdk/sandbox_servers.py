@@ -4,6 +4,7 @@ so no pip). Each is written into the sandbox as a file and started with ``launch
 from __future__ import annotations
 
 #: HTTP/1.1 (keep-alive) on the port given: ``/sse`` streams 4 events 0.4 s apart (chunked),
+#: ``/big?mb=N`` streams N MiB (chunked; a client that leaves is noted in /tmp/big-aborted),
 #: ``/broken`` promises 1 MB and closes after 1000 bytes, ``POST`` counts and hashes the body
 #: (Content-Length or chunked), anything else echoes the path and headers as JSON.
 HTTP_APP = r"""
@@ -38,6 +39,19 @@ class H(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 time.sleep(0.4)
             self.wfile.write(b"0\r\n\r\n")
+            return
+        if self.path.startswith("/big"):  # /big?mb=N: N MiB, chunked, as fast as it goes
+            mb = int(self.path.split("mb=")[1])
+            self.send_response(200)
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            block = b"\0" * (1 << 20)
+            try:
+                for _ in range(mb):
+                    self.wfile.write(b"100000\r\n" + block + b"\r\n")
+                self.wfile.write(b"0\r\n\r\n")
+            except OSError:  # the client left: say so where the test can look
+                open("/tmp/big-aborted", "w").close()
             return
         if self.path.startswith("/broken"):
             self.send_response(200)

@@ -295,6 +295,30 @@ def test_large_upload_is_streamed(gw: Gateway, box: Sandbox, chunked: bool) -> N
     assert grew < 64 * 1024 * 1024, f"memory grew by {grew / 1e6:.0f} MB"
 
 
+def test_slow_reader_gets_backpressure(gw: Gateway, box: Sandbox) -> None:
+    """A client that stops reading a large streamed response: the gateway stops reading the
+    sandbox (memory stays flat); when the client leaves, the sandbox's server sees it."""
+    box.exec("rm -f /tmp/big-aborted")
+    with socket.create_connection(("127.0.0.1", gw.port)) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.sendall(
+            f"GET /sandboxes/{box.id}/ports/8000/big?mb=1000 HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        got = 0
+        while got < 4 << 20:
+            got += len(s.recv(1 << 20))
+        watch = _PeakRss()
+        time.sleep(2.0)  # not reading: 1000 MB would pile up somewhere without backpressure
+        grew = watch.stop()
+        for _ in range(20):  # it still flows
+            got += len(s.recv(1 << 20))
+    assert grew < 32 * 1024 * 1024, f"the server buffered {grew / 1e6:.0f} MB"
+    deadline = time.monotonic() + 10
+    while not box.filesystem.exists("/tmp/big-aborted"):
+        assert time.monotonic() < deadline, "the sandbox's server never saw the client leave"
+        time.sleep(0.2)
+
+
 def test_slowloris_does_not_block_others(gw: Gateway, box: Sandbox) -> None:
     """Clients trickling their request heads (and one a body) byte by byte, while others get
     answers at the usual speed."""

@@ -20,6 +20,11 @@ def test_openapi_lists_every_route(server: RunningServer) -> None:
         for method in route.methods or ():
             served.add((path, method))
 
+    # exposed ports are answered before routing (path form; the host form is not a path)
+    from sandlot.server.ports import PORTS_METHODS, PORTS_PATH
+
+    served |= {(PORTS_PATH, m) for m in PORTS_METHODS}
+
     # Starlette answers HEAD wherever it answers GET; the document need not repeat it.
     def without_implicit_head(pairs: set[tuple[str, str]]) -> set[tuple[str, str]]:
         return {(p, m) for p, m in pairs if m != "HEAD" or (p, "GET") not in pairs}

@@ -30,7 +30,14 @@ from sandlot.server.control import ApiError, Control
 from sandlot.server.db import DEFAULT_PROJECT, ApiToken, SandboxRow, Store
 from sandlot.server.gateway import Gateway
 from sandlot.server.pool import PoolKey
-from sandlot.server.ports import ExposedPortOut, ExposePort, Ports, PortsOut, UnexposedOut
+from sandlot.server.ports import (
+    ExposedPortOut,
+    ExposePort,
+    Ports,
+    PortsOut,
+    UnexposedOut,
+    ports_openapi_paths,
+)
 from sandlot.server.schemas import (
     CreateSandbox,
     CreateToken,
@@ -503,6 +510,7 @@ def openapi_document(routes: list[ApiRoute]) -> dict[str, Any]:
                 "502": {"description": "agent not reachable", **error},
             },
         }
+    paths.update(ports_openapi_paths(error))
     return {
         "openapi": "3.1.0",
         "info": {"title": "sandlot", "version": sandlot.__version__},

@@ -990,3 +990,32 @@ async def _chunked(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     async for chunk in body:
         yield b"%x\r\n" % len(chunk) + chunk + b"\r\n"
     yield b"0\r\n\r\n"
+
+
+#: The path form, as the OpenAPI document names it (the host form is routed by ``Host``).
+PORTS_PATH = "/sandboxes/{sandbox_id}/ports/{port}/{path}"
+PORTS_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+def ports_openapi_paths(error: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The exposed ports' gateway in the server's OpenAPI document."""
+    params = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": kind}}
+        for name, kind in (("sandbox_id", "string"), ("port", "integer"), ("path", "string"))
+    ]
+    ops: dict[str, Any] = {}
+    for method in PORTS_METHODS:
+        ops[method.lower()] = {
+            "summary": "An exposed port of the sandbox, proxied (also served at "
+            "{port}-{sandbox_id}.{domain} with --domain; WebSocket and h2c upgrades pass "
+            "through); public unless the sandbox has protect_ports",
+            "operationId": f"port_{method.lower()}",
+            "parameters": params,
+            "responses": {
+                "200": {"description": "the sandbox server's answer"},
+                "401": {"description": "protected port: token missing or wrong", **error},
+                "404": {"description": "no such sandbox, or the port is not exposed", **error},
+                "502": {"description": "nothing listens on the port", **error},
+            },
+        }
+    return {PORTS_PATH: ops}

@@ -618,17 +618,29 @@ class Ports:
         target = fwd.target_path(scope)
         if fwd.query:
             target += "?" + fwd.query
-        async with anyio.create_task_group() as tg:
+        # The client leaving cancels the exchange, which closes the tunnel: that is how the
+        # sandbox's server learns it (an idle stream would otherwise hold it forever). A bare
+        # asyncio task rather than an anyio task group: ~60 us less per request.
+        exchange = asyncio.current_task()
+        assert exchange is not None
+        client_gone = False
 
-            async def watch_disconnect() -> None:
-                await body_done.wait()
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                tg.cancel_scope.cancel()  # closing the tunnel tells the sandbox's server
+        async def watch_disconnect() -> None:
+            nonlocal client_gone
+            await body_done.wait()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            client_gone = True
+            exchange.cancel()
 
-            tg.start_soon(watch_disconnect)
+        watcher = asyncio.ensure_future(watch_disconnect())
+        try:
             await self._exchange(pool, fwd, scope["method"], target, headers, content, send)
-            tg.cancel_scope.cancel()
+        except asyncio.CancelledError:
+            if not client_gone or exchange.uncancel() > 0:  # not (only) ours: pass it on
+                raise
+        finally:
+            watcher.cancel()
 
     async def _exchange(
         self,

@@ -713,3 +713,18 @@ def test_h2c_upgrade_passes_through(gw: Gateway, form: str) -> None:
             frames = _read_h2_frames(s, rest)
         assert (1, 4, 1, b"\x88") in frames  # :status 200 on stream 1
         assert (0, 1, 1, b"h2c says hello to /upgraded") in frames
+
+
+def test_path_form_on_the_unix_socket_server(api_url: str, local_server: RunningServer) -> None:
+    """The default local server (a Unix socket): exposed_at is an http+unix URL whose path
+    works over that socket."""
+    with Sandbox.create(idle_timeout=0) as sb:
+        start_servers(sb, {8000: "app"})
+        exposed = sb.expose_port(8000)
+        assert exposed["exposed_at"].startswith("http+unix://")
+        assert exposed["host_url"] is None  # no --domain
+        path = exposed["exposed_at"].split("/sandboxes/", 1)[1]
+        transport = httpx.HTTPTransport(uds=local_server.unix_path)
+        with httpx.Client(transport=transport, base_url="http://sandlot") as c:
+            r = c.get(f"/sandboxes/{path}echo")
+        assert r.status_code == 200 and r.json()["path"] == "/echo"

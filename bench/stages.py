@@ -32,8 +32,8 @@ CREATE_STAGES = [
     ("images.resolve", "image lookup"),
     ("agent_runtime", "agent runtime lookup"),
     ("_allocate_slot", "uid-range slot (scans every sandbox's meta.json)"),
-    ("mounts.mount_disk_image", "disk quota: truncate + mkfs.ext4 (includes the loop mount below)"),
-    ("mounts.mount_existing_disk_image", "disk quota: mount -o loop"),
+    ("disks.take", "disk quota: a pre-formatted ext4 image from the stock (mkfs if empty)"),
+    ("mounts.mount_existing_disk_image", "disk quota: loop device + mount(2)"),
     ("idmap.userns_fd", "user namespace fd for the id-mapping"),
     ("idmap.mount_idmapped", "id-mapped read-only image mount"),
     ("mounts.mount_overlay", "overlay mount"),
@@ -119,7 +119,7 @@ def engine_stages(n: int, image: str = "default") -> dict[str, Any]:
         wrap(eng, "agent_runtime", "agent_runtime")
         wrap(eng, "_allocate_slot", "_allocate_slot")
         wrap(eng, "_prepare", "_prepare")
-        wrap(mounts, "mount_disk_image", "mounts.mount_disk_image")
+        wrap(eng.disks, "take", "disks.take")
         wrap(mounts, "mount_existing_disk_image", "mounts.mount_existing_disk_image")
         wrap(mounts, "mount_overlay", "mounts.mount_overlay")
         wrap(idmap, "userns_fd", "idmap.userns_fd")

@@ -11,9 +11,8 @@ from pathlib import Path
 
 #: Inside every sandbox: the read-only runtime that runs the agent (Python closure + agent code).
 SANDBOX_RUNTIME_DIR = "/.sandlot/runtime"
-#: Inside every sandbox: the directory shared with the host that holds the agent's socket.
+#: Inside every sandbox: a directory shared with the host (the pool-mode secret is kept there).
 SANDBOX_RUN_DIR = "/.sandlot/run"
-SANDBOX_AGENT_SOCKET = f"{SANDBOX_RUN_DIR}/agent.sock"
 SANDBOX_SECRET_FILE = f"{SANDBOX_RUN_DIR}/secret"
 
 

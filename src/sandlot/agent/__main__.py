@@ -1,4 +1,4 @@
-"""``python -m sandlot.agent --listen unix:PATH | tcp:HOST:PORT``.
+"""``python -m sandlot.agent --listen unix:PATH | tcp:HOST:PORT | fd:N``.
 
 Argument parsing is done by hand: :mod:`argparse` costs milliseconds of start-up that every
 sandbox would pay.
@@ -11,7 +11,9 @@ import signal
 import sys
 from types import FrameType
 
-USAGE = """usage: python -m sandlot.agent --listen unix:PATH | tcp:HOST:PORT
+USAGE = """usage: python -m sandlot.agent --listen unix:PATH | tcp:HOST:PORT | fd:N
+
+  fd:N   an inherited socket, already bound and listening (the engine's way)
 
 Environment:
   SANDBOX_SECRET         bearer secret clients must present

@@ -549,6 +549,16 @@ class Listener:
             if not self.unix_path:
                 raise ValueError("empty Unix socket path")
             self.sock = _bind_unix(self.unix_path)
+        elif spec.startswith("fd:"):
+            # An already bound and listening socket handed over by whoever started us (the
+            # engine keeps the socket file where the sandbox cannot reach it).
+            if not spec[3:].isdigit():
+                raise ValueError(f"bad listen address {spec!r}; expected fd:N")
+            fd = int(spec[3:])
+            self.sock = socket.socket(fileno=fd)
+            self.sock.set_inheritable(False)  # never into the commands the agent runs
+            if self.sock.type != socket.SOCK_STREAM:
+                raise ValueError(f"fd {fd} is not a stream socket")
         elif spec.startswith("tcp:"):
             host, _, port = spec[4:].rpartition(":")
             host = host.strip("[]")
@@ -559,7 +569,9 @@ class Listener:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.sock.bind((host, int(port)))
         else:
-            raise ValueError(f"bad listen address {spec!r}; expected unix:PATH or tcp:HOST:PORT")
+            raise ValueError(
+                f"bad listen address {spec!r}; expected unix:PATH, tcp:HOST:PORT or fd:N"
+            )
         self.sock.listen(256)
         self.closed = False
 

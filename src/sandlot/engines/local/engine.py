@@ -8,7 +8,8 @@ One sandbox on disk (``<state>/sandboxes/<id>/``)::
     layer/           ... mounted here, holding upper/ and work/ (the writable overlay layer)
     bundle/          OCI bundle: config.json and rootfs/ (the overlay mount)
     etc/             hostname, hosts, resolv.conf bind-mounted into the sandbox
-    run/             bind-mounted at /.sandlot/run: the agent's socket and secret
+    run/             bind-mounted at /.sandlot/run: the agent's secret
+    agent.sock       the agent's socket, made here and handed to it as fd 3 (out of its reach)
     agent.log        stdout/stderr of the sandbox's pid 1 (tini + agent)
     pasta.pid        the user-mode network process, for sandboxes with outbound access
 
@@ -26,6 +27,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,7 +50,7 @@ from sandlot.engines.local.disks import DiskStock
 from sandlot.engines.local.oci_runtime import OciRuntime
 from sandlot.engines.local.oci_spec import SandboxConfig, build_config
 from sandlot.images.store import Image, ImageStore
-from sandlot.paths import SANDBOX_AGENT_SOCKET, SANDBOX_SECRET_FILE, images_dir
+from sandlot.paths import SANDBOX_SECRET_FILE, images_dir
 from sandlot.runtime.closure import agent_command, build_runtime
 
 #: Variables owned by the platform; a user's ``env`` cannot override them.
@@ -171,7 +173,7 @@ class LocalEngine:
         return self._runtime_dir
 
     def _address(self, directory: Path) -> AgentAddress:
-        sock = self._socket_root / directory.name / "run" / "agent.sock"
+        sock = self._socket_root / directory.name / "agent.sock"
         return AgentAddress(unix_path=str(sock))
 
     @staticmethod
@@ -226,10 +228,7 @@ class LocalEngine:
                 await asyncio.to_thread(self._prepare, directory, spec, image, meta, runtime_dir)
                 if spec.id in self._deleting:
                     raise SandboxNotFound(f"sandbox {spec.id} was deleted while being created")
-                pid = await self.runtime.run_detached(
-                    spec.id, directory / "bundle", directory / "agent.log",
-                    directory / "init.pid",
-                )
+                pid = await self._run(directory)
                 await self._connect(directory, pid, meta)
                 meta["ready"] = True
                 self._write_meta(directory, meta)
@@ -318,7 +317,7 @@ class LocalEngine:
         cwd = image.workdir if _resolve_in_root(rootfs, image.workdir) else "/"
         config = build_config(SandboxConfig(
             hostname=hostname,
-            args=agent_command(f"unix:{SANDBOX_AGENT_SOCKET}"),
+            args=agent_command("fd:3"),
             env=env,
             cwd=cwd,
             instance_type=spec.instance_type,
@@ -374,6 +373,32 @@ class LocalEngine:
         finally:
             self._deleting.discard(sandbox_id)
             self._locks.pop(sandbox_id, None)
+
+    async def _run(self, directory: Path) -> int:
+        """Start the sandbox's init with its agent's listening socket handed over as fd 3.
+
+        Why the host makes the socket: its file then lives in the sandbox's host directory,
+        which the sandbox cannot reach. A socket the agent created in a directory shared with
+        the sandbox could be swapped for a symlink to any socket on the host, and the gateway
+        would connect to that instead.
+        """
+        path = Path(str(self._address(directory).unix_path))  # short: AF_UNIX paths are limited
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            old = os.umask(0o177)
+            try:
+                listener.bind(str(path))
+            finally:
+                os.umask(old)
+            listener.listen(256)
+            return await self.runtime.run_detached(
+                directory.name, directory / "bundle", directory / "agent.log",
+                directory / "init.pid", listener.fileno(),
+            )
+        finally:
+            listener.close()  # the sandbox's agent holds it now
 
     async def _connect(self, directory: Path, pid: int, meta: dict[str, Any]) -> None:
         """Outbound access per the sandbox's policy: the nftables egress table first, then the
@@ -432,11 +457,7 @@ class LocalEngine:
             if state is not None:
                 await self.runtime.delete(sandbox_id)
             await asyncio.to_thread(self._remount_if_needed, directory, meta)
-            with contextlib.suppress(FileNotFoundError):
-                (directory / "run" / "agent.sock").unlink()
-            pid = await self.runtime.run_detached(
-                sandbox_id, directory / "bundle", directory / "agent.log", directory / "init.pid"
-            )
+            pid = await self._run(directory)
             await self._connect(directory, pid, meta)
             return SandboxInfo(sandbox_id, SandboxState.RUNNING, self._address(directory), pid=pid)
 

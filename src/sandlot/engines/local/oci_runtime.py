@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -19,11 +20,29 @@ from typing import Any
 from sandlot.engines.base import EngineError, EngineUnavailableError
 from sandlot.engines.local.cgroups import CGROUP_ROOT, CgroupLayout
 
-_HYBRID_SHIM = f'umount {CGROUP_ROOT}/unified && exec "$0" "$@"'
+_HYBRID_UMOUNT = f"umount {CGROUP_ROOT}/unified && "
 
 
 class OciRuntimeError(EngineError):
     pass
+
+
+def _spawn_with_fd3(argv: list[str], fd3: int, log_fd: int) -> int:
+    """Run ``argv`` with ``fd3`` as its fd 3 and ``log_fd`` as stdout/stderr; wait for it.
+
+    posix_spawn's file actions place the fd without a shell (dash cannot redirect fds above
+    9) and without a preexec hook (which would rule out vfork). Every other fd the server holds
+    is close-on-exec (PEP 446), so nothing else reaches the sandbox.
+    """
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_DUP2, log_fd, 1),
+        (os.POSIX_SPAWN_DUP2, log_fd, 2),
+        (os.POSIX_SPAWN_DUP2, fd3, 3),
+    ]
+    pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
 
 
 async def spawn(
@@ -66,7 +85,7 @@ class OciRuntime:
         base = [self.binary, "--root", str(self.root), *args]
         if self.layout is CgroupLayout.HYBRID and self.name == "crun":
             return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-                    _HYBRID_SHIM, *base]
+                    _HYBRID_UMOUNT + 'exec "$0" "$@"', *base]
         return base
 
     async def _call(self, *args: str, check: bool = True) -> tuple[int, str, str]:
@@ -78,17 +97,15 @@ class OciRuntime:
         return result.returncode, out, err
 
     async def run_detached(
-        self, sandbox_id: str, bundle: Path, log_path: Path, pid_file: Path
+        self, sandbox_id: str, bundle: Path, log_path: Path, pid_file: Path, listener: int
     ) -> int:
-        """Start the sandbox and return the host pid of its init process."""
+        """Start the sandbox, handing it ``listener`` as fd 3; return its init's host pid."""
+        argv = self.argv("run", "--detach", "--preserve-fds", "1", "--pid-file", str(pid_file),
+                         "--bundle", str(bundle), sandbox_id)
         # The container's stdout/stderr go to a file: a pipe would keep crun waiting on it.
         with open(log_path, "ab") as log:
-            result = await spawn(
-                self.argv("run", "--detach", "--pid-file", str(pid_file), "--bundle",
-                          str(bundle), sandbox_id),
-                stdout=log, stderr=log,
-            )
-        if result.returncode != 0:
+            returncode = await asyncio.to_thread(_spawn_with_fd3, argv, listener, log.fileno())
+        if returncode != 0:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
             raise OciRuntimeError(f"{self.name} could not start the sandbox: " + " | ".join(tail))
         return int(pid_file.read_text().strip())

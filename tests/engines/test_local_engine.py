@@ -390,3 +390,19 @@ async def test_pool_sandbox_is_claimed_by_first_token(engine: LocalEngine) -> No
         await owner.aclose()
         await other.aclose()
         await engine.delete(spec.id)
+
+
+async def test_sandbox_cannot_redirect_its_agent_socket(make_sandbox: Factory,
+                                                        engine: LocalEngine) -> None:
+    """Regression: the agent socket used to live in a directory the sandbox can write, where
+    root inside could swap it for a symlink to a host socket that the gateway would use."""
+    sb = await make_sandbox(image="busybox")
+    directory = engine.sandboxes_dir / sb.id
+    sock = Path(sb.info.agent_address.unix_path or "").resolve()
+    assert sock.parent == directory.resolve()  # the host-only part of the sandbox's directory
+    for shared in ("run", "layer", "etc"):
+        assert not sock.is_relative_to((directory / shared).resolve())
+    # whatever the sandbox does in its shared directory changes nothing for the host
+    await sb.sh("ln -sf /run/sandlot-host.sock /.sandlot/run/agent.sock && ls /.sandlot/run")
+    assert await sb.sh("echo still-the-agent") == "still-the-agent\n"
+    assert (await sb.run("ls /.sandlot/agent.sock 2>&1"))["code"] != 0

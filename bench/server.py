@@ -70,7 +70,7 @@ class BenchServer:
         return f"unix:{self.socket_path}"
 
     def agent_socket(self, sandbox_id: str) -> str:
-        return str(self.state / "sandboxes" / sandbox_id / "run" / "agent.sock")
+        return str(self.state / "sandboxes" / sandbox_id / "agent.sock")
 
     def __enter__(self) -> BenchServer:
         # Short path: agent sockets live below it and Unix socket paths are limited to 107 bytes.

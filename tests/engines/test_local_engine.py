@@ -406,3 +406,22 @@ async def test_sandbox_cannot_redirect_its_agent_socket(make_sandbox: Factory,
     await sb.sh("ln -sf /run/sandlot-host.sock /.sandlot/run/agent.sock && ls /.sandlot/run")
     assert await sb.sh("echo still-the-agent") == "still-the-agent\n"
     assert (await sb.run("ls /.sandlot/agent.sock 2>&1"))["code"] != 0
+
+
+async def test_concurrent_creates(engine: LocalEngine) -> None:
+    """Regression: creates run in worker threads; nothing process-wide (like the umask) may be
+    changed by one while another starts its sandbox."""
+    from .conftest import SandboxHandle
+
+    specs = [_spec() for _ in range(8)]
+    infos = await asyncio.gather(*[engine.create(s) for s in specs])
+    try:
+        for info, spec in zip(infos, specs, strict=True):
+            handle = SandboxHandle(info, spec.secret)
+            await handle.wait_healthy()
+            assert await handle.sh("touch /root/x && echo ok") == "ok\n"
+            await handle.aclose()
+    finally:
+        await asyncio.gather(*[engine.delete(s.id) for s in specs])
+    for spec in specs:
+        _assert_nothing_left(engine, spec.id)

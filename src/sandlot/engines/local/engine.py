@@ -387,11 +387,10 @@ class LocalEngine:
             path.unlink()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            old = os.umask(0o177)
-            try:
-                listener.bind(str(path))
-            finally:
-                os.umask(old)
+            # No umask games (the umask is process-wide: other creates run in other threads);
+            # the sandbox's directory is 0700, so only root reaches the socket anyway.
+            listener.bind(str(path))
+            os.chmod(path, 0o600)
             listener.listen(256)
             return await self.runtime.run_detached(
                 directory.name, directory / "bundle", directory / "agent.log",

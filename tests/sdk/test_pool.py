@@ -63,6 +63,10 @@ def test_claim_from_pool_then_refill(pooled_server: RunningServer) -> None:
     try:
         assert sb.name == "claimed" and sb.labels == {"team": "a"}
         assert sb.exec("echo $OWNER").stdout == "alice\n"
+        deadline = time.monotonic() + 10  # the history is written just after the create
+        while not sb.events():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         assert "from the warm pool" in sb.events()[0]["detail"]
         assert claim_s < 5
         _wait_ready(srv, 2)  # refilled in the background

@@ -89,11 +89,10 @@ class WarmPools:
                 light_sleep=req.enable_light_sleep,
                 exposed_port_protocol=req.exposed_port_protocol,
                 created_at=now, last_activity_at=now,
+                **({"name": req.name} if req.name else {}),
             )
         if row is None:
             return None
-        if req.name:
-            await self.control.db(self.control.store.update_sandbox, row.id, name=req.name)
         try:
             await self._claim_agent(row, secret, dict(req.env or {}))
         except Exception as exc:
@@ -106,8 +105,12 @@ class WarmPools:
             self.control.store.update_sandbox, row.id, only_if_status="claiming",
             status="running",
         )
-        await self.control.event(row.id, "created",
-                                 f"{image} ({req.instance_type}) from the warm pool")
+        detail = f"{image} ({req.instance_type}) from the warm pool"
+        background = self.control.lifecycle._background
+        if background is not None:  # the history need not hold up the create
+            background.start_soon(self.control.event, row.id, "created", detail)
+        else:
+            await self.control.event(row.id, "created", detail)
         return final  # type: ignore[no-any-return]
 
     async def _claim_agent(self, row: SandboxRow, secret: str, env: dict[str, str]) -> None:

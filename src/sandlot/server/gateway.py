@@ -12,13 +12,13 @@ The client's ``Authorization: Bearer <sandbox secret>`` is passed through; the a
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
 import anyio
 
+from sandlot.server.asgi import ClientGone, request_body, send_json
 from sandlot.server.control import API_TOKEN_PREFIX, Control
 from sandlot.server.lifecycle import WakeError
 from sandlot.server.upstream import AgentPool, UpstreamError
@@ -45,21 +45,6 @@ _PUBLIC_AGENT_PATHS = frozenset({"health", "openapi.json"})
 _DROP_RESPONSE = {b"connection", b"keep-alive", b"transfer-encoding", b"trailer", b"upgrade"}
 
 
-async def _send_json(send: Any, status: int, body: dict[str, Any]) -> None:
-    data = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})
-
-
 class Gateway:
     def __init__(self, control: Control) -> None:
         self.control = control
@@ -68,7 +53,7 @@ class Gateway:
         sandbox_id: str = scope["path_params"]["sandbox_id"]
         pool = await self.control.agent_for(sandbox_id)
         if pool is None:
-            await _send_json(
+            await send_json(
                 send,
                 404,
                 {"error": f"sandbox {sandbox_id} not found", "code": "not_found"},
@@ -82,7 +67,7 @@ class Gateway:
             async with self.control.lifecycle.activity(sandbox_id):
                 await self._proxy(scope, receive, send, sandbox_id)
         except WakeError as exc:
-            await _send_json(send, 503, {"error": str(exc), "code": "wake_failed"})
+            await send_json(send, 503, {"error": str(exc), "code": "wake_failed"})
 
     async def _authorized(self, scope: Scope, send: Any, pool: AgentPool) -> bool:
         params = scope["path_params"]
@@ -114,7 +99,7 @@ class Gateway:
         # Looked up again: waking from deep sleep starts a new agent (and a new pool).
         pool = await self.control.agent_for(sandbox_id)
         if pool is None:
-            await _send_json(
+            await send_json(
                 send, 404, {"error": f"sandbox {sandbox_id} not found", "code": "not_found"}
             )
             return
@@ -136,12 +121,12 @@ class Gateway:
             headers = [(k, v) for k, v in headers if k != b"content-length"]
             body_done.set()
         elif has_length:
-            content = _body_stream(first, receive, body_done)
+            content = request_body(first, receive, body_done)
         else:
             # Chunked upload without a length: gather it, and send it with one.
             try:
-                content = b"".join([c async for c in _body_stream(first, receive, body_done)])
-            except _ClientGone:
+                content = b"".join([c async for c in request_body(first, receive, body_done)])
+            except ClientGone:
                 return
         query = scope.get("query_string", b"")
         target = quote("/" + params.get("path", ""), safe="/%:@!$&'()*+,;=-._~")
@@ -176,16 +161,16 @@ class Gateway:
     ) -> None:
         try:
             upstream = await pool.request(method, target, headers, content)
-        except _ClientGone:
+        except ClientGone:
             return
         except UpstreamError as exc:
             if await self.control.agent_for(sandbox_id, fresh=True) is None:
                 # Deleted meanwhile (perhaps by another replica; our cache was stale).
-                await _send_json(
+                await send_json(
                     send, 404, {"error": f"sandbox {sandbox_id} not found", "code": "not_found"}
                 )
                 return
-            await _send_json(
+            await send_json(
                 send,
                 502,
                 {
@@ -217,21 +202,3 @@ class Gateway:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             upstream.close()
-
-
-class _ClientGone(Exception):
-    """The client disconnected while sending its request body."""
-
-
-async def _body_stream(first: Message, receive: Any, done: anyio.Event) -> AsyncIterator[bytes]:
-    message = first
-    while True:
-        body = message.get("body", b"")
-        if body:
-            yield body
-        if not message.get("more_body", False):
-            done.set()
-            return
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone

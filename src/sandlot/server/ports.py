@@ -53,6 +53,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from sandlot.engines.base import AgentAddress
+from sandlot.server.asgi import ClientGone, request_body, send_json
 from sandlot.server.control import API_TOKEN_PREFIX, LIVE_STATUSES, ApiError, Control
 from sandlot.server.db import SandboxRow, utcnow
 from sandlot.server.lifecycle import WakeError
@@ -144,21 +145,6 @@ class UnexposedOut(BaseModel):
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-async def send_json(send: Send, status: int, body: dict[str, Any]) -> None:
-    data = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -611,10 +597,10 @@ class Ports:
             body_done.set()
         elif length is not None:
             headers.append((b"content-length", length))
-            content = _body(first, receive, body_done)
+            content = request_body(first, receive, body_done)
         else:  # a chunked upload stays chunked (streamed, never gathered)
             headers.append((b"transfer-encoding", b"chunked"))
-            content = _chunked(_body(first, receive, body_done))
+            content = _chunked(request_body(first, receive, body_done))
         target = fwd.target_path(scope)
         if fwd.query:
             target += "?" + fwd.query
@@ -654,7 +640,7 @@ class Ports:
     ) -> None:
         try:
             upstream: UpstreamResponse = await pool.request(method, target, headers, content)
-        except _ClientGone:
+        except ClientGone:
             return
         except UpstreamError as exc:
             await send_json(send, 502, fwd.bad_gateway(exc))
@@ -978,24 +964,6 @@ async def _refuse_websocket(
         await send({"type": "websocket.http.response.body", "body": data})
     else:
         await send({"type": "websocket.close", "code": 1011 if status >= 500 else 1008})
-
-
-class _ClientGone(Exception):
-    """The client disconnected while sending its request body."""
-
-
-async def _body(first: Message, receive: Receive, done: anyio.Event) -> AsyncIterator[bytes]:
-    message = first
-    while True:
-        body = message.get("body", b"")
-        if body:
-            yield body
-        if not message.get("more_body", False):
-            done.set()
-            return
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone
 
 
 async def _chunked(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

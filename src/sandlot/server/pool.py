@@ -157,13 +157,11 @@ class WarmPools:
         engine: Engine = self.control.engines[self.region]
         sandbox_id = secrets.token_hex(12)
         now = utcnow()
+        # Everything else keeps the column defaults until a claim sets the owner's values.
         row = SandboxRow(
             id=sandbox_id, project=POOL_PROJECT, name=f"pool-{sandbox_id[:8]}",
             status="pooling", image=key.image, instance_type=key.instance_type,
-            region=self.region, labels={}, env={}, secret="", privileged=False,
-            exposed_port_protocol="http", enable_tcp_proxy=False, registry_secret=None,
-            idle_timeout=0, delete_after_delay=None, delete_after_inactivity_delay=None,
-            light_sleep=False, error="", created_at=now, updated_at=now,
+            region=self.region, secret="", idle_timeout=0, created_at=now, updated_at=now,
         )
         await self.control.db(self.control.store.add_sandbox, row)
         spec = SandboxSpec(id=sandbox_id, image=key.image, secret="", pool=True,

@@ -326,7 +326,6 @@ class LocalEngine:
             runtime_dir=runtime_dir,
             run_dir=run,
             cgroup_name=spec.id,
-            layout=self.layout,
             privileged=spec.privileged,
             memory_swap_supported=self._memsw,
             max_open_files=self._max_open_files,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sandlot.engines.local.cgroups import CGROUP_PARENT, CgroupLayout
+from sandlot.engines.local.cgroups import CGROUP_PARENT
 from sandlot.engines.local.seccomp import seccomp_profile
 from sandlot.instance_types import InstanceType
 from sandlot.paths import SANDBOX_RUN_DIR, SANDBOX_RUNTIME_DIR
@@ -57,7 +57,6 @@ class SandboxConfig:
     runtime_dir: Path
     run_dir: Path
     cgroup_name: str
-    layout: CgroupLayout
     privileged: bool = False
     memory_swap_supported: bool = True
     #: The most open files the host lets us grant (our own hard limit, unless we hold

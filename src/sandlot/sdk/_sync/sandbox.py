@@ -198,9 +198,7 @@ class Sandbox:
         if block_network is not None:
             body["block_network"] = block_network
         if outbound_allowlist is not None:
-            if isinstance(outbound_allowlist, str):
-                raise SandboxRequestError("outbound_allowlist must be a list of CIDRs", 400)
-            body["outbound_allowlist"] = list(outbound_allowlist)
+            body["outbound_allowlist"] = _allowlist(outbound_allowlist)
         content = _json_body(**body)
         client = _open_client(conn)
         try:
@@ -452,17 +450,7 @@ class Sandbox:
             body["idle_timeout"] = idle_timeout
         if _experimental_enable_light_sleep is not _UNSET:
             body["enable_light_sleep"] = _experimental_enable_light_sleep
-        client = self._http()
-        data = _request(
-            client,
-            self._conn,
-            "PATCH",
-            f"/v1/sandboxes/{self.id}",
-            f"update sandbox {self.id}",
-            content=_json_body(**body),
-            headers={"content-type": "application/json"},
-        )
-        self._info.update(data)
+        self._patch(body, f"update sandbox {self.id}")
 
     def update_network(
         self, block_network: bool | None = None, outbound_allowlist: Sequence[str] | None = None
@@ -471,16 +459,18 @@ class Sandbox:
         ``False`` (full outbound), or an ``outbound_allowlist`` of addresses/CIDRs."""
         body: dict[str, Any] = {"block_network": block_network}
         if outbound_allowlist is not None:
-            if isinstance(outbound_allowlist, str):
-                raise SandboxRequestError("outbound_allowlist must be a list of CIDRs", 400)
-            body["outbound_allowlist"] = list(outbound_allowlist)
+            body["outbound_allowlist"] = _allowlist(outbound_allowlist)
+        self._patch(body, f"update network of sandbox {self.id}")
+
+    def _patch(self, body: dict[str, Any], what: str) -> None:
+        """PATCH the sandbox's settings and keep the server's answer as this handle's info."""
         client = self._http()
         data = _request(
             client,
             self._conn,
             "PATCH",
             f"/v1/sandboxes/{self.id}",
-            f"update network of sandbox {self.id}",
+            what,
             content=_json_body(**body),
             headers={"content-type": "application/json"},
         )
@@ -1010,6 +1000,13 @@ class Filesystem:
         local path first."""
         data = self.read_bytes(remote_path)
         sync_run_blocking(_write_local, os.fspath(local_path), data)
+
+
+def _allowlist(entries: Sequence[str]) -> list[str]:
+    # A lone string is a Sequence[str] too: "10.0.0.0/8" would become ten one-letter entries.
+    if isinstance(entries, str):
+        raise SandboxRequestError("outbound_allowlist must be a list of CIDRs", 400)
+    return list(entries)
 
 
 #: Request bodies go out in pieces of this size.

@@ -686,17 +686,24 @@ paths = {
         "get": {
             "summary": "Raw TCP tunnel to a port inside the sandbox (for the gateway)",
             "tags": ["sandlot"],
-            "description": "With `Connection: Upgrade` and `Upgrade: tcp`: the agent connects to 127.0.0.1:<port> inside the sandbox, answers 101, then relays bytes both ways (half-closes included).",
+            "description": "With `Connection: Upgrade` and `Upgrade: tcp`: the agent connects to 127.0.0.1:<port> inside the sandbox, answers 101, then relays bytes both ways (half-closes included). Over the Unix socket, with `Sandlot-Tunnel: fd`, it answers 200 instead, with the connected socket attached to the answer's head (SCM_RIGHTS), and relays nothing.",
             "parameters": [
                 {
                     "name": "port",
                     "in": "query",
                     "required": True,
                     "schema": {"type": "string", "pattern": "^[0-9]+$"},
-                }
+                },
+                {
+                    "name": "Sandlot-Tunnel",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "enum": ["fd"]},
+                },
             ],
             "responses": {
                 "101": {"description": "Relaying"},
+                "200": {"description": "The connected socket is attached (Unix socket only)"},
                 "400": ERR("Bad port"),
                 "426": ERR("Not an Upgrade: tcp request"),
                 "502": ERR("Nothing listens on that port"),

@@ -98,3 +98,46 @@ def test_many_tunnels_leave_no_fds(agent: Agent, echo_port: int) -> None:
 
     time.sleep(0.3)
     assert agent.fd_count() <= base + 1
+
+
+def test_fd_mode_hands_over_the_connected_socket(agent: Agent, echo_port: int) -> None:
+    """``Sandlot-Tunnel: fd`` over the Unix socket: a 200 carrying the agent's own connection to
+    the port (SCM_RIGHTS); the agent relays nothing and keeps no descriptor for it."""
+    s, _ = _tunnel(agent, echo_port)
+    s.close()
+    base = agent.fd_count()
+    s = agent.raw()
+    s.sendall(
+        f"GET /tunnel?port={echo_port} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer "
+        f"{agent.secret}\r\nConnection: Upgrade\r\nUpgrade: tcp\r\nSandlot-Tunnel: fd\r\n\r\n"
+        .encode()
+    )
+    head, fds, _, _ = socket.recv_fds(s, 4096, 4)
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Sandlot-Tunnel: fd" in head, head
+    assert head.endswith(b"\r\n\r\n") and len(fds) == 1
+    assert s.recv(10) == b""  # the agent is done with this connection
+    s.close()
+    with socket.socket(fileno=fds[0]) as conn:
+        assert conn.family == socket.AF_INET and conn.getpeername()[1] == echo_port
+        conn.sendall(b"direct")
+        conn.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := conn.recv(65536):
+            out += chunk
+    assert out == b"DIRECT|total=6"
+    import time
+
+    time.sleep(0.3)
+    assert agent.fd_count() <= base + 1
+
+
+def test_fd_mode_errors_are_plain_answers(agent: Agent) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()
+    s, head = _tunnel(
+        agent, dead_port, "Connection: Upgrade\r\nUpgrade: tcp\r\nSandlot-Tunnel: fd\r\n"
+    )
+    s.close()
+    assert head.startswith(b"HTTP/1.1 502 "), head

@@ -358,6 +358,19 @@ class Request:
     def send(self, data: bytes) -> None:
         self.conn.send(data)
 
+    def respond_with_fd(self, status: int, headers: dict[str, str], fd: int) -> None:
+        """A body-less answer whose head carries ``fd`` (SCM_RIGHTS, Unix sockets only); the
+        connection closes after it."""
+        self.responded = True
+        self.keep_alive = False
+        head = self._head(status, {**headers, "Content-Length": "0"})
+        try:
+            with self.conn._wlock:
+                sent = socket.send_fds(self.conn.sock, [head], [fd])
+                self.conn.sock.sendall(head[sent:])
+        except (OSError, ValueError) as exc:
+            raise ClientGone(str(exc)) from None
+
     def upgrade(self, headers: dict[str, str]) -> Connection:
         """Answer 101 and hand the raw connection to the caller (it owns it afterwards)."""
         self.responded = True

@@ -5,6 +5,12 @@
 sandbox, then relays raw bytes both ways (half-closes included) until both sides are done.
 This is how a gateway outside the sandbox reaches a port in a network namespace that has
 nothing but loopback: through the agent's own socket.
+
+Over a Unix socket the gateway asks for the connection itself (``Sandlot-Tunnel: fd``): the agent
+connects, answers ``200`` with the connected socket attached (SCM_RIGHTS) and is done. The
+gateway then talks to the port directly, as if it were inside the sandbox's network namespace:
+one hop less on every byte, and no agent threads, memory or pids spent per open connection --
+the sandbox's own limits stay the sandbox's. Over TCP (no fd passing) the agent relays.
 """
 
 from __future__ import annotations
@@ -38,6 +44,12 @@ def open_tunnel(req: Request) -> None:
     except OSError as exc:
         raise HTTPError(502, f"cannot connect to port {port}: {exc.strerror or exc}") from None
     target.settimeout(None)
+    if req.headers.get("sandlot-tunnel", "").strip().lower() == "fd" and (
+        req.conn.sock.family == socket.AF_UNIX
+    ):
+        with target:
+            req.respond_with_fd(200, {"Sandlot-Tunnel": "fd"}, target.fileno())
+        return
     conn = req.upgrade({"Connection": "Upgrade", "Upgrade": "tcp"})
     conn.sock.settimeout(None)
 

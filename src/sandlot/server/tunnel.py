@@ -9,6 +9,13 @@ ways (half-closes included) until both sides are done. Nothing listening → the
 The handshake is read with ``MSG_PEEK`` so that the socket is handed over positioned exactly after
 the ``101`` head: a server that speaks first (an SMTP banner, a database greeting) loses nothing,
 and the socket can go to any consumer (asyncio streams, the ``websockets`` client).
+
+Over the agent's Unix socket (the local engine) the request also says ``Sandlot-Tunnel: fd``, and
+the agent answers ``200`` with the socket it connected inside the sandbox attached (SCM_RIGHTS):
+the gateway then holds a TCP connection to the port itself and the agent relays nothing. An
+agent from before that answers ``101`` and relays, as above. The received descriptor comes from
+inside the sandbox, so it is checked to be what was asked for -- a connected TCP stream socket
+-- and nothing else is accepted (a regular file, a pipe, a listening or Unix socket is refused).
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
+import stat
 
 from sandlot.engines.base import AgentAddress
 from sandlot.server.upstream import UpstreamError
@@ -79,9 +88,16 @@ async def open_tunnel_socket(
             ).encode()
             if secret is not None:
                 request += b"Authorization: Bearer " + secret + b"\r\n"
+            if sock.family == socket.AF_UNIX:
+                request += b"Sandlot-Tunnel: fd\r\n"
             await loop.sock_sendall(sock, request + b"\r\n")
-            head = await _read_head(sock)
-            status, length = _parse_head(head)
+            head_length = await _peek_head(sock)
+            status, length, passes_fd = _parse_head(sock.recv(head_length, socket.MSG_PEEK))
+            if status == 200 and passes_fd:
+                target = _receive_socket(sock, head_length)
+                sock.close()
+                return target
+            sock.recv(head_length)  # exactly the head; what follows stays in the socket
             if status == 101:
                 return sock
             body = b""
@@ -102,7 +118,8 @@ async def open_tunnel_socket(
         raise
 
 
-async def _read_head(sock: socket.socket) -> bytes:
+async def _peek_head(sock: socket.socket) -> int:
+    """The length of the answer's head, once all of it has arrived (nothing is consumed)."""
     while True:
         await _wait_readable(sock)
         try:
@@ -115,23 +132,68 @@ async def _read_head(sock: socket.socket) -> bytes:
             raise TunnelError("the sandbox's agent closed the connection during the handshake")
         end = peeked.find(b"\r\n\r\n")
         if end >= 0:
-            return sock.recv(end + 4)  # exactly the head; what follows stays in the socket
+            return end + 4
         if len(peeked) >= MAX_HEAD:
             raise TunnelError("tunnel handshake: response head too large")
         await asyncio.sleep(0.001)  # a partial head: let the rest arrive
 
 
-def _parse_head(head: bytes) -> tuple[int, int]:
+def _parse_head(head: bytes) -> tuple[int, int, bool]:
+    """Status, Content-Length and whether the answer says it carries the socket."""
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ", 2)
     if len(parts) < 2 or not parts[1].isdigit():
         raise TunnelError(f"malformed tunnel answer from the agent: {lines[0]!r}")
     length = 0
+    passes_fd = False
     for line in lines[1:]:
         name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+        name = name.strip().lower()
+        if name == b"content-length" and value.strip().isdigit():
             length = int(value.strip())
-    return int(parts[1]), length
+        elif name == b"sandlot-tunnel":
+            passes_fd = value.strip().lower() == b"fd"
+    return int(parts[1]), length, passes_fd
+
+
+def _receive_socket(sock: socket.socket, head_length: int) -> socket.socket:
+    """Consume the answer's head and take the socket attached to it, after checking that it is
+    a connected TCP stream socket (the agent is inside the sandbox: trust nothing it sends)."""
+    try:
+        _, fds, flags, _ = socket.recv_fds(sock, head_length, 4)
+    except OSError as exc:
+        raise TunnelError(f"tunnel handshake failed: {exc.strerror or exc}") from exc
+    for extra in fds[1:]:
+        os.close(extra)
+    if not fds or flags & socket.MSG_CTRUNC:
+        if fds:
+            os.close(fds[0])
+        raise TunnelError("the sandbox's agent announced a socket but sent none")
+    fd = fds[0]
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise TunnelError("the sandbox's agent sent something that is not a socket")
+        target = socket.socket(fileno=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        if (
+            target.type != socket.SOCK_STREAM
+            or target.family not in (socket.AF_INET, socket.AF_INET6)
+            or target.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        ):
+            raise TunnelError("the sandbox's agent sent a socket that is not a TCP connection")
+        target.getpeername()  # ENOTCONN for a socket that is not connected
+        target.setblocking(False)
+        target.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:
+        target.close()
+        raise TunnelError(f"the sandbox's agent sent an unusable socket: {exc}") from exc
+    except BaseException:
+        target.close()
+        raise
+    return target
 
 
 def _error_text(body: bytes, status: int) -> str:

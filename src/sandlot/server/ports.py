@@ -57,7 +57,8 @@ from sandlot.server.asgi import ClientGone, request_body, send_json
 from sandlot.server.control import API_TOKEN_PREFIX, LIVE_STATUSES, ApiError, Control
 from sandlot.server.db import SandboxRow, utcnow
 from sandlot.server.lifecycle import WakeError
-from sandlot.server.tunnel import TunnelError, open_tunnel, open_tunnel_socket, relay
+from sandlot.server.relay import RelayError, Relays
+from sandlot.server.tunnel import TunnelError, open_tunnel, open_tunnel_socket
 from sandlot.server.upstream import AgentPool, UpstreamError, UpstreamResponse, _Conn
 
 if TYPE_CHECKING:
@@ -147,6 +148,18 @@ class UnexposedOut(BaseModel):
 # -- helpers ------------------------------------------------------------------------------------
 
 
+def _close_gently(conn: socket.socket) -> None:
+    """Close with a FIN, not a reset: what the client already sent is read and dropped first
+    (closing a socket with unread data makes the kernel answer RST)."""
+    if conn.fileno() < 0:
+        return
+    with contextlib.suppress(OSError):
+        conn.setblocking(False)
+        while conn.recv(65536):
+            pass
+    conn.close()
+
+
 def _header(scope: Scope, name: bytes) -> bytes | None:
     for k, v in scope["headers"]:
         if k == name:
@@ -165,6 +178,12 @@ class _PortPool(AgentPool):
     async def _connect(self) -> _Conn:
         reader, writer = await open_tunnel(self.address, self.secret, self.port)
         return _Conn(reader, writer)
+
+
+@dataclass
+class _TcpProxy:
+    listener: socket.socket
+    accepting: asyncio.Task[None]
 
 
 @dataclass
@@ -200,8 +219,11 @@ class Ports:
         self._domain_host = domain.rsplit(":", 1)[0] if domain else ""
         self._exposed: dict[str, _Exposed] = {}
         self._pools: dict[tuple[str, int], _PortPool] = {}
-        self._proxies: dict[str, asyncio.Server] = {}
+        self._proxies: dict[str, _TcpProxy] = {}
         self._proxy_locks: dict[str, asyncio.Lock] = {}
+        self._proxy_tasks: set[asyncio.Task[None]] = set()
+        #: Long-lived byte streams (WebSockets, h2c, TCP proxy) are copied by these processes.
+        self.relays = Relays()
         #: The agent (pool) each sandbox's ports were last pushed to (see :meth:`_sync`).
         self._synced: dict[str, AgentPool] = {}
 
@@ -447,8 +469,8 @@ class Ports:
         ports = sorted((int(p), v) for p, v in (row.exposed_ports or {}).items())
         proxy = None
         if row.enable_tcp_proxy and row.status in ("running", "sleeping"):
-            server = await self.ensure_tcp_proxy(row.id)
-            host, port = server.sockets[0].getsockname()[:2]
+            listener = await self.ensure_tcp_proxy(row.id)
+            host, port = listener.getsockname()[:2]
             proxy = TcpProxyOut(host=host, port=port)
         return json_response(
             PortsOut(
@@ -753,30 +775,40 @@ class Ports:
 
     # -- TCP proxy ------------------------------------------------------------------------------
 
-    async def ensure_tcp_proxy(self, sandbox_id: str) -> asyncio.Server:
+    async def ensure_tcp_proxy(self, sandbox_id: str) -> socket.socket:
+        """The sandbox's TCP proxy listener (made if it is not there yet)."""
         lock = self._proxy_locks.setdefault(sandbox_id, asyncio.Lock())
         async with lock:
-            server = self._proxies.get(sandbox_id)
-            if server is not None:
-                return server
-
-            async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-                await self._tcp_connection(sandbox_id, reader, writer)
-
-            server = await asyncio.start_server(
-                handle, self.config.tcp_proxy_host, 0, limit=65536, backlog=512
+            proxy = self._proxies.get(sandbox_id)
+            if proxy is not None:
+                return proxy.listener
+            listener = socket.create_server((self.config.tcp_proxy_host, 0), backlog=512)
+            listener.setblocking(False)
+            accepting = asyncio.get_running_loop().create_task(
+                self._accept_tcp(sandbox_id, listener)
             )
-            self._proxies[sandbox_id] = server
-            log.info(
-                "TCP proxy of sandbox %s on %s", sandbox_id, server.sockets[0].getsockname()[:2]
-            )
-            return server
+            self._proxies[sandbox_id] = _TcpProxy(listener, accepting)
+            log.info("TCP proxy of sandbox %s on %s", sandbox_id, listener.getsockname()[:2])
+            return listener
 
-    async def _tcp_connection(
-        self, sandbox_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        with contextlib.suppress(Exception):
-            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    async def _accept_tcp(self, sandbox_id: str, listener: socket.socket) -> None:
+        """Accept by hand rather than with ``asyncio.start_server``: nothing of a connection is
+        read here, so the whole stream goes to the relay untouched."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # EMFILE and the like: the listener stays, retry shortly
+                log.warning("TCP proxy of %s: accept failed: %s", sandbox_id, exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = loop.create_task(self._tcp_connection(sandbox_id, conn))
+            self._proxy_tasks.add(task)
+            task.add_done_callback(self._proxy_tasks.discard)
+
+    async def _tcp_connection(self, sandbox_id: str, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             async with self.control.lifecycle.activity(sandbox_id):
                 agent = await self._agent(sandbox_id)
@@ -788,22 +820,24 @@ class Ports:
                 if not bound:
                     log.info("TCP proxy of %s: no port bound, connection closed", sandbox_id)
                     return
-                upstream = await open_tunnel(agent.address, agent.secret, int(bound[0]))
-                await relay((reader, writer), upstream)
-        except (TunnelError, ApiError, WakeError, OSError) as exc:
+                upstream = await open_tunnel_socket(agent.address, agent.secret, int(bound[0]))
+                await self.relays.splice(conn, upstream)  # takes both sockets
+        except (TunnelError, ApiError, WakeError, RelayError, OSError) as exc:
             log.info("TCP proxy of %s: %s", sandbox_id, exc)
         finally:
-            writer.close()
+            _close_gently(conn)
 
     async def _close_proxy(self, sandbox_id: str) -> None:
-        server = self._proxies.pop(sandbox_id, None)
+        proxy = self._proxies.pop(sandbox_id, None)
         self._proxy_locks.pop(sandbox_id, None)
-        if server is not None:
-            server.close()
+        if proxy is not None:
+            proxy.accepting.cancel()
+            proxy.listener.close()
 
     async def run(self, interval: float = 1.0) -> None:
         """Keep TCP proxies in step with the database: a listener for every live sandbox that
         asked for one (also after a restart or a warm-pool claim), none for the others."""
+        await self.relays.warm_up()
         while True:
             try:
                 rows = await self.control.db(
@@ -826,6 +860,9 @@ class Ports:
     async def close(self) -> None:
         for sandbox_id in list(self._proxies):
             await self._close_proxy(sandbox_id)
+        for task in list(self._proxy_tasks):
+            task.cancel()
+        await self.relays.close()
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()

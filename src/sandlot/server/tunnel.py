@@ -214,32 +214,3 @@ async def open_tunnel(
     except BaseException:
         sock.close()
         raise
-
-
-async def relay(
-    a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-    b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-) -> tuple[int, int]:
-    """Copy bytes both ways until both directions ended (half-closes passed on); each write waits
-    for the other side to drain (backpressure). Returns the bytes copied a→b and b→a."""
-
-    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
-        total = 0
-        try:
-            while data := await reader.read(RELAY_CHUNK):
-                writer.write(data)
-                total += len(data)
-                await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()
-        except (OSError, RuntimeError):  # reset, or a transport already closed (uvloop)
-            a[1].close()
-            b[1].close()
-        return total
-
-    try:
-        up, down = await asyncio.gather(pump(a[0], b[1]), pump(b[0], a[1]))
-    finally:
-        a[1].close()
-        b[1].close()
-    return up, down

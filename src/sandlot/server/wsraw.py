@@ -10,27 +10,29 @@ such as permessage-deflate are negotiated end to end, and frames are not parsed 
 checks before that (exposed? token? wake the sandbox) are the gateway's own
 (:meth:`.ports.Ports.serve`). Every other WebSocket goes to uvicorn's usual implementation.
 
-Flow control both ways: the client's reads pause while the tunnel's write buffer is above
-:data:`HIGH_WATER`, and the tunnel is not read while the client's transport is paused.
+Once the upgrade request is written, both connections -- the client's and the one into the
+sandbox -- go to a relay process (:mod:`.relay`), which copies bytes with flow control both ways
+until both directions end. The gateway keeps neither descriptor, only the request's place in the
+sandbox's activity (an open WebSocket keeps its sandbox awake).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http
 import json
 import logging
+import os
+import socket
 from typing import Any, cast
 from urllib.parse import unquote
 
-from sandlot.server.tunnel import TunnelError, open_tunnel
+from sandlot.server.relay import RelayError
+from sandlot.server.tunnel import TunnelError, open_tunnel_socket
 from sandlot.server.upstream import AgentPool
 
 log = logging.getLogger("sandlot.ports")
 
-HIGH_WATER = 256 * 1024
-READ_CHUNK = 65536
 _DROP = {b"x-sandlot-project", b"proxy-authorization", b"content-length", b"x-forwarded-prefix"}
 
 
@@ -48,11 +50,10 @@ class PortsWebSocketProtocol(asyncio.Protocol):
         self.kwargs = kwargs
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task[None] | None = None
-        self.upstream: asyncio.StreamWriter | None = None
         self.pending: list[bytes] = []
         self.client_eof = False
-        self.can_write = asyncio.Event()
-        self.can_write.set()
+        #: The connection went to a relay process: closing the transport ends nothing.
+        self.handed_over = False
         self.error_status = 0
         self.error_headers: list[tuple[bytes, bytes]] = []
 
@@ -65,31 +66,16 @@ class PortsWebSocketProtocol(asyncio.Protocol):
         if self.task is None:  # the upgrade request's head, rebuilt by uvicorn
             self._start(bytes(data))
             return
-        if self.upstream is None:
-            self.pending.append(bytes(data))
-            return
-        self.upstream.write(data)
-        self._throttle()
+        # Reading is paused from then on; whatever arrived before goes ahead of the relay.
+        self.pending.append(bytes(data))
 
     def eof_received(self) -> bool:
         self.client_eof = True
-        if self.upstream is not None and self.upstream.can_write_eof():
-            with contextlib.suppress(OSError, RuntimeError):
-                self.upstream.write_eof()
         return True  # keep the other direction open
-
-    def pause_writing(self) -> None:
-        self.can_write.clear()
-
-    def resume_writing(self) -> None:
-        self.can_write.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server_state.connections.discard(self)
-        self.can_write.set()
-        if self.upstream is not None:
-            self.upstream.close()
-        if self.task is not None and not self.task.done():
+        if self.task is not None and not self.task.done() and not self.handed_over:
             self.task.cancel()
 
     def shutdown(self) -> None:  # uvicorn's graceful shutdown
@@ -161,22 +147,15 @@ class PortsWebSocketProtocol(asyncio.Protocol):
     # -- the pass-through ----------------------------------------------------------------------
 
     async def _run(self, agent: AgentPool, fwd: Any, scope: dict[str, Any]) -> None:
+        """Open the connection to the port, send it the upgrade request, then hand both
+        connections to a relay process (:mod:`.relay`) and wait until it reports them done --
+        holding no descriptor and doing no copying here meanwhile."""
         assert self.transport is not None
+        ports = _ports_of(self.config)
         try:
-            reader, writer = await open_tunnel(agent.address, agent.secret, fwd.port)
+            upstream = await open_tunnel_socket(agent.address, agent.secret, fwd.port)
         except TunnelError as exc:
-            data = json.dumps(fwd.bad_gateway(exc)).encode()
-            await self._send(
-                {
-                    "type": "websocket.http.response.start",
-                    "status": 502,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(data)).encode()),
-                    ],
-                }
-            )
-            await self._send({"type": "websocket.http.response.body", "body": data})
+            await self._refuse_json(502, fwd.bad_gateway(exc))
             return
         path = fwd.target_path(scope)
         if fwd.query:
@@ -185,41 +164,49 @@ class PortsWebSocketProtocol(asyncio.Protocol):
         for k, v in fwd.headers(scope, keep_upgrade=True):
             head.append(k + b": " + v + b"\r\n")
         head.append(b"\r\n")
-        writer.write(b"".join(head))
-        self.upstream = writer
-        for data in self.pending:
-            writer.write(data)
-        self.pending.clear()
-        if self.client_eof and writer.can_write_eof():
-            writer.write_eof()
-        self.transport.resume_reading()
+        loop = asyncio.get_running_loop()
         try:
-            while data := await reader.read(READ_CHUNK):
-                await self.can_write.wait()
-                if self.transport.is_closing():
-                    break
-                self.transport.write(data)
-            if self.transport.can_write_eof() and not self.transport.is_closing():
-                self.transport.write_eof()
-        except (OSError, RuntimeError):
-            pass
-        finally:
-            writer.close()
-
-    def _throttle(self) -> None:
-        upstream, transport = self.upstream, self.transport
-        if upstream is None or transport is None:
+            await loop.sock_sendall(upstream, b"".join(head) + b"".join(self.pending))
+            if self.client_eof:
+                upstream.shutdown(socket.SHUT_WR)
+            client = self._take_socket()
+        except OSError as exc:
+            upstream.close()
+            await self._refuse_json(502, fwd.bad_gateway(exc))
             return
-        if upstream.transport.get_write_buffer_size() > HIGH_WATER:
-            transport.pause_reading()
+        self.pending.clear()
+        try:
+            await ports.relays.splice(client, upstream)
+        except RelayError as exc:
+            log.warning("WebSocket to %s:%d not relayed: %s", scope.get("path"), fwd.port, exc)
 
-            async def resume() -> None:
-                with contextlib.suppress(OSError, RuntimeError):
-                    await upstream.drain()
-                if not transport.is_closing():
-                    transport.resume_reading()
+    def _take_socket(self) -> socket.socket:
+        """The client's connection as a socket of our own; uvicorn's transport is closed
+        without touching the connection (no shutdown), which goes on in the relay."""
+        assert self.transport is not None
+        if self.transport.get_extra_info("sslcontext") is not None:
+            raise OSError("TLS connections cannot be handed to a relay")
+        raw = self.transport.get_extra_info("socket")
+        if raw is None:
+            raise OSError("the client's transport has no socket")
+        client = socket.socket(fileno=os.dup(raw.fileno()))
+        self.handed_over = True
+        self.transport.abort()
+        return client
 
-            asyncio.get_running_loop().create_task(resume())
+    async def _refuse_json(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        await self._send(
+            {
+                "type": "websocket.http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(data)).encode()),
+                ],
+            }
+        )
+        await self._send({"type": "websocket.http.response.body", "body": data})
 
 
 def _ports_of(config: Any) -> Any:

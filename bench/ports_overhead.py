@@ -6,9 +6,12 @@ keep-alive) runs three ways:
 
 - ``direct``:  inside the sandbox, against 127.0.0.1:8000 (no sandlot at all);
 - ``tunnel``:  on the host, through one agent tunnel (``GET /tunnel?port=8000`` on the agent's
-  Unix socket): the agent's relay threads only;
+  Unix socket): the agent's relay threads only (how the gateway reaches an agent over TCP);
+- ``handed socket``: on the host, on the connection the agent handed over (``Sandlot-Tunnel:
+  fd``): a host process talking straight into the sandbox's network namespace -- what the
+  gateway's connections are over the local engine;
 - ``gateway``: on the host, to the server's TCP listener, path form
-  ``/sandboxes/{id}/ports/8000/x``: uvicorn + the ports gateway + its pooled tunnels.
+  ``/sandboxes/{id}/ports/8000/x``: uvicorn + the ports gateway + its pooled connections.
 
 For scale, the agent's own ``/health`` straight on its socket and through the (older) agent
 gateway ``/sandboxes/{id}/koyeb-sandbox/health``: the same server's per-request cost.
@@ -56,6 +59,15 @@ def connect():
         return s
     head = "GET /tunnel?port=%d HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer %s\r\n" % (
         spec["port"], spec["secret"])
+    if spec["kind"] == "handed":  # the agent hands over its connection to the port
+        s.sendall((head + "Connection: Upgrade\r\nUpgrade: tcp\r\nSandlot-Tunnel: fd\r\n\r\n")
+                  .encode())
+        head, fds, _, _ = socket.recv_fds(s, 4096, 1)
+        assert head.startswith(b"HTTP/1.1 200") and len(fds) == 1, head
+        s.close()
+        s = socket.socket(fileno=fds[0])
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return s
     s.sendall((head + "Connection: Upgrade\r\nUpgrade: tcp\r\n\r\n").encode())
     head = b""
     while b"\r\n\r\n" not in head:
@@ -158,6 +170,13 @@ def main() -> None:
                     "secret": sb.secret,
                     "path": "/x",
                 },
+                "handed socket": {
+                    "kind": "handed",
+                    "unix": row.agent_unix_path,
+                    "port": 8000,
+                    "secret": sb.secret,
+                    "path": "/x",
+                },
                 "gateway": {
                     "kind": "tcp",
                     "host": "127.0.0.1",
@@ -200,7 +219,7 @@ def main() -> None:
     finally:
         srv.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    direct, tunnel, gateway = results["direct"], results["tunnel"], results["gateway"]
+    direct, handed, gateway = results["direct"], results["handed socket"], results["gateway"]
     print()
     print("| path | median latency | p90 | requests/s (8 connections) |")
     print("|---|---|---|---|")
@@ -208,9 +227,9 @@ def main() -> None:
         print(f"| {name} | {r['median_ms']:.3f} ms | {r['p90_ms']:.3f} ms | {r['rps']:.0f} |")
     print()
     print(
-        f"gateway adds {gateway['median_ms'] - tunnel['median_ms']:.3f} ms over the tunnel and "
-        f"{gateway['median_ms'] - direct['median_ms']:.3f} ms over direct (median); "
-        f"throughput {gateway['rps'] / tunnel['rps']:.2f}x the tunnel's, "
+        f"gateway adds {gateway['median_ms'] - handed['median_ms']:.3f} ms over the handed "
+        f"socket and {gateway['median_ms'] - direct['median_ms']:.3f} ms over direct (median); "
+        f"throughput {gateway['rps'] / handed['rps']:.2f}x the handed socket's, "
         f"{gateway['rps'] / direct['rps']:.2f}x direct"
     )
 

@@ -500,6 +500,27 @@ def test_many_idle_websockets(gw: Gateway, box: Sandbox) -> None:
         time.sleep(0.1)
 
 
+def test_unexposing_ends_open_websockets(gw: Gateway, box: Sandbox) -> None:
+    """Unexposing revokes access now: WebSockets already open on the port are closed too."""
+    path = f"/sandboxes/{box.id}/ports/8765/"
+
+    async def run() -> None:
+        reader, writer = await _open_websocket("127.0.0.1", gw.port, path)
+        assert await _echo(reader, writer, "before") == "before"
+        await asyncio.to_thread(box.unexpose_port, 8765)
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        box.expose_port(8765)
+    deadline = time.monotonic() + 10
+    while gw.server.app.state.api.ports.relays.open_connections:
+        assert time.monotonic() < deadline, "the relayed connection was not reported closed"
+        time.sleep(0.1)
+
+
 # -- protection, lifecycle ----------------------------------------------------------------------
 
 

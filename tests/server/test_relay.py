@@ -189,3 +189,30 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
 
+
+
+@pytest.mark.anyio
+async def test_close_tagged_ends_only_those(relays: Relays) -> None:
+    kept = []
+    waits = []
+    for tag in ("a", "a", "b"):
+        client, client_far, sandbox_far, sandbox = _pairs()
+        kept.append((client, sandbox))
+        waits.append(asyncio.ensure_future(relays.splice(client_far, sandbox_far, ("sb", tag))))
+    kept[0][0].sendall(b"x")  # the pairs are in the relay once data flows
+    kept[0][1].settimeout(10)
+    assert await asyncio.to_thread(kept[0][1].recv, 1) == b"x"
+    await asyncio.sleep(0.2)
+    assert relays.close_tagged(("sb", "a")) == 2
+    await asyncio.wait_for(asyncio.gather(waits[0], waits[1]), 10)
+    for client, _ in kept[:2]:
+        client.settimeout(10)
+        assert await asyncio.to_thread(client.recv, 10) == b""
+    assert not waits[2].done() and relays.close_tagged(("sb", "zzz")) == 0
+    kept[2][0].sendall(b"still")
+    kept[2][1].settimeout(10)
+    assert await asyncio.to_thread(kept[2][1].recv, 10) == b"still"
+    for client, sandbox in kept:
+        client.close()
+        sandbox.close()
+    await asyncio.wait_for(waits[2], 10)

@@ -323,7 +323,17 @@ class Ports:
                 current.setdefault(p, _new_port_info(protect))
 
         result: dict[str, Any] = await self.control.db(self._change, row.id, change)
+        for p in removed:
+            self._closed_port(row.id, int(p))
         return result
+
+    def _closed_port(self, sandbox_id: str, port: int) -> None:
+        """A port is no longer exposed: its pooled connections and its open relayed ones
+        (WebSockets, TCP proxy connections) end now, not when their clients leave."""
+        pool = self._pools.pop((sandbox_id, port), None)
+        if pool is not None:
+            pool.close()
+        self.relays.close_tagged((sandbox_id, port))
 
     def _forget(self, sandbox_id: str) -> None:
         self._exposed.pop(sandbox_id, None)
@@ -455,9 +465,7 @@ class Ports:
         ports = await self.control.db(self._change, row.id, drop)
         self._exposed.pop(row.id, None)
         for p in removed:
-            pool = self._pools.pop((row.id, p), None)
-            if pool is not None:
-                pool.close()
+            self._closed_port(row.id, p)
         return json_response(UnexposedOut(unexposed=sorted(removed), ports=sorted(map(int, ports))))
 
     async def list_ports(self, request: Request) -> Response:
@@ -820,8 +828,9 @@ class Ports:
                 if not bound:
                     log.info("TCP proxy of %s: no port bound, connection closed", sandbox_id)
                     return
-                upstream = await open_tunnel_socket(agent.address, agent.secret, int(bound[0]))
-                await self.relays.splice(conn, upstream)  # takes both sockets
+                port = int(bound[0])
+                upstream = await open_tunnel_socket(agent.address, agent.secret, port)
+                await self.relays.splice(conn, upstream, (sandbox_id, port))  # takes both
         except (TunnelError, ApiError, WakeError, RelayError, OSError) as exc:
             log.info("TCP proxy of %s: %s", sandbox_id, exc)
         finally:

@@ -26,6 +26,7 @@ import logging
 import socket
 import subprocess
 import sys
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +75,7 @@ class Relays:
         self._ids = itertools.count(1)
         self._starting: asyncio.Lock | None = None
         self._closed = False
+        self._tagged: dict[Hashable, dict[int, _Worker]] = {}
 
     @property
     def open_connections(self) -> int:
@@ -88,9 +90,12 @@ class Relays:
         with contextlib.suppress(RelayError):
             await self._worker()
 
-    async def splice(self, client: socket.socket, sandbox: socket.socket) -> Spliced:
+    async def splice(
+        self, client: socket.socket, sandbox: socket.socket, tag: Hashable = None
+    ) -> Spliced:
         """Relay ``client`` ↔ ``sandbox`` until both directions have ended. Both sockets are
-        handed over (closed here, whatever happens); cancelling closes the pair."""
+        handed over (closed here, whatever happens); cancelling closes the pair, and so does
+        :meth:`close_tagged` with the ``tag`` given here (e.g. ``(sandbox_id, port)``)."""
         try:
             worker = await self._worker()
             pair_id = next(self._ids)
@@ -103,6 +108,9 @@ class Relays:
             except OSError as exc:
                 worker.waiting.pop(pair_id, None)
                 raise RelayError(f"cannot hand the connection to the relay: {exc}") from exc
+            if tag is not None and not done.done():  # after the ADD: a CLOSE never overtakes it
+                self._tagged.setdefault(tag, {})[pair_id] = worker
+                done.add_done_callback(lambda _: self._untag(tag, pair_id))
         finally:
             client.close()
             sandbox.close()
@@ -113,6 +121,23 @@ class Relays:
                 with contextlib.suppress(OSError):
                     worker.control.send(CLOSE + ID.pack(pair_id))
             raise
+
+    def close_tagged(self, tag: Hashable) -> int:
+        """Close every relayed connection spliced with ``tag`` (a port was unexposed: its open
+        WebSockets and TCP proxy connections end too). Returns how many were asked to close."""
+        pairs = self._tagged.get(tag, {})
+        for pair_id, worker in list(pairs.items()):
+            if not worker.dead:
+                with contextlib.suppress(OSError):
+                    worker.control.send(CLOSE + ID.pack(pair_id))
+        return len(pairs)
+
+    def _untag(self, tag: Hashable, pair_id: int) -> None:
+        pairs = self._tagged.get(tag)
+        if pairs is not None:
+            pairs.pop(pair_id, None)
+            if not pairs:
+                del self._tagged[tag]
 
     async def _worker(self) -> _Worker:
         if self._closed:

@@ -54,6 +54,9 @@ class _Side(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         assert self.transport is not None and self.peer is not None
+        if self.pair.done:  # closed (CLOSE, or the other side failed) while being attached
+            self.transport.close()
+            return
         self.transport.set_write_buffer_limits(high=HIGH_WATER)
         peer = self.peer
         if peer.transport is None:

@@ -176,7 +176,7 @@ class PortsWebSocketProtocol(asyncio.Protocol):
             return
         self.pending.clear()
         try:
-            await ports.relays.splice(client, upstream)
+            await ports.relays.splice(client, upstream, (fwd.target.sandbox_id, fwd.port))
         except RelayError as exc:
             log.warning("WebSocket to %s:%d not relayed: %s", scope.get("path"), fwd.port, exc)
 

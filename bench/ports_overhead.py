@@ -13,6 +13,11 @@ keep-alive) runs three ways:
 - ``gateway``: on the host, to the server's TCP listener, path form
   ``/sandboxes/{id}/ports/8000/x``: uvicorn + the ports gateway + its pooled connections.
 
+- ``tcp proxy``: the same HTTP requests through the sandbox's TCP proxy (bytes, copied by a
+  relay process);
+- ``ws direct`` / ``ws gateway``: WebSocket echo round trips of 32-byte text frames, inside the
+  sandbox and through the gateway (after the upgrade, a relay process copies the bytes).
+
 For scale, the agent's own ``/health`` straight on its socket and through the (older) agent
 gateway ``/sandboxes/{id}/koyeb-sandbox/health``: the same server's per-request cost.
 
@@ -77,6 +82,33 @@ def connect():
 
 
 REQUEST = ("GET %s HTTP/1.1\r\nHost: bench\r\n\r\n" % spec["path"]).encode()
+#: A masked 32-byte text frame (mask 0: the payload goes as is), echoed unmasked.
+FRAME = bytes([0x81, 0x80 | 32]) + bytes(4) + b"x" * 32
+ECHOED = bytes([0x81, 32]) + b"x" * 32
+
+
+def ws_connect():
+    s = raw_connect()
+    s.sendall(("GET %s HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade"
+               "\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13"
+               "\r\n\r\n" % spec["path"]).encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return s
+
+
+def ws_one(s, buf):
+    s.sendall(FRAME)
+    got = b""
+    while len(got) < len(ECHOED):
+        chunk = s.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed")
+        got += chunk
+    assert got == ECHOED, got
+
 
 
 def one(s, buf):
@@ -97,6 +129,10 @@ def one(s, buf):
     assert head.startswith(b"HTTP/1.1 200"), head
     buf[0] = rest[length:]
 
+
+raw_connect = connect
+if spec.get("ws"):
+    connect, one = ws_connect, ws_one
 
 s = connect()
 buf = [b""]
@@ -133,7 +169,7 @@ print(json.dumps({"median_ms": statistics.median(lat), "p90_ms": lat[int(len(lat
 
 
 def main() -> None:
-    from sandbox_servers import HTTP_APP
+    from sandbox_servers import HTTP_APP, WS_ECHO
     from support.server import start_server
 
     from sandlot import Sandbox
@@ -152,14 +188,24 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     try:
         sb = Sandbox.create(
-            api_url=srv.url, api_token=token, instance_type="medium", idle_timeout=0
+            api_url=srv.url,
+            api_token=token,
+            instance_type="medium",
+            idle_timeout=0,
+            enable_tcp_proxy=True,
         )
         try:
             sb.filesystem.write_file("/srv/app.py", HTTP_APP)
+            sb.filesystem.write_file("/srv/ws.py", WS_ECHO)
             sb.filesystem.write_file("/srv/loadgen.py", LOADGEN)
             sb.launch_process("python3 /srv/app.py 8000")
+            sb.launch_process("python3 /srv/ws.py 8765")
             time.sleep(1.0)
-            sb.expose_port(8000)
+            sb.expose_port(8000)  # first bound: the TCP proxy's target
+            sb.expose_port(8765)
+            assert sb.wait_tcp_proxy_ready(timeout=10)
+            proxy = sb.get_tcp_proxy_info()
+            assert proxy is not None
             row = srv.app.state.control.store.get_sandbox(sb.id)
             specs = {
                 "direct": {"kind": "tcp", "host": "127.0.0.1", "port": 8000, "path": "/x"},
@@ -183,6 +229,20 @@ def main() -> None:
                     "port": port,
                     "path": f"/sandboxes/{sb.id}/ports/8000/x",
                 },
+                # The TCP proxy: the same HTTP requests, relayed as bytes (relay process).
+                "tcp proxy": {"kind": "tcp", "host": proxy[0], "port": proxy[1], "path": "/x"},
+                # WebSocket echo round trips (32-byte text frames), direct and through the
+                # gateway (upgrade, then the relay process).
+                "ws direct": {
+                    "kind": "tcp", "host": "127.0.0.1", "port": 8765, "path": "/", "ws": True
+                },
+                "ws gateway": {
+                    "kind": "tcp",
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "path": f"/sandboxes/{sb.id}/ports/8765/",
+                    "ws": True,
+                },
                 # For scale: the agent's /health, straight and through the agent gateway.
                 "agent /health": {"kind": "unix", "unix": row.agent_unix_path, "path": "/health"},
                 "agent gateway /health": {
@@ -195,7 +255,7 @@ def main() -> None:
             runs: dict[str, list[dict[str, float]]] = {name: [] for name in specs}
             for _round, (name, spec) in itertools.product(range(ROUNDS), specs.items()):
                 arg = json.dumps({**spec, **common})
-                if name == "direct":
+                if name in ("direct", "ws direct"):  # inside the sandbox
                     quoted = arg.replace("'", "'\\''")
                     result = sb.exec(f"python3 /srv/loadgen.py '{quoted}'", timeout=120)
                     assert result.exit_code == 0, result.stderr

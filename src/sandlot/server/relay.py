@@ -235,7 +235,8 @@ class Relays:
         worker.waiting.clear()
         with contextlib.suppress(OSError):
             worker.process.kill()
-        asyncio.get_running_loop().run_in_executor(None, worker.process.wait)
+        with contextlib.suppress(RuntimeError):  # reaped in a thread (the executor may be gone)
+            asyncio.get_running_loop().run_in_executor(None, worker.process.wait)
 
     async def close(self) -> None:
         """End every relay and so every relayed connection."""

@@ -16,9 +16,10 @@ fi
 #   uidmap/util-linux        user namespaces        umoci                 OCI image layouts
 #   passt, slirp4netns       outbound networking    postgresql            server store tests
 #   nftables                 egress policies        iproute2              network tests (peer hosts)
+#   skopeo                   registry pulls         docker-registry       a local registry for tests
 PACKAGES=(crun runc mmdebstrap python3.11-minimal libpython3.11-stdlib tini patchelf
           busybox-static umoci uidmap passt slirp4netns postgresql python3-venv
-          nftables iproute2 e2fsprogs util-linux)
+          nftables iproute2 e2fsprogs util-linux skopeo docker-registry)
 PACKAGES+=(podman docker.io)  # python -m bench compares sandlot with them (daemon started by the bench)
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -28,6 +29,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing: ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The tests start their own registry on 127.0.0.1; the package's service (all interfaces,
+  # port 5000) is not wanted.
+  if [[ " ${missing[*]} " == *" docker-registry "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now docker-registry >/dev/null 2>&1 || true
+  fi
 fi
 
 PY=${PYTHON:-python3}

@@ -70,6 +70,8 @@ def test_create_ls_exec_cp_rm(cli: CliRunner, tmp_path: Path) -> None:
         (["run"], "missing command"),
         (["exec", "no-such-sandbox", "--", "true"], "not found"),
         (["cp", "a", "b"], "exactly one of SOURCE and DEST"),
+        (["image", "pull", "Not/Lower:1"], "not a registry reference"),
+        (["image", "pull", "127.0.0.1:1/nothing:1"], "cannot pull 127.0.0.1:1/nothing:1"),
     ],
 )
 def test_bad_input_is_a_clear_error(cli: CliRunner, args: list[str], message: str) -> None:

@@ -299,7 +299,7 @@ def token_revoke(token_id: str) -> None:
 
 @click.group()
 def image() -> None:
-    """Build and list local images."""
+    """Build, pull and list local images."""
 
 
 @image.command(name="build")
@@ -313,6 +313,23 @@ def image_build() -> None:
         with err_console.status("building the default image") as status:
             img = store.default_image(progress=lambda line: status.update(line))
             store.busybox_image()
+    except ImageError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(str(img.rootfs))
+
+
+@image.command(name="pull")
+@click.argument("ref")
+def image_pull(ref: str) -> None:
+    """Pull REF from its registry again (e.g. python:3.12-slim; creates pull once, then reuse)."""
+    from sandlot.engines.base import ImageError
+    from sandlot.images.store import default_store
+
+    try:
+        with err_console.status(f"pulling {ref}") as status:
+            img = default_store().registry_image(
+                ref, progress=lambda line: status.update(line), pull=True
+            )
     except ImageError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(str(img.rootfs))

@@ -10,16 +10,24 @@ Image references a user can give:
   curl, ...), built locally once with mmdebstrap, rebuilt only when its recipe changes;
 - ``busybox`` -- a tiny image made from the host's static busybox (no Python in it at all);
 - an absolute path to a root filesystem directory;
-- ``oci:PATH[:TAG]`` -- an OCI image layout on disk (unpacked with umoci).
+- ``oci:PATH[:TAG]`` -- an OCI image layout on disk (unpacked with umoci);
+- a registry reference, as Docker spells it (``python:3.12-slim``, ``ghcr.io/org/app:v1``,
+  ``127.0.0.1:5000/team/tool@sha256:...``): pulled once with skopeo into an OCI layout, then
+  unpacked like one. Later uses reuse the pull (as Docker's default "pull if missing");
+  ``sandlot image pull REF`` pulls again. Registries on ``localhost``/``127.0.0.1``/``[::1]``
+  are spoken to over plain HTTP, as Docker does.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import tempfile
+import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +82,8 @@ class ImageStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
 
     # -- resolution ---------------------------------------------------------------------------
 
@@ -89,10 +99,12 @@ class ImageStore:
             return self.oci_image(ref[4:], progress=progress)
         if ref.startswith("/"):
             return self.rootfs_image(Path(ref))
+        if _REGISTRY_REF.fullmatch(ref):
+            return self.registry_image(ref, progress=progress)
         raise ImageError(
-            f"unknown image {ref!r}: use 'default' (alias 'koyeb/sandbox'), 'busybox', an absolute "
-            "path to a root filesystem directory, or 'oci:/path/to/layout[:tag]'"
-            " (pulling from registries is not supported yet)"
+            f"unknown image {ref!r}: use 'default' (alias 'koyeb/sandbox'), 'busybox', a registry "
+            "reference such as 'python:3.12-slim' or 'ghcr.io/org/app:tag' (lower case), an "
+            "absolute path to a root filesystem directory, or 'oci:/path/to/layout[:tag]'"
         )
 
     def list(self) -> list[dict[str, str]]:
@@ -106,7 +118,17 @@ class ImageStore:
     def _build_atomically(
         self, final: Path, build: Callable[[Path], None]
     ) -> Path:
-        """Run ``build(tmpdir)`` and move the result to ``final``; never leave half an image."""
+        """Run ``build(tmpdir)`` and move the result to ``final``; never leave half an image.
+        Builds of one image wait for each other (ten creates of a new registry image pull it
+        once)."""
+        if (final / "image.json").exists():
+            return final
+        with self._locks_guard:
+            lock = self._locks.setdefault(final.name, threading.Lock())
+        with lock:
+            return self._build_unlocked(final, build)
+
+    def _build_unlocked(self, final: Path, build: Callable[[Path], None]) -> Path:
         if (final / "image.json").exists():
             return final
         self.root.mkdir(parents=True, exist_ok=True)
@@ -176,34 +198,99 @@ class ImageStore:
         layout_path = Path(layout)
         if not (layout_path / "index.json").is_file():
             raise ImageError(f"{layout!r} is not an OCI image layout (no index.json)")
-        if shutil.which("umoci") is None:
-            raise ImageError("OCI layouts need umoci: install the Debian package 'umoci'")
+        _need("umoci", "OCI layouts")
         index = (layout_path / "index.json").read_bytes()
         digest = _recipe_digest(
             "oci-v1", str(layout_path.resolve()), tag, hashlib.sha256(index).hexdigest()
         )
         final = self.root / f"oci-{digest}"
+        self._build_atomically(final, lambda tmp: _unpack(layout_path, tag, tmp, progress))
+        return _read_image(spec, final)
+
+    def registry_image(
+        self, ref: str, *, progress: Progress | None = None, pull: bool = False
+    ) -> Image:
+        """``ref`` pulled from its registry (once; again with ``pull=True``) and unpacked."""
+        match = _REGISTRY_REF.fullmatch(ref)
+        if match is None:
+            raise ImageError(f"{ref!r} is not a registry reference (such as 'python:3.12-slim')")
+        _need("skopeo", "pulling images from registries")
+        _need("umoci", "pulling images from registries")
+        final = self.root / f"registry-{_recipe_digest('registry-v1', ref)}"
+        if pull and (final / "image.json").exists():
+            stale = final.with_name(f".stale-{final.name}-{uuid.uuid4().hex[:8]}")
+            final.rename(stale)  # sandboxes using it keep their mounts; new ones get the pull
+            shutil.rmtree(stale, ignore_errors=True)
+        host = match.group("host") or ""
+        name, _, port = host.rpartition(":")
+        plain_http = (name if port.isdigit() else host) in _PLAIN_HTTP_HOSTS
 
         def build(tmp: Path) -> None:
+            layout = tmp / "layout"
             if progress:
-                progress(f"unpacking {layout}:{tag}")
-            unpacked = tmp / "bundle"
-            result = subprocess.run(
-                ["umoci", "unpack", "--image", f"{layout}:{tag}", str(unpacked)],
-                capture_output=True, text=True,
-            )
+                progress(f"pulling {ref}")
+            command = ["skopeo", "copy", "--quiet", "--retry-times", "2"]
+            if plain_http:
+                command.append("--src-tls-verify=false")
+            command += [f"docker://{ref}", f"oci:{layout}:image"]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=PULL_TIMEOUT)
             if result.returncode != 0:
-                raise ImageError(f"cannot unpack {layout}:{tag}: {result.stderr.strip()}")
-            (unpacked / "rootfs").rename(tmp / "rootfs")
-            config = json.loads((unpacked / "config.json").read_text())
-            process = config.get("process", {})
-            env = dict(e.split("=", 1) for e in process.get("env", []) if "=" in e)
-            env.setdefault("PATH", DEFAULT_PATH)
-            _write_meta(tmp, env, process.get("cwd") or "/")
-            shutil.rmtree(unpacked, ignore_errors=True)
+                raise ImageError(f"cannot pull {ref}: {_skopeo_error(result.stderr)}")
+            _unpack(layout, "image", tmp, progress)
+            shutil.rmtree(layout, ignore_errors=True)
 
-        self._build_atomically(final, build)
-        return _read_image(spec, final)
+        try:
+            self._build_atomically(final, build)
+        except subprocess.TimeoutExpired:
+            raise ImageError(f"pulling {ref} took longer than {PULL_TIMEOUT:g}s") from None
+        return _read_image(ref, final)
+
+
+#: ``[host[:port]/]path[:tag][@digest]`` -- Docker's reference grammar: the first component is a
+#: registry host when it has a dot or a port or is ``localhost``; paths are lower case.
+_REGISTRY_REF = re.compile(
+    r"(?:(?P<host>(?:localhost|\[[0-9a-f:]+\]|[a-z0-9-]+(?:\.[a-z0-9-]+)+)(?::[0-9]+)?"
+    r"|[a-z0-9-]+:[0-9]+)/)?"
+    r"(?P<path>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
+    r"(?:@(?P<digest>sha256:[0-9a-f]{64}))?"
+)
+_PLAIN_HTTP_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
+PULL_TIMEOUT = 600.0
+
+
+def _need(tool: str, what: str) -> None:
+    if shutil.which(tool) is None:
+        raise ImageError(f"{what} needs {tool}: install the Debian package '{tool}'")
+
+
+def _skopeo_error(stderr: str) -> str:
+    """skopeo's last line, without its log prefix: the reason ("manifest unknown", ...)."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else "skopeo failed"
+    last = re.sub(r'^time="[^"]*" level=\w+ msg="(.*)"$', r"\1", last)
+    return last.removeprefix("Error: ").strip()
+
+
+def _unpack(layout: Path, tag: str, tmp: Path, progress: Progress | None) -> None:
+    """Unpack ``layout:tag`` into ``tmp/rootfs`` and write its environment and working
+    directory (from the image's config) next to it."""
+    if progress:
+        progress(f"unpacking {layout.name}:{tag}")
+    unpacked = tmp / "bundle"
+    result = subprocess.run(
+        ["umoci", "unpack", "--image", f"{layout}:{tag}", str(unpacked)],
+        capture_output=True, text=True,
+    )
+    if result.returncode != 0:
+        raise ImageError(f"cannot unpack {layout}:{tag}: {result.stderr.strip()}")
+    (unpacked / "rootfs").rename(tmp / "rootfs")
+    config = json.loads((unpacked / "config.json").read_text())
+    process = config.get("process", {})
+    env = dict(e.split("=", 1) for e in process.get("env", []) if "=" in e)
+    env.setdefault("PATH", DEFAULT_PATH)
+    _write_meta(tmp, env, process.get("cwd") or "/")
+    shutil.rmtree(unpacked, ignore_errors=True)
 
 
 def _mmdebstrap(tmp: Path, progress: Progress | None) -> None:

@@ -132,7 +132,7 @@ class CreateSandbox(_Strict):
     @classmethod
     def _image(cls, value: str | None) -> str | None:
         if value is not None and (not value.strip() or any(c.isspace() for c in value)):
-            raise ValueError("image must be a non-empty name without spaces")
+            raise ValueError(f"image must be a non-empty name without spaces, not {value!r}")
         return value
 
 

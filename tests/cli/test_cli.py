@@ -101,3 +101,25 @@ def test_events_after_delete(cli: CliRunner) -> None:
     assert [e["kind"] for e in json.loads(out.stdout)] == ["created", "deleted"]
     text = cli.invoke(main, ["events", sid])
     assert "deleted on request" in text.stdout
+
+
+def test_secret_create_list_remove(cli: CliRunner) -> None:
+    args = ["secret", "create", "cli-reg", "--registry", "ghcr.io", "--username", "bot",
+            "--password-stdin"]  # fmt: skip
+    made = cli.invoke(main, args, input="tok-123\n")
+    assert made.exit_code == 0, made.output + made.stderr
+    assert made.output.strip() == "cli-reg"
+    again = cli.invoke(main, args, input="tok-123\n")
+    assert again.exit_code == 1 and "already exists" in again.stderr
+    empty = cli.invoke(main, [*args[:3], "--registry", "ghcr.io", "--username", "bot",
+                              "--password-stdin"], input="")  # fmt: skip
+    assert empty.exit_code != 0 and "no password" in empty.output + empty.stderr
+    listed = cli.invoke(main, ["secret", "ls", "--json"])
+    items = json.loads(listed.output)
+    assert [(i["name"], i["registry"], i["username"]) for i in items] == [
+        ("cli-reg", "ghcr.io", "bot")
+    ]
+    assert "tok-123" not in listed.output
+    assert cli.invoke(main, ["secret", "rm", "cli-reg"]).output.strip() == "cli-reg"
+    gone = cli.invoke(main, ["secret", "rm", "cli-reg"])
+    assert gone.exit_code == 1 and "not found" in gone.stderr

@@ -173,7 +173,7 @@ def _assert_nothing_left(engine: LocalEngine, sandbox_id: str) -> None:
 
 
 async def test_unknown_image(engine: LocalEngine) -> None:
-    spec = _spec("no-such-image")
+    spec = _spec("No-Such-Image")  # not a registry reference: nothing is pulled
     with pytest.raises(ImageError, match="unknown image"):
         await engine.create(spec)
     _assert_nothing_left(engine, spec.id)

@@ -19,7 +19,6 @@ from sandlot import (
     SandboxNotFoundError,
     SandboxRequestError,
     SandboxTimeoutError,
-    UnsupportedFeatureError,
 )
 from sandlot.sdk import CancelToken, CommandCancelledError, EndEvent, ExitEvent
 
@@ -172,7 +171,7 @@ async def test_ports_and_errors(sb: AsyncSandbox, api_url: str) -> None:
         await sb.unexpose_port(3000)
     with pytest.raises(SandboxRequestError):
         await sb.wait_tcp_proxy_ready(timeout=1)
-    with pytest.raises(UnsupportedFeatureError):
+    with pytest.raises(SandboxRequestError, match="no registry secret named 'creds'"):
         await AsyncSandbox.create(registry_secret="creds")
     with pytest.raises(SandboxRequestError):
         await AsyncSandbox.create(instance_type="galactic")

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,40 +44,47 @@ def _run(*command: str) -> str:
     return result.stdout
 
 
-@pytest.fixture(scope="module")
-def registry(local_server: RunningServer) -> Iterator[Registry]:
-    for tool in ("docker-registry", "skopeo", "umoci"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"needs {tool} (scripts/setup.sh installs it)")
-    tmp = Path(tempfile.mkdtemp(prefix="sl-registry-"))
+def _start_registry(tmp: Path, htpasswd: Path | None = None) -> tuple[str, subprocess.Popen[bytes]]:
+    """docker-registry on 127.0.0.1 (a free port), storing under ``tmp``; with ``htpasswd``,
+    it wants basic auth."""
     port = _free_port()
     config = tmp / "config.yml"
-    config.write_text(
+    text = (
         "version: 0.1\n"
         f"storage:\n  filesystem:\n    rootdirectory: {tmp / 'storage'}\n"
         f"http:\n  addr: 127.0.0.1:{port}\n"
         "log:\n  level: error\n"
     )
+    if htpasswd is not None:
+        text += f"auth:\n  htpasswd:\n    realm: sandlot-test\n    path: {htpasswd}\n"
+    config.write_text(text)
     process = subprocess.Popen(
         ["docker-registry", "serve", str(config)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "docker-registry did not start"
-            time.sleep(0.1)
-        # An image of our own: busybox's rootfs, with an environment and a working directory.
-        from sandlot.images.store import ImageStore
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            status = httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code
+            if status in (200, 401):
+                return f"127.0.0.1:{port}", process
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("docker-registry did not start")
+        time.sleep(0.1)
 
+
+def _push_test_image(tmp: Path, ref: str, *creds: str) -> str:
+    """Build the test image (busybox's rootfs, GREETING in its environment, /work its working
+    directory), push it to ``ref`` and return its digest."""
+    from sandlot.images.store import ImageStore
+
+    layout, bundle = tmp / "layout", tmp / "bundle"
+    if not layout.exists():
         busybox = ImageStore(tmp / "images").busybox_image()
-        layout, bundle = tmp / "layout", tmp / "bundle"
         _run("umoci", "init", "--layout", str(layout))
         _run("umoci", "new", "--image", f"{layout}:t")
         _run("umoci", "unpack", "--image", f"{layout}:t", str(bundle))
@@ -88,17 +96,65 @@ def registry(local_server: RunningServer) -> Iterator[Registry]:
             "--config.env", "GREETING=hello from the registry",
             "--config.workingdir", "/work",
         )  # fmt: skip
-        host = f"127.0.0.1:{port}"
+    login = ["--dest-creds", ":".join(creds)] if creds else []
+    _run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", *login, f"oci:{layout}:t",
+         f"docker://{ref}")  # fmt: skip
+    login = ["--creds", ":".join(creds)] if creds else []
+    inspected = _run("skopeo", "inspect", "--tls-verify=false", *login, f"docker://{ref}")
+    return str(json.loads(inspected)["Digest"])
+
+
+def _need_tools() -> None:
+    for tool in ("docker-registry", "skopeo", "umoci"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs {tool} (scripts/setup.sh installs it)")
+
+
+@pytest.fixture(scope="module")
+def registry(local_server: RunningServer) -> Iterator[Registry]:
+    _need_tools()
+    tmp = Path(tempfile.mkdtemp(prefix="sl-registry-"))
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        host, process = _start_registry(tmp)
         ref = f"{host}/sandlot-test/busy:1"
-        _run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:t",
-             f"docker://{ref}")  # fmt: skip
-        digest = json.loads(_run("skopeo", "inspect", "--tls-verify=false", f"docker://{ref}"))[
-            "Digest"
-        ]
+        digest = _push_test_image(tmp, ref)
         yield Registry(host, ref, f"{host}/sandlot-test/busy@{digest}", process)
     finally:
-        process.terminate()
-        process.wait(10)
+        if process is not None:
+            process.terminate()
+            process.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class PrivateRegistry:
+    host: str
+    ref: str
+
+
+@pytest.fixture(scope="module")
+def private_registry(local_server: RunningServer) -> Iterator[PrivateRegistry]:
+    """A registry that wants ``robot`` / ``hunter2-registry`` (bcrypt in an htpasswd file)."""
+    _need_tools()
+    with warnings.catch_warnings():  # deprecated (gone in 3.13), but bcrypt without a package
+        warnings.simplefilter("ignore", DeprecationWarning)
+        crypt = pytest.importorskip("crypt", reason="bcrypt for the htpasswd file")
+
+    tmp = Path(tempfile.mkdtemp(prefix="sl-private-registry-"))
+    htpasswd = tmp / "htpasswd"
+    hashed = crypt.crypt("hunter2-registry", crypt.mksalt(crypt.METHOD_BLOWFISH))
+    htpasswd.write_text(f"robot:{hashed}\n")
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        host, process = _start_registry(tmp, htpasswd)
+        ref = f"{host}/team/private:1"
+        _push_test_image(tmp, ref, "robot", "hunter2-registry")
+        yield PrivateRegistry(host, ref)
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -155,6 +211,12 @@ def test_bad_references_are_clear_errors(
     assert all(sb.status != "running" for sb in Sandbox.list(api_url=server.url))
 
 
+def test_registry_secret_for_an_image_not_from_a_registry(server: RunningServer) -> None:
+    _add_secret(server, "for-busybox", "docker.io", "x")
+    with pytest.raises(SandboxRequestError, match="registry_secret is for images pulled"):
+        Sandbox.create(image="busybox", api_url=server.url, registry_secret="for-busybox")
+
+
 def test_unreachable_registry(server: RunningServer) -> None:
     port = _free_port()  # nothing listens there
     image = f"127.0.0.1:{port}/nothing/here:1"
@@ -174,3 +236,36 @@ def test_pulled_images_stay_when_the_registry_is_gone(
     registry.process.wait(10)
     with Sandbox.create(image=registry.ref, api_url=server.url) as sb:
         assert sb.exec("pwd").stdout == "/work\n"
+
+
+def _add_secret(server: RunningServer, name: str, registry: str, password: str) -> None:
+    with server.client() as c:
+        body = {"name": name, "registry": registry, "username": "robot", "password": password}
+        r = c.post("/v1/secrets", json=body)
+        assert r.status_code == 201, r.text
+
+
+def test_private_registry_with_registry_secret(
+    server: RunningServer, private_registry: PrivateRegistry
+) -> None:
+    image = private_registry.ref
+    with pytest.raises(SandboxRequestError, match=r"cannot pull .*(unauthorized|authentication)"):
+        Sandbox.create(image=image, api_url=server.url)
+    _add_secret(server, "wrong", private_registry.host, "not-the-password")
+    with pytest.raises(SandboxRequestError, match=r"cannot pull .*(unauthorized|authentication)"):
+        Sandbox.create(image=image, api_url=server.url, registry_secret="wrong")
+    _add_secret(server, "elsewhere", "ghcr.io", "hunter2-registry")
+    with pytest.raises(SandboxRequestError, match=r"secret is for ghcr\.io, not for 127\.0\.0\.1"):
+        Sandbox.create(image=image, api_url=server.url, registry_secret="elsewhere")
+    _add_secret(server, "robot", private_registry.host, "hunter2-registry")
+    with Sandbox.create(image=image, api_url=server.url, registry_secret="robot") as sb:
+        assert sb.exec("echo $GREETING").stdout == "hello from the registry\n"
+    # The pulled private image is kept for that secret only: without it, no sandbox gets it.
+    with pytest.raises(SandboxRequestError, match="cannot pull"):
+        Sandbox.create(image=image, api_url=server.url)
+    # and the password went nowhere near a command line or the image store's files
+    store = Path(server.engine.images.root)  # type: ignore[attr-defined]
+    leaked = subprocess.run(
+        ["grep", "-rl", "hunter2-registry", str(store)], capture_output=True, text=True
+    )
+    assert leaked.stdout == ""

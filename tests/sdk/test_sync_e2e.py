@@ -24,7 +24,6 @@ from sandlot import (
     SandboxRequestError,
     SandboxServiceError,
     SandboxTimeoutError,
-    UnsupportedFeatureError,
 )
 from sandlot.sdk import CancelToken, CommandCancelledError, ExitEvent, StdoutEvent
 
@@ -279,13 +278,9 @@ def test_ports_and_tcp_proxy(sb: Sandbox) -> None:
     assert issubclass(InvalidPortError, ValueError)
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [{"registry_secret": "creds"}],
-)
-def test_unsupported_create_options(api_url: str, kwargs: dict[str, Any]) -> None:
-    with pytest.raises(UnsupportedFeatureError, match="not supported yet"):
-        Sandbox.create(image="busybox", **kwargs)
+def test_unknown_registry_secret(api_url: str) -> None:
+    with pytest.raises(SandboxRequestError, match="no registry secret named 'creds'"):
+        Sandbox.create(image="busybox", registry_secret="creds")
 
 
 @pytest.mark.parametrize(
@@ -298,7 +293,7 @@ def test_unsupported_create_options(api_url: str, kwargs: dict[str, Any]) -> Non
         ({"idle_timeout": -1}, "idle_timeout"),
         ({"delete_after_delay": -3}, "delete_after_delay"),
         ({"region": "mars"}, "region"),
-        ({"image": "no-such-image"}, "image"),
+        ({"image": "No-Such-Image"}, "unknown image"),  # not a reference: nothing is pulled
         ({"labels": {"a": None}}, "labels"),
     ],
 )

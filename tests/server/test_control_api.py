@@ -118,12 +118,80 @@ def test_bad_json(server: RunningServer) -> None:
         assert r.status_code == 400 and "JSON object" in r.json()["error"]
 
 
-@pytest.mark.parametrize("body", [{"registry_secret": "creds"}])
-def test_unsupported_options_say_so(server: RunningServer, body: dict[str, Any]) -> None:
+def test_registry_secrets(server: RunningServer, engine: AgentProcessEngine) -> None:
+    """Secrets are per project, never show their password, and reach the engine as the
+    credentials of the image's registry (the local engine's pulls are tested for real in
+    tests/sdk/test_registry_images.py)."""
+    secret = {
+        "name": "ghcr-team",
+        "registry": "ghcr.io",
+        "username": "robot",
+        "password": "s3cret-Value",
+    }
+    with server.client(project="team-a") as c, server.client(project="team-b") as other:
+        r = c.post("/v1/secrets", json=secret)
+        assert r.status_code == 201, r.text
+        assert r.json() == {
+            "name": "ghcr-team",
+            "type": "registry",
+            "registry": "ghcr.io",
+            "username": "robot",
+            "created_at": r.json()["created_at"],
+        }
+        assert c.post("/v1/secrets", json=secret).status_code == 409
+        listed = c.get("/v1/secrets")
+        assert [s["name"] for s in listed.json()["secrets"]] == ["ghcr-team"]
+        assert "s3cret-Value" not in listed.text
+        assert other.get("/v1/secrets").json()["secrets"] == []
+        r = create(c, image="ghcr.io/team/app:1", registry_secret="ghcr-team")
+        assert r.status_code == 201, r.text
+        auth = engine.specs[r.json()["id"]].registry_auth
+        assert auth is not None
+        assert (auth.registry, auth.username, auth.password) == ("ghcr.io", "robot", "s3cret-Value")
+        assert "s3cret-Value" not in c.get(f"/v1/sandboxes/{r.json()['id']}").text
+        # another project's secret is no secret of yours
+        r = create(other, image="ghcr.io/team/app:1", registry_secret="ghcr-team")
+        assert r.status_code == 400 and r.json()["code"] == "invalid_registry_secret"
+        assert "ghcr-team" in r.json()["error"]
+        assert other.delete("/v1/secrets/ghcr-team").status_code == 404
+        r = c.delete("/v1/secrets/ghcr-team")
+        assert r.status_code == 200 and r.json()["name"] == "ghcr-team"
+        r = create(c, image="ghcr.io/team/app:1", registry_secret="ghcr-team")
+        assert r.status_code == 400 and r.json()["code"] == "invalid_registry_secret"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"name": "Has Spaces"}, "name"),
+        ({"name": ""}, "name"),
+        ({"registry": "https://ghcr.io/org"}, "registry"),
+        ({"registry": "not a host"}, "registry"),
+        ({"registry": "library"}, "registry"),  # a path, not a host
+        ({"username": ""}, "username"),
+        ({"password": "line\nbreak"}, "password"),
+        ({"type": "opaque"}, "type"),
+        ({"password": 12}, "password"),
+        ({"extra": 1}, "extra"),
+    ],
+)
+def test_registry_secret_bad_input(
+    server: RunningServer, change: dict[str, Any], field: str
+) -> None:
+    body = {"name": "x", "registry": "docker.io", "username": "u", "password": "p", **change}
     with server.client() as c:
-        r = create(c, **body)
-    assert r.status_code == 501
-    assert "not supported yet" in r.json()["error"]
+        r = c.post("/v1/secrets", json=body)
+        assert r.status_code == 400, r.text
+        assert field in r.text
+        assert c.get("/v1/secrets").json()["secrets"] == []
+
+
+def test_registry_secret_registry_is_normalised(server: RunningServer) -> None:
+    with server.client(project="norm") as c:
+        body = {"name": "hub", "registry": "https://Docker.IO/", "username": "u", "password": "p"}
+        r = c.post("/v1/secrets", json=body)
+        assert r.status_code == 201 and r.json()["registry"] == "docker.io"
+        assert c.delete("/v1/secrets/hub").status_code == 200
 
 
 def test_ports_bad_input(server: RunningServer) -> None:

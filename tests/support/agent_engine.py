@@ -43,11 +43,14 @@ class AgentProcessEngine:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.created: list[str] = []
         self.deleted: list[str] = []
+        #: Every spec create() was given, by sandbox id.
+        self.specs: dict[str, SandboxSpec] = {}
 
     def _dir(self, sandbox_id: str) -> Path:
         return self.root / sandbox_id
 
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
+        self.specs[spec.id] = spec
         if spec.image == "fail":
             raise ImageError("image 'fail' does not exist")
         if spec.image == "unavailable":

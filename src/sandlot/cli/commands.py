@@ -216,13 +216,7 @@ def rm(sandbox_ids: tuple[str, ...]) -> None:
 @sdk_errors
 def events(sandbox_id: str, as_json: bool) -> None:
     """Show a sandbox's history: created, slept, woke, deleted (also after deletion)."""
-    from sandlot.sdk._common import resolve_connection
-    from sandlot.sdk._sync.sandbox import _open_client, _request
-
-    conn = resolve_connection(None, None)
-    with _open_client(conn) as client:
-        data = _request(client, conn, "GET", f"/v1/sandboxes/{sandbox_id}/events",
-                        f"get events of sandbox {sandbox_id}")
+    data = _call("GET", f"/v1/sandboxes/{sandbox_id}/events", f"get events of sandbox {sandbox_id}")
     items = data["events"]
     if as_json:
         click.echo(json.dumps(items))
@@ -234,7 +228,8 @@ def events(sandbox_id: str, as_json: bool) -> None:
 # -- tokens -------------------------------------------------------------------------------------
 
 
-def _admin(method: str, path: str, what: str, **kwargs: Any) -> Any:
+def _call(method: str, path: str, what: str, **kwargs: Any) -> Any:
+    """One control API call, with the SDK's connection settings and errors."""
     from sandlot.sdk._common import resolve_connection
     from sandlot.sdk._sync.sandbox import _open_client, _request
 
@@ -257,7 +252,7 @@ def token() -> None:
 def token_create(project: str, name: str | None, as_json: bool) -> None:
     """Create a token; it is shown once."""
     body = {"project": project, "name": name or ""}
-    data = _admin("POST", "/v1/tokens", "create token", json=body)
+    data = _call("POST", "/v1/tokens", "create token", json=body)
     if as_json:
         click.echo(json.dumps(data))
     else:
@@ -273,7 +268,7 @@ def token_create(project: str, name: str | None, as_json: bool) -> None:
 def token_list(project: str | None, as_json: bool) -> None:
     """List tokens (never their values)."""
     params = {"project": project} if project else {}
-    data = _admin("GET", "/v1/tokens", "list tokens", params=params)
+    data = _call("GET", "/v1/tokens", "list tokens", params=params)
     items = data["tokens"]
     if as_json:
         click.echo(json.dumps(items))
@@ -290,8 +285,56 @@ def token_list(project: str | None, as_json: bool) -> None:
 @sdk_errors
 def token_revoke(token_id: str) -> None:
     """Revoke a token."""
-    _admin("DELETE", f"/v1/tokens/{token_id}", "revoke token")
+    _call("DELETE", f"/v1/tokens/{token_id}", "revoke token")
     click.echo(token_id)
+
+
+# -- registry secrets ---------------------------------------------------------------------------
+
+
+@click.group()
+def secret() -> None:
+    """Registry credentials for private images (``registry_secret=NAME``)."""
+
+
+@secret.command(name="create")
+@click.argument("name")
+@click.option("--registry", required=True, help="The registry's host[:port] (docker.io, ghcr.io).")
+@click.option("--username", required=True)
+@click.option("--password-stdin", is_flag=True, required=True,
+              help="Read the password (or token) from standard input, never from the command line.")
+@sdk_errors
+def secret_create(name: str, registry: str, username: str, password_stdin: bool) -> None:
+    """Create a registry secret; the password is read from standard input."""
+    password = sys.stdin.read().rstrip("\r\n")
+    if not password:
+        raise click.ClickException("no password on standard input")
+    body = {"name": name, "registry": registry, "username": username, "password": password}
+    data = _call("POST", "/v1/secrets", "create secret", json=body)
+    click.echo(data["name"])
+
+
+@secret.command(name="ls")
+@click.option("--json", "as_json", is_flag=True)
+@sdk_errors
+def secret_list(as_json: bool) -> None:
+    """List the project's secrets (never their passwords)."""
+    items = _call("GET", "/v1/secrets", "list secrets")["secrets"]
+    if as_json:
+        click.echo(json.dumps(items))
+        return
+    table = Table("NAME", "REGISTRY", "USERNAME", "CREATED", box=None)
+    for it in items:
+        table.add_row(it["name"], it["registry"], it["username"], it["created_at"][:19])
+    Console().print(table)
+
+
+@secret.command(name="rm")
+@click.argument("name")
+@sdk_errors
+def secret_remove(name: str) -> None:
+    """Delete a secret (sandboxes created with it keep running)."""
+    click.echo(_call("DELETE", f"/v1/secrets/{name}", "delete secret")["name"])
 
 
 # -- images -------------------------------------------------------------------------------------
@@ -349,4 +392,4 @@ def image_list(as_json: bool) -> None:
         click.echo(f"{it['name']}\t{it['path']}")
 
 
-COMMANDS = [create, list_sandboxes, exec_command, run, cp, rm, events, token, image]
+COMMANDS = [create, list_sandboxes, exec_command, run, cp, rm, events, token, secret, image]

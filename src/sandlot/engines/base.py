@@ -68,6 +68,19 @@ class SandboxSpec:
     #: authenticated request claims it and its bearer token becomes the secret (kept across
     #: restarts of the agent). ``secret`` is ignored.
     pool: bool = False
+    #: Credentials for the image's registry (a private image), or None.
+    registry_auth: RegistryAuth | None = None
+
+
+@dataclass(frozen=True)
+class RegistryAuth:
+    """Credentials for pulling a sandbox's image from a private registry (``registry_secret``).
+    ``registry`` is the host (``[host][:port]``, ``docker.io`` for Docker Hub) they are for:
+    they are never sent anywhere else."""
+
+    registry: str
+    username: str
+    password: str = field(repr=False)
 
 
 @dataclass(frozen=True)

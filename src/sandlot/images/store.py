@@ -20,6 +20,7 @@ Image references a user can give:
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -27,12 +28,11 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandlot.engines.base import ImageError
+from sandlot.engines.base import ImageError, RegistryAuth
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_IMAGE_ALIASES = frozenset({"default", "koyeb/sandbox", "koyeb/sandbox:latest"})
@@ -87,10 +87,24 @@ class ImageStore:
 
     # -- resolution ---------------------------------------------------------------------------
 
-    def resolve(self, ref: str, *, build: bool = True, progress: Progress | None = None) -> Image:
-        """Return the image for ``ref``; build the built-in ones on first use when ``build``."""
+    def resolve(
+        self,
+        ref: str,
+        *,
+        build: bool = True,
+        progress: Progress | None = None,
+        auth: RegistryAuth | None = None,
+    ) -> Image:
+        """Return the image for ``ref``; build the built-in ones on first use when ``build``;
+        ``auth`` is for a private registry image (and refused for any other kind)."""
         if not isinstance(ref, str) or not ref.strip():
             raise ImageError("image must be a non-empty string")
+        if auth is not None:
+            if not _REGISTRY_REF.fullmatch(ref) or ref in DEFAULT_IMAGE_ALIASES or ref == "busybox":
+                raise ImageError(
+                    f"registry_secret is for images pulled from a registry, not for {ref!r}"
+                )
+            return self.registry_image(ref, progress=progress, auth=auth)
         if ref in DEFAULT_IMAGE_ALIASES:
             return self.default_image(build=build, progress=progress)
         if ref == "busybox":
@@ -123,10 +137,12 @@ class ImageStore:
         once)."""
         if (final / "image.json").exists():
             return final
-        with self._locks_guard:
-            lock = self._locks.setdefault(final.name, threading.Lock())
-        with lock:
+        with self._lock(final.name):
             return self._build_unlocked(final, build)
+
+    def _lock(self, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(name, threading.Lock())
 
     def _build_unlocked(self, final: Path, build: Callable[[Path], None]) -> Path:
         if (final / "image.json").exists():
@@ -208,42 +224,85 @@ class ImageStore:
         return _read_image(spec, final)
 
     def registry_image(
-        self, ref: str, *, progress: Progress | None = None, pull: bool = False
+        self,
+        ref: str,
+        *,
+        progress: Progress | None = None,
+        pull: bool = False,
+        auth: RegistryAuth | None = None,
     ) -> Image:
-        """``ref`` pulled from its registry (once; again with ``pull=True``) and unpacked."""
+        """``ref`` pulled from its registry and unpacked: once, then reused; ``pull=True`` pulls
+        again into a new version (the versions in use stay where they are: sandboxes, also
+        deeply asleep ones, refer to their image's directory). Images pulled with credentials
+        are kept apart per credentials, so that nobody without them gets a private image from
+        this cache."""
         match = _REGISTRY_REF.fullmatch(ref)
         if match is None:
             raise ImageError(f"{ref!r} is not a registry reference (such as 'python:3.12-slim')")
+        host = registry_host(ref)
+        if auth is not None and registry_host(auth.registry + "/x") != host:
+            raise ImageError(
+                f"the registry secret is for {auth.registry}, not for {host} (the image's registry)"
+            )
         _need("skopeo", "pulling images from registries")
         _need("umoci", "pulling images from registries")
-        final = self.root / f"registry-{_recipe_digest('registry-v1', ref)}"
-        if pull and (final / "image.json").exists():
-            stale = final.with_name(f".stale-{final.name}-{uuid.uuid4().hex[:8]}")
-            final.rename(stale)  # sandboxes using it keep their mounts; new ones get the pull
-            shutil.rmtree(stale, ignore_errors=True)
-        host = match.group("host") or ""
-        name, _, port = host.rpartition(":")
-        plain_http = (name if port.isdigit() else host) in _PLAIN_HTTP_HOSTS
+        key = ["registry-v1", ref]
+        if auth is not None:
+            key += [auth.registry, auth.username, auth.password]
+        base = f"registry-{_recipe_digest(*key)}"
+        with self._lock(base):
+            versions = sorted(
+                (int(d.name.rsplit("-", 1)[1]), d)
+                for d in self.root.glob(f"{base}-*")
+                if d.name.rsplit("-", 1)[1].isdigit() and (d / "image.json").exists()
+            )
+            if versions and not pull:
+                return _read_image(ref, versions[-1][1])
+            final = self.root / f"{base}-{versions[-1][0] + 1 if versions else 1}"
+            name, _, port = host.rpartition(":")
+            plain_http = (name if port.isdigit() else host) in _PLAIN_HTTP_HOSTS
 
-        def build(tmp: Path) -> None:
-            layout = tmp / "layout"
-            if progress:
-                progress(f"pulling {ref}")
-            command = ["skopeo", "copy", "--quiet", "--retry-times", "2"]
-            if plain_http:
-                command.append("--src-tls-verify=false")
-            command += [f"docker://{ref}", f"oci:{layout}:image"]
-            result = subprocess.run(command, capture_output=True, text=True, timeout=PULL_TIMEOUT)
-            if result.returncode != 0:
-                raise ImageError(f"cannot pull {ref}: {_skopeo_error(result.stderr)}")
-            _unpack(layout, "image", tmp, progress)
-            shutil.rmtree(layout, ignore_errors=True)
+            def build(tmp: Path) -> None:
+                layout = tmp / "layout"
+                if progress:
+                    progress(f"pulling {ref}")
+                command = ["skopeo", "copy", "--quiet", "--retry-times", "2"]
+                if plain_http:
+                    command.append("--src-tls-verify=false")
+                if auth is not None:  # in a 0600 file, never on a command line
+                    authfile = tmp / "auth.json"
+                    authfile.touch(mode=0o600)
+                    token = base64.b64encode(f"{auth.username}:{auth.password}".encode())
+                    authfile.write_text(
+                        json.dumps({"auths": {host: {"auth": token.decode()}}})
+                    )
+                    command += ["--src-authfile", str(authfile)]
+                command += [f"docker://{ref}", f"oci:{layout}:image"]
+                try:
+                    result = subprocess.run(
+                        command, capture_output=True, text=True, timeout=PULL_TIMEOUT
+                    )
+                finally:
+                    if auth is not None:
+                        (tmp / "auth.json").unlink(missing_ok=True)
+                if result.returncode != 0:
+                    raise ImageError(f"cannot pull {ref}: {_skopeo_error(result.stderr)}")
+                _unpack(layout, "image", tmp, progress)
+                shutil.rmtree(layout, ignore_errors=True)
 
-        try:
-            self._build_atomically(final, build)
-        except subprocess.TimeoutExpired:
-            raise ImageError(f"pulling {ref} took longer than {PULL_TIMEOUT:g}s") from None
+            try:
+                self._build_unlocked(final, build)
+            except subprocess.TimeoutExpired:
+                raise ImageError(f"pulling {ref} took longer than {PULL_TIMEOUT:g}s") from None
         return _read_image(ref, final)
+
+
+def registry_host(ref: str) -> str:
+    """The registry a reference pulls from, as skopeo's auth files name it (Docker Hub:
+    ``docker.io``)."""
+    match = _REGISTRY_REF.fullmatch(ref)
+    host = (match.group("host") if match else None) or "docker.io"
+    return "docker.io" if host in ("index.docker.io", "registry-1.docker.io") else host
 
 
 #: ``[host[:port]/]path[:tag][@digest]`` -- Docker's reference grammar: the first component is a

@@ -27,7 +27,7 @@ from starlette.routing import BaseRoute, Route
 import sandlot
 from sandlot.engines.base import Engine
 from sandlot.server.control import ApiError, Control
-from sandlot.server.db import DEFAULT_PROJECT, ApiToken, SandboxRow, Store
+from sandlot.server.db import DEFAULT_PROJECT, ApiToken, RegistrySecret, SandboxRow, Store
 from sandlot.server.gateway import Gateway
 from sandlot.server.pool import PoolKey
 from sandlot.server.ports import (
@@ -40,6 +40,7 @@ from sandlot.server.ports import (
 )
 from sandlot.server.schemas import (
     CreateSandbox,
+    CreateSecret,
     CreateToken,
     DeletedOut,
     ErrorOut,
@@ -48,6 +49,8 @@ from sandlot.server.schemas import (
     HealthOut,
     SandboxList,
     SandboxOut,
+    SecretList,
+    SecretOut,
     TokenList,
     TokenOut,
     UpdateSandbox,
@@ -136,6 +139,16 @@ def token_out(row: ApiToken, token: str | None = None) -> TokenOut:
         created_at=_iso(row.created_at),
         revoked_at=_iso(row.revoked_at) if row.revoked_at else None,
         token=token,
+    )
+
+
+def secret_out(row: RegistrySecret) -> SecretOut:
+    return SecretOut(
+        name=row.name,
+        type="registry",
+        registry=row.host,
+        username=row.username,
+        created_at=_iso(row.created_at),
     )
 
 
@@ -316,6 +329,36 @@ class Api:
             raise ApiError(404, "not_found", f"token {token_id} not found (or already revoked)")
         return json_response(token_out(row))
 
+    # -- registry secrets --
+
+    async def create_secret(self, request: Request) -> Response:
+        who = await self.principal(request)
+        req = await parse_body(request, CreateSecret)
+        row = await self.control.db(
+            self.store.add_registry_secret,
+            who.project,
+            req.name,
+            req.registry,
+            req.username,
+            req.password,
+        )
+        if row is None:
+            raise ApiError(409, "conflict", f"a secret named {req.name!r} already exists")
+        return json_response(secret_out(row), 201)
+
+    async def list_secrets(self, request: Request) -> Response:
+        who = await self.principal(request)
+        rows = await self.control.db(self.store.list_registry_secrets, who.project)
+        return json_response(SecretList(secrets=[secret_out(r) for r in rows]))
+
+    async def delete_secret(self, request: Request) -> Response:
+        who = await self.principal(request)
+        name = request.path_params["name"]
+        row = await self.control.db(self.store.delete_registry_secret, who.project, name)
+        if row is None:
+            raise ApiError(404, "not_found", f"secret {name!r} not found")
+        return json_response(secret_out(row))
+
     # -- misc --
 
     async def health(self, request: Request) -> Response:
@@ -424,6 +467,31 @@ class Api:
                 "Revoke an API token (Unix socket only)",
                 None,
                 TokenOut,
+            ),
+            ApiRoute(
+                "POST",
+                "/v1/secrets",
+                self.create_secret,
+                "Create a registry secret (for registry_secret=NAME)",
+                CreateSecret,
+                SecretOut,
+                status=201,
+            ),
+            ApiRoute(
+                "GET",
+                "/v1/secrets",
+                self.list_secrets,
+                "List the project's secrets (never their passwords)",
+                None,
+                SecretList,
+            ),
+            ApiRoute(
+                "DELETE",
+                "/v1/secrets/{name}",
+                self.delete_secret,
+                "Delete a secret (sandboxes created with it keep running)",
+                None,
+                SecretOut,
             ),
             ApiRoute("GET", "/openapi.json", self.openapi, "This document", None, None, auth=False),
         ]

@@ -20,6 +20,7 @@ from sandlot.engines.base import (
     EngineUnavailableError,
     ImageError,
     NetworkMode,
+    RegistryAuth,
     SandboxSpec,
     SandboxState,
 )
@@ -90,13 +91,17 @@ class Control:
     # -- create -------------------------------------------------------------------------------
 
     async def create(self, project: str, req: CreateSandbox) -> SandboxRow:
+        auth: RegistryAuth | None = None
         if req.registry_secret is not None:
-            raise ApiError(
-                501,
-                "unsupported",
-                "registry_secret (private registry pulls) is not supported yet by this sandlot "
-                "server",
-            )
+            found = await self.db(self.store.get_registry_secret, project, req.registry_secret)
+            if found is None:
+                raise ApiError(
+                    400,
+                    "invalid_registry_secret",
+                    f"no registry secret named {req.registry_secret!r} in this project "
+                    "(POST /v1/secrets, or `sandlot secret create`)",
+                )
+            auth = RegistryAuth(found.host, found.username, found.password)
         region = req.region or self.default_region
         engine = self.engines.get(region)
         if engine is None:
@@ -107,7 +112,7 @@ class Control:
         image = req.image or DEFAULT_IMAGE
         image = IMAGE_ALIASES.get(image, image)
         mode, allow = resolve_policy(req.block_network, req.outbound_allowlist)
-        if self.pools is not None and mode is NetworkMode.NONE:
+        if self.pools is not None and mode is NetworkMode.NONE and auth is None:
             claimed = await self.pools.claim(project, req, image)
             if claimed is not None:
                 return claimed
@@ -152,6 +157,7 @@ class Control:
             labels=dict(req.labels or {}),
             network=mode,
             outbound_allowlist=allow,
+            registry_auth=auth,
         )
         try:
             info = await engine.create(spec)

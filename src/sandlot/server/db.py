@@ -20,6 +20,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
     inspect,
@@ -27,6 +28,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine as SAEngine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 DEFAULT_PROJECT = "default"
@@ -107,6 +109,26 @@ class SandboxEvent(Base):
     at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     kind: Mapped[str] = mapped_column(String(32))
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class RegistrySecret(Base):
+    """Credentials for a private registry, named per project (``registry_secret=NAME``).
+
+    Stored as given: unlike API tokens they are sent to the registry, so they cannot be
+    hashed. The API never returns the password; the database file is the server's own (0600
+    under the state directory for SQLite)."""
+
+    __tablename__ = "registry_secrets"
+    __table_args__ = (UniqueConstraint("project", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project: Mapped[str] = mapped_column(String(128), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    #: ``host[:port]`` (``docker.io`` for Docker Hub): the only registry these are sent to.
+    host: Mapped[str] = mapped_column(String(255))
+    username: Mapped[str] = mapped_column(String(255))
+    password: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 def hash_token(token: str) -> str:
@@ -192,6 +214,52 @@ class Store:
             if row is None or row.revoked_at is not None:
                 return None
             row.revoked_at = utcnow()
+            return row
+
+    # -- registry secrets ---------------------------------------------------------------------
+
+    def add_registry_secret(
+        self, project: str, name: str, host: str, username: str, password: str
+    ) -> RegistrySecret | None:
+        """The new secret, or None when the project already has one of that name."""
+        row = RegistrySecret(
+            project=project,
+            name=name,
+            host=host,
+            username=username,
+            password=password,
+            created_at=utcnow(),
+        )
+        try:
+            with self.session() as s, s.begin():
+                s.add(row)
+        except IntegrityError:
+            return None
+        return row
+
+    def get_registry_secret(self, project: str, name: str) -> RegistrySecret | None:
+        with self.session() as s:
+            return s.scalar(
+                select(RegistrySecret).where(
+                    RegistrySecret.project == project, RegistrySecret.name == name
+                )
+            )
+
+    def list_registry_secrets(self, project: str) -> list[RegistrySecret]:
+        with self.session() as s:
+            q = select(RegistrySecret).where(RegistrySecret.project == project)
+            return list(s.scalars(q.order_by(RegistrySecret.name)))
+
+    def delete_registry_secret(self, project: str, name: str) -> RegistrySecret | None:
+        """The deleted secret, or None if there was none of that name."""
+        with self.session() as s, s.begin():
+            row = s.scalar(
+                select(RegistrySecret).where(
+                    RegistrySecret.project == project, RegistrySecret.name == name
+                )
+            )
+            if row is not None:
+                s.delete(row)
             return row
 
     # -- sandboxes ----------------------------------------------------------------------------

@@ -227,6 +227,52 @@ class TokenList(BaseModel):
     tokens: list[TokenOut]
 
 
+class CreateSecret(_Strict):
+    """A registry secret: what ``registry_secret=NAME`` pulls a private image with."""
+
+    name: StrictStr = Field(..., pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+    type: Literal["registry"] = "registry"
+    registry: StrictStr = Field(
+        ...,
+        description="The registry's host[:port] (docker.io for Docker Hub); the credentials "
+        "are sent there and nowhere else.",
+    )
+    username: StrictStr = Field(..., min_length=1, max_length=255)
+    password: StrictStr = Field(..., min_length=1, max_length=8192)
+
+    @field_validator("registry")
+    @classmethod
+    def _registry(cls, value: str) -> str:
+        from sandlot.images.store import registry_host
+
+        host = value.strip().lower().removeprefix("https://").removeprefix("http://").rstrip("/")
+        if "/" in host or registry_host(f"{host}/x") != host:
+            raise ValueError(
+                f"registry must be a registry host such as ghcr.io, docker.io or "
+                f"localhost:5000, not {value!r}"
+            )
+        return host
+
+    @field_validator("username", "password")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError("must not contain control characters")
+        return value
+
+
+class SecretOut(BaseModel):
+    name: str
+    type: Literal["registry"]
+    registry: str
+    username: str
+    created_at: str
+
+
+class SecretList(BaseModel):
+    secrets: list[SecretOut]
+
+
 class ErrorOut(BaseModel):
     error: str
     code: str

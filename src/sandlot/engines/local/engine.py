@@ -211,7 +211,9 @@ class LocalEngine:
         bad_env = sorted(k for k in spec.env if k in _RESERVED_ENV or "=" in k or not k)
         if bad_env:
             raise EngineError(f"invalid or reserved environment variable names: {bad_env}")
-        image = await asyncio.to_thread(self.images.resolve, spec.image)
+        image = await asyncio.to_thread(
+            lambda: self.images.resolve(spec.image, auth=spec.registry_auth)
+        )
         runtime_dir = await asyncio.to_thread(self.agent_runtime)
         async with self._lock(spec.id):
             if directory.exists():

@@ -68,7 +68,6 @@ from sandlot.sdk.errors import (
     SandboxRequestError,
     SandboxServiceError,
     SandboxTimeoutError,
-    UnsupportedFeatureError,
 )
 
 _UNSET: Any = object()
@@ -170,10 +169,6 @@ class Sandbox:
         has no network at all; ``block_network=False`` gives it full outbound access;
         ``outbound_allowlist=["10.1.2.0/24", "192.0.2.7"]`` only those networks (plus DNS to
         its resolvers). Change it later with :meth:`update_network`."""
-        if registry_secret is not None:
-            raise UnsupportedFeatureError(
-                "registry_secret (private registry pulls) is not supported yet by sandlot"
-            )
         conn = resolve_connection(api_url, api_token)
         body: dict[str, Any] = {
             "image": image,

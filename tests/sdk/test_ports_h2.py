@@ -1,0 +1,484 @@
+"""HTTP/2 through the ports gateway (issue 7): HTTP/2 clients with prior knowledge at the server
+(h2serve.py) and h2c to sandboxes created with ``exposed_port_protocol="http2"``
+(h2upstream.py). Real sandboxes run a real h2c server (the ``h2`` library copied into them,
+tests/sdk/sandbox_servers.py's H2_APP); clients are httpx (HTTP/2 and HTTP/1.1), curl, and a raw
+``h2`` client where a test needs frames (trailers, resets, malformed input)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h2
+import h2.config
+import h2.connection
+import h2.events
+import hpack
+import httpx
+import hyperframe
+import pytest
+from sandbox_servers import H2_APP
+from support.server import start_server
+from test_ports import DOMAIN, Gateway, gw, path_url, start_servers
+
+from sandlot import Sandbox
+
+pytestmark = pytest.mark.root
+
+__all__ = ["gw"]  # the gateway fixture, shared with test_ports.py
+
+H2_PORT = 8443
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def _upload_h2(sb: Sandbox) -> None:
+    """The pure-Python h2, hpack and hyperframe packages into the sandbox's /srv/lib."""
+    files: dict[str, bytes] = {}
+    for package in (h2, hpack, hyperframe):
+        root = Path(package.__file__).parent
+        for path in root.rglob("*.py"):
+            files[f"/srv/lib/{root.name}/{path.relative_to(root)}"] = path.read_bytes()
+    dirs = sorted({str(Path(p).parent) for p in files})
+    assert sb.exec("mkdir -p " + " ".join(dirs)).exit_code == 0
+    sb.filesystem.write_files(files)
+
+
+def start_h2_app(sb: Sandbox, port: int = H2_PORT) -> None:
+    sb.filesystem.write_file("/srv/h2app.py", H2_APP)
+    sb.launch_process(f"python3 /srv/h2app.py {port}")
+    start_servers(sb, {})  # writes the helpers; the wait below is for our port
+    result = sb.exec(f"python3 /srv/wait.py {port}")
+    assert result.exit_code == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def h2box(gw: Gateway) -> Iterator[Sandbox]:
+    """A sandbox made with exposed_port_protocol="http2", its h2c server on 8443, exposed."""
+    sb = gw.create(exposed_port_protocol="http2", idle_timeout=0)
+    try:
+        _upload_h2(sb)
+        start_h2_app(sb)
+        assert sb.expose_port(H2_PORT)["protocol"] == "http2"
+        yield sb
+    finally:
+        sb.delete()
+
+
+@pytest.fixture(scope="module")
+def h1box(gw: Gateway) -> Iterator[Sandbox]:
+    """An HTTP/1.1 sandbox (Python's http.server on 8001), for HTTP/2 clients of HTTP/1.1
+    ports."""
+    sb = gw.create(idle_timeout=0)
+    try:
+        start_servers(sb, {8001: "www", 8000: "app"})
+        sb.expose_port(8001)
+        sb.expose_port(8000)
+        yield sb
+    finally:
+        sb.delete()
+
+
+def h2_client(gw: Gateway, **kwargs: Any) -> httpx.Client:
+    """httpx speaking HTTP/2 with prior knowledge (no TLS: no ALPN, so prior knowledge)."""
+    return httpx.Client(http1=False, http2=True, timeout=60, **kwargs)
+
+
+def host_headers(sb: Sandbox, port: int = H2_PORT) -> dict[str, str]:
+    return {"host": f"{port}-{sb.id}.{DOMAIN}"}
+
+
+# -- a raw HTTP/2 client, for what httpx hides (trailers, resets, bad frames) -------------------
+
+
+@dataclass
+class Answer:
+    status: int = 0
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    body: bytes = b""
+    trailers: dict[bytes, bytes] = field(default_factory=dict)
+    reset: bool = False
+
+
+class RawH2:
+    """A blocking h2 client on one socket to the gateway."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        self.h2.initiate_connection()
+        self.flush()
+        self.answers: dict[int, Answer] = {}
+        self.ended: set[int] = set()
+        self.goaway: h2.events.ConnectionTerminated | None = None
+
+    def flush(self) -> None:
+        self.sock.sendall(self.h2.data_to_send())
+
+    def start(self, path: str, authority: str = "gw", extra: list[tuple[str, str]] = ()) -> int:  # type: ignore[assignment]
+        sid = self.h2.get_next_available_stream_id()
+        headers = [(":method", "GET"), (":scheme", "http"), (":authority", authority)]
+        self.h2.send_headers(sid, [*headers, (":path", path), *extra], end_stream=True)
+        self.flush()
+        self.answers[sid] = Answer()
+        return sid
+
+    def pump(self) -> bool:
+        """Read once and process; False when the connection is closed."""
+        data = self.sock.recv(65536)
+        if not data:
+            return False
+        for event in self.h2.receive_data(data):
+            sid = getattr(event, "stream_id", None)
+            answer = self.answers.get(sid or 0)
+            if isinstance(event, h2.events.ResponseReceived) and answer is not None:
+                answer.headers = dict(event.headers)
+                answer.status = int(answer.headers[b":status"])
+            elif isinstance(event, h2.events.DataReceived) and answer is not None:
+                answer.body += event.data
+                self.h2.acknowledge_received_data(event.flow_controlled_length, sid)
+            elif isinstance(event, h2.events.TrailersReceived) and answer is not None:
+                answer.trailers = dict(event.headers)
+            elif isinstance(event, h2.events.StreamEnded):
+                self.ended.add(sid or 0)
+            elif isinstance(event, h2.events.StreamReset) and answer is not None:
+                answer.reset = True
+                self.ended.add(sid or 0)
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.goaway = event
+        self.flush()
+        return True
+
+    def get(self, path: str, **kwargs: Any) -> Answer:
+        sid = self.start(path, **kwargs)
+        while sid not in self.ended:
+            assert self.pump(), "connection closed"
+        return self.answers[sid]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+# -- HTTP/2 clients → http2 port --------------------------------------------------------------
+
+
+def test_h2_client_path_and_host_form(gw: Gateway, h2box: Sandbox) -> None:
+    with h2_client(gw) as c:
+        r = c.get(path_url(gw, h2box, H2_PORT, "echo/a%20b?x=1"))
+        assert r.status_code == 200, r.text
+        assert r.http_version == "HTTP/2"
+        seen = r.json()
+        assert seen["path"] == "/echo/a%20b?x=1"
+        assert seen["headers"][":authority"] == f"127.0.0.1:{gw.port}"
+        assert seen["headers"]["x-forwarded-prefix"] == f"/sandboxes/{h2box.id}/ports/{H2_PORT}"
+        # host form: the authority routes it, and the sandbox sees it as its :authority
+        r = c.get(f"{gw.url}/echo?z=1", headers=host_headers(h2box))
+        assert r.status_code == 200 and r.http_version == "HTTP/2", r.text
+        seen = r.json()
+        assert seen["path"] == "/echo?z=1"
+        assert seen["headers"][":authority"] == f"{H2_PORT}-{h2box.id}.{DOMAIN}"
+        assert "x-forwarded-prefix" not in seen["headers"]
+
+
+def test_http11_client_to_an_http2_port(gw: Gateway, h2box: Sandbox) -> None:
+    """An HTTP/1.1 client of an http2 port: the gateway translates (the sandbox's server speaks
+    HTTP/2 only)."""
+    r = httpx.get(path_url(gw, h2box, H2_PORT, "plain?q=1"), timeout=30)
+    assert r.status_code == 200 and r.http_version == "HTTP/1.1", r.text
+    seen = r.json()
+    assert seen["method"] == "GET" and seen["path"] == "/plain?q=1"
+    assert seen["headers"][":scheme"] == "http"
+    assert "connection" not in seen["headers"]
+    r = httpx.post(path_url(gw, h2box, H2_PORT, "up"), content=b"x" * 100_000, timeout=30)
+    assert r.json() == {"size": 100_000, "sha256": hashlib.sha256(b"x" * 100_000).hexdigest()}
+
+
+def test_curl_prior_knowledge(gw: Gateway, h2box: Sandbox, h1box: Sandbox) -> None:
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    for url in (path_url(gw, h2box, H2_PORT, "curl"), path_url(gw, h1box, 8001, "hello.txt")):
+        out = subprocess.run(
+            [curl, "-sS", "--http2-prior-knowledge", "-w", "\n%{http_version}", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        body, version = out.rsplit("\n", 1)
+        assert version == "2", out
+        assert '"/curl"' in body or body == "hello from the sandbox\n", out
+
+
+def test_many_concurrent_streams_share_connections(gw: Gateway, h2box: Sandbox) -> None:
+    """100 requests at once on one client connection, multiplexed by the gateway over one
+    connection to the sandbox's server."""
+
+    async def run() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=1)
+        async with httpx.AsyncClient(http1=False, http2=True, limits=limits, timeout=60) as c:
+            urls = [path_url(gw, h2box, H2_PORT, f"n/{i}") for i in range(100)]
+            return await asyncio.gather(*(c.get(u) for u in urls))
+
+    responses = asyncio.run(run())
+    assert [r.json()["path"] for r in responses] == [f"/n/{i}" for i in range(100)]
+    assert {r.http_version for r in responses} == {"HTTP/2"}
+    assert len({r.json()["conn"] for r in responses}) == 1
+
+
+def test_large_upload_and_download_are_streamed(gw: Gateway, h2box: Sandbox) -> None:
+    """200 MB up and 200 MiB down through an HTTP/2 client and an http2 port, with the server's
+    memory (this process) flat."""
+    size = 200 * 1000 * 1000
+    block = os.urandom(1 << 20)
+    digest = hashlib.sha256()
+    sent = 0
+    while sent < size:
+        piece = block[: min(len(block), size - sent)]
+        digest.update(piece)
+        sent += len(piece)
+
+    def body() -> Iterator[bytes]:
+        left = size
+        while left:
+            piece = block[: min(len(block), left)]
+            left -= len(piece)
+            yield piece
+
+    before = _rss()
+    with h2_client(gw) as c:
+        r = c.post(path_url(gw, h2box, H2_PORT, "upload"), content=body())
+        assert r.status_code == 200, r.text
+        assert r.json() == {"size": size, "sha256": digest.hexdigest()}
+        received = 0
+        with c.stream("GET", path_url(gw, h2box, H2_PORT, "big?mb=200")) as r:
+            assert r.status_code == 200 and r.headers["content-length"] == str(200 << 20)
+            for chunk in r.iter_raw():
+                received += len(chunk)
+        assert received == 200 << 20
+    grew = _rss() - before
+    assert grew < 64 << 20, f"the server grew by {grew / 1e6:.0f} MB"
+    # and HTTP/1.1 → http2, chunked upload
+    r = httpx.post(path_url(gw, h2box, H2_PORT, "upload"), content=body(), timeout=120)
+    assert r.json()["size"] == size
+
+
+def test_trailers_reach_an_http2_client(gw: Gateway, h2box: Sandbox) -> None:
+    client = RawH2(gw.port)
+    try:
+        answer = client.get(
+            f"/sandboxes/{h2box.id}/ports/{H2_PORT}/trailers", extra=[("te", "trailers")]
+        )
+    finally:
+        client.close()
+    assert answer.status == 200 and answer.body == b"payload"
+    assert answer.headers[b"content-type"] == b"application/grpc"
+    assert answer.trailers == {b"grpc-status": b"0", b"x-sum": b"42"}
+    # An HTTP/1.1 client gets the body (its server does not offer trailers).
+    r = httpx.get(path_url(gw, h2box, H2_PORT, "trailers"), timeout=30)
+    assert r.status_code == 200 and r.content == b"payload"
+
+
+def test_client_reset_reaches_the_sandbox(gw: Gateway, h2box: Sandbox) -> None:
+    client = RawH2(gw.port)
+    try:
+        sid = client.start(f"/sandboxes/{h2box.id}/ports/{H2_PORT}/forever")
+        while len(client.answers[sid].body) < 10_000:
+            assert client.pump()
+        client.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+        client.flush()
+        # the same connection goes on
+        answer = client.get(f"/sandboxes/{h2box.id}/ports/{H2_PORT}/after-reset")
+        assert answer.status == 200 and b"/after-reset" in answer.body
+    finally:
+        client.close()
+    # /resets waits (server-side event) for a reset to arrive, then lists them
+    r = httpx.get(path_url(gw, h2box, H2_PORT, "resets"), timeout=30)
+    assert "/forever" in r.json()
+
+
+def test_nothing_listening_is_502_naming_the_port(gw: Gateway, h2box: Sandbox) -> None:
+    h2box.expose_port(8099)
+    try:
+        with h2_client(gw) as c:
+            r = c.get(path_url(gw, h2box, 8099))
+            assert r.status_code == 502 and r.http_version == "HTTP/2"
+            assert r.json()["code"] == "bad_gateway" and "8099" in r.json()["error"]
+        r = httpx.get(path_url(gw, h2box, 8099), timeout=30)
+        assert r.status_code == 502 and "8099" in r.json()["error"]
+    finally:
+        h2box.unexpose_port(8099)
+
+
+def test_sandbox_server_gone_then_back(gw: Gateway, h2box: Sandbox) -> None:
+    """The h2c connection to the sandbox is lost: new requests get a 502, and once a server
+    listens again the gateway reconnects."""
+    url = path_url(gw, h2box, H2_PORT, "x")
+    assert httpx.get(url, timeout=30).status_code == 200  # a live upstream connection
+    h2box.exec("pkill -f h2app.py")
+    r = httpx.get(url, timeout=30)
+    assert r.status_code == 502 and str(H2_PORT) in r.json()["error"], r.text
+    start_h2_app(h2box)
+    r = httpx.get(url, timeout=30)
+    assert r.status_code == 200 and r.json()["path"] == "/x"
+
+
+# -- HTTP/2 clients → HTTP/1.1 ports, protection, the API ---------------------------------------
+
+
+def test_h2_client_to_an_http11_port(gw: Gateway, h1box: Sandbox) -> None:
+    with h2_client(gw) as c:
+        r = c.get(path_url(gw, h1box, 8001, "hello.txt"))
+        assert r.status_code == 200 and r.text == "hello from the sandbox\n"
+        assert r.http_version == "HTTP/2"
+        r = c.get(f"{gw.url}/echo", headers=host_headers(h1box, 8000))
+        assert r.json()["headers"]["host"] == f"8000-{h1box.id}.{DOMAIN}"
+        r = c.post(path_url(gw, h1box, 8000, "up"), content=iter([b"y" * 1_000_000] * 3))
+        assert r.json()["size"] == 3_000_000 and r.json()["chunked"] is True
+        r = c.get(path_url(gw, h1box, 9999))
+        assert r.status_code == 404 and "9999" in r.json()["error"]
+
+
+def test_protected_port_over_h2(gw: Gateway) -> None:
+    with gw.create(protect_ports=True, idle_timeout=0) as sb:
+        start_servers(sb, {8000: "app"})
+        token = sb.expose_port(8000)["token"]
+        url = path_url(gw, sb, 8000, "echo")
+        with h2_client(gw) as c:
+            r = c.get(url)
+            assert r.status_code == 401 and "8000" in r.json()["error"]
+            assert c.get(url, headers={"authorization": "Bearer nope"}).status_code == 401
+            r = c.get(url, headers={"authorization": f"Bearer {token}"})
+            assert r.status_code == 200 and r.http_version == "HTTP/2"
+            assert "authorization" not in r.json()["headers"]
+            r = c.get(f"{gw.url}/echo?sandlot_token={token}", headers=host_headers(sb, 8000))
+            assert r.status_code == 200 and r.json()["path"] == "/echo"
+
+
+def test_control_api_over_h2c(gw: Gateway, h2box: Sandbox) -> None:
+    auth = {"authorization": f"Bearer {gw.token}"}
+    with h2_client(gw) as c:
+        r = c.get(f"{gw.url}/v1/health")
+        assert r.status_code == 200 and r.http_version == "HTTP/2"
+        r = c.get(f"{gw.url}/v1/sandboxes/{h2box.id}", headers=auth)
+        assert r.status_code == 200 and r.json()["id"] == h2box.id
+        assert c.get(f"{gw.url}/v1/sandboxes/{h2box.id}").status_code == 401
+        r = c.get(f"{gw.url}/v1/sandboxes/{h2box.id}/ports", headers=auth)
+        assert [p["protocol"] for p in r.json()["ports"]] == ["http2"]
+
+
+# -- bad clients ----------------------------------------------------------------------------------
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def _frames(data: bytes) -> list[tuple[int, int, int, bytes]]:
+    """(type, flags, stream, payload) of each frame in ``data``."""
+    out = []
+    while len(data) >= 9:
+        length = int.from_bytes(data[:3], "big")
+        out.append(
+            (data[3], data[4], int.from_bytes(data[5:9], "big") & 0x7FFFFFFF, data[9 : 9 + length])
+        )
+        data = data[9 + length :]
+    return out
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x00\x00\x04\x00\x00\x00\x00\x00\x00abcd",  # DATA on stream 0
+        b"\xff" * 64,  # not frames at all (a 16 MiB frame announced)
+        b"\x00\x40\x01\x00\x00\x00\x00\x00\x01",  # 16385 bytes: over the frame size
+        b"\x00\x00\x02\x01\x05\x00\x00\x00\x01\xff\xff",  # HEADERS with an undecodable block
+    ],
+    ids=["data-on-stream-0", "noise", "oversized-frame", "bad-hpack"],
+)
+def test_malformed_client_gets_goaway(gw: Gateway, garbage: bytes) -> None:
+    settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as sock:
+        sock.sendall(PREFACE + settings + garbage)
+        frames = _frames(_read_until_closed(sock))
+    goaways = [f for f in frames if f[0] == 7]
+    assert goaways, frames
+    error_code = int.from_bytes(goaways[0][3][4:8], "big")
+    assert error_code != 0  # an error, named
+    with h2_client(gw) as c:  # the server is fine
+        assert c.get(f"{gw.url}/v1/health").status_code == 200
+
+
+def test_oversized_headers_get_goaway(gw: Gateway) -> None:
+    client = RawH2(gw.port)
+    try:
+        client.start("/v1/health", extra=[("x-big", "a" * 100_000)])
+        while client.pump():
+            pass
+    finally:
+        client.close()
+    assert client.goaway is not None and client.goaway.error_code != 0
+    with h2_client(gw) as c:
+        assert c.get(f"{gw.url}/v1/health").status_code == 200
+
+
+def test_first_bytes_like_the_preface_are_http11(gw: Gateway) -> None:
+    """A request whose first bytes could begin the preface ("PR"), sent in two writes: held back
+    until they cannot, then parsed as HTTP/1.1."""
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(b"PR")
+        sock.sendall(b"OPFIND /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert _read_until_closed(sock).startswith(b"HTTP/1.1 405")
+
+
+def test_graceful_shutdown_says_goaway(gw: Gateway) -> None:
+    """A server shutting down ends an idle HTTP/2 connection with GOAWAY (NO_ERROR)."""
+    tmp = Path(tempfile.mkdtemp(prefix="sl-h2-"))
+    srv = start_server(gw.server.engine, f"sqlite:///{tmp / 'db'}", tcp=True)
+    port = int(srv.url.rsplit(":", 1)[1])
+    client = RawH2(port)
+    try:
+        assert client.get("/v1/health").status == 200
+        stopper = threading.Thread(target=srv.stop)
+        stopper.start()
+        while client.pump():
+            pass
+        stopper.join(30)
+        assert not stopper.is_alive()
+        assert client.goaway is not None and client.goaway.error_code == 0
+    finally:
+        client.close()
+        srv.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_json_answers_are_json(gw: Gateway) -> None:
+    """A 404 of the API over HTTP/2 is the API's own JSON error."""
+    with h2_client(gw) as c:
+        r = c.get(f"{gw.url}/v1/nope")
+        assert r.status_code == 404 and r.http_version == "HTTP/2"
+        json.loads(r.text)

@@ -333,7 +333,7 @@ while True:
 H2_APP = r"""
 import asyncio, hashlib, json, sys
 sys.path.insert(0, "/srv/lib")
-import h2.config, h2.connection, h2.events, h2.exceptions
+import h2.config, h2.connection, h2.events, h2.exceptions, h2.settings
 
 RESETS = []
 RESET = asyncio.Event()
@@ -354,7 +354,12 @@ class Conn:
         self.writer.write(self.h2.data_to_send())
 
     async def run(self):
+        # Windows of 1 MiB per stream and 16 MiB per connection (64 KiB by default: a round
+        # trip per 64 KiB would make uploads crawl)
+        self.h2.local_settings = h2.settings.Settings(
+            client=False, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
         self.h2.initiate_connection()
+        self.h2.increment_flow_control_window((16 << 20) - 65535)
         self.flush()
         while data := await self.reader.read(65536):
             try:

@@ -33,6 +33,7 @@ from support.server import start_server
 from test_ports import DOMAIN, Gateway, gw, path_url, start_servers
 
 from sandlot import Sandbox
+from sandlot.server.h2serve import MAX_STREAMS
 
 pytestmark = pytest.mark.root
 
@@ -127,11 +128,18 @@ class RawH2:
     def flush(self) -> None:
         self.sock.sendall(self.h2.data_to_send())
 
-    def start(self, path: str, authority: str = "gw", extra: list[tuple[str, str]] = ()) -> int:  # type: ignore[assignment]
+    def start(
+        self,
+        path: str,
+        authority: str = "gw",
+        extra: tuple[tuple[str, str], ...] = (),
+        send: bool = True,
+    ) -> int:
         sid = self.h2.get_next_available_stream_id()
         headers = [(":method", "GET"), (":scheme", "http"), (":authority", authority)]
         self.h2.send_headers(sid, [*headers, (":path", path), *extra], end_stream=True)
-        self.flush()
+        if send:
+            self.flush()
         self.answers[sid] = Answer()
         return sid
 
@@ -287,7 +295,7 @@ def test_trailers_reach_an_http2_client(gw: Gateway, h2box: Sandbox) -> None:
     client = RawH2(gw.port)
     try:
         answer = client.get(
-            f"/sandboxes/{h2box.id}/ports/{H2_PORT}/trailers", extra=[("te", "trailers")]
+            f"/sandboxes/{h2box.id}/ports/{H2_PORT}/trailers", extra=(("te", "trailers"),)
         )
     finally:
         client.close()
@@ -341,6 +349,36 @@ def test_sandbox_server_gone_then_back(gw: Gateway, h2box: Sandbox) -> None:
     start_h2_app(h2box)
     r = httpx.get(url, timeout=30)
     assert r.status_code == 200 and r.json()["path"] == "/x"
+
+
+#: A sandbox server that breaks HTTP/2: its SETTINGS, then the header of a 16 MiB DATA frame.
+OVERSIZED_FRAME_SERVER = r"""
+import socket, sys
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(sys.argv[1])))
+srv.listen(16)
+held = []
+while True:
+    conn, _ = srv.accept()
+    conn.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00" + b"\xff\xff\xff\x00\x00\x00\x00\x00\x01")
+    held.append(conn)
+"""
+
+
+def test_sandbox_server_announcing_a_huge_frame_is_a_502(gw: Gateway, h2box: Sandbox) -> None:
+    """The sandbox's server is untrusted too: a frame over the size the gateway allows ends
+    that connection at its header (not after 16 MiB were buffered), and the client gets a 502."""
+    h2box.filesystem.write_file("/srv/bad_h2.py", OVERSIZED_FRAME_SERVER)
+    h2box.launch_process("python3 /srv/bad_h2.py 8444")
+    assert h2box.exec("python3 /srv/wait.py 8444").exit_code == 0
+    h2box.expose_port(8444)
+    try:
+        r = httpx.get(path_url(gw, h2box, 8444, "x"), timeout=30)
+        assert r.status_code == 502, r.text
+        assert "8444" in r.json()["error"] and "oversized" in r.json()["error"]
+    finally:
+        h2box.unexpose_port(8444)
 
 
 # -- HTTP/2 clients → HTTP/1.1 ports, protection, the API ---------------------------------------
@@ -435,7 +473,24 @@ def test_malformed_client_gets_goaway(gw: Gateway, garbage: bytes) -> None:
 def test_oversized_headers_get_goaway(gw: Gateway) -> None:
     client = RawH2(gw.port)
     try:
-        client.start("/v1/health", extra=[("x-big", "a" * 100_000)])
+        client.start("/v1/health", extra=(("x-big", "a" * 100_000),))
+        while client.pump():
+            pass
+    finally:
+        client.close()
+    assert client.goaway is not None and client.goaway.error_code != 0
+    with h2_client(gw) as c:
+        assert c.get(f"{gw.url}/v1/health").status_code == 200
+
+
+def test_too_many_streams_get_goaway(gw: Gateway) -> None:
+    """More concurrent streams than the server allows (sent before its SETTINGS arrived, so the
+    client's h2 does not hold them back): GOAWAY, and the server goes on."""
+    client = RawH2(gw.port)
+    try:
+        for _ in range(MAX_STREAMS + 2):
+            client.start("/v1/health", send=False)
+        client.flush()  # all at once: none can finish before the server sees the last
         while client.pump():
             pass
     finally:

@@ -43,6 +43,8 @@ from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
+from sandlot.server.h2limits import FrameSizeGuard
+
 log = logging.getLogger("sandlot.h2")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -115,10 +117,7 @@ class H2ServerProtocol(asyncio.Protocol):
         self.closing = False  # shutting down: no new streams
         self.lost = False
         self.lingering = False  # GOAWAY sent: reading only to drop what arrives
-        #: Frame-size guard (see :meth:`_frames_fit`): bytes until the next frame header, and
-        #: the first bytes of a header split across reads.
-        self._skip = len(PREFACE)
-        self._partial = b""
+        self._frames = FrameSizeGuard(skip=len(PREFACE))
         #: Replaced whenever send windows open or the socket drains: waiters hold the old one.
         self._writable = asyncio.Event()
         self._writable.set()
@@ -135,7 +134,7 @@ class H2ServerProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.lost or self.lingering:
             return
-        if not self._frames_fit(data):
+        if not self._frames.fits(data, self.h2.max_inbound_frame_size):
             log.info("HTTP/2 client %s sent an oversized frame", self.client)
             self._goaway(ErrorCodes.FRAME_SIZE_ERROR)
             return
@@ -207,28 +206,6 @@ class H2ServerProtocol(asyncio.Protocol):
     def _idle_close(self) -> None:
         if not self.streams and not self.lost:
             self._goaway(ErrorCodes.NO_ERROR)
-
-    def _frames_fit(self, data: bytes) -> bool:
-        """False if a frame header in ``data`` announces more than the frame size we allow.
-        (``h2`` checks that only once the whole frame has arrived: a client announcing 16 MiB
-        would have it buffered first.)"""
-        i, n = 0, len(data)
-        while True:
-            step = min(self._skip, n - i)
-            self._skip -= step
-            i += step
-            if self._skip:
-                return True
-            need = 9 - len(self._partial)
-            if n - i < need:
-                self._partial += data[i:]
-                return True
-            header = self._partial + data[i : i + need]
-            i += need
-            self._partial = b""
-            self._skip = int.from_bytes(header[:3], "big")
-            if self._skip > self.h2.max_inbound_frame_size:
-                return False
 
     def _goaway(self, code: ErrorCodes) -> None:
         try:

@@ -44,6 +44,7 @@ from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
 
 from sandlot.engines.base import AgentAddress
+from sandlot.server.h2limits import FrameSizeGuard
 from sandlot.server.tunnel import open_tunnel_socket
 from sandlot.server.upstream import UpstreamError
 
@@ -64,6 +65,11 @@ _HOP_BY_HOP = {
 }
 
 
+class Unprocessed(UpstreamError):
+    """The sandbox's server did not process the request (a GOAWAY below its stream id, or
+    ``REFUSED_STREAM``): it may be sent again on a new connection."""
+
+
 class _Stream:
     """One request's state, fed by the connection's reader."""
 
@@ -78,12 +84,12 @@ class _Stream:
         self.error: str | None = None
         self.ended = False
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, unprocessed: bool = False) -> None:
         if self.ended or self.error is not None:
             return
         self.error = reason
         if not self.head.done():
-            self.head.set_exception(UpstreamError(reason))
+            self.head.set_exception(Unprocessed(reason) if unprocessed else UpstreamError(reason))
         self.chunks.put_nowait(None)
 
 
@@ -146,6 +152,7 @@ class H2Upstream:
         self.closed: str | None = None
         #: Replaced each time windows open (or a stream slot frees): waiters hold the old one.
         self._changed = asyncio.Event()
+        self._frames = FrameSizeGuard()
         self._flush()
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
@@ -164,6 +171,11 @@ class H2Upstream:
         reason = "the sandbox's server closed the HTTP/2 connection"
         try:
             while data := await self.reader.read(READ_CHUNK):
+                if not self._frames.fits(data, self.h2.max_inbound_frame_size):
+                    self.h2.close_connection(ErrorCodes.FRAME_SIZE_ERROR)
+                    self._flush()
+                    reason = "the sandbox's server sent an oversized HTTP/2 frame"
+                    break
                 for event in self.h2.receive_data(data):
                     self._event(event)
                 self._flush()
@@ -199,7 +211,10 @@ class H2Upstream:
             stream = self.streams.get(event.stream_id or 0)
             if stream is not None:
                 code = event.error_code
-                stream.fail(f"the sandbox's server reset the stream ({_code_name(code)})")
+                stream.fail(
+                    f"the sandbox's server reset the stream ({_code_name(code)})",
+                    unprocessed=code == ErrorCodes.REFUSED_STREAM,
+                )
             self._wake()
         elif isinstance(event, WindowUpdated | RemoteSettingsChanged):
             self._wake()
@@ -208,6 +223,10 @@ class H2Upstream:
                 f"the sandbox's server ended the HTTP/2 connection (GOAWAY "
                 f"{_code_name(event.error_code)})"
             )
+            last = event.last_stream_id or 0
+            for stream_id, stream in self.streams.items():
+                if stream_id > last:
+                    stream.fail(self.closed, unprocessed=True)
 
     def _lost(self, reason: str) -> None:
         if self.closed is None:
@@ -381,7 +400,15 @@ class H2PortPool:
         body: bytes | AsyncIterator[bytes],
     ) -> H2Response:
         conn = await self._connection()
-        return await conn.request(method, target, headers, body)
+        try:
+            return await conn.request(method, target, headers, body)
+        except Unprocessed:
+            # Never seen by the server (e.g. it closed an idle connection as this request
+            # went out): once more on a new connection, if the body is still in hand.
+            if not isinstance(body, bytes | bytearray):
+                raise
+            conn = await self._connection()
+            return await conn.request(method, target, headers, body)
 
     def close(self) -> None:
         if self._conn is not None:

@@ -53,6 +53,8 @@ MAX_HEADER_LIST = 65536
 #: Per-stream receive window: how much of a request body may wait for the app.
 STREAM_WINDOW = 1 << 20
 CONNECTION_WINDOW = 16 << 20
+#: A response's frames are written to the socket at least every this many bytes.
+WRITE_BATCH = 65536
 #: After our GOAWAY, how long the client's last bytes are read and dropped before the close (a
 #: close with unread data sends a TCP reset, which can destroy the GOAWAY before it is read).
 LINGER = 2.0
@@ -417,9 +419,10 @@ class H2ServerProtocol(asyncio.Protocol):
                 stream.headers_sent = True
                 head = [(b":status", str(stream.status).encode()), *stream.headers]
                 self.h2.send_headers(stream.id, head, end_stream=end and not body)
-                self._flush()
                 if end and not body:
+                    self._flush()
                     stream.complete = True
+                    stream.wake()
                     return
             await self._send_data(stream, body, end)
             if end:
@@ -442,28 +445,32 @@ class H2ServerProtocol(asyncio.Protocol):
             raise RuntimeError(f"unexpected ASGI message {kind!r} on an HTTP/2 stream")
 
     async def _send_data(self, stream: _Stream, body: bytes, end: bool) -> None:
-        """DATA as the windows and the socket allow (the app waits here: backpressure)."""
+        """DATA as the windows and the socket allow (the app waits here: backpressure). Frames
+        are written in batches of up to :data:`WRITE_BATCH` bytes: a small response's HEADERS
+        and DATA go out in one write (one syscall, one packet)."""
         view = memoryview(body)
-        while True:
+        pending = 0
+        while view or end:
             if stream.disconnected or self.lost:
                 return
-            if self._paused:
-                await self._writable.wait()
-                continue
-            if not view:
-                break
             window = min(
                 self.h2.local_flow_control_window(stream.id), self.h2.max_outbound_frame_size
             )
-            if window <= 0:
+            if self._paused or (view and window <= 0):
+                self._flush()
+                pending = 0
                 await self._writable.wait()
                 continue
-            self.h2.send_data(stream.id, view[:window].tobytes())
-            self._flush()
-            view = view[window:]
-        if end:
-            self.h2.end_stream(stream.id)
-            self._flush()
+            piece = view[:window]
+            view = view[len(piece) :]
+            self.h2.send_data(stream.id, piece.tobytes(), end_stream=end and not view)
+            pending += len(piece)
+            if not view:
+                break
+            if pending >= WRITE_BATCH:
+                self._flush()
+                pending = 0
+        self._flush()
 
 
 def _addr(value: object) -> tuple[str, int] | None:

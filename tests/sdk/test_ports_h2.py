@@ -34,6 +34,7 @@ from test_ports import DOMAIN, Gateway, gw, path_url, start_servers
 
 from sandlot import Sandbox
 from sandlot.server.h2serve import MAX_STREAMS
+from sandlot.server.h2upstream import CONNECTION_WINDOW
 
 pytestmark = pytest.mark.root
 
@@ -289,6 +290,24 @@ def test_large_upload_and_download_are_streamed(gw: Gateway, h2box: Sandbox) -> 
     # and HTTP/1.1 → http2, chunked upload
     r = httpx.post(path_url(gw, h2box, H2_PORT, "upload"), content=body(), timeout=120)
     assert r.json()["size"] == size
+
+
+def test_aborted_downloads_give_the_window_back(gw: Gateway, h2box: Sandbox) -> None:
+    """Clients that leave mid-download: their streams are reset and the DATA already received
+    for them is acknowledged, so the shared connection to the sandbox (16 MiB window, 1 MiB per
+    stream) keeps its window."""
+    conn = httpx.get(path_url(gw, h2box, H2_PORT, "which"), timeout=30).json()["conn"]
+    for _ in range(40):
+        with httpx.stream("GET", path_url(gw, h2box, H2_PORT, "big?mb=64"), timeout=30) as r:
+            next(r.iter_raw())
+    with httpx.stream("GET", path_url(gw, h2box, H2_PORT, "big?mb=32"), timeout=30) as r:
+        assert sum(len(c) for c in r.iter_raw()) == 32 << 20  # (a stall: ReadTimeout)
+    assert httpx.get(path_url(gw, h2box, H2_PORT, "which"), timeout=30).json()["conn"] == conn
+    # Each abandoned stream had up to a stream window of DATA queued: unacknowledged, 40 of
+    # them would have left the connection's window (as the gateway advertises it) far below
+    # half; acknowledged, it is topped up again.
+    pool = gw.server.app.state.api.ports._pools[(h2box.id, H2_PORT)]
+    assert pool._conn.h2.inbound_flow_control_window >= CONNECTION_WINDOW // 2
 
 
 def test_trailers_reach_an_http2_client(gw: Gateway, h2box: Sandbox) -> None:

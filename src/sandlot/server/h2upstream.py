@@ -108,15 +108,18 @@ class H2Response:
     _done: bool = False
 
     async def iter_body(self) -> AsyncIterator[bytes]:
-        """The body as it arrives; each chunk's window is reopened once the caller has it."""
+        """The body as it arrives; each chunk's window is reopened as the caller takes it (so
+        at most a window's worth waits here for a slow client)."""
         while True:
             item = await self._stream.chunks.get()
             if item is None:
                 break
             data, flow = item
+            # Before the yield: a caller that stops here must not keep the connection's
+            # window shrunk forever.
+            self._conn.acknowledge(self._stream_id, flow)
             if data:
                 yield data
-            self._conn.acknowledge(self._stream_id, flow)
         if self._stream.error is not None:
             raise UpstreamError(self._stream.error)
         self.trailers = self._stream.trailers
@@ -249,6 +252,11 @@ class H2Upstream:
         stream = self.streams.pop(stream_id, None)
         if stream is None:
             return
+        # DATA nobody will read still counts against the connection's window: give it back.
+        while not stream.chunks.empty():
+            item = stream.chunks.get_nowait()
+            if item is not None:
+                self.acknowledge(stream_id, item[1])
         if reset and self.closed is None:
             with contextlib.suppress(H2Error):
                 self.h2.reset_stream(stream_id, ErrorCodes.CANCEL)

@@ -10,7 +10,9 @@ library, prior knowledge) sends them through the server's TCP listener, path for
 - ``h1 → h1 port``: HTTP/1.1 all the way (what bench/ports_overhead.py calls ``gateway``);
 - ``h2 → h1 port``: an HTTP/2 client (the server's h2c protocol, h2serve.py) to the same port;
 - ``h1 → h2 port``: an HTTP/1.1 client, the gateway speaking h2c to the sandbox (h2upstream.py);
-- ``h2 → h2 port``: HTTP/2 at both hops.
+- ``h2 → h2 port``: HTTP/2 at both hops;
+- for scale, the server's own ``GET /v1/health`` in HTTP/1.1 and HTTP/2 (no sandbox): what
+  serving HTTP/2 costs the server (and the load generator) by itself.
 
 Latency: one connection, sequential requests, median and p90. Throughput: 8 connections, each
 sending requests back to back (one at a time) for a few seconds. The HTTP/2 load generator is
@@ -209,6 +211,9 @@ def main(argv: list[str] | None = None) -> None:
                 "h2 → h1 port": {"proto": "h2", "path": h1_path},
                 "h1 → h2 port": {"proto": "h1", "path": h2_path},
                 "h2 → h2 port": {"proto": "h2", "path": h2_path},
+                # For scale, no sandbox: the server's own /v1/health (its h2c cost alone).
+                "h1 → /v1/health": {"proto": "h1", "path": "/v1/health"},
+                "h2 → /v1/health": {"proto": "h2", "path": "/v1/health"},
             }
             runs: dict[str, list[dict[str, float]]] = {name: [] for name in specs}
             for _round, (name, spec) in itertools.product(range(rounds), specs.items()):

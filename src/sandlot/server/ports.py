@@ -11,7 +11,10 @@ URL forms of an exposed port (both served by the server's own listener):
 
 Every request reaches the sandbox through the agent's ``GET /tunnel`` (see :mod:`.tunnel`):
 sandboxes have no network the host can reach. HTTP/1.1 requests and responses are streamed in
-both directions with backpressure (keep-alive tunnels are pooled per sandbox and port);
+both directions with backpressure (keep-alive tunnels are pooled per sandbox and port); a
+sandbox made with ``exposed_port_protocol="http2"`` is spoken to in h2c instead, one multiplexed
+connection per port (:mod:`.h2upstream`), its trailers passed on to clients whose server offers
+ASGI's trailers extension (HTTP/2 clients under ``sandlot server``, :mod:`.h2serve`);
 WebSockets are relayed message by message (the client's handshake is replayed to the sandbox's
 server, its subprotocol choice passed back). The whole exchange is lifecycle *activity*: it wakes a
 sleeping sandbox and keeps it awake while a response streams or a WebSocket stays open.
@@ -1031,7 +1034,8 @@ def ports_openapi_paths(error: dict[str, Any]) -> dict[str, dict[str, Any]]:
         ops[method.lower()] = {
             "summary": "An exposed port of the sandbox, proxied (also served at "
             "{port}-{sandbox_id}.{domain} with --domain; WebSocket and h2c upgrades pass "
-            "through); public unless the sandbox has protect_ports",
+            "through; HTTP/2 with prior knowledge served, and spoken to http2 sandboxes); "
+            "public unless the sandbox has protect_ports",
             "operationId": f"port_{method.lower()}",
             "parameters": params,
             "responses": {

@@ -400,6 +400,85 @@ def test_sandbox_server_announcing_a_huge_frame_is_a_502(gw: Gateway, h2box: San
         h2box.unexpose_port(8444)
 
 
+#: A gRPC server (grpcio, copied into the sandbox) with raw-bytes methods, no protobuf: a unary
+#: echo that sets trailing metadata, a bidirectional stream, and a method that fails.
+GRPC_SERVER = r"""
+import sys
+sys.path.insert(0, "/srv/grpclib")
+from concurrent import futures
+import grpc
+
+
+def echo(request, context):
+    context.set_trailing_metadata((("x-echo-len", str(len(request))),))
+    return b"echo:" + request
+
+
+def chat(requests, context):
+    for message in requests:
+        yield message.upper()
+
+
+def fail(request, context):
+    context.abort(grpc.StatusCode.NOT_FOUND, "no such thing in the sandbox")
+
+
+handler = grpc.method_handlers_generic_handler("sandlot.Test", {
+    "Echo": grpc.unary_unary_rpc_method_handler(echo),
+    "Chat": grpc.stream_stream_rpc_method_handler(chat),
+    "Fail": grpc.unary_unary_rpc_method_handler(fail),
+})
+server = grpc.server(futures.ThreadPoolExecutor(4))
+server.add_generic_rpc_handlers((handler,))
+server.add_insecure_port("127.0.0.1:" + sys.argv[1])
+server.start()
+server.wait_for_termination()
+"""
+
+
+def test_grpc_end_to_end(gw: Gateway, h2box: Sandbox) -> None:
+    """grpcio at both ends (the server copied into the sandbox): unary with trailing metadata,
+    a bidirectional stream, and an error status (a trailers-only response), host form."""
+    grpc = pytest.importorskip("grpc")
+    import typing_extensions
+
+    files: dict[str, bytes] = {}
+    root = Path(grpc.__file__).parent
+    for path in root.rglob("*"):
+        if path.is_file() and "__pycache__" not in path.parts:
+            files[f"/srv/grpclib/grpc/{path.relative_to(root)}"] = path.read_bytes()
+    files["/srv/grpclib/typing_extensions.py"] = Path(typing_extensions.__file__).read_bytes()
+    files["/srv/grpc_server.py"] = GRPC_SERVER.encode()
+    dirs = sorted({str(Path(p).parent) for p in files})
+    assert h2box.exec("mkdir -p " + " ".join(dirs)).exit_code == 0
+    h2box.filesystem.write_files(files)
+    h2box.launch_process("python3 /srv/grpc_server.py 50051")
+    assert h2box.exec("python3 /srv/wait.py 50051", timeout=60).exit_code == 0
+    h2box.expose_port(50051)
+    authority = f"50051-{h2box.id}.{DOMAIN}"
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{gw.port}", options=[("grpc.default_authority", authority)]
+    )
+    try:
+        echo = channel.unary_unary("/sandlot.Test/Echo")
+        answer, call = echo.with_call(b"hello", timeout=30)
+        assert answer == b"echo:hello"
+        assert ("x-echo-len", "5") in list(call.trailing_metadata())
+        chat = channel.stream_stream("/sandlot.Test/Chat")
+        assert list(chat(iter([b"one", b"two", b"three"]), timeout=30)) == [
+            b"ONE",
+            b"TWO",
+            b"THREE",
+        ]
+        with pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary("/sandlot.Test/Fail")(b"", timeout=30)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert info.value.details() == "no such thing in the sandbox"
+    finally:
+        channel.close()
+        h2box.unexpose_port(50051)
+
+
 # -- HTTP/2 clients → HTTP/1.1 ports, protection, the API ---------------------------------------
 
 

@@ -80,6 +80,7 @@ class _Stream:
         self.headers: list[tuple[bytes, bytes]] = []
         self.started = False  # http.response.start received
         self.headers_sent = False
+        self.body_done = False  # the last http.response.body received
         self.trailers = False
         self.complete = False
         self.task: asyncio.Task[None] | None = None
@@ -415,6 +416,11 @@ class H2ServerProtocol(asyncio.Protocol):
             body = bytes(message.get("body", b""))
             more = bool(message.get("more_body", False))
             end = not more and not stream.trailers
+            if not stream.headers_sent and not body and not more and stream.trailers:
+                stream.body_done = True  # the head waits for the trailers (see below)
+                return
+            if not more:
+                stream.body_done = True
             if not stream.headers_sent:
                 stream.headers_sent = True
                 head = [(b":status", str(stream.status).encode()), *stream.headers]
@@ -429,12 +435,21 @@ class H2ServerProtocol(asyncio.Protocol):
                 stream.complete = True
                 stream.wake()
         elif kind == "http.response.trailers":
-            if not stream.trailers or not stream.headers_sent or stream.complete:
+            if not stream.trailers or not stream.body_done or stream.complete:
                 raise RuntimeError(f"unexpected {kind} on HTTP/2 stream {stream.id}")
             if message.get("more_trailers", False):
                 raise RuntimeError("more_trailers is not supported")
             tail = [(bytes(k).lower(), bytes(v)) for k, v in message.get("headers") or []]
-            if tail:
+            if not stream.headers_sent:
+                # No body: the head goes now. Without trailers it ends the stream itself, which
+                # is gRPC's "trailers-only" answer (an error status in the head): an empty DATA
+                # frame ending the stream instead would leave a gRPC client without a status.
+                stream.headers_sent = True
+                head = [(b":status", str(stream.status).encode()), *stream.headers]
+                self.h2.send_headers(stream.id, head, end_stream=not tail)
+                if tail:
+                    self.h2.send_headers(stream.id, tail, end_stream=True)
+            elif tail:
                 self.h2.send_headers(stream.id, tail, end_stream=True)
             else:
                 self.h2.end_stream(stream.id)

@@ -29,7 +29,7 @@ import httpx
 import hyperframe
 import pytest
 from sandbox_servers import H2_APP
-from support.server import start_server
+from support.server import RunningServer, start_server
 from test_ports import DOMAIN, Gateway, gw, path_url, start_servers
 
 from sandlot import Sandbox
@@ -509,6 +509,16 @@ def test_protected_port_over_h2(gw: Gateway) -> None:
             assert "authorization" not in r.json()["headers"]
             r = c.get(f"{gw.url}/echo?sandlot_token={token}", headers=host_headers(sb, 8000))
             assert r.status_code == 200 and r.json()["path"] == "/echo"
+        # Cookies split over several header fields (as browsers send them over HTTP/2): joined,
+        # so the token cookie is found and stripped, the others reach the sandbox.
+        client = RawH2(gw.port)
+        try:
+            cookies = (("cookie", "app=1"), ("cookie", f"sandlot_port_token={token}"))
+            answer = client.get(f"/sandboxes/{sb.id}/ports/8000/echo", extra=cookies)
+        finally:
+            client.close()
+        assert answer.status == 200, answer.body
+        assert json.loads(answer.body)["headers"]["cookie"] == "app=1"
 
 
 def test_control_api_over_h2c(gw: Gateway, h2box: Sandbox) -> None:
@@ -521,6 +531,16 @@ def test_control_api_over_h2c(gw: Gateway, h2box: Sandbox) -> None:
         assert c.get(f"{gw.url}/v1/sandboxes/{h2box.id}").status_code == 401
         r = c.get(f"{gw.url}/v1/sandboxes/{h2box.id}/ports", headers=auth)
         assert [p["protocol"] for p in r.json()["ports"]] == ["http2"]
+
+
+def test_h2c_on_the_unix_socket_server(local_server: RunningServer) -> None:
+    """`sandlot server`'s default listener, the Unix socket, speaks HTTP/2 too."""
+    assert local_server.unix_path is not None
+    transport = httpx.HTTPTransport(uds=local_server.unix_path, http1=False, http2=True)
+    with httpx.Client(transport=transport, base_url="http://sandlot", timeout=30) as c:
+        r = c.get("/v1/sandboxes")
+        assert r.status_code == 200 and r.http_version == "HTTP/2"
+        assert "sandboxes" in r.json()
 
 
 # -- bad clients ----------------------------------------------------------------------------------

@@ -279,12 +279,17 @@ class H2ServerProtocol(asyncio.Protocol):
             return
         pseudo: dict[bytes, bytes] = {}
         headers: list[tuple[bytes, bytes]] = []
+        cookies: list[bytes] = []
         for name, value in event.headers or []:
             k, v = bytes(name), bytes(value)
             if k.startswith(b":"):
                 pseudo[k] = v
+            elif k == b"cookie":
+                cookies.append(v)
             else:
                 headers.append((k, v))
+        if cookies:  # HTTP/2 clients may split them; apps read one (RFC 9113 8.2.3)
+            headers.append((b"cookie", b"; ".join(cookies)))
         method = pseudo.get(b":method", b"").decode("latin-1")
         path = pseudo.get(b":path")
         if method == "CONNECT" or path is None:  # no WebSockets over HTTP/2 (RFC 8441) here
@@ -411,7 +416,7 @@ class H2ServerProtocol(asyncio.Protocol):
                 if k.lower() not in _HOP_BY_HOP
             ]
         elif kind == "http.response.body":
-            if not stream.started or stream.complete:
+            if not stream.started or stream.body_done:
                 raise RuntimeError(f"unexpected {kind} on HTTP/2 stream {stream.id}")
             body = bytes(message.get("body", b""))
             more = bool(message.get("more_body", False))

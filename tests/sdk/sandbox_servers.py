@@ -328,7 +328,8 @@ while True:
 #: HTTP/2 connection per client, every stream its own task, flow control honoured both ways:
 #: ``GET /big?mb=N`` streams N MiB; ``POST`` counts and hashes the body; ``GET /trailers``
 #: answers a body then trailers (``grpc-status: 0``, ``x-sum``); ``GET /forever`` streams until
-#: the stream is reset; ``GET /resets`` waits for a reset and names the paths reset so far;
+#: the stream is reset; ``GET /resets/P`` waits until the stream of a request for ``/P`` was
+#: reset, then names the paths reset so far;
 #: anything else echoes the method, path, headers and the connection's number as JSON.
 H2_APP = r"""
 import asyncio, hashlib, json, sys
@@ -456,8 +457,11 @@ class Conn:
                 self.respond(sid, 200, [("content-type", "text/plain")])
                 while await self.send(sid, st, b"tick\n" * 100, False):
                     await asyncio.sleep(0.01)
-            elif path.startswith("/resets"):
-                await RESET.wait()
+            elif path.startswith("/resets"):  # /resets/forever: once /forever was reset
+                want = path[len("/resets"):]
+                while want not in RESETS:
+                    RESET.clear()
+                    await RESET.wait()
                 body = json.dumps(RESETS).encode()
                 self.respond(sid, 200, [("content-type", "application/json")])
                 await self.send(sid, st, body, True)

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ import hyperframe
 import pytest
 from sandbox_servers import H2_APP
 from support.server import RunningServer, start_server
-from test_ports import DOMAIN, Gateway, gw, path_url, start_servers
+from test_ports import DOMAIN, Gateway, _PeakRss, gw, path_url, start_servers
 
 from sandlot import Sandbox
 from sandlot.server.h2serve import MAX_STREAMS
@@ -180,14 +181,6 @@ class RawH2:
         self.sock.close()
 
 
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 # -- HTTP/2 clients → http2 port --------------------------------------------------------------
 
 
@@ -274,7 +267,7 @@ def test_large_upload_and_download_are_streamed(gw: Gateway, h2box: Sandbox) -> 
             left -= len(piece)
             yield piece
 
-    before = _rss()
+    watch = _PeakRss()
     with h2_client(gw) as c:
         r = c.post(path_url(gw, h2box, H2_PORT, "upload"), content=body())
         assert r.status_code == 200, r.text
@@ -285,7 +278,7 @@ def test_large_upload_and_download_are_streamed(gw: Gateway, h2box: Sandbox) -> 
             for chunk in r.iter_raw():
                 received += len(chunk)
         assert received == 200 << 20
-    grew = _rss() - before
+    grew = watch.stop()
     assert grew < 64 << 20, f"the server grew by {grew / 1e6:.0f} MB"
     # and HTTP/1.1 → http2, chunked upload
     r = httpx.post(path_url(gw, h2box, H2_PORT, "upload"), content=body(), timeout=120)
@@ -339,9 +332,33 @@ def test_client_reset_reaches_the_sandbox(gw: Gateway, h2box: Sandbox) -> None:
         assert answer.status == 200 and b"/after-reset" in answer.body
     finally:
         client.close()
-    # /resets waits (server-side event) for a reset to arrive, then lists them
-    r = httpx.get(path_url(gw, h2box, H2_PORT, "resets"), timeout=30)
+    # answered once the sandbox's server has seen /forever's stream reset
+    r = httpx.get(path_url(gw, h2box, H2_PORT, "resets/forever"), timeout=30)
     assert "/forever" in r.json()
+
+
+def test_slow_http2_reader_gets_backpressure(gw: Gateway, h2box: Sandbox) -> None:
+    """An HTTP/2 client that stops reading (its 64 KiB windows stay closed) a large response
+    from an http2 port: the gateway stops taking DATA from the sandbox (memory flat); it flows
+    again when the client reads, and resetting the stream reaches the sandbox's server."""
+    client = RawH2(gw.port)
+    try:
+        sid = client.start(f"/sandboxes/{h2box.id}/ports/{H2_PORT}/big?mb=1000")
+        while len(client.answers[sid].body) < 4 << 20:
+            assert client.pump()
+        client.answers[sid].body = b""
+        watch = _PeakRss()
+        time.sleep(2.0)  # not reading: 1000 MiB would pile up somewhere without backpressure
+        grew = watch.stop()
+        while len(client.answers[sid].body) < 4 << 20:  # it still flows
+            assert client.pump()
+        client.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+        client.flush()
+    finally:
+        client.close()
+    assert grew < 32 << 20, f"the server buffered {grew / 1e6:.0f} MB"
+    r = httpx.get(path_url(gw, h2box, H2_PORT, "resets/big?mb=1000"), timeout=30)
+    assert "/big?mb=1000" in r.json()
 
 
 def test_nothing_listening_is_502_naming_the_port(gw: Gateway, h2box: Sandbox) -> None:

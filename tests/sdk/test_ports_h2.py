@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -510,6 +511,19 @@ def test_h2_client_to_an_http11_port(gw: Gateway, h1box: Sandbox) -> None:
         assert r.json()["size"] == 3_000_000 and r.json()["chunked"] is True
         r = c.get(path_url(gw, h1box, 9999))
         assert r.status_code == 404 and "9999" in r.json()["error"]
+
+
+def test_sse_reaches_an_http2_client_unbuffered(gw: Gateway, h1box: Sandbox) -> None:
+    arrivals: list[float] = []
+    with h2_client(gw) as c, c.stream("GET", path_url(gw, h1box, 8000, "sse")) as r:
+        assert r.http_version == "HTTP/2" and r.headers["content-type"] == "text/event-stream"
+        start = time.monotonic()
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                arrivals.append(time.monotonic() - start)
+    assert len(arrivals) == 4
+    assert arrivals[0] < 0.3, arrivals  # the first event did not wait for the others
+    assert all(b - a > 0.2 for a, b in itertools.pairwise(arrivals)), arrivals
 
 
 def test_protected_port_over_h2(gw: Gateway) -> None:

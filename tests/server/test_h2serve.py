@@ -196,7 +196,7 @@ class Client:
 
 
 def test_scope_and_a_request_body_under_flow_control(server: Server) -> None:
-    """A 5 MB body, more than the stream's 1 MiB window: it flows as the app reads it."""
+    """A 5 MB body, many times the stream's receive window: it flows as the app reads it."""
     c = Client(server.port)
     body = bytes(range(256)) * (5 * 4096)
     sid = c.start("/hash", method="POST", end=False)

@@ -128,6 +128,20 @@ def server() -> Iterator[Server]:
     sock.close()
 
 
+@pytest.fixture
+def connect(server: Server) -> Iterator[Any]:
+    """Clients to the server, closed at the end."""
+    made: list[Client] = []
+
+    def new() -> Client:
+        made.append(Client(server.port))
+        return made[-1]
+
+    yield new
+    for client in made:
+        client.close()
+
+
 @dataclass
 class Answer:
     status: int = 0
@@ -152,6 +166,9 @@ class Client:
 
     def flush(self) -> None:
         self.sock.sendall(self.h2.data_to_send())
+
+    def close(self) -> None:
+        self.sock.close()
 
     def start(self, path: str, method: str = "GET", end: bool = True) -> int:
         sid = self.h2.get_next_available_stream_id()
@@ -195,9 +212,9 @@ class Client:
         return answer
 
 
-def test_scope_and_a_request_body_under_flow_control(server: Server) -> None:
+def test_scope_and_a_request_body_under_flow_control(server: Server, connect: Any) -> None:
     """A 5 MB body, many times the stream's receive window: it flows as the app reads it."""
-    c = Client(server.port)
+    c = connect()
     body = bytes(range(256)) * (5 * 4096)
     sid = c.start("/hash", method="POST", end=False)
     view = memoryview(body)
@@ -216,8 +233,8 @@ def test_scope_and_a_request_body_under_flow_control(server: Server) -> None:
     assert answer.body == f"{len(body)} {hashlib.sha256(body).hexdigest()}".encode()
 
 
-def test_reset_gives_the_app_http_disconnect(server: Server) -> None:
-    c = Client(server.port)
+def test_reset_gives_the_app_http_disconnect(server: Server, connect: Any) -> None:
+    c = connect()
     sid = c.start("/until-disconnect")
     while not c.answers[sid].body:
         assert c.pump()
@@ -226,8 +243,8 @@ def test_reset_gives_the_app_http_disconnect(server: Server) -> None:
     assert server.signals.disconnected.wait(10)
 
 
-def test_app_failures(server: Server) -> None:
-    c = Client(server.port)
+def test_app_failures(server: Server, connect: Any) -> None:
+    c = connect()
     before = c.wait(c.start("/fail-before"))
     assert before.status == 500 and before.body == b"Internal Server Error"
     during = c.wait(c.start("/fail-during"))
@@ -236,16 +253,16 @@ def test_app_failures(server: Server) -> None:
     assert c.wait(c.start("/other")).status == 404  # the connection goes on
 
 
-def test_trailers(server: Server) -> None:
-    c = Client(server.port)
+def test_trailers(server: Server, connect: Any) -> None:
+    c = connect()
     only = c.wait(c.start("/trailers-only"))
     assert only.status == 200 and only.frames_with_end == ["HEADERS"] and only.trailers is None
     full = c.wait(c.start("/trailers"))
     assert full.body == b"data" and full.trailers == {b"x-t": b"1"}
 
 
-def test_graceful_shutdown_lets_open_streams_finish(server: Server) -> None:
-    c = Client(server.port)
+def test_graceful_shutdown_lets_open_streams_finish(server: Server, connect: Any) -> None:
+    c = connect()
     held = c.start("/hold")
     assert server.signals.holding.wait(10)
     server.server.should_exit = True
@@ -273,10 +290,10 @@ def test_graceful_shutdown_lets_open_streams_finish(server: Server) -> None:
     assert not server.thread.is_alive()
 
 
-def test_idle_connection_is_closed(server: Server) -> None:
+def test_idle_connection_is_closed(server: Server, connect: Any) -> None:
     """uvicorn's keep-alive timeout (1 s here) applies to an HTTP/2 connection with no
     stream."""
-    c = Client(server.port)
+    c = connect()
     assert c.wait(c.start("/other")).status == 404
     started = time.monotonic()
     while c.pump():

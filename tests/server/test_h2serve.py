@@ -300,3 +300,27 @@ def test_idle_connection_is_closed(server: Server, connect: Any) -> None:
         pass
     assert c.goaway is not None and c.goaway.error_code == 0
     assert 0.5 < time.monotonic() - started < 5
+
+
+def test_a_preface_split_across_reads(server: Server) -> None:
+    """The preface recognised however it arrives (held back until it is whole)."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
+    conn.initiate_connection()
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(
+        sid, [(":method", "GET"), (":scheme", "http"), (":authority", "t"), (":path", "/x")], True
+    )
+    data = conn.data_to_send()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for piece in (data[:3], data[3:14], data[14:30], data[30:]):
+            sock.sendall(piece)
+            time.sleep(0.05)  # separate reads on the server (not a synchronisation)
+        status = None
+        while status is None:
+            chunk = sock.recv(65536)
+            assert chunk, "closed"
+            for ev in conn.receive_data(chunk):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = dict(ev.headers)[b":status"]
+    assert status == b"404"

@@ -1,8 +1,9 @@
 """HTTP/2 through the ports gateway (issue 7): HTTP/2 clients with prior knowledge at the server
 (h2serve.py) and h2c to sandboxes created with ``exposed_port_protocol="http2"``
 (h2upstream.py). Real sandboxes run a real h2c server (the ``h2`` library copied into them,
-tests/sdk/sandbox_servers.py's H2_APP); clients are httpx (HTTP/2 and HTTP/1.1), curl, and a raw
-``h2`` client where a test needs frames (trailers, resets, malformed input)."""
+tests/sdk/sandbox_servers.py's H2_APP, and grpcio); clients are httpx (HTTP/2 and HTTP/1.1),
+curl, grpcio and a raw ``h2`` client where a test needs frames (trailers, resets, malformed
+input)."""
 
 from __future__ import annotations
 

@@ -514,6 +514,26 @@ def test_h2_client_to_an_http11_port(gw: Gateway, h1box: Sandbox) -> None:
         assert r.status_code == 404 and "9999" in r.json()["error"]
 
 
+def test_http2_client_reset_closes_the_http11_tunnel(gw: Gateway, h1box: Sandbox) -> None:
+    """An HTTP/2 client resetting a stream to an HTTP/1.1 port: the gateway closes that tunnel,
+    which is how the sandbox's server learns its client left."""
+    h1box.exec("rm -f /tmp/big-aborted")
+    client = RawH2(gw.port)
+    try:
+        sid = client.start(f"/sandboxes/{h1box.id}/ports/8000/big?mb=1000")
+        while len(client.answers[sid].body) < 1 << 20:
+            assert client.pump()
+        client.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+        client.flush()
+        assert client.get("/v1/health").status == 200  # the connection goes on
+    finally:
+        client.close()
+    deadline = time.monotonic() + 10
+    while not h1box.filesystem.exists("/tmp/big-aborted"):  # the app notes it in a file
+        assert time.monotonic() < deadline, "the sandbox's server never saw the client leave"
+        time.sleep(0.2)
+
+
 def test_sse_reaches_an_http2_client_unbuffered(gw: Gateway, h1box: Sandbox) -> None:
     arrivals: list[float] = []
     with h2_client(gw) as c, c.stream("GET", path_url(gw, h1box, 8000, "sse")) as r:

@@ -332,7 +332,7 @@ while True:
 #: reset, then names the paths reset so far;
 #: anything else echoes the method, path, headers and the connection's number as JSON.
 H2_APP = r"""
-import asyncio, hashlib, json, sys
+import asyncio, hashlib, json, socket, sys
 sys.path.insert(0, "/srv/lib")
 import h2.config, h2.connection, h2.events, h2.exceptions, h2.settings
 
@@ -479,6 +479,8 @@ class Conn:
 
 async def main():
     async def client(reader, writer):
+        # small frames (WINDOW_UPDATE, HEADERS) must not wait for ACKs (as HTTP_APP)
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         await Conn(reader, writer).run()
 
     server = await asyncio.start_server(client, "127.0.0.1", int(sys.argv[1]))

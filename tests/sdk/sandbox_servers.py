@@ -322,3 +322,170 @@ while True:
     c, _ = srv.accept()
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 """
+
+#: An h2c server (prior knowledge) built on the ``h2`` library, which the test copies into the
+#: sandbox (``/srv/lib``; the default image has no h2 and sandboxes have no network). asyncio, one
+#: HTTP/2 connection per client, every stream its own task, flow control honoured both ways:
+#: ``GET /big?mb=N`` streams N MiB; ``POST`` counts and hashes the body; ``GET /trailers``
+#: answers a body then trailers (``grpc-status: 0``, ``x-sum``); ``GET /forever`` streams until
+#: the stream is reset; ``GET /resets/P`` waits until the stream of a request for ``/P`` was
+#: reset, then names the paths reset so far;
+#: anything else echoes the method, path, headers and the connection's number as JSON.
+H2_APP = r"""
+import asyncio, hashlib, json, socket, sys
+sys.path.insert(0, "/srv/lib")
+import h2.config, h2.connection, h2.events, h2.exceptions, h2.settings
+
+RESETS = []
+RESET = asyncio.Event()
+CONNECTIONS = [0]
+
+
+class Conn:
+    def __init__(self, reader, writer):
+        self.reader, self.writer = reader, writer
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        self.streams = {}  # id -> {"head", "body": Queue, "reset": bool}
+        self.window = asyncio.Event()
+        CONNECTIONS[0] += 1
+        self.number = CONNECTIONS[0]
+
+    def flush(self):
+        self.writer.write(self.h2.data_to_send())
+
+    async def run(self):
+        # Windows of 1 MiB per stream and 16 MiB per connection (64 KiB by default: a round
+        # trip per 64 KiB would make uploads crawl)
+        self.h2.local_settings = h2.settings.Settings(
+            client=False, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window((16 << 20) - 65535)
+        self.flush()
+        while data := await self.reader.read(65536):
+            try:
+                events = self.h2.receive_data(data)
+            except h2.exceptions.ProtocolError:
+                self.flush()
+                break
+            for ev in events:
+                if isinstance(ev, h2.events.RequestReceived):
+                    head = dict(ev.headers)
+                    st = {"head": head, "body": asyncio.Queue(), "reset": False}
+                    self.streams[ev.stream_id] = st
+                    asyncio.ensure_future(self.handle(ev.stream_id, st))
+                elif isinstance(ev, h2.events.DataReceived):
+                    st = self.streams.get(ev.stream_id)
+                    if st:
+                        st["body"].put_nowait((ev.data, ev.flow_controlled_length))
+                    else:
+                        self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, h2.events.StreamEnded):
+                    st = self.streams.get(ev.stream_id)
+                    if st:
+                        st["body"].put_nowait(None)
+                elif isinstance(ev, h2.events.StreamReset):
+                    st = self.streams.pop(ev.stream_id, None)
+                    if st:
+                        st["reset"] = True
+                        st["body"].put_nowait(None)
+                        RESETS.append(st["head"][":path"])
+                        RESET.set()
+                    self.window.set()
+                elif isinstance(ev, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+                    self.window.set()
+                elif isinstance(ev, h2.events.ConnectionTerminated):
+                    self.flush()
+                    self.writer.close()
+                    return
+            self.flush()
+        self.writer.close()
+
+    async def send(self, sid, st, data, end):
+        while data:
+            if st["reset"]:
+                return False
+            n = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
+            if n <= 0:
+                self.window.clear()
+                await self.window.wait()
+                continue
+            self.h2.send_data(sid, data[:n])
+            data = data[n:]
+            self.flush()
+            await self.writer.drain()
+        if end and not st["reset"]:
+            self.h2.end_stream(sid)
+            self.flush()
+        return not st["reset"]
+
+    def respond(self, sid, status, headers=(), end=False):
+        self.h2.send_headers(sid, [(":status", str(status)), *headers], end_stream=end)
+        self.flush()
+
+    async def handle(self, sid, st):
+        head = st["head"]
+        path, method = head[":path"], head[":method"]
+        try:
+            if method == "POST":
+                digest, total = hashlib.sha256(), 0
+                while (item := await st["body"].get()) is not None:
+                    digest.update(item[0])
+                    total += len(item[0])
+                    self.h2.acknowledge_received_data(item[1], sid)
+                    self.flush()
+                if st["reset"]:
+                    return
+                body = json.dumps({"size": total, "sha256": digest.hexdigest()}).encode()
+                self.respond(sid, 200, [("content-type", "application/json")])
+                await self.send(sid, st, body, True)
+            elif path.startswith("/big"):
+                mb = int(path.split("mb=")[1])
+                self.respond(sid, 200, [("content-length", str(mb << 20))])
+                block = b"\0" * (1 << 20)
+                for _ in range(mb):
+                    if not await self.send(sid, st, block, False):
+                        return
+                self.h2.end_stream(sid)
+                self.flush()
+            elif path.startswith("/trailers"):
+                self.respond(sid, 200, [("content-type", "application/grpc")])
+                await self.send(sid, st, b"payload", False)
+                self.h2.send_headers(sid, [("grpc-status", "0"), ("x-sum", "42")], end_stream=True)
+                self.flush()
+            elif path.startswith("/forever"):
+                self.respond(sid, 200, [("content-type", "text/plain")])
+                while await self.send(sid, st, b"tick\n" * 100, False):
+                    await asyncio.sleep(0.01)
+            elif path.startswith("/resets"):  # /resets/forever: once /forever was reset
+                want = path[len("/resets"):]
+                while want not in RESETS:
+                    RESET.clear()
+                    await RESET.wait()
+                body = json.dumps(RESETS).encode()
+                self.respond(sid, 200, [("content-type", "application/json")])
+                await self.send(sid, st, body, True)
+            else:
+                echo = {"method": method, "path": path, "headers": head, "conn": self.number}
+                body = json.dumps(echo).encode()
+                self.respond(sid, 200, [("content-type", "application/json"),
+                                        ("content-length", str(len(body)))])
+                await self.send(sid, st, body, True)
+        except (h2.exceptions.StreamClosedError, ConnectionError):
+            pass
+        finally:
+            self.streams.pop(sid, None)
+
+
+async def main():
+    async def client(reader, writer):
+        # small frames (WINDOW_UPDATE, HEADERS) must not wait for ACKs (as HTTP_APP)
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await Conn(reader, writer).run()
+
+    server = await asyncio.start_server(client, "127.0.0.1", int(sys.argv[1]))
+    await server.serve_forever()
+
+
+asyncio.run(main())
+"""

@@ -11,7 +11,10 @@ URL forms of an exposed port (both served by the server's own listener):
 
 Every request reaches the sandbox through the agent's ``GET /tunnel`` (see :mod:`.tunnel`):
 sandboxes have no network the host can reach. HTTP/1.1 requests and responses are streamed in
-both directions with backpressure (keep-alive tunnels are pooled per sandbox and port);
+both directions with backpressure (keep-alive tunnels are pooled per sandbox and port); a
+sandbox made with ``exposed_port_protocol="http2"`` is spoken to in h2c instead, one multiplexed
+connection per port (:mod:`.h2upstream`), its trailers passed on to clients whose server offers
+ASGI's trailers extension (HTTP/2 clients under ``sandlot server``, :mod:`.h2serve`);
 WebSockets are relayed message by message (the client's handshake is replayed to the sandbox's
 server, its subprotocol choice passed back). The whole exchange is lifecycle *activity*: it wakes a
 sleeping sandbox and keeps it awake while a response streams or a WebSocket stays open.
@@ -56,6 +59,7 @@ from sandlot.engines.base import AgentAddress
 from sandlot.server.asgi import ClientGone, request_body, send_json
 from sandlot.server.control import API_TOKEN_PREFIX, LIVE_STATUSES, ApiError, Control
 from sandlot.server.db import SandboxRow, utcnow
+from sandlot.server.h2upstream import H2PortPool, H2Response
 from sandlot.server.lifecycle import WakeError
 from sandlot.server.relay import RelayError, Relays
 from sandlot.server.tunnel import TunnelError, open_tunnel, open_tunnel_socket
@@ -218,7 +222,7 @@ class Ports:
         self.domain = domain or None
         self._domain_host = domain.rsplit(":", 1)[0] if domain else ""
         self._exposed: dict[str, _Exposed] = {}
-        self._pools: dict[tuple[str, int], _PortPool] = {}
+        self._pools: dict[tuple[str, int], _PortPool | H2PortPool] = {}
         self._proxies: dict[str, _TcpProxy] = {}
         self._proxy_locks: dict[str, asyncio.Lock] = {}
         self._proxy_tasks: set[asyncio.Task[None]] = set()
@@ -341,12 +345,22 @@ class Ports:
         for key in [k for k in self._pools if k[0] == sandbox_id]:
             self._pools.pop(key).close()
 
-    def _pool(self, sandbox_id: str, agent: AgentPool, port: int) -> _PortPool:
+    def _pool(
+        self, sandbox_id: str, agent: AgentPool, port: int, protocol: str
+    ) -> _PortPool | H2PortPool:
+        """The port's keep-alive HTTP/1.1 pool, or its HTTP/2 connection when the sandbox was
+        created with ``exposed_port_protocol="http2"``."""
+        kind = H2PortPool if protocol == "http2" else _PortPool
         pool = self._pools.get((sandbox_id, port))
-        if pool is None or pool.address != agent.address or pool.secret != agent.secret:
+        if (
+            pool is None
+            or not isinstance(pool, kind)
+            or pool.address != agent.address
+            or pool.secret != agent.secret
+        ):
             if pool is not None:
                 pool.close()
-            pool = _PortPool(agent.address, agent.secret, port)
+            pool = kind(agent.address, agent.secret, port)
             self._pools[(sandbox_id, port)] = pool
         return pool
 
@@ -607,15 +621,23 @@ class Ports:
                 elif is_ws:
                     await self._websocket(agent, forward, scope, receive, send)
                 else:
-                    pool = self._pool(target.sandbox_id, agent, port)
+                    pool = self._pool(target.sandbox_id, agent, port, exposed.protocol)
                     await self._http(pool, forward, scope, receive, send)
         except WakeError as exc:
             await refuse(503, "wake_failed", str(exc))
 
     async def _http(
-        self, pool: _PortPool, fwd: _Forward, scope: Scope, receive: Receive, send: Send
+        self,
+        pool: _PortPool | H2PortPool,
+        fwd: _Forward,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
     ) -> None:
         headers = fwd.headers(scope)
+        h2 = isinstance(pool, H2PortPool)
+        if h2 and (_header(scope, b"te") or b"").strip().lower() == b"trailers":
+            headers.append((b"te", b"trailers"))  # what gRPC servers insist on
         first = await receive()
         if first["type"] == "http.disconnect":
             return
@@ -627,6 +649,8 @@ class Ports:
             body_done.set()
         elif length is not None:
             headers.append((b"content-length", length))
+            content = request_body(first, receive, body_done)
+        elif h2:  # HTTP/2 frames the body itself
             content = request_body(first, receive, body_done)
         else:  # a chunked upload stays chunked (streamed, never gathered)
             headers.append((b"transfer-encoding", b"chunked"))
@@ -651,7 +675,10 @@ class Ports:
 
         watcher = asyncio.ensure_future(watch_disconnect())
         try:
-            await self._exchange(pool, fwd, scope["method"], target, headers, content, send)
+            trailers = "http.response.trailers" in (scope.get("extensions") or {})
+            await self._exchange(
+                pool, fwd, scope["method"], target, headers, content, send, trailers
+            )
         except asyncio.CancelledError:
             if not client_gone or exchange.uncancel() > 0:  # not (only) ours: pass it on
                 raise
@@ -660,16 +687,22 @@ class Ports:
 
     async def _exchange(
         self,
-        pool: _PortPool,
+        pool: _PortPool | H2PortPool,
         fwd: _Forward,
         method: str,
         target: str,
         headers: list[tuple[bytes, bytes]],
         content: bytes | AsyncIterator[bytes],
         send: Send,
+        trailers: bool = False,
     ) -> None:
+        """One request to the port and its response streamed back. With ``trailers`` (the
+        client's server offers ASGI's trailers extension) and an HTTP/2 port, the response's
+        trailers are passed on (gRPC's status travels there)."""
         try:
-            upstream: UpstreamResponse = await pool.request(method, target, headers, content)
+            upstream: UpstreamResponse | H2Response = await pool.request(
+                method, target, headers, content
+            )
         except ClientGone:
             return
         except UpstreamError as exc:
@@ -681,12 +714,25 @@ class Ports:
                 out.append((b"x-accel-buffering", b"no"))
             if fwd.set_cookie is not None:
                 out.append((b"set-cookie", fwd.set_cookie))
-            await send({"type": "http.response.start", "status": upstream.status, "headers": out})
+            with_trailers = trailers and isinstance(upstream, H2Response)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": upstream.status,
+                    "headers": out,
+                    "trailers": with_trailers,
+                }
+            )
             # A server that breaks off mid-response: the error propagates and the connection is
             # aborted, so the client sees a truncated response, not one that passes for whole.
             async for chunk in upstream.iter_body():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if with_trailers:
+                tail = upstream.trailers if isinstance(upstream, H2Response) else []
+                await send(
+                    {"type": "http.response.trailers", "headers": tail, "more_trailers": False}
+                )
         finally:
             upstream.close()
 
@@ -1034,7 +1080,8 @@ def ports_openapi_paths(error: dict[str, Any]) -> dict[str, dict[str, Any]]:
         ops[method.lower()] = {
             "summary": "An exposed port of the sandbox, proxied (also served at "
             "{port}-{sandbox_id}.{domain} with --domain; WebSocket and h2c upgrades pass "
-            "through); public unless the sandbox has protect_ports",
+            "through; HTTP/2 with prior knowledge served, and spoken to http2 sandboxes); "
+            "public unless the sandbox has protect_ports",
             "operationId": f"port_{method.lower()}",
             "parameters": params,
             "responses": {

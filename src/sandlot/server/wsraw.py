@@ -245,10 +245,23 @@ def _scope(head: bytes, transport: asyncio.Transport) -> dict[str, Any] | None:
 def ports_http_protocol() -> Any:
     """uvicorn's HTTP protocol class, extended: an ``Upgrade: h2c`` request aimed at an exposed
     port is handed to :class:`PortsWebSocketProtocol` (which passes it, and everything after,
-    through as bytes) instead of being answered in HTTP/1.1. Other requests are unchanged."""
+    through as bytes) instead of being answered in HTTP/1.1; a connection that opens with the
+    HTTP/2 preface is handed to :mod:`.h2serve` (see :func:`_h2_preface_hook`). Other requests
+    are unchanged."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class PortsHttpToolsProtocol(HttpToolsProtocol):
+        #: The connection's first bytes while they may still be the HTTP/2 preface; None once
+        #: decided.
+        _first_bytes: bytes | None = b""
+
+        def data_received(self, data: bytes) -> None:
+            if self._first_bytes is not None:
+                data = _h2_preface_hook(self, self._first_bytes + data)
+                if not data:
+                    return
+            super().data_received(data)
+
         def _should_upgrade(self) -> bool:
             if self._get_upgrade() == b"h2c" and self._h2c_to_a_port():
                 return True
@@ -266,3 +279,24 @@ def ports_http_protocol() -> Any:
             return ports.match(scope) is not None
 
     return PortsHttpToolsProtocol
+
+
+def _h2_preface_hook(protocol: Any, head: bytes) -> bytes:
+    """HTTP/2 with prior knowledge on uvicorn's HTTP/1.1 protocol: while ``head`` (the
+    connection's first bytes) may still become the preface, keep it and answer ``b""``; when it
+    is the preface, hand the connection to :class:`.h2serve.H2ServerProtocol` (``b""``);
+    otherwise it is HTTP/1.1, returned for uvicorn to parse."""
+    from sandlot.server.h2serve import PREFACE, switch_to_h2
+
+    if len(head) < len(PREFACE) and PREFACE.startswith(head):
+        protocol._first_bytes = head
+        return b""
+    protocol._first_bytes = None
+    if not head.startswith(PREFACE):
+        return head
+    protocol.connections.discard(protocol)
+    protocol._unset_keepalive_if_required()
+    switch_to_h2(
+        protocol.config, protocol.server_state, protocol.app_state, protocol.transport, head
+    )
+    return b""

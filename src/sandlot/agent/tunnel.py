@@ -44,6 +44,8 @@ def open_tunnel(req: Request) -> None:
     except OSError as exc:
         raise HTTPError(502, f"cannot connect to port {port}: {exc.strerror or exc}") from None
     target.settimeout(None)
+    # Small writes (HTTP/2 frames, WebSocket messages) go out at once, not after a delayed ACK.
+    target.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if req.headers.get("sandlot-tunnel", "").strip().lower() == "fd" and (
         req.conn.sock.family == socket.AF_UNIX
     ):

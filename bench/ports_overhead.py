@@ -1,4 +1,6 @@
-"""Exposed ports: what the gateway adds, measured (``python bench/ports_overhead.py``, root).
+"""Exposed ports: what the gateway adds, measured.
+
+``python bench/ports_overhead.py [--quick]`` (root; ``--quick``: one short round, a smoke run).
 
 One sandbox runs a small HTTP/1.1 keep-alive server (tests/sdk/sandbox_servers.py's app, its
 ``GET /x`` answer is ~300 bytes of JSON). The same load generator (standard library, raw sockets,
@@ -30,6 +32,7 @@ server``).
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import shutil
@@ -168,7 +171,11 @@ print(json.dumps({"median_ms": statistics.median(lat), "p90_ms": lat[int(len(lat
 """
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args.add_argument("--quick", action="store_true", help="one short round (a smoke run)")
+    quick = args.parse_args(argv).quick
+    rounds = 1 if quick else ROUNDS
     from sandbox_servers import HTTP_APP, WS_ECHO
     from support.server import start_server
 
@@ -184,7 +191,9 @@ def main() -> None:
     port = int(srv.url.rsplit(":", 1)[1])
     loadgen = tmp / "loadgen.py"
     loadgen.write_text(LOADGEN)
-    common = {"n": 2000, "conc": 8, "seconds": 3}
+    common = (
+        {"n": 200, "conc": 8, "seconds": 0.5} if quick else {"n": 2000, "conc": 8, "seconds": 3}
+    )
     results: dict[str, dict[str, float]] = {}
     try:
         sb = Sandbox.create(
@@ -253,7 +262,7 @@ def main() -> None:
                 },
             }
             runs: dict[str, list[dict[str, float]]] = {name: [] for name in specs}
-            for _round, (name, spec) in itertools.product(range(ROUNDS), specs.items()):
+            for _round, (name, spec) in itertools.product(range(rounds), specs.items()):
                 arg = json.dumps({**spec, **common})
                 if name in ("direct", "ws direct"):  # inside the sandbox
                     quoted = arg.replace("'", "'\\''")

@@ -24,10 +24,7 @@ h2 server): compare the client sides of one port, or read the ratios, not absolu
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,10 +33,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "sdk"))
+sys.path.insert(0, str(ROOT))
+
+from bench.loadgen import HTTP11, MEASURE, print_table, run_rounds  # noqa: E402
 
 #: The load generator: {"proto": "h1"|"h2", "port", "path", "n", "conc", "seconds"} → JSON.
-LOADGEN = r"""
-import json, socket, statistics, sys, threading, time
+LOADGEN = (
+    r"""
+import json, socket, sys
 
 spec = json.loads(sys.argv[1])
 
@@ -48,26 +49,12 @@ class H1:
     def __init__(self):
         self.s = socket.create_connection(("127.0.0.1", spec["port"]))
         self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = b""
+        self.buf = [b""]
         self.req = ("GET %s HTTP/1.1\r\nHost: bench\r\n\r\n" % spec["path"]).encode()
 
-    def get(self):
+    def one(self):
         self.s.sendall(self.req)
-        while b"\r\n\r\n" not in self.buf:
-            chunk = self.s.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed")
-            self.buf += chunk
-        head, _, rest = self.buf.partition(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            k, _, v = line.partition(b":")
-            if k.strip().lower() == b"content-length":
-                length = int(v)
-        while len(rest) < length:
-            rest += self.s.recv(65536)
-        assert head.startswith(b"HTTP/1.1 200"), head
-        self.buf = rest[length:]
+        read_http11(self.s, self.buf)
 
 
 class H2:
@@ -83,7 +70,7 @@ class H2:
         self.headers = [(":method", "GET"), (":scheme", "http"), (":authority", "bench"),
                         (":path", spec["path"])]
 
-    def get(self):
+    def one(self):
         sid = self.c.get_next_available_stream_id()
         self.c.send_headers(sid, self.headers, end_stream=True)
         self.s.sendall(self.c.data_to_send())
@@ -109,49 +96,10 @@ class H2:
 
 
 Client = H2 if spec["proto"] == "h2" else H1
-c = Client()
-for _ in range(100):
-    c.get()
-lat = []
-for _ in range(spec["n"]):
-    t = time.perf_counter()
-    c.get()
-    lat.append((time.perf_counter() - t) * 1e3)
-lat.sort()
-counts = [0] * spec["conc"]
-stop = time.monotonic() + spec["seconds"]
-
-
-def worker(i):
-    w = Client()
-    while time.monotonic() < stop:
-        w.get()
-        counts[i] += 1
-
-
-threads = [threading.Thread(target=worker, args=(i,)) for i in range(spec["conc"])]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-print(json.dumps({"median_ms": statistics.median(lat), "p90_ms": lat[int(len(lat) * 0.9)],
-                  "rps": sum(counts) / spec["seconds"]}))
 """
-
-
-def _upload_h2(sb: object) -> None:
-    import h2
-    import hpack
-    import hyperframe
-
-    files: dict[str, bytes] = {}
-    for package in (h2, hpack, hyperframe):
-        root = Path(package.__file__).parent
-        for path in root.rglob("*.py"):
-            files[f"/srv/lib/{root.name}/{path.relative_to(root)}"] = path.read_bytes()
-    dirs = sorted({str(Path(p).parent) for p in files})
-    sb.exec("mkdir -p " + " ".join(dirs))  # type: ignore[attr-defined]
-    sb.filesystem.write_files(files)  # type: ignore[attr-defined]
+    + HTTP11
+    + MEASURE
+)
 
 
 WAIT = (
@@ -172,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         {"n": 200, "conc": 8, "seconds": 0.5} if quick else {"n": 2000, "conc": 8, "seconds": 3}
     )
 
-    from sandbox_servers import H2_APP, HTTP_APP
+    from sandbox_servers import H2_APP, HTTP_APP, upload_h2
     from support.server import start_server
 
     from sandlot import Sandbox
@@ -199,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
                 (h2, "h2app", H2_APP, 8443),
             ):
                 if sb is h2:
-                    _upload_h2(sb)
+                    upload_h2(sb)
                 sb.filesystem.write_files({f"/srv/{name}.py": code, "/srv/wait.py": WAIT})
                 sb.launch_process(f"python3 /srv/{name}.py {sb_port}")
                 assert sb.exec(f"python3 /srv/wait.py {sb_port}").exit_code == 0
@@ -215,31 +163,24 @@ def main(argv: list[str] | None = None) -> None:
                 "h1 → /v1/health": {"proto": "h1", "path": "/v1/health"},
                 "h2 → /v1/health": {"proto": "h2", "path": "/v1/health"},
             }
-            runs: dict[str, list[dict[str, float]]] = {name: [] for name in specs}
-            for _round, (name, spec) in itertools.product(range(rounds), specs.items()):
-                arg = json.dumps({**spec, **common, "port": port})
-                out = subprocess.run(
+
+            def run(name: str, arg: str) -> str:
+                return subprocess.run(
                     [sys.executable, str(loadgen), arg],
                     check=True,
                     capture_output=True,
                     text=True,
                     timeout=120,
                 ).stdout
-                runs[name].append(json.loads(out))
-                print(name, runs[name][-1], flush=True)
-            for name, samples in runs.items():
-                results[name] = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
+
+            results = run_rounds(specs, rounds, {**common, "port": port}, run)
         finally:
             h1.delete()
             h2.delete()
     finally:
         srv.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    print()
-    print("| client → port | median latency | p90 | requests/s (8 connections) |")
-    print("|---|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {r['median_ms']:.3f} ms | {r['p90_ms']:.3f} ms | {r['rps']:.0f} |")
+    print_table("client → port", results)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,7 @@ server``).
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,10 +45,14 @@ ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 3
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "sdk"))
+sys.path.insert(0, str(ROOT))
+
+from bench.loadgen import HTTP11, MEASURE, print_table, run_rounds  # noqa: E402
 
 #: The load generator: stdlib only, so it also runs inside the sandbox.
-LOADGEN = r"""
-import json, socket, statistics, sys, threading, time
+LOADGEN = (
+    r"""
+import json, socket, sys
 
 spec = json.loads(sys.argv[1])
 
@@ -90,85 +91,37 @@ FRAME = bytes([0x81, 0x80 | 32]) + bytes(4) + b"x" * 32
 ECHOED = bytes([0x81, 32]) + b"x" * 32
 
 
-def ws_connect():
-    s = raw_connect()
-    s.sendall(("GET %s HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade"
-               "\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13"
-               "\r\n\r\n" % spec["path"]).encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += s.recv(1)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return s
+class Client:
+    def __init__(self):
+        self.s = connect()
+        self.buf = [b""]
+        if spec.get("ws"):
+            self.s.sendall((
+                "GET %s HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade"
+                "\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13"
+                "\r\n\r\n" % spec["path"]).encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += self.s.recv(1)
+            assert head.startswith(b"HTTP/1.1 101"), head
 
-
-def ws_one(s, buf):
-    s.sendall(FRAME)
-    got = b""
-    while len(got) < len(ECHOED):
-        chunk = s.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed")
-        got += chunk
-    assert got == ECHOED, got
-
-
-
-def one(s, buf):
-    s.sendall(REQUEST)
-    while b"\r\n\r\n" not in buf[0]:
-        chunk = s.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed")
-        buf[0] += chunk
-    head, _, rest = buf[0].partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        k, _, v = line.partition(b":")
-        if k.strip().lower() == b"content-length":
-            length = int(v)
-    while len(rest) < length:
-        rest += s.recv(65536)
-    assert head.startswith(b"HTTP/1.1 200"), head
-    buf[0] = rest[length:]
-
-
-raw_connect = connect
-if spec.get("ws"):
-    connect, one = ws_connect, ws_one
-
-s = connect()
-buf = [b""]
-for _ in range(100):
-    one(s, buf)
-lat = []
-for _ in range(spec["n"]):
-    t = time.perf_counter()
-    one(s, buf)
-    lat.append((time.perf_counter() - t) * 1e3)
-s.close()
-lat.sort()
-counts = [0] * spec["conc"]
-stop = time.monotonic() + spec["seconds"]
-
-
-def worker(i):
-    c = connect()
-    b = [b""]
-    while time.monotonic() < stop:
-        one(c, b)
-        counts[i] += 1
-    c.close()
-
-
-threads = [threading.Thread(target=worker, args=(i,)) for i in range(spec["conc"])]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-print(json.dumps({"median_ms": statistics.median(lat), "p90_ms": lat[int(len(lat) * 0.9)],
-                  "rps": sum(counts) / spec["seconds"]}))
+    def one(self):
+        if not spec.get("ws"):
+            self.s.sendall(REQUEST)
+            read_http11(self.s, self.buf)
+            return
+        self.s.sendall(FRAME)
+        got = b""
+        while len(got) < len(ECHOED):
+            chunk = self.s.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            got += chunk
+        assert got == ECHOED, got
 """
+    + HTTP11
+    + MEASURE
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -261,39 +214,29 @@ def main(argv: list[str] | None = None) -> None:
                     "path": f"/sandboxes/{sb.id}/koyeb-sandbox/health",
                 },
             }
-            runs: dict[str, list[dict[str, float]]] = {name: [] for name in specs}
-            for _round, (name, spec) in itertools.product(range(rounds), specs.items()):
-                arg = json.dumps({**spec, **common})
+
+            def run(name: str, arg: str) -> str:
                 if name in ("direct", "ws direct"):  # inside the sandbox
                     quoted = arg.replace("'", "'\\''")
                     result = sb.exec(f"python3 /srv/loadgen.py '{quoted}'", timeout=120)
                     assert result.exit_code == 0, result.stderr
-                    out = result.stdout
-                else:
-                    out = subprocess.run(
-                        [sys.executable, str(loadgen), arg],
-                        check=True,
-                        capture_output=True,
-                        text=True,
-                        timeout=120,
-                    ).stdout
-                runs[name].append(json.loads(out))
-                print(name, runs[name][-1], flush=True)
-            for name, samples in runs.items():
-                results[name] = {
-                    key: statistics.median(s[key] for s in samples) for key in samples[0]
-                }
+                    return result.stdout
+                return subprocess.run(
+                    [sys.executable, str(loadgen), arg],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                ).stdout
+
+            results = run_rounds(specs, rounds, common, run)
         finally:
             sb.delete()
     finally:
         srv.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     direct, handed, gateway = results["direct"], results["handed socket"], results["gateway"]
-    print()
-    print("| path | median latency | p90 | requests/s (8 connections) |")
-    print("|---|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {r['median_ms']:.3f} ms | {r['p90_ms']:.3f} ms | {r['rps']:.0f} |")
+    print_table("path", results)
     print()
     print(
         f"gateway adds {gateway['median_ms'] - handed['median_ms']:.3f} ms over the handed "

@@ -3,6 +3,27 @@ so no pip). Each is written into the sandbox as a file and started with ``launch
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+
+def upload_h2(sb: Any) -> None:
+    """The pure-Python h2, hpack and hyperframe packages into the sandbox's /srv/lib, for the
+    HTTP/2 servers below (a sandbox cannot pip install: it has no network)."""
+    import h2
+    import hpack
+    import hyperframe
+
+    files: dict[str, bytes] = {}
+    for package in (h2, hpack, hyperframe):
+        root = Path(package.__file__).parent
+        for path in root.rglob("*.py"):
+            files[f"/srv/lib/{root.name}/{path.relative_to(root)}"] = path.read_bytes()
+    dirs = sorted({str(Path(p).parent) for p in files})
+    assert sb.exec("mkdir -p " + " ".join(dirs)).exit_code == 0
+    sb.filesystem.write_files(files)
+
+
 #: HTTP/1.1 (keep-alive) on the port given: ``/sse`` streams 4 events 0.4 s apart (chunked),
 #: ``/big?mb=N`` streams N MiB (chunked; a client that leaves is noted in /tmp/big-aborted),
 #: ``/broken`` promises 1 MB and closes after 1000 bytes, ``POST`` counts and hashes the body

@@ -27,11 +27,9 @@ import h2
 import h2.config
 import h2.connection
 import h2.events
-import hpack
 import httpx
-import hyperframe
 import pytest
-from sandbox_servers import H2_APP
+from sandbox_servers import H2_APP, upload_h2
 from support.server import RunningServer, start_server
 from test_ports import DOMAIN, Gateway, _PeakRss, gw, path_url, start_servers
 
@@ -47,18 +45,6 @@ H2_PORT = 8443
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
-def _upload_h2(sb: Sandbox) -> None:
-    """The pure-Python h2, hpack and hyperframe packages into the sandbox's /srv/lib."""
-    files: dict[str, bytes] = {}
-    for package in (h2, hpack, hyperframe):
-        root = Path(package.__file__).parent
-        for path in root.rglob("*.py"):
-            files[f"/srv/lib/{root.name}/{path.relative_to(root)}"] = path.read_bytes()
-    dirs = sorted({str(Path(p).parent) for p in files})
-    assert sb.exec("mkdir -p " + " ".join(dirs)).exit_code == 0
-    sb.filesystem.write_files(files)
-
-
 def start_h2_app(sb: Sandbox, port: int = H2_PORT) -> None:
     sb.filesystem.write_file("/srv/h2app.py", H2_APP)
     sb.launch_process(f"python3 /srv/h2app.py {port}")
@@ -72,7 +58,7 @@ def h2box(gw: Gateway) -> Iterator[Sandbox]:
     """A sandbox made with exposed_port_protocol="http2", its h2c server on 8443, exposed."""
     sb = gw.create(exposed_port_protocol="http2", idle_timeout=0)
     try:
-        _upload_h2(sb)
+        upload_h2(sb)
         start_h2_app(sb)
         assert sb.expose_port(H2_PORT)["protocol"] == "http2"
         yield sb

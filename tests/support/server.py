@@ -15,7 +15,7 @@ import uvicorn
 from sandlot.engines.base import Engine
 from sandlot.server.app import ServerConfig, create_app, unix_public_url
 from sandlot.server.run import bind_unix_socket
-from sandlot.server.wsraw import PortsWebSocketProtocol, ports_http_protocol
+from sandlot.server.wsraw import HEAD_TIMEOUT, PortsWebSocketProtocol, ports_http_protocol
 
 
 @dataclass
@@ -57,6 +57,7 @@ def start_server(
     pools: dict[Any, int] | None = None,
     domain: str | None = None,
     raw_websockets: bool = True,
+    head_timeout: float = HEAD_TIMEOUT,
 ) -> RunningServer:
     if tcp:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -90,7 +91,7 @@ def start_server(
             timeout_graceful_shutdown=2,
             # as `sandlot server` runs it; without: the ASGI relay any ASGI server gets
             ws=PortsWebSocketProtocol if raw_websockets else "auto",
-            http=ports_http_protocol() if raw_websockets else "auto",
+            http=ports_http_protocol(head_timeout) if raw_websockets else "auto",
         )
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

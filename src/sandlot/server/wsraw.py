@@ -242,18 +242,39 @@ def _scope(head: bytes, transport: asyncio.Transport) -> dict[str, Any] | None:
     }
 
 
-def ports_http_protocol() -> Any:
+#: A request head (or a new connection's first one) must be complete within this many seconds.
+HEAD_TIMEOUT = 30.0
+_HEAD_TIMEOUT_BODY = b'{"error": "request head not received in time", "code": "timeout"}'
+_HEAD_TIMEOUT_ANSWER = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: "
+    + str(len(_HEAD_TIMEOUT_BODY)).encode()
+    + b"\r\nconnection: close\r\n\r\n"
+    + _HEAD_TIMEOUT_BODY
+)
+
+
+def ports_http_protocol(head_timeout: float = HEAD_TIMEOUT) -> Any:
     """uvicorn's HTTP protocol class, extended: an ``Upgrade: h2c`` request aimed at an exposed
     port is handed to :class:`PortsWebSocketProtocol` (which passes it, and everything after,
     through as bytes) instead of being answered in HTTP/1.1; a connection that opens with the
     HTTP/2 preface is handed to :mod:`.h2serve` (see :func:`_h2_preface_hook`). Other requests
-    are unchanged."""
+    are unchanged.
+
+    It also bounds how long a request head may take (``head_timeout``, from the connection's
+    start or the request's first byte): uvicorn times out idle keep-alive connections but not a
+    new connection that sends nothing, or half a head, so a client could hold descriptors for
+    ever with a few bytes. Such a connection gets ``408`` and is closed."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class PortsHttpToolsProtocol(HttpToolsProtocol):
         #: The connection's first bytes while they may still be the HTTP/2 preface; None once
         #: decided.
         _first_bytes: bytes | None = b""
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_head_timer()
 
         def data_received(self, data: bytes) -> None:
             if self._first_bytes is not None:
@@ -261,6 +282,34 @@ def ports_http_protocol() -> Any:
                 if not data:
                     return
             super().data_received(data)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm_head_timer()
+
+        def on_headers_complete(self) -> None:
+            self.cancel_head_timer()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.cancel_head_timer()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(head_timeout, self._head_timed_out)
+
+        def cancel_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing() or self.transport.get_protocol() is not self:
+                return
+            self.transport.write(_HEAD_TIMEOUT_ANSWER)
+            self.transport.close()
 
         def _should_upgrade(self) -> bool:
             if self._get_upgrade() == b"h2c" and self._h2c_to_a_port():
@@ -294,6 +343,7 @@ def _h2_preface_hook(protocol: Any, head: bytes) -> bytes:
     protocol._first_bytes = None
     if not head.startswith(PREFACE):
         return head
+    protocol.cancel_head_timer()  # HTTP/2 from here: h2serve has its own timeouts
     protocol.connections.discard(protocol)
     protocol._unset_keepalive_if_required()
     switch_to_h2(

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -223,6 +224,26 @@ def test_unreachable_registry(server: RunningServer) -> None:
     with pytest.raises(SandboxRequestError, match="cannot pull") as info:
         Sandbox.create(image=image, api_url=server.url)
     assert "connection refused" in str(info.value).lower()
+
+
+def test_pull_again_then_prune(server: RunningServer, registry: Registry) -> None:
+    """``image pull`` makes a new version beside the one a sandbox uses; prune keeps both
+    while that sandbox lives (asleep or not), and the old one goes after it."""
+    from sandlot.engines.local.engine import images_in_use
+
+    engine: Any = server.engine
+    state = engine.sandboxes_dir.parent
+    with Sandbox.create(image=registry.ref, api_url=server.url) as sb:
+        first = Path(engine.images.resolve(registry.ref).rootfs).parent
+        second = Path(engine.images.registry_image(registry.ref, pull=True).rootfs).parent
+        version = int(first.name.rsplit("-", 1)[1])
+        assert second.name == first.name.rsplit("-", 1)[0] + f"-{version + 1}"
+        with Sandbox.create(image=registry.ref, api_url=server.url) as newer:
+            assert newer.exec("echo $GREETING").stdout == "hello from the registry\n"
+        assert engine.images.prune(images_in_use(state)) == ()  # first is in use
+        assert sb.exec("pwd").stdout == "/work\n"
+    assert engine.images.prune(images_in_use(state)) == (first,)
+    assert not first.exists() and second.exists()
 
 
 def test_pulled_images_stay_when_the_registry_is_gone(

@@ -378,6 +378,25 @@ def image_pull(ref: str) -> None:
     click.echo(str(img.rootfs))
 
 
+@image.command(name="prune")
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+def image_prune(dry_run: bool) -> None:
+    """Remove images nothing can use any more: older versions of pulled images, default images
+    of an older recipe, half-done builds. What any sandbox (even asleep) was made from stays."""
+    from sandlot.engines.base import ImageError
+    from sandlot.engines.local.engine import images_in_use
+    from sandlot.images.store import default_store
+    from sandlot.paths import state_dir
+
+    try:
+        removed = default_store().prune(images_in_use(state_dir()), dry_run=dry_run)
+    except ImageError as exc:
+        raise click.ClickException(str(exc)) from None
+    for d in removed:
+        click.echo(str(d))
+    err_console.print(f"{'would remove' if dry_run else 'removed'} {len(removed)} image(s)")
+
+
 @image.command(name="ls")
 @click.option("--json", "as_json", is_flag=True)
 def image_list(as_json: bool) -> None:

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,33 @@ class ImageStore:
         for meta in sorted(self.root.glob("*/image.json")):
             out.append({"name": meta.parent.name, "path": str(meta.parent / "rootfs")})
         return out
+
+    def prune(self, in_use: set[Path], *, dry_run: bool = False) -> tuple[Path, ...]:
+        """Remove what no sandbox can get any more and none uses (``in_use``: the rootfs paths
+        sandboxes were made from, deeply asleep ones included): older versions of pulled images
+        (the newest stays), default images of an older recipe, and builds a crash left half
+        done (over an hour old). Returns what was (or, with ``dry_run``, would be) removed."""
+        if not self.root.is_dir():
+            return ()
+        used = {p.resolve() for p in in_use}
+        newest: dict[str, tuple[int, Path]] = {}
+        old: set[Path] = set()
+        for d in self.root.iterdir():
+            base, _, version = d.name.rpartition("-")
+            if d.name.startswith("registry-") and version.isdigit():
+                if base not in newest or newest[base][0] < int(version):
+                    if base in newest:
+                        old.add(newest[base][1])
+                    newest[base] = (int(version), d)
+                else:
+                    old.add(d)
+            elif _superseded(d):
+                old.add(d)
+        removed = tuple(d for d in sorted(old) if (d / "rootfs").resolve() not in used)
+        if not dry_run:
+            for d in removed:
+                shutil.rmtree(d, ignore_errors=True)
+        return removed
 
     # -- built-in images ----------------------------------------------------------------------
 
@@ -295,6 +323,13 @@ class ImageStore:
             except subprocess.TimeoutExpired:
                 raise ImageError(f"pulling {ref} took longer than {PULL_TIMEOUT:g}s") from None
         return _read_image(ref, final)
+
+
+def _superseded(d: Path) -> bool:
+    """A default image of an older recipe, or a build a crash left (over an hour old)."""
+    if d.name.startswith("default-"):
+        return d.name != f"default-{default_image_digest()}"
+    return d.name.startswith(".build-") and time.time() - d.stat().st_mtime > 3600
 
 
 def registry_host(ref: str) -> str:

@@ -123,6 +123,22 @@ def _grantable_open_files() -> int | None:
     return None if hard == resource.RLIM_INFINITY else hard
 
 
+def images_in_use(state_dir: Path) -> set[Path]:
+    """The image rootfs of every sandbox under ``state_dir`` (running, asleep or half made):
+    what ``sandlot image prune`` must keep."""
+    used: set[Path] = set()
+    sandboxes = state_dir / "sandboxes"
+    if not sandboxes.is_dir():
+        return used
+    for meta in sandboxes.glob("*/meta.json"):
+        try:
+            used.add(Path(json.loads(meta.read_text())["image_rootfs"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            # unreadable: keep every image rather than guess
+            raise ImageError(f"cannot read {meta}: not pruning") from None
+    return used
+
+
 class LocalEngine:
     """Runs sandboxes with crun (or runc) on this host. Needs root."""
 

@@ -1,0 +1,64 @@
+"""ImageStore.prune on a store laid out by hand (no root needed): what nothing can use any more
+goes, the newest pulled version and whatever a sandbox was made from stay."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from sandlot.engines.base import ImageError
+from sandlot.engines.local.engine import images_in_use
+from sandlot.images.store import ImageStore, default_image_digest
+
+
+def _image(root: Path, name: str) -> Path:
+    d = root / name
+    (d / "rootfs").mkdir(parents=True)
+    (d / "image.json").write_text('{"env": {}, "workdir": "/"}')
+    return d
+
+
+def test_prune(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "images")
+    v1, v2, v3 = (_image(store.root, f"registry-abc-{n}") for n in (1, 2, 3))
+    other = _image(store.root, "registry-def-7")
+    current = _image(store.root, f"default-{default_image_digest()}")
+    stale_default = _image(store.root, "default-000000000000")
+    busybox = _image(store.root, "busybox-123")
+    fresh_build = store.root / ".build-registry-x-1"
+    fresh_build.mkdir()
+    old_build = store.root / ".build-default-y"
+    old_build.mkdir()
+    an_hour_ago = time.time() - 3700
+    os.utime(old_build, (an_hour_ago, an_hour_ago))
+
+    in_use = {v1 / "rootfs"}
+    would = store.prune(in_use, dry_run=True)
+    assert set(would) == {v2, stale_default, old_build}
+    assert all(d.exists() for d in would)
+    assert store.prune(in_use) == would
+    for gone in would:
+        assert not gone.exists()
+    for kept in (v1, v3, other, current, busybox, fresh_build):
+        assert kept.exists()
+    # once nothing uses v1, it goes too; the newest version of each image stays
+    assert store.prune(set()) == (v1,)
+    assert store.prune(set()) == ()
+
+
+def test_images_in_use_reads_every_sandbox(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    for sandbox, rootfs in (("a", "/images/x/rootfs"), ("b", "/images/y/rootfs")):
+        (state / "sandboxes" / sandbox).mkdir(parents=True)
+        meta = {"id": sandbox, "image": "x", "image_rootfs": rootfs}
+        (state / "sandboxes" / sandbox / "meta.json").write_text(json.dumps(meta))
+    assert images_in_use(state) == {Path("/images/x/rootfs"), Path("/images/y/rootfs")}
+    assert images_in_use(tmp_path / "nothing") == set()
+    (state / "sandboxes" / "c").mkdir()
+    (state / "sandboxes" / "c" / "meta.json").write_text("{half")
+    with pytest.raises(ImageError, match="not pruning"):  # never guess what is unused
+        images_in_use(state)

@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
+import socket
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -75,6 +80,21 @@ def test_autostarts_local_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
             assert sb.exec("true").code == 0
         assert len(_server_pids(sock)) == 1
         assert (runtime / "sandlot" / "sandlot-server.log").exists()
+        # After an upgrade (here: this process pretends to be a newer build) the SDK restarts
+        # the server it started; sandboxes live through it.
+        kept = Sandbox.create(image="busybox")
+        before = _server_pids(sock)
+        import sandlot._build
+        from sandlot.sdk import _common
+
+        monkeypatch.setattr(sandlot._build, "build_id", lambda: "a-newer-build")
+        _common._checked.discard(sock)
+        with Sandbox.create(image="busybox") as sb:
+            assert sb.exec("echo new").stdout == "new\n"
+        after = _server_pids(sock)
+        assert len(after) == 1 and after != before
+        assert kept.exec("echo survived").stdout == "survived\n"
+        kept.delete()
     finally:
         for pid in _server_pids(sock):
             os.kill(pid, signal.SIGTERM)
@@ -105,3 +125,63 @@ def test_autostart_failure_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path
         import shutil
 
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+class _FakeServer:
+    """A Unix socket answering every connection with ``health`` as ``/v1/health``."""
+
+    def __init__(self, path: Path, health: dict[str, object]) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(str(path))
+        self.sock.listen(8)
+        self.body = json.dumps(health).encode()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            head = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(self.body)
+            with conn, contextlib.suppress(OSError):  # probes connect and leave at once
+                if conn.recv(65536):
+                    conn.sendall(head + self.body)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize(
+    ("same_package", "build", "stopped"),
+    [(True, "old-build", True), (True, None, False), (False, "old-build", False)],
+    ids=["outdated", "current", "another-installation"],
+)
+def test_outdated_local_server_is_stopped(
+    tmp_path: Path, same_package: bool, build: str | None, stopped: bool
+) -> None:
+    """Only a server of this installation with another build is stopped (SIGTERM), and the SDK
+    waits until its socket stops answering."""
+    from sandlot._build import PACKAGE_DIR, build_id
+    from sandlot.sdk._common import _stop_if_outdated
+
+    victim = subprocess.Popen(["sleep", "30"])
+    health = {
+        "status": "ok",
+        "build": build or build_id(),
+        "package": str(PACKAGE_DIR) if same_package else "/elsewhere/sandlot",
+        "pid": victim.pid,
+    }
+    server = _FakeServer(tmp_path / "s.sock", health)
+    # a real server stops answering once it got SIGTERM: so does this one
+    threading.Thread(target=lambda: (victim.wait(), server.close()), daemon=True).start()
+    try:
+        _stop_if_outdated(str(tmp_path / "s.sock"))
+        if stopped:
+            assert victim.wait(5) == -signal.SIGTERM
+        else:
+            assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
+        server.close()

@@ -11,6 +11,8 @@ import enum
 import functools
 import heapq
 import itertools
+import json
+import logging
 import os
 import socket
 import ssl
@@ -36,6 +38,7 @@ from sandlot.sdk.errors import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("sandlot")
 
 DEFAULT_CREATE_TIMEOUT = 300.0
 DEFAULT_WAIT_READY_TIMEOUT = 60.0
@@ -391,13 +394,16 @@ def ensure_local_server(path: str) -> None:
     import subprocess
     import sys
 
-    if _socket_answers(path):
+    if path in _checked and _socket_answers(path):
         return
     with _server_lock:
         directory = os.path.dirname(path)
         os.makedirs(directory, mode=0o700, exist_ok=True)
         with open(os.path.join(directory, "autostart.lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            if path not in _checked:
+                _checked.add(path)
+                _stop_if_outdated(path)
             if _socket_answers(path):
                 return
             log_path = os.path.join(directory, "sandlot-server.log")
@@ -424,6 +430,68 @@ def ensure_local_server(path: str) -> None:
                 f"the local sandlot server did not start within {SERVER_START_TIMEOUT:g}s; "
                 f"see {log_path}"
             )
+
+
+#: Socket paths whose server's build this process has compared with its own.
+_checked: set[str] = set()
+
+
+def _stop_if_outdated(path: str) -> None:
+    """Stop the server on ``path`` if it is this installation of sandlot but an older build
+    (upgraded or edited since it started); :func:`ensure_local_server` then starts the new one.
+    Its sandboxes live on: a server recovers them at start. A server of another installation
+    (another virtualenv sharing the default socket) is left alone, or two projects would stop
+    each other's servers in turn."""
+    import signal
+
+    from sandlot._build import PACKAGE_DIR, build_id
+
+    health = _local_health(path)
+    if health is None:
+        return
+    if health.get("package") != str(PACKAGE_DIR) or health.get("build") in (None, build_id()):
+        return
+    pid = health.get("pid")
+    if not isinstance(pid, int) or pid <= 1:
+        return
+    log.warning(
+        "the local sandlot server (pid %d) runs an older build of this installation: restarting it",
+        pid,
+    )
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except OSError:
+        return
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while _socket_answers(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _local_health(path: str) -> dict[str, Any] | None:
+    """``GET /v1/health`` on the Unix socket, with the standard library (this runs before any
+    client exists); None if nothing sensible answers."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(5.0)
+        s.connect(path)
+        s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: sandlot\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+            if len(data) > 1 << 20:
+                return None
+    except OSError:
+        return None
+    finally:
+        s.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        return None
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return None
+    return answer if isinstance(answer, dict) else None
 
 
 async def async_ensure_local_server(path: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 import sandlot
+from sandlot._build import PACKAGE_DIR, build_id
 from sandlot.engines.base import Engine
 from sandlot.server.control import ApiError, Control
 from sandlot.server.db import DEFAULT_PROJECT, ApiToken, RegistrySecret, SandboxRow, Store
@@ -362,11 +364,12 @@ class Api:
     # -- misc --
 
     async def health(self, request: Request) -> Response:
-        return json_response(
-            HealthOut(
-                status="ok", version=sandlot.__version__, regions=sorted(self.control.engines)
-            )
+        out = HealthOut(
+            status="ok", version=sandlot.__version__, regions=sorted(self.control.engines)
         )
+        if self.config.auth == "socket":
+            out.build, out.package, out.pid = build_id(), str(PACKAGE_DIR), os.getpid()
+        return json_response(out)
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document(self.routes()))

@@ -283,3 +283,8 @@ class HealthOut(BaseModel):
     status: Literal["ok"]
     version: str
     regions: list[str]
+    #: On the Unix socket only (its users are the server's own): which installation and build
+    #: of sandlot serves, and its pid -- so the SDK can restart a local server it outdated.
+    build: str | None = None
+    package: str | None = None
+    pid: int | None = None

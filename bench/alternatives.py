@@ -33,13 +33,28 @@ class Unavailable(RuntimeError):
     """This alternative cannot run here; the message is the reason reported as the skip."""
 
 
-def _run(argv: list[str], *, env: dict[str, str] | None = None, timeout: float = 120,
-         check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    proc = subprocess.run(argv, env=env, capture_output=True, timeout=timeout, input=input,
-                          stdin=None if input is not None else subprocess.DEVNULL, check=False)
+def _run(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    check: bool = True,
+    input: bytes | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    proc = subprocess.run(
+        argv,
+        env=env,
+        capture_output=True,
+        timeout=timeout,
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
+        check=False,
+    )
     if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[:6])}... exited {proc.returncode}: "
-                           f"{proc.stderr.decode(errors='replace').strip()[-400:]}")
+        raise RuntimeError(
+            f"{' '.join(argv[:6])}... exited {proc.returncode}: "
+            f"{proc.stderr.decode(errors='replace').strip()[-400:]}"
+        )
     return proc
 
 
@@ -191,8 +206,17 @@ class Crun(Backend):
     def _crun(self, *args: str) -> list[str]:
         base = ["crun", "--root", str(self.state_root), *args]
         if self.hybrid:  # crun 1.8 refuses the hybrid layout; hide cgroup2 in a private mount ns
-            return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-                    'umount /sys/fs/cgroup/unified && exec "$0" "$@"', *base]
+            return [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                'umount /sys/fs/cgroup/unified && exec "$0" "$@"',
+                *base,
+            ]
         return base
 
     def _bundle(self, cmd: list[str]) -> Path:
@@ -207,8 +231,10 @@ class Crun(Backend):
         config["root"] = {"path": str(self.rootfs), "readonly": True}
         config["process"]["args"] = cmd
         config["process"]["terminal"] = False
-        config["process"]["env"] = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:"
-                                    "/sbin:/bin", "HOME=/root"]
+        config["process"]["env"] = [
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME=/root",
+        ]
         (bundle / "config.json").write_text(json.dumps(config))
         self._bundles[key] = bundle
         return bundle
@@ -218,11 +244,18 @@ class Crun(Backend):
 
     def start_idle(self, name: str) -> None:
         self._names.add(name)
-        argv = self._crun("run", "--detach", "--bundle", str(self._bundle(["sleep", "infinity"])),
-                          name)
+        argv = self._crun(
+            "run", "--detach", "--bundle", str(self._bundle(["sleep", "infinity"])), name
+        )
         # Never give a detached container a pipe: crun would wait on it.
-        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, check=True, timeout=60)
+        subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=True,
+            timeout=60,
+        )
 
     def exec_argv(self, name: str, cmd: list[str]) -> list[str]:
         return self._crun("exec", name, *cmd)
@@ -232,8 +265,9 @@ class Crun(Backend):
 
     def remove(self, names: list[str]) -> None:
         for name in names:
-            subprocess.run(self._crun("delete", "--force", name), capture_output=True,
-                           check=False, timeout=60)
+            subprocess.run(
+                self._crun("delete", "--force", name), capture_output=True, check=False, timeout=60
+            )
             self._names.discard(name)
 
     def init_pid(self, name: str) -> int | None:
@@ -255,11 +289,20 @@ class _Cli(Backend):
         self.cli: list[str] = []
 
     def _import_image(self) -> None:
-        tar = subprocess.Popen(["tar", "-C", str(self.rootfs), "-c", "."],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        tar = subprocess.Popen(
+            ["tar", "-C", str(self.rootfs), "-c", "."],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         assert tar.stdout is not None
-        imp = subprocess.run([*self.cli, "import", "-", IMAGE_TAG], stdin=tar.stdout,
-                             capture_output=True, env=self.env, timeout=600, check=False)
+        imp = subprocess.run(
+            [*self.cli, "import", "-", IMAGE_TAG],
+            stdin=tar.stdout,
+            capture_output=True,
+            env=self.env,
+            timeout=600,
+            check=False,
+        )
         tar.stdout.close()
         tar.wait()
         if imp.returncode != 0:
@@ -269,8 +312,20 @@ class _Cli(Backend):
         return [*self.cli, "run", *self.run_flags, "--name", name, IMAGE_TAG, *cmd]
 
     def start_idle(self, name: str) -> None:
-        _run([*self.cli, "run", "-d", *self.run_flags, "--name", name, IMAGE_TAG, "sleep",
-              "infinity"], env=self.env)
+        _run(
+            [
+                *self.cli,
+                "run",
+                "-d",
+                *self.run_flags,
+                "--name",
+                name,
+                IMAGE_TAG,
+                "sleep",
+                "infinity",
+            ],
+            env=self.env,
+        )
 
     def exec_argv(self, name: str, cmd: list[str]) -> list[str]:
         return [*self.cli, "exec", name, *cmd]
@@ -280,12 +335,12 @@ class _Cli(Backend):
 
     def remove(self, names: list[str]) -> None:
         for i in range(0, len(names), 50):
-            _run([*self.cli, "rm", "-f", *names[i:i + 50]], env=self.env, check=False,
-                 timeout=300)
+            _run(
+                [*self.cli, "rm", "-f", *names[i : i + 50]], env=self.env, check=False, timeout=300
+            )
 
     def init_pid(self, name: str) -> int | None:
-        proc = _run([*self.cli, "inspect", "-f", "{{.State.Pid}}", name], env=self.env,
-                    check=False)
+        proc = _run([*self.cli, "inspect", "-f", "{{.State.Pid}}", name], env=self.env, check=False)
         try:
             return int(proc.stdout.decode().strip()) or None
         except ValueError:
@@ -322,12 +377,27 @@ class Docker(_Cli):
         self.log = open(self.tmp / "dockerd.log", "wb")
         try:
             self.daemon = subprocess.Popen(
-                [dockerd, "--data-root", str(self.tmp / "data"), "--exec-root",
-                 str(self.tmp / "exec"), "-H", f"unix://{sock}", "--pidfile",
-                 str(self.tmp / "docker.pid"), "--iptables=false", "--ip-masq=false",
-                 "--bridge=none", "--log-level", "error"],
-                stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True)
+                [
+                    dockerd,
+                    "--data-root",
+                    str(self.tmp / "data"),
+                    "--exec-root",
+                    str(self.tmp / "exec"),
+                    "-H",
+                    f"unix://{sock}",
+                    "--pidfile",
+                    str(self.tmp / "docker.pid"),
+                    "--iptables=false",
+                    "--ip-masq=false",
+                    "--bridge=none",
+                    "--log-level",
+                    "error",
+                ],
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             deadline = time.monotonic() + 60
             while _run([*self.cli, "info"], env=self.env, check=False).returncode != 0:
                 if self.daemon.poll() is not None or time.monotonic() > deadline:
@@ -367,8 +437,7 @@ class Podman(_Cli):
     which this host's bounding set (no CAP_SYS_RESOURCE) refuses."""
 
     name = "podman"
-    run_flags = ("--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit",
-                 "nproc=1024:1024")
+    run_flags = ("--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024")
 
     def __enter__(self) -> Podman:
         podman = shutil.which("podman")
@@ -376,10 +445,25 @@ class Podman(_Cli):
             raise Unavailable("podman is not installed (apt-get install podman)")
         self.tmp = make_tmp("slb-pm-")
         runtime = shutil.which("runc") or "runc"
-        self.cli = [podman, "--root", str(self.tmp / "root"), "--runroot", str(self.tmp / "run"),
-                    "--tmpdir", str(self.tmp / "tmp"), "--runtime", runtime, "--cgroup-manager",
-                    "cgroupfs", "--events-backend", "file", "--storage-driver", "overlay",
-                    "--log-level", "error"]
+        self.cli = [
+            podman,
+            "--root",
+            str(self.tmp / "root"),
+            "--runroot",
+            str(self.tmp / "run"),
+            "--tmpdir",
+            str(self.tmp / "tmp"),
+            "--runtime",
+            runtime,
+            "--cgroup-manager",
+            "cgroupfs",
+            "--events-backend",
+            "file",
+            "--storage-driver",
+            "overlay",
+            "--log-level",
+            "error",
+        ]
         self.env = {**os.environ, "CONTAINERS_REGISTRIES_CONF": "/dev/null"}
         try:
             self._import_image()
@@ -394,8 +478,12 @@ class Podman(_Cli):
 
     def remove(self, names: list[str]) -> None:
         for i in range(0, len(names), 50):
-            _run([*self.cli, "rm", "-f", "-t", "0", *names[i:i + 50]], env=self.env,
-                 check=False, timeout=300)
+            _run(
+                [*self.cli, "rm", "-f", "-t", "0", *names[i : i + 50]],
+                env=self.env,
+                check=False,
+                timeout=300,
+            )
 
     def __exit__(self, *exc: object) -> None:
         if self.tmp is None:
@@ -467,8 +555,9 @@ class AltBench:
                 samples.append(ms_since(t0))
         return summarize(samples, how=self.b.how("exec", "true"))
 
-    def exec_throughput(self, concurrency: list[int], containers: int, ops: int,
-                        rounds: int) -> dict[str, Result]:
+    def exec_throughput(
+        self, concurrency: list[int], containers: int, ops: int, rounds: int
+    ) -> dict[str, Result]:
         out: dict[str, Result] = {}
         with self.idle(containers) as names:
             for c in concurrency:
@@ -478,17 +567,19 @@ class AltBench:
                     lock = threading.Lock()
                     errors: list[BaseException] = []
 
-                    def worker(w: int, counter: Iterator[int] = counter,
-                               lock: threading.Lock = lock,
-                               errors: list[BaseException] = errors) -> None:
+                    def worker(
+                        w: int,
+                        counter: Iterator[int] = counter,
+                        lock: threading.Lock = lock,
+                        errors: list[BaseException] = errors,
+                    ) -> None:
                         while True:
                             with lock:
                                 i = next(counter, None)
                             if i is None:
                                 return
                             try:
-                                self._call(self.b.exec_argv(names[(w + i) % len(names)],
-                                                            ["true"]))
+                                self._call(self.b.exec_argv(names[(w + i) % len(names)], ["true"]))
                             except BaseException as exc:
                                 errors.append(exc)
                                 return
@@ -502,16 +593,22 @@ class AltBench:
                     if errors:
                         raise errors[0]
                     rates.append(ops / (time.perf_counter() - t0))
-                out[f"c={c}"] = summarize(rates, higher_is_better=True, ops_per_round=ops,
-                                          sandboxes=containers)
+                out[f"c={c}"] = summarize(
+                    rates, higher_is_better=True, ops_per_round=ops, sandboxes=containers
+                )
         return out
 
     def stream_latency(self, lines: int, gap_s: float = 0.02) -> Result:
         script = STREAM_SCRIPT.format(lines=lines, gap=gap_s)
         with self.idle(1) as (name,):
-            proc = subprocess.Popen(self.b.exec_argv(name, ["python3", "-c", script]),
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                    stdin=subprocess.DEVNULL, env=self.b.env, bufsize=0)
+            proc = subprocess.Popen(
+                self.b.exec_argv(name, ["python3", "-c", script]),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,
+                env=self.b.env,
+                bufsize=0,
+            )
             assert proc.stdout is not None
             samples = []
             buf = b""
@@ -530,8 +627,9 @@ class AltBench:
             raise RuntimeError(f"{self.b.name} stream: got {len(samples)} of {lines} lines")
         return summarize(samples[1:], how=self.b.how("exec", "python3 (stdout pipe)"))
 
-    def files(self, sizes: dict[str, int], rounds: int) -> tuple[dict[str, Result],
-                                                                  dict[str, Result]]:
+    def files(
+        self, sizes: dict[str, int], rounds: int
+    ) -> tuple[dict[str, Result], dict[str, Result]]:
         if not self.b.can_copy_files:
             reason = f"{self.b.name} has no file API (the host writes the rootfs directly)"
             return ({k: skipped(reason) for k in sizes}, {k: skipped(reason) for k in sizes})
@@ -581,8 +679,10 @@ class AltBench:
         if not values:
             return skipped(f"no cgroup memory accounting readable for {self.b.name} containers")
         extra: dict[str, Any] = {
-            "running": len(names), "workload": "sleep infinity (no agent)",
-            "source": "cgroup memory usage of each container"}
+            "running": len(names),
+            "workload": "sleep infinity (no agent)",
+            "source": "cgroup memory usage of each container",
+        }
         if helpers:
             extra["host_helper"] = helper_name
             extra["host_helper_pss_mib_median"] = round(sorted(helpers)[len(helpers) // 2], 2)
@@ -596,8 +696,11 @@ class AltBench:
             lock = threading.Lock()
             errors: list[BaseException] = []
 
-            def worker(it: Iterator[str] = it, lock: threading.Lock = lock,
-                       errors: list[BaseException] = errors) -> None:
+            def worker(
+                it: Iterator[str] = it,
+                lock: threading.Lock = lock,
+                errors: list[BaseException] = errors,
+            ) -> None:
                 while True:
                     with lock:
                         name = next(it, None)
@@ -619,6 +722,10 @@ class AltBench:
             if errors:
                 self.b.remove(names)
                 raise errors[0]
-        return summarize(rates, higher_is_better=True, concurrency=concurrency,
-                         cycles_per_round=cycles,
-                         how=self.b.how("run --rm", "true"))
+        return summarize(
+            rates,
+            higher_is_better=True,
+            concurrency=concurrency,
+            cycles_per_round=cycles,
+            how=self.b.how("run --rm", "true"),
+        )

@@ -58,8 +58,9 @@ async def wait_health(sock: str) -> None:
 async def measure(engine: LocalEngine, image: str, n: int) -> dict[str, float]:
     creates, deletes, mem, pss = [], [], [], []
     for _ in range(n):
-        spec = SandboxSpec(id=new_sandbox_id(), image=image, secret="s",
-                           instance_type=get_instance_type("micro"))
+        spec = SandboxSpec(
+            id=new_sandbox_id(), image=image, secret="s", instance_type=get_instance_type("micro")
+        )
         t0 = time.perf_counter()
         info = await engine.create(spec)
         assert info.agent_address.unix_path

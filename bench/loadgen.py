@@ -16,7 +16,7 @@ from typing import Any
 
 #: ``read_http11(sock, buf)``: read one keep-alive HTTP/1.1 response (``buf``: a one-item list
 #: holding what was read beyond the previous one) and check it is a 200.
-HTTP11 = r'''
+HTTP11 = r"""
 def read_http11(s, buf):
     while b"\r\n\r\n" not in buf[0]:
         chunk = s.recv(65536)
@@ -33,11 +33,11 @@ def read_http11(s, buf):
         rest += s.recv(65536)
     assert head.startswith(b"HTTP/1.1 200"), head
     buf[0] = rest[length:]
-'''
+"""
 
 #: Latency (one connection, ``n`` sequential exchanges after 100 to warm up) and throughput
 #: (``conc`` connections for ``seconds``), printed as one JSON line.
-MEASURE = r'''
+MEASURE = r"""
 import statistics as _statistics, threading as _threading, time as _time
 
 _c = Client()
@@ -67,7 +67,7 @@ for _t in _threads:
     _t.join()
 print(json.dumps({"median_ms": _statistics.median(_lat), "p90_ms": _lat[int(len(_lat) * 0.9)],
                   "rps": sum(_counts) / spec["seconds"]}))
-'''
+"""
 
 
 def run_rounds(

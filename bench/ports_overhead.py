@@ -196,7 +196,11 @@ def main(argv: list[str] | None = None) -> None:
                 # WebSocket echo round trips (32-byte text frames), direct and through the
                 # gateway (upgrade, then the relay process).
                 "ws direct": {
-                    "kind": "tcp", "host": "127.0.0.1", "port": 8765, "path": "/", "ws": True
+                    "kind": "tcp",
+                    "host": "127.0.0.1",
+                    "port": 8765,
+                    "path": "/",
+                    "ws": True,
                 },
                 "ws gateway": {
                     "kind": "tcp",

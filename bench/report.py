@@ -10,9 +10,14 @@ from typing import Any
 
 ANALYSIS = Path(__file__).with_name("analysis.md")
 BACKENDS = ("sandlot", "crun", "podman", "docker")
-COLORS = {"sandlot": "#2a7ab9", "sandlot (agent)": "#7fb3dd",
-          "sandlot (warm pool)": "#7fb3dd", "crun": "#555555",
-          "podman": "#8e44ad", "docker": "#1d9b6c"}
+COLORS = {
+    "sandlot": "#2a7ab9",
+    "sandlot (agent)": "#7fb3dd",
+    "sandlot (warm pool)": "#7fb3dd",
+    "crun": "#555555",
+    "podman": "#8e44ad",
+    "docker": "#1d9b6c",
+}
 TARGETS: list[tuple[str, str, str, float, str]] = [
     # figure, case, label, bound, "max"/"min"
     ("tti_cold_ms", "-", "cold create -> first echo", 100, "max"),
@@ -79,26 +84,36 @@ def _markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
     w = out.append
     w("# Benchmarks")
     w("")
-    w("sandlot side by side with raw crun (the floor), podman and docker, measured in one run "
-      "by `python -m bench` (the [suite](../bench/__init__.py)); this page is generated from "
-      "[`bench/results/latest.json`](../bench/results/latest.json) — edit "
-      "[`bench/analysis.md`](../bench/analysis.md) for the prose at the end.")
+    w(
+        "sandlot side by side with raw crun (the floor), podman and docker, measured in one run "
+        "by `python -m bench` (the [suite](../bench/__init__.py)); this page is generated from "
+        "[`bench/results/latest.json`](../bench/results/latest.json) — edit "
+        "[`bench/analysis.md`](../bench/analysis.md) for the prose at the end."
+    )
     w("")
-    w(f"- **Run**: {meta['mode']} mode, {meta['date']}, commit `{meta['commit'][:12]}`"
-      f"{' (with uncommitted changes in the work tree)' if meta.get('worktree_dirty') else ''}"
-      f"{' — finished in parts, listed below' if meta.get('parts') else ''}, "
-      f"{meta.get('duration_s', '?')} s")
+    w(
+        f"- **Run**: {meta['mode']} mode, {meta['date']}, commit `{meta['commit'][:12]}`"
+        f"{' (with uncommitted changes in the work tree)' if meta.get('worktree_dirty') else ''}"
+        f"{' — finished in parts, listed below' if meta.get('parts') else ''}, "
+        f"{meta.get('duration_s', '?')} s"
+    )
     for part in meta.get("parts", []):
-        w(f"  - part `{part['parts']}`: {part['date']}, commit `{part['commit'][:12]}`, "
-          f"{part.get('duration_s', '?')} s")
-    w(f"- **Machine**: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, kernel "
-      f"{m['kernel']}, {m['os']}, cgroups {m['cgroups']}; load average at start "
-      f"{m['load_avg_at_start']} (the machine is shared: treat small differences as noise)")
+        w(
+            f"  - part `{part['parts']}`: {part['date']}, commit `{part['commit'][:12]}`, "
+            f"{part.get('duration_s', '?')} s"
+        )
+    w(
+        f"- **Machine**: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, kernel "
+        f"{m['kernel']}, {m['os']}, cgroups {m['cgroups']}; load average at start "
+        f"{m['load_avg_at_start']} (the machine is shared: treat small differences as noise)"
+    )
     w("- **Versions**: " + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()))
-    w("- **Reading the numbers**: each figure is the median, the p95 (the bad tail: 95th "
-      "percentile of latencies and memory, 5th percentile of rates) and n, the number of "
-      "samples. The ratio is sandlot's median / the alternative's: below 1 is better for "
-      "sandlot on ms and MiB, above 1 is better for sandlot on rates.")
+    w(
+        "- **Reading the numbers**: each figure is the median, the p95 (the bad tail: 95th "
+        "percentile of latencies and memory, 5th percentile of rates) and n, the number of "
+        "samples. The ratio is sandlot's median / the alternative's: below 1 is better for "
+        "sandlot on ms and MiB, above 1 is better for sandlot on rates."
+    )
     w("")
     w("## Targets (DESIGN.md)")
     w("")
@@ -110,16 +125,20 @@ def _markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
         op = "≤" if kind == "max" else "≥"
         if r is None or "skipped" in r:
             why = r["skipped"] if r else "not measured in this run"
-            w(f"| {label} (`{fig}`{'' if case == '-' else ' ' + case}) | {op} {bound:g} {unit} "
-              f"| skipped: {why} | | | |")
+            w(
+                f"| {label} (`{fig}`{'' if case == '-' else ' ' + case}) | {op} {bound:g} {unit} "
+                f"| skipped: {why} | | | |"
+            )
             continue
         v = _value(r)
         assert v is not None
         ok = v <= bound if kind == "max" else v >= bound
         p95 = _fmt(r.get("p95")) if "p95" in r else ""
         n = r.get("n", "")
-        w(f"| {label} (`{fig}`{'' if case == '-' else ' ' + case}) | {op} {bound:g} {unit} | "
-          f"{_fmt(v)} | {p95} | {n} | {'met' if ok else '**missed**'} |")
+        w(
+            f"| {label} (`{fig}`{'' if case == '-' else ' ' + case}) | {op} {bound:g} {unit} | "
+            f"{_fmt(v)} | {p95} | {n} | {'met' if ok else '**missed**'} |"
+        )
     w("")
     w("## Side by side")
     w("")
@@ -131,14 +150,22 @@ def _markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
         for case, backends in fig["cases"].items():
             ratios = fig.get("ratios", {}).get(case, {})
             cells = [_cell(backends.get(b), ratios.get(b)) for b in BACKENDS]
-            w(f"| `{name}` ({fig['unit']}) | {'' if case == '-' else case} | "
-              + " | ".join(cells) + " |")
+            w(
+                f"| `{name}` ({fig['unit']}) | {'' if case == '-' else case} | "
+                + " | ".join(cells)
+                + " |"
+            )
     w("")
-    for key, title in (("tti", "Time to interactive"), ("exec", "Exec round trip"),
-                       ("throughput", "Exec throughput"), ("stream", "Streaming latency"),
-                       ("files", "File transfer"), ("idle", "Idle memory"),
-                       ("create_delete", "Create + delete, sustained"),
-                       ("stages", "Cold create, stage by stage")):
+    for key, title in (
+        ("tti", "Time to interactive"),
+        ("exec", "Exec round trip"),
+        ("throughput", "Exec throughput"),
+        ("stream", "Streaming latency"),
+        ("files", "File transfer"),
+        ("idle", "Idle memory"),
+        ("create_delete", "Create + delete, sustained"),
+        ("stages", "Cold create, stage by stage"),
+    ):
         if key in plots:
             w(f"![{title}](img/{plots[key]})")
             w("")
@@ -165,25 +192,31 @@ def _markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
                         if k in r:
                             extras.append(f"{k.replace('_ms', '')} {_fmt(r[k]['median'])} ms")
                     if "host_helper" in r:
-                        extras.append(f"+ host-side {r['host_helper']} "
-                                      f"{_fmt(r['host_helper_pss_mib_median'])} MiB PSS each")
+                        extras.append(
+                            f"+ host-side {r['host_helper']} "
+                            f"{_fmt(r['host_helper_pss_mib_median'])} MiB PSS each"
+                        )
                     if "concurrency" in r:
                         extras.append(f"concurrency {r['concurrency']}")
                     if "running" in r:
                         extras.append(f"{r['running']} running")
                     if extras:
                         how = (how + "; " if how else "") + ", ".join(extras)
-                    w(f"| {c} | {b} | {_fmt(r['median'])} | {_fmt(r['p95'])} | {r['n']} | "
-                      f"{_ratio_text(ratios.get(b))} | {how} |")
+                    w(
+                        f"| {c} | {b} | {_fmt(r['median'])} | {_fmt(r['p95'])} | {r['n']} | "
+                        f"{_ratio_text(ratios.get(b))} | {how} |"
+                    )
         w("")
     stages = res.get("stages")
     if stages:
         w("## Where the time goes: measured")
         w("")
         for key, st in stages.items():
-            w(f"Local engine, image `{st['image']}`, {st['n']} samples: create → healthy agent "
-              f"**{_fmt(st['create_to_healthy_ms'])} ms**, delete **{_fmt(st['delete_ms'])} ms** "
-              f"(medians; `bench/stages.py` wraps the engine's own functions with timers).")
+            w(
+                f"Local engine, image `{st['image']}`, {st['n']} samples: create → healthy agent "
+                f"**{_fmt(st['create_to_healthy_ms'])} ms**, delete **{_fmt(st['delete_ms'])} ms** "
+                f"(medians; `bench/stages.py` wraps the engine's own functions with timers)."
+            )
             w("")
             w("| stage | median ms | what |")
             w("|---|---|---|")
@@ -194,8 +227,10 @@ def _markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
                 continue
     dec = res.get("exec_decomposition")
     if dec:
-        w(f"The exec round trip taken apart on one live sandbox ({dec['n']} samples each, "
-          "medians; `bench/stages.py:exec_decomposition`):")
+        w(
+            f"The exec round trip taken apart on one live sandbox ({dec['n']} samples each, "
+            "medians; `bench/stages.py:exec_decomposition`):"
+        )
         w("")
         w("| path | median ms |")
         w("|---|---|")
@@ -204,8 +239,10 @@ def _markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
         w("")
     fdec = res.get("file_write_decomposition")
     if fdec:
-        w(f"A {fdec['bytes'] // 2**20} MiB binary file taken apart "
-          "(`bench/stages.py:file_write_decomposition`, MiB/s):")
+        w(
+            f"A {fdec['bytes'] // 2**20} MiB binary file taken apart "
+            "(`bench/stages.py:file_write_decomposition`, MiB/s):"
+        )
         w("")
         w("| path | MiB/s |")
         w("|---|---|")
@@ -216,26 +253,34 @@ def _markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
     exp = (prof or {}).get("ready_poll_experiment")
     if exp:
         a, b = exp["as_is"], exp["poll_1ms"]
-        w("Experiment: the server's readiness poll (backoff 5, 10, 20, 40, 80, 100 ms between "
-          "`/health` probes) capped at 1 ms, same engine (`bench.server:engine_fast_ready_poll`)"
-          f": cold create → first echo {_fmt(a['median'])} → **{_fmt(b['median'])} ms** "
-          f"(p95 {_fmt(a['p95'])} → {_fmt(b['p95'])}; n = {b['n']}).")
+        w(
+            "Experiment: the server's readiness poll (backoff 5, 10, 20, 40, 80, 100 ms between "
+            "`/health` probes) capped at 1 ms, same engine (`bench.server:engine_fast_ready_poll`)"
+            f": cold create → first echo {_fmt(a['median'])} → **{_fmt(b['median'])} ms** "
+            f"(p95 {_fmt(a['p95'])} → {_fmt(b['p95'])}; n = {b['n']})."
+        )
         w("")
     if prof:
-        w("cProfile of the server process (functions by own time per operation; "
-          f"{prof.get('note', '')})")
+        w(
+            "cProfile of the server process (functions by own time per operation; "
+            f"{prof.get('note', '')})"
+        )
         w("")
-        for key, title in (("server_create", "server, per create+delete"),
-                           ("server_exec", "server, per exec of `true`"),
-                           ("client_exec", "SDK client, per exec of `true`")):
+        for key, title in (
+            ("server_create", "server, per create+delete"),
+            ("server_exec", "server, per exec of `true`"),
+            ("client_exec", "SDK client, per exec of `true`"),
+        ):
             rows = prof.get(key) or []
             w(f"<details><summary>{title}</summary>")
             w("")
             w("| function | calls/op | own ms/op | cumulative ms/op |")
             w("|---|---|---|---|")
             for r in rows:
-                w(f"| `{r['function']}` | {r['calls_per_op']} | {r['own_ms_per_op']} | "
-                  f"{r['cum_ms_per_op']} |")
+                w(
+                    f"| `{r['function']}` | {r['calls_per_op']} | {r['own_ms_per_op']} | "
+                    f"{r['cum_ms_per_op']} |"
+                )
             w("")
             w("</details>")
             w("")
@@ -273,8 +318,15 @@ def _plots(res: dict[str, Any], img: Path) -> dict[str, str]:
         plt.close(fig)
         made[key] = name
 
-    def bars(key: str, title: str, series: list[tuple[str, dict[str, Any] | None]], unit: str,
-             better: str, name: str, log: bool = False) -> None:
+    def bars(
+        key: str,
+        title: str,
+        series: list[tuple[str, dict[str, Any] | None]],
+        unit: str,
+        better: str,
+        name: str,
+        log: bool = False,
+    ) -> None:
         rows = [(label, r) for label, r in series if r and "skipped" not in r and "median" in r]
         if not rows:
             return
@@ -300,18 +352,50 @@ def _plots(res: dict[str, Any], img: Path) -> dict[str, str]:
 
     warm = figs.get("tti_warm_ms", {}).get("cases", {}).get("-", {}).get("sandlot")
     cold = series("tti_cold_ms")
-    bars("tti", "create → first `echo hi`", [cold[0], ("sandlot (warm pool)", warm), *cold[1:]],
-         "ms", "lower", "bench_tti_cold.png", log=True)
+    bars(
+        "tti",
+        "create → first `echo hi`",
+        [cold[0], ("sandlot (warm pool)", warm), *cold[1:]],
+        "ms",
+        "lower",
+        "bench_tti_cold.png",
+        log=True,
+    )
     agent = figs.get("exec_rtt_agent_ms", {}).get("cases", {}).get("-", {}).get("sandlot")
     ex = series("exec_rtt_ms")
-    bars("exec", "exec `true` round trip", [ex[0], ("sandlot (agent)", agent), *ex[1:]], "ms",
-         "lower", "bench_exec_rtt.png", log=True)
-    bars("stream", "printed in the sandbox → received", series("stream_latency_ms"), "ms",
-         "lower", "bench_stream_latency.png")
-    bars("idle", "memory per idle sandbox (cgroup)", series("idle_sandbox_mib"), "MiB", "lower",
-         "bench_idle_memory.png")
-    bars("create_delete", "create + delete cycles per second", series("create_delete_per_s"),
-         "cycles/s", "higher", "bench_create_delete.png")
+    bars(
+        "exec",
+        "exec `true` round trip",
+        [ex[0], ("sandlot (agent)", agent), *ex[1:]],
+        "ms",
+        "lower",
+        "bench_exec_rtt.png",
+        log=True,
+    )
+    bars(
+        "stream",
+        "printed in the sandbox → received",
+        series("stream_latency_ms"),
+        "ms",
+        "lower",
+        "bench_stream_latency.png",
+    )
+    bars(
+        "idle",
+        "memory per idle sandbox (cgroup)",
+        series("idle_sandbox_mib"),
+        "MiB",
+        "lower",
+        "bench_idle_memory.png",
+    )
+    bars(
+        "create_delete",
+        "create + delete cycles per second",
+        series("create_delete_per_s"),
+        "cycles/s",
+        "higher",
+        "bench_create_delete.png",
+    )
 
     # throughput: lines over concurrency
     tp = figs.get("exec_throughput_per_s", {}).get("cases", {})
@@ -325,8 +409,9 @@ def _plots(res: dict[str, Any], img: Path) -> dict[str, str]:
             pts = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
             if pts:
                 drew = True
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=b,
-                        color=COLORS[b])
+                ax.plot(
+                    [p[0] for p in pts], [p[1] for p in pts], marker="o", label=b, color=COLORS[b]
+                )
         if drew:
             ax.set_xscale("log", base=2)
             ax.set_xticks(xs, [str(x) for x in xs])
@@ -345,17 +430,22 @@ def _plots(res: dict[str, Any], img: Path) -> dict[str, str]:
     if fw:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
         sizes = list(fw)
-        present = [b for b in BACKENDS
-                   if any(_value(d.get(s, {}).get(b)) for d in (fw, fr) for s in sizes)]
+        present = [
+            b for b in BACKENDS if any(_value(d.get(s, {}).get(b)) for d in (fw, fr) for s in sizes)
+        ]
         width = 0.8 / max(1, len(present))
         for ax, data, title in ((axes[0], fw, "write"), (axes[1], fr, "read")):
             for i, b in enumerate(present):
                 ys = [_value(data.get(s, {}).get(b)) or 0 for s in sizes]
                 if any(ys):
-                    ax.bar([j + i * width for j in range(len(sizes))], ys, width, label=b,
-                           color=COLORS[b])
-            ax.set_xticks([j + width * (len(present) - 1) / 2 for j in range(len(sizes))],
-                          sizes)
+                    ax.bar(
+                        [j + i * width for j in range(len(sizes))],
+                        ys,
+                        width,
+                        label=b,
+                        color=COLORS[b],
+                    )
+            ax.set_xticks([j + width * (len(present) - 1) / 2 for j in range(len(sizes))], sizes)
             ax.set_yscale("log")
             ax.set_title(f"file {title} — higher is better", fontsize=10)
         axes[0].set_ylabel("MiB/s (median)")
@@ -364,15 +454,24 @@ def _plots(res: dict[str, Any], img: Path) -> dict[str, str]:
 
     st = res.get("stages", {}).get("engine_default")
     if st:
-        rows = [r for r in st["create"] if r["stage"] not in ("_prepare",
-                                                              "mounts.mount_disk_image")]
+        rows = [
+            r for r in st["create"] if r["stage"] not in ("_prepare", "mounts.mount_disk_image")
+        ]
         # mkfs alone = disk image total - its loop mount
         total = {r["stage"]: r["median_ms"] for r in st["create"]}
         mkfs = total.get("mounts.mount_disk_image", 0) - total.get(
-            "mounts.mount_existing_disk_image", 0)
-        rest = total.get("_prepare", 0) - sum(total.get(k, 0) for k in (
-            "mounts.mount_disk_image", "idmap.userns_fd", "idmap.mount_idmapped",
-            "mounts.mount_overlay", "build_config"))
+            "mounts.mount_existing_disk_image", 0
+        )
+        rest = total.get("_prepare", 0) - sum(
+            total.get(k, 0)
+            for k in (
+                "mounts.mount_disk_image",
+                "idmap.userns_fd",
+                "idmap.mount_idmapped",
+                "mounts.mount_overlay",
+                "build_config",
+            )
+        )
         labels = [r["stage"] for r in rows] + ["mkfs.ext4 (disk quota)", "rest of _prepare"]
         values = [r["median_ms"] for r in rows] + [mkfs, max(0.0, rest)]
         order = sorted(range(len(values)), key=lambda i: values[i])
@@ -381,8 +480,11 @@ def _plots(res: dict[str, Any], img: Path) -> dict[str, str]:
         for y, i in enumerate(order):
             ax.text(values[i], y, f" {_fmt(values[i])}", va="center", fontsize=8)
         ax.set_xlabel("ms (median)")
-        ax.set_title(f"cold create stages (engine only; total {_fmt(st['create_to_healthy_ms'])}"
-                     " ms to a healthy agent)", fontsize=10)
+        ax.set_title(
+            f"cold create stages (engine only; total {_fmt(st['create_to_healthy_ms'])}"
+            " ms to a healthy agent)",
+            fontsize=10,
+        )
         ax.tick_params(axis="y", labelsize=8)
         save(fig, "stages", "bench_create_stages.png")
     return made

@@ -72,8 +72,12 @@ class SandlotBench:
                 sb.delete()
                 delete.append(ms_since(t3))
                 sb.close()
-        return summarize(total, create_ms=summarize(create), first_exec_ms=summarize(first_exec),
-                         delete_ms=summarize(delete))
+        return summarize(
+            total,
+            create_ms=summarize(create),
+            first_exec_ms=summarize(first_exec),
+            delete_ms=summarize(delete),
+        )
 
     def tti_warm(self, n: int, refill_s: float = 2.0) -> Result:
         """create -> first ``echo hi`` on a server keeping a warm pool (``--pool
@@ -132,15 +136,21 @@ class SandlotBench:
                     agent.append(ms_since(t0))
                     if resp.status_code != 200 or resp.json().get("code") != 0:
                         raise RuntimeError(f"agent /run answered {resp.status_code}: {resp.text}")
-        return (summarize(sdk, path="SDK exec() -> server gateway -> agent /run_streaming"),
-                summarize(agent, path="httpx -> agent socket, POST /run"))
+        return (
+            summarize(sdk, path="SDK exec() -> server gateway -> agent /run_streaming"),
+            summarize(agent, path="httpx -> agent socket, POST /run"),
+        )
 
-    def exec_throughput(self, concurrency: list[int], sandboxes: int, ops: int,
-                        rounds: int) -> dict[str, Result]:
+    def exec_throughput(
+        self, concurrency: list[int], sandboxes: int, ops: int, rounds: int
+    ) -> dict[str, Result]:
         async def run() -> dict[str, Result]:
-            boxes = await asyncio.gather(*[
-                AsyncSandbox.create(image="default", api_url=self.srv.url)
-                for _ in range(sandboxes)])
+            boxes = await asyncio.gather(
+                *[
+                    AsyncSandbox.create(image="default", api_url=self.srv.url)
+                    for _ in range(sandboxes)
+                ]
+            )
             try:
                 out: dict[str, Result] = {}
                 for c in concurrency:
@@ -156,8 +166,9 @@ class SandlotBench:
                         t0 = time.perf_counter()
                         await asyncio.gather(*[worker(w) for w in range(c)])
                         rates.append(ops / (time.perf_counter() - t0))
-                    out[f"c={c}"] = summarize(rates, higher_is_better=True, ops_per_round=ops,
-                                              sandboxes=len(boxes))
+                    out[f"c={c}"] = summarize(
+                        rates, higher_is_better=True, ops_per_round=ops, sandboxes=len(boxes)
+                    )
                 return out
             finally:
                 for sb in boxes:
@@ -185,13 +196,16 @@ class SandlotBench:
                 samples += [(now - float(x)) * 1000 for x in done if x]
         if len(samples) < lines:
             raise RuntimeError(f"stream: got {len(samples)} of {lines} lines")
-        return summarize(samples[1:] if len(samples) > 2 else samples,
-                         note="first line dropped (python3 start races the stream setup)")
+        return summarize(
+            samples[1:] if len(samples) > 2 else samples,
+            note="first line dropped (python3 start races the stream setup)",
+        )
 
     # -- files -------------------------------------------------------------------------------------
 
-    def files(self, sizes: dict[str, int], rounds: int) -> tuple[dict[str, Result],
-                                                                  dict[str, Result]]:
+    def files(
+        self, sizes: dict[str, int], rounds: int
+    ) -> tuple[dict[str, Result], dict[str, Result]]:
         write: dict[str, Result] = {}
         read: dict[str, Result] = {}
         with self.create() as sb:
@@ -223,8 +237,9 @@ class SandlotBench:
 
                 async def one() -> None:
                     async with sem:
-                        boxes.append(await AsyncSandbox.create(image="default",
-                                                               api_url=self.srv.url))
+                        boxes.append(
+                            await AsyncSandbox.create(image="default", api_url=self.srv.url)
+                        )
 
                 await asyncio.gather(*[one() for _ in range(count)])
                 await asyncio.sleep(settle_s)
@@ -235,10 +250,14 @@ class SandlotBench:
                         values.append(used / 2**20)
                 if not values:
                     return skipped("no cgroup memory accounting readable for the sandboxes")
-                return summarize(values, running=len(boxes),
-                                 source=f"cgroup {source} of each sandbox (RSS + page cache "
-                                        "charged to it), after all were created and "
-                                        f"{settle_s:g} s of idling", image="default")
+                return summarize(
+                    values,
+                    running=len(boxes),
+                    source=f"cgroup {source} of each sandbox (RSS + page cache "
+                    "charged to it), after all were created and "
+                    f"{settle_s:g} s of idling",
+                    image="default",
+                )
             finally:
                 await _delete_all(boxes)
 
@@ -246,6 +265,7 @@ class SandlotBench:
 
     def max_idle(self, limit: int, min_available_mib: int, budget_s: float) -> Result:
         """Create idle busybox sandboxes until ``limit``, an error, low memory or the budget."""
+
         async def run() -> Result:
             boxes: list[AsyncSandbox] = []
             stop = f"reached the benchmark's cap of {limit}"
@@ -260,9 +280,13 @@ class SandlotBench:
                         stop = f"time budget of {budget_s:g} s"
                         break
                     batch = min(4, limit - len(boxes))
-                    results = await asyncio.gather(*[
-                        AsyncSandbox.create(image="busybox", api_url=self.srv.url)
-                        for _ in range(batch)], return_exceptions=True)
+                    results = await asyncio.gather(
+                        *[
+                            AsyncSandbox.create(image="busybox", api_url=self.srv.url)
+                            for _ in range(batch)
+                        ],
+                        return_exceptions=True,
+                    )
                     errors = [r for r in results if isinstance(r, BaseException)]
                     boxes += [r for r in results if isinstance(r, AsyncSandbox)]
                     if errors:
@@ -277,11 +301,15 @@ class SandlotBench:
                     with contextlib.suppress(Exception):
                         ok = await boxes[-1].exec("true")
                 mem = [m / 2**20 for m in (_cgroup_memory(b.id)[0] for b in boxes) if m]
-                return {"value": len(boxes), "limit": stop, "image": "busybox",
-                        "seconds_to_create": round(elapsed, 1),
-                        "last_still_answers": bool(ok and ok.exit_code == 0),
-                        "cgroup_mib_median": round(sorted(mem)[len(mem) // 2], 2) if mem else None,
-                        "host_mem_available_mib_at_end": _mem_available_mib()}
+                return {
+                    "value": len(boxes),
+                    "limit": stop,
+                    "image": "busybox",
+                    "seconds_to_create": round(elapsed, 1),
+                    "last_still_answers": bool(ok and ok.exit_code == 0),
+                    "cgroup_mib_median": round(sorted(mem)[len(mem) // 2], 2) if mem else None,
+                    "host_mem_available_mib_at_end": _mem_available_mib(),
+                }
             finally:
                 await _delete_all(boxes)
 
@@ -296,9 +324,14 @@ class SandlotBench:
         boxes: list[Sandbox] = []
         try:
             for _ in range(n):
-                boxes.append(Sandbox.create(image="default", api_url=self.srv.url,
-                                            idle_timeout=1,
-                                            _experimental_enable_light_sleep=light))
+                boxes.append(
+                    Sandbox.create(
+                        image="default",
+                        api_url=self.srv.url,
+                        idle_timeout=1,
+                        _experimental_enable_light_sleep=light,
+                    )
+                )
             deadline = time.monotonic() + asleep_within_s
             for sb in boxes:
                 while True:
@@ -306,9 +339,11 @@ class SandlotBench:
                     if sb.status == "sleeping" and sb.info.get("sleep_kind") == kind:
                         break
                     if time.monotonic() > deadline:
-                        return skipped(f"sandboxes did not fall into {kind} sleep within "
-                                       f"{asleep_within_s:g} s of idle_timeout=1 (status "
-                                       f"{sb.status!r}; lifecycle: issue 5)")
+                        return skipped(
+                            f"sandboxes did not fall into {kind} sleep within "
+                            f"{asleep_within_s:g} s of idle_timeout=1 (status "
+                            f"{sb.status!r}; lifecycle: issue 5)"
+                        )
                     time.sleep(0.1)
             samples = []
             for sb in boxes:
@@ -321,8 +356,10 @@ class SandlotBench:
                 with contextlib.suppress(Exception):
                     sb.delete()
                 sb.close()
-        return summarize(samples, how=f"{kind} sleep (idle_timeout=1) -> exec('true') returns "
-                                      "(the exec itself included)")
+        return summarize(
+            samples,
+            how=f"{kind} sleep (idle_timeout=1) -> exec('true') returns (the exec itself included)",
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -343,8 +380,9 @@ class SandlotBench:
                 t0 = time.perf_counter()
                 await asyncio.gather(*[worker() for _ in range(concurrency)])
                 rates.append(cycles / (time.perf_counter() - t0))
-            return summarize(rates, higher_is_better=True, concurrency=concurrency,
-                             cycles_per_round=cycles)
+            return summarize(
+                rates, higher_is_better=True, concurrency=concurrency, cycles_per_round=cycles
+            )
 
         return asyncio.run(run())
 

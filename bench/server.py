@@ -44,9 +44,13 @@ def engine() -> Any:
 class BenchServer:
     """``with BenchServer() as srv: Sandbox.create(api_url=srv.url)``."""
 
-    def __init__(self, *, profile_to: Path | None = None,
-                 engine_factory: str = "bench.server:engine",
-                 pools: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        profile_to: Path | None = None,
+        engine_factory: str = "bench.server:engine",
+        pools: tuple[str, ...] = (),
+    ) -> None:
         """``profile_to``: a server that profiles itself between :meth:`profile_start` and
         :meth:`profile_stop`, which writes the cProfile stats there."""
         self.profile_to = profile_to
@@ -87,23 +91,42 @@ class BenchServer:
         # The host's images: expose the state dir's default store location to the engine.
         images = images_dir()
         env = dict(os.environ)
-        env.update({
-            ENGINE_STATE_ENV: str(self.state),
-            IMAGES_ENV: str(images),
-            "SANDLOT_STATE_DIR": str(self.tmp / "server-state"),
-            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p),
-        })
+        env.update(
+            {
+                ENGINE_STATE_ENV: str(self.state),
+                IMAGES_ENV: str(images),
+                "SANDLOT_STATE_DIR": str(self.tmp / "server-state"),
+                "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p),
+            }
+        )
         env.pop("SANDLOT_URL", None)
         if self.profile_to is not None:
             env["SANDLOT_BENCH_PROFILE"] = str(self.profile_to)
-        argv = [sys.executable, "-m", "sandlot.cli", "server", "--listen", self.url, "--engine",
-                 self.engine_factory, "--database", f"sqlite:///{self.tmp / 'db.sqlite'}",
-                 "--log-level", "warning"]
+        argv = [
+            sys.executable,
+            "-m",
+            "sandlot.cli",
+            "server",
+            "--listen",
+            self.url,
+            "--engine",
+            self.engine_factory,
+            "--database",
+            f"sqlite:///{self.tmp / 'db.sqlite'}",
+            "--log-level",
+            "warning",
+        ]
         for pool in self.pools:
             argv += ["--pool", pool]
         self.log = open(self.tmp / "server.log", "wb")  # noqa: SIM115 (closed in __exit__)
-        self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=str(self.tmp))
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=str(self.tmp),
+        )
         deadline = time.monotonic() + 120  # the first start may build the agent runtime
         import httpx
 
@@ -112,8 +135,11 @@ class BenchServer:
                 raise RuntimeError("bench server exited at start: " + self.log_tail())
             if os.path.exists(self.socket_path):
                 try:
-                    with httpx.Client(transport=httpx.HTTPTransport(uds=self.socket_path),
-                                      base_url="http://s", timeout=5) as c:
+                    with httpx.Client(
+                        transport=httpx.HTTPTransport(uds=self.socket_path),
+                        base_url="http://s",
+                        timeout=5,
+                    ) as c:
                         if c.get("/v1/sandboxes").status_code < 500:
                             return
                 except httpx.TransportError:

@@ -39,8 +39,10 @@ CREATE_STAGES = [
     ("mounts.mount_overlay", "overlay mount"),
     ("build_config", "OCI config.json from typed data"),
     ("_prepare", "all of the bundle preparation (the rows above from disk quota on, + files)"),
-    ("runtime.run_detached", "crun run --detach (unshare + sh + crun; namespaces, cgroups, "
-                             "seccomp)"),
+    (
+        "runtime.run_detached",
+        "crun run --detach (unshare + sh + crun; namespaces, cgroups, seccomp)",
+    ),
     ("agent_health", "agent start: tini -> python agent -> first /health answer"),
 ]
 DELETE_STAGES = [
@@ -57,6 +59,7 @@ class _Timers:
     def wrap(self, owner: Any, attr: str, label: str) -> None:
         fn = getattr(owner, attr)
         if inspect.iscoroutinefunction(fn):
+
             @functools.wraps(fn)
             async def awrapper(*a: Any, **k: Any) -> Any:
                 t0 = time.perf_counter()
@@ -67,6 +70,7 @@ class _Timers:
 
             setattr(owner, attr, awrapper)
         else:
+
             @functools.wraps(fn)
             def wrapper(*a: Any, **k: Any) -> Any:
                 t0 = time.perf_counter()
@@ -135,8 +139,12 @@ def engine_stages(n: int, image: str = "default") -> dict[str, Any]:
         del_totals: list[float] = []
         try:
             for i in range(n + 1):  # the first is a warm-up
-                spec = SandboxSpec(id=f"slbst{i:04d}{int(time.time()) % 100000}", image=image,
-                                   secret="s", instance_type=get_instance_type("micro"))
+                spec = SandboxSpec(
+                    id=f"slbst{i:04d}{int(time.time()) % 100000}",
+                    image=image,
+                    secret="s",
+                    instance_type=get_instance_type("micro"),
+                )
                 timers.take()
                 t0 = time.perf_counter()
                 info = await eng.create(spec)
@@ -177,12 +185,19 @@ def engine_stages(n: int, image: str = "default") -> dict[str, Any]:
             "n": n,
             "create_to_healthy_ms": round(statistics.median(totals), 2),
             "delete_ms": round(statistics.median(del_totals), 2),
-            "create": [{"stage": k, "what": w, "median_ms": med(creates, k)}
-                       for k, w in CREATE_STAGES],
-            "delete": [{"stage": k, "what": w, "median_ms": med(deletes, k)}
-                       for k, w in DELETE_STAGES],
-            "wake": [{"stage": "engine.resume", "what": "light wake in the engine: thaw a "
-                      "paused (frozen) sandbox", "median_ms": med(creates, "engine.resume")}],
+            "create": [
+                {"stage": k, "what": w, "median_ms": med(creates, k)} for k, w in CREATE_STAGES
+            ],
+            "delete": [
+                {"stage": k, "what": w, "median_ms": med(deletes, k)} for k, w in DELETE_STAGES
+            ],
+            "wake": [
+                {
+                    "stage": "engine.resume",
+                    "what": "light wake in the engine: thaw a paused (frozen) sandbox",
+                    "median_ms": med(creates, "engine.resume"),
+                }
+            ],
         }
 
     try:
@@ -200,10 +215,14 @@ def _top(stats_path: Path, per: int, limit: int = 14) -> list[dict[str, Any]]:
             continue
         short = filename.split("site-packages/")[-1].split("/src/")[-1]
         short = short.split("/lib/python3.11/")[-1]
-        rows.append({"function": f"{short}:{line}({func})" if line else func,
-                     "calls_per_op": round(nc / per, 2),
-                     "own_ms_per_op": round(tt * 1000 / per, 3),
-                     "cum_ms_per_op": round(ct * 1000 / per, 3)})
+        rows.append(
+            {
+                "function": f"{short}:{line}({func})" if line else func,
+                "calls_per_op": round(nc / per, 2),
+                "own_ms_per_op": round(tt * 1000 / per, 3),
+                "cum_ms_per_op": round(ct * 1000 / per, 3),
+            }
+        )
     rows.sort(key=lambda r: r["own_ms_per_op"], reverse=True)
     return rows[:limit]
 
@@ -226,8 +245,10 @@ def profile_server(creates: int, execs: int) -> dict[str, Any]:
                     pass
             out["create_wall_ms_per_op"] = round((time.perf_counter() - t0) * 1000 / creates, 2)
             out["server_create"] = _top(srv.profile_stop(), creates)
-        with BenchServer(profile_to=tmp / "exec.prof") as srv, \
-                Sandbox.create(image="default", api_url=srv.url) as sb:
+        with (
+            BenchServer(profile_to=tmp / "exec.prof") as srv,
+            Sandbox.create(image="default", api_url=srv.url) as sb,
+        ):
             for _ in range(20):
                 sb.exec("true")
             srv.profile_start()
@@ -238,14 +259,17 @@ def profile_server(creates: int, execs: int) -> dict[str, Any]:
                 sb.exec("true")
             client.disable()
             out["exec_wall_ms_per_op_profiled"] = round(
-                (time.perf_counter() - t0) * 1000 / execs, 3)
+                (time.perf_counter() - t0) * 1000 / execs, 3
+            )
             out["server_exec"] = _top(srv.profile_stop(), execs)
         client_prof = tmp / "client.prof"
         client.dump_stats(str(client_prof))
         out["client_exec"] = _top(client_prof, execs)
-        out["note"] = ("cProfile slows Python down; read the rows as shares, not absolute "
-                       "times. In the server, time spent waiting in the event loop is charged "
-                       "to whichever frame is open, so coroutine rows can look inflated.")
+        out["note"] = (
+            "cProfile slows Python down; read the rows as shares, not absolute "
+            "times. In the server, time spent waiting in the event loop is charged "
+            "to whichever frame is open, so coroutine rows can look inflated."
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -269,10 +293,16 @@ def exec_decomposition(n: int) -> dict[str, Any]:
     with BenchServer() as srv, Sandbox.create(image="default", api_url=srv.url) as sb:
         auth = {"authorization": f"Bearer {sb.secret}"}
         body = {"cmd": "true"}
-        agent = httpx.Client(transport=httpx.HTTPTransport(uds=srv.agent_socket(sb.id)),
-                             base_url="http://agent", timeout=30)
-        gateway = httpx.Client(transport=httpx.HTTPTransport(uds=srv.socket_path),
-                               base_url="http://sandlot", timeout=30)
+        agent = httpx.Client(
+            transport=httpx.HTTPTransport(uds=srv.agent_socket(sb.id)),
+            base_url="http://agent",
+            timeout=30,
+        )
+        gateway = httpx.Client(
+            transport=httpx.HTTPTransport(uds=srv.socket_path),
+            base_url="http://sandlot",
+            timeout=30,
+        )
         prefix = f"/sandboxes/{sb.id}/koyeb-sandbox"
 
         def stream(client: httpx.Client, path: str) -> None:
@@ -283,14 +313,22 @@ def exec_decomposition(n: int) -> dict[str, Any]:
         with agent, gateway:
             rows = [
                 ("agent GET /health", timed(lambda: agent.get("/health", headers=auth))),
-                ("agent POST /run `true`", timed(lambda: agent.post("/run", json=body,
-                                                                     headers=auth))),
-                ("agent POST /run_streaming `true`", timed(lambda: stream(agent,
-                                                                          "/run_streaming"))),
-                ("gateway GET /health", timed(lambda: gateway.get(prefix + "/health",
-                                                                  headers=auth))),
-                ("gateway POST /run_streaming `true`",
-                 timed(lambda: stream(gateway, prefix + "/run_streaming"))),
+                (
+                    "agent POST /run `true`",
+                    timed(lambda: agent.post("/run", json=body, headers=auth)),
+                ),
+                (
+                    "agent POST /run_streaming `true`",
+                    timed(lambda: stream(agent, "/run_streaming")),
+                ),
+                (
+                    "gateway GET /health",
+                    timed(lambda: gateway.get(prefix + "/health", headers=auth)),
+                ),
+                (
+                    "gateway POST /run_streaming `true`",
+                    timed(lambda: stream(gateway, prefix + "/run_streaming")),
+                ),
                 ("SDK sb.exec('true')", timed(lambda: sb.exec("true"))),
             ]
     return {"n": n, "rows": [{"path": p, "median_ms": v} for p, v in rows]}
@@ -306,8 +344,7 @@ def ready_poll_experiment(n: int) -> dict[str, Any]:
     labels = {"as_is": "bench.server:engine", "poll_1ms": "bench.server:engine_fast_ready_poll"}
     samples: dict[str, list[float]] = {k: [] for k in labels}
     with contextlib.ExitStack() as stack:
-        servers = {k: stack.enter_context(BenchServer(engine_factory=f))
-                   for k, f in labels.items()}
+        servers = {k: stack.enter_context(BenchServer(engine_factory=f)) for k, f in labels.items()}
         for srv in servers.values():
             with Sandbox.create(image="default", api_url=srv.url) as sb:
                 sb.exec("true")
@@ -343,12 +380,17 @@ def file_write_decomposition(size: int, rounds: int = 2) -> dict[str, Any]:
         return round(statistics.median(best), 1)
 
     with BenchServer() as srv, Sandbox.create(image="default", api_url=srv.url) as sb:
-        auth = {"authorization": f"Bearer {sb.secret}",
-                "content-type": "application/octet-stream"}
-        agent = httpx.Client(transport=httpx.HTTPTransport(uds=srv.agent_socket(sb.id)),
-                             base_url="http://agent", timeout=600)
-        gateway = httpx.Client(transport=httpx.HTTPTransport(uds=srv.socket_path),
-                               base_url="http://sandlot", timeout=600)
+        auth = {"authorization": f"Bearer {sb.secret}", "content-type": "application/octet-stream"}
+        agent = httpx.Client(
+            transport=httpx.HTTPTransport(uds=srv.agent_socket(sb.id)),
+            base_url="http://agent",
+            timeout=600,
+        )
+        gateway = httpx.Client(
+            transport=httpx.HTTPTransport(uds=srv.socket_path),
+            base_url="http://sandlot",
+            timeout=600,
+        )
         prefix = f"/sandboxes/{sb.id}/koyeb-sandbox"
 
         def raw_put() -> None:
@@ -357,12 +399,14 @@ def file_write_decomposition(size: int, rounds: int = 2) -> dict[str, Any]:
 
             with socket.socket(socket.AF_UNIX) as sock:
                 sock.connect(srv.agent_socket(sb.id))
-                sock.sendall(f"PUT /files?path=/root/big.bin HTTP/1.1\r\nHost: a\r\n"
-                             f"Authorization: Bearer {sb.secret}\r\nContent-Length: "
-                             f"{len(data)}\r\nConnection: close\r\n\r\n".encode())
+                sock.sendall(
+                    f"PUT /files?path=/root/big.bin HTTP/1.1\r\nHost: a\r\n"
+                    f"Authorization: Bearer {sb.secret}\r\nContent-Length: "
+                    f"{len(data)}\r\nConnection: close\r\n\r\n".encode()
+                )
                 view = memoryview(data)
                 for i in range(0, len(data), 2**20):
-                    sock.sendall(view[i:i + 2**20])
+                    sock.sendall(view[i : i + 2**20])
                 answer = b""
                 while chunk := sock.recv(65536):
                     answer += chunk
@@ -378,12 +422,29 @@ def file_write_decomposition(size: int, rounds: int = 2) -> dict[str, Any]:
                 ("agent PUT /files, raw socket, 1 MiB sends", rate(raw_put)),
                 ("agent PUT /files (httpx, one bytes body)", rate(lambda: put(agent, "/files"))),
                 ("gateway PUT /files (httpx)", rate(lambda: put(gateway, prefix + "/files"))),
-                ("SDK filesystem.write_file", rate(
-                    lambda: sb.filesystem.write_file("/root/big.bin", data))),
-                ("agent GET /files", rate(lambda: agent.get(
-                    "/files", params={"path": "/root/big.bin"}, headers=auth).content)),
-                ("gateway GET /files (httpx)", rate(lambda: gateway.get(
-                    prefix + "/files", params={"path": "/root/big.bin"}, headers=auth).content)),
+                (
+                    "SDK filesystem.write_file",
+                    rate(lambda: sb.filesystem.write_file("/root/big.bin", data)),
+                ),
+                (
+                    "agent GET /files",
+                    rate(
+                        lambda: (
+                            agent.get(
+                                "/files", params={"path": "/root/big.bin"}, headers=auth
+                            ).content
+                        )
+                    ),
+                ),
+                (
+                    "gateway GET /files (httpx)",
+                    rate(
+                        lambda: (
+                            gateway.get(
+                                prefix + "/files", params={"path": "/root/big.bin"}, headers=auth
+                            ).content
+                        )
+                    ),
+                ),
             ]
-    return {"bytes": size, "rounds": rounds,
-            "rows": [{"path": p, "mib_s": v} for p, v in rows]}
+    return {"bytes": size, "rounds": rounds, "rows": [{"path": p, "mib_s": v} for p, v in rows]}

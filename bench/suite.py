@@ -56,56 +56,146 @@ class Sizes:
 MiB = 2**20
 MODES: dict[str, Sizes] = {
     "full": Sizes(
-        tti_n=30, tti_n_alt=15, exec_n=300, exec_n_alt=50, concurrency=(1, 4, 16),
-        throughput_sandboxes=10, throughput_ops=96, throughput_ops_alt=48, throughput_rounds=5,
-        stream_lines=100, file_sizes={"1KB": 1024, "1MB": MiB, "100MB": 100 * MiB},
-        file_rounds=5, idle_count=100, idle_count_alt=20, idle_settle_s=3.0, max_idle=500,
-        create_delete_concurrency=4, create_delete_cycles=12, create_delete_rounds=5,
-        stage_n=10, wake_n=10, profile_creates=10, profile_execs=300),
+        tti_n=30,
+        tti_n_alt=15,
+        exec_n=300,
+        exec_n_alt=50,
+        concurrency=(1, 4, 16),
+        throughput_sandboxes=10,
+        throughput_ops=96,
+        throughput_ops_alt=48,
+        throughput_rounds=5,
+        stream_lines=100,
+        file_sizes={"1KB": 1024, "1MB": MiB, "100MB": 100 * MiB},
+        file_rounds=5,
+        idle_count=100,
+        idle_count_alt=20,
+        idle_settle_s=3.0,
+        max_idle=500,
+        create_delete_concurrency=4,
+        create_delete_cycles=12,
+        create_delete_rounds=5,
+        stage_n=10,
+        wake_n=10,
+        profile_creates=10,
+        profile_execs=300,
+    ),
     "quick": Sizes(
-        tti_n=5, tti_n_alt=3, exec_n=50, exec_n_alt=10, concurrency=(1, 4, 16),
-        throughput_sandboxes=4, throughput_ops=32, throughput_ops_alt=16, throughput_rounds=2,
-        stream_lines=20, file_sizes={"1KB": 1024, "1MB": MiB, "10MB": 10 * MiB},
-        file_rounds=2, idle_count=5, idle_count_alt=3, idle_settle_s=1.0, max_idle=0,
-        create_delete_concurrency=4, create_delete_cycles=4, create_delete_rounds=2,
-        stage_n=3, wake_n=3, profile_creates=0, profile_execs=0),
+        tti_n=5,
+        tti_n_alt=3,
+        exec_n=50,
+        exec_n_alt=10,
+        concurrency=(1, 4, 16),
+        throughput_sandboxes=4,
+        throughput_ops=32,
+        throughput_ops_alt=16,
+        throughput_rounds=2,
+        stream_lines=20,
+        file_sizes={"1KB": 1024, "1MB": MiB, "10MB": 10 * MiB},
+        file_rounds=2,
+        idle_count=5,
+        idle_count_alt=3,
+        idle_settle_s=1.0,
+        max_idle=0,
+        create_delete_concurrency=4,
+        create_delete_cycles=4,
+        create_delete_rounds=2,
+        stage_n=3,
+        wake_n=3,
+        profile_creates=0,
+        profile_execs=0,
+    ),
     # For the CI test: every code path, the smallest samples.
     "tiny": Sizes(
-        tti_n=2, tti_n_alt=2, exec_n=10, exec_n_alt=5, concurrency=(1, 4, 16),
-        throughput_sandboxes=2, throughput_ops=16, throughput_ops_alt=16, throughput_rounds=1,
-        stream_lines=5, file_sizes={"1KB": 1024, "64KB": 64 * 1024, "1MB": MiB},
-        file_rounds=1, idle_count=2, idle_count_alt=2, idle_settle_s=0.5, max_idle=0,
-        create_delete_concurrency=2, create_delete_cycles=2, create_delete_rounds=1,
-        stage_n=1, wake_n=1, profile_creates=0, profile_execs=0),
+        tti_n=2,
+        tti_n_alt=2,
+        exec_n=10,
+        exec_n_alt=5,
+        concurrency=(1, 4, 16),
+        throughput_sandboxes=2,
+        throughput_ops=16,
+        throughput_ops_alt=16,
+        throughput_rounds=1,
+        stream_lines=5,
+        file_sizes={"1KB": 1024, "64KB": 64 * 1024, "1MB": MiB},
+        file_rounds=1,
+        idle_count=2,
+        idle_count_alt=2,
+        idle_settle_s=0.5,
+        max_idle=0,
+        create_delete_concurrency=2,
+        create_delete_cycles=2,
+        create_delete_rounds=1,
+        stage_n=1,
+        wake_n=1,
+        profile_creates=0,
+        profile_execs=0,
+    ),
 }
 
 #: Every figure the JSON carries, with its unit and direction.
 FIGURES: dict[str, dict[str, str]] = {
-    "tti_cold_ms": {"unit": "ms", "better": "lower",
-                    "what": "create -> first `echo hi` returns (no pool)"},
+    "tti_cold_ms": {
+        "unit": "ms",
+        "better": "lower",
+        "what": "create -> first `echo hi` returns (no pool)",
+    },
     "tti_warm_ms": {"unit": "ms", "better": "lower", "what": "the same from a warm pool"},
-    "exec_rtt_ms": {"unit": "ms", "better": "lower",
-                    "what": "`true` on a live sandbox: SDK -> server -> agent"},
-    "exec_rtt_agent_ms": {"unit": "ms", "better": "lower",
-                          "what": "`true` straight to the agent's Unix socket (POST /run)"},
-    "exec_throughput_per_s": {"unit": "execs/s", "better": "higher",
-                              "what": "execs of `true` per second at concurrency c"},
-    "stream_latency_ms": {"unit": "ms", "better": "lower",
-                          "what": "a line printed in the sandbox -> received by the client"},
-    "file_write_mb_s": {"unit": "MiB/s", "better": "higher",
-                        "what": "write a random binary file into the sandbox"},
-    "file_read_mb_s": {"unit": "MiB/s", "better": "higher",
-                       "what": "read it back (checked byte for byte)"},
-    "idle_sandbox_mib": {"unit": "MiB", "better": "lower",
-                         "what": "memory per idle sandbox, cgroup accounting"},
-    "max_idle_sandboxes": {"unit": "sandboxes", "better": "higher",
-                           "what": "idle busybox sandboxes held at once"},
-    "light_wake_ms": {"unit": "ms", "better": "lower",
-                      "what": "light sleep -> answering the next request"},
-    "deep_wake_ms": {"unit": "ms", "better": "lower",
-                     "what": "deep sleep -> answering the next request"},
-    "create_delete_per_s": {"unit": "cycles/s", "better": "higher",
-                            "what": "create + delete cycles per second, sustained"},
+    "exec_rtt_ms": {
+        "unit": "ms",
+        "better": "lower",
+        "what": "`true` on a live sandbox: SDK -> server -> agent",
+    },
+    "exec_rtt_agent_ms": {
+        "unit": "ms",
+        "better": "lower",
+        "what": "`true` straight to the agent's Unix socket (POST /run)",
+    },
+    "exec_throughput_per_s": {
+        "unit": "execs/s",
+        "better": "higher",
+        "what": "execs of `true` per second at concurrency c",
+    },
+    "stream_latency_ms": {
+        "unit": "ms",
+        "better": "lower",
+        "what": "a line printed in the sandbox -> received by the client",
+    },
+    "file_write_mb_s": {
+        "unit": "MiB/s",
+        "better": "higher",
+        "what": "write a random binary file into the sandbox",
+    },
+    "file_read_mb_s": {
+        "unit": "MiB/s",
+        "better": "higher",
+        "what": "read it back (checked byte for byte)",
+    },
+    "idle_sandbox_mib": {
+        "unit": "MiB",
+        "better": "lower",
+        "what": "memory per idle sandbox, cgroup accounting",
+    },
+    "max_idle_sandboxes": {
+        "unit": "sandboxes",
+        "better": "higher",
+        "what": "idle busybox sandboxes held at once",
+    },
+    "light_wake_ms": {
+        "unit": "ms",
+        "better": "lower",
+        "what": "light sleep -> answering the next request",
+    },
+    "deep_wake_ms": {
+        "unit": "ms",
+        "better": "lower",
+        "what": "deep sleep -> answering the next request",
+    },
+    "create_delete_per_s": {
+        "unit": "cycles/s",
+        "better": "higher",
+        "what": "create + delete cycles per second, sustained",
+    },
 }
 ALTERNATIVES = ("crun", "podman", "docker")
 
@@ -117,14 +207,16 @@ class Run:
         self.verbose = verbose
         self.t0 = time.perf_counter()
         self.figures: dict[str, dict[str, Any]] = {
-            name: {**meta, "cases": {}} for name, meta in FIGURES.items()}
+            name: {**meta, "cases": {}} for name, meta in FIGURES.items()
+        }
         self.errors: list[str] = []
         self.extra: dict[str, Any] = {}
 
     def log(self, msg: str) -> None:
         if self.verbose:
-            print(f"[bench {time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"[bench {time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True
+            )
 
     def put(self, figure: str, backend: str, result: Result, case: str = "-") -> None:
         self.figures[figure]["cases"].setdefault(case, {})[backend] = result
@@ -133,14 +225,24 @@ class Run:
         for case, result in results.items():
             self.put(figure, backend, result, case)
 
-    def skip_figure(self, figure: str, reason: str, backends: tuple[str, ...] = ("sandlot",),
-                    cases: tuple[str, ...] = ("-",)) -> None:
+    def skip_figure(
+        self,
+        figure: str,
+        reason: str,
+        backends: tuple[str, ...] = ("sandlot",),
+        cases: tuple[str, ...] = ("-",),
+    ) -> None:
         for case in cases:
             for b in backends:
                 self.put(figure, b, skipped(reason), case)
 
-    def attempt(self, what: str, backend: str, figures: list[tuple[str, tuple[str, ...]]],
-                fn: Callable[[], None]) -> None:
+    def attempt(
+        self,
+        what: str,
+        backend: str,
+        figures: list[tuple[str, tuple[str, ...]]],
+        fn: Callable[[], None],
+    ) -> None:
         """Run one workload; on failure, record the figures as failed (a skip with the error)."""
         self.log(f"{backend}: {what}")
         try:
@@ -156,8 +258,11 @@ class Run:
     def finish(self, meta: dict[str, Any]) -> dict[str, Any]:
         compute_ratios(self.figures)
         return {
-            "meta": {**meta, "mode": self.mode, "duration_s": round(time.perf_counter() - self.t0,
-                                                                     1)},
+            "meta": {
+                **meta,
+                "mode": self.mode,
+                "duration_s": round(time.perf_counter() - self.t0, 1),
+            },
             "sizes": asdict(self.sizes),
             "figures": self.figures,
             **self.extra,
@@ -176,8 +281,10 @@ def compute_ratios(figures: dict[str, dict[str, Any]]) -> None:
 
 
 def _cases(sizes: Sizes) -> dict[str, tuple[str, ...]]:
-    return {"throughput": tuple(f"c={c}" for c in sizes.concurrency),
-            "files": tuple(sizes.file_sizes)}
+    return {
+        "throughput": tuple(f"c={c}" for c in sizes.concurrency),
+        "files": tuple(sizes.file_sizes),
+    }
 
 
 def run_sandlot(run: Run) -> None:
@@ -200,42 +307,78 @@ def run_sandlot(run: Run) -> None:
             run.put("exec_rtt_ms", "sandlot", via_server)
             run.put("exec_rtt_agent_ms", "sandlot", agent)
 
-        run.attempt("exec_rtt_ms", "sandlot",
-                    [("exec_rtt_ms", ("-",)), ("exec_rtt_agent_ms", ("-",))], rtt)
-        run.attempt("exec_throughput_per_s", "sandlot",
-                    [("exec_throughput_per_s", cases["throughput"])],
-                    lambda: run.put_cases("exec_throughput_per_s", "sandlot", sb.exec_throughput(
-                        list(s.concurrency), s.throughput_sandboxes, s.throughput_ops,
-                        s.throughput_rounds)))
-        run.attempt("stream_latency_ms", "sandlot", [("stream_latency_ms", ("-",))],
-                    lambda: run.put("stream_latency_ms", "sandlot",
-                                    sb.stream_latency(s.stream_lines)))
+        run.attempt(
+            "exec_rtt_ms", "sandlot", [("exec_rtt_ms", ("-",)), ("exec_rtt_agent_ms", ("-",))], rtt
+        )
+        run.attempt(
+            "exec_throughput_per_s",
+            "sandlot",
+            [("exec_throughput_per_s", cases["throughput"])],
+            lambda: run.put_cases(
+                "exec_throughput_per_s",
+                "sandlot",
+                sb.exec_throughput(
+                    list(s.concurrency),
+                    s.throughput_sandboxes,
+                    s.throughput_ops,
+                    s.throughput_rounds,
+                ),
+            ),
+        )
+        run.attempt(
+            "stream_latency_ms",
+            "sandlot",
+            [("stream_latency_ms", ("-",))],
+            lambda: run.put("stream_latency_ms", "sandlot", sb.stream_latency(s.stream_lines)),
+        )
 
         def files() -> None:
             w, r = sb.files(s.file_sizes, s.file_rounds)
             run.put_cases("file_write_mb_s", "sandlot", w)
             run.put_cases("file_read_mb_s", "sandlot", r)
 
-        run.attempt("files", "sandlot", [("file_write_mb_s", cases["files"]),
-                                         ("file_read_mb_s", cases["files"])], files)
-        run.attempt("idle_sandbox_mib", "sandlot", [("idle_sandbox_mib", ("-",))],
-                    lambda: run.put("idle_sandbox_mib", "sandlot",
-                                    sb.idle_memory(s.idle_count, s.idle_settle_s)))
-        run.attempt("create_delete_per_s", "sandlot", [("create_delete_per_s", ("-",))],
-                    lambda: run.put("create_delete_per_s", "sandlot", sb.create_delete(
-                        s.create_delete_concurrency, s.create_delete_cycles,
-                        s.create_delete_rounds)))
+        run.attempt(
+            "files",
+            "sandlot",
+            [("file_write_mb_s", cases["files"]), ("file_read_mb_s", cases["files"])],
+            files,
+        )
+        run.attempt(
+            "idle_sandbox_mib",
+            "sandlot",
+            [("idle_sandbox_mib", ("-",))],
+            lambda: run.put(
+                "idle_sandbox_mib", "sandlot", sb.idle_memory(s.idle_count, s.idle_settle_s)
+            ),
+        )
+        run.attempt(
+            "create_delete_per_s",
+            "sandlot",
+            [("create_delete_per_s", ("-",))],
+            lambda: run.put(
+                "create_delete_per_s",
+                "sandlot",
+                sb.create_delete(
+                    s.create_delete_concurrency, s.create_delete_cycles, s.create_delete_rounds
+                ),
+            ),
+        )
         for figure, light in (("light_wake_ms", True), ("deep_wake_ms", False)):
-            run.attempt(figure, "sandlot", [(figure, ("-",))],
-                        lambda figure=figure, light=light: run.put(  # type: ignore[misc]
-                            figure, "sandlot", sb.wake(s.wake_n, light)))
+            run.attempt(
+                figure,
+                "sandlot",
+                [(figure, ("-",))],
+                lambda figure=figure, light=light: run.put(  # type: ignore[misc]
+                    figure, "sandlot", sb.wake(s.wake_n, light)
+                ),
+            )
         if s.max_idle:
+
             def max_idle() -> None:
                 res = sb.max_idle(s.max_idle, min_available_mib=3072, budget_s=900)
                 run.put("max_idle_sandboxes", "sandlot", res)
 
-            run.attempt("max_idle_sandboxes", "sandlot", [("max_idle_sandboxes", ("-",))],
-                        max_idle)
+            run.attempt("max_idle_sandboxes", "sandlot", [("max_idle_sandboxes", ("-",))], max_idle)
         else:
             run.skip_figure("max_idle_sandboxes", "full run only (python -m bench)")
     run_warm_pool(run)
@@ -254,14 +397,16 @@ def run_warm_pool(run: Run) -> None:
             run.skip_figure("tti_warm_ms", "this server has no warm pools yet (issue 5)")
         else:
             run.errors.append(f"sandlot tti_warm_ms: {exc}"[:400])
-            run.skip_figure("tti_warm_ms", f"failed: server with a pool did not start: {exc}"
-                            [:400])
+            run.skip_figure("tti_warm_ms", f"failed: server with a pool did not start: {exc}"[:400])
         return
     try:
         bench = SandlotBench(srv, run.log)
-        run.attempt("tti_warm_ms", "sandlot", [("tti_warm_ms", ("-",))],
-                    lambda: run.put("tti_warm_ms", "sandlot",
-                                    bench.tti_warm(max(2, run.sizes.tti_n // 3))))
+        run.attempt(
+            "tti_warm_ms",
+            "sandlot",
+            [("tti_warm_ms", ("-",))],
+            lambda: run.put("tti_warm_ms", "sandlot", bench.tti_warm(max(2, run.sizes.tti_n // 3))),
+        )
     finally:
         srv.__exit__(None, None, None)
 
@@ -271,10 +416,16 @@ def run_alternative(run: Run, name: str, enabled: bool, why_off: str) -> None:
 
     s = run.sizes
     cases = _cases(s)
-    applicable = [("tti_cold_ms", ("-",)), ("exec_rtt_ms", ("-",)),
-                  ("exec_throughput_per_s", cases["throughput"]), ("stream_latency_ms", ("-",)),
-                  ("file_write_mb_s", cases["files"]), ("file_read_mb_s", cases["files"]),
-                  ("idle_sandbox_mib", ("-",)), ("create_delete_per_s", ("-",))]
+    applicable = [
+        ("tti_cold_ms", ("-",)),
+        ("exec_rtt_ms", ("-",)),
+        ("exec_throughput_per_s", cases["throughput"]),
+        ("stream_latency_ms", ("-",)),
+        ("file_write_mb_s", cases["files"]),
+        ("file_read_mb_s", cases["files"]),
+        ("idle_sandbox_mib", ("-",)),
+        ("create_delete_per_s", ("-",)),
+    ]
 
     def skip_all(reason: str) -> None:
         for figure, fig_cases in applicable:
@@ -301,19 +452,40 @@ def run_alternative(run: Run, name: str, enabled: bool, why_off: str) -> None:
         return
     try:
         alt = AltBench(backend, run.log)
-        run.attempt("tti_cold_ms", name, applicable[:1],
-                    lambda: run.put("tti_cold_ms", name, alt.tti_cold(s.tti_n_alt)))
-        run.attempt("exec_rtt_ms", name, [("exec_rtt_ms", ("-",))],
-                    lambda: run.put("exec_rtt_ms", name, alt.exec_rtt(s.exec_n_alt)))
+        run.attempt(
+            "tti_cold_ms",
+            name,
+            applicable[:1],
+            lambda: run.put("tti_cold_ms", name, alt.tti_cold(s.tti_n_alt)),
+        )
+        run.attempt(
+            "exec_rtt_ms",
+            name,
+            [("exec_rtt_ms", ("-",))],
+            lambda: run.put("exec_rtt_ms", name, alt.exec_rtt(s.exec_n_alt)),
+        )
         ops = s.throughput_ops if name == "crun" else s.throughput_ops_alt
-        run.attempt("exec_throughput_per_s", name, [applicable[2]],
-                    lambda: run.put_cases("exec_throughput_per_s", name, alt.exec_throughput(
-                        list(s.concurrency), s.throughput_sandboxes, ops,
-                        max(1, s.throughput_rounds - 2) if name != "crun" else
-                        s.throughput_rounds)))
-        run.attempt("stream_latency_ms", name, [applicable[3]],
-                    lambda: run.put("stream_latency_ms", name,
-                                    alt.stream_latency(s.stream_lines)))
+        run.attempt(
+            "exec_throughput_per_s",
+            name,
+            [applicable[2]],
+            lambda: run.put_cases(
+                "exec_throughput_per_s",
+                name,
+                alt.exec_throughput(
+                    list(s.concurrency),
+                    s.throughput_sandboxes,
+                    ops,
+                    max(1, s.throughput_rounds - 2) if name != "crun" else s.throughput_rounds,
+                ),
+            ),
+        )
+        run.attempt(
+            "stream_latency_ms",
+            name,
+            [applicable[3]],
+            lambda: run.put("stream_latency_ms", name, alt.stream_latency(s.stream_lines)),
+        )
 
         def files() -> None:
             w, r = alt.files(s.file_sizes, max(1, min(s.file_rounds, 3)))
@@ -321,13 +493,28 @@ def run_alternative(run: Run, name: str, enabled: bool, why_off: str) -> None:
             run.put_cases("file_read_mb_s", name, r)
 
         run.attempt("files", name, applicable[4:6], files)
-        run.attempt("idle_sandbox_mib", name, [applicable[6]],
-                    lambda: run.put("idle_sandbox_mib", name,
-                                    alt.idle_memory(s.idle_count_alt, s.idle_settle_s)))
-        run.attempt("create_delete_per_s", name, [applicable[7]],
-                    lambda: run.put("create_delete_per_s", name, alt.create_delete(
-                        s.create_delete_concurrency, s.create_delete_cycles,
-                        max(1, s.create_delete_rounds - 2))))
+        run.attempt(
+            "idle_sandbox_mib",
+            name,
+            [applicable[6]],
+            lambda: run.put(
+                "idle_sandbox_mib", name, alt.idle_memory(s.idle_count_alt, s.idle_settle_s)
+            ),
+        )
+        run.attempt(
+            "create_delete_per_s",
+            name,
+            [applicable[7]],
+            lambda: run.put(
+                "create_delete_per_s",
+                name,
+                alt.create_delete(
+                    s.create_delete_concurrency,
+                    s.create_delete_cycles,
+                    max(1, s.create_delete_rounds - 2),
+                ),
+            ),
+        )
     finally:
         run.log(f"{name}: stopping")
         backend.__exit__(None, None, None)
@@ -339,25 +526,39 @@ def run_stages(run: Run) -> None:
     s = run.sizes
 
     def engine() -> None:
-        run.extra["stages"] = {"engine_default": stages.engine_stages(s.stage_n, "default"),
-                               "engine_busybox": stages.engine_stages(s.stage_n, "busybox")}
+        run.extra["stages"] = {
+            "engine_default": stages.engine_stages(s.stage_n, "default"),
+            "engine_busybox": stages.engine_stages(s.stage_n, "busybox"),
+        }
 
     run.attempt("engine stage timers", "sandlot", [], engine)
     if s.profile_creates:
+
         def profile() -> None:
             run.extra["profile"] = stages.profile_server(s.profile_creates, s.profile_execs)
             run.extra["profile"]["ready_poll_experiment"] = stages.ready_poll_experiment(
-                s.profile_creates)
+                s.profile_creates
+            )
 
         run.attempt("cProfile of the server", "sandlot", [], profile)
     if s.profile_creates:
         big = max(s.file_sizes.values())
-        run.attempt("file write decomposition", "sandlot", [],
-                    lambda: run.extra.__setitem__("file_write_decomposition",
-                                                  stages.file_write_decomposition(big, 1)))
-    run.attempt("exec decomposition", "sandlot", [],
-                lambda: run.extra.__setitem__("exec_decomposition",
-                                              stages.exec_decomposition(max(20, s.exec_n))))
+        run.attempt(
+            "file write decomposition",
+            "sandlot",
+            [],
+            lambda: run.extra.__setitem__(
+                "file_write_decomposition", stages.file_write_decomposition(big, 1)
+            ),
+        )
+    run.attempt(
+        "exec decomposition",
+        "sandlot",
+        [],
+        lambda: run.extra.__setitem__(
+            "exec_decomposition", stages.exec_decomposition(max(20, s.exec_n))
+        ),
+    )
 
 
 def _default_rootfs() -> Path | None:
@@ -376,26 +577,48 @@ def _install_signal_handlers() -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--quick", action="store_true",
-                   help="small samples, smaller files, fewer sandboxes, no max_idle; "
-                        "docker/podman off unless asked")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small samples, smaller files, fewer sandboxes, no max_idle; "
+        "docker/podman off unless asked",
+    )
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     for alt in ALTERNATIVES:
-        p.add_argument(f"--{alt}", dest=alt, action="store_true", default=None,
-                       help=f"include {alt} (default: on in a full run"
-                            f"{'' if alt != 'crun' else ' and in --quick'})")
+        p.add_argument(
+            f"--{alt}",
+            dest=alt,
+            action="store_true",
+            default=None,
+            help=f"include {alt} (default: on in a full run"
+            f"{'' if alt != 'crun' else ' and in --quick'})",
+        )
         p.add_argument(f"--no-{alt}", dest=alt, action="store_false", help=f"leave {alt} out")
     p.add_argument("--no-profile", action="store_true", help="skip the cProfile runs")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
-    p.add_argument("--docs", type=Path, default=DEFAULT_DOCS,
-                   help="where benchmarks.md and img/ go (default: docs/)")
-    p.add_argument("--render-only", action="store_true",
-                   help="re-render the docs from --json without measuring")
-    p.add_argument("--parts", default=",".join(PARTS),
-                   help=f"what to measure, comma-separated (default: all of {','.join(PARTS)})")
-    p.add_argument("--merge-into", type=Path, default=None,
-                   help="finish an interrupted run: keep this JSON's results and add the parts "
-                        "measured now (recorded in meta.parts with their dates)")
+    p.add_argument(
+        "--docs",
+        type=Path,
+        default=DEFAULT_DOCS,
+        help="where benchmarks.md and img/ go (default: docs/)",
+    )
+    p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="re-render the docs from --json without measuring",
+    )
+    p.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"what to measure, comma-separated (default: all of {','.join(PARTS)})",
+    )
+    p.add_argument(
+        "--merge-into",
+        type=Path,
+        default=None,
+        help="finish an interrupted run: keep this JSON's results and add the parts "
+        "measured now (recorded in meta.parts with their dates)",
+    )
     return p.parse_args(argv)
 
 
@@ -418,13 +641,24 @@ def _merge(old: dict[str, Any], new: dict[str, Any], parts: list[str]) -> dict[s
     out["errors"] = old.get("errors", []) + new.get("errors", [])
     first = {k: v for k, v in old["meta"].items() if k != "parts"}
     out["meta"]["parts"] = old["meta"].get("parts") or [
-        {"parts": "earlier run (kept)", "date": first["date"], "commit": first["commit"],
-         "duration_s": first.get("duration_s")}]
-    out["meta"]["parts"].append({"parts": ",".join(parts), "date": new["meta"]["date"],
-                                 "commit": new["meta"]["commit"],
-                                 "duration_s": new["meta"]["duration_s"]})
-    out["meta"]["duration_s"] = round(sum(p.get("duration_s") or 0
-                                          for p in out["meta"]["parts"]), 1)
+        {
+            "parts": "earlier run (kept)",
+            "date": first["date"],
+            "commit": first["commit"],
+            "duration_s": first.get("duration_s"),
+        }
+    ]
+    out["meta"]["parts"].append(
+        {
+            "parts": ",".join(parts),
+            "date": new["meta"]["date"],
+            "commit": new["meta"]["commit"],
+            "duration_s": new["meta"]["duration_s"],
+        }
+    )
+    out["meta"]["duration_s"] = round(
+        sum(p.get("duration_s") or 0 for p in out["meta"]["parts"]), 1
+    )
     return out
 
 
@@ -436,8 +670,10 @@ def main(argv: list[str] | None = None) -> int:
         report.render(json.loads(args.json.read_text()), args.docs)
         return 0
     if os.geteuid() != 0:
-        print("python -m bench needs root (the local engine and the alternatives run "
-              "containers)", file=sys.stderr)
+        print(
+            "python -m bench needs root (the local engine and the alternatives run containers)",
+            file=sys.stderr,
+        )
         return 2
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     sizes = MODES[mode]

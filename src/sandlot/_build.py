@@ -22,5 +22,7 @@ def build_id() -> str:
     for path in sorted(PACKAGE_DIR.rglob("*")):
         if path.suffix in (".py", ".json") and "__pycache__" not in path.parts:
             st = path.stat()
-            digest.update(f"{path.relative_to(PACKAGE_DIR)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            digest.update(
+                f"{path.relative_to(PACKAGE_DIR)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode()
+            )
     return digest.hexdigest()[:16]

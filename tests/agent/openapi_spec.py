@@ -211,9 +211,7 @@ schemas = {
         ["entries"],
     ),
     "StatRequest": obj({"path": S, "follow_symlinks": B}, ["path"]),
-    "ConfigureRequest": obj(
-        {"env": {"type": "object", "additionalProperties": S}}, ["env"]
-    ),
+    "ConfigureRequest": obj({"env": {"type": "object", "additionalProperties": S}}, ["env"]),
     "ConfigureResponse": obj(
         {"success": B, "env": {"type": "array", "items": S}}, ["success", "env"]
     ),

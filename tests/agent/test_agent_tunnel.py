@@ -107,11 +107,11 @@ def test_fd_mode_hands_over_the_connected_socket(agent: Agent, echo_port: int) -
     s.close()
     base = agent.fd_count()
     s = agent.raw()
-    s.sendall(
+    request = (
         f"GET /tunnel?port={echo_port} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer "
         f"{agent.secret}\r\nConnection: Upgrade\r\nUpgrade: tcp\r\nSandlot-Tunnel: fd\r\n\r\n"
-        .encode()
     )
+    s.sendall(request.encode())
     head, fds, _, _ = socket.recv_fds(s, 4096, 4)
     assert head.startswith(b"HTTP/1.1 200 ") and b"Sandlot-Tunnel: fd" in head, head
     assert head.endswith(b"\r\n\r\n") and len(fds) == 1

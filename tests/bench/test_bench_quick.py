@@ -22,9 +22,17 @@ from bench.suite import FIGURES  # noqa: E402
 pytestmark = pytest.mark.root
 
 #: Figures sandlot must measure even in the smallest run (the rest say why they are skipped).
-MEASURED = ["tti_cold_ms", "exec_rtt_ms", "exec_rtt_agent_ms", "exec_throughput_per_s",
-            "stream_latency_ms", "file_write_mb_s", "file_read_mb_s", "idle_sandbox_mib",
-            "create_delete_per_s"]
+MEASURED = [
+    "tti_cold_ms",
+    "exec_rtt_ms",
+    "exec_rtt_agent_ms",
+    "exec_throughput_per_s",
+    "stream_latency_ms",
+    "file_write_mb_s",
+    "file_read_mb_s",
+    "idle_sandbox_mib",
+    "create_delete_per_s",
+]
 
 
 def _unavailable() -> str | None:
@@ -45,12 +53,31 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     bench_tmp = Path(tempfile.mkdtemp(prefix="slbt-", dir="/tmp"))
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "bench", "--quick", "--tiny", "--no-docker", "--no-podman",
-             "--json", str(out), "--docs", str(docs)],
-            cwd=REPO, capture_output=True, text=True, timeout=170, check=False,
-            env={**os.environ, "SANDLOT_BENCH_TMP": str(bench_tmp)})
-        left_mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
-                       if f" {bench_tmp}/" in line]
+            [
+                sys.executable,
+                "-m",
+                "bench",
+                "--quick",
+                "--tiny",
+                "--no-docker",
+                "--no-podman",
+                "--json",
+                str(out),
+                "--docs",
+                str(docs),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=170,
+            check=False,
+            env={**os.environ, "SANDLOT_BENCH_TMP": str(bench_tmp)},
+        )
+        left_mounts = [
+            line
+            for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if f" {bench_tmp}/" in line
+        ]
         left_files = sorted(p.name for p in bench_tmp.iterdir())
     finally:
         shutil.rmtree(bench_tmp, ignore_errors=True)

@@ -24,8 +24,9 @@ def test_run_prints_42(cli: CliRunner) -> None:
 
 
 def test_run_returns_the_commands_exit_code(cli: CliRunner) -> None:
-    result = cli.invoke(main, ["run", "--image", "busybox", "--", "sh", "-c",
-                               "echo oops >&2; exit 7"])
+    result = cli.invoke(
+        main, ["run", "--image", "busybox", "--", "sh", "-c", "echo oops >&2; exit 7"]
+    )
     assert result.exit_code == 7
     assert "oops" in result.stderr
 
@@ -42,7 +43,18 @@ def test_create_ls_exec_cp_rm(cli: CliRunner, tmp_path: Path) -> None:
         table = cli.invoke(main, ["ls"])
         assert "cli-box" in table.stdout
 
-        out = cli.invoke(main, ["exec", sid, "--", "sh", "-c", "echo $FOO", ], env={})
+        out = cli.invoke(
+            main,
+            [
+                "exec",
+                sid,
+                "--",
+                "sh",
+                "-c",
+                "echo $FOO",
+            ],
+            env={},
+        )
         assert out.exit_code == 0
         out = cli.invoke(main, ["exec", sid, "--env", "FOO=bar", "--", "echo $FOO"])
         assert out.stdout == "bar\n"

@@ -97,8 +97,13 @@ async def make_sandbox(engine: LocalEngine) -> AsyncIterator[Factory]:
         image: str = "default", instance_type: str = "micro", **kw: Any
     ) -> SandboxHandle:
         secret = "test-secret-" + new_sandbox_id()
-        spec = SandboxSpec(id=new_sandbox_id(), image=image,
-                           instance_type=get_instance_type(instance_type), secret=secret, **kw)
+        spec = SandboxSpec(
+            id=new_sandbox_id(),
+            image=image,
+            instance_type=get_instance_type(instance_type),
+            secret=secret,
+            **kw,
+        )
         info = await engine.create(spec)
         handle = SandboxHandle(info, secret)
         handles.append(handle)

@@ -60,16 +60,20 @@ async def test_only_loopback_network(make_sandbox: Factory) -> None:
     sb = await make_sandbox()
     assert (await sb.sh("ls /sys/class/net")).split() == ["lo"]
     # loopback works inside; nothing else is reachable
-    out = await sb.run("python3 -c \"import socket; s=socket.socket(); s.settimeout(2); "
-                       "s.connect(('1.1.1.1', 53))\"")
+    out = await sb.run(
+        'python3 -c "import socket; s=socket.socket(); s.settimeout(2); '
+        "s.connect(('1.1.1.1', 53))\""
+    )
     assert out["code"] != 0 and "unreachable" in out["stderr"].lower()
 
 
 def _limit_file(layout: CgroupLayout, kind: str) -> str:
     if layout is CgroupLayout.V2:
         return {"memory": "/sys/fs/cgroup/memory.max", "pids": "/sys/fs/cgroup/pids.max"}[kind]
-    return {"memory": "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-            "pids": "/sys/fs/cgroup/pids/pids.max"}[kind]
+    return {
+        "memory": "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        "pids": "/sys/fs/cgroup/pids/pids.max",
+    }[kind]
 
 
 @pytest.mark.parametrize("instance_type", ["nano", "small"])
@@ -86,8 +90,9 @@ async def test_instance_type_limits(
 
 
 @pytest.mark.parametrize("instance_type", list(INSTANCE_TYPES))
-async def test_every_instance_type_starts(make_sandbox: Factory, engine: LocalEngine,
-                                          instance_type: str) -> None:
+async def test_every_instance_type_starts(
+    make_sandbox: Factory, engine: LocalEngine, instance_type: str
+) -> None:
     sb = await make_sandbox(image="busybox", instance_type=instance_type)
     it = INSTANCE_TYPES[instance_type]
     assert int(await sb.sh(f"cat {_limit_file(engine.layout, 'memory')}")) == it.memory_bytes
@@ -98,8 +103,9 @@ async def test_every_instance_type_starts(make_sandbox: Factory, engine: LocalEn
 
 async def test_fork_bomb_is_contained(make_sandbox: Factory) -> None:
     sb = await make_sandbox(image="busybox", instance_type="nano")
-    out = await sb.run("i=0; while [ $i -lt 2000 ]; do sleep 30 & i=$((i+1)); done; "
-                       "echo started $i", timeout=20)
+    out = await sb.run(
+        "i=0; while [ $i -lt 2000 ]; do sleep 30 & i=$((i+1)); done; echo started $i", timeout=20
+    )
     assert out["code"] != 0 or "started 2000" not in out["stdout"]
     # (not `kill -9 -1`: that would take the agent down with the sleeps)
     await sb.run("killall -9 sleep; true")
@@ -145,8 +151,10 @@ async def test_seccomp_and_capabilities(make_sandbox: Factory) -> None:
     # masked paths read empty
     assert (await sb.sh("cat /proc/kcore 2>/dev/null | head -c 10 | wc -c")).strip() == "0"
     # root can still write where it owns things (the image is id-mapped into its range)
-    assert await sb.sh("echo x > /etc/new-file && cat /etc/new-file && touch /usr/bin/z && "
-                       "echo ok") == "x\nok\n"
+    assert (
+        await sb.sh("echo x > /etc/new-file && cat /etc/new-file && touch /usr/bin/z && echo ok")
+        == "x\nok\n"
+    )
 
 
 async def test_privileged_widens_explicitly(make_sandbox: Factory) -> None:
@@ -160,8 +168,9 @@ async def test_privileged_widens_explicitly(make_sandbox: Factory) -> None:
 
 
 def _spec(image: str = "busybox") -> SandboxSpec:
-    return SandboxSpec(id=new_sandbox_id(), image=image,
-                       instance_type=get_instance_type("nano"), secret="s")
+    return SandboxSpec(
+        id=new_sandbox_id(), image=image, instance_type=get_instance_type("nano"), secret="s"
+    )
 
 
 def _assert_nothing_left(engine: LocalEngine, sandbox_id: str) -> None:
@@ -207,8 +216,13 @@ def test_missing_runtime(engine_state: Path) -> None:
 
 
 async def test_reserved_env_rejected(engine: LocalEngine) -> None:
-    spec = SandboxSpec(id=new_sandbox_id(), image="busybox", secret="s",
-                       instance_type=get_instance_type("nano"), env={"SANDBOX_SECRET": "x"})
+    spec = SandboxSpec(
+        id=new_sandbox_id(),
+        image="busybox",
+        secret="s",
+        instance_type=get_instance_type("nano"),
+        env={"SANDBOX_SECRET": "x"},
+    )
     with pytest.raises(EngineError, match="reserved"):
         await engine.create(spec)
     _assert_nothing_left(engine, spec.id)
@@ -237,8 +251,9 @@ async def test_delete_during_create(engine: LocalEngine) -> None:
     _assert_nothing_left(engine, spec.id)
 
 
-async def test_processes_ignoring_sigterm_are_killed(make_sandbox: Factory,
-                                                     engine: LocalEngine) -> None:
+async def test_processes_ignoring_sigterm_are_killed(
+    make_sandbox: Factory, engine: LocalEngine
+) -> None:
     sb = await make_sandbox(image="busybox")
     await sb.sh("(trap '' TERM; while true; do sleep 1; done) >/dev/null 2>&1 &")
     await engine.delete(sb.id)
@@ -318,8 +333,9 @@ async def test_deep_state_dir_keeps_socket_paths_short(tmp_path: Path) -> None:
 # -- sleep: pause/resume (light) and stop/start (deep) ----------------------------------------
 
 
-async def test_pause_keeps_memory_and_resume_continues(make_sandbox: Factory,
-                                                       engine: LocalEngine) -> None:
+async def test_pause_keeps_memory_and_resume_continues(
+    make_sandbox: Factory, engine: LocalEngine
+) -> None:
     from sandlot.engines.base import SandboxState
 
     sb = await make_sandbox(image="busybox")
@@ -333,8 +349,9 @@ async def test_pause_keeps_memory_and_resume_continues(make_sandbox: Factory,
     assert await sb.sh("cat /tmp/n") == "42\n"
 
 
-async def test_stop_releases_memory_start_keeps_files(make_sandbox: Factory,
-                                                      engine: LocalEngine) -> None:
+async def test_stop_releases_memory_start_keeps_files(
+    make_sandbox: Factory, engine: LocalEngine
+) -> None:
     from sandlot.engines.base import SandboxState
     from sandlot.engines.local.mounts import unmount
 
@@ -369,8 +386,13 @@ async def test_pool_sandbox_is_claimed_by_first_token(engine: LocalEngine) -> No
 
     from .conftest import SandboxHandle
 
-    spec = SandboxSpec(id=new_sandbox_id(), image="busybox", secret="",
-                       instance_type=get_instance_type("nano"), pool=True)
+    spec = SandboxSpec(
+        id=new_sandbox_id(),
+        image="busybox",
+        secret="",
+        instance_type=get_instance_type("nano"),
+        pool=True,
+    )
     info = await engine.create(spec)
     owner = SandboxHandle(info, "owner-token")
     other = SandboxHandle(info, "someone-else")
@@ -392,8 +414,9 @@ async def test_pool_sandbox_is_claimed_by_first_token(engine: LocalEngine) -> No
         await engine.delete(spec.id)
 
 
-async def test_sandbox_cannot_redirect_its_agent_socket(make_sandbox: Factory,
-                                                        engine: LocalEngine) -> None:
+async def test_sandbox_cannot_redirect_its_agent_socket(
+    make_sandbox: Factory, engine: LocalEngine
+) -> None:
     """Regression: the agent socket used to live in a directory the sandbox can write, where
     root inside could swap it for a symlink to a host socket that the gateway would use."""
     sb = await make_sandbox(image="busybox")

@@ -25,7 +25,6 @@ from .conftest import Factory
 pytestmark = [pytest.mark.anyio, pytest.mark.root]
 
 
-
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
 
@@ -52,9 +51,22 @@ def _peer(tmp_path: Path, subnet: int) -> Iterator[str]:
         _ip("-n", ns, "link", "set", "eth0", "up")
         _ip("-n", ns, "link", "set", "lo", "up")
         server = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "http.server", "8080",
-             "--bind", peer_ip, "--directory", str(root)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                sys.executable,
+                "-m",
+                "http.server",
+                "8080",
+                "--bind",
+                peer_ip,
+                "--directory",
+                str(root),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while True:
@@ -101,8 +113,9 @@ async def test_no_network_by_default(make_sandbox: Factory, peer_host: str) -> N
     assert out["code"] != 0
 
 
-async def test_outbound_on_request(make_sandbox: Factory, peer_host: str,
-                                   host_loopback_server: int) -> None:
+async def test_outbound_on_request(
+    make_sandbox: Factory, peer_host: str, host_loopback_server: int
+) -> None:
     sb = await make_sandbox(image="busybox", network=NetworkMode.OUTBOUND)
     assert "eth0" in (await sb.sh("ls /sys/class/net")).split()
     assert await sb.sh(f"timeout 5 wget -q -O- {peer_host}") == "hello from the peer\n"
@@ -127,8 +140,9 @@ async def test_pasta_goes_away_with_the_sandbox(make_sandbox: Factory, engine: o
 async def test_allowlist_reaches_only_listed_networks(
     make_sandbox: Factory, peer_host: str, other_peer_host: str
 ) -> None:
-    sb = await make_sandbox(image="busybox", network=NetworkMode.OUTBOUND,
-                            outbound_allowlist=("10.213.7.2",))  # a bare IP: /32
+    sb = await make_sandbox(
+        image="busybox", network=NetworkMode.OUTBOUND, outbound_allowlist=("10.213.7.2",)
+    )  # a bare IP: /32
     assert await sb.sh(f"timeout 5 wget -q -O- {peer_host}") == "hello from the peer\n"
     out = await sb.run(f"timeout 5 wget -q -O- {other_peer_host}")
     assert out["code"] != 0
@@ -165,9 +179,14 @@ async def test_invalid_allowlist(engine: object, bad: object) -> None:
     from sandlot.netpolicy import EgressPolicyError
 
     assert isinstance(engine, LocalEngine)
-    spec = SandboxSpec(id=new_sandbox_id(), image="busybox", secret="s",
-                       instance_type=get_instance_type("nano"), network=NetworkMode.OUTBOUND,
-                       outbound_allowlist=bad)  # type: ignore[arg-type]
+    spec = SandboxSpec(
+        id=new_sandbox_id(),
+        image="busybox",
+        secret="s",
+        instance_type=get_instance_type("nano"),
+        network=NetworkMode.OUTBOUND,
+        outbound_allowlist=bad,
+    )  # type: ignore[arg-type]
     with pytest.raises(EgressPolicyError):
         await engine.create(spec)
     assert not (engine.sandboxes_dir / spec.id).exists()

@@ -28,12 +28,18 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *extra: str) -> None:
-        env = {**os.environ, "SANDLOT_STATE_DIR": str(self.root / "state"),
-               "SANDLOT_IMAGES_DIR": str(IMAGES_DIR)}
+        env = {
+            **os.environ,
+            "SANDLOT_STATE_DIR": str(self.root / "state"),
+            "SANDLOT_IMAGES_DIR": str(IMAGES_DIR),
+        }
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sandlot.cli", "server", "--listen", self.url, *extra],
-            env=env, stdout=log, stderr=log, start_new_session=True,
+            env=env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 30
         while True:
@@ -89,8 +95,9 @@ def _wait_status(url: str, sid: str, status: str, timeout: float = 20) -> None:
 @pytest.mark.parametrize("light", [True, False])
 def test_sigkill_while_asleep_then_wake(server: ServerProcess, light: bool) -> None:
     server.start()
-    sb = Sandbox.create(image="busybox", idle_timeout=1, api_url=server.url,
-                        _experimental_enable_light_sleep=light)
+    sb = Sandbox.create(
+        image="busybox", idle_timeout=1, api_url=server.url, _experimental_enable_light_sleep=light
+    )
     sb.exec("echo kept > /root/f")
     _wait_status(server.url, sb.id, "sleeping")
     server.kill()

@@ -43,8 +43,9 @@ def test_deep_sleep_after_idle_then_transparent_wake() -> None:
 
 
 def test_light_sleep_keeps_processes() -> None:
-    with Sandbox.create(image="busybox", idle_timeout=1,
-                        _experimental_enable_light_sleep=True) as sb:
+    with Sandbox.create(
+        image="busybox", idle_timeout=1, _experimental_enable_light_sleep=True
+    ) as sb:
         sb.exec("sleep 600 >/dev/null 2>&1 &")
         _wait_for(lambda: _status(sb) == ("sleeping", "light"))
         assert sb.exec("pidof sleep").code == 0

@@ -28,9 +28,11 @@ def test_default_is_no_network_then_allowlist_then_blocked(tmp_path: Path) -> No
 
 
 def test_allowlist_at_create_excludes_other_networks(tmp_path: Path) -> None:
-    with _peer(tmp_path, 7) as allowed, _peer(tmp_path, 8) as other, Sandbox.create(
-        image="busybox", outbound_allowlist=["10.213.7.0/30"]
-    ) as sb:
+    with (
+        _peer(tmp_path, 7) as allowed,
+        _peer(tmp_path, 8) as other,
+        Sandbox.create(image="busybox", outbound_allowlist=["10.213.7.0/30"]) as sb,
+    ):
         assert sb.exec(FETCH.format(url=allowed)).stdout == "hello from the peer\n"
         assert sb.exec(FETCH.format(url=other)).code != 0
 

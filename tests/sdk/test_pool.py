@@ -27,8 +27,12 @@ def pooled_server() -> Iterator[RunningServer]:
 
     tmp = Path(tempfile.mkdtemp(prefix="sl-pool-"))
     engine = LocalEngine(tmp / "state", images=ImageStore(IMAGES_DIR))
-    srv = start_server(engine, f"sqlite:///{tmp / 'db'}", unix_path=tmp / "s.sock",
-                       pools={PoolKey("busybox", "nano"): 2})
+    srv = start_server(
+        engine,
+        f"sqlite:///{tmp / 'db'}",
+        unix_path=tmp / "s.sock",
+        pools={PoolKey("busybox", "nano"): 2},
+    )
     yield srv
     srv.stop()
     import asyncio
@@ -57,8 +61,14 @@ def test_claim_from_pool_then_refill(pooled_server: RunningServer) -> None:
     _wait_ready(srv, 2)
     assert Sandbox.list(api_url=srv.url) == []  # pooled sandboxes belong to nobody
     t0 = time.perf_counter()
-    sb = Sandbox.create(image="busybox", instance_type="nano", env={"OWNER": "alice"},
-                        name="claimed", labels={"team": "a"}, api_url=srv.url)
+    sb = Sandbox.create(
+        image="busybox",
+        instance_type="nano",
+        env={"OWNER": "alice"},
+        name="claimed",
+        labels={"team": "a"},
+        api_url=srv.url,
+    )
     claim_s = time.perf_counter() - t0
     try:
         assert sb.name == "claimed" and sb.labels == {"team": "a"}

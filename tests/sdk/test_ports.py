@@ -478,9 +478,7 @@ def test_many_idle_websockets(gw: Gateway, box: Sandbox) -> None:
         relays = _relay_pids()
         assert len(relays) >= 1
         relay_rss = sum(_rss_of(pid) for pid in relays)
-        echoed = await asyncio.gather(
-            *(_echo(r, w, f"m{i}") for i, (r, w) in enumerate(conns))
-        )
+        echoed = await asyncio.gather(*(_echo(r, w, f"m{i}") for i, (r, w) in enumerate(conns)))
         assert echoed == [f"m{i}" for i in range(len(conns))]
         for _, w in conns:
             w.close()

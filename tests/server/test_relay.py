@@ -190,7 +190,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-
 @pytest.mark.anyio
 async def test_close_tagged_ends_only_those(relays: Relays) -> None:
     kept = []

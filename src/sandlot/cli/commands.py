@@ -80,12 +80,22 @@ def stream_command(sb: Sandbox, cmd: str, cwd: str | None, env: dict[str, str]) 
 create_options = [
     click.option("--image", default=None, help="Image (default: the default image)."),
     click.option("--name", default=None, help="Name shown in listings."),
-    click.option("--instance-type", default="micro", show_default=True,
-                 help="nano, micro, small, medium, large or xlarge."),
-    click.option("--env", "env", multiple=True, metavar="KEY=VALUE",
-                 help="Environment variable (repeatable)."),
-    click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
-                 help="Label (repeatable)."),
+    click.option(
+        "--instance-type",
+        default="micro",
+        show_default=True,
+        help="nano, micro, small, medium, large or xlarge.",
+    ),
+    click.option(
+        "--env",
+        "env",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Environment variable (repeatable).",
+    ),
+    click.option(
+        "--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label (repeatable)."
+    ),
 ]
 
 
@@ -99,11 +109,22 @@ def with_create_options(fn: F) -> F:
 @with_create_options
 @click.option("--json", "as_json", is_flag=True, help="Print the sandbox as JSON.")
 @sdk_errors
-def create(image: str | None, name: str | None, instance_type: str, env: tuple[str, ...],
-           labels: tuple[str, ...], as_json: bool) -> None:
+def create(
+    image: str | None,
+    name: str | None,
+    instance_type: str,
+    env: tuple[str, ...],
+    labels: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Create a sandbox and print its id."""
-    sb = Sandbox.create(image=image, name=name, instance_type=instance_type,
-                        env=parse_pairs(env, "--env"), labels=parse_pairs(labels, "--label"))
+    sb = Sandbox.create(
+        image=image,
+        name=name,
+        instance_type=instance_type,
+        env=parse_pairs(env, "--env"),
+        labels=parse_pairs(labels, "--label"),
+    )
     info = summary(sb)
     sb.close()  # the sandbox keeps running: only the handle goes
     click.echo(json.dumps(info) if as_json else info["id"])
@@ -126,8 +147,14 @@ def list_sandboxes(name: str | None, labels: tuple[str, ...], as_json: bool) -> 
         status = it.get("status", "")
         if status == "sleeping" and it.get("sleep_kind"):
             status = f"sleeping ({it['sleep_kind']})"
-        table.add_row(it.get("name") or "", status, it.get("image", ""),
-                      it.get("instance_type", ""), str(it.get("created_at", ""))[:19], it["id"])
+        table.add_row(
+            it.get("name") or "",
+            status,
+            it.get("image", ""),
+            it.get("instance_type", ""),
+            str(it.get("created_at", ""))[:19],
+            it["id"],
+        )
     Console().print(table)
 
 
@@ -137,8 +164,9 @@ def list_sandboxes(name: str | None, labels: tuple[str, ...], as_json: bool) -> 
 @click.option("--cwd", default=None, help="Working directory in the sandbox.")
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE")
 @sdk_errors
-def exec_command(sandbox_id: str, argv: tuple[str, ...], cwd: str | None,
-                 env: tuple[str, ...]) -> None:
+def exec_command(
+    sandbox_id: str, argv: tuple[str, ...], cwd: str | None, env: tuple[str, ...]
+) -> None:
     """Run a command in a sandbox, streaming its output; exit with its code.
 
     sandlot exec ID -- python3 -c 'print(1)'"""
@@ -156,15 +184,26 @@ def exec_command(sandbox_id: str, argv: tuple[str, ...], cwd: str | None,
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 @click.option("--cwd", default=None, help="Working directory in the sandbox.")
 @sdk_errors
-def run(image: str | None, name: str | None, instance_type: str, env: tuple[str, ...],
-        labels: tuple[str, ...], argv: tuple[str, ...], cwd: str | None) -> None:
+def run(
+    image: str | None,
+    name: str | None,
+    instance_type: str,
+    env: tuple[str, ...],
+    labels: tuple[str, ...],
+    argv: tuple[str, ...],
+    cwd: str | None,
+) -> None:
     """Create a sandbox, run one command in it, delete it; exit with the command's code.
 
     sandlot run -- python3 -c 'print(6*7)'"""
     cmd = command_string(argv)
-    with Sandbox.create(image=image, name=name, instance_type=instance_type,
-                        env=parse_pairs(env, "--env"),
-                        labels=parse_pairs(labels, "--label")) as sb:
+    with Sandbox.create(
+        image=image,
+        name=name,
+        instance_type=instance_type,
+        env=parse_pairs(env, "--env"),
+        labels=parse_pairs(labels, "--label"),
+    ) as sb:
         code = stream_command(sb, cmd, cwd, {})
     sys.exit(code)
 
@@ -244,8 +283,12 @@ def token() -> None:
 
 
 @token.command(name="create")
-@click.option("--project", default="default", show_default=True,
-              help="The project the token can see and act on.")
+@click.option(
+    "--project",
+    default="default",
+    show_default=True,
+    help="The project the token can see and act on.",
+)
 @click.option("--name", default=None, help="A note to recognise the token by.")
 @click.option("--json", "as_json", is_flag=True)
 @sdk_errors
@@ -257,8 +300,9 @@ def token_create(project: str, name: str | None, as_json: bool) -> None:
         click.echo(json.dumps(data))
     else:
         click.echo(data["token"])
-        err_console.print(f"token {data['id']} for project {data['project']!r} "
-                          "(shown once: store it now)")
+        err_console.print(
+            f"token {data['id']} for project {data['project']!r} (shown once: store it now)"
+        )
 
 
 @token.command(name="ls")
@@ -275,8 +319,13 @@ def token_list(project: str | None, as_json: bool) -> None:
         return
     table = Table("ID", "PROJECT", "NAME", "CREATED", "REVOKED", box=None)
     for it in items:
-        table.add_row(it["id"], it["project"], it.get("name") or "",
-                      str(it.get("created_at", ""))[:19], str(it.get("revoked_at") or ""))
+        table.add_row(
+            it["id"],
+            it["project"],
+            it.get("name") or "",
+            str(it.get("created_at", ""))[:19],
+            str(it.get("revoked_at") or ""),
+        )
     Console().print(table)
 
 
@@ -301,8 +350,12 @@ def secret() -> None:
 @click.argument("name")
 @click.option("--registry", required=True, help="The registry's host[:port] (docker.io, ghcr.io).")
 @click.option("--username", required=True)
-@click.option("--password-stdin", is_flag=True, required=True,
-              help="Read the password (or token) from standard input, never from the command line.")
+@click.option(
+    "--password-stdin",
+    is_flag=True,
+    required=True,
+    help="Read the password (or token) from standard input, never from the command line.",
+)
 @sdk_errors
 def secret_create(name: str, registry: str, username: str, password_stdin: bool) -> None:
     """Create a registry secret; the password is read from standard input."""

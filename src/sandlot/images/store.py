@@ -40,8 +40,22 @@ DEFAULT_IMAGE_ALIASES = frozenset({"default", "koyeb/sandbox", "koyeb/sandbox:la
 
 #: What the default image holds: what a user of koyeb/sandbox or E2B's base image expects.
 DEFAULT_IMAGE_PACKAGES = (
-    "python3", "python3-pip", "python3-venv", "git", "curl", "wget", "ca-certificates",
-    "procps", "unzip", "xz-utils", "bzip2", "jq", "less", "file", "iproute2", "vim-tiny",
+    "python3",
+    "python3-pip",
+    "python3-venv",
+    "git",
+    "curl",
+    "wget",
+    "ca-certificates",
+    "procps",
+    "unzip",
+    "xz-utils",
+    "bzip2",
+    "jq",
+    "less",
+    "file",
+    "iproute2",
+    "vim-tiny",
 )
 DEBIAN_SUITE = "bookworm"
 DEBIAN_SOURCES = (
@@ -157,9 +171,7 @@ class ImageStore:
 
     # -- built-in images ----------------------------------------------------------------------
 
-    def _build_atomically(
-        self, final: Path, build: Callable[[Path], None]
-    ) -> Path:
+    def _build_atomically(self, final: Path, build: Callable[[Path], None]) -> Path:
         """Run ``build(tmpdir)`` and move the result to ``final``; never leave half an image.
         Builds of one image wait for each other (ten creates of a new registry image pull it
         once)."""
@@ -208,8 +220,19 @@ class ImageStore:
 
         def build(tmp: Path) -> None:
             rootfs = tmp / "rootfs"
-            for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp",
-                      "root", "var/tmp"):
+            for d in (
+                "bin",
+                "sbin",
+                "usr/bin",
+                "usr/sbin",
+                "etc",
+                "proc",
+                "sys",
+                "dev",
+                "tmp",
+                "root",
+                "var/tmp",
+            ):
                 (rootfs / d).mkdir(parents=True, exist_ok=True)
             (rootfs / "tmp").chmod(0o1777)
             (rootfs / "var/tmp").chmod(0o1777)
@@ -301,9 +324,7 @@ class ImageStore:
                     authfile = tmp / "auth.json"
                     authfile.touch(mode=0o600)
                     token = base64.b64encode(f"{auth.username}:{auth.password}".encode())
-                    authfile.write_text(
-                        json.dumps({"auths": {host: {"auth": token.decode()}}})
-                    )
+                    authfile.write_text(json.dumps({"auths": {host: {"auth": token.decode()}}}))
                     command += ["--src-authfile", str(authfile)]
                 command += [f"docker://{ref}", f"oci:{layout}:image"]
                 try:
@@ -374,7 +395,8 @@ def _unpack(layout: Path, tag: str, tmp: Path, progress: Progress | None) -> Non
     unpacked = tmp / "bundle"
     result = subprocess.run(
         ["umoci", "unpack", "--image", f"{layout}:{tag}", str(unpacked)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     if result.returncode != 0:
         raise ImageError(f"cannot unpack {layout}:{tag}: {result.stderr.strip()}")
@@ -392,12 +414,17 @@ def _mmdebstrap(tmp: Path, progress: Progress | None) -> None:
         raise ImageError("building the default image needs mmdebstrap: apt-get install mmdebstrap")
     rootfs = tmp / "rootfs"
     cmd = [
-        "mmdebstrap", "--variant=minbase", f"--include={','.join(DEFAULT_IMAGE_PACKAGES)}",
+        "mmdebstrap",
+        "--variant=minbase",
+        f"--include={','.join(DEFAULT_IMAGE_PACKAGES)}",
         "--components=main",
         # Keep the image lean: no apt lists, docs or man pages.
-        "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/doc/*",
+        "--dpkgopt=path-exclude=/usr/share/man/*",
+        "--dpkgopt=path-exclude=/usr/share/doc/*",
         "--customize-hook=rm -rf $1/var/lib/apt/lists/* $1/var/cache/apt/*",
-        DEBIAN_SUITE, str(rootfs), *DEBIAN_SOURCES,
+        DEBIAN_SUITE,
+        str(rootfs),
+        *DEBIAN_SOURCES,
     ]
     if progress:
         progress(f"building the default image (Debian {DEBIAN_SUITE}) with mmdebstrap ...")

@@ -40,8 +40,17 @@ PY_VERSION = "python3.11"
 
 #: Standard-library parts the agent never needs; dropping them keeps the closure small.
 _STDLIB_EXCLUDE = {
-    "test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "distutils",
-    "pydoc_data", "site-packages", "dist-packages", "config-3.11-x86_64-linux-gnu",
+    "test",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "lib2to3",
+    "ensurepip",
+    "distutils",
+    "pydoc_data",
+    "site-packages",
+    "dist-packages",
+    "config-3.11-x86_64-linux-gnu",
     "EXTERNALLY-MANAGED",
 }
 _DYNLOAD_EXCLUDE = re.compile(r"^(_test|xx|_xx|_ctypes_test|_curses|readline|_tkinter)")
@@ -59,8 +68,11 @@ def _require(path: Path, package: str) -> None:
 
 
 def _agent_files() -> list[Path]:
-    return sorted(p for p in _AGENT_PACKAGE.rglob("*") if p.is_file() and p.suffix != ".pyc"
-                  and "__pycache__" not in p.parts)
+    return sorted(
+        p
+        for p in _AGENT_PACKAGE.rglob("*")
+        if p.is_file() and p.suffix != ".pyc" and "__pycache__" not in p.parts
+    )
 
 
 def runtime_digest() -> str:
@@ -114,9 +126,7 @@ def _install_agent(stdlib_dest: Path) -> None:
         _AGENT_PACKAGE, package / "agent", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
     )
     # The runtime is mounted read-only: compile now so start-up never recompiles.
-    subprocess.run(
-        [str(HOST_PYTHON), "-I", "-m", "compileall", "-q", str(package)], check=True
-    )
+    subprocess.run([str(HOST_PYTHON), "-I", "-m", "compileall", "-q", str(package)], check=True)
 
 
 def build_runtime(root: Path, *, log: object = None) -> Path:
@@ -161,9 +171,17 @@ def build_runtime(root: Path, *, log: object = None) -> Path:
         inner_lib = f"{SANDBOX_RUNTIME_DIR}/python/lib"
         # DT_RPATH (not RUNPATH) so it also applies to libraries dlopen()ed by extension modules.
         subprocess.run(
-            ["patchelf", "--set-interpreter", f"{inner_lib}/{loader_name}",
-             "--force-rpath", "--set-rpath", inner_lib, str(binary)],
-            check=True, capture_output=True,
+            [
+                "patchelf",
+                "--set-interpreter",
+                f"{inner_lib}/{loader_name}",
+                "--force-rpath",
+                "--set-rpath",
+                inner_lib,
+                str(binary),
+            ],
+            check=True,
+            capture_output=True,
         )
         shutil.copy2(HOST_TINI, tmp / "bin" / "tini")
         for path in (tmp, *tmp.rglob("*")):
@@ -186,9 +204,17 @@ def agent_command(listen: str) -> list[str]:
     user's PYTHON* variables, so a sandbox env cannot break or hijack the agent; -S skips the
     site module: the closure has no site-packages, and start-up time matters)."""
     return [
-        f"{SANDBOX_RUNTIME_DIR}/bin/tini", "-s", "-g", "--",
-        f"{SANDBOX_RUNTIME_DIR}/python/bin/python3", "-I", "-S", "-m", "sandlot.agent",
-        "--listen", listen,
+        f"{SANDBOX_RUNTIME_DIR}/bin/tini",
+        "-s",
+        "-g",
+        "--",
+        f"{SANDBOX_RUNTIME_DIR}/python/bin/python3",
+        "-I",
+        "-S",
+        "-m",
+        "sandlot.agent",
+        "--listen",
+        listen,
     ]
 
 

@@ -370,9 +370,7 @@ class Control:
     async def reconcile(self, stale_after: float) -> None:
         """After a crash, sandboxes left half-created ("creating", or a warm-pool sandbox being
         made or claimed) are removed."""
-        rows = await self.db(
-            self.store.sandboxes_with_status, ["creating", "pooling", "claiming"]
-        )
+        rows = await self.db(self.store.sandboxes_with_status, ["creating", "pooling", "claiming"])
         now = utcnow()
         for row in rows:
             created = (

@@ -81,14 +81,22 @@ class WarmPools:
         now = utcnow()
         async with self._claim_lock:  # one claimant per pooled sandbox
             row = await self.control.db(
-                self.control.store.claim_pooled, POOL_PROJECT, key.image, key.instance_type,
-                project=project, status="claiming", secret=secret,
-                labels=dict(req.labels or {}), env=dict(req.env or {}),
-                idle_timeout=req.idle_timeout, delete_after_delay=req.delete_after_delay,
+                self.control.store.claim_pooled,
+                POOL_PROJECT,
+                key.image,
+                key.instance_type,
+                project=project,
+                status="claiming",
+                secret=secret,
+                labels=dict(req.labels or {}),
+                env=dict(req.env or {}),
+                idle_timeout=req.idle_timeout,
+                delete_after_delay=req.delete_after_delay,
                 delete_after_inactivity_delay=req.delete_after_inactivity_delay,
                 light_sleep=req.enable_light_sleep,
                 exposed_port_protocol=req.exposed_port_protocol,
-                created_at=now, last_activity_at=now,
+                created_at=now,
+                last_activity_at=now,
                 **({"name": req.name} if req.name else {}),
             )
         if row is None:
@@ -98,11 +106,14 @@ class WarmPools:
         except Exception as exc:
             log.warning("claiming pooled sandbox %s failed (%s): creating one cold", row.id, exc)
             with anyio.CancelScope(shield=True):
-                await self.control._discard(self.control.engines[self.region], row.id,
-                                            f"pool claim failed: {exc}")
+                await self.control._discard(
+                    self.control.engines[self.region], row.id, f"pool claim failed: {exc}"
+                )
             return None
         final = await self.control.db(
-            self.control.store.update_sandbox, row.id, only_if_status="claiming",
+            self.control.store.update_sandbox,
+            row.id,
+            only_if_status="claiming",
             status="running",
         )
         detail = f"{image} ({req.instance_type}) from the warm pool"
@@ -122,8 +133,10 @@ class WarmPools:
         # The gateway's own keep-alive pool to this agent: the claim opens the connection the
         # owner's first request will reuse.
         agent = self.control._pool_for(row.id, address, secret)
-        headers = [(b"authorization", f"Bearer {secret}".encode()),
-                   (b"content-type", b"application/json")]
+        headers = [
+            (b"authorization", f"Bearer {secret}".encode()),
+            (b"content-type", b"application/json"),
+        ]
         body = json.dumps({"env": env}).encode()
         with anyio.fail_after(10):
             # The first authenticated request claims the agent: its token is now the secret.
@@ -159,23 +172,43 @@ class WarmPools:
         now = utcnow()
         # Everything else keeps the column defaults until a claim sets the owner's values.
         row = SandboxRow(
-            id=sandbox_id, project=POOL_PROJECT, name=f"pool-{sandbox_id[:8]}",
-            status="pooling", image=key.image, instance_type=key.instance_type,
-            region=self.region, secret="", idle_timeout=0, created_at=now, updated_at=now,
+            id=sandbox_id,
+            project=POOL_PROJECT,
+            name=f"pool-{sandbox_id[:8]}",
+            status="pooling",
+            image=key.image,
+            instance_type=key.instance_type,
+            region=self.region,
+            secret="",
+            idle_timeout=0,
+            created_at=now,
+            updated_at=now,
         )
         await self.control.db(self.control.store.add_sandbox, row)
-        spec = SandboxSpec(id=sandbox_id, image=key.image, secret="", pool=True,
-                           instance_type=get_instance_type(key.instance_type), name=row.name)
+        spec = SandboxSpec(
+            id=sandbox_id,
+            image=key.image,
+            secret="",
+            pool=True,
+            instance_type=get_instance_type(key.instance_type),
+            name=row.name,
+        )
         try:
             info = await engine.create(spec)
             await self.control.db(
-                self.control.store.update_sandbox, sandbox_id,
+                self.control.store.update_sandbox,
+                sandbox_id,
                 agent_unix_path=info.agent_address.unix_path,
-                agent_host=info.agent_address.host, agent_port=info.agent_address.port,
+                agent_host=info.agent_address.host,
+                agent_port=info.agent_address.port,
             )
             await self.control._wait_healthy(engine, sandbox_id, info.agent_address, 60.0)
-            await self.control.db(self.control.store.update_sandbox, sandbox_id,
-                                  only_if_status="pooling", status="pooled")
+            await self.control.db(
+                self.control.store.update_sandbox,
+                sandbox_id,
+                only_if_status="pooling",
+                status="pooled",
+            )
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self.control._discard(engine, sandbox_id, f"pool fill failed: {exc!r}")

@@ -138,9 +138,7 @@ def serve(
     )
     listen = parse_listen(listen_value)
     try:
-        config = build_config(
-            listen, database, engine, public_url, pools, domain, tcp_proxy_host
-        )
+        config = build_config(listen, database, engine, public_url, pools, domain, tcp_proxy_host)
     except EngineError as exc:
         # e.g. the local engine without root: a message for the user, not a traceback
         raise RuntimeError(f"cannot start the engine: {exc}") from exc

@@ -123,7 +123,7 @@ def is_frozen(layout: CgroupLayout, sandbox_id: str) -> bool:
         if layout is CgroupLayout.V2:
             events = (CGROUP_ROOT / CGROUP_PARENT / sandbox_id / "cgroup.events").read_text()
             return "frozen 1" in events
-        state = (CGROUP_ROOT / "freezer" / CGROUP_PARENT / sandbox_id / "freezer.state")
+        state = CGROUP_ROOT / "freezer" / CGROUP_PARENT / sandbox_id / "freezer.state"
         return state.read_text().strip() == "FROZEN"
     except OSError:
         return False

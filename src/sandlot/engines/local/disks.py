@@ -30,9 +30,18 @@ def format_image(image: Path, size_mb: int) -> None:
     with open(image, "wb") as f:
         f.truncate(size_mb * 1024 * 1024)
     mkfs = subprocess.run(
-        ["mkfs.ext4", "-q", "-F", "-m", "0", "-E",
-         "lazy_itable_init=1,lazy_journal_init=1,nodiscard", str(image)],
-        capture_output=True, text=True,
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-m",
+            "0",
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+            str(image),
+        ],
+        capture_output=True,
+        text=True,
     )
     if mkfs.returncode != 0:
         with contextlib.suppress(OSError):

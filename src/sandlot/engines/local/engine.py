@@ -54,8 +54,9 @@ from sandlot.paths import SANDBOX_SECRET_FILE, images_dir
 from sandlot.runtime.closure import agent_command, build_runtime
 
 #: Variables owned by the platform; a user's ``env`` cannot override them.
-_RESERVED_ENV = frozenset({"SANDBOX_SECRET", "SANDBOX_SECRET_FILE", "SANDBOX_SECRET_PATH",
-                           "SANDBOX_AUTH_MODE"})
+_RESERVED_ENV = frozenset(
+    {"SANDBOX_SECRET", "SANDBOX_SECRET_FILE", "SANDBOX_SECRET_PATH", "SANDBOX_AUTH_MODE"}
+)
 _ID_ALPHABET = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
@@ -111,9 +112,11 @@ def _grantable_open_files() -> int | None:
     import resource
 
     try:
-        cap_eff = next(int(line.split()[1], 16) for line in
-                       Path("/proc/self/status").read_text().splitlines()
-                       if line.startswith("CapEff:"))
+        cap_eff = next(
+            int(line.split()[1], 16)
+            for line in Path("/proc/self/status").read_text().splitlines()
+            if line.startswith("CapEff:")
+        )
     except (OSError, StopIteration, ValueError):
         cap_eff = 0
     cap_sys_resource = 24
@@ -170,8 +173,10 @@ class LocalEngine:
         self._slot_lock = asyncio.Lock()
         self._deleting: set[str] = set()
         self._max_open_files = _grantable_open_files()
-        self._memsw = self.layout is cgroups.CgroupLayout.V2 or Path(
-            "/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists()
+        self._memsw = (
+            self.layout is cgroups.CgroupLayout.V2
+            or Path("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists()
+        )
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -235,10 +240,16 @@ class LocalEngine:
             if directory.exists():
                 raise EngineError(f"sandbox {spec.id} already exists")
             meta: dict[str, Any] = {
-                "id": spec.id, "image": spec.image, "image_rootfs": str(image.rootfs),
-                "instance_type": spec.instance_type.name, "name": spec.name,
-                "created_at": time.time(), "ready": False, "network": spec.network.value,
-                "allow": None if spec.outbound_allowlist is None
+                "id": spec.id,
+                "image": spec.image,
+                "image_rootfs": str(image.rootfs),
+                "instance_type": spec.instance_type.name,
+                "name": spec.name,
+                "created_at": time.time(),
+                "ready": False,
+                "network": spec.network.value,
+                "allow": None
+                if spec.outbound_allowlist is None
                 else list(netpolicy.normalize_allowlist(list(spec.outbound_allowlist))),
             }
             try:
@@ -280,7 +291,11 @@ class LocalEngine:
         self._mount_root(directory, Path(meta["image_rootfs"]), base)
 
     def _prepare(
-        self, directory: Path, spec: SandboxSpec, image: Image, meta: dict[str, Any],
+        self,
+        directory: Path,
+        spec: SandboxSpec,
+        image: Image,
+        meta: dict[str, Any],
         runtime_dir: Path,
     ) -> None:
         base = idmap.ID_BASE + meta["slot"] * idmap.ID_RANGE
@@ -333,24 +348,30 @@ class LocalEngine:
         else:
             env["SANDBOX_SECRET_FILE"] = SANDBOX_SECRET_FILE
         cwd = image.workdir if _resolve_in_root(rootfs, image.workdir) else "/"
-        config = build_config(SandboxConfig(
-            hostname=hostname,
-            args=agent_command("fd:3"),
-            env=env,
-            cwd=cwd,
-            instance_type=spec.instance_type,
-            id_base=base,
-            id_range=idmap.ID_RANGE,
-            runtime_dir=runtime_dir,
-            run_dir=run,
-            cgroup_name=spec.id,
-            privileged=spec.privileged,
-            memory_swap_supported=self._memsw,
-            max_open_files=self._max_open_files,
-        ))
+        config = build_config(
+            SandboxConfig(
+                hostname=hostname,
+                args=agent_command("fd:3"),
+                env=env,
+                cwd=cwd,
+                instance_type=spec.instance_type,
+                id_base=base,
+                id_range=idmap.ID_RANGE,
+                runtime_dir=runtime_dir,
+                run_dir=run,
+                cgroup_name=spec.id,
+                privileged=spec.privileged,
+                memory_swap_supported=self._memsw,
+                max_open_files=self._max_open_files,
+            )
+        )
         config["mounts"] += [
-            {"destination": f"/etc/{name}", "type": "bind", "source": str(etc / name),
-             "options": ["bind", "rw", "nosuid", "nodev", "noexec"]}
+            {
+                "destination": f"/etc/{name}",
+                "type": "bind",
+                "source": str(etc / name),
+                "options": ["bind", "rw", "nosuid", "nodev", "noexec"],
+            }
             for name in files
         ]
         (bundle / "config.json").write_text(json.dumps(config))
@@ -410,8 +431,11 @@ class LocalEngine:
             os.chmod(path, 0o600)
             listener.listen(256)
             return await self.runtime.run_detached(
-                directory.name, directory / "bundle", directory / "agent.log",
-                directory / "init.pid", listener.fileno(),
+                directory.name,
+                directory / "bundle",
+                directory / "agent.log",
+                directory / "init.pid",
+                listener.fileno(),
             )
         finally:
             listener.close()  # the sandbox's agent holds it now
@@ -429,8 +453,11 @@ class LocalEngine:
         self, sandbox_id: str, mode: NetworkMode, outbound_allowlist: tuple[str, ...] | None
     ) -> None:
         directory = self._dir(sandbox_id)
-        allow = None if outbound_allowlist is None else list(
-            netpolicy.normalize_allowlist(list(outbound_allowlist)))
+        allow = (
+            None
+            if outbound_allowlist is None
+            else list(netpolicy.normalize_allowlist(list(outbound_allowlist)))
+        )
         async with self._lock(sandbox_id):
             meta = self._read_meta(directory)
             if meta is None or not meta.get("ready"):
@@ -438,7 +465,8 @@ class LocalEngine:
             meta["network"], meta["allow"] = mode.value, allow
             self._write_meta(directory, meta)
             (directory / "etc" / "resolv.conf").write_text(
-                network.resolv_conf(mode is NetworkMode.OUTBOUND))
+                network.resolv_conf(mode is NetworkMode.OUTBOUND)
+            )
             state = await self.runtime.state(sandbox_id)
             if state is None or not state.get("pid"):
                 return  # stopped: applied at the next start
@@ -502,15 +530,23 @@ class LocalEngine:
             return SandboxInfo(sandbox_id, SandboxState.CREATING, address)
         state = await self.runtime.state(sandbox_id)
         if state is None:
-            return SandboxInfo(sandbox_id, SandboxState.STOPPED, address,
-                               detail="the runtime has no record of it (host restarted?)")
+            return SandboxInfo(
+                sandbox_id,
+                SandboxState.STOPPED,
+                address,
+                detail="the runtime has no record of it (host restarted?)",
+            )
         status = state.get("status")
         if status == "running" and cgroups.is_frozen(self.layout, sandbox_id):
             status = "paused"
-        mapped = {"running": SandboxState.RUNNING, "paused": SandboxState.PAUSED,
-                  "created": SandboxState.CREATING}.get(status or "", SandboxState.STOPPED)
-        return SandboxInfo(sandbox_id, mapped, address, pid=state.get("pid") or None,
-                           detail=str(status))
+        mapped = {
+            "running": SandboxState.RUNNING,
+            "paused": SandboxState.PAUSED,
+            "created": SandboxState.CREATING,
+        }.get(status or "", SandboxState.STOPPED)
+        return SandboxInfo(
+            sandbox_id, mapped, address, pid=state.get("pid") or None, detail=str(status)
+        )
 
     async def list(self) -> list[SandboxInfo]:
         out = []

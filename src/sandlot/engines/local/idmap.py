@@ -72,7 +72,9 @@ def userns_fd(base: int, size: int = ID_RANGE) -> int:
     own = os.readlink("/proc/self/ns/user")
     child = subprocess.Popen(
         ["unshare", "--user", "--", "sleep", "30"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 5
@@ -98,23 +100,40 @@ def userns_fd(base: int, size: int = ID_RANGE) -> int:
 def mount_idmapped(source: Path, target: Path, ns_fd: int, *, readonly: bool = True) -> None:
     """Mount ``source`` at ``target`` with its ids shifted through the user namespace ``ns_fd``."""
     tree = _check(
-        _libc.syscall(_SYS_OPEN_TREE, _AT_FDCWD, str(source).encode(),
-                      _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC | _AT_RECURSIVE),
+        _libc.syscall(
+            _SYS_OPEN_TREE,
+            _AT_FDCWD,
+            str(source).encode(),
+            _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC | _AT_RECURSIVE,
+        ),
         f"open_tree({source})",
     )
     try:
         attr = _MountAttr()
-        attr.attr_set = _MOUNT_ATTR_IDMAP | _MOUNT_ATTR_NODEV | (
-            _MOUNT_ATTR_RDONLY if readonly else 0)
+        attr.attr_set = (
+            _MOUNT_ATTR_IDMAP | _MOUNT_ATTR_NODEV | (_MOUNT_ATTR_RDONLY if readonly else 0)
+        )
         attr.userns_fd = ns_fd
         _check(
-            _libc.syscall(_SYS_MOUNT_SETATTR, tree, b"", _AT_EMPTY_PATH | _AT_RECURSIVE,
-                          ctypes.byref(attr), ctypes.sizeof(attr)),
+            _libc.syscall(
+                _SYS_MOUNT_SETATTR,
+                tree,
+                b"",
+                _AT_EMPTY_PATH | _AT_RECURSIVE,
+                ctypes.byref(attr),
+                ctypes.sizeof(attr),
+            ),
             f"mount_setattr(MOUNT_ATTR_IDMAP) on {source}",
         )
         _check(
-            _libc.syscall(_SYS_MOVE_MOUNT, tree, b"", _AT_FDCWD, str(target).encode(),
-                          _MOVE_MOUNT_F_EMPTY_PATH),
+            _libc.syscall(
+                _SYS_MOVE_MOUNT,
+                tree,
+                b"",
+                _AT_FDCWD,
+                str(target).encode(),
+                _MOVE_MOUNT_F_EMPTY_PATH,
+            ),
             f"move_mount to {target}",
         )
     finally:

@@ -28,20 +28,28 @@ def mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> None:
 
 class _LoopInfo64(ctypes.Structure):
     _fields_ = [
-        ("lo_device", ctypes.c_uint64), ("lo_inode", ctypes.c_uint64),
-        ("lo_rdevice", ctypes.c_uint64), ("lo_offset", ctypes.c_uint64),
-        ("lo_sizelimit", ctypes.c_uint64), ("lo_number", ctypes.c_uint32),
-        ("lo_encrypt_type", ctypes.c_uint32), ("lo_encrypt_key_size", ctypes.c_uint32),
-        ("lo_flags", ctypes.c_uint32), ("lo_file_name", ctypes.c_uint8 * 64),
-        ("lo_crypt_name", ctypes.c_uint8 * 64), ("lo_encrypt_key", ctypes.c_uint8 * 32),
+        ("lo_device", ctypes.c_uint64),
+        ("lo_inode", ctypes.c_uint64),
+        ("lo_rdevice", ctypes.c_uint64),
+        ("lo_offset", ctypes.c_uint64),
+        ("lo_sizelimit", ctypes.c_uint64),
+        ("lo_number", ctypes.c_uint32),
+        ("lo_encrypt_type", ctypes.c_uint32),
+        ("lo_encrypt_key_size", ctypes.c_uint32),
+        ("lo_flags", ctypes.c_uint32),
+        ("lo_file_name", ctypes.c_uint8 * 64),
+        ("lo_crypt_name", ctypes.c_uint8 * 64),
+        ("lo_encrypt_key", ctypes.c_uint8 * 32),
         ("lo_init", ctypes.c_uint64 * 2),
     ]
 
 
 class _LoopConfig(ctypes.Structure):
     _fields_ = [
-        ("fd", ctypes.c_uint32), ("block_size", ctypes.c_uint32),
-        ("info", _LoopInfo64), ("reserved", ctypes.c_uint64 * 8),
+        ("fd", ctypes.c_uint32),
+        ("block_size", ctypes.c_uint32),
+        ("info", _LoopInfo64),
+        ("reserved", ctypes.c_uint64 * 8),
     ]
 
 
@@ -77,8 +85,12 @@ def mount_existing_disk_image(image: Path, target: Path) -> None:
                     if err == _EBUSY:
                         continue  # another process took this device between our two calls
                     raise MountError(f"cannot attach {image} to {device}: {os.strerror(err)}")
-                if _libc.mount(device.encode(), str(target).encode(), b"ext4",
-                               _MS_NOSUID | _MS_NODEV, None) != 0:
+                if (
+                    _libc.mount(
+                        device.encode(), str(target).encode(), b"ext4", _MS_NOSUID | _MS_NODEV, None
+                    )
+                    != 0
+                ):
                     err = ctypes.get_errno()
                     raise MountError(f"cannot mount the sandbox's disk: {os.strerror(err)}")
                 return

@@ -56,11 +56,29 @@ async def attach_pasta(netns_pid: int, pid_file: Path) -> None:
     """Give the network namespace of ``netns_pid`` outbound access; returns once configured."""
     if shutil.which("pasta") is None:
         raise NetworkSetupError("outbound networking needs pasta: apt-get install passt")
-    result = await spawn([
-        "pasta", "--runas", "0:0", "--quiet", "--config-net", "--no-map-gw",
-        "-t", "none", "-u", "none", "-T", "none", "-U", "none",
-        "--pid", str(pid_file), "--netns", f"/proc/{netns_pid}/ns/net", "--netns-only",
-    ])
+    result = await spawn(
+        [
+            "pasta",
+            "--runas",
+            "0:0",
+            "--quiet",
+            "--config-net",
+            "--no-map-gw",
+            "-t",
+            "none",
+            "-u",
+            "none",
+            "-T",
+            "none",
+            "-U",
+            "none",
+            "--pid",
+            str(pid_file),
+            "--netns",
+            f"/proc/{netns_pid}/ns/net",
+            "--netns-only",
+        ]
+    )
     if result.returncode != 0:
         raise NetworkSetupError(
             "pasta could not set up outbound networking: "

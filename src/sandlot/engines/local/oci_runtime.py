@@ -46,7 +46,10 @@ def _spawn_with_fd3(argv: list[str], fd3: int, log_fd: int) -> int:
 
 
 async def spawn(
-    argv: list[str], *, input: bytes | None = None, stdout: Any = subprocess.PIPE,
+    argv: list[str],
+    *,
+    input: bytes | None = None,
+    stdout: Any = subprocess.PIPE,
     stderr: Any = subprocess.PIPE,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run a helper program from a worker thread.
@@ -56,8 +59,13 @@ async def spawn(
     vfork/posix_spawn, and the thread keeps the loop free.
     """
     return await asyncio.to_thread(
-        subprocess.run, argv, input=input, stdout=stdout, stderr=stderr,
-        stdin=subprocess.DEVNULL if input is None else None, check=False,
+        subprocess.run,
+        argv,
+        input=input,
+        stdout=stdout,
+        stderr=stderr,
+        stdin=subprocess.DEVNULL if input is None else None,
+        check=False,
     )
 
 
@@ -84,8 +92,17 @@ class OciRuntime:
     def argv(self, *args: str) -> list[str]:
         base = [self.binary, "--root", str(self.root), *args]
         if self.layout is CgroupLayout.HYBRID and self.name == "crun":
-            return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-                    _HYBRID_UMOUNT + 'exec "$0" "$@"', *base]
+            return [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                _HYBRID_UMOUNT + 'exec "$0" "$@"',
+                *base,
+            ]
         return base
 
     async def _call(self, *args: str, check: bool = True) -> tuple[int, str, str]:
@@ -100,8 +117,17 @@ class OciRuntime:
         self, sandbox_id: str, bundle: Path, log_path: Path, pid_file: Path, listener: int
     ) -> int:
         """Start the sandbox, handing it ``listener`` as fd 3; return its init's host pid."""
-        argv = self.argv("run", "--detach", "--preserve-fds", "1", "--pid-file", str(pid_file),
-                         "--bundle", str(bundle), sandbox_id)
+        argv = self.argv(
+            "run",
+            "--detach",
+            "--preserve-fds",
+            "1",
+            "--pid-file",
+            str(pid_file),
+            "--bundle",
+            str(bundle),
+            sandbox_id,
+        )
         # The container's stdout/stderr go to a file: a pipe would keep crun waiting on it.
         with open(log_path, "ab") as log:
             returncode = await asyncio.to_thread(_spawn_with_fd3, argv, listener, log.fileno())

@@ -20,22 +20,55 @@ from sandlot.paths import SANDBOX_RUN_DIR, SANDBOX_RUNTIME_DIR
 
 #: Docker's default capability set.
 DEFAULT_CAPABILITIES = (
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
-    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
 )
 #: What ``privileged=True`` adds (all of them are scoped to the sandbox's user namespace).
 PRIVILEGED_EXTRA_CAPABILITIES = (
-    "CAP_DAC_READ_SEARCH", "CAP_LINUX_IMMUTABLE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN",
-    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_PTRACE", "CAP_SYS_ADMIN", "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE", "CAP_SYS_TTY_CONFIG", "CAP_LEASE", "CAP_AUDIT_CONTROL",
-    "CAP_SETPCAP", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_LEASE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETPCAP",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
 )
 
 MASKED_PATHS = (
-    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
-    "/sys/firmware", "/sys/devices/virtual/powercap",
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
 )
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
@@ -73,32 +106,40 @@ def build_config(cfg: SandboxConfig) -> dict[str, Any]:
     if cfg.privileged:
         caps += [c for c in PRIVILEGED_EXTRA_CAPABILITIES if c not in caps]
     it = cfg.instance_type
-    nofile = it.open_files if cfg.max_open_files is None else min(it.open_files,
-                                                                  cfg.max_open_files)
+    nofile = it.open_files if cfg.max_open_files is None else min(it.open_files, cfg.max_open_files)
     memory: dict[str, Any] = {"limit": it.memory_bytes}
     if cfg.memory_swap_supported:
         memory["swap"] = it.memory_bytes  # memory+swap == memory: no swap
     mounts = [
         _mount("/proc", "proc", "proc", ["nosuid", "noexec", "nodev"]),
         _mount("/dev", "tmpfs", "tmpfs", ["nosuid", "strictatime", "mode=755", "size=65536k"]),
-        _mount("/dev/pts", "devpts", "devpts",
-               ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]),
-        _mount("/dev/shm", "tmpfs", "shm",
-               ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]),
+        _mount(
+            "/dev/pts",
+            "devpts",
+            "devpts",
+            ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
+        ),
+        _mount(
+            "/dev/shm", "tmpfs", "shm", ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]
+        ),
         _mount("/dev/mqueue", "mqueue", "mqueue", ["nosuid", "noexec", "nodev"]),
         _mount("/sys", "sysfs", "sysfs", ["nosuid", "noexec", "nodev", "ro"]),
-        _mount("/sys/fs/cgroup", "cgroup", "cgroup",
-               ["nosuid", "noexec", "nodev", "relatime", "ro"]),
-        _mount(SANDBOX_RUNTIME_DIR, "bind", str(cfg.runtime_dir),
-               ["rbind", "ro", "nosuid", "nodev"]),
-        _mount(SANDBOX_RUN_DIR, "bind", str(cfg.run_dir),
-               ["rbind", "rw", "nosuid", "nodev", "noexec"]),
+        _mount(
+            "/sys/fs/cgroup", "cgroup", "cgroup", ["nosuid", "noexec", "nodev", "relatime", "ro"]
+        ),
+        _mount(
+            SANDBOX_RUNTIME_DIR, "bind", str(cfg.runtime_dir), ["rbind", "ro", "nosuid", "nodev"]
+        ),
+        _mount(
+            SANDBOX_RUN_DIR, "bind", str(cfg.run_dir), ["rbind", "rw", "nosuid", "nodev", "noexec"]
+        ),
     ]
     linux: dict[str, Any] = {
         "uidMappings": [{"containerID": 0, "hostID": cfg.id_base, "size": cfg.id_range}],
         "gidMappings": [{"containerID": 0, "hostID": cfg.id_base, "size": cfg.id_range}],
-        "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "user",
-                                             "cgroup")],
+        "namespaces": [
+            {"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "user", "cgroup")
+        ],
         "resources": {
             "memory": memory,
             "cpu": {"quota": int(it.vcpu * CPU_PERIOD_US), "period": CPU_PERIOD_US},

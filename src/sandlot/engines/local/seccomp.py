@@ -18,8 +18,16 @@ ENOSYS = 38
 
 #: CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID |
 #: CLONE_NEWNET | CLONE_NEWTIME
-CLONE_NAMESPACE_FLAGS = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 \
-    | 0x20000000 | 0x40000000 | 0x00000080
+CLONE_NAMESPACE_FLAGS = (
+    0x00020000
+    | 0x02000000
+    | 0x04000000
+    | 0x08000000
+    | 0x10000000
+    | 0x20000000
+    | 0x40000000
+    | 0x00000080
+)
 
 ALLOWED = """
 accept accept4 access adjtimex alarm arch_prctl bind brk capget capset chdir chmod chown
@@ -70,26 +78,38 @@ def seccomp_profile(*, privileged: bool) -> dict[str, Any]:
         syscalls.append({"names": ["clone"], "action": "SCMP_ACT_ALLOW"})
     else:
         # clone is allowed only without namespace flags (argument 0 is the flags word on x86_64).
-        syscalls.append({
-            "names": ["clone"],
-            "action": "SCMP_ACT_ALLOW",
-            "args": [{"index": 0, "value": CLONE_NAMESPACE_FLAGS, "valueTwo": 0,
-                      "op": "SCMP_CMP_MASKED_EQ"}],
-        })
+        syscalls.append(
+            {
+                "names": ["clone"],
+                "action": "SCMP_ACT_ALLOW",
+                "args": [
+                    {
+                        "index": 0,
+                        "value": CLONE_NAMESPACE_FLAGS,
+                        "valueTwo": 0,
+                        "op": "SCMP_CMP_MASKED_EQ",
+                    }
+                ],
+            }
+        )
         # ENOSYS, not EPERM: glibc then falls back to clone(), whose flags are checked above.
         syscalls.append({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS})
     # personality: only the harmless values Docker allows (0, PER_LINUX32, UNAME26 variants).
-    syscalls.append({
-        "names": ["personality"],
-        "action": "SCMP_ACT_ALLOW",
-        "args": [{"index": 0, "value": v, "op": "SCMP_CMP_EQ"} for v in (0x0,)],
-    })
-    for value in (0x0008, 0x20000, 0x20008, 0xFFFFFFFF):
-        syscalls.append({
+    syscalls.append(
+        {
             "names": ["personality"],
             "action": "SCMP_ACT_ALLOW",
-            "args": [{"index": 0, "value": value, "op": "SCMP_CMP_EQ"}],
-        })
+            "args": [{"index": 0, "value": v, "op": "SCMP_CMP_EQ"} for v in (0x0,)],
+        }
+    )
+    for value in (0x0008, 0x20000, 0x20008, 0xFFFFFFFF):
+        syscalls.append(
+            {
+                "names": ["personality"],
+                "action": "SCMP_ACT_ALLOW",
+                "args": [{"index": 0, "value": value, "op": "SCMP_CMP_EQ"}],
+            }
+        )
     return {
         "defaultAction": "SCMP_ACT_ERRNO",
         "defaultErrnoRet": EPERM,

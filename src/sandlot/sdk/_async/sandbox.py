@@ -339,7 +339,10 @@ class AsyncSandbox:
         (light/deep), woke, deleted (with the reason) and error. Readable after deletion."""
         client = await self._http()
         data = await _request(
-            client, self._conn, "GET", f"/v1/sandboxes/{self.id}/events",
+            client,
+            self._conn,
+            "GET",
+            f"/v1/sandboxes/{self.id}/events",
             f"get events of sandbox {self.id}",
         )
         return list(data["events"])
@@ -984,8 +987,12 @@ class AsyncFilesystem:
         path = os.fspath(local_path)
         size = await async_run_blocking(os.path.getsize, path)
         await self._sandbox._agent_raw(
-            "PUT", "/files", f"upload {path} to {remote_path}", params={"path": remote_path},
-            content=_file_pieces(path), length=size,
+            "PUT",
+            "/files",
+            f"upload {path} to {remote_path}",
+            params={"path": remote_path},
+            content=_file_pieces(path),
+            length=size,
         )
 
     async def download_file(self, local_path: str | os.PathLike[str], remote_path: str) -> None:

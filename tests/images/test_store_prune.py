@@ -62,3 +62,57 @@ def test_images_in_use_reads_every_sandbox(tmp_path: Path) -> None:
     (state / "sandboxes" / "c" / "meta.json").write_text("{half")
     with pytest.raises(ImageError, match="not pruning"):  # never guess what is unused
         images_in_use(state)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("10G", 10 << 30), ("512M", 512 << 20), ("2048", 2048), ("1GiB", 1 << 30), ("3k", 3072)],
+)
+def test_parse_size(text: str, size: int) -> None:
+    from sandlot.images.store import parse_size
+
+    assert parse_size(text) == size
+
+
+def test_a_bad_size_limit_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SANDLOT_MAX_IMAGE_SIZE", "lots")
+    with pytest.raises(ValueError, match="not a size: 'lots'"):
+        ImageStore(tmp_path)
+
+
+def test_compressed_size_from_a_manifest_or_an_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Manifest parsing only (skopeo's answers stubbed here; the pull itself is tested against
+    a real registry in tests/sdk/test_registry_images.py)."""
+    import platform
+
+    from sandlot.images import store
+
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    single = {"layers": [{"size": 100}, {"size": 23}]}
+    index = {
+        "manifests": [
+            {"digest": "sha256:other", "platform": {"os": "linux", "architecture": "s390x"}},
+            {"digest": "sha256:ours", "platform": {"os": "linux", "architecture": arch}},
+        ]
+    }
+    asked: list[str] = []
+
+    def fake_skopeo(ref: str, args: list[str]) -> str:
+        asked.append(args[-1])
+        if args[-1].endswith("@sha256:ours"):
+            return json.dumps({"layers": [{"size": 7}]})
+        return json.dumps(index if "multi" in args[-1] else single)
+
+    monkeypatch.setattr(store, "_skopeo", fake_skopeo)
+    assert store._compressed_size("reg.example:5000/a/b:1", []) == 123
+    assert store._compressed_size("reg.example:5000/a/multi:1", []) == 7
+    assert asked[-1] == "docker://reg.example:5000/a/multi@sha256:ours"
+    monkeypatch.setattr(
+        store, "_skopeo", lambda ref, args: json.dumps({"manifests": [index["manifests"][0]]})
+    )
+    if arch != "s390x":
+        with pytest.raises(ImageError, match=f"no image for linux/{arch}"):
+            store._compressed_size("python:3.12", [])
+    monkeypatch.setattr(store, "_skopeo", lambda ref, args: "not json")
+    with pytest.raises(ImageError, match="manifest is not readable"):
+        store._compressed_size("python:3.12", [])

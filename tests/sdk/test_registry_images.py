@@ -226,6 +226,27 @@ def test_unreachable_registry(server: RunningServer) -> None:
     assert "connection refused" in str(info.value).lower()
 
 
+def test_images_above_the_size_limit_are_refused_before_pulling(
+    server: RunningServer, registry: Registry
+) -> None:
+    engine: Any = server.engine
+    ref = f"{registry.host}/sandlot-test/busy:size-test"
+    _run(
+        "skopeo", "copy", "--quiet", "--src-tls-verify=false", "--dest-tls-verify=false",
+        f"docker://{registry.ref}", f"docker://{ref}",
+    )  # fmt: skip
+    limit = engine.images.max_pull_bytes
+    engine.images.max_pull_bytes = 1000  # the test image is ~1 MB compressed
+    try:
+        with pytest.raises(SandboxRequestError, match=r"compressed, more than this server pulls"):
+            Sandbox.create(image=ref, api_url=server.url)
+        assert not any(engine.images.root.glob(".build-*"))  # nothing half pulled is left
+    finally:
+        engine.images.max_pull_bytes = limit
+    with Sandbox.create(image=ref, api_url=server.url) as sb:  # within the limit: pulled
+        assert sb.exec("echo $GREETING").stdout == "hello from the registry\n"
+
+
 def test_pull_again_then_prune(server: RunningServer, registry: Registry) -> None:
     """``image pull`` makes a new version beside the one a sandbox uses; prune keeps both
     while that sandbox lives (asleep or not), and the old one goes after it."""

@@ -23,6 +23,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import platform
 import re
 import shutil
 import subprocess
@@ -95,8 +97,15 @@ def default_image_digest() -> str:
 class ImageStore:
     """Finds, builds and caches images under ``root`` (``<state>/images``)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, max_pull_bytes: int | None = None) -> None:
         self.root = root
+        #: The largest image (compressed layers) a pull may bring in: a reference is user
+        #: input, and an image of tens of GB would fill the host's disk.
+        self.max_pull_bytes = (
+            max_pull_bytes
+            if max_pull_bytes is not None
+            else parse_size(os.environ.get("SANDLOT_MAX_IMAGE_SIZE") or DEFAULT_MAX_PULL)
+        )
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -141,6 +150,21 @@ class ImageStore:
         for meta in sorted(self.root.glob("*/image.json")):
             out.append({"name": meta.parent.name, "path": str(meta.parent / "rootfs")})
         return out
+
+    def _check_size(self, ref: str, size: int) -> None:
+        """Refuse, before pulling, an image above :attr:`max_pull_bytes` or one the disk
+        cannot hold (unpacked, images are about two to three times their compressed size)."""
+        if size > self.max_pull_bytes:
+            raise ImageError(
+                f"{ref} is {_human(size)} compressed, more than this server pulls "
+                f"({_human(self.max_pull_bytes)}; SANDLOT_MAX_IMAGE_SIZE raises it)"
+            )
+        free = shutil.disk_usage(self.root).free
+        if free < 3 * size + 256 * 1024**2:
+            raise ImageError(
+                f"not enough disk to pull {ref} ({_human(size)} compressed, "
+                f"{_human(free)} free under {self.root})"
+            )
 
     def prune(self, in_use: set[Path], *, dry_run: bool = False) -> tuple[Path, ...]:
         """Remove what no sandbox can get any more and none uses (``in_use``: the rootfs paths
@@ -317,25 +341,25 @@ class ImageStore:
                 layout = tmp / "layout"
                 if progress:
                     progress(f"pulling {ref}")
-                command = ["skopeo", "copy", "--quiet", "--retry-times", "2"]
+                flags: list[str] = []
                 if plain_http:
-                    command.append("--src-tls-verify=false")
+                    flags.append("--tls-verify=false")
                 if auth is not None:  # in a 0600 file, never on a command line
                     authfile = tmp / "auth.json"
                     authfile.touch(mode=0o600)
                     token = base64.b64encode(f"{auth.username}:{auth.password}".encode())
                     authfile.write_text(json.dumps({"auths": {host: {"auth": token.decode()}}}))
-                    command += ["--src-authfile", str(authfile)]
-                command += [f"docker://{ref}", f"oci:{layout}:image"]
+                    flags += ["--authfile", str(authfile)]
                 try:
-                    result = subprocess.run(
-                        command, capture_output=True, text=True, timeout=PULL_TIMEOUT
+                    self._check_size(ref, _compressed_size(ref, flags))
+                    copy_flags = [f.replace("--", "--src-", 1) for f in flags]
+                    source, target = f"docker://{ref}", f"oci:{layout}:image"
+                    _skopeo(
+                        ref, ["copy", "--quiet", "--retry-times", "2", *copy_flags, source, target]
                     )
                 finally:
                     if auth is not None:
                         (tmp / "auth.json").unlink(missing_ok=True)
-                if result.returncode != 0:
-                    raise ImageError(f"cannot pull {ref}: {_skopeo_error(result.stderr)}")
                 _unpack(layout, "image", tmp, progress)
                 shutil.rmtree(layout, ignore_errors=True)
 
@@ -344,6 +368,54 @@ class ImageStore:
             except subprocess.TimeoutExpired:
                 raise ImageError(f"pulling {ref} took longer than {PULL_TIMEOUT:g}s") from None
         return _read_image(ref, final)
+
+
+def _skopeo(ref: str, args: list[str]) -> str:
+    result = subprocess.run(["skopeo", *args], capture_output=True, text=True, timeout=PULL_TIMEOUT)
+    if result.returncode != 0:
+        raise ImageError(f"cannot pull {ref}: {_skopeo_error(result.stderr)}")
+    return result.stdout
+
+
+def _compressed_size(ref: str, flags: list[str]) -> int:
+    """The sum of the image's compressed layers, from its manifest (for an index: the manifest
+    of this machine's platform), read before anything is pulled."""
+    try:
+        manifest = json.loads(_skopeo(ref, ["inspect", "--raw", *flags, f"docker://{ref}"]))
+        if "manifests" in manifest:  # an index / manifest list
+            arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(
+                platform.machine(), platform.machine()
+            )
+            chosen = [
+                m["digest"]
+                for m in manifest["manifests"]
+                if (m.get("platform") or {}).get("os") == "linux"
+                and (m.get("platform") or {}).get("architecture") == arch
+            ]
+            if not chosen:
+                raise ImageError(f"{ref} has no image for linux/{arch}")
+            match = _REGISTRY_REF.fullmatch(ref)
+            assert match is not None
+            name = (
+                f"{match.group('host')}/{match.group('path')}"
+                if match.group("host")
+                else (match.group("path"))
+            )
+            manifest = json.loads(
+                _skopeo(ref, ["inspect", "--raw", *flags, f"docker://{name}@{chosen[0]}"])
+            )
+        return sum(int(layer.get("size") or 0) for layer in manifest.get("layers") or [])
+    except (ValueError, AttributeError, TypeError, KeyError):
+        raise ImageError(f"cannot pull {ref}: its registry's manifest is not readable") from None
+
+
+def parse_size(text: str) -> int:
+    """``10G``, ``512M``, ``2048`` (bytes) → bytes."""
+    match = re.fullmatch(r"\s*([0-9]+)\s*([kKmMgGtT]?)i?[bB]?\s*", text)
+    if match is None:
+        raise ValueError(f"not a size: {text!r} (e.g. 10G, 512M)")
+    power = " KMGT".index(match.group(2).upper() or " ")
+    return int(match.group(1)) << (10 * power)
 
 
 def _superseded(d: Path) -> bool:
@@ -372,6 +444,16 @@ _REGISTRY_REF = re.compile(
 )
 _PLAIN_HTTP_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 PULL_TIMEOUT = 600.0
+DEFAULT_MAX_PULL = "10G"
+
+
+def _human(n: int) -> str:
+    """1536 → "1.5 KiB"."""
+    value, units = float(n), ["B", "KiB", "MiB", "GiB"]
+    while value >= 1024 and len(units) > 1:
+        value /= 1024
+        units.pop(0)
+    return f"{n} B" if units[0] == "B" else f"{value:.1f} {units[0]}"
 
 
 def _need(tool: str, what: str) -> None:

@@ -215,3 +215,71 @@ async def test_close_tagged_ends_only_those(relays: Relays) -> None:
         client.close()
         sandbox.close()
     await asyncio.wait_for(waits[2], 10)
+
+
+def test_a_relay_exits_when_its_server_goes_mid_attach() -> None:
+    """The control socket closing while pairs are still being attached: the relay still exits
+    (an orphan relay would hold its connections for ever)."""
+    from sandlot.server.relay import WORKER
+    from sandlot.server.relay_worker import ADD, ID
+
+    for _ in range(5):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        proc = subprocess.Popen(
+            [sys.executable, "-P", str(WORKER), str(theirs.fileno()), "0"],
+            pass_fds=[theirs.fileno()],
+        )
+        theirs.close()
+        assert ours.recv(64)[:1] == b"H"  # started
+        kept = []
+        for n in range(50):
+            a, a_far = socket.socketpair()
+            b_far, b = socket.socketpair()
+            a.sendall(b"x" * 1000)  # data waiting on both sides as they are attached
+            b.sendall(b"y" * 1000)
+            socket.send_fds(ours, [ADD + ID.pack(n)], [a_far.fileno(), b_far.fileno()])
+            a_far.close()
+            b_far.close()
+            kept += [a, b]
+        ours.close()  # the server is gone
+        try:
+            assert proc.wait(10) == 0
+        finally:
+            proc.kill()
+            for s in kept:
+                s.close()
+
+
+def test_a_relay_whose_server_is_gone_exits_even_without_eof() -> None:
+    """Something else keeps the control socket open (no EOF), but the server that started the
+    relay is gone: the relay notices it was re-parented and exits."""
+    from sandlot.server.relay import WORKER
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    starter = (
+        "import subprocess, sys\n"
+        "import os\n"
+        f"p = subprocess.Popen([sys.executable, '-P', {str(WORKER)!r}, '{theirs.fileno()}', '0',"
+        " str(os.getpid())],"
+        f" pass_fds=[{theirs.fileno()}], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        "print(p.pid, flush=True)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", starter],
+        pass_fds=[theirs.fileno()],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    theirs.close()
+    relay = int(out.stdout.split()[0])
+    try:
+        assert ours.recv(64)[:1] == b"H"
+        deadline = time.monotonic() + 15
+        while _alive(relay):  # `ours` stays open here: only the parent check can end it
+            assert time.monotonic() < deadline, "an orphaned relay kept running"
+            time.sleep(0.1)
+    finally:
+        ours.close()
+        if _alive(relay):
+            os.kill(relay, signal.SIGKILL)

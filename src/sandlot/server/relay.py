@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -168,6 +169,7 @@ class Relays:
                     str(WORKER),
                     str(theirs.fileno()),
                     str(self.connections_per_worker or 0),
+                    str(os.getpid()),
                 ],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,

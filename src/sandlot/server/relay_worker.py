@@ -9,9 +9,10 @@ open, use the machine's other cores, and their descriptors count against this pr
 RLIMIT_NOFILE, not the gateway's (two per connection; the gateway starts more relays as these
 fill up).
 
-Started as a script (``python -P relay_worker.py FD``), not as ``-m sandlot.server...``, so that
-it imports nothing but the standard library and uvloop. When the control socket reaches EOF (the
-server is gone, even by SIGKILL) every connection is closed and the process exits.
+Started as a script (``python -P relay_worker.py FD MOST SERVER_PID``), not as
+``-m sandlot.server...``, so that it imports nothing but the standard library and uvloop. When
+the control socket reaches EOF (the server is gone, even by SIGKILL), or the server is no longer
+its parent, every connection is closed and the process exits.
 
 Control messages (one per packet): gateway → relay ``A`` + id (u64, with two fds attached) to
 add a pair, ``C`` + id to close one; relay → gateway ``H`` + capacity (u64, pairs it can hold),
@@ -37,6 +38,8 @@ REPORT = struct.Struct("!QQQ")
 RESERVED_FDS = 64
 #: Above this much unsent data towards one side, the other side is not read.
 HIGH_WATER = 256 * 1024
+#: How often a relay checks that the server that started it is still its parent.
+PARENT_CHECK_SECONDS = 2.0
 
 
 class _Side(asyncio.Protocol):
@@ -129,9 +132,11 @@ class _Pair:
 
 
 class Relay:
-    def __init__(self, control: socket.socket, most: int = 0) -> None:
+    def __init__(self, control: socket.socket, most: int = 0, server_pid: int = 0) -> None:
         self.control = control
         self.most = most
+        #: The server that started us (0: not checked).
+        self.server_pid = server_pid
         self.pairs: dict[int, _Pair] = {}
         self.outbox: deque[bytes] = deque()
         self.stopped = asyncio.Event()
@@ -151,6 +156,16 @@ class Relay:
     def start(self) -> None:
         self.send(HELLO + ID.pack(self.capacity()))
         self.loop.add_reader(self.control.fileno(), self.on_control)
+        self._watch_parent()
+
+    def _watch_parent(self) -> None:
+        """Second guard beside the control socket's EOF: a relay whose server is gone (it was
+        re-parented, perhaps before this process even started) stops, whatever happened to the
+        control socket."""
+        if self.server_pid and os.getppid() != self.server_pid:
+            self.stop()
+            return
+        self.loop.call_later(PARENT_CHECK_SECONDS, self._watch_parent)
 
     # -- control -------------------------------------------------------------------------------
 
@@ -233,19 +248,22 @@ class Relay:
         self.stopped.set()
 
 
-async def serve(control_fd: int, most: int) -> None:
+async def serve(control_fd: int, most: int, server_pid: int) -> None:
     control = socket.socket(fileno=control_fd)
     control.setblocking(False)
-    relay = Relay(control, most)
+    relay = Relay(control, most, server_pid)
     relay.start()
     await relay.stopped.wait()
+    # Out at once: the connections are aborted already, and the loop's own clean-up (cancelling
+    # tasks still attaching sockets) must not be able to keep an orphan relay alive.
+    os._exit(0)
 
 
 def main() -> None:
     args = sys.argv[1:]
-    if len(args) != 2 or not all(a.isdigit() for a in args):
-        sys.exit("usage: relay_worker.py CONTROL_FD MOST_CONNECTIONS (0: no cap)")
-    relay = serve(int(args[0]), int(args[1]))
+    if len(args) not in (2, 3) or not all(a.isdigit() for a in args):
+        sys.exit("usage: relay_worker.py CONTROL_FD MOST_CONNECTIONS [SERVER_PID] (0: no cap)")
+    relay = serve(int(args[0]), int(args[1]), int(args[2]) if len(args) == 3 else 0)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds

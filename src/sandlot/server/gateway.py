@@ -11,14 +11,19 @@ The client's ``Authorization: Bearer <sandbox secret>`` is passed through; the a
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
-import anyio
-
-from sandlot.server.asgi import ClientGone, request_body, send_json
+from sandlot.server.asgi import (
+    ClientGone,
+    request_body,
+    send_json,
+    stream_response_body,
+    until_client_gone,
+)
 from sandlot.server.control import API_TOKEN_PREFIX, Control
 from sandlot.server.lifecycle import WakeError
 from sandlot.server.upstream import AgentPool, UpstreamError
@@ -114,7 +119,7 @@ class Gateway:
         first = await receive()
         if first["type"] == "http.disconnect":
             return
-        body_done = anyio.Event()
+        body_done = asyncio.Event()
         content: bytes | AsyncIterator[bytes]
         if not first.get("more_body", False):
             content = first.get("body", b"")
@@ -133,21 +138,13 @@ class Gateway:
         if query:
             target += "?" + query.decode("latin-1")
 
-        async with anyio.create_task_group() as tg:
-
-            async def watch_disconnect() -> None:
-                await body_done.wait()
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        # Closing the upstream connection is what tells the agent to kill a
-                        # streamed command.
-                        tg.cancel_scope.cancel()
-                        return
-
-            tg.start_soon(watch_disconnect)
-            await self._forward(pool, scope["method"], target, headers, content, send, sandbox_id)
-            tg.cancel_scope.cancel()
+        # The client leaving closes the upstream connection: that is what tells the agent to
+        # kill a streamed command.
+        await until_client_gone(
+            receive,
+            body_done,
+            self._forward(pool, scope["method"], target, headers, content, send, sandbox_id),
+        )
 
     async def _forward(
         self,
@@ -197,8 +194,6 @@ class Gateway:
             # If the agent's stream breaks (sandbox deleted under an open stream), the error
             # propagates and the server aborts the connection: the client sees a truncated
             # response rather than a clean end that would pass for success.
-            async for chunk in upstream.iter_body():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await stream_response_body(send, upstream.iter_body(), lambda: upstream.last_chunk_out)
         finally:
             upstream.close()

@@ -63,6 +63,8 @@ class UpstreamResponse:
     _chunked: bool
     _done: bool = False
     _closed: bool = field(default=False)
+    #: Set as the last chunk of a body with a length is handed out (before the generator ends).
+    last_chunk_out: bool = False
 
     async def iter_body(self) -> AsyncIterator[bytes]:
         """The decoded body, chunk by chunk as it arrives."""
@@ -95,6 +97,7 @@ class UpstreamResponse:
                     if not data:
                         raise UpstreamError("agent closed the connection mid-response")
                     remaining -= len(data)
+                    self.last_chunk_out = not remaining
                     yield data
             else:
                 while data := await reader.read(READ_CHUNK):

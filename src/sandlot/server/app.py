@@ -629,15 +629,22 @@ def create_app(config: ServerConfig) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await control.reconcile(config.stale_create_after)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(control.lifecycle.run)
-            if control.pools is not None:
-                tg.start_soon(control.pools.run)
-            tg.start_soon(api.ports.run)
-            try:
-                yield
-            finally:
-                tg.cancel_scope.cancel()
+        await control.lifecycle.load()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(control.lifecycle.run)
+                if control.pools is not None:
+                    tg.start_soon(control.pools.run)
+                tg.start_soon(api.ports.run)
+                try:
+                    yield
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            # Outside the cancelled task group, shielded: inside it, the first await of the
+            # clean-up was cancelled (relays, proxies and the engine were not closed) and the
+            # cancellation replaced any error that was on its way out.
+            with anyio.CancelScope(shield=True):
                 await api.ports.close()
                 await control.close()
 

@@ -243,6 +243,13 @@ class Lifecycle:
 
     # -- the timer loop -----------------------------------------------------------------------
 
+    async def load(self) -> None:
+        """Learn which sandboxes sleep before the first request is served: otherwise a request
+        arriving right after a restart, before the first :meth:`check`, would be forwarded to
+        the agent of a deeply sleeping sandbox (connection refused) instead of waking it."""
+        rows = await self.control.db(self.control.store.sandboxes_with_status, ["sleeping"])
+        self._sleeping = {r.id: (r.sleep_kind or "deep", r.region) for r in rows}
+
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
             self._background = tg

@@ -108,7 +108,7 @@ def _assert_dead(pid: int, within: float = 5.0) -> None:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 state = f.read().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # gone (ESRCH while it was going)
             return
         if state == "Z":
             return  # dead, waiting for its (non-agent) parent to reap it

@@ -42,7 +42,7 @@ def test_restart_reattaches_and_finishes_deletes(tmp_state: Path) -> None:
         # The server "dies" right after marking `doomed` deleted, before the engine deleted it.
         srv.app.state.control.store.update_sandbox(doomed.id, status="deleted")
     finally:
-        srv.stop()
+        srv.stop(keep_sandboxes=True)  # as if it had died: the next server takes over
 
     engine2 = LocalEngine(tmp_state / "state", images=ImageStore(IMAGES_DIR))
     srv2 = start_server(engine2, db, unix_path=sock)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -42,9 +44,31 @@ class RunningServer:
             )
         return httpx.Client(base_url=self.url, headers=headers, timeout=60)
 
-    def stop(self) -> None:
+    def stop(self, keep_sandboxes: bool = False) -> None:
+        """Stop the server; with ``keep_sandboxes`` (a restart test), its sandboxes stay."""
         self.server.should_exit = True
         self.thread.join(30)
+        if not keep_sandboxes:
+            self._delete_leftovers()
+
+    def _delete_leftovers(self) -> None:
+        """Sandboxes this server made that nobody deleted (a test that failed half-way) are
+        removed from the engine: a failing test must not leave processes, mounts or cgroups
+        running. Only this server's own (its database's): an engine may be shared."""
+        store = self.app.state.control.store
+        statuses = ["creating", "running", "paused", "sleeping", "pooling", "pooled", "claiming"]
+        ids = {row.id for row in store.sandboxes_with_status([*statuses, "error"])}
+        store.close()
+        if not ids:
+            return
+
+        async def delete() -> None:
+            for info in await self.engine.list():
+                if info.id in ids:
+                    with contextlib.suppress(Exception):
+                        await self.engine.delete(info.id)
+
+        asyncio.run(delete())
 
 
 def start_server(

@@ -302,6 +302,26 @@ def test_idle_connection_is_closed(server: Server, connect: Any) -> None:
     assert 0.5 < time.monotonic() - started < 5
 
 
+def test_shutdown_with_an_idle_closed_connection_lingering(server: Server, connect: Any) -> None:
+    """The server stopping while a connection it closed for idleness still lingers (our GOAWAY
+    and EOF sent, the client not gone yet): nothing more is written to it, and the shutdown
+    goes through (it raised "write() after write_eof()" and broke uvicorn's shutdown)."""
+    c = connect()
+    assert c.wait(c.start("/other")).status == 404
+    while c.goaway is None:
+        assert c.pump()
+    failures: list[BaseException] = []
+    previous = threading.excepthook
+    threading.excepthook = lambda args: failures.append(args.exc_value)  # type: ignore[assignment]
+    try:
+        server.server.should_exit = True
+        server.thread.join(15)
+    finally:
+        threading.excepthook = previous
+    assert not server.thread.is_alive()
+    assert failures == []
+
+
 def test_a_preface_split_across_reads(server: Server) -> None:
     """The preface recognised however it arrives (held back until it is whole)."""
     conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))

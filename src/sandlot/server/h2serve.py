@@ -180,7 +180,7 @@ class H2ServerProtocol(asyncio.Protocol):
         """uvicorn's graceful shutdown: a GOAWAY naming the last stream we will serve, those
         finish, then the connection closes. (The frame is written by hand: ``h2`` treats its own
         GOAWAY as the end of the connection, streams in flight included.)"""
-        if self.closing:
+        if self.closing or self.lingering:  # (lingering: our GOAWAY and EOF are out already)
             return
         self.closing = True
         goaway = GoAwayFrame(0)
@@ -194,7 +194,7 @@ class H2ServerProtocol(asyncio.Protocol):
 
     def _flush(self) -> None:
         data = self.h2.data_to_send()
-        if data and not self.transport.is_closing():
+        if data and not self.transport.is_closing() and not self.lingering:  # no write after EOF
             self.transport.write(data)
 
     def _wake_writers(self) -> None:

@@ -498,6 +498,26 @@ def test_many_idle_websockets(gw: Gateway, box: Sandbox) -> None:
         time.sleep(0.1)
 
 
+def test_no_relay_is_a_clear_503(gw: Gateway, box: Sandbox) -> None:
+    """If no relay process can take the connection, the upgrade is refused before anything is
+    sent to the sandbox -- not accepted and then dropped."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    from sandlot.server.relay import Relays
+
+    ports = gw.server.app.state.api.ports
+    relays, ports.relays = ports.relays, Relays(max_workers=0)
+    try:
+        with pytest.raises(InvalidStatus) as info:
+            connect(path_url(gw, box, 8765).replace("http://", "ws://"))
+        response = info.value.response
+        assert response.status_code == 503
+        assert json.loads(response.body)["code"] == "relay_unavailable"
+    finally:
+        ports.relays = relays
+
+
 def test_unexposing_ends_open_websockets(gw: Gateway, box: Sandbox) -> None:
     """Unexposing revokes access now: WebSockets already open on the port are closed too."""
     path = f"/sandboxes/{box.id}/ports/8765/"

@@ -315,7 +315,7 @@ class ImageStore:
         if match is None:
             raise ImageError(f"{ref!r} is not a registry reference (such as 'python:3.12-slim')")
         host = registry_host(ref)
-        if auth is not None and registry_host(auth.registry + "/x") != host:
+        if auth is not None and auth.registry != host:  # both as registry_host() spells them
             raise ImageError(
                 f"the registry secret is for {auth.registry}, not for {host} (the image's registry)"
             )
@@ -423,6 +423,12 @@ def _superseded(d: Path) -> bool:
     if d.name.startswith("default-"):
         return d.name != f"default-{default_image_digest()}"
     return d.name.startswith(".build-") and time.time() - d.stat().st_mtime > 3600
+
+
+def is_registry_host(text: str) -> bool:
+    """``text`` names a registry the way :func:`registry_host` spells one (``ghcr.io``,
+    ``localhost:5000``, ``docker.io``), so that credentials for it can be matched to images."""
+    return "/" not in text and registry_host(f"{text}/x") == text
 
 
 def registry_host(ref: str) -> str:

@@ -11,7 +11,6 @@ import enum
 import functools
 import heapq
 import itertools
-import json
 import logging
 import os
 import socket
@@ -468,28 +467,12 @@ def _stop_if_outdated(path: str) -> None:
 
 
 def _local_health(path: str) -> dict[str, Any] | None:
-    """``GET /v1/health`` on the Unix socket, with the standard library (this runs before any
-    client exists); None if nothing sensible answers."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    """``GET /v1/health`` on the Unix socket; None if nothing sensible answers."""
     try:
-        s.settimeout(5.0)
-        s.connect(path)
-        s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: sandlot\r\nConnection: close\r\n\r\n")
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-            if len(data) > 1 << 20:
-                return None
-    except OSError:
-        return None
-    finally:
-        s.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        return None
-    try:
-        answer = json.loads(body)
-    except ValueError:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=path), timeout=5.0) as client:
+            response = client.get("http://sandlot/v1/health")
+        answer = response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
         return None
     return answer if isinstance(answer, dict) else None
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 Message = dict[str, Any]
+Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
@@ -17,19 +18,60 @@ class ClientGone(Exception):
     """The client disconnected while sending its request body."""
 
 
-async def send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+#: Hop-by-hop request headers (RFC 9110 §7.6.1) and ones a proxy of ours sets itself: never
+#: passed on to a sandbox.
+HOP_BY_HOP_REQUEST = frozenset(
+    {
+        b"x-sandlot-project",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+    }
+)
+#: Hop-by-hop response headers: the server in front frames the response itself.
+HOP_BY_HOP_RESPONSE = frozenset(
+    {b"connection", b"keep-alive", b"transfer-encoding", b"trailer", b"upgrade"}
+)
+
+
+def response_headers(
+    headers: list[tuple[bytes, bytes]], drop: frozenset[bytes] = HOP_BY_HOP_RESPONSE
+) -> list[tuple[bytes, bytes]]:
+    """An upstream response's headers as passed on: without ``drop``, and for an event stream
+    with ``X-Accel-Buffering: no`` (so a proxy in front of us does not buffer it either)."""
+    out = [(k, v) for k, v in headers if k not in drop]
+    if any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in out):
+        out.append((b"x-accel-buffering", b"no"))
+    return out
+
+
+def json_body(body: dict[str, Any]) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """Headers and bytes of a small JSON answer."""
     data = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-            ],
-        }
-    )
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    return headers, data
+
+
+async def send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    headers, data = json_body(body)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data})
+
+
+async def refuse_websocket(scope: Scope, send: Send, status: int, body: dict[str, Any]) -> None:
+    """Answer a WebSocket handshake with an HTTP error (the ASGI denial-response extension),
+    or close it when the server does not support that."""
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        headers, data = json_body(body)
+        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": data})
+    else:
+        await send({"type": "websocket.close", "code": 1011 if status >= 500 else 1008})
 
 
 async def request_body(

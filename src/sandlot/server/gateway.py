@@ -18,8 +18,10 @@ from typing import Any
 from urllib.parse import quote
 
 from sandlot.server.asgi import (
+    HOP_BY_HOP_REQUEST,
     ClientGone,
     request_body,
+    response_headers,
     send_json,
     stream_response_body,
     until_client_gone,
@@ -31,23 +33,11 @@ from sandlot.server.upstream import AgentPool, UpstreamError
 Scope = dict[str, Any]
 Message = dict[str, Any]
 
-#: Hop-by-hop headers (RFC 9110 §7.6.1) and ones the proxy sets itself.
-_DROP_REQUEST = {
-    b"x-sandlot-project",
-    b"host",
-    b"connection",
-    b"keep-alive",
-    b"proxy-connection",
-    b"te",
-    b"trailer",
-    b"transfer-encoding",
-    b"upgrade",
-    b"proxy-authorization",
-}
+#: What is not passed on to the agent (``host``: the agent's connection is its own).
+_DROP_REQUEST = HOP_BY_HOP_REQUEST | {b"host"}
 _TOKEN_PREFIX = API_TOKEN_PREFIX.encode()
 #: Agent routes that need no secret (as in the agent's own PUBLIC_PATHS).
 _PUBLIC_AGENT_PATHS = frozenset({"health", "openapi.json"})
-_DROP_RESPONSE = {b"connection", b"keep-alive", b"transfer-encoding", b"trailer", b"upgrade"}
 
 
 class Gateway:
@@ -177,18 +167,11 @@ class Gateway:
             )
             return
         try:
-            response_headers = [(k, v) for k, v in upstream.headers if k not in _DROP_RESPONSE]
-            if any(
-                k == b"content-type" and v.startswith(b"text/event-stream")
-                for k, v in response_headers
-            ):
-                # Tell any proxy in front of us not to buffer the stream either.
-                response_headers.append((b"x-accel-buffering", b"no"))
             await send(
                 {
                     "type": "http.response.start",
                     "status": upstream.status,
-                    "headers": response_headers,
+                    "headers": response_headers(upstream.headers),
                 }
             )
             # If the agent's stream breaks (sandbox deleted under an open stream), the error

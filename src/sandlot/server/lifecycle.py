@@ -248,7 +248,7 @@ class Lifecycle:
         arriving right after a restart, before the first :meth:`check`, would be forwarded to
         the agent of a deeply sleeping sandbox (connection refused) instead of waking it."""
         rows = await self.control.db(self.control.store.sandboxes_with_status, ["sleeping"])
-        self._sleeping = {r.id: (r.sleep_kind or "deep", r.region) for r in rows}
+        self._sleeping = _sleeping_of(rows)
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -266,9 +266,7 @@ class Lifecycle:
             self.control.store.sandboxes_with_status, ["running", "sleeping"]
         )
         if generation == self._transitions:  # no transition since the read: it is current
-            self._sleeping = {
-                r.id: (r.sleep_kind or "deep", r.region) for r in rows if r.status == "sleeping"
-            }
+            self._sleeping = _sleeping_of(rows)
         for row in rows:
             await self._check_one(row, now)
 
@@ -297,3 +295,8 @@ class Lifecycle:
         last = self._last_activity.get(row.id) or _aware(row.last_activity_at) or created
         if (now - last).total_seconds() >= row.idle_timeout:
             await self.sleep(row.id, "light" if row.light_sleep else "deep")
+
+
+def _sleeping_of(rows: list[SandboxRow]) -> dict[str, tuple[str, str]]:
+    """Which of ``rows`` sleep: id → (sleep kind, region)."""
+    return {r.id: (r.sleep_kind or "deep", r.region) for r in rows if r.status == "sleeping"}

@@ -57,8 +57,12 @@ from starlette.responses import Response
 
 from sandlot.engines.base import AgentAddress
 from sandlot.server.asgi import (
+    HOP_BY_HOP_REQUEST,
+    HOP_BY_HOP_RESPONSE,
     ClientGone,
+    refuse_websocket,
     request_body,
+    response_headers,
     send_json,
     stream_response_body,
     until_client_gone,
@@ -89,29 +93,13 @@ TOKEN_PARAM = "sandlot_token"
 TOKEN_COOKIE = "sandlot_port_token"
 _PATH_FORM = re.compile(r"^/sandboxes/([A-Za-z0-9_-]{1,64})/ports/([^/]*)(/.*)?$")
 _HOST_LABEL = re.compile(r"^(\d{1,5})-([a-z0-9_-]{1,64})$")
-_DROP_REQUEST = {
-    b"x-sandlot-project",
-    b"connection",
-    b"keep-alive",
-    b"proxy-connection",
-    b"te",
-    b"trailer",
-    b"transfer-encoding",
-    b"upgrade",
-    b"proxy-authorization",
+_DROP_REQUEST = HOP_BY_HOP_REQUEST | {
     b"expect",  # the server answers 100-continue itself when the body is read
     b"content-length",  # set again below
     b"x-forwarded-prefix",
 }
 #: (``date``: the server in front adds its own.)
-_DROP_RESPONSE = {
-    b"connection",
-    b"keep-alive",
-    b"transfer-encoding",
-    b"trailer",
-    b"upgrade",
-    b"date",
-}
+_DROP_RESPONSE = HOP_BY_HOP_RESPONSE | {b"date"}
 _TOKEN_PREFIX = API_TOKEN_PREFIX.encode()
 
 
@@ -557,7 +545,7 @@ class Ports:
         async def refuse(status: int, code: str, message: str, **extra: Any) -> None:
             body = {"error": message, "code": code, **extra}
             if is_ws:
-                await _refuse_websocket(scope, receive, send, status, body)
+                await refuse_websocket(scope, send, status, body)
             else:
                 await send_json(send, status, body)
 
@@ -697,9 +685,7 @@ class Ports:
             await send_json(send, 502, fwd.bad_gateway(exc))
             return
         try:
-            out = [(k, v) for k, v in upstream.headers if k not in _DROP_RESPONSE]
-            if any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in out):
-                out.append((b"x-accel-buffering", b"no"))
+            out = response_headers(upstream.headers, _DROP_RESPONSE)
             if fwd.set_cookie is not None:
                 out.append((b"set-cookie", fwd.set_cookie))
             with_trailers = trailers and isinstance(upstream, H2Response)
@@ -739,7 +725,7 @@ class Ports:
         try:
             sock = await open_tunnel_socket(agent.address, agent.secret, fwd.port)
         except TunnelError as exc:
-            await _refuse_websocket(scope, receive, send, 502, fwd.bad_gateway(exc))
+            await refuse_websocket(scope, send, 502, fwd.bad_gateway(exc))
             return
         host = (_header(scope, b"host") or b"sandbox").decode("latin-1")
         if not re.fullmatch(r"[A-Za-z0-9.:\[\]_-]{1,255}", host):
@@ -767,9 +753,8 @@ class Ports:
             )
         except InvalidStatus as exc:
             sock.close()
-            await _refuse_websocket(
+            await refuse_websocket(
                 scope,
-                receive,
                 send,
                 exc.response.status_code,
                 {
@@ -782,7 +767,7 @@ class Ports:
             return
         except (InvalidHandshake, OSError, TimeoutError) as exc:
             sock.close()
-            await _refuse_websocket(scope, receive, send, 502, fwd.bad_gateway(exc))
+            await refuse_websocket(scope, send, 502, fwd.bad_gateway(exc))
             return
         await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
         async with upstream, anyio.create_task_group() as tg:
@@ -1024,28 +1009,6 @@ def _strip_cookie(value: bytes) -> bytes:
 def _close_code(code: int) -> int:
     # Codes a peer may not send on the wire (1005, 1006, 1015) become a normal closure.
     return 1000 if code in (1005, 1006, 1015) or not 1000 <= code <= 4999 else code
-
-
-async def _refuse_websocket(
-    scope: Scope, receive: Receive, send: Send, status: int, body: dict[str, Any]
-) -> None:
-    """Answer a WebSocket handshake with an HTTP error (the ASGI denial-response extension),
-    or close it when the server does not support that."""
-    if "websocket.http.response" in (scope.get("extensions") or {}):
-        data = json.dumps(body).encode()
-        await send(
-            {
-                "type": "websocket.http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(data)).encode()),
-                ],
-            }
-        )
-        await send({"type": "websocket.http.response.body", "body": data})
-    else:
-        await send({"type": "websocket.close", "code": 1011 if status >= 500 else 1008})
 
 
 async def _chunked(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

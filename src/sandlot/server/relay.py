@@ -89,7 +89,13 @@ class Relays:
     async def warm_up(self) -> None:
         """Start the first relay ahead of the first connection (~50 ms of Python start)."""
         with contextlib.suppress(RelayError):
-            await self._worker()
+            await self.ready()
+
+    async def ready(self) -> None:
+        """Make sure a relay can take one more connection (starting one if needed); raises
+        :class:`RelayError` otherwise -- so a caller can refuse cleanly before it has done
+        anything it cannot take back (answered an upgrade, handed a socket over)."""
+        await self._worker()
 
     async def splice(
         self, client: socket.socket, sandbox: socket.socket, tag: Hashable = None

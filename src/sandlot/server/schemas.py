@@ -243,10 +243,10 @@ class CreateSecret(_Strict):
     @field_validator("registry")
     @classmethod
     def _registry(cls, value: str) -> str:
-        from sandlot.images.store import registry_host
+        from sandlot.images.store import is_registry_host
 
         host = value.strip().lower().removeprefix("https://").removeprefix("http://").rstrip("/")
-        if "/" in host or registry_host(f"{host}/x") != host:
+        if not is_registry_host(host):
             raise ValueError(
                 f"registry must be a registry host such as ghcr.io, docker.io or "
                 f"localhost:5000, not {value!r}"

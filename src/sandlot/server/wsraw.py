@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import http
-import json
 import logging
 import os
 import socket
 from typing import Any, cast
 from urllib.parse import unquote
 
+from sandlot.server.asgi import refuse_websocket
 from sandlot.server.relay import RelayError
 from sandlot.server.tunnel import TunnelError, open_tunnel_socket
 from sandlot.server.upstream import AgentPool
@@ -153,9 +153,15 @@ class PortsWebSocketProtocol(asyncio.Protocol):
         assert self.transport is not None
         ports = _ports_of(self.config)
         try:
+            await ports.relays.ready()
+        except RelayError as exc:
+            body = {"error": f"no relay for the connection: {exc}", "code": "relay_unavailable"}
+            await refuse_websocket(scope, self._send, 503, body)
+            return
+        try:
             upstream = await open_tunnel_socket(agent.address, agent.secret, fwd.port)
         except TunnelError as exc:
-            await self._refuse_json(502, fwd.bad_gateway(exc))
+            await refuse_websocket(scope, self._send, 502, fwd.bad_gateway(exc))
             return
         path = fwd.target_path(scope)
         if fwd.query:
@@ -172,7 +178,7 @@ class PortsWebSocketProtocol(asyncio.Protocol):
             client = self._take_socket()
         except OSError as exc:
             upstream.close()
-            await self._refuse_json(502, fwd.bad_gateway(exc))
+            await refuse_websocket(scope, self._send, 502, fwd.bad_gateway(exc))
             return
         self.pending.clear()
         try:
@@ -193,20 +199,6 @@ class PortsWebSocketProtocol(asyncio.Protocol):
         self.handed_over = True
         self.transport.abort()
         return client
-
-    async def _refuse_json(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        await self._send(
-            {
-                "type": "websocket.http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(data)).encode()),
-                ],
-            }
-        )
-        await self._send({"type": "websocket.http.response.body", "body": data})
 
 
 def _ports_of(config: Any) -> Any:

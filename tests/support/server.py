@@ -15,6 +15,7 @@ import httpx
 import uvicorn
 
 from sandlot.engines.base import Engine
+from sandlot.images.trust import ImageTrust
 from sandlot.server.app import ServerConfig, create_app, unix_public_url
 from sandlot.server.run import bind_unix_socket
 from sandlot.server.wsraw import HEAD_TIMEOUT, PortsWebSocketProtocol, ports_http_protocol
@@ -82,6 +83,7 @@ def start_server(
     domain: str | None = None,
     raw_websockets: bool = True,
     head_timeout: float = HEAD_TIMEOUT,
+    trusted_image_dirs: tuple[Path, ...] = (),
 ) -> RunningServer:
     if tcp:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -105,6 +107,7 @@ def start_server(
         stale_create_after=stale_create_after,
         pools=dict(pools or {}),
         domain=domain,
+        image_trust=ImageTrust.from_dirs(trusted_image_dirs),
     )
     app = create_app(config)
     server = uvicorn.Server(

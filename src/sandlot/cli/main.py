@@ -55,6 +55,14 @@ def main() -> None:
     show_default=True,
     help="Address the TCP proxies of sandboxes created with enable_tcp_proxy listen on.",
 )
+@click.option(
+    "--trusted-image-dir",
+    "trusted_image_dirs",
+    multiple=True,
+    metavar="DIR",
+    help="A directory whose root filesystems and OCI layouts API tokens may use as images "
+    "(repeatable). Default: none; host paths are for the local socket's owner only.",
+)
 def server(
     listen: str | None,
     database: str | None,
@@ -64,6 +72,7 @@ def server(
     pools: tuple[str, ...],
     domain: str | None,
     tcp_proxy_host: str,
+    trusted_image_dirs: tuple[str, ...],
 ) -> None:
     """Run the control server and gateway."""
     from sandlot.server.pool import PoolKey
@@ -87,6 +96,7 @@ def server(
             pools=pool_sizes,
             domain=domain,
             tcp_proxy_host=tcp_proxy_host,
+            trusted_image_dirs=trusted_image_dirs,
         )
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None

@@ -9,13 +9,21 @@ Image references a user can give:
 - ``default`` or ``koyeb/sandbox`` -- the default image (Debian bookworm with python3, pip, git,
   curl, ...), built locally once with mmdebstrap, rebuilt only when its recipe changes;
 - ``busybox`` -- a tiny image made from the host's static busybox (no Python in it at all);
-- an absolute path to a root filesystem directory;
+- an absolute path to a root filesystem directory (used in place, owned by host root);
 - ``oci:PATH[:TAG]`` -- an OCI image layout on disk (unpacked with umoci);
+
+(Host paths and OCI layouts are for trusted principals only: see :mod:`sandlot.images.trust`.)
 - a registry reference, as Docker spells it (``python:3.12-slim``, ``ghcr.io/org/app:v1``,
   ``127.0.0.1:5000/team/tool@sha256:...``): pulled once with skopeo into an OCI layout, then
   unpacked like one. Later uses reuse the pull (as Docker's default "pull if missing");
   ``sandlot image pull REF`` pulls again. Registries on ``localhost``/``127.0.0.1``/``[::1]``
   are spoken to over plain HTTP, as Docker does.
+
+Everything this store unpacks or builds is owned by the storage uid range, in a 0700 directory,
+and bounded in size before it is unpacked (:mod:`.storage`, :mod:`.layers`). Image directories
+are named by a digest of their recipe, which includes :data:`STORAGE_LAYOUT`: a change in how
+images are stored makes new directories beside the old ones, never changes those in place
+(sandboxes, also other servers', use them), and ``prune`` removes the old ones once unused.
 """
 
 from __future__ import annotations
@@ -36,6 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sandlot.engines.base import ImageError, RegistryAuth
+from sandlot.images import storage
+from sandlot.images.layers import UnpackLimits, limits_from_env, measure, read_json
+from sandlot.images.sizes import human, parse_size
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_IMAGE_ALIASES = frozenset({"default", "koyeb/sandbox", "koyeb/sandbox:latest"})
@@ -69,35 +80,63 @@ DEBIAN_SOURCES = (
 Progress = Callable[[str], None]
 
 
+#: How images are stored; part of every image directory's name. v1: owned by host root, as
+#: unpacked. v2: owned by the storage uid range, device nodes left out.
+STORAGE_LAYOUT = "storage-v2"
+
+
 @dataclass(frozen=True)
 class Image:
     name: str
     rootfs: Path
     env: dict[str, str] = field(default_factory=lambda: {"PATH": DEFAULT_PATH})
     workdir: str = "/"
+    #: The host uid that is root of the image's files: the storage root for the store's
+    #: images, 0 for a host directory. Sandboxes map this range onto their own.
+    uid_base: int = 0
 
 
 def _write_meta(directory: Path, env: dict[str, str], workdir: str) -> None:
-    (directory / "image.json").write_text(json.dumps({"env": env, "workdir": workdir}))
+    meta = {"env": env, "workdir": workdir, "uid_base": storage.STORAGE_ID_BASE}
+    (directory / "image.json").write_text(json.dumps(meta))
 
 
 def _read_image(name: str, directory: Path) -> Image:
     meta = json.loads((directory / "image.json").read_text())
-    return Image(name=name, rootfs=directory / "rootfs", env=meta["env"], workdir=meta["workdir"])
+    return Image(
+        name=name,
+        rootfs=directory / "rootfs",
+        env=meta["env"],
+        workdir=meta["workdir"],
+        uid_base=int(meta.get("uid_base", 0)),
+    )
 
 
 def _recipe_digest(*parts: str) -> str:
+    return _digest(STORAGE_LAYOUT, *parts)
+
+
+def _digest(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
+def _default_recipe() -> tuple[str, ...]:
+    return ("default-v1", DEBIAN_SUITE, *DEFAULT_IMAGE_PACKAGES, *DEBIAN_SOURCES)
+
+
 def default_image_digest() -> str:
-    return _recipe_digest("default-v1", DEBIAN_SUITE, *DEFAULT_IMAGE_PACKAGES, *DEBIAN_SOURCES)
+    return _recipe_digest(*_default_recipe())
 
 
 class ImageStore:
     """Finds, builds and caches images under ``root`` (``<state>/images``)."""
 
-    def __init__(self, root: Path, max_pull_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        max_pull_bytes: int | None = None,
+        limits: UnpackLimits | None = None,
+    ) -> None:
         self.root = root
         #: The largest image (compressed layers) a pull may bring in: a reference is user
         #: input, and an image of tens of GB would fill the host's disk.
@@ -106,6 +145,8 @@ class ImageStore:
             if max_pull_bytes is not None
             else parse_size(os.environ.get("SANDLOT_MAX_IMAGE_SIZE") or DEFAULT_MAX_PULL)
         )
+        #: What one image may unpack to (SANDLOT_MAX_IMAGE_UNPACKED_SIZE, ..._FILES).
+        self.limits = limits or limits_from_env()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -156,21 +197,22 @@ class ImageStore:
         cannot hold (unpacked, images are about two to three times their compressed size)."""
         if size > self.max_pull_bytes:
             raise ImageError(
-                f"{ref} is {_human(size)} compressed, more than this server pulls "
-                f"({_human(self.max_pull_bytes)}; SANDLOT_MAX_IMAGE_SIZE raises it)"
+                f"{ref} is {human(size)} compressed, more than this server pulls "
+                f"({human(self.max_pull_bytes)}; SANDLOT_MAX_IMAGE_SIZE raises it)"
             )
         free = shutil.disk_usage(self.root).free
         if free < 3 * size + 256 * 1024**2:
             raise ImageError(
-                f"not enough disk to pull {ref} ({_human(size)} compressed, "
-                f"{_human(free)} free under {self.root})"
+                f"not enough disk to pull {ref} ({human(size)} compressed, "
+                f"{human(free)} free for images)"
             )
 
     def prune(self, in_use: set[Path], *, dry_run: bool = False) -> tuple[Path, ...]:
         """Remove what no sandbox can get any more and none uses (``in_use``: the rootfs paths
         sandboxes were made from, deeply asleep ones included): older versions of pulled images
-        (the newest stays), default images of an older recipe, and builds a crash left half
-        done (over an hour old). Returns what was (or, with ``dry_run``, would be) removed."""
+        (the newest stays), default images of an older recipe, images of an older storage
+        layout (owned by host root), and builds a crash left half done (over an hour old).
+        Returns what was (or, with ``dry_run``, would be) removed."""
         if not self.root.is_dir():
             return ()
         used = {p.resolve() for p in in_use}
@@ -178,7 +220,9 @@ class ImageStore:
         old: set[Path] = set()
         for d in self.root.iterdir():
             base, _, version = d.name.rpartition("-")
-            if d.name.startswith("registry-") and version.isdigit():
+            if _old_layout(d):
+                old.add(d)
+            elif d.name.startswith("registry-") and version.isdigit():
                 if base not in newest or newest[base][0] < int(version):
                     if base in newest:
                         old.add(newest[base][1])
@@ -211,7 +255,9 @@ class ImageStore:
     def _build_unlocked(self, final: Path, build: Callable[[Path], None]) -> Path:
         if (final / "image.json").exists():
             return final
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.root.stat().st_mode & 0o077:
+            self.root.chmod(0o700)  # images are nobody's business but the server's
         tmp = Path(tempfile.mkdtemp(prefix=f".build-{final.name}-", dir=self.root))
         try:
             build(tmp)
@@ -229,9 +275,23 @@ class ImageStore:
     def default_image(self, *, build: bool = True, progress: Progress | None = None) -> Image:
         final = self.root / f"default-{default_image_digest()}"
         if not (final / "image.json").exists():
-            if not build:
+            # The same recipe stored the old way (owned by host root) is copied, not rebuilt.
+            legacy = self.root / f"default-{_digest(*_default_recipe())}"
+            if not (legacy / "image.json").exists() and not build:
                 raise ImageError("the default image is not built yet: run `sandlot image build`")
-            self._build_atomically(final, lambda tmp: _mmdebstrap(tmp, progress))
+
+            def make(tmp: Path) -> None:
+                if (legacy / "image.json").exists():
+                    if progress:
+                        progress("moving the default image to the storage user")
+                    _copy_tree(legacy / "rootfs", tmp / "rootfs")
+                    meta = json.loads((legacy / "image.json").read_text())
+                    _write_meta(tmp, meta["env"], meta["workdir"])
+                else:
+                    _mmdebstrap(tmp, progress)
+                storage.shift_to_storage(tmp / "rootfs")
+
+            self._build_atomically(final, make)
         return _read_image("default", final)
 
     def busybox_image(self) -> Image:
@@ -272,6 +332,7 @@ class ImageStore:
             (rootfs / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
             (rootfs / "etc/group").write_text("root:x:0:\n")
             _write_meta(tmp, {"PATH": DEFAULT_PATH, "HOME": "/root"}, "/root")
+            storage.shift_to_storage(rootfs)
 
         self._build_atomically(final, build)
         return _read_image("busybox", final)
@@ -279,23 +340,42 @@ class ImageStore:
     # -- user-supplied images -----------------------------------------------------------------
 
     def rootfs_image(self, path: Path) -> Image:
-        if not path.is_dir():
-            raise ImageError(f"image {str(path)!r} is not a directory")
-        return Image(name=str(path), rootfs=path, env={"PATH": DEFAULT_PATH, "HOME": "/root"})
+        """A root filesystem directory on the host, used in place (owned by host root)."""
+        if not path.is_absolute():
+            raise ImageError("an image path must be absolute")
+        resolved = Path(os.path.realpath(path))
+        if resolved == Path("/") or any(resolved.is_relative_to(p) for p in _KERNEL_DIRS):
+            raise ImageError(
+                "an image path must be a root filesystem directory, not the host's own root or "
+                "a kernel filesystem"
+            )
+        if not resolved.is_dir():
+            raise ImageError("the image path is not a directory")
+        return Image(name=str(path), rootfs=resolved, env={"PATH": DEFAULT_PATH, "HOME": "/root"})
 
     def oci_image(self, spec: str, *, progress: Progress | None = None) -> Image:
-        layout, _, tag = spec.partition(":")
-        tag = tag or "latest"
+        layout, tag = parse_oci(spec)
         layout_path = Path(layout)
-        if not (layout_path / "index.json").is_file():
-            raise ImageError(f"{layout!r} is not an OCI image layout (no index.json)")
+        if not layout_path.is_absolute() or not (layout_path / "index.json").is_file():
+            raise ImageError("the image is not an OCI image layout (no index.json)")
+        _need("skopeo", "OCI layouts")
         _need("umoci", "OCI layouts")
         index = (layout_path / "index.json").read_bytes()
         digest = _recipe_digest(
             "oci-v1", str(layout_path.resolve()), tag, hashlib.sha256(index).hexdigest()
         )
         final = self.root / f"oci-{digest}"
-        self._build_atomically(final, lambda tmp: _unpack(layout_path, tag, tmp, progress))
+        name = f"the OCI layout's image {tag!r}"
+
+        def build(tmp: Path) -> None:
+            # A copy (only the tag's blobs, digests checked) that the storage user can read.
+            stage = tmp / "stage"
+            stage.mkdir()
+            source, target = f"oci:{layout_path}:{tag}", f"oci:{stage / 'layout'}:image"
+            _skopeo(name, ["copy", "--quiet", source, target], hide=(str(layout_path), str(tmp)))
+            self._unpack(stage, name, tmp, progress)
+
+        self._build_atomically(final, build)
         return _read_image(spec, final)
 
     def registry_image(
@@ -338,7 +418,8 @@ class ImageStore:
             plain_http = (name if port.isdigit() else host) in _PLAIN_HTTP_HOSTS
 
             def build(tmp: Path) -> None:
-                layout = tmp / "layout"
+                stage = tmp / "stage"
+                stage.mkdir()
                 if progress:
                     progress(f"pulling {ref}")
                 flags: list[str] = []
@@ -351,17 +432,18 @@ class ImageStore:
                     authfile.write_text(json.dumps({"auths": {host: {"auth": token.decode()}}}))
                     flags += ["--authfile", str(authfile)]
                 try:
-                    self._check_size(ref, _compressed_size(ref, flags))
+                    self._check_size(ref, _compressed_size(ref, flags, hide=str(tmp)))
                     copy_flags = [f.replace("--", "--src-", 1) for f in flags]
-                    source, target = f"docker://{ref}", f"oci:{layout}:image"
+                    source, target = f"docker://{ref}", f"oci:{stage / 'layout'}:image"
                     _skopeo(
-                        ref, ["copy", "--quiet", "--retry-times", "2", *copy_flags, source, target]
+                        ref,
+                        ["copy", "--quiet", "--retry-times", "2", *copy_flags, source, target],
+                        hide=(str(tmp),),
                     )
                 finally:
                     if auth is not None:
                         (tmp / "auth.json").unlink(missing_ok=True)
-                _unpack(layout, "image", tmp, progress)
-                shutil.rmtree(layout, ignore_errors=True)
+                self._unpack(stage, ref, tmp, progress)
 
             try:
                 self._build_unlocked(final, build)
@@ -369,19 +451,48 @@ class ImageStore:
                 raise ImageError(f"pulling {ref} took longer than {PULL_TIMEOUT:g}s") from None
         return _read_image(ref, final)
 
+    def _unpack(self, stage: Path, name: str, tmp: Path, progress: Progress | None) -> None:
+        """Unpack ``stage/layout:image`` into ``tmp/rootfs`` as the storage user, once its
+        layers are known to fit (:func:`~sandlot.images.layers.measure`), and write its
+        environment and working directory (from the image's config) next to it."""
+        if progress:
+            progress(f"unpacking {name}")
+        measure(stage / "layout", "image", self.limits, name)
+        storage.make_readable(stage / "layout")
+        storage.give_to_storage(stage)
+        result = storage.run_as_storage(
+            ["umoci", "unpack", "--image", "layout:image", "bundle"], stage, PULL_TIMEOUT
+        )
+        if result.returncode != 0:
+            raise ImageError(f"cannot unpack {name}: {_tool_error(result.stderr, str(tmp))}")
+        (stage / "bundle" / "rootfs").rename(tmp / "rootfs")
+        config = read_json(stage / "bundle" / "config.json")
+        process = config.get("process") if isinstance(config, dict) else None
+        process = process if isinstance(process, dict) else {}
+        env = {
+            k: v
+            for k, _, v in (str(e).partition("=") for e in process.get("env") or [] if "=" in e)
+        }
+        env.setdefault("PATH", DEFAULT_PATH)
+        cwd = process.get("cwd")
+        _write_meta(tmp, env, cwd if isinstance(cwd, str) and cwd.startswith("/") else "/")
+        shutil.rmtree(stage)
 
-def _skopeo(ref: str, args: list[str]) -> str:
+
+def _skopeo(ref: str, args: list[str], hide: tuple[str, ...] = ()) -> str:
+    """Run skopeo; its error (with the paths in ``hide`` left out) is the message."""
     result = subprocess.run(["skopeo", *args], capture_output=True, text=True, timeout=PULL_TIMEOUT)
     if result.returncode != 0:
-        raise ImageError(f"cannot pull {ref}: {_skopeo_error(result.stderr)}")
+        raise ImageError(f"cannot pull {ref}: {_tool_error(result.stderr, *hide)}")
     return result.stdout
 
 
-def _compressed_size(ref: str, flags: list[str]) -> int:
+def _compressed_size(ref: str, flags: list[str], hide: str) -> int:
     """The sum of the image's compressed layers, from its manifest (for an index: the manifest
     of this machine's platform), read before anything is pulled."""
     try:
-        manifest = json.loads(_skopeo(ref, ["inspect", "--raw", *flags, f"docker://{ref}"]))
+        inspect = ["inspect", "--raw", *flags]
+        manifest = json.loads(_skopeo(ref, [*inspect, f"docker://{ref}"], (hide,)))
         if "manifests" in manifest:  # an index / manifest list
             arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(
                 platform.machine(), platform.machine()
@@ -401,21 +512,45 @@ def _compressed_size(ref: str, flags: list[str]) -> int:
                 if match.group("host")
                 else (match.group("path"))
             )
-            manifest = json.loads(
-                _skopeo(ref, ["inspect", "--raw", *flags, f"docker://{name}@{chosen[0]}"])
-            )
+            manifest = json.loads(_skopeo(ref, [*inspect, f"docker://{name}@{chosen[0]}"], (hide,)))
         return sum(int(layer.get("size") or 0) for layer in manifest.get("layers") or [])
     except (ValueError, AttributeError, TypeError, KeyError):
         raise ImageError(f"cannot pull {ref}: its registry's manifest is not readable") from None
 
 
-def parse_size(text: str) -> int:
-    """``10G``, ``512M``, ``2048`` (bytes) → bytes."""
-    match = re.fullmatch(r"\s*([0-9]+)\s*([kKmMgGtT]?)i?[bB]?\s*", text)
-    if match is None:
-        raise ValueError(f"not a size: {text!r} (e.g. 10G, 512M)")
-    power = " KMGT".index(match.group(2).upper() or " ")
-    return int(match.group(1)) << (10 * power)
+def parse_oci(spec: str) -> tuple[str, str]:
+    """``PATH[:TAG]`` (what follows ``oci:``) → (PATH, TAG); the tag defaults to ``latest``."""
+    layout, _, tag = spec.partition(":")
+    return layout, tag or "latest"
+
+
+def host_path(ref: str) -> str | None:
+    """The host path an image reference names (a root filesystem directory, or an OCI layout
+    with ``oci:``), or None for the built-in and registry images."""
+    if ref.startswith("oci:"):
+        return parse_oci(ref[4:])[0]
+    if ref.startswith("/"):
+        return ref
+    return None
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    """A copy keeping owners, modes, links and extended attributes (file capabilities)."""
+    result = subprocess.run(
+        ["cp", "-a", "--reflink=auto", str(source), str(target)], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise ImageError(f"copying an image failed: {_tool_error(result.stderr, str(source))}")
+
+
+def _old_layout(d: Path) -> bool:
+    """An image of the storage layout before :data:`STORAGE_LAYOUT` (owned by host root)."""
+    if d.name.startswith(".") or not (d / "image.json").is_file():
+        return False
+    try:
+        return int(json.loads((d / "image.json").read_text()).get("uid_base", 0)) == 0
+    except (OSError, ValueError, TypeError, AttributeError):
+        return False
 
 
 def _superseded(d: Path) -> bool:
@@ -453,13 +588,8 @@ PULL_TIMEOUT = 600.0
 DEFAULT_MAX_PULL = "10G"
 
 
-def _human(n: int) -> str:
-    """1536 → "1.5 KiB"."""
-    value, units = float(n), ["B", "KiB", "MiB", "GiB"]
-    while value >= 1024 and len(units) > 1:
-        value /= 1024
-        units.pop(0)
-    return f"{n} B" if units[0] == "B" else f"{value:.1f} {units[0]}"
+#: Where the kernel's own filesystems live: never an image.
+_KERNEL_DIRS = (Path("/proc"), Path("/sys"), Path("/dev"))
 
 
 def _need(tool: str, what: str) -> None:
@@ -467,34 +597,16 @@ def _need(tool: str, what: str) -> None:
         raise ImageError(f"{what} needs {tool}: install the Debian package '{tool}'")
 
 
-def _skopeo_error(stderr: str) -> str:
-    """skopeo's last line, without its log prefix: the reason ("manifest unknown", ...)."""
+def _tool_error(stderr: str, *hide: str) -> str:
+    """A tool's last line, without its log prefix: the reason ("manifest unknown", ...), with
+    the host paths in ``hide`` (working directories, the user's layout) left out."""
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else "skopeo failed"
+    last = lines[-1] if lines else "failed"
     last = re.sub(r'^time="[^"]*" level=\w+ msg="(.*)"$', r"\1", last)
-    return last.removeprefix("Error: ").strip()
-
-
-def _unpack(layout: Path, tag: str, tmp: Path, progress: Progress | None) -> None:
-    """Unpack ``layout:tag`` into ``tmp/rootfs`` and write its environment and working
-    directory (from the image's config) next to it."""
-    if progress:
-        progress(f"unpacking {layout.name}:{tag}")
-    unpacked = tmp / "bundle"
-    result = subprocess.run(
-        ["umoci", "unpack", "--image", f"{layout}:{tag}", str(unpacked)],
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        raise ImageError(f"cannot unpack {layout}:{tag}: {result.stderr.strip()}")
-    (unpacked / "rootfs").rename(tmp / "rootfs")
-    config = json.loads((unpacked / "config.json").read_text())
-    process = config.get("process", {})
-    env = dict(e.split("=", 1) for e in process.get("env", []) if "=" in e)
-    env.setdefault("PATH", DEFAULT_PATH)
-    _write_meta(tmp, env, process.get("cwd") or "/")
-    shutil.rmtree(unpacked, ignore_errors=True)
+    last = last.lstrip("\u2022 ").removeprefix("Error: ").strip()
+    for path in sorted(hide, key=len, reverse=True):
+        last = last.replace(path.rstrip("/") + "/", "").replace(path, "<image>")
+    return last
 
 
 def _mmdebstrap(tmp: Path, progress: Progress | None) -> None:

@@ -4,8 +4,8 @@
 Authentication depends on where the server listens. On its Unix socket the socket's file
 permissions are the authentication: every request is the administrator's, acting in the project
 named by the ``X-Sandlot-Project`` header (``default`` without it). On TCP every control request
-needs ``Authorization: Bearer <API token>`` and sees only its token's project; managing tokens is
-allowed only on the socket.
+needs ``Authorization: Bearer <API token>`` and sees only its token's project; managing tokens and
+using host paths as images (outside the trusted image directories) are allowed only on the socket.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from starlette.routing import BaseRoute, Route
 import sandlot
 from sandlot._build import PACKAGE_DIR, build_id
 from sandlot.engines.base import Engine
+from sandlot.images.trust import ImageRefused, ImageTrust
 from sandlot.server.control import ApiError, Control
 from sandlot.server.db import DEFAULT_PROJECT, ApiToken, RegistrySecret, SandboxRow, Store
 from sandlot.server.gateway import Gateway
@@ -78,12 +79,16 @@ class ServerConfig:
     domain: str | None = None
     #: Where TCP proxies listen (``enable_tcp_proxy``).
     tcp_proxy_host: str = "127.0.0.1"
+    #: Who may use host paths and OCI layouts as images (``--trusted-image-dir``).
+    image_trust: ImageTrust = field(default_factory=ImageTrust)
 
 
 @dataclass(frozen=True)
 class Principal:
     project: str
     admin: bool
+    #: The owner of the local Unix socket (the host's administrator): host paths as images.
+    local: bool = False
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -227,7 +232,8 @@ class Api:
 
     async def principal(self, request: Request) -> Principal:
         if self.config.auth == "socket":
-            return Principal(request.headers.get("x-sandlot-project") or DEFAULT_PROJECT, True)
+            project = request.headers.get("x-sandlot-project") or DEFAULT_PROJECT
+            return Principal(project, admin=True, local=True)
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -250,6 +256,12 @@ class Api:
     async def create_sandbox(self, request: Request) -> Response:
         who = await self.principal(request)
         req = await parse_body(request, CreateSandbox)
+        if req.image:
+            try:
+                image = self.config.image_trust.check(req.image, local=who.local)
+            except ImageRefused as exc:
+                raise ApiError(403, "forbidden", str(exc)) from None
+            req = req.model_copy(update={"image": image})
         # A client that disconnects mid-create cancels it (and Control cleans up): otherwise
         # the sandbox would run with nobody knowing its id.
         row = await cancel_on_disconnect(request, lambda: self.control.create(who.project, req))

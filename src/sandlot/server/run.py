@@ -14,6 +14,7 @@ from typing import Any
 import uvicorn
 
 from sandlot.engines.base import Engine, EngineError
+from sandlot.images.trust import ImageTrust
 from sandlot.paths import default_server_socket, state_dir
 from sandlot.server.app import ServerConfig, create_app, unix_public_url
 from sandlot.server.db import default_database_url
@@ -105,6 +106,7 @@ def build_config(
     pools: dict[PoolKey, int] | None = None,
     domain: str | None = None,
     tcp_proxy_host: str = "127.0.0.1",
+    trusted_image_dirs: tuple[str, ...] = (),
 ) -> ServerConfig:
     url = database or os.environ.get("SANDLOT_DATABASE_URL") or default_database_url(state_dir())
     if public_url is None and listen.unix_path is not None:
@@ -120,6 +122,7 @@ def build_config(
         pools=dict(pools or {}),
         domain=domain,
         tcp_proxy_host=tcp_proxy_host,
+        image_trust=ImageTrust.from_dirs(trusted_image_dirs),
     )
 
 
@@ -132,13 +135,18 @@ def serve(
     pools: dict[PoolKey, int] | None = None,
     domain: str | None = None,
     tcp_proxy_host: str = "127.0.0.1",
+    trusted_image_dirs: tuple[str, ...] = (),
 ) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     listen = parse_listen(listen_value)
     try:
-        config = build_config(listen, database, engine, public_url, pools, domain, tcp_proxy_host)
+        config = build_config(
+            listen, database, engine, public_url, pools, domain, tcp_proxy_host, trusted_image_dirs
+        )
+    except ValueError as exc:  # e.g. a trusted image directory that is not one
+        raise RuntimeError(str(exc)) from exc
     except EngineError as exc:
         # e.g. the local engine without root: a message for the user, not a traceback
         raise RuntimeError(f"cannot start the engine: {exc}") from exc

@@ -243,6 +243,7 @@ class LocalEngine:
                 "id": spec.id,
                 "image": spec.image,
                 "image_rootfs": str(image.rootfs),
+                "image_uid_base": image.uid_base,
                 "instance_type": spec.instance_type.name,
                 "name": spec.name,
                 "created_at": time.time(),
@@ -269,12 +270,16 @@ class LocalEngine:
         return SandboxInfo(spec.id, SandboxState.RUNNING, self._address(directory), pid=pid)
 
     @staticmethod
-    def _mount_root(directory: Path, image_rootfs: Path, base: int) -> None:
-        """Id-mapped image below, the sandbox's own layer above, merged at bundle/rootfs."""
+    def _mount_root(directory: Path, image_rootfs: Path, base: int, image_uid_base: int) -> None:
+        """Id-mapped image below (its owner range, ``image_uid_base``, shown as the sandbox's
+        range), the sandbox's own layer above, merged at bundle/rootfs."""
         lower, layer = directory / "lower", directory / "layer"
-        ns_fd = idmap.userns_fd(base)
+        ns_fd = idmap.userns_fd(base, first=image_uid_base)
         try:
             idmap.mount_idmapped(image_rootfs, lower, ns_fd)
+        except idmap.IdmapError as exc:  # e.g. a filesystem without id-mapped mounts
+            reason = f"the image's files cannot be mapped into a sandbox ({exc.reason})"
+            raise ImageError(reason) from exc
         finally:
             os.close(ns_fd)
         merged = directory / "bundle" / "rootfs"
@@ -288,7 +293,8 @@ class LocalEngine:
             mounts.unmount(point)
         base = idmap.ID_BASE + meta["slot"] * idmap.ID_RANGE
         mounts.mount_existing_disk_image(directory / "disk.img", directory / "layer")
-        self._mount_root(directory, Path(meta["image_rootfs"]), base)
+        image_uid_base = int(meta.get("image_uid_base", 0))  # 0: made before the storage range
+        self._mount_root(directory, Path(meta["image_rootfs"]), base, image_uid_base)
 
     def _prepare(
         self,
@@ -314,7 +320,7 @@ class LocalEngine:
         for d in (upper, work):
             d.mkdir()
             os.chown(d, base, base)
-        self._mount_root(directory, image.rootfs, base)
+        self._mount_root(directory, image.rootfs, base, image.uid_base)
 
         if _resolve_in_root(rootfs, "/bin/sh") is None:
             raise ImageError(

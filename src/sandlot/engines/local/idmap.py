@@ -1,11 +1,14 @@
-"""Id-mapped mounts: how a shared, root-owned image becomes the rootfs of a user-namespaced sandbox.
+"""Id-mapped mounts: how a shared image becomes the rootfs of a user-namespaced sandbox.
 
-Root in a sandbox is an unprivileged uid range on the host (``base .. base+65535``). For the image
-files (owned by host root) to look like they belong to root inside, the image directory is mounted
-*id-mapped* (``open_tree`` -> ``mount_setattr(MOUNT_ATTR_IDMAP)`` -> ``move_mount``, kernel >= 5.19)
-read-only, and used as the overlay's lower layer; the overlay's upper directory is owned by
-``base`` on the host. Nothing is copied or chowned, so creating a sandbox stays cheap and the image
-is never written. There is no libc wrapper for these syscalls in Python, hence ctypes.
+Root in a sandbox is an unprivileged uid range on the host (``base .. base+65535``). Images in the
+store are owned by another unprivileged range, the storage range (:data:`STORAGE_ID_BASE`: an
+image's root is that uid on the host, so its setuid files and file capabilities mean nothing
+there); a trusted host directory used as an image is owned by host root. For the image's files to
+look like they belong to root inside, the image directory is mounted *id-mapped* (owner range ->
+the sandbox's range; ``open_tree`` -> ``mount_setattr(MOUNT_ATTR_IDMAP)`` -> ``move_mount``, kernel
+>= 5.19) read-only, and used as the overlay's lower layer; the overlay's upper directory is owned
+by ``base`` on the host. Nothing is copied or chowned, so creating a sandbox stays cheap and the
+image is never written. There is no libc wrapper for these syscalls in Python, hence ctypes.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 ID_RANGE = 65536
 #: First host uid handed to sandboxes; sandbox slot ``n`` gets ``ID_BASE + n * ID_RANGE``.
 ID_BASE = 1_000_000
+#: The storage range: owner of every image in the image store (its root is this uid on the
+#: host, never host root), and the identity its unpacks run as. Just below the sandboxes' ranges,
+#: so that no sandbox ever gets it.
+STORAGE_ID_BASE = ID_BASE - ID_RANGE
 
 
 class _MountAttr(ctypes.Structure):
@@ -53,18 +60,23 @@ _libc.syscall.restype = ctypes.c_long
 
 
 class IdmapError(EngineError):
-    pass
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        #: The kernel's answer, without the paths in the message.
+        self.reason = reason or message
 
 
 def _check(ret: int, what: str) -> int:
     if ret < 0:
         err = ctypes.get_errno()
-        raise IdmapError(f"{what} failed: {os.strerror(err)} (errno {err})")
+        reason = f"{os.strerror(err)} (errno {err})"
+        raise IdmapError(f"{what} failed: {reason}", reason)
     return ret
 
 
-def userns_fd(base: int, size: int = ID_RANGE) -> int:
-    """Return an fd of a user namespace mapping 0..size-1 to base..base+size-1.
+def userns_fd(base: int, size: int = ID_RANGE, *, first: int = 0) -> int:
+    """Return an fd of a user namespace mapping first..first+size-1 to base..base+size-1
+    (``first``: the owner range of an id-mapped mount's source, e.g. the storage range).
 
     A short-lived ``unshare --user`` child holds the namespace until we have its fd; we write its
     maps ourselves (as root), which needs no /etc/subuid entries.
@@ -90,7 +102,7 @@ def userns_fd(base: int, size: int = ID_RANGE) -> int:
             time.sleep(0.0005)
         for kind in ("uid_map", "gid_map"):
             with open(f"/proc/{child.pid}/{kind}", "w") as f:
-                f.write(f"0 {base} {size}\n")
+                f.write(f"{first} {base} {size}\n")
         return os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
     finally:
         child.kill()

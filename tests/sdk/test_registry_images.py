@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+from support.registry import free_port, need_tools, start_registry
 from support.server import RunningServer, start_server
 
 from sandlot import Sandbox, SandboxRequestError
@@ -33,49 +31,10 @@ class Registry:
     process: subprocess.Popen[bytes]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _run(*command: str) -> str:
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"{command}: {result.stderr}"
     return result.stdout
-
-
-def _start_registry(tmp: Path, htpasswd: Path | None = None) -> tuple[str, subprocess.Popen[bytes]]:
-    """docker-registry on 127.0.0.1 (a free port), storing under ``tmp``; with ``htpasswd``,
-    it wants basic auth."""
-    port = _free_port()
-    config = tmp / "config.yml"
-    text = (
-        "version: 0.1\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {tmp / 'storage'}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-        "log:\n  level: error\n"
-    )
-    if htpasswd is not None:
-        text += f"auth:\n  htpasswd:\n    realm: sandlot-test\n    path: {htpasswd}\n"
-    config.write_text(text)
-    process = subprocess.Popen(
-        ["docker-registry", "serve", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            status = httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code
-            if status in (200, 401):
-                return f"127.0.0.1:{port}", process
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("docker-registry did not start")
-        time.sleep(0.1)
 
 
 def _push_test_image(tmp: Path, ref: str, *creds: str) -> str:
@@ -105,19 +64,13 @@ def _push_test_image(tmp: Path, ref: str, *creds: str) -> str:
     return str(json.loads(inspected)["Digest"])
 
 
-def _need_tools() -> None:
-    for tool in ("docker-registry", "skopeo", "umoci"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"needs {tool} (scripts/setup.sh installs it)")
-
-
 @pytest.fixture(scope="module")
 def registry(local_server: RunningServer) -> Iterator[Registry]:
-    _need_tools()
+    need_tools()
     tmp = Path(tempfile.mkdtemp(prefix="sl-registry-"))
     process: subprocess.Popen[bytes] | None = None
     try:
-        host, process = _start_registry(tmp)
+        host, process = start_registry(tmp)
         ref = f"{host}/sandlot-test/busy:1"
         digest = _push_test_image(tmp, ref)
         yield Registry(host, ref, f"{host}/sandlot-test/busy@{digest}", process)
@@ -137,7 +90,7 @@ class PrivateRegistry:
 @pytest.fixture(scope="module")
 def private_registry(local_server: RunningServer) -> Iterator[PrivateRegistry]:
     """A registry that wants ``robot`` / ``hunter2-registry`` (bcrypt in an htpasswd file)."""
-    _need_tools()
+    need_tools()
     with warnings.catch_warnings():  # deprecated (gone in 3.13), but bcrypt without a package
         warnings.simplefilter("ignore", DeprecationWarning)
         crypt = pytest.importorskip("crypt", reason="bcrypt for the htpasswd file")
@@ -148,7 +101,7 @@ def private_registry(local_server: RunningServer) -> Iterator[PrivateRegistry]:
     htpasswd.write_text(f"robot:{hashed}\n")
     process: subprocess.Popen[bytes] | None = None
     try:
-        host, process = _start_registry(tmp, htpasswd)
+        host, process = start_registry(tmp, htpasswd)
         ref = f"{host}/team/private:1"
         _push_test_image(tmp, ref, "robot", "hunter2-registry")
         yield PrivateRegistry(host, ref)
@@ -219,7 +172,7 @@ def test_registry_secret_for_an_image_not_from_a_registry(server: RunningServer)
 
 
 def test_unreachable_registry(server: RunningServer) -> None:
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     image = f"127.0.0.1:{port}/nothing/here:1"
     with pytest.raises(SandboxRequestError, match="cannot pull") as info:
         Sandbox.create(image=image, api_url=server.url)

@@ -1,5 +1,6 @@
 """ImageStore.prune on a store laid out by hand (no root needed): what nothing can use any more
-goes, the newest pulled version and whatever a sandbox was made from stay."""
+goes (images of the old storage layout, owned by host root, among them), the newest pulled
+version and whatever a sandbox was made from stay."""
 
 from __future__ import annotations
 
@@ -12,13 +13,18 @@ import pytest
 
 from sandlot.engines.base import ImageError
 from sandlot.engines.local.engine import images_in_use
+from sandlot.engines.local.idmap import STORAGE_ID_BASE
 from sandlot.images.store import ImageStore, default_image_digest
 
 
-def _image(root: Path, name: str) -> Path:
+def _image(root: Path, name: str, uid_base: int | None = STORAGE_ID_BASE) -> Path:
+    """An image directory; ``uid_base=None``: of the old storage layout (host root's)."""
     d = root / name
     (d / "rootfs").mkdir(parents=True)
-    (d / "image.json").write_text('{"env": {}, "workdir": "/"}')
+    meta: dict[str, object] = {"env": {}, "workdir": "/"}
+    if uid_base is not None:
+        meta["uid_base"] = uid_base
+    (d / "image.json").write_text(json.dumps(meta))
     return d
 
 
@@ -29,6 +35,7 @@ def test_prune(tmp_path: Path) -> None:
     current = _image(store.root, f"default-{default_image_digest()}")
     stale_default = _image(store.root, "default-000000000000")
     busybox = _image(store.root, "busybox-123")
+    old_layout = [_image(store.root, n, None) for n in ("busybox-0ld", "registry-0ld-1")]
     fresh_build = store.root / ".build-registry-x-1"
     fresh_build.mkdir()
     old_build = store.root / ".build-default-y"
@@ -38,7 +45,7 @@ def test_prune(tmp_path: Path) -> None:
 
     in_use = {v1 / "rootfs"}
     would = store.prune(in_use, dry_run=True)
-    assert set(would) == {v2, stale_default, old_build}
+    assert set(would) == {v2, stale_default, old_build, *old_layout}
     assert all(d.exists() for d in would)
     assert store.prune(in_use) == would
     for gone in would:
@@ -97,7 +104,7 @@ def test_compressed_size_from_a_manifest_or_an_index(monkeypatch: pytest.MonkeyP
     }
     asked: list[str] = []
 
-    def fake_skopeo(ref: str, args: list[str]) -> str:
+    def fake_skopeo(ref: str, args: list[str], hide: tuple[str, ...] = ()) -> str:
         asked.append(args[-1])
         if args[-1].endswith("@sha256:ours"):
             return json.dumps({"layers": [{"size": 7}]})
@@ -108,11 +115,13 @@ def test_compressed_size_from_a_manifest_or_an_index(monkeypatch: pytest.MonkeyP
     assert store._compressed_size("reg.example:5000/a/multi:1", []) == 7
     assert asked[-1] == "docker://reg.example:5000/a/multi@sha256:ours"
     monkeypatch.setattr(
-        store, "_skopeo", lambda ref, args: json.dumps({"manifests": [index["manifests"][0]]})
+        store,
+        "_skopeo",
+        lambda ref, args, hide=(): json.dumps({"manifests": [index["manifests"][0]]}),
     )
     if arch != "s390x":
         with pytest.raises(ImageError, match=f"no image for linux/{arch}"):
             store._compressed_size("python:3.12", [])
-    monkeypatch.setattr(store, "_skopeo", lambda ref, args: "not json")
+    monkeypatch.setattr(store, "_skopeo", lambda ref, args, hide=(): "not json")
     with pytest.raises(ImageError, match="manifest is not readable"):
         store._compressed_size("python:3.12", [])

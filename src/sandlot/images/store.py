@@ -432,7 +432,7 @@ class ImageStore:
                     authfile.write_text(json.dumps({"auths": {host: {"auth": token.decode()}}}))
                     flags += ["--authfile", str(authfile)]
                 try:
-                    self._check_size(ref, _compressed_size(ref, flags, hide=str(tmp)))
+                    self._check_size(ref, _compressed_size(ref, flags, hide=(str(tmp),)))
                     copy_flags = [f.replace("--", "--src-", 1) for f in flags]
                     source, target = f"docker://{ref}", f"oci:{stage / 'layout'}:image"
                     _skopeo(
@@ -487,12 +487,12 @@ def _skopeo(ref: str, args: list[str], hide: tuple[str, ...] = ()) -> str:
     return result.stdout
 
 
-def _compressed_size(ref: str, flags: list[str], hide: str) -> int:
+def _compressed_size(ref: str, flags: list[str], hide: tuple[str, ...] = ()) -> int:
     """The sum of the image's compressed layers, from its manifest (for an index: the manifest
     of this machine's platform), read before anything is pulled."""
     try:
         inspect = ["inspect", "--raw", *flags]
-        manifest = json.loads(_skopeo(ref, [*inspect, f"docker://{ref}"], (hide,)))
+        manifest = json.loads(_skopeo(ref, [*inspect, f"docker://{ref}"], hide))
         if "manifests" in manifest:  # an index / manifest list
             arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(
                 platform.machine(), platform.machine()
@@ -512,7 +512,7 @@ def _compressed_size(ref: str, flags: list[str], hide: str) -> int:
                 if match.group("host")
                 else (match.group("path"))
             )
-            manifest = json.loads(_skopeo(ref, [*inspect, f"docker://{name}@{chosen[0]}"], (hide,)))
+            manifest = json.loads(_skopeo(ref, [*inspect, f"docker://{name}@{chosen[0]}"], hide))
         return sum(int(layer.get("size") or 0) for layer in manifest.get("layers") or [])
     except (ValueError, AttributeError, TypeError, KeyError):
         raise ImageError(f"cannot pull {ref}: its registry's manifest is not readable") from None
@@ -604,7 +604,7 @@ def _tool_error(stderr: str, *hide: str) -> str:
     last = lines[-1] if lines else "failed"
     last = re.sub(r'^time="[^"]*" level=\w+ msg="(.*)"$', r"\1", last)
     last = last.lstrip("\u2022 ").removeprefix("Error: ").strip()
-    for path in sorted(hide, key=len, reverse=True):
+    for path in sorted(filter(None, hide), key=len, reverse=True):
         last = last.replace(path.rstrip("/") + "/", "").replace(path, "<image>")
     return last
 

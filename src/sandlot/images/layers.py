@@ -108,7 +108,10 @@ def _decompressed(blob: Path) -> Iterator[IO[bytes] | gzip.GzipFile]:
             if shutil.which("zstd") is None:
                 raise ImageError("the image has zstd-compressed layers: install 'zstd' to use it")
             proc = subprocess.Popen(
-                ["zstd", "-dcq"], stdin=raw, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+                ["zstd", "-dcq", "--", str(blob)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
             )
             assert proc.stdout is not None
             try:

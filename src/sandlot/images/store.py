@@ -375,7 +375,10 @@ class ImageStore:
             _skopeo(name, ["copy", "--quiet", source, target], hide=(str(layout_path), str(tmp)))
             self._unpack(stage, name, tmp, progress)
 
-        self._build_atomically(final, build)
+        try:
+            self._build_atomically(final, build)
+        except subprocess.TimeoutExpired:
+            raise ImageError(f"unpacking {name} took longer than {PULL_TIMEOUT:g}s") from None
         return _read_image(spec, final)
 
     def registry_image(

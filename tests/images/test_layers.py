@@ -78,3 +78,13 @@ def test_a_manifest_naming_a_path_instead_of_a_digest(tmp_path: Path) -> None:
         measure(layout, "t", ROOMY, "img")
     with pytest.raises(ImageError, match="no tag 'other'"):
         measure(layout, "other", ROOMY, "img")
+
+
+def test_an_extended_header_is_not_read_into_memory(tmp_path: Path) -> None:
+    """A PAX header claiming 8 GiB: Python's tarfile would read it all into memory."""
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = tarfile.XHDTYPE, 8 << 30
+    layer = gzip.compress(info.tobuf(format=tarfile.GNU_FORMAT))
+    layout = write_layout(tmp_path / "l", "t", [(layer, "sha256:" + "0" * 64)])
+    with pytest.raises(ImageError, match="extended tar header larger than 1 MiB"):
+        measure(layout, "t", ROOMY, "img")

@@ -40,6 +40,13 @@ DISK_RESERVE = 256 * 1024**2
 ENTRY_COST = 4096
 #: The largest JSON document (index, manifest) read from a layout.
 _MAX_JSON = 4 * 1024**2
+#: The largest PAX or GNU long-name header (Go's archive/tar, which umoci uses, allows 1 MiB;
+#: Python's tarfile would read any size into memory).
+_MAX_SPECIAL = 1024**2
+_SPECIAL_TYPES = frozenset(
+    {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE}
+    | {tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK}
+)
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 
 
@@ -96,6 +103,18 @@ def layer_blobs(layout: Path, tag: str) -> list[Path]:
     return [_blob(layout, layer) for layer in layers]
 
 
+class _BoundedHeader(tarfile.TarInfo):
+    """A tar header whose extended headers are refused above :data:`_MAX_SPECIAL` before
+    tarfile reads them into memory."""
+
+    @classmethod
+    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> _BoundedHeader:
+        info = super().frombuf(buf, encoding, errors)
+        if info.type in _SPECIAL_TYPES and info.size > _MAX_SPECIAL:
+            raise ImageError("a layer has an extended tar header larger than 1 MiB")
+        return info
+
+
 @contextlib.contextmanager
 def _decompressed(blob: Path) -> Iterator[IO[bytes] | gzip.GzipFile]:
     with blob.open("rb") as raw:
@@ -137,7 +156,10 @@ def measure(layout: Path, tag: str, limits: UnpackLimits, name: str) -> LayerTot
     totals = LayerTotals()
     for blob in layer_blobs(layout, tag):
         try:
-            with _decompressed(blob) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            with (
+                _decompressed(blob) as stream,
+                tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedHeader) as tar,
+            ):
                 for member in tar:
                     totals.entries += 1
                     if member.isreg():

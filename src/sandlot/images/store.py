@@ -11,14 +11,13 @@ Image references a user can give:
 - ``busybox`` -- a tiny image made from the host's static busybox (no Python in it at all);
 - an absolute path to a root filesystem directory (used in place, owned by host root);
 - ``oci:PATH[:TAG]`` -- an OCI image layout on disk (unpacked with umoci);
-
-(Host paths and OCI layouts are for trusted principals only: see :mod:`sandlot.images.trust`.)
 - a registry reference, as Docker spells it (``python:3.12-slim``, ``ghcr.io/org/app:v1``,
   ``127.0.0.1:5000/team/tool@sha256:...``): pulled once with skopeo into an OCI layout, then
   unpacked like one. Later uses reuse the pull (as Docker's default "pull if missing");
   ``sandlot image pull REF`` pulls again. Registries on ``localhost``/``127.0.0.1``/``[::1]``
   are spoken to over plain HTTP, as Docker does.
 
+Host paths and OCI layouts are for trusted principals only (:mod:`sandlot.images.trust`).
 Everything this store unpacks or builds is owned by the storage uid range, in a 0700 directory,
 and bounded in size before it is unpacked (:mod:`.storage`, :mod:`.layers`). Image directories
 are named by a digest of their recipe, which includes :data:`STORAGE_LAYOUT`: a change in how
@@ -468,14 +467,17 @@ class ImageStore:
         )
         if result.returncode != 0:
             raise ImageError(f"cannot unpack {name}: {_tool_error(result.stderr, str(tmp))}")
-        (stage / "bundle" / "rootfs").rename(tmp / "rootfs")
-        config = read_json(stage / "bundle" / "config.json")
+        # What the unpacker left is the storage user's: trusted as data, never as a link.
+        bundle = stage / "bundle"
+        if not _is_real_dir(bundle / "rootfs") or (bundle / "config.json").is_symlink():
+            raise ImageError(f"cannot unpack {name}: the unpacker left no root filesystem")
+        (bundle / "rootfs").rename(tmp / "rootfs")
+        config = read_json(bundle / "config.json")
         process = config.get("process") if isinstance(config, dict) else None
         process = process if isinstance(process, dict) else {}
-        env = {
-            k: v
-            for k, _, v in (str(e).partition("=") for e in process.get("env") or [] if "=" in e)
-        }
+        variables = process.get("env")
+        pairs = (str(e).partition("=") for e in (variables if isinstance(variables, list) else []))
+        env = {k: v for k, sep, v in pairs if sep and k}
         env.setdefault("PATH", DEFAULT_PATH)
         cwd = process.get("cwd")
         _write_meta(tmp, env, cwd if isinstance(cwd, str) and cwd.startswith("/") else "/")
@@ -544,6 +546,10 @@ def _copy_tree(source: Path, target: Path) -> None:
     )
     if result.returncode != 0:
         raise ImageError(f"copying an image failed: {_tool_error(result.stderr, str(source))}")
+
+
+def _is_real_dir(path: Path) -> bool:
+    return not path.is_symlink() and path.is_dir()
 
 
 def _old_layout(d: Path) -> bool:

@@ -108,6 +108,7 @@ def build_config(
     tcp_proxy_host: str = "127.0.0.1",
     trusted_image_dirs: tuple[str, ...] = (),
 ) -> ServerConfig:
+    image_trust = ImageTrust.from_dirs(trusted_image_dirs)  # a bad one: before the engine starts
     url = database or os.environ.get("SANDLOT_DATABASE_URL") or default_database_url(state_dir())
     if public_url is None and listen.unix_path is not None:
         public_url = unix_public_url(listen.unix_path)
@@ -122,7 +123,7 @@ def build_config(
         pools=dict(pools or {}),
         domain=domain,
         tcp_proxy_host=tcp_proxy_host,
-        image_trust=ImageTrust.from_dirs(trusted_image_dirs),
+        image_trust=image_trust,
     )
 
 

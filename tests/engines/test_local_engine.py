@@ -372,6 +372,8 @@ async def test_stop_releases_memory_start_keeps_files(
     await engine.start(sb.id)
     await sb.wait_healthy()
     assert await sb.sh("cat /root/file") == "kept\n"
+    # mounted again with the image's owner range: its files are still root's inside
+    assert await sb.sh("stat -c %u:%g /bin/busybox") == "0:0\n"
 
 
 async def test_start_unknown_sandbox(engine: LocalEngine) -> None:

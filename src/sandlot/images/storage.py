@@ -43,12 +43,14 @@ def give_to_storage(path: Path) -> None:
 
 def run_as_storage(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
     """Run ``args`` as root of a user namespace mapped onto the storage range, in ``cwd``
-    (which :func:`give_to_storage` prepared)."""
+    (which :func:`give_to_storage` prepared), with none of the server's environment (which may
+    hold a database password) and none of its open files."""
     ns = idmap.userns_fd(STORAGE_ID_BASE)
     try:
         return subprocess.run(
             ["nsenter", f"--user=/proc/self/fd/{ns}", "--", *args],
             cwd=cwd,
+            env={"PATH": os.environ.get("PATH") or os.defpath, "LC_ALL": "C.UTF-8"},
             pass_fds=(ns,),
             capture_output=True,
             text=True,

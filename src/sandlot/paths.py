@@ -7,6 +7,7 @@ sandbox are fixed: the engine mounts them, the agent and the server rely on them
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 #: Inside every sandbox: the read-only runtime that runs the agent (Python closure + agent code).
@@ -37,11 +38,13 @@ def images_dir(state: Path | None = None) -> Path:
 
 
 def runtime_dir() -> Path:
-    """Per-user runtime directory: the server's default socket lives here."""
+    """Per-user runtime directory: the server's default socket lives here.
+    ``$XDG_RUNTIME_DIR/sandlot``, else ``sandlot-$UID`` in the temporary directory (``$TMPDIR``,
+    usually ``/tmp``), where anyone may have created it first: see :mod:`sandlot.local_trust`."""
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
         return Path(xdg) / "sandlot"
-    return Path(f"/tmp/sandlot-{os.geteuid()}")
+    return Path(tempfile.gettempdir()) / f"sandlot-{os.geteuid()}"
 
 
 def default_server_socket() -> Path:

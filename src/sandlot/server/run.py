@@ -6,7 +6,6 @@ import importlib
 import logging
 import os
 import socket
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import uvicorn
 
 from sandlot.engines.base import Engine, EngineError
+from sandlot.local_trust import private_dir
 from sandlot.paths import default_server_socket, state_dir
 from sandlot.server.app import ServerConfig, create_app, unix_public_url
 from sandlot.server.db import default_database_url
@@ -65,17 +65,11 @@ def load_engine(spec: str) -> Engine:
 
 
 def bind_unix_socket(path: str) -> socket.socket:
-    """Bind the server's socket: its directory 0700 and the socket 0600, because on this socket
-    file permissions are the only authentication."""
+    """Bind the server's socket: its directory ours and 0700 (never a symlink, never one made
+    by someone else: :func:`sandlot.local_trust.private_dir`) and the socket 0600, because on
+    this socket file permissions are the only authentication."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    info = p.parent.stat()
-    if info.st_uid != os.geteuid():
-        raise RuntimeError(
-            f"{p.parent} belongs to uid {info.st_uid}, not to us; refusing to use it"
-        )
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        os.chmod(p.parent, 0o700)
+    private_dir(p.parent)
     if p.exists() or p.is_symlink():
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

@@ -68,7 +68,11 @@ def test_autostarts_local_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     monkeypatch.delenv("SANDLOT_API_TOKEN", raising=False)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
     monkeypatch.setenv("SANDLOT_STATE_DIR", str(state))
-    sock = str(runtime / "sandlot" / "sandlot.sock")
+    from sandlot.paths import default_server_socket
+
+    # the socket of this state dir (sandlot-<hash>.sock: not the default state dir's)
+    sock = str(default_server_socket())
+    assert Path(sock).parent == runtime / "sandlot"
     try:
         with Sandbox.create(image="busybox") as sb:
             assert sb.exec("echo auto").stdout == "auto\n"

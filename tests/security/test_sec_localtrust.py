@@ -314,3 +314,174 @@ def test_outdated_server_behind_the_socket_is_stopped(tmp_path: Path) -> None:
     finally:
         server.kill()
         server.wait()
+
+
+# -- two servers on one host ----------------------------------------------------------------------
+
+TESTS = Path(__file__).resolve().parents[1]
+
+
+class ServerProc:
+    """``sandlot server`` in its own process over the test agent engine, with its own state
+    dir and runtime dir (``XDG_RUNTIME_DIR``) under ``root``."""
+
+    def __init__(self, root: Path, listen: str, state: Path | None = None) -> None:
+        self.root = root
+        self.state = state or root / "state"
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "SANDLOT_TEST_AGENTS": str(root / "agents"),
+            "SANDLOT_STATE_DIR": str(self.state),
+            "XDG_RUNTIME_DIR": str(root / "xdg"),
+        }
+        for name in ("SANDLOT_URL", "SANDLOT_API_TOKEN"):
+            self.env.pop(name, None)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sandlot.cli",
+                "server",
+                "--engine",
+                "support.agent_engine:from_env",
+                "--database",
+                f"sqlite:///{root / 'db'}",
+                "--log-level",
+                "warning",
+                "--listen",
+                listen,
+            ],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def admin_socket(self) -> Path:
+        from sandlot.paths import default_server_socket
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("XDG_RUNTIME_DIR", self.env["XDG_RUNTIME_DIR"])
+            return default_server_socket(self.state)
+
+    def wait_up(self, probe: object) -> None:
+        while not probe():  # type: ignore[operator]
+            if self.proc.poll() is not None:
+                raise AssertionError(self.proc.stdout.read() if self.proc.stdout else "died")
+            import time
+
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(30)
+
+
+def _server_pids(marker: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "sandlot.cli server" in cmd and marker in cmd:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture
+def short_root() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="sl-lt2-", dir="/tmp"))
+    yield root
+    subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+def _tcp_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_tcp_server_serves_admin_commands_on_its_socket(short_root: Path) -> None:
+    """``sandlot server --listen tcp:...`` then ``sandlot token create`` (as the README says):
+    the CLI used to autostart a second server on the Unix socket, over the same database and
+    state. Now the TCP server answers on its state dir's socket, and no second server starts."""
+    import httpx
+
+    port = _tcp_port()
+    server = ServerProc(short_root, f"tcp:127.0.0.1:{port}")
+    runtime = str(short_root / "xdg")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as tcp:
+
+            def up() -> bool:
+                try:
+                    return tcp.get("/v1/health").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            server.wait_up(up)
+            created = subprocess.run(
+                [sys.executable, "-m", "sandlot.cli", "token", "create", "--project", "p"],
+                env=server.env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert _server_pids(runtime) == [], "the CLI started a second server"
+            assert created.returncode == 0, created.stderr
+            admin = server.admin_socket()
+            token = created.stdout.strip()
+            # the token is the TCP server's: it works there
+            ok = tcp.get("/v1/sandboxes", headers={"authorization": f"Bearer {token}"})
+            assert ok.status_code == 200
+            # TCP clients are still not the socket's owner
+            assert tcp.post("/v1/tokens", json={"project": "p"}).status_code == 401
+            assert tcp.get("/v1/health").json().get("pid") is None
+            assert stat_mode(admin) == 0o600
+    finally:
+        server.stop()
+        for pid in _server_pids(runtime):
+            os.kill(pid, signal.SIGTERM)
+    assert not server.admin_socket().exists()
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_second_server_on_one_state_dir_is_refused(short_root: Path) -> None:
+    """Two servers on one state dir would both run lifecycle timers and recovery over the same
+    sandboxes: the second is refused, naming the first's pid."""
+    import httpx
+
+    port = _tcp_port()
+    first = ServerProc(short_root, f"tcp:127.0.0.1:{port}")
+    second: ServerProc | None = None
+    try:
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/v1/health").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        first.wait_up(up)
+        second = ServerProc(short_root, f"unix:{short_root / 'other.sock'}", state=first.state)
+        try:
+            out, _ = second.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("a second server started on the same state dir")
+        assert second.proc.returncode == 1, out
+        assert f"another sandlot server (pid {first.proc.pid}) is already running" in out
+        assert "Traceback" not in out
+        assert first.proc.poll() is None
+    finally:
+        if second is not None:
+            second.stop()
+        first.stop()

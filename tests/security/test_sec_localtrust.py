@@ -485,3 +485,94 @@ def test_second_server_on_one_state_dir_is_refused(short_root: Path) -> None:
         if second is not None:
             second.stop()
         first.stop()
+
+
+# -- two local engines on one host ----------------------------------------------------------------
+
+
+def _host_uid_base(pid: int) -> int:
+    """The host uid that root inside the sandbox whose init is ``pid`` maps to."""
+    first = Path(f"/proc/{pid}/uid_map").read_text().split()
+    return int(first[1])
+
+
+@pytest.fixture
+def two_engine_states() -> Iterator[tuple[Path, Path]]:
+    from support.local import local_engine_unavailable
+
+    from sandlot.engines.local.mounts import mounts_under, unmount
+
+    reason = local_engine_unavailable()
+    if reason:
+        pytest.skip(reason)
+    roots = (
+        Path(tempfile.mkdtemp(prefix="sl-ea-", dir="/tmp")),
+        Path(tempfile.mkdtemp(prefix="sl-eb-", dir="/tmp")),
+    )
+    yield roots
+    for root in roots:
+        for point in mounts_under(root):
+            unmount(point)
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+@pytest.mark.root
+@pytest.mark.anyio
+async def test_two_engines_get_disjoint_uid_ranges_and_recover_only_their_own(
+    two_engine_states: tuple[Path, Path],
+) -> None:
+    """Two servers on one host (different state dirs): their sandboxes used to get the same
+    host uid range (slots counted per state dir, from 1000000), and one server's start-up
+    recovery deleted the other's cgroups (here: the empty cgroup of a sandbox being created)."""
+    from support.local import IMAGES_DIR
+
+    from sandlot.engines.base import SandboxSpec, SandboxState
+    from sandlot.engines.local import LocalEngine, cgroups, new_sandbox_id
+    from sandlot.images.store import ImageStore
+    from sandlot.instance_types import get_instance_type
+
+    engines = [LocalEngine(root, images=ImageStore(IMAGES_DIR)) for root in two_engine_states]
+    made: list[tuple[LocalEngine, str]] = []
+    half_made: list[Path] = []
+    try:
+        pids = []
+        for eng in engines:
+            spec = SandboxSpec(
+                id=new_sandbox_id(),
+                image="busybox",
+                instance_type=get_instance_type("nano"),
+                secret="s-" + new_sandbox_id(),
+            )
+            info = await eng.create(spec)
+            made.append((eng, spec.id))
+            assert info.pid is not None
+            pids.append(info.pid)
+        bases = [_host_uid_base(pid) for pid in pids]
+        assert abs(bases[0] - bases[1]) >= 65536, f"overlapping uid ranges: {bases}"
+
+        # Engine A is creating a sandbox: its directory and (still empty) cgroup exist.
+        a, b = engines
+        creating = new_sandbox_id()
+        (a.sandboxes_dir / creating).mkdir(mode=0o700)
+        (a.sandboxes_dir / creating / "meta.json").write_text(json.dumps({"ready": False}))
+        half_made = cgroups.sandbox_cgroup_dirs(a.layout, creating)
+        for d in half_made:
+            d.mkdir(parents=True)
+
+        assert await b.recover() == []
+        assert all(d.is_dir() for d in half_made), "B's recovery removed A's cgroup"
+        for eng, sandbox_id in made:
+            assert (await eng.inspect(sandbox_id)).state is SandboxState.RUNNING
+            assert all(d.is_dir() for d in cgroups.sandbox_cgroup_dirs(eng.layout, sandbox_id))
+
+        # A's own recovery does remove its half-made sandbox, cgroup included.
+        assert await a.recover() == [creating]
+        assert not any(d.exists() for d in half_made)
+        assert (await a.inspect(made[0][1])).state is SandboxState.RUNNING
+    finally:
+        for eng, sandbox_id in made:
+            await eng.delete(sandbox_id)
+        cgroups.remove_cgroup_dirs(half_made)
+    # deleted sandboxes give their ranges back
+    for eng in engines:
+        assert eng.slots.owned() == {}

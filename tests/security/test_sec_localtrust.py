@@ -436,6 +436,11 @@ def test_tcp_server_serves_admin_commands_on_its_socket(short_root: Path) -> Non
             assert _server_pids(runtime) == [], "the CLI started a second server"
             assert created.returncode == 0, created.stderr
             admin = server.admin_socket()
+            # HTTP/2 with prior knowledge on the admin socket is the owner too (h2serve)
+            h2 = httpx.HTTPTransport(uds=str(admin), http1=False, http2=True)
+            with httpx.Client(transport=h2, base_url="http://sandlot") as owner:
+                made = owner.post("/v1/tokens", json={"project": "q"})
+                assert made.status_code == 201 and made.http_version == "HTTP/2"
             token = created.stdout.strip()
             # the token is the TCP server's: it works there
             ok = tcp.get("/v1/sandboxes", headers={"authorization": f"Bearer {token}"})
@@ -576,3 +581,31 @@ async def test_two_engines_get_disjoint_uid_ranges_and_recover_only_their_own(
     # deleted sandboxes give their ranges back
     for eng in engines:
         assert eng.slots.owned() == {}
+
+
+@pytest.mark.anyio
+async def test_admin_is_told_by_the_accepting_socket_not_by_the_client(tmp_path: Path) -> None:
+    """On a TCP server with an admin socket, only a connection accepted on that socket is the
+    socket's owner. A client cannot choose the ASGI ``server`` address; one that merely looks
+    like a Unix socket's (``(name, None)``) but is not the admin socket's path stays a token
+    client."""
+    import httpx
+    from support.agent_engine import AgentProcessEngine
+
+    from sandlot.server.app import ServerConfig, create_app
+
+    config = ServerConfig(
+        database_url=f"sqlite:///{tmp_path / 'db'}",
+        engines={"local": AgentProcessEngine(tmp_path / "agents")},
+        default_region="local",
+        auth="token",
+        admin_socket=str(tmp_path / "admin.sock"),
+    )
+    app = create_app(config)
+    # httpx's ASGI transport reports the server as ("testserver", None)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+    ) as client:
+        r = await client.post("/v1/tokens", json={"project": "p"})
+        assert r.status_code == 401
+        assert (await client.get("/v1/health")).json().get("pid") is None

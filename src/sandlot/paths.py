@@ -6,7 +6,9 @@ sandbox are fixed: the engine mounts them, the agent and the server rely on them
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 #: Inside every sandbox: the read-only runtime that runs the agent (Python closure + agent code).
@@ -21,6 +23,10 @@ def state_dir() -> Path:
     configured = os.environ.get("SANDLOT_STATE_DIR")
     if configured:
         return Path(configured)
+    return _default_state_dir()
+
+
+def _default_state_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/var/lib/sandlot")
     xdg = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
@@ -37,12 +43,22 @@ def images_dir(state: Path | None = None) -> Path:
 
 
 def runtime_dir() -> Path:
-    """Per-user runtime directory: the server's default socket lives here."""
+    """Per-user runtime directory: the server's default socket lives here.
+    ``$XDG_RUNTIME_DIR/sandlot``, else ``sandlot-$UID`` in the temporary directory (``$TMPDIR``,
+    usually ``/tmp``), where anyone may have created it first: see :mod:`sandlot.local_trust`."""
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
         return Path(xdg) / "sandlot"
-    return Path(f"/tmp/sandlot-{os.geteuid()}")
+    return Path(tempfile.gettempdir()) / f"sandlot-{os.geteuid()}"
 
 
-def default_server_socket() -> Path:
-    return runtime_dir() / "sandlot.sock"
+def default_server_socket(state: Path | None = None) -> Path:
+    """The local server's socket for a state directory (default: :func:`state_dir`), where the
+    CLI and the SDK find it (a TCP server serves its admin API there too). One per state dir:
+    ``sandlot.sock`` for the default one, ``sandlot-<hash of its path>.sock`` for another, so
+    that servers with their own ``SANDLOT_STATE_DIR`` never meet on one socket."""
+    state = state if state is not None else state_dir()
+    if state.resolve() == _default_state_dir().resolve():
+        return runtime_dir() / "sandlot.sock"
+    digest = hashlib.sha256(str(state.resolve()).encode()).hexdigest()[:12]
+    return runtime_dir() / f"sandlot-{digest}.sock"

@@ -36,6 +36,10 @@ def _start(args: list[str], short_dir: Path) -> subprocess.Popen[bytes]:
         **os.environ,
         "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         "SANDLOT_TEST_AGENTS": str(short_dir / "agents"),
+        # its own state dir (one server per state dir) and runtime dir (a TCP server's admin
+        # socket lives there)
+        "SANDLOT_STATE_DIR": str(short_dir / "state"),
+        "XDG_RUNTIME_DIR": str(short_dir / "xdg"),
     }
     return subprocess.Popen(
         [
@@ -84,7 +88,7 @@ def test_unix_server_process(short_dir: Path) -> None:
             assert r.json()["stdout"] == "hi\n"
         second = _start(["--listen", f"unix:{sock}"], short_dir)
         out, _ = second.communicate(timeout=30)
-        assert second.returncode != 0 and b"already listening" in out
+        assert second.returncode != 0 and f"(pid {proc.pid}) is already running".encode() in out
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

@@ -18,7 +18,8 @@ def main() -> None:
     default=None,
     metavar="unix:PATH|tcp:HOST:PORT",
     help="Where to listen (default: the per-user Unix socket, whose permissions are the "
-    "authentication; TCP requires API tokens).",
+    "authentication; TCP requires API tokens, and a TCP server also serves its admin API on "
+    "that Unix socket, where the CLI finds it). One server per state directory.",
 )
 @click.option(
     "--database",

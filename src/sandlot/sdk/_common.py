@@ -18,6 +18,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -25,6 +26,7 @@ import anyio
 import anyio.to_thread
 import httpx
 
+from sandlot.local_trust import LocalTrustError, open_private_file, private_dir, signal_server
 from sandlot.paths import default_server_socket
 from sandlot.sdk.errors import (
     MissingApiTokenError,
@@ -299,7 +301,9 @@ def async_uds_transport(path: str) -> httpx.AsyncBaseTransport:
 
 
 def sync_uds_transport(path: str) -> httpx.BaseTransport:
-    return httpx.HTTPTransport(uds=path, verify=shared_ssl_context())
+    from sandlot.sdk._uds import UnixTransport
+
+    return UnixTransport(path, shared_ssl_context())
 
 
 def monotonic() -> float:
@@ -387,7 +391,9 @@ def ensure_local_server(path: str) -> None:
 
     The server runs detached in its own session (it outlives this process, like a user
     daemon) and logs to ``sandlot-server.log`` next to its socket. A lock file keeps two
-    processes from starting two servers at once.
+    processes from starting two servers at once. The socket's directory must be ours and
+    private (:func:`sandlot.local_trust.private_dir`): it is checked before anything in it is
+    opened or connected to.
     """
     import fcntl
     import subprocess
@@ -396,17 +402,21 @@ def ensure_local_server(path: str) -> None:
     if path in _checked and _socket_answers(path):
         return
     with _server_lock:
-        directory = os.path.dirname(path)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        with open(os.path.join(directory, "autostart.lock"), "w") as lock:
+        try:
+            directory = private_dir(Path(path).parent)
+        except (LocalTrustError, OSError) as exc:
+            raise SandboxServiceError(f"cannot use the local sandlot server: {exc}") from None
+        lock_fd = open_private_file(directory / "autostart.lock")
+        with os.fdopen(lock_fd, "r+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if path not in _checked:
                 _checked.add(path)
                 _stop_if_outdated(path)
             if _socket_answers(path):
                 return
-            log_path = os.path.join(directory, "sandlot-server.log")
-            with open(log_path, "ab") as log:
+            log_path = directory / "sandlot-server.log"
+            log_fd = open_private_file(log_path, os.O_WRONLY | os.O_APPEND)
+            with os.fdopen(log_fd, "ab") as log:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "sandlot.cli", "server", "--listen", f"unix:{path}"],
                     stdin=subprocess.DEVNULL,
@@ -422,7 +432,7 @@ def ensure_local_server(path: str) -> None:
                 if proc.poll() is not None:
                     raise SandboxServiceError(
                         f"the local sandlot server exited at start (code {proc.returncode}); "
-                        f"its log {log_path} ends with:\n{_tail(log_path)}"
+                        f"its log {log_path} ends with:\n{_tail(str(log_path))}"
                     )
                 time.sleep(0.02)
             raise SandboxTimeoutError(
@@ -440,7 +450,8 @@ def _stop_if_outdated(path: str) -> None:
     (upgraded or edited since it started); :func:`ensure_local_server` then starts the new one.
     Its sandboxes live on: a server recovers them at start. A server of another installation
     (another virtualenv sharing the default socket) is left alone, or two projects would stop
-    each other's servers in turn."""
+    each other's servers in turn. The pid its health names is signalled only if it is the
+    process behind the socket (:func:`sandlot.local_trust.signal_server`)."""
     import signal
 
     from sandlot._build import PACKAGE_DIR, build_id
@@ -453,23 +464,22 @@ def _stop_if_outdated(path: str) -> None:
     pid = health.get("pid")
     if not isinstance(pid, int) or pid <= 1:
         return
+    if not signal_server(path, pid, signal.SIGTERM):
+        log.warning("the local sandlot server on %s runs an older build; not ours to stop", path)
+        return
     log.warning(
         "the local sandlot server (pid %d) runs an older build of this installation: restarting it",
         pid,
     )
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except OSError:
-        return
     deadline = time.monotonic() + SERVER_START_TIMEOUT
     while _socket_answers(path) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
 def _local_health(path: str) -> dict[str, Any] | None:
-    """``GET /v1/health`` on the Unix socket; None if nothing sensible answers."""
+    """``GET /v1/health`` on the Unix socket; None if nothing sensible (or trusted) answers."""
     try:
-        with httpx.Client(transport=httpx.HTTPTransport(uds=path), timeout=5.0) as client:
+        with httpx.Client(transport=sync_uds_transport(path), timeout=5.0) as client:
             response = client.get("http://sandlot/v1/health")
         answer = response.json() if response.status_code == 200 else None
     except (httpx.HTTPError, ValueError):

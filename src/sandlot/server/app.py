@@ -81,6 +81,9 @@ class ServerConfig:
     tcp_proxy_host: str = "127.0.0.1"
     #: Who may use host paths and OCI layouts as images (``--trusted-image-dir``).
     image_trust: ImageTrust = field(default_factory=ImageTrust)
+    #: The Unix socket whose clients are the socket's owner (admin, like ``auth="socket"``)
+    #: even on a TCP server: the CLI's way in (see :mod:`sandlot.server.run`).
+    admin_socket: str | None = None
 
 
 @dataclass(frozen=True)
@@ -98,9 +101,27 @@ def _iso(value: Any) -> str:
     return value.isoformat() if value is not None else ""
 
 
+def via_admin_socket(request: Request, config: ServerConfig) -> bool:
+    """Did ``request`` come in on the admin Unix socket? The ASGI server says which socket a
+    connection was accepted on: ``(path, None)`` for a Unix one (uvicorn, h2serve), ``(host,
+    port)`` for TCP; a client cannot choose it."""
+    if config.auth == "socket":
+        return True
+    server = request.scope.get("server")
+    return (
+        config.admin_socket is not None
+        and isinstance(server, tuple | list)
+        and len(server) == 2
+        and server[1] is None
+        and server[0] == config.admin_socket
+    )
+
+
 def _public_base(request: Request, config: ServerConfig) -> str:
     if config.public_url:
         return config.public_url.rstrip("/")
+    if config.admin_socket is not None and via_admin_socket(request, config):
+        return unix_public_url(config.admin_socket)
     return str(request.base_url).rstrip("/")
 
 
@@ -231,7 +252,7 @@ class Api:
         self.ports = Ports(config, control, self.principal)
 
     async def principal(self, request: Request) -> Principal:
-        if self.config.auth == "socket":
+        if via_admin_socket(request, self.config):
             project = request.headers.get("x-sandlot-project") or DEFAULT_PROJECT
             return Principal(project, admin=True, local=True)
         header = request.headers.get("authorization", "")
@@ -379,7 +400,7 @@ class Api:
         out = HealthOut(
             status="ok", version=sandlot.__version__, regions=sorted(self.control.engines)
         )
-        if self.config.auth == "socket":
+        if via_admin_socket(request, self.config):
             out.build, out.package, out.pid = build_id(), str(PACKAGE_DIR), os.getpid()
         return json_response(out)
 

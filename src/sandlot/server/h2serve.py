@@ -496,9 +496,13 @@ class H2ServerProtocol(asyncio.Protocol):
         self._flush()
 
 
-def _addr(value: object) -> tuple[str, int] | None:
+def _addr(value: object) -> tuple[str, int | None] | None:
+    """A socket address as ASGI wants it: ``(host, port)``, or ``(path, None)`` for a Unix
+    socket (as uvicorn does; the API tells its admin socket by it)."""
     if isinstance(value, tuple) and len(value) >= 2:
         return (str(value[0]), int(value[1]))
+    if isinstance(value, str) and value:
+        return (value, None)
     return None
 
 

@@ -1,12 +1,22 @@
-"""Running the server: listen address parsing, the Unix socket's permissions, engine loading."""
+"""Running the server: listen address parsing, the Unix socket's permissions, engine loading,
+and one server per state directory.
+
+Why one per state dir: two servers over one database and one engine state both run lifecycle
+timers and start-up recovery on the same sandboxes (seen: ``sandlot server --listen tcp:...``
+then ``sandlot token create`` autostarted a second server on the Unix socket). The server holds
+an exclusive ``flock`` on ``<state>/server.lock`` for its whole life; a second one is refused
+with the holder's pid. And a TCP server also serves its admin API on the state dir's Unix socket
+(:func:`sandlot.paths.default_server_socket`), where the CLI finds it, so the admin commands
+reach the running server instead of starting another.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import logging
 import os
 import socket
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +25,7 @@ import uvicorn
 
 from sandlot.engines.base import Engine, EngineError
 from sandlot.images.trust import ImageTrust
+from sandlot.local_trust import open_private_file, private_dir
 from sandlot.paths import default_server_socket, state_dir
 from sandlot.server.app import ServerConfig, create_app, unix_public_url
 from sandlot.server.db import default_database_url
@@ -66,17 +77,11 @@ def load_engine(spec: str) -> Engine:
 
 
 def bind_unix_socket(path: str) -> socket.socket:
-    """Bind the server's socket: its directory 0700 and the socket 0600, because on this socket
-    file permissions are the only authentication."""
+    """Bind the server's socket: its directory ours and 0700 (never a symlink, never one made
+    by someone else: :func:`sandlot.local_trust.private_dir`) and the socket 0600, because on
+    this socket file permissions are the only authentication."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    info = p.parent.stat()
-    if info.st_uid != os.geteuid():
-        raise RuntimeError(
-            f"{p.parent} belongs to uid {info.st_uid}, not to us; refusing to use it"
-        )
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        os.chmod(p.parent, 0o700)
+    private_dir(p.parent)
     if p.exists() or p.is_symlink():
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -98,6 +103,29 @@ def bind_unix_socket(path: str) -> socket.socket:
     return sock
 
 
+def lock_state_dir(state: Path) -> int:
+    """Take the state directory for this process (the lock goes with the process, however it
+    ends); returns the lock's descriptor, to be kept open. Refuses if a server holds it."""
+    try:
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = open_private_file(state / "server.lock")
+    except OSError as exc:
+        raise RuntimeError(f"cannot use the state directory {state}: {exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise RuntimeError(
+            f"another sandlot server (pid {holder}) is already running on the state directory "
+            f"{state}: use that one (the CLI reaches it on its Unix socket), stop it first, or "
+            "give this server its own SANDLOT_STATE_DIR"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def build_config(
     listen: Listen,
     database: str | None,
@@ -107,6 +135,7 @@ def build_config(
     domain: str | None = None,
     tcp_proxy_host: str = "127.0.0.1",
     trusted_image_dirs: tuple[str, ...] = (),
+    admin_socket: str | None = None,
 ) -> ServerConfig:
     image_trust = ImageTrust.from_dirs(trusted_image_dirs)  # a bad one: before the engine starts
     url = database or os.environ.get("SANDLOT_DATABASE_URL") or default_database_url(state_dir())
@@ -124,6 +153,7 @@ def build_config(
         domain=domain,
         tcp_proxy_host=tcp_proxy_host,
         image_trust=image_trust,
+        admin_socket=admin_socket or listen.unix_path,
     )
 
 
@@ -142,9 +172,20 @@ def serve(
         level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     listen = parse_listen(listen_value)
+    state = state_dir()
+    state_lock = lock_state_dir(state)  # noqa: F841 -- held until the process ends
+    admin_socket = listen.unix_path or str(default_server_socket(state))
     try:
         config = build_config(
-            listen, database, engine, public_url, pools, domain, tcp_proxy_host, trusted_image_dirs
+            listen,
+            database,
+            engine,
+            public_url,
+            pools,
+            domain,
+            tcp_proxy_host,
+            trusted_image_dirs,
+            admin_socket,
         )
     except ValueError as exc:  # e.g. a trusted image directory that is not one
         raise RuntimeError(str(exc)) from exc
@@ -164,16 +205,18 @@ def serve(
         host=listen.host or "127.0.0.1",
         port=listen.port or 0,
     )
-    if listen.unix_path is not None:
-        sock = bind_unix_socket(listen.unix_path)
-        server = _Server(uv_config, unlink=listen.unix_path)
-        try:
-            server.run(sockets=[sock])
-        finally:
+    # A TCP server listens on its admin socket too: one app, whose requests know which
+    # socket they came in on (ServerConfig.admin_socket).
+    sockets = [bind_unix_socket(admin_socket)]
+    if listen.unix_path is None:
+        sockets.append(uv_config.bind_socket())
+    server = _Server(uv_config, unlink=admin_socket)
+    try:
+        server.run(sockets=sockets)
+    finally:
+        for sock in sockets:
             sock.close()
-            _unlink_socket(listen.unix_path)
-    else:
-        uvicorn.Server(uv_config).run()
+        _unlink_socket(admin_socket)
 
 
 def _unlink_socket(path: str) -> None:

@@ -55,6 +55,14 @@ def main() -> None:
     show_default=True,
     help="Address the TCP proxies of sandboxes created with enable_tcp_proxy listen on.",
 )
+@click.option(
+    "--key-file",
+    default=None,
+    metavar="PATH",
+    help="The server key sealing secrets at rest (default: server.key beside a SQLite "
+    "database, made at first start; env SANDLOT_SERVER_KEY_FILE). Replicas sharing PostgreSQL "
+    "need the same file, e.g. a mounted Kubernetes Secret.",
+)
 def server(
     listen: str | None,
     database: str | None,
@@ -64,6 +72,7 @@ def server(
     pools: tuple[str, ...],
     domain: str | None,
     tcp_proxy_host: str,
+    key_file: str | None,
 ) -> None:
     """Run the control server and gateway."""
     from sandlot.server.pool import PoolKey
@@ -87,6 +96,7 @@ def server(
             pools=pool_sizes,
             domain=domain,
             tcp_proxy_host=tcp_proxy_host,
+            key_file=key_file,
         )
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None

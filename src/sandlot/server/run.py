@@ -18,6 +18,7 @@ from sandlot.paths import default_server_socket, state_dir
 from sandlot.server.app import ServerConfig, create_app, unix_public_url
 from sandlot.server.db import default_database_url
 from sandlot.server.pool import PoolKey
+from sandlot.server.serverkey import KEY_FILE_ENV, ServerKeyError
 from sandlot.server.wsraw import PortsWebSocketProtocol, ports_http_protocol
 
 DEFAULT_REGION = "local"
@@ -97,6 +98,15 @@ def bind_unix_socket(path: str) -> socket.socket:
     return sock
 
 
+def secure_state_dir(path: Path) -> None:
+    """The state directory holds the database, the server key, sandboxes' disks and secrets:
+    0700, for an existing installation too (sandlot used to leave it 0755)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = path.lstat()
+    if stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and info.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
 def build_config(
     listen: Listen,
     database: str | None,
@@ -105,7 +115,9 @@ def build_config(
     pools: dict[PoolKey, int] | None = None,
     domain: str | None = None,
     tcp_proxy_host: str = "127.0.0.1",
+    key_file: str | None = None,
 ) -> ServerConfig:
+    secure_state_dir(state_dir())
     url = database or os.environ.get("SANDLOT_DATABASE_URL") or default_database_url(state_dir())
     if public_url is None and listen.unix_path is not None:
         public_url = unix_public_url(listen.unix_path)
@@ -120,6 +132,7 @@ def build_config(
         pools=dict(pools or {}),
         domain=domain,
         tcp_proxy_host=tcp_proxy_host,
+        key_file=key_file or os.environ.get(KEY_FILE_ENV) or None,
     )
 
 
@@ -132,17 +145,23 @@ def serve(
     pools: dict[PoolKey, int] | None = None,
     domain: str | None = None,
     tcp_proxy_host: str = "127.0.0.1",
+    key_file: str | None = None,
 ) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     listen = parse_listen(listen_value)
     try:
-        config = build_config(listen, database, engine, public_url, pools, domain, tcp_proxy_host)
+        config = build_config(
+            listen, database, engine, public_url, pools, domain, tcp_proxy_host, key_file
+        )
     except EngineError as exc:
         # e.g. the local engine without root: a message for the user, not a traceback
         raise RuntimeError(f"cannot start the engine: {exc}") from exc
-    app = create_app(config)
+    try:
+        app = create_app(config)
+    except ServerKeyError as exc:
+        raise RuntimeError(f"cannot open the database: {exc}") from exc
     uv_config = uvicorn.Config(
         app,
         # WebSockets and h2c upgrades to exposed ports: bytes both ways (wsraw.py)

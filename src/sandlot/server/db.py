@@ -306,30 +306,37 @@ class Store:
 
     def _migrate_secrets(self) -> None:
         """Seal what an older sandlot stored in clear: agent secrets (their agents keep them,
-        so they cannot become derived) and registry passwords."""
+        so they cannot become derived) and registry passwords. Then rewrite the tables so the
+        clear values do not linger in freed space, the WAL or (PostgreSQL) dead row versions."""
+        sealed = 0
         with self.session() as s, s.begin():
-            query = select(SandboxRow.id, SandboxRow.secret_sealed)
-            rows = s.execute(query.where(SandboxRow.secret_sealed != "")).all()
-            for sandbox_id, value in rows:
-                if not self.key.is_sealed(value, SANDBOX_SECRET_COLUMN):
-                    sealed = self.key.seal(value, SANDBOX_SECRET_COLUMN)
+            for table, key_column, column, name in (
+                (SandboxRow, SandboxRow.id, SandboxRow.secret_sealed, SANDBOX_SECRET_COLUMN),
+                (
+                    RegistrySecret,
+                    RegistrySecret.id,
+                    RegistrySecret.password_sealed,
+                    REGISTRY_PASSWORD_COLUMN,
+                ),
+            ):
+                rows = s.execute(select(key_column, column).where(column != "")).all()
+                for row_id, value in rows:
+                    if self.key.is_sealed(value, name):
+                        continue
                     s.execute(
-                        update(SandboxRow)
-                        .where(SandboxRow.id == sandbox_id, SandboxRow.secret_sealed == value)
-                        .values(secret_sealed=sealed)
+                        update(table)
+                        .where(key_column == row_id, column == value)
+                        .values({column: self.key.seal(value, name)})
                     )
-            found = s.execute(select(RegistrySecret.id, RegistrySecret.password_sealed)).all()
-            for secret_id, value in found:
-                if not self.key.is_sealed(value, REGISTRY_PASSWORD_COLUMN):
-                    sealed = self.key.seal(value, REGISTRY_PASSWORD_COLUMN)
-                    s.execute(
-                        update(RegistrySecret)
-                        .where(
-                            RegistrySecret.id == secret_id,
-                            RegistrySecret.password_sealed == value,
-                        )
-                        .values(password_sealed=sealed)
-                    )
+                    sealed += 1
+        if not sealed:
+            return
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            if self.engine.dialect.name == "sqlite":
+                conn.exec_driver_sql("VACUUM")
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            elif self.engine.dialect.name == "postgresql":
+                conn.exec_driver_sql("VACUUM FULL sandboxes, registry_secrets")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -633,4 +640,6 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # WAL: readers (the gateway's lookups) never wait for a writer (a create).
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
+    # Deleted rows (a registry secret, a token) are zeroed, not left in free pages.
+    cur.execute("PRAGMA secure_delete=ON")
     cur.close()

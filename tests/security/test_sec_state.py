@@ -11,6 +11,7 @@ running sandboxes keep working.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -61,17 +62,22 @@ CREATE TABLE registry_secrets (
 """
 
 
+OLD_PORT_TOKEN = "portTokenChosenAtRandom_0123456789"
+
+
 def old_rows(secret: str, password: str, token: str, agent_socket: str) -> list[str]:
     now = "'2026-01-01 00:00:00'"
+    ports = json.dumps({"8000": {"since": "2026-01-01T00:00:00", "token": OLD_PORT_TOKEN}})
     return [
         f"INSERT INTO api_tokens VALUES ('tok_old', 'alpha', 'ci', '{hash_token(token)}', "
         f"{now}, NULL)",
         "INSERT INTO sandboxes (id, project, name, status, image, instance_type, region, labels,"
         " env, secret, privileged, exposed_port_protocol, enable_tcp_proxy, idle_timeout,"
-        " light_sleep, network, agent_unix_path, error, created_at, updated_at) VALUES"
+        " light_sleep, network, agent_unix_path, error, created_at, updated_at, exposed_ports,"
+        " protect_ports) VALUES"
         f" ('0ld5andb0x0000000000cafe', 'default', 'old', 'running', 'default', 'micro', 'local',"
         f" '{{}}', '{{}}', '{secret}', false, 'http', false, 0, false, 'none', '{agent_socket}',"
-        f" '', {now}, {now})",
+        f" '', {now}, {now}, '{ports}', true)",
         "INSERT INTO registry_secrets VALUES (1, 'default', 'hub', 'docker.io', 'me', "
         f"'{password}', {now})",
     ]
@@ -205,19 +211,30 @@ def test_new_install_keeps_its_files_private(short_dir: Path) -> None:
         assert b"docker.io" in raw  # (the files were read: the registry itself is there)
 
 
-def test_agent_secret_is_derived_not_stored(database_url: str, short_dir: Path) -> None:
+def test_agent_secret_and_port_tokens_are_derived_not_stored(
+    database_url: str, short_dir: Path
+) -> None:
     engine = AgentProcessEngine(short_dir / "agents")
     srv = start_server(engine, database_url, unix_path=short_dir / "run" / "s.sock")
     try:
         with srv.client() as c:
-            sb = c.post("/v1/sandboxes", json={}).json()
+            sb = c.post("/v1/sandboxes", json={"protect_ports": True}).json()
+            port = c.post(f"/v1/sandboxes/{sb['id']}/ports", json={"port": 8000}).json()
+            assert port["token"]
             store = srv.app.state.control.store
             row = store.get_sandbox(sb["id"])
             assert row.secret_sealed == ""  # nothing stored: recomputed from the server key
             assert store.sandbox_secret(row) == sb["secret"] == engine.specs[sb["id"]].secret
             with store.engine.connect() as conn:
                 dump = repr(conn.exec_driver_sql("SELECT * FROM sandboxes").all())
-            assert sb["secret"] not in dump
+            assert sb["secret"] not in dump and port["token"] not in dump
+            # The derived port token is the one the gateway checks.
+            url = f"/sandboxes/{sb['id']}/ports/8000/"
+            assert c.get(url, headers={"authorization": "Bearer wrong"}).status_code == 401
+            answer = c.get(url, headers={"authorization": f"Bearer {port['token']}"})
+            assert answer.status_code == 502  # past the check: nothing listens on 8000
+            listed = c.get(f"/v1/sandboxes/{sb['id']}/ports").json()["ports"]
+            assert [p["token"] for p in listed] == [port["token"]]
             c.delete(f"/v1/sandboxes/{sb['id']}")
     finally:
         srv.stop()
@@ -274,9 +291,10 @@ def test_old_database_migrates_on_both_backends(database_url: str, short_dir: Pa
         with store.engine.connect() as conn:
             dump = repr(conn.exec_driver_sql("SELECT * FROM sandboxes").all())
             dump += repr(conn.exec_driver_sql("SELECT * FROM registry_secrets").all())
-        assert secret not in dump and password not in dump
+        assert secret not in dump and password not in dump and OLD_PORT_TOKEN not in dump
         row = store.get_sandbox("0ld5andb0x0000000000cafe")
         assert store.sandbox_secret(row) == secret
+        assert store.port_token(row.id, 8000, row.exposed_ports["8000"]) == OLD_PORT_TOKEN
         found = store.get_registry_secret("default", "hub")
         assert store.registry_password(found) == password
         assert store.token_row(token).scope == "normal"

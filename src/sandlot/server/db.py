@@ -57,6 +57,7 @@ UNCOUNTED_STATUSES = ("deleted", "pooling", "pooled")
 #: Sealed columns' names: the associated data that binds a sealed value to its column.
 SANDBOX_SECRET_COLUMN = "sandboxes.secret"
 REGISTRY_PASSWORD_COLUMN = "registry_secrets.password"
+PORT_TOKEN_COLUMN = "sandboxes.exposed_ports.token"
 
 
 def utcnow() -> dt.datetime:
@@ -101,7 +102,9 @@ class SandboxRow(Base):
     privileged: Mapped[bool] = mapped_column(Boolean, default=False)
     exposed_port_protocol: Mapped[str] = mapped_column(String(16), default="http")
     enable_tcp_proxy: Mapped[bool] = mapped_column(Boolean, default=False)
-    #: Exposed ports: {"8080": {"since": iso time, "token": str | None}} (see server/ports.py).
+    #: Exposed ports: {"8080": {"since": iso time, "protected": bool}} (see server/ports.py); a
+    #: protected port's token is derived (:meth:`Store.port_token`), or sealed
+    #: (``token_sealed``) if an older sandlot chose it at random.
     exposed_ports: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     protect_ports: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     registry_secret: Mapped[str | None] = mapped_column(String(256), nullable=True)
@@ -305,9 +308,10 @@ class Store:
                 )
 
     def _migrate_secrets(self) -> None:
-        """Seal what an older sandlot stored in clear: agent secrets (their agents keep them,
-        so they cannot become derived) and registry passwords. Then rewrite the tables so the
-        clear values do not linger in freed space, the WAL or (PostgreSQL) dead row versions."""
+        """Seal what an older sandlot stored in clear: agent secrets and port tokens (their
+        holders keep them, so they cannot become derived) and registry passwords. Then rewrite
+        the tables so the clear values do not linger in freed space, the WAL or (PostgreSQL)
+        dead row versions."""
         sealed = 0
         with self.session() as s, s.begin():
             for table, key_column, column, name in (
@@ -329,6 +333,7 @@ class Store:
                         .values({column: self.key.seal(value, name)})
                     )
                     sealed += 1
+            sealed += self._seal_port_tokens(s)
         if not sealed:
             return
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
@@ -337,6 +342,34 @@ class Store:
                 conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
             elif self.engine.dialect.name == "postgresql":
                 conn.exec_driver_sql("VACUUM FULL sandboxes, registry_secrets")
+
+    def _seal_port_tokens(self, s: Session) -> int:
+        """Port tokens an older sandlot stored in clear in ``exposed_ports``."""
+        sealed = 0
+        query = select(SandboxRow.id, SandboxRow.exposed_ports)
+        for sandbox_id, ports in s.execute(query.where(SandboxRow.exposed_ports.is_not(None))):
+            if not isinstance(ports, dict):
+                continue  # JSON null
+            clear = {p for p, v in ports.items() if isinstance(v, dict) and v.get("token")}
+            if not clear:
+                continue
+            new = {p: dict(v) for p, v in ports.items()}
+            for p in clear:
+                token = new[p].pop("token")
+                new[p]["token_sealed"] = self.key.seal(token, PORT_TOKEN_COLUMN)
+            s.execute(
+                update(SandboxRow).where(SandboxRow.id == sandbox_id).values(exposed_ports=new)
+            )
+            sealed += len(clear)
+        return sealed
+
+    def port_token(self, sandbox_id: str, port: int, info: Mapping[str, Any]) -> str | None:
+        """An exposed port's token (None: the port is public)."""
+        if info.get("token_sealed"):
+            return self.key.open(str(info["token_sealed"]), PORT_TOKEN_COLUMN)
+        if info.get("protected"):
+            return self.key.derive("port-token", f"{sandbox_id}:{port}:{info.get('since', '')}")
+        return None
 
     def close(self) -> None:
         self.engine.dispose()

@@ -1,5 +1,5 @@
 """``sandlot``: the command line. ``server`` runs the control server; the user commands
-(create, ls, exec, run, cp, rm, token, image) live in :mod:`sandlot.cli.commands`."""
+(create, ls, exec, run, cp, rm, token, quota, secret, image) live in :mod:`sandlot.cli.commands`."""
 
 from __future__ import annotations
 

@@ -158,6 +158,8 @@ def serve(
     except EngineError as exc:
         # e.g. the local engine without root: a message for the user, not a traceback
         raise RuntimeError(f"cannot start the engine: {exc}") from exc
+    except OSError as exc:
+        raise RuntimeError(f"cannot use the state directory {state_dir()}: {exc.strerror}") from exc
     try:
         app = create_app(config)
     except ServerKeyError as exc:

@@ -10,6 +10,7 @@ running sandboxes keep working.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -301,3 +302,25 @@ def test_old_database_migrates_on_both_backends(database_url: str, short_dir: Pa
     finally:
         store.close()
     Store(database_url, None).close()  # a second start changes nothing and still opens them
+
+
+def test_named_key_file_missing_or_wrong_is_a_clear_start_error(short_dir: Path) -> None:
+    """Replicas name a shared key file; a missing one, or one that is not the key the database
+    was sealed with, stops the server with a message (never a new key, never a double seal)."""
+    state = short_dir / "state"
+    env = {**os.environ, "SANDLOT_STATE_DIR": str(state), "SANDLOT_TEST_AGENTS": str(short_dir)}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(SRC)])
+    argv = [sys.executable, "-m", "sandlot.cli", "server", "--listen", f"unix:{short_dir}/s"]
+    argv += ["--engine", "support.agent_engine:from_env"]
+    missing = subprocess.run(
+        [*argv, "--key-file", str(short_dir / "nope.key")], env=env, capture_output=True, timeout=60
+    )
+    assert missing.returncode != 0
+    assert b"server key file 'nope.key' not found" in missing.stderr
+    assert b"Traceback" not in missing.stderr
+    Store(f"sqlite:///{state / 'sandlot.db'}").close()  # sealed with state/server.key
+    other = short_dir / "other.key"
+    other.write_text(base64.b64encode(os.urandom(32)).decode())
+    argv += ["--key-file", str(other)]
+    wrong = subprocess.run(argv, env=env, capture_output=True, timeout=60)
+    assert wrong.returncode != 0 and b"sealed with another server key" in wrong.stderr

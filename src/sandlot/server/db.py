@@ -254,6 +254,8 @@ class Store:
     file named explicitly must exist (it is shared, e.g. a mounted Kubernetes Secret)."""
 
     def __init__(self, url: str, key_file: Path | None = None) -> None:
+        # First: a missing or unreadable key stops the start before anything is created.
+        self.key = ServerKey.load(key_file or default_key_file(url), create=key_file is None)
         kwargs: dict[str, Any] = {}
         db_path = _sqlite_path(url)
         if db_path is not None:
@@ -270,7 +272,6 @@ class Store:
         #: Quota check and insert are one step (for SQLite, one process; PostgreSQL also locks
         #: the project's quota row, for replicas).
         self._admit_lock = threading.Lock()
-        self.key = ServerKey.load(key_file or default_key_file(url), create=key_file is None)
         Base.metadata.create_all(self.engine)
         self._add_missing_columns()
         self._check_key()

@@ -64,6 +64,7 @@ CREATE TABLE registry_secrets (
 
 
 OLD_PORT_TOKEN = "portTokenChosenAtRandom_0123456789"
+OLD_ENV = '{"OPENAI_API_KEY": "sk-oldEnvValueInClear0123"}'
 
 
 def old_rows(secret: str, password: str, token: str, agent_socket: str) -> list[str]:
@@ -77,7 +78,8 @@ def old_rows(secret: str, password: str, token: str, agent_socket: str) -> list[
         " light_sleep, network, agent_unix_path, error, created_at, updated_at, exposed_ports,"
         " protect_ports) VALUES"
         f" ('0ld5andb0x0000000000cafe', 'default', 'old', 'running', 'default', 'micro', 'local',"
-        f" '{{}}', '{{}}', '{secret}', false, 'http', false, 0, false, 'none', '{agent_socket}',"
+        f" '{{}}', '{OLD_ENV}', '{secret}', false, 'http', false, 0, false, 'none',"
+        f" '{agent_socket}',"
         f" '', {now}, {now}, '{ports}', true)",
         "INSERT INTO registry_secrets VALUES (1, 'default', 'hub', 'docker.io', 'me', "
         f"'{password}', {now})",
@@ -212,14 +214,14 @@ def test_new_install_keeps_its_files_private(short_dir: Path) -> None:
         assert b"docker.io" in raw  # (the files were read: the registry itself is there)
 
 
-def test_agent_secret_and_port_tokens_are_derived_not_stored(
-    database_url: str, short_dir: Path
-) -> None:
+def test_no_secret_of_a_sandbox_is_stored_in_clear(database_url: str, short_dir: Path) -> None:
     engine = AgentProcessEngine(short_dir / "agents")
     srv = start_server(engine, database_url, unix_path=short_dir / "run" / "s.sock")
     try:
         with srv.client() as c:
-            sb = c.post("/v1/sandboxes", json={"protect_ports": True}).json()
+            env = {"OPENAI_API_KEY": "sk-" + secrets.token_hex(16)}
+            sb = c.post("/v1/sandboxes", json={"protect_ports": True, "env": env}).json()
+            assert sb["env"] == env == c.get(f"/v1/sandboxes/{sb['id']}").json()["env"]
             port = c.post(f"/v1/sandboxes/{sb['id']}/ports", json={"port": 8000}).json()
             assert port["token"]
             store = srv.app.state.control.store
@@ -229,6 +231,7 @@ def test_agent_secret_and_port_tokens_are_derived_not_stored(
             with store.engine.connect() as conn:
                 dump = repr(conn.exec_driver_sql("SELECT * FROM sandboxes").all())
             assert sb["secret"] not in dump and port["token"] not in dump
+            assert env["OPENAI_API_KEY"] not in dump
             # The derived port token is the one the gateway checks.
             url = f"/sandboxes/{sb['id']}/ports/8000/"
             assert c.get(url, headers={"authorization": "Bearer wrong"}).status_code == 401
@@ -296,6 +299,8 @@ def test_old_database_migrates_on_both_backends(database_url: str, short_dir: Pa
         row = store.get_sandbox("0ld5andb0x0000000000cafe")
         assert store.sandbox_secret(row) == secret
         assert store.port_token(row.id, 8000, row.exposed_ports["8000"]) == OLD_PORT_TOKEN
+        assert "sk-oldEnvValueInClear0123" not in dump
+        assert store.sandbox_env(row) == json.loads(OLD_ENV)
         found = store.get_registry_secret("default", "hub")
         assert store.registry_password(found) == password
         assert store.token_row(token).scope == "normal"

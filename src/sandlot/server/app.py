@@ -129,8 +129,9 @@ def _public_base(request: Request, config: ServerConfig) -> str:
 
 
 def sandbox_out(
-    row: SandboxRow, base: str, secret: str | None, domain: str | None = None
+    row: SandboxRow, base: str, store: Store, with_secret: bool, domain: str | None = None
 ) -> SandboxOut:
+    """The API's view of a sandbox; its secret (on create and get) and env are opened here."""
     url = f"{base}/sandboxes/{row.id}/koyeb-sandbox"
     domain = domain or base.split("://", 1)[-1]
     return SandboxOut(
@@ -145,7 +146,7 @@ def sandbox_out(
         created_at=_iso(row.created_at),
         updated_at=_iso(row.updated_at),
         labels=row.labels or {},
-        env=row.env or {},
+        env=store.sandbox_env(row),
         sandbox_url=url,
         domain=domain,
         privileged=row.privileged,
@@ -158,7 +159,7 @@ def sandbox_out(
         network=row.network or "none",  # type: ignore[arg-type]
         outbound_allowlist=row.outbound_allowlist,
         error=row.error or "",
-        secret=secret,
+        secret=store.sandbox_secret(row) if with_secret else None,
     )
 
 
@@ -291,9 +292,6 @@ class Api:
             )
         return who
 
-    def _secret(self, row: SandboxRow) -> str:
-        return self.store.sandbox_secret(row)
-
     # -- sandboxes --
 
     async def create_sandbox(self, request: Request) -> Response:
@@ -308,7 +306,7 @@ class Api:
             return Response(status_code=499)
         row = await self.ports.after_create(row, req.protect_ports, req.enable_tcp_proxy)
         base = _public_base(request, self.config)
-        out = sandbox_out(row, base, self._secret(row), self.config.domain)
+        out = sandbox_out(row, base, self.store, True, self.config.domain)
         return json_response(out, 201)
 
     async def list_sandboxes(self, request: Request) -> Response:
@@ -324,14 +322,14 @@ class Api:
         base = _public_base(request, self.config)
         domain = self.config.domain
         return json_response(
-            SandboxList(sandboxes=[sandbox_out(r, base, None, domain) for r in rows])
+            SandboxList(sandboxes=[sandbox_out(r, base, self.store, False, domain) for r in rows])
         )
 
     async def get_sandbox(self, request: Request) -> Response:
         who = await self.principal(request)
         row = await self.control.get(who.project, request.path_params["sandbox_id"])
         base = _public_base(request, self.config)
-        return json_response(sandbox_out(row, base, self._secret(row), self.config.domain))
+        return json_response(sandbox_out(row, base, self.store, True, self.config.domain))
 
     async def update_sandbox(self, request: Request) -> Response:
         who = await self.principal(request)
@@ -346,7 +344,7 @@ class Api:
                 raise ApiError(400, "invalid_request", f"{key} cannot be null")
         row = await self.control.update(who.project, request.path_params["sandbox_id"], fields)
         base = _public_base(request, self.config)
-        return json_response(sandbox_out(row, base, self._secret(row)))
+        return json_response(sandbox_out(row, base, self.store, True))
 
     async def delete_sandbox(self, request: Request) -> Response:
         who = await self.principal(request)

@@ -142,7 +142,7 @@ class Control:
             instance_type=req.instance_type,
             region=region,
             labels=dict(req.labels or {}),
-            env=dict(req.env or {}),
+            env=self.store.seal_env(req.env or {}),
             privileged=req.privileged,
             exposed_port_protocol=req.exposed_port_protocol,
             enable_tcp_proxy=req.enable_tcp_proxy,

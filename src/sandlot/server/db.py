@@ -4,7 +4,8 @@ Calls are synchronous and short; the async routes run them in a worker thread
 (:func:`anyio.to_thread.run_sync`) so a slow database never blocks the gateway's event loop.
 
 Nothing recoverable is stored in clear (see :mod:`.serverkey`): API tokens are hashed, agent
-secrets are derived from the server key, registry passwords are sealed with it. A SQLite
+secrets and port tokens are derived from the server key, registry passwords and sandboxes'
+environments are sealed with it. A SQLite
 database and its ``-wal``/``-shm`` files are 0600, whatever they were before.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import os
 import secrets
 import stat
@@ -58,6 +60,9 @@ UNCOUNTED_STATUSES = ("deleted", "pooling", "pooled")
 SANDBOX_SECRET_COLUMN = "sandboxes.secret"
 REGISTRY_PASSWORD_COLUMN = "registry_secrets.password"
 PORT_TOKEN_COLUMN = "sandboxes.exposed_ports.token"
+ENV_COLUMN = "sandboxes.env"
+#: The one key of a sealed ``env`` (no environment variable can be named so: it holds "=").
+SEALED_ENV_KEY = "=sealed"
 
 
 def utcnow() -> dt.datetime:
@@ -94,6 +99,8 @@ class SandboxRow(Base):
     instance_type: Mapped[str] = mapped_column(String(32))
     region: Mapped[str] = mapped_column(String(64))
     labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    #: The sandbox's environment (often API keys): sealed as ``{"=sealed": ...}`` by
+    #: :meth:`Store.seal_env`, read with :meth:`Store.sandbox_env`.
     env: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     #: The agent secret, at rest: "" means derived from the id by the server key (every sandbox
     #: this server makes); else sealed by it (a secret made before derivation, kept because the
@@ -310,7 +317,8 @@ class Store:
 
     def _migrate_secrets(self) -> None:
         """Seal what an older sandlot stored in clear: agent secrets and port tokens (their
-        holders keep them, so they cannot become derived) and registry passwords. Then rewrite
+        holders keep them, so they cannot become derived), registry passwords and sandboxes'
+        environments. Then rewrite
         the tables so the clear values do not linger in freed space, the WAL or (PostgreSQL)
         dead row versions."""
         sealed = 0
@@ -335,6 +343,7 @@ class Store:
                     )
                     sealed += 1
             sealed += self._seal_port_tokens(s)
+            sealed += self._seal_envs(s)
         if not sealed:
             return
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
@@ -363,6 +372,29 @@ class Store:
             )
             sealed += len(clear)
         return sealed
+
+    def _seal_envs(self, s: Session) -> int:
+        """Environments an older sandlot stored in clear."""
+        sealed = 0
+        for sandbox_id, env in s.execute(select(SandboxRow.id, SandboxRow.env)):
+            if isinstance(env, dict) and env and SEALED_ENV_KEY not in env:
+                row = update(SandboxRow).where(SandboxRow.id == sandbox_id)
+                s.execute(row.values(env=self.seal_env(env)))
+                sealed += 1
+        return sealed
+
+    def seal_env(self, env: Mapping[str, str]) -> dict[str, str]:
+        """What the ``env`` column holds for ``env``."""
+        if not env:
+            return {}
+        return {SEALED_ENV_KEY: self.key.seal(json.dumps(dict(env)), ENV_COLUMN)}
+
+    def sandbox_env(self, row: SandboxRow) -> dict[str, str]:
+        env = row.env or {}
+        if SEALED_ENV_KEY not in env:
+            return dict(env)
+        opened: dict[str, str] = json.loads(self.key.open(env[SEALED_ENV_KEY], ENV_COLUMN))
+        return opened
 
     def port_token(self, sandbox_id: str, port: int, info: Mapping[str, Any]) -> str | None:
         """An exposed port's token (None: the port is public)."""

@@ -87,7 +87,7 @@ class WarmPools:
                 project=project,
                 status="claiming",
                 labels=dict(req.labels or {}),
-                env=dict(req.env or {}),
+                env=self.control.store.seal_env(req.env or {}),
                 idle_timeout=req.idle_timeout,
                 delete_after_delay=req.delete_after_delay,
                 delete_after_inactivity_delay=req.delete_after_inactivity_delay,

@@ -5,8 +5,8 @@ Calls are synchronous and short; the async routes run them in a worker thread
 
 Nothing recoverable is stored in clear (see :mod:`.serverkey`): API tokens are hashed, agent
 secrets and port tokens are derived from the server key, registry passwords and sandboxes'
-environments are sealed with it. A SQLite
-database and its ``-wal``/``-shm`` files are 0600, whatever they were before.
+environments are sealed with it. A SQLite database and its ``-wal``/``-shm`` files are 0600,
+whatever they were before.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import secrets
 import stat
@@ -40,12 +41,14 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine as SAEngine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sandlot.instance_types import INSTANCE_TYPES
 from sandlot.paths import state_dir
 from sandlot.server.serverkey import KEY_FILE_NAME, ServerKey, ServerKeyError
+
+log = logging.getLogger("sandlot.server")
 
 DEFAULT_PROJECT = "default"
 
@@ -318,9 +321,8 @@ class Store:
     def _migrate_secrets(self) -> None:
         """Seal what an older sandlot stored in clear: agent secrets and port tokens (their
         holders keep them, so they cannot become derived), registry passwords and sandboxes'
-        environments. Then rewrite
-        the tables so the clear values do not linger in freed space, the WAL or (PostgreSQL)
-        dead row versions."""
+        environments. Then rewrite the tables so the clear values do not linger in freed space,
+        the WAL or (PostgreSQL) dead row versions."""
         sealed = 0
         with self.session() as s, s.begin():
             for table, key_column, column, name in (
@@ -346,12 +348,15 @@ class Store:
             sealed += self._seal_envs(s)
         if not sealed:
             return
-        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            if self.engine.dialect.name == "sqlite":
-                conn.exec_driver_sql("VACUUM")
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
-            elif self.engine.dialect.name == "postgresql":
-                conn.exec_driver_sql("VACUUM FULL sandboxes, registry_secrets")
+        try:
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                if self.engine.dialect.name == "sqlite":
+                    conn.exec_driver_sql("VACUUM")
+                    conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+                elif self.engine.dialect.name == "postgresql":
+                    conn.exec_driver_sql("VACUUM FULL sandboxes, registry_secrets")
+        except DBAPIError as exc:  # e.g. not the tables' owner: sealed anyway, said loudly
+            log.warning("sealed %d secrets; rewriting the tables failed: %s", sealed, exc)
 
     def _seal_port_tokens(self, s: Session) -> int:
         """Port tokens an older sandlot stored in clear in ``exposed_ports``."""

@@ -10,6 +10,7 @@ quota and the usage.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import tempfile
 import threading
@@ -210,3 +211,47 @@ def wait_for_pool(store: Any) -> None:
     while not [r for r in store.sandboxes_with_status(["pooled"]) if r.project == POOL_PROJECT]:
         assert time.monotonic() < deadline, "the warm pool did not fill"
         time.sleep(0.05)
+
+
+def test_replicas_sharing_postgresql_cannot_overshoot(postgres_url: str, short_dir: Path) -> None:
+    """Two servers on one database (each with its own in-process lock): the quota row's lock
+    is what serialises them."""
+    from sandlot.server.db import QuotaExceeded, SandboxRow, Store, utcnow
+
+    url = fresh_database(postgres_url)
+    key = short_dir / "shared.key"
+    key.write_bytes(os.urandom(32))
+    replicas = [Store(url, key), Store(url, key)]
+    replicas[0].set_quota("alpha", max_sandboxes=3)
+    results: list[str] = []
+
+    def add(store: Store, i: int) -> None:
+        now = utcnow()
+        row = SandboxRow(
+            id=f"r{i:02d}",
+            project="alpha",
+            name=f"r{i}",
+            status="running",
+            image="default",
+            instance_type="micro",
+            region="local",
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            store.add_sandbox(row, check_quota=True)
+            results.append("ok")
+        except QuotaExceeded:
+            results.append("refused")
+
+    threads = [threading.Thread(target=add, args=(replicas[i % 2], i)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert sorted(results) == ["ok"] * 3 + ["refused"] * 7
+        assert replicas[1].usage("alpha").sandboxes == 3
+    finally:
+        for store in replicas:
+            store.close()

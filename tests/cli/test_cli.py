@@ -84,6 +84,10 @@ def test_create_ls_exec_cp_rm(cli: CliRunner, tmp_path: Path) -> None:
         (["cp", "a", "b"], "exactly one of SOURCE and DEST"),
         (["image", "pull", "Not/Lower:1"], "not a registry reference"),
         (["image", "pull", "127.0.0.1:1/nothing:1"], "cannot pull 127.0.0.1:1/nothing:1"),
+        (["token", "create", "--scope", "root"], "'root' is not one of"),
+        (["quota", "set", "p", "--memory", "lots"], "expected a size such as 512M"),
+        (["quota", "set", "p", "--cpu", "x"], "expected a number or 'none'"),
+        (["quota", "set", "p"], "give at least one of"),
     ],
 )
 def test_bad_input_is_a_clear_error(cli: CliRunner, args: list[str], message: str) -> None:
@@ -102,6 +106,29 @@ def test_token_create_list_revoke(cli: CliRunner) -> None:
     assert tok["id"] in [t["id"] for t in listed]
     assert all(t.get("token") is None for t in listed)
     assert cli.invoke(main, ["token", "revoke", tok["id"]]).exit_code == 0
+
+
+def test_token_scopes(cli: CliRunner) -> None:
+    args = ["token", "create", "--project", "cli-scope", "--scope", "privileged", "--json"]
+    tok = json.loads(cli.invoke(main, args).stdout)
+    assert tok["scope"] == "privileged"
+    table = cli.invoke(main, ["token", "ls", "--project", "cli-scope"]).stdout
+    assert "SCOPE" in table and "privileged" in table
+    assert cli.invoke(main, ["token", "revoke", tok["id"]]).exit_code == 0
+
+
+def test_quota_set_show_remove(cli: CliRunner) -> None:
+    args = ["quota", "set", "cli-quota", "--max-sandboxes", "3", "--memory", "8G"]
+    result = cli.invoke(main, [*args, "--cpu", "4", "--disk", "20G"])
+    assert result.exit_code == 0, result.output
+    shown = {q["project"]: q for q in json.loads(cli.invoke(main, ["quota", "--json"]).stdout)}
+    quota = shown["cli-quota"]
+    assert (quota["max_sandboxes"], quota["memory_mb"], quota["vcpu"]) == (3, 8192, 4.0)
+    assert quota["disk_mb"] == 20480 and quota["usage"]["sandboxes"] == 0
+    assert cli.invoke(main, ["quota", "set", "cli-quota", "--memory", "none"]).exit_code == 0
+    table = cli.invoke(main, ["quota"]).stdout
+    assert "cli-quota" in table and "0 / 3" in table and "0M / -" in table
+    assert cli.invoke(main, ["quota", "rm", "cli-quota"]).stdout.strip() == "cli-quota"
 
 
 def test_events_after_delete(cli: CliRunner) -> None:

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import itertools
 import shutil
 import sys
 import tempfile
@@ -12,10 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from support.agent_engine import AgentProcessEngine
-from support.postgres import APT_PACKAGE, find_bin_dir, postgres_cluster
+from support.postgres import APT_PACKAGE, find_bin_dir, fresh_database, postgres_cluster
 from support.server import RunningServer, start_server
-
-_db_counter = itertools.count()
 
 
 @pytest.fixture(scope="session")
@@ -30,14 +27,7 @@ def postgres_url() -> Iterator[str]:
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'sandlot.db'}"
-    import psycopg
-
-    base: str = request.getfixturevalue("postgres_url")
-    name = f"t{next(_db_counter)}"
-    host = base.split("host=", 1)[1]
-    with psycopg.connect(f"host={host} user=postgres dbname=postgres", autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return base.replace("/postgres?", f"/{name}?")
+    return fresh_database(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture

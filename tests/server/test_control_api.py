@@ -371,7 +371,6 @@ def test_half_created_rows_are_cleaned_at_start(
             region="local",
             labels={},
             env={},
-            secret="s",
             error="",
             created_at=utcnow(),
             updated_at=utcnow(),

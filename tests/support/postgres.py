@@ -6,6 +6,7 @@ Needs Debian's ``postgresql`` package (``/usr/lib/postgresql/*/bin``)."""
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import pwd
 import shutil
@@ -98,3 +99,17 @@ def postgres_cluster() -> Iterator[str]:
             run([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_database_counter = itertools.count()
+
+
+def fresh_database(cluster_url: str) -> str:
+    """A new, empty database in the cluster ``postgres_cluster()`` yielded; its URL."""
+    import psycopg
+
+    name = f"t{os.getpid()}_{next(_database_counter)}"
+    host = cluster_url.split("host=", 1)[1]
+    with psycopg.connect(f"host={host} user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return cluster_url.replace("/postgres?", f"/{name}?")

@@ -279,7 +279,7 @@ def _call(method: str, path: str, what: str, **kwargs: Any) -> Any:
 
 @click.group()
 def token() -> None:
-    """Manage API tokens (on the local server's Unix socket only)."""
+    """Manage API tokens (on the server's Unix socket, or with an admin-scope token)."""
 
 
 @token.command(name="create")
@@ -290,18 +290,27 @@ def token() -> None:
     help="The project the token can see and act on.",
 )
 @click.option("--name", default=None, help="A note to recognise the token by.")
+@click.option(
+    "--scope",
+    type=click.Choice(["normal", "privileged", "admin"]),
+    default="normal",
+    show_default=True,
+    help="normal: the project's sandboxes; privileged: also privileged sandboxes; "
+    "admin: also tokens and quotas of every project.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @sdk_errors
-def token_create(project: str, name: str | None, as_json: bool) -> None:
+def token_create(project: str, name: str | None, scope: str, as_json: bool) -> None:
     """Create a token; it is shown once."""
-    body = {"project": project, "name": name or ""}
+    body = {"project": project, "name": name or "", "scope": scope}
     data = _call("POST", "/v1/tokens", "create token", json=body)
     if as_json:
         click.echo(json.dumps(data))
     else:
         click.echo(data["token"])
         err_console.print(
-            f"token {data['id']} for project {data['project']!r} (shown once: store it now)"
+            f"token {data['id']} for project {data['project']!r}, scope {data['scope']} "
+            "(shown once: store it now)"
         )
 
 
@@ -317,11 +326,12 @@ def token_list(project: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(items))
         return
-    table = Table("ID", "PROJECT", "NAME", "CREATED", "REVOKED", box=None)
+    table = Table("ID", "PROJECT", "SCOPE", "NAME", "CREATED", "REVOKED", box=None)
     for it in items:
         table.add_row(
             it["id"],
             it["project"],
+            it.get("scope") or "normal",
             it.get("name") or "",
             str(it.get("created_at", ""))[:19],
             str(it.get("revoked_at") or ""),
@@ -336,6 +346,114 @@ def token_revoke(token_id: str) -> None:
     """Revoke a token."""
     _call("DELETE", f"/v1/tokens/{token_id}", "revoke token")
     click.echo(token_id)
+
+
+# -- quotas -------------------------------------------------------------------------------------
+
+_SIZE_UNITS = {"": 1, "M": 1, "MI": 1, "MB": 1, "MIB": 1, "G": 1024, "GI": 1024, "GB": 1024}
+_SIZE_UNITS |= {"GIB": 1024, "T": 1 << 20, "TI": 1 << 20, "TB": 1 << 20, "TIB": 1 << 20}
+
+
+def parse_size_mb(value: str, what: str) -> int | None:
+    """``8G``, ``512M``, ``2GiB`` (binary units; a bare number is MiB) -> MiB; ``none`` -> None
+    (unlimited)."""
+    text = value.strip().upper()
+    if text in ("NONE", "UNLIMITED"):
+        return None
+    number = text.rstrip("BGIMT")
+    unit = text[len(number) :]
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = -1.0
+    if amount < 0 or unit not in _SIZE_UNITS:
+        raise click.BadParameter(
+            f"expected a size such as 512M, 8G or 1T (or 'none'), not {value!r}", param_hint=what
+        )
+    return round(amount * _SIZE_UNITS[unit])
+
+
+def _show_quotas(items: list[dict[str, Any]]) -> None:
+    def limit(used: float, allowed: float | None, unit: str = "") -> str:
+        return f"{used:g}{unit} / {'-' if allowed is None else f'{allowed:g}{unit}'}"
+
+    table = Table("PROJECT", "SANDBOXES", "MEMORY", "CPU", "DISK", box=None)
+    for it in items:
+        use = it["usage"]
+        table.add_row(
+            it["project"],
+            limit(use["sandboxes"], it["max_sandboxes"]),
+            limit(use["memory_mb"], it["memory_mb"], "M"),
+            limit(use["vcpu"], it["vcpu"]),
+            limit(use["disk_mb"], it["disk_mb"], "M"),
+        )
+    Console().print(table)
+
+
+@click.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@sdk_errors
+def quota(ctx: click.Context, as_json: bool) -> None:
+    """Per-project quotas: show usage against limits (used / allowed; - is unlimited).
+
+    sandlot quota set PROJECT --max-sandboxes 10 --memory 8G --cpu 4 --disk 20G"""
+    if ctx.invoked_subcommand is not None:
+        return
+    items = _call("GET", "/v1/quotas", "list quotas")["quotas"]
+    if as_json:
+        click.echo(json.dumps(items))
+    else:
+        _show_quotas(items)
+
+
+@quota.command(name="set")
+@click.argument("project")
+@click.option("--max-sandboxes", default=None, help="Most sandboxes at once ('none': no limit).")
+@click.option("--memory", default=None, help="Total memory, e.g. 8G ('none': no limit).")
+@click.option("--cpu", default=None, help="Total vCPUs, e.g. 4 or 0.5 ('none': no limit).")
+@click.option("--disk", default=None, help="Total disk, e.g. 20G ('none': no limit).")
+@sdk_errors
+def quota_set(
+    project: str,
+    max_sandboxes: str | None,
+    memory: str | None,
+    cpu: str | None,
+    disk: str | None,
+) -> None:
+    """Set a project's limits (those not given stay as they are). Every sandbox counts, asleep
+    too, with its instance type's memory, vCPUs and disk."""
+    body: dict[str, Any] = {}
+
+    def number(value: str, what: str, kind: type[int] | type[float]) -> int | float | None:
+        if value.strip().lower() in ("none", "unlimited"):
+            return None
+        try:
+            return kind(value)
+        except ValueError:
+            message = f"expected a number or 'none', not {value!r}"
+            raise click.BadParameter(message, param_hint=what) from None
+
+    if max_sandboxes is not None:
+        body["max_sandboxes"] = number(max_sandboxes, "--max-sandboxes", int)
+    if memory is not None:
+        body["memory_mb"] = parse_size_mb(memory, "--memory")
+    if cpu is not None:
+        body["vcpu"] = number(cpu, "--cpu", float)
+    if disk is not None:
+        body["disk_mb"] = parse_size_mb(disk, "--disk")
+    if not body:
+        raise click.UsageError("give at least one of --max-sandboxes, --memory, --cpu, --disk")
+    _show_quotas([_call("PATCH", f"/v1/quotas/{project}", "set quota", json=body)])
+
+
+@quota.command(name="rm")
+@click.argument("project")
+@sdk_errors
+def quota_remove(project: str) -> None:
+    """Remove a project's quota (no limits)."""
+    _call("DELETE", f"/v1/quotas/{project}", "remove quota")
+    click.echo(project)
 
 
 # -- registry secrets ---------------------------------------------------------------------------
@@ -465,4 +583,16 @@ def image_list(as_json: bool) -> None:
         click.echo(f"{it['name']}\t{it['path']}")
 
 
-COMMANDS = [create, list_sandboxes, exec_command, run, cp, rm, events, token, secret, image]
+COMMANDS = [
+    create,
+    list_sandboxes,
+    exec_command,
+    run,
+    cp,
+    rm,
+    events,
+    token,
+    quota,
+    secret,
+    image,
+]

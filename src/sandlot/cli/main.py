@@ -1,5 +1,5 @@
 """``sandlot``: the command line. ``server`` runs the control server; the user commands
-(create, ls, exec, run, cp, rm, token, image) live in :mod:`sandlot.cli.commands`."""
+(create, ls, exec, run, cp, rm, token, quota, secret, image) live in :mod:`sandlot.cli.commands`."""
 
 from __future__ import annotations
 
@@ -64,6 +64,14 @@ def main() -> None:
     help="A directory whose root filesystems and OCI layouts API tokens may use as images "
     "(repeatable). Default: none; host paths are for the local socket's owner only.",
 )
+@click.option(
+    "--key-file",
+    default=None,
+    metavar="PATH",
+    help="The server key sealing secrets at rest (default: server.key beside a SQLite "
+    "database, made at first start; env SANDLOT_SERVER_KEY_FILE). Replicas sharing PostgreSQL "
+    "need the same file, e.g. a mounted Kubernetes Secret.",
+)
 def server(
     listen: str | None,
     database: str | None,
@@ -74,6 +82,7 @@ def server(
     domain: str | None,
     tcp_proxy_host: str,
     trusted_image_dirs: tuple[str, ...],
+    key_file: str | None,
 ) -> None:
     """Run the control server and gateway."""
     from sandlot.server.pool import PoolKey
@@ -98,6 +107,7 @@ def server(
             domain=domain,
             tcp_proxy_host=tcp_proxy_host,
             trusted_image_dirs=trusted_image_dirs,
+            key_file=key_file,
         )
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None

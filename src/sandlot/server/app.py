@@ -4,8 +4,10 @@
 Authentication depends on where the server listens. On its Unix socket the socket's file
 permissions are the authentication: every request is the administrator's, acting in the project
 named by the ``X-Sandlot-Project`` header (``default`` without it). On TCP every control request
-needs ``Authorization: Bearer <API token>`` and sees only its token's project; managing tokens and
-using host paths as images (outside the trusted image directories) are allowed only on the socket.
+needs ``Authorization: Bearer <API token>`` and sees only its token's project. A token's scope
+says what else it may do: ``privileged`` tokens may create privileged sandboxes, ``admin``
+tokens may also manage tokens and quotas (of every project). Host paths as images (outside the
+trusted image directories) stay with the socket's owner, whatever a token's scope.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -30,7 +33,15 @@ from sandlot._build import PACKAGE_DIR, build_id
 from sandlot.engines.base import Engine
 from sandlot.images.trust import ImageRefused, ImageTrust
 from sandlot.server.control import ApiError, Control
-from sandlot.server.db import DEFAULT_PROJECT, ApiToken, RegistrySecret, SandboxRow, Store
+from sandlot.server.db import (
+    DEFAULT_PROJECT,
+    ApiToken,
+    ProjectQuota,
+    RegistrySecret,
+    SandboxRow,
+    Store,
+    Usage,
+)
 from sandlot.server.gateway import Gateway
 from sandlot.server.pool import PoolKey
 from sandlot.server.ports import (
@@ -42,6 +53,7 @@ from sandlot.server.ports import (
     ports_openapi_paths,
 )
 from sandlot.server.schemas import (
+    PROJECT_PATTERN,
     CreateSandbox,
     CreateSecret,
     CreateToken,
@@ -50,10 +62,14 @@ from sandlot.server.schemas import (
     EventList,
     EventOut,
     HealthOut,
+    QuotaList,
+    QuotaOut,
+    QuotaUsage,
     SandboxList,
     SandboxOut,
     SecretList,
     SecretOut,
+    SetQuota,
     TokenList,
     TokenOut,
     UpdateSandbox,
@@ -84,14 +100,27 @@ class ServerConfig:
     #: The Unix socket whose clients are the socket's owner (admin, like ``auth="socket"``)
     #: even on a TCP server: the CLI's way in (see :mod:`sandlot.server.run`).
     admin_socket: str | None = None
+    #: The server key's file (None: beside a SQLite database, else in the state directory;
+    #: see serverkey.py).
+    key_file: str | None = None
 
 
 @dataclass(frozen=True)
 class Principal:
     project: str
+    #: The local Unix socket's owner (the host's administrator, trusted with everything,
+    #: host paths as images included).
     admin: bool
-    #: The owner of the local Unix socket (the host's administrator): host paths as images.
-    local: bool = False
+    #: An API token's scope (the socket's owner: "admin").
+    scope: str = "admin"
+
+    @property
+    def may_be_privileged(self) -> bool:
+        return self.admin or self.scope in ("privileged", "admin")
+
+    @property
+    def may_administer(self) -> bool:
+        return self.admin or self.scope == "admin"
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -126,8 +155,9 @@ def _public_base(request: Request, config: ServerConfig) -> str:
 
 
 def sandbox_out(
-    row: SandboxRow, base: str, with_secret: bool, domain: str | None = None
+    row: SandboxRow, base: str, store: Store, with_secret: bool, domain: str | None = None
 ) -> SandboxOut:
+    """The API's view of a sandbox; its secret (on create and get) and env are opened here."""
     url = f"{base}/sandboxes/{row.id}/koyeb-sandbox"
     domain = domain or base.split("://", 1)[-1]
     return SandboxOut(
@@ -142,7 +172,7 @@ def sandbox_out(
         created_at=_iso(row.created_at),
         updated_at=_iso(row.updated_at),
         labels=row.labels or {},
-        env=row.env or {},
+        env=store.sandbox_env(row),
         sandbox_url=url,
         domain=domain,
         privileged=row.privileged,
@@ -155,7 +185,7 @@ def sandbox_out(
         network=row.network or "none",  # type: ignore[arg-type]
         outbound_allowlist=row.outbound_allowlist,
         error=row.error or "",
-        secret=row.secret if with_secret else None,
+        secret=store.sandbox_secret(row) if with_secret else None,
     )
 
 
@@ -164,9 +194,23 @@ def token_out(row: ApiToken, token: str | None = None) -> TokenOut:
         id=row.id,
         project=row.project,
         name=row.name,
+        scope=row.scope or "normal",  # type: ignore[arg-type]
         created_at=_iso(row.created_at),
         revoked_at=_iso(row.revoked_at) if row.revoked_at else None,
         token=token,
+    )
+
+
+def quota_out(project: str, quota: ProjectQuota | None, used: Usage) -> QuotaOut:
+    return QuotaOut(
+        project=project,
+        max_sandboxes=quota.max_sandboxes if quota else None,
+        memory_mb=quota.memory_mb if quota else None,
+        vcpu=quota.vcpu if quota else None,
+        disk_mb=quota.disk_mb if quota else None,
+        usage=QuotaUsage(
+            sandboxes=used.sandboxes, memory_mb=used.memory_mb, vcpu=used.vcpu, disk_mb=used.disk_mb
+        ),
     )
 
 
@@ -254,21 +298,24 @@ class Api:
     async def principal(self, request: Request) -> Principal:
         if via_admin_socket(request, self.config):
             project = request.headers.get("x-sandlot-project") or DEFAULT_PROJECT
-            return Principal(project, admin=True, local=True)
+            return Principal(project, admin=True)
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise ApiError(401, "unauthorized", "missing API token (Authorization: Bearer <token>)")
-        project = await self.control.db(self.store.project_for_token, token.strip())
-        if project is None:
+        row = await self.control.db(self.store.token_row, token.strip())
+        if row is None:
             raise ApiError(401, "unauthorized", "invalid or revoked API token")
-        return Principal(project, False)
+        return Principal(row.project, admin=False, scope=row.scope or "normal")
 
     async def admin(self, request: Request) -> Principal:
         who = await self.principal(request)
-        if not who.admin:
+        if not who.may_administer:
             raise ApiError(
-                403, "forbidden", "API tokens can be managed only on the server's Unix socket"
+                403,
+                "forbidden",
+                "tokens and quotas are managed on the server's Unix socket, or with a token "
+                "with the 'admin' scope",
             )
         return who
 
@@ -279,18 +326,21 @@ class Api:
         req = await parse_body(request, CreateSandbox)
         if req.image:
             try:
-                image = self.config.image_trust.check(req.image, local=who.local)
+                image = self.config.image_trust.check(req.image, local=who.admin)
             except ImageRefused as exc:
                 raise ApiError(403, "forbidden", str(exc)) from None
             req = req.model_copy(update={"image": image})
         # A client that disconnects mid-create cancels it (and Control cleans up): otherwise
         # the sandbox would run with nobody knowing its id.
-        row = await cancel_on_disconnect(request, lambda: self.control.create(who.project, req))
+        row = await cancel_on_disconnect(
+            request, lambda: self.control.create(who.project, req, who.may_be_privileged)
+        )
         if row is None:
             return Response(status_code=499)
         row = await self.ports.after_create(row, req.protect_ports, req.enable_tcp_proxy)
         base = _public_base(request, self.config)
-        return json_response(sandbox_out(row, base, True, self.config.domain), 201)
+        out = sandbox_out(row, base, self.store, True, self.config.domain)
+        return json_response(out, 201)
 
     async def list_sandboxes(self, request: Request) -> Response:
         who = await self.principal(request)
@@ -305,14 +355,14 @@ class Api:
         base = _public_base(request, self.config)
         domain = self.config.domain
         return json_response(
-            SandboxList(sandboxes=[sandbox_out(r, base, False, domain) for r in rows])
+            SandboxList(sandboxes=[sandbox_out(r, base, self.store, False, domain) for r in rows])
         )
 
     async def get_sandbox(self, request: Request) -> Response:
         who = await self.principal(request)
         row = await self.control.get(who.project, request.path_params["sandbox_id"])
         base = _public_base(request, self.config)
-        return json_response(sandbox_out(row, base, True, self.config.domain))
+        return json_response(sandbox_out(row, base, self.store, True, self.config.domain))
 
     async def update_sandbox(self, request: Request) -> Response:
         who = await self.principal(request)
@@ -326,7 +376,8 @@ class Api:
             if key in fields and fields[key] is None:
                 raise ApiError(400, "invalid_request", f"{key} cannot be null")
         row = await self.control.update(who.project, request.path_params["sandbox_id"], fields)
-        return json_response(sandbox_out(row, _public_base(request, self.config), True))
+        base = _public_base(request, self.config)
+        return json_response(sandbox_out(row, base, self.store, True))
 
     async def delete_sandbox(self, request: Request) -> Response:
         who = await self.principal(request)
@@ -347,7 +398,9 @@ class Api:
     async def create_token(self, request: Request) -> Response:
         await self.admin(request)
         req = await parse_body(request, CreateToken)
-        row, token = await self.control.db(self.store.create_token, req.project, req.name)
+        row, token = await self.control.db(
+            self.store.create_token, req.project, req.name, req.scope
+        )
         return json_response(token_out(row, token), 201)
 
     async def list_tokens(self, request: Request) -> Response:
@@ -363,6 +416,43 @@ class Api:
         if row is None:
             raise ApiError(404, "not_found", f"token {token_id} not found (or already revoked)")
         return json_response(token_out(row))
+
+    # -- quotas --
+
+    async def list_quotas(self, request: Request) -> Response:
+        """Every project's quota and usage for an administrator; a token's own otherwise."""
+        who = await self.principal(request)
+        projects = [who.project]
+        if who.may_administer:
+            projects = await self.control.db(self.store.projects_in_use)
+        out = [await self._quota(p) for p in projects]
+        return json_response(QuotaList(quotas=out))
+
+    async def get_quota(self, request: Request) -> Response:
+        who = await self.principal(request)
+        project = request.path_params["project"]
+        if project != who.project and not who.may_administer:
+            raise ApiError(403, "forbidden", "a token sees only its own project's quota")
+        return json_response(await self._quota(project))
+
+    async def set_quota(self, request: Request) -> Response:
+        await self.admin(request)
+        project = _project_param(request)
+        req = await parse_body(request, SetQuota)
+        await self.control.db(lambda: self.store.set_quota(project, **req.limits()))
+        return json_response(await self._quota(project))
+
+    async def delete_quota(self, request: Request) -> Response:
+        await self.admin(request)
+        project = _project_param(request)
+        if not await self.control.db(self.store.delete_quota, project):
+            raise ApiError(404, "not_found", f"project {project!r} has no quota")
+        return json_response(await self._quota(project))
+
+    async def _quota(self, project: str) -> QuotaOut:
+        quota = await self.control.db(self.store.get_quota, project)
+        used = await self.control.db(self.store.usage, project)
+        return quota_out(project, quota, used)
 
     # -- registry secrets --
 
@@ -482,7 +572,7 @@ class Api:
                 "POST",
                 "/v1/tokens",
                 self.create_token,
-                "Create an API token (Unix socket only)",
+                "Create an API token (Unix socket or admin scope)",
                 CreateToken,
                 TokenOut,
                 status=201,
@@ -491,7 +581,7 @@ class Api:
                 "GET",
                 "/v1/tokens",
                 self.list_tokens,
-                "List API tokens (Unix socket only)",
+                "List API tokens (Unix socket or admin scope)",
                 None,
                 TokenList,
                 query=["project"],
@@ -500,9 +590,41 @@ class Api:
                 "DELETE",
                 "/v1/tokens/{token_id}",
                 self.revoke_token,
-                "Revoke an API token (Unix socket only)",
+                "Revoke an API token (Unix socket or admin scope)",
                 None,
                 TokenOut,
+            ),
+            ApiRoute(
+                "GET",
+                "/v1/quotas",
+                self.list_quotas,
+                "Quotas and usage: every project's (admin) or the token's own",
+                None,
+                QuotaList,
+            ),
+            ApiRoute(
+                "GET",
+                "/v1/quotas/{project}",
+                self.get_quota,
+                "A project's quota and usage (a token: its own project only)",
+                None,
+                QuotaOut,
+            ),
+            ApiRoute(
+                "PATCH",
+                "/v1/quotas/{project}",
+                self.set_quota,
+                "Set a project's limits (omitted: unchanged; null: unlimited; admin only)",
+                SetQuota,
+                QuotaOut,
+            ),
+            ApiRoute(
+                "DELETE",
+                "/v1/quotas/{project}",
+                self.delete_quota,
+                "Remove a project's quota (admin only)",
+                None,
+                QuotaOut,
             ),
             ApiRoute(
                 "POST",
@@ -626,6 +748,15 @@ def openapi_document(routes: list[ApiRoute]) -> dict[str, Any]:
     }
 
 
+def _project_param(request: Request) -> str:
+    import re
+
+    project: str = request.path_params["project"]
+    if not re.match(PROJECT_PATTERN, project):
+        raise ApiError(400, "invalid_request", f"invalid project name {project[:140]!r}")
+    return project
+
+
 def _path_params(path: str) -> list[str]:
     import re
 
@@ -646,7 +777,7 @@ def _wrap(
 
 
 def create_app(config: ServerConfig) -> Starlette:
-    store = Store(config.database_url)
+    store = Store(config.database_url, Path(config.key_file) if config.key_file else None)
     control = Control(
         store=store,
         engines=dict(config.engines),

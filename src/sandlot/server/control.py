@@ -26,7 +26,7 @@ from sandlot.engines.base import (
 )
 from sandlot.instance_types import get_instance_type
 from sandlot.netpolicy import resolve_policy
-from sandlot.server.db import SandboxRow, Store, utcnow
+from sandlot.server.db import QuotaExceeded, SandboxRow, Store, utcnow
 from sandlot.server.lifecycle import Lifecycle
 from sandlot.server.pool import PoolKey, WarmPools
 from sandlot.server.schemas import CreateSandbox
@@ -90,7 +90,18 @@ class Control:
 
     # -- create -------------------------------------------------------------------------------
 
-    async def create(self, project: str, req: CreateSandbox) -> SandboxRow:
+    async def create(
+        self, project: str, req: CreateSandbox, may_be_privileged: bool = False
+    ) -> SandboxRow:
+        """``may_be_privileged``: the caller's scope allows ``privileged=True`` (the local
+        socket's owner, or a token with the privileged or admin scope)."""
+        if req.privileged and not may_be_privileged:
+            raise ApiError(
+                403,
+                "forbidden",
+                "privileged sandboxes need a token with the 'privileged' scope "
+                "(sandlot token create --scope privileged)",
+            )
         auth: RegistryAuth | None = None
         if req.registry_secret is not None:
             found = await self.db(self.store.get_registry_secret, project, req.registry_secret)
@@ -101,7 +112,8 @@ class Control:
                     f"no registry secret named {req.registry_secret!r} in this project "
                     "(POST /v1/secrets, or `sandlot secret create`)",
                 )
-            auth = RegistryAuth(found.host, found.username, found.password)
+            password = self.store.registry_password(found)
+            auth = RegistryAuth(found.host, found.username, password)
         region = req.region or self.default_region
         engine = self.engines.get(region)
         if engine is None:
@@ -113,11 +125,13 @@ class Control:
         image = IMAGE_ALIASES.get(image, image)
         mode, allow = resolve_policy(req.block_network, req.outbound_allowlist)
         if self.pools is not None and mode is NetworkMode.NONE and auth is None:
-            claimed = await self.pools.claim(project, req, image)
+            try:
+                claimed = await self.pools.claim(project, req, image)
+            except QuotaExceeded as exc:
+                raise ApiError(429, "quota_exceeded", str(exc)) from None
             if claimed is not None:
                 return claimed
         sandbox_id = secrets.token_hex(12)
-        secret = new_sandbox_secret()
         now = utcnow()
         row = SandboxRow(
             id=sandbox_id,
@@ -128,8 +142,7 @@ class Control:
             instance_type=req.instance_type,
             region=region,
             labels=dict(req.labels or {}),
-            env=dict(req.env or {}),
-            secret=secret,
+            env=self.store.seal_env(req.env or {}),
             privileged=req.privileged,
             exposed_port_protocol=req.exposed_port_protocol,
             enable_tcp_proxy=req.enable_tcp_proxy,
@@ -145,7 +158,11 @@ class Control:
             created_at=now,
             updated_at=now,
         )
-        await self.db(self.store.add_sandbox, row)
+        try:
+            await self.db(self.store.add_sandbox, row, True)
+        except QuotaExceeded as exc:
+            raise ApiError(429, "quota_exceeded", str(exc)) from None
+        secret = self.store.sandbox_secret(row)
         spec = SandboxSpec(
             id=sandbox_id,
             image=image,
@@ -356,7 +373,7 @@ class Control:
         if address is None:
             await self._evict(sandbox_id)
             return None
-        pool = self._pool_for(sandbox_id, address, row.secret)
+        pool = self._pool_for(sandbox_id, address, self.store.sandbox_secret(row))
         self._agents[sandbox_id].checked_at = now
         return pool
 
@@ -420,16 +437,9 @@ class Control:
         await self.db(self.store.close)
 
 
-#: API tokens start with this; sandbox secrets never do, so the gateway can refuse to forward a
-#: token into a sandbox (see gateway.py).
+#: API tokens start with this; sandbox secrets never do (they are hex), so the gateway can refuse
+#: to forward a token into a sandbox (see gateway.py).
 API_TOKEN_PREFIX = "sl_"
-
-
-def new_sandbox_secret() -> str:
-    while True:
-        secret = secrets.token_urlsafe(32)
-        if not secret.startswith(API_TOKEN_PREFIX):
-            return secret
 
 
 def _describe(exc: BaseException) -> str:

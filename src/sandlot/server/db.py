@@ -2,21 +2,33 @@
 
 Calls are synchronous and short; the async routes run them in a worker thread
 (:func:`anyio.to_thread.run_sync`) so a slow database never blocks the gateway's event loop.
+
+Nothing recoverable is stored in clear (see :mod:`.serverkey`): API tokens are hashed, agent
+secrets and port tokens are derived from the server key, registry passwords and sandboxes'
+environments are sealed with it. A SQLite database and its ``-wal``/``-shm`` files are 0600,
+whatever they were before.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
+import logging
+import os
 import secrets
+import stat
+import threading
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlalchemy import (
     JSON,
     Boolean,
     DateTime,
+    Float,
     Integer,
     String,
     Text,
@@ -26,12 +38,34 @@ from sqlalchemy import (
     inspect,
     select,
     text,
+    update,
 )
 from sqlalchemy.engine import Engine as SAEngine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from sandlot.instance_types import INSTANCE_TYPES
+from sandlot.paths import state_dir
+from sandlot.server.serverkey import KEY_FILE_NAME, ServerKey, ServerKeyError
+
+log = logging.getLogger("sandlot.server")
+
 DEFAULT_PROJECT = "default"
+
+#: What an API token may do. ``normal``: its project's sandboxes, secrets and quota (read);
+#: ``privileged``: also privileged sandboxes; ``admin``: also tokens and quotas of every project
+#: (what the local socket's owner does, over TCP). Host paths as images stay the socket's.
+Scope = Literal["normal", "privileged", "admin"]
+SCOPES: tuple[Scope, ...] = get_args(Scope)
+#: Sandbox statuses that hold resources a quota counts (everything not deleted, asleep too).
+UNCOUNTED_STATUSES = ("deleted", "pooling", "pooled")
+#: Sealed columns' names: the associated data that binds a sealed value to its column.
+SANDBOX_SECRET_COLUMN = "sandboxes.secret"
+REGISTRY_PASSWORD_COLUMN = "registry_secrets.password"
+PORT_TOKEN_COLUMN = "sandboxes.exposed_ports.token"
+ENV_COLUMN = "sandboxes.env"
+#: The one key of a sealed ``env`` (no environment variable can be named so: it holds "=").
+SEALED_ENV_KEY = "=sealed"
 
 
 def utcnow() -> dt.datetime:
@@ -51,6 +85,8 @@ class ApiToken(Base):
     #: sha256 of the token. Tokens are 256-bit random strings, so a fast hash is enough
     #: (no dictionary to attack); the token itself is shown once, at creation.
     token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    #: One of :data:`SCOPES` (tokens made before scopes existed are ``normal``).
+    scope: Mapped[str] = mapped_column(String(16), default="normal")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
@@ -66,12 +102,19 @@ class SandboxRow(Base):
     instance_type: Mapped[str] = mapped_column(String(32))
     region: Mapped[str] = mapped_column(String(64))
     labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    #: The sandbox's environment (often API keys): sealed as ``{"=sealed": ...}`` by
+    #: :meth:`Store.seal_env`, read with :meth:`Store.sandbox_env`.
     env: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
-    secret: Mapped[str] = mapped_column(String(128))
+    #: The agent secret, at rest: "" means derived from the id by the server key (every sandbox
+    #: this server makes); else sealed by it (a secret made before derivation, kept because the
+    #: agent holds it). Read it with :meth:`Store.sandbox_secret`.
+    secret_sealed: Mapped[str] = mapped_column("secret", String(256), default="")
     privileged: Mapped[bool] = mapped_column(Boolean, default=False)
     exposed_port_protocol: Mapped[str] = mapped_column(String(16), default="http")
     enable_tcp_proxy: Mapped[bool] = mapped_column(Boolean, default=False)
-    #: Exposed ports: {"8080": {"since": iso time, "token": str | None}} (see server/ports.py).
+    #: Exposed ports: {"8080": {"since": iso time, "protected": bool}} (see server/ports.py); a
+    #: protected port's token is derived (:meth:`Store.port_token`), or sealed
+    #: (``token_sealed``) if an older sandlot chose it at random.
     exposed_ports: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     protect_ports: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     registry_secret: Mapped[str | None] = mapped_column(String(256), nullable=True)
@@ -114,9 +157,9 @@ class SandboxEvent(Base):
 class RegistrySecret(Base):
     """Credentials for a private registry, named per project (``registry_secret=NAME``).
 
-    Stored as given: unlike API tokens they are sent to the registry, so they cannot be
-    hashed. The API never returns the password; the database file is the server's own (0600
-    under the state directory for SQLite)."""
+    Unlike API tokens they are sent to the registry, so they cannot be hashed: the password is
+    sealed with the server key (:meth:`Store.registry_password` opens it). The API never
+    returns it."""
 
     __tablename__ = "registry_secrets"
     __table_args__ = (UniqueConstraint("project", "name"),)
@@ -127,8 +170,54 @@ class RegistrySecret(Base):
     #: ``host[:port]`` (``docker.io`` for Docker Hub): the only registry these are sent to.
     host: Mapped[str] = mapped_column(String(255))
     username: Mapped[str] = mapped_column(String(255))
-    password: Mapped[str] = mapped_column(Text)
+    password_sealed: Mapped[str] = mapped_column("password", Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ProjectQuota(Base):
+    """A project's limits (None: unlimited), checked at every create and warm-pool claim."""
+
+    __tablename__ = "project_quotas"
+
+    project: Mapped[str] = mapped_column(String(128), primary_key=True)
+    max_sandboxes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    memory_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    vcpu: Mapped[float | None] = mapped_column(Float, nullable=True)
+    disk_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ServerMeta(Base):
+    """Facts about the database itself (the fingerprint of the key its secrets are sealed by)."""
+
+    __tablename__ = "server_meta"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a project holds: its counted sandboxes and their instance types' sizes."""
+
+    sandboxes: int = 0
+    memory_mb: int = 0
+    vcpu: float = 0.0
+    disk_mb: int = 0
+
+    def plus(self, instance_type: str) -> Usage:
+        t = INSTANCE_TYPES[instance_type]
+        return Usage(
+            self.sandboxes + 1,
+            self.memory_mb + t.memory_mb,
+            self.vcpu + t.vcpu,
+            self.disk_mb + t.disk_mb,
+        )
+
+
+class QuotaExceeded(Exception):
+    """A create or claim would take a project past one of its quotas (the message says which,
+    with the usage)."""
 
 
 def hash_token(token: str) -> str:
@@ -139,15 +228,49 @@ def default_database_url(state: Path) -> str:
     return f"sqlite:///{state / 'sandlot.db'}"
 
 
-class Store:
-    """All database access. Rows leave as detached ORM objects (``expire_on_commit=False``)."""
+def _sqlite_path(url: str) -> Path | None:
+    if not url.startswith("sqlite"):
+        return None
+    path = url.split("///", 1)[1] if "///" in url else ""
+    path = path.split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
 
-    def __init__(self, url: str) -> None:
+
+def default_key_file(url: str) -> Path:
+    """Beside a SQLite database (so a copied state directory keeps working); else in the
+    state directory. Replicas on PostgreSQL should name a shared file instead."""
+    db = _sqlite_path(url)
+    return (db.parent if db is not None else state_dir()) / KEY_FILE_NAME
+
+
+def secure_sqlite_files(db: Path) -> None:
+    """The database, its WAL and shared-memory files: 0600, created so (SQLite gives the WAL
+    and -shm files the main file's mode) and tightened if an older sandlot left them 0644."""
+    db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.close(os.open(db, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+    for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}-journal")):
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) & 0o077:
+            os.chmod(path, 0o600)
+
+
+class Store:
+    """All database access. Rows leave as detached ORM objects (``expire_on_commit=False``).
+
+    ``key_file``: the server key (default: :func:`default_key_file`, created if missing); a
+    file named explicitly must exist (it is shared, e.g. a mounted Kubernetes Secret)."""
+
+    def __init__(self, url: str, key_file: Path | None = None) -> None:
+        # First: a missing or unreadable key stops the start before anything is created.
+        self.key = ServerKey.load(key_file or default_key_file(url), create=key_file is None)
         kwargs: dict[str, Any] = {}
+        db_path = _sqlite_path(url)
+        if db_path is not None:
+            secure_sqlite_files(db_path)
         if url.startswith("sqlite"):
-            path = url.split("///", 1)[1] if "///" in url else ""
-            if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         elif url.startswith("postgresql://"):
             # psycopg 3 is the driver we ship against; plain URLs would pick psycopg2.
@@ -156,8 +279,15 @@ class Store:
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        #: Quota check and insert are one step (for SQLite, one process; PostgreSQL also locks
+        #: the project's quota row, for replicas).
+        self._admit_lock = threading.Lock()
         Base.metadata.create_all(self.engine)
         self._add_missing_columns()
+        self._check_key()
+        self._migrate_secrets()
+        if db_path is not None:
+            secure_sqlite_files(db_path)  # the WAL and -shm files exist now
 
     def _add_missing_columns(self) -> None:
         """Bring a database made by an older sandlot up to date: new columns are all nullable
@@ -172,6 +302,112 @@ class Store:
                         conn.execute(
                             text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
                         )
+            # Tokens made before scopes existed keep what they could do: normal.
+            conn.execute(update(ApiToken).where(ApiToken.scope.is_(None)).values(scope="normal"))
+
+    def _check_key(self) -> None:
+        """The database remembers which key sealed it; another key is refused, not used."""
+        name = "server_key_fingerprint"
+        with self.session() as s, s.begin():
+            row = s.get(ServerMeta, name, with_for_update=True)
+            if row is None:
+                s.add(ServerMeta(name=name, value=self.key.fingerprint))
+            elif row.value != self.key.fingerprint:
+                raise ServerKeyError(
+                    "this database's secrets were sealed with another server key: give this "
+                    "server the same key file as the others (--key-file)"
+                )
+
+    def _migrate_secrets(self) -> None:
+        """Seal what an older sandlot stored in clear: agent secrets and port tokens (their
+        holders keep them, so they cannot become derived), registry passwords and sandboxes'
+        environments. Then rewrite the tables so the clear values do not linger in freed space,
+        the WAL or (PostgreSQL) dead row versions."""
+        sealed = 0
+        with self.session() as s, s.begin():
+            for table, key_column, column, name in (
+                (SandboxRow, SandboxRow.id, SandboxRow.secret_sealed, SANDBOX_SECRET_COLUMN),
+                (
+                    RegistrySecret,
+                    RegistrySecret.id,
+                    RegistrySecret.password_sealed,
+                    REGISTRY_PASSWORD_COLUMN,
+                ),
+            ):
+                rows = s.execute(select(key_column, column).where(column != "")).all()
+                for row_id, value in rows:
+                    if self.key.is_sealed(value, name):
+                        continue
+                    s.execute(
+                        update(table)
+                        .where(key_column == row_id, column == value)
+                        .values({column: self.key.seal(value, name)})
+                    )
+                    sealed += 1
+            sealed += self._seal_port_tokens(s)
+            sealed += self._seal_envs(s)
+        if not sealed:
+            return
+        try:
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                if self.engine.dialect.name == "sqlite":
+                    conn.exec_driver_sql("VACUUM")
+                    conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+                elif self.engine.dialect.name == "postgresql":
+                    conn.exec_driver_sql("VACUUM FULL sandboxes, registry_secrets")
+        except DBAPIError as exc:  # e.g. not the tables' owner: sealed anyway, said loudly
+            log.warning("sealed %d secrets; rewriting the tables failed: %s", sealed, exc)
+
+    def _seal_port_tokens(self, s: Session) -> int:
+        """Port tokens an older sandlot stored in clear in ``exposed_ports``."""
+        sealed = 0
+        query = select(SandboxRow.id, SandboxRow.exposed_ports)
+        for sandbox_id, ports in s.execute(query.where(SandboxRow.exposed_ports.is_not(None))):
+            if not isinstance(ports, dict):
+                continue  # JSON null
+            clear = {p for p, v in ports.items() if isinstance(v, dict) and v.get("token")}
+            if not clear:
+                continue
+            new = {p: dict(v) for p, v in ports.items()}
+            for p in clear:
+                token = new[p].pop("token")
+                new[p]["token_sealed"] = self.key.seal(token, PORT_TOKEN_COLUMN)
+            s.execute(
+                update(SandboxRow).where(SandboxRow.id == sandbox_id).values(exposed_ports=new)
+            )
+            sealed += len(clear)
+        return sealed
+
+    def _seal_envs(self, s: Session) -> int:
+        """Environments an older sandlot stored in clear."""
+        sealed = 0
+        for sandbox_id, env in s.execute(select(SandboxRow.id, SandboxRow.env)):
+            if isinstance(env, dict) and env and SEALED_ENV_KEY not in env:
+                row = update(SandboxRow).where(SandboxRow.id == sandbox_id)
+                s.execute(row.values(env=self.seal_env(env)))
+                sealed += 1
+        return sealed
+
+    def seal_env(self, env: Mapping[str, str]) -> dict[str, str]:
+        """What the ``env`` column holds for ``env``."""
+        if not env:
+            return {}
+        return {SEALED_ENV_KEY: self.key.seal(json.dumps(dict(env)), ENV_COLUMN)}
+
+    def sandbox_env(self, row: SandboxRow) -> dict[str, str]:
+        env = row.env or {}
+        if SEALED_ENV_KEY not in env:
+            return dict(env)
+        opened: dict[str, str] = json.loads(self.key.open(env[SEALED_ENV_KEY], ENV_COLUMN))
+        return opened
+
+    def port_token(self, sandbox_id: str, port: int, info: Mapping[str, Any]) -> str | None:
+        """An exposed port's token (None: the port is public)."""
+        if info.get("token_sealed"):
+            return self.key.open(str(info["token_sealed"]), PORT_TOKEN_COLUMN)
+        if info.get("protected"):
+            return self.key.derive("port-token", f"{sandbox_id}:{port}:{info.get('since', '')}")
+        return None
 
     def close(self) -> None:
         self.engine.dispose()
@@ -181,25 +417,35 @@ class Store:
 
     # -- tokens -------------------------------------------------------------------------------
 
-    def create_token(self, project: str, name: str) -> tuple[ApiToken, str]:
+    def create_token(
+        self, project: str, name: str, scope: Scope = "normal"
+    ) -> tuple[ApiToken, str]:
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
         token = "sl_" + secrets.token_urlsafe(32)  # control.API_TOKEN_PREFIX
         row = ApiToken(
             id="tok_" + secrets.token_hex(8),
             project=project,
             name=name,
             token_hash=hash_token(token),
+            scope=scope,
             created_at=utcnow(),
         )
         with self.session() as s, s.begin():
             s.add(row)
         return row, token
 
-    def project_for_token(self, token: str) -> str | None:
+    def token_row(self, token: str) -> ApiToken | None:
+        """The live (not revoked) token row for this token, if any."""
         with self.session() as s:
             row = s.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(token)))
             if row is None or row.revoked_at is not None:
                 return None
-            return row.project
+            return row
+
+    def project_for_token(self, token: str) -> str | None:
+        row = self.token_row(token)
+        return row.project if row is not None else None
 
     def list_tokens(self, project: str | None) -> list[ApiToken]:
         with self.session() as s:
@@ -227,7 +473,7 @@ class Store:
             name=name,
             host=host,
             username=username,
-            password=password,
+            password_sealed=self.key.seal(password, REGISTRY_PASSWORD_COLUMN),
             created_at=utcnow(),
         )
         try:
@@ -244,6 +490,9 @@ class Store:
                     RegistrySecret.project == project, RegistrySecret.name == name
                 )
             )
+
+    def registry_password(self, row: RegistrySecret) -> str:
+        return self.key.open(row.password_sealed, REGISTRY_PASSWORD_COLUMN)
 
     def list_registry_secrets(self, project: str) -> list[RegistrySecret]:
         with self.session() as s:
@@ -264,8 +513,18 @@ class Store:
 
     # -- sandboxes ----------------------------------------------------------------------------
 
-    def add_sandbox(self, row: SandboxRow) -> None:
-        with self.session() as s, s.begin():
+    def sandbox_secret(self, row: SandboxRow) -> str:
+        """The agent secret of a sandbox (derived from its id, or opened)."""
+        if not row.secret_sealed:
+            return self.key.derive("sandbox-secret", row.id)
+        return self.key.open(row.secret_sealed, SANDBOX_SECRET_COLUMN)
+
+    def add_sandbox(self, row: SandboxRow, check_quota: bool = False) -> None:
+        """Insert ``row``; with ``check_quota``, only if its project's quota allows one more
+        of its instance type (else :class:`QuotaExceeded`)."""
+        with self._admit_lock, self.session() as s, s.begin():
+            if check_quota:
+                self._admit(s, row.project, row.instance_type)
             s.add(row)
 
     def get_any_sandbox(self, sandbox_id: str) -> SandboxRow | None:
@@ -320,8 +579,10 @@ class Store:
     def claim_pooled(
         self, pool_project: str, image: str, instance_type: str, **fields: Any
     ) -> SandboxRow | None:
-        """Atomically take the oldest ready pooled sandbox of this kind and set ``fields``."""
-        with self.session() as s, s.begin():
+        """Atomically take the oldest ready pooled sandbox of this kind and set ``fields``
+        (the claiming project's quota is checked first: :class:`QuotaExceeded`)."""
+        with self._admit_lock, self.session() as s, s.begin():
+            self._admit(s, fields["project"], instance_type)
             query = (
                 select(SandboxRow)
                 .where(
@@ -370,10 +631,86 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(SandboxRow).where(SandboxRow.status.in_(list(statuses)))))
 
+    # -- quotas -------------------------------------------------------------------------------
+
+    def _admit(self, s: Session, project: str, instance_type: str) -> None:
+        quota = s.get(ProjectQuota, project, with_for_update=True)
+        if quota is None:
+            return
+        used = self._usage(s, project)
+        after = used.plus(instance_type)
+        checks: list[tuple[str, float, float | None, str]] = [
+            ("max_sandboxes", after.sandboxes, quota.max_sandboxes, ""),
+            ("memory", after.memory_mb, quota.memory_mb, " MiB"),
+            ("cpu", after.vcpu, quota.vcpu, " vCPU"),
+            ("disk", after.disk_mb, quota.disk_mb, " MiB"),
+        ]
+        now: dict[str, float] = {"max_sandboxes": used.sandboxes, "memory": used.memory_mb}
+        now |= {"cpu": used.vcpu, "disk": used.disk_mb}
+        for name, wanted, limit, unit in checks:
+            if limit is not None and wanted > limit + 1e-9:
+                raise QuotaExceeded(
+                    f"project {project!r} is over its {name} quota: {now[name]:g}{unit} in use, "
+                    f"a {instance_type} sandbox needs {wanted - now[name]:g}{unit} more, the "
+                    f"quota is {limit:g}{unit} (delete sandboxes, or raise it: sandlot quota set)"
+                )
+
+    @staticmethod
+    def _usage(s: Session, project: str) -> Usage:
+        types = s.scalars(
+            select(SandboxRow.instance_type).where(
+                SandboxRow.project == project, SandboxRow.status.not_in(UNCOUNTED_STATUSES)
+            )
+        )
+        usage = Usage()
+        for name in types:
+            usage = usage.plus(name) if name in INSTANCE_TYPES else usage
+        return usage
+
+    def usage(self, project: str) -> Usage:
+        with self.session() as s:
+            return self._usage(s, project)
+
+    def projects_in_use(self) -> list[str]:
+        """Projects holding sandboxes or having a quota (warm pools excluded)."""
+        with self.session() as s:
+            held = s.scalars(
+                select(SandboxRow.project)
+                .where(SandboxRow.status.not_in(UNCOUNTED_STATUSES))
+                .distinct()
+            )
+            quoted = s.scalars(select(ProjectQuota.project))
+            return sorted(set(held) | set(quoted))
+
+    def get_quota(self, project: str) -> ProjectQuota | None:
+        with self.session() as s:
+            return s.get(ProjectQuota, project)
+
+    def set_quota(self, project: str, **limits: Any) -> ProjectQuota:
+        """Set the given limits (None: unlimited); the others keep their values."""
+        with self.session() as s, s.begin():
+            row = s.get(ProjectQuota, project, with_for_update=True)
+            if row is None:
+                row = ProjectQuota(project=project)
+                s.add(row)
+            for key, value in limits.items():
+                setattr(row, key, value)
+            row.updated_at = utcnow()
+            return row
+
+    def delete_quota(self, project: str) -> bool:
+        with self.session() as s, s.begin():
+            row = s.get(ProjectQuota, project)
+            if row is not None:
+                s.delete(row)
+            return row is not None
+
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     # WAL: readers (the gateway's lookups) never wait for a writer (a create).
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
+    # Deleted rows (a registry secret, a token) are zeroed, not left in free pages.
+    cur.execute("PRAGMA secure_delete=ON")
     cur.close()

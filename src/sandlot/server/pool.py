@@ -77,7 +77,6 @@ class WarmPools:
         key = self._matching(req, image)
         if key is None:
             return None
-        secret = secrets.token_urlsafe(32)
         now = utcnow()
         async with self._claim_lock:  # one claimant per pooled sandbox
             row = await self.control.db(
@@ -87,9 +86,8 @@ class WarmPools:
                 key.instance_type,
                 project=project,
                 status="claiming",
-                secret=secret,
                 labels=dict(req.labels or {}),
-                env=dict(req.env or {}),
+                env=self.control.store.seal_env(req.env or {}),
                 idle_timeout=req.idle_timeout,
                 delete_after_delay=req.delete_after_delay,
                 delete_after_inactivity_delay=req.delete_after_inactivity_delay,
@@ -101,6 +99,8 @@ class WarmPools:
             )
         if row is None:
             return None
+        # Derived from the id by the server key: the claim's first request gives it to the agent.
+        secret = self.control.store.sandbox_secret(row)
         try:
             await self._claim_agent(row, secret, dict(req.env or {}))
         except Exception as exc:
@@ -179,7 +179,6 @@ class WarmPools:
             image=key.image,
             instance_type=key.instance_type,
             region=self.region,
-            secret="",
             idle_timeout=0,
             created_at=now,
             updated_at=now,

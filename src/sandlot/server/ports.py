@@ -40,7 +40,6 @@ import hmac
 import json
 import logging
 import re
-import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -262,8 +261,10 @@ class Ports:
         ports = dict(row.exposed_ports or {})
         if row.status == "running":  # never ask a sleeping (perhaps frozen) agent
             ports = await self._sync(row, ports)
+        token = self.control.store.port_token
         entry = _Exposed(
-            {int(p): dict(v) for p, v in ports.items()},
+            # the tokens are derived (or opened) here, once per cache refresh
+            {int(p): {**v, "token": token(row.id, int(p), v)} for p, v in ports.items()},
             row.exposed_port_protocol or "http",
             now,
         )
@@ -378,7 +379,7 @@ class Ports:
             exposed_at=self.path_url(base, row_id, port),
             host_url=self.host_url(base, row_id, port),
             protocol=protocol,
-            token=info.get("token"),
+            token=self.control.store.port_token(row_id, port, info),
             since=str(info.get("since", "")),
         )
 
@@ -955,10 +956,9 @@ class _Forward:
 
 
 def _new_port_info(protect: bool) -> dict[str, Any]:
-    return {
-        "since": utcnow().isoformat(),
-        "token": secrets.token_urlsafe(24) if protect else None,
-    }
+    """A newly exposed port; a protected one's token is derived from the server key, the
+    sandbox, the port and ``since`` (so exposing it again gives a new token)."""
+    return {"since": utcnow().isoformat(), "protected": protect}
 
 
 async def _call(

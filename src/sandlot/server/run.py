@@ -17,6 +17,7 @@ import importlib
 import logging
 import os
 import socket
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from sandlot.paths import default_server_socket, state_dir
 from sandlot.server.app import ServerConfig, create_app, unix_public_url
 from sandlot.server.db import default_database_url
 from sandlot.server.pool import PoolKey
+from sandlot.server.serverkey import KEY_FILE_ENV, ServerKeyError
 from sandlot.server.wsraw import PortsWebSocketProtocol, ports_http_protocol
 
 DEFAULT_REGION = "local"
@@ -126,6 +128,15 @@ def lock_state_dir(state: Path) -> int:
     return fd
 
 
+def secure_state_dir(path: Path) -> None:
+    """The state directory holds the database, the server key, sandboxes' disks and secrets:
+    0700, for an existing installation too (sandlot used to leave it 0755)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = path.lstat()
+    if stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and info.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
 def build_config(
     listen: Listen,
     database: str | None,
@@ -136,8 +147,10 @@ def build_config(
     tcp_proxy_host: str = "127.0.0.1",
     trusted_image_dirs: tuple[str, ...] = (),
     admin_socket: str | None = None,
+    key_file: str | None = None,
 ) -> ServerConfig:
     image_trust = ImageTrust.from_dirs(trusted_image_dirs)  # a bad one: before the engine starts
+    secure_state_dir(state_dir())
     url = database or os.environ.get("SANDLOT_DATABASE_URL") or default_database_url(state_dir())
     if public_url is None and listen.unix_path is not None:
         public_url = unix_public_url(listen.unix_path)
@@ -154,6 +167,7 @@ def build_config(
         tcp_proxy_host=tcp_proxy_host,
         image_trust=image_trust,
         admin_socket=admin_socket or listen.unix_path,
+        key_file=key_file or os.environ.get(KEY_FILE_ENV) or None,
     )
 
 
@@ -167,6 +181,7 @@ def serve(
     domain: str | None = None,
     tcp_proxy_host: str = "127.0.0.1",
     trusted_image_dirs: tuple[str, ...] = (),
+    key_file: str | None = None,
 ) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -186,13 +201,19 @@ def serve(
             tcp_proxy_host,
             trusted_image_dirs,
             admin_socket,
+            key_file,
         )
     except ValueError as exc:  # e.g. a trusted image directory that is not one
         raise RuntimeError(str(exc)) from exc
     except EngineError as exc:
         # e.g. the local engine without root: a message for the user, not a traceback
         raise RuntimeError(f"cannot start the engine: {exc}") from exc
-    app = create_app(config)
+    except OSError as exc:
+        raise RuntimeError(f"cannot use the state directory {state_dir()}: {exc.strerror}") from exc
+    try:
+        app = create_app(config)
+    except ServerKeyError as exc:
+        raise RuntimeError(f"cannot open the database: {exc}") from exc
     uv_config = uvicorn.Config(
         app,
         # WebSockets and h2c upgrades to exposed ports: bytes both ways (wsraw.py)

@@ -19,6 +19,7 @@ from sandlot.instance_types import DEFAULT_INSTANCE_TYPE, INSTANCE_TYPES
 from sandlot.netpolicy import resolve_policy
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$"
+PROJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 LABEL_KEY_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9_./-]{0,126}[A-Za-z0-9])?$"
 
 #: The agent's own configuration: a sandbox's env must not set these.
@@ -209,15 +210,25 @@ class DeletedOut(BaseModel):
     status: Literal["deleted"]
 
 
+#: What a token may do besides its project's sandboxes: see db.Scope.
+TokenScope = Literal["normal", "privileged", "admin"]
+
+
 class CreateToken(_Strict):
-    project: StrictStr = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    project: StrictStr = Field(..., pattern=PROJECT_PATTERN)
     name: StrictStr = Field("", max_length=128)
+    scope: TokenScope = Field(
+        "normal",
+        description="normal: the project's sandboxes; privileged: also privileged sandboxes; "
+        "admin: also tokens and quotas of every project.",
+    )
 
 
 class TokenOut(BaseModel):
     id: str
     project: str
     name: str
+    scope: TokenScope = "normal"
     created_at: str
     revoked_at: str | None = None
     token: str | None = Field(None, description="The token itself: shown once, at creation.")
@@ -225,6 +236,45 @@ class TokenOut(BaseModel):
 
 class TokenList(BaseModel):
     tokens: list[TokenOut]
+
+
+class SetQuota(_Strict):
+    """A project's limits; an omitted field is unchanged, ``null`` makes it unlimited. Sizes are
+    the sum over the project's sandboxes (sleeping ones too) of their instance types'."""
+
+    max_sandboxes: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    memory_mb: Annotated[int, Field(ge=0, le=1 << 40)] | None = None
+    vcpu: Annotated[float, Field(ge=0, le=1_000_000)] | None = None
+    disk_mb: Annotated[int, Field(ge=0, le=1 << 40)] | None = None
+
+    @field_validator("vcpu", mode="before")
+    @classmethod
+    def _vcpu_number(cls, value: object) -> object:
+        # strict mode refuses an int for a float; 4 vCPUs is a fine way to say 4.0
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    def limits(self) -> dict[str, int | float | None]:
+        return self.model_dump(exclude_unset=True)
+
+
+class QuotaUsage(BaseModel):
+    sandboxes: int
+    memory_mb: int
+    vcpu: float
+    disk_mb: int
+
+
+class QuotaOut(BaseModel):
+    project: str
+    max_sandboxes: int | None = Field(None, description="null: unlimited (same below)")
+    memory_mb: int | None = None
+    vcpu: float | None = None
+    disk_mb: int | None = None
+    usage: QuotaUsage
+
+
+class QuotaList(BaseModel):
+    quotas: list[QuotaOut]
 
 
 class CreateSecret(_Strict):

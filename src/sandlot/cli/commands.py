@@ -219,9 +219,16 @@ def _split_remote(arg: str) -> tuple[str, str] | None:
 @click.command()
 @click.argument("source")
 @click.argument("dest")
+@click.option(
+    "--max-bytes",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Out of a sandbox: stop (and keep nothing) past this size. Default: a regular file "
+    "whole, a file of unknown length (/proc, /sys) up to 64 MiB.",
+)
 @sdk_errors
-def cp(source: str, dest: str) -> None:
-    """Copy a file into or out of a sandbox (binary-safe).
+def cp(source: str, dest: str, max_bytes: int | None) -> None:
+    """Copy a file into or out of a sandbox (binary-safe, streamed from or to disk).
 
     sandlot cp ./data.bin ID:/root/data.bin    |    sandlot cp ID:/root/out.txt ./out.txt"""
     src_remote, dst_remote = _split_remote(source), _split_remote(dest)
@@ -233,7 +240,9 @@ def cp(source: str, dest: str) -> None:
         if dst_remote is not None:
             sb.filesystem.upload_file(source, remote_path)
         else:
-            sb.filesystem.download_file(dest, remote_path)
+            sb.filesystem.download_file(dest, remote_path, max_bytes=max_bytes)
+    except OSError as exc:  # the local side: no such file, a directory, permissions, ...
+        raise click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}") from None
     finally:
         sb.close()
 

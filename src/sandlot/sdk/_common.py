@@ -47,6 +47,19 @@ DEFAULT_HEALTH_TIMEOUT = 5.0
 DEFAULT_EXEC_TIMEOUT = 30.0
 DEFAULT_POLL_INTERVAL = 0.5
 DEFAULT_IDLE_TIMEOUT = 300
+#: How much of each output stream ``exec`` keeps (the rest is counted, not kept): a command
+#: printing 2 GiB once grew the client to 6.4 GiB. Change it per call (``max_output_bytes=``)
+#: or per handle (``sandbox.max_output_bytes``).
+DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024 * 1024
+#: The most ``read_bytes``/``read_file`` return unless told otherwise (``max_bytes=``, or
+#: ``sandbox.max_read_bytes``): a sandbox's file can be endless (a symlink to
+#: ``/proc/self/pagemap`` streamed until the client died of MemoryError). ``download_file``
+#: streams to disk instead and has no limit unless given one.
+DEFAULT_MAX_READ_BYTES = 64 * 1024 * 1024
+#: The longest server-sent-event line the SDK accepts. The agent sends at most 64 KiB of output
+#: per event (~384 KiB once JSON-escaped); anything far longer is a broken or hostile agent, and
+#: unbounded it would be held whole in memory.
+MAX_EVENT_LINE = 4 * 1024 * 1024
 #: Server start when the SDK launches the local server itself.
 SERVER_START_TIMEOUT = 60.0
 
@@ -70,10 +83,20 @@ class CommandResult:
     duration: float = 0.0
     #: The signal that killed the command, when one did (e.g. "SIGKILL").
     signal: str | None = None
+    #: Bytes of output this result does not hold (sandlot): past ``max_output_bytes`` the
+    #: command keeps running and its output is counted, not kept. ``stdout`` is then the first
+    #: ``max_output_bytes`` (cut at a character boundary) and ``stdout_dropped_bytes`` the rest.
+    stdout_dropped_bytes: int = 0
+    stderr_dropped_bytes: int = 0
 
     @property
     def code(self) -> int:
         return self.exit_code
+
+    @property
+    def truncated(self) -> bool:
+        """Whether some output is missing from ``stdout``/``stderr`` (see the dropped counts)."""
+        return bool(self.stdout_dropped_bytes or self.stderr_dropped_bytes)
 
     @property
     def status(self) -> CommandStatus:
@@ -120,6 +143,55 @@ class EndEvent(StreamEvent):
 
 
 EVENT_NAMES = ("stdout", "stderr", "exit", "end")
+
+
+class OutputKeeper:
+    """The first ``limit`` bytes of one output stream, and a count of the rest.
+
+    What was kept grows to ``limit`` and no further whatever the command prints; the text is
+    cut at a UTF-8 character boundary so it never ends in half a character, and the bytes cut
+    are counted as dropped, so ``len(kept) + dropped`` is exactly what the command wrote."""
+
+    __slots__ = ("_buf", "dropped", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(0, limit)
+        self._buf = bytearray()
+        self.dropped = 0
+
+    def add(self, data: bytes) -> None:
+        room = self.limit - len(self._buf)
+        if len(data) <= room:
+            self._buf += data
+            return
+        if room > 0:
+            self._buf += data[:room]
+        self.dropped += len(data) - max(0, room)
+
+    def take(self) -> tuple[str, int]:
+        """``(text, dropped)``; the keeper is empty afterwards."""
+        buf, self._buf = self._buf, bytearray()
+        dropped = self.dropped
+        if dropped:
+            cut = _utf8_incomplete_tail(buf)
+            if cut:
+                del buf[len(buf) - cut :]
+                dropped += cut
+        return buf.decode("utf-8", "replace"), dropped
+
+
+def _utf8_incomplete_tail(buf: bytearray) -> int:
+    """How many bytes at the end of ``buf`` start a UTF-8 character they do not finish."""
+    for back in range(1, min(4, len(buf)) + 1):
+        byte = buf[-back]
+        if byte < 0x80:
+            return 0
+        if byte >= 0xC0:  # a lead byte: how long is its character?
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return back if need > back else 0
+    return 0
+
+
 Listener = Callable[[StreamEvent], Any]
 
 
@@ -560,6 +632,37 @@ def transport_error(exc: Exception, conn: Connection, what: str) -> SandboxError
         f"{what}: cannot reach the sandlot server at {conn.description}: "
         f"{exc or type(exc).__name__}"
     )
+
+
+class LineSplitter:
+    """Bytes of a server-sent-event stream to lines, none longer than ``limit``.
+
+    httpx's own line iterator holds a line however long it grows; an agent is inside the
+    sandbox, so its answers are hostile input and a line without end must not become a
+    client without memory."""
+
+    __slots__ = ("_pending", "limit")
+
+    def __init__(self, limit: int = MAX_EVENT_LINE) -> None:
+        self.limit = limit
+        self._pending = bytearray()
+
+    def feed(self, data: bytes) -> list[str]:
+        self._pending += data
+        if b"\n" not in data:
+            self._check(len(self._pending))
+            return []
+        *lines, rest = self._pending.split(b"\n")
+        self._pending = rest
+        self._check(max(len(rest), *(len(line) for line in lines)))
+        return [line.rstrip(b"\r").decode("utf-8", "replace") for line in lines]
+
+    def _check(self, length: int) -> None:
+        if length > self.limit:
+            raise SandboxServiceError(
+                f"the sandbox's agent sent an event longer than {self.limit} bytes; "
+                "it is broken or not sandlot's agent"
+            )
 
 
 def parse_sse_line(line: str) -> tuple[str | None, str | None]:

@@ -8,7 +8,8 @@ Hierarchy::
     ├── SandboxTimeoutError                      readiness, a command or a request timed out
     ├── NoSandboxSecretError                     a handle without the sandbox secret (from list())
     ├── SandboxRequestError                      the server or agent answered 4xx
-    │   └── SandboxNotFoundError                 ... 404: no such sandbox (or not yours)
+    │   ├── SandboxNotFoundError                 ... 404: no such sandbox (or not yours)
+    │   └── SandboxFileTooLargeError             ... 413: a read passed its max_bytes
     ├── SandboxServiceError                      5xx, or the server/agent cannot be reached
     ├── SandboxCommandError                      exec(..., raise_on_error=True) and code != 0
     └── UnsupportedFeatureError                  an option/method a later release completes
@@ -24,6 +25,7 @@ __all__ = [
     "NoSandboxSecretError",
     "SandboxCommandError",
     "SandboxError",
+    "SandboxFileTooLargeError",
     "SandboxNotFoundError",
     "SandboxRequestError",
     "SandboxServiceError",
@@ -64,6 +66,16 @@ class SandboxRequestError(SandboxError):
 
 class SandboxNotFoundError(SandboxRequestError):
     """No sandbox with this id exists for your API token's project (or it was deleted)."""
+
+
+class SandboxFileTooLargeError(SandboxRequestError):
+    """A file read from a sandbox passed the read's ``max_bytes`` (sandlot): the read stopped
+    there, so an endless file (``/proc/self/pagemap``, ``/dev/zero`` behind a symlink) cannot
+    grow the client without bound. ``limit`` is the limit that was passed."""
+
+    def __init__(self, message: str, limit: int) -> None:
+        super().__init__(message, 413)
+        self.limit = limit
 
 
 class SandboxServiceError(SandboxError):

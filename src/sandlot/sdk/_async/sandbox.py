@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shlex
+import stat
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -20,7 +21,7 @@ from collections.abc import (
     Sequence,
 )
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -29,6 +30,8 @@ from sandlot.sdk._common import (
     DEFAULT_EXEC_TIMEOUT,
     DEFAULT_HEALTH_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_OUTPUT_BYTES,
+    DEFAULT_MAX_READ_BYTES,
     DEFAULT_POLL_INTERVAL,
     DEFAULT_WAIT_READY_TIMEOUT,
     EVENT_NAMES,
@@ -39,7 +42,9 @@ from sandlot.sdk._common import (
     EndEvent,
     ExitEvent,
     FileContent,
+    LineSplitter,
     Listener,
+    OutputKeeper,
     ProcessInfo,
     StderrEvent,
     StdoutEvent,
@@ -63,6 +68,7 @@ from sandlot.sdk.errors import (
     NoSandboxSecretError,
     SandboxCommandError,
     SandboxError,
+    SandboxFileTooLargeError,
     SandboxNotFoundError,
     SandboxRequestError,
     SandboxServiceError,
@@ -119,6 +125,12 @@ def _json_body(**fields: Any) -> bytes:
 class AsyncSandbox:
     """A sandbox: create one with :meth:`create`, find one with :meth:`get_from_id` or
     :meth:`list`. ``async with await AsyncSandbox.create() as sb:`` deletes it on exit."""
+
+    #: How much of each output stream :meth:`exec` keeps (sandlot). Set it on a handle, or on
+    #: the class for every handle; ``exec(..., max_output_bytes=)`` wins over both.
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    #: The most ``filesystem.read_bytes``/``read_file`` return (sandlot); the same rules.
+    max_read_bytes: int = DEFAULT_MAX_READ_BYTES
 
     def __init__(
         self, info: dict[str, Any], conn: Connection, client: httpx.AsyncClient | None = None
@@ -603,6 +615,27 @@ class AsyncSandbox:
         raise_for_status(response, what)
         return response
 
+    @contextlib.asynccontextmanager
+    async def _agent_download(self, path: str, what: str) -> AsyncIterator[httpx.Response]:
+        """``GET /files?path=`` with its body left unread: the caller takes it piece by piece
+        (a file can be larger than memory, or endless)."""
+        headers = self._agent_headers()
+        client = await self._http()
+        try:
+            async with client.stream(
+                "GET",
+                self._agent_path("/files"),
+                params={"path": path},
+                headers=headers,
+                timeout=httpx.Timeout(600.0, connect=10.0),
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise_for_status(response, what)
+                yield response
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self._conn, what) from exc
+
     # -- commands ---------------------------------------------------------------------------------
 
     async def exec(
@@ -615,14 +648,23 @@ class AsyncSandbox:
         on_stderr: Callable[[str], object] | None = None,
         cancel: CancelToken | None = None,
         raise_on_error: bool = False,
+        max_output_bytes: int | None = None,
     ) -> CommandResult:
         """Run ``cmd`` with ``sh -c`` and return its ``stdout``, ``stderr`` and ``code``.
 
         ``on_stdout``/``on_stderr`` get each chunk of output as it arrives. The command is
         killed when ``timeout`` passes (:class:`SandboxTimeoutError`), when ``cancel`` is
         cancelled (:class:`CommandCancelledError`) or when the calling task is cancelled.
+
+        The result keeps at most ``max_output_bytes`` of each stream (sandlot; default
+        :attr:`max_output_bytes`, 64 MiB). Past it the command runs on to its end, its output
+        still reaches ``on_stdout``/``on_stderr``, and ``result.truncated`` with
+        ``stdout_dropped_bytes``/``stderr_dropped_bytes`` say how much the result lacks.
         """
-        stream = AsyncExecStream(self, cmd, cwd=cwd, env=env, timeout=timeout, cancel=cancel)
+        keep = self.max_output_bytes if max_output_bytes is None else max_output_bytes
+        stream = AsyncExecStream(
+            self, cmd, cwd=cwd, env=env, timeout=timeout, cancel=cancel, max_output_bytes=keep
+        )
         if on_stdout is not None:
             out = on_stdout
             stream.add_event_listener("stdout", lambda ev: out(ev.data["data"]))
@@ -643,10 +685,24 @@ class AsyncSandbox:
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
         cancel: CancelToken | None = None,
+        max_output_bytes: int = 0,
     ) -> AsyncExecStream:
         """Stream a command's output: add listeners for ``stdout``, ``stderr``, ``exit`` and
-        ``end`` then ``await stream.wait()``, or iterate over the stream's events."""
-        return AsyncExecStream(self, cmd, cwd=cwd, env=env, timeout=timeout, cancel=cancel)
+        ``end`` then ``await stream.wait()``, or iterate over the stream's events.
+
+        The stream holds nothing it has delivered: its ``result`` has the exit code, and its
+        ``stdout``/``stderr`` are empty (their sizes are in ``stdout_dropped_bytes`` and
+        ``stderr_dropped_bytes``) unless ``max_output_bytes`` (sandlot) asks it to keep that
+        much of each."""
+        return AsyncExecStream(
+            self,
+            cmd,
+            cwd=cwd,
+            env=env,
+            timeout=timeout,
+            cancel=cancel,
+            max_output_bytes=max_output_bytes,
+        )
 
     # -- background processes -------------------------------------------------------------------
 
@@ -710,6 +766,7 @@ class AsyncExecStream:
         env: Mapping[str, str] | None,
         timeout: float | None,
         cancel: CancelToken | None,
+        max_output_bytes: int = 0,
     ) -> None:
         if not isinstance(cmd, str):
             raise SandboxRequestError(f"cmd must be a string, not {type(cmd).__name__}", 400)
@@ -717,6 +774,7 @@ class AsyncExecStream:
             raise SandboxRequestError(f"env must be a mapping, not {type(env).__name__}", 400)
         if timeout is not None and timeout < 0:
             raise SandboxRequestError("timeout must not be negative", 400)
+        _check_limit(max_output_bytes, "max_output_bytes")
         self._sandbox = sandbox
         self.cmd = cmd
         self._cwd = cwd
@@ -726,8 +784,10 @@ class AsyncExecStream:
         self._listeners: dict[str, list[Listener]] = {name: [] for name in EVENT_NAMES}
         self._started = False
         self._iterator: AsyncGenerator[StreamEvent, None] | None = None
-        self._stdout: list[bytes] = []
-        self._stderr: list[bytes] = []
+        self._kept = {
+            "stdout": OutputKeeper(max_output_bytes),
+            "stderr": OutputKeeper(max_output_bytes),
+        }
         self.result: CommandResult | None = None
 
     def add_event_listener(self, name: str, callback: Listener) -> None:
@@ -802,22 +862,24 @@ class AsyncExecStream:
                     await response.aread()
                     raise_for_status(response, what)
                 guard = StreamGuard(response, guard_after, self._cancel)
+                lines = LineSplitter()
                 try:
                     event_name: str | None = None
-                    async for line in response.aiter_lines():
-                        kind, value = parse_sse_line(line)
-                        if kind == "event":
-                            event_name = value
-                            continue
-                        if kind != "data" or value is None:
-                            continue
-                        payload = json.loads(value)
-                        for event in self._translate(event_name, payload):
-                            if isinstance(event, ExitEvent):
-                                completed = payload
-                            self._dispatch(event)
-                            yield event
-                        event_name = None
+                    async for piece in response.aiter_bytes():
+                        for line in lines.feed(piece):
+                            kind, value = parse_sse_line(line)
+                            if kind == "event":
+                                event_name = value
+                                continue
+                            if kind != "data" or value is None:
+                                continue
+                            payload = json.loads(value)
+                            for event in self._translate(event_name, payload):
+                                if isinstance(event, ExitEvent):
+                                    completed = payload
+                                self._dispatch(event)
+                                yield event
+                            event_name = None
                 except (httpx.HTTPError, OSError) as exc:
                     if guard.reason in ("timeout", "cancelled"):
                         pass
@@ -843,13 +905,17 @@ class AsyncExecStream:
             )
         if completed.get("timed_out"):
             raise SandboxTimeoutError(f"command timed out after {self._timeout:g}s: {self.cmd}")
+        stdout, stdout_dropped = self._kept["stdout"].take()
+        stderr, stderr_dropped = self._kept["stderr"].take()
         self.result = CommandResult(
-            stdout=b"".join(self._stdout).decode("utf-8", "replace"),
-            stderr=b"".join(self._stderr).decode("utf-8", "replace"),
+            stdout=stdout,
+            stderr=stderr,
             exit_code=int(completed.get("code", -1)),
             command=self.cmd,
             duration=monotonic() - started,
             signal=completed.get("signal"),
+            stdout_dropped_bytes=stdout_dropped,
+            stderr_dropped_bytes=stderr_dropped,
         )
         end = EndEvent("end", {})
         self._dispatch(end)
@@ -865,9 +931,9 @@ class AsyncExecStream:
                 text = str(raw)
                 data = text.encode("utf-8")
             if payload["stream"] == "stderr":
-                self._stderr.append(data)
+                self._kept["stderr"].add(data)
                 return [StderrEvent("stderr", {"data": text})]
-            self._stdout.append(data)
+            self._kept["stdout"].add(data)
             return [StdoutEvent("stdout", {"data": text})]
         if "code" in payload:
             return [ExitEvent("exit", {"code": int(payload["code"])})]
@@ -900,20 +966,32 @@ class AsyncFilesystem:
     async def delete_dir(self, path: str) -> None:
         await self._call("/delete_dir", f"delete directory {path}", {"path": path})
 
-    async def write_file(self, path: str, content: str | bytes) -> None:
+    async def write_file(self, path: str, content: str | bytes | BinaryIO) -> None:
         """Create or replace a file with ``content`` (text is written as UTF-8, bytes as they
-        are). The write is atomic; parent directories must exist."""
+        are). The write is atomic; parent directories must exist.
+
+        ``content`` may also be a file opened for binary reading (sandlot): it is sent from
+        where it stands to its end in pieces, never held in memory whole."""
+        what = f"write {path}"
         if isinstance(content, str):
             data = content.encode("utf-8")
         elif isinstance(content, (bytes, bytearray, memoryview)):
             data = bytes(content)
+        elif callable(getattr(content, "read", None)):
+            await self._sandbox._agent_raw(
+                "PUT",
+                "/files",
+                what,
+                params={"path": path},
+                content=_reader_pieces(content),
+                length=await async_run_blocking(_remaining_length, content),
+            )
+            return
         else:
             raise SandboxRequestError(
-                f"content must be str or bytes, not {type(content).__name__}", 400
+                f"content must be str, bytes or a binary file, not {type(content).__name__}", 400
             )
-        await self._sandbox._agent_raw(
-            "PUT", "/files", f"write {path}", params={"path": path}, content=data
-        )
+        await self._sandbox._agent_raw("PUT", "/files", what, params={"path": path}, content=data)
 
     async def write_files(
         self, files: Iterable[Mapping[str, Any]] | Mapping[str, str | bytes]
@@ -927,23 +1005,37 @@ class AsyncFilesystem:
         for path, content in items:
             await self.write_file(path, content)
 
-    async def read_file(self, path: str, encoding: str = "utf-8") -> FileContent:
+    async def read_file(
+        self, path: str, encoding: str = "utf-8", max_bytes: int | None = None
+    ) -> FileContent:
         """``{content, encoding}``: text for ``encoding="utf-8"`` (the default; bytes that are
         not UTF-8 become U+FFFD), base64 text for ``encoding="base64"``. ``.bytes`` gives the
-        exact bytes either way -- or use :meth:`read_bytes`."""
+        exact bytes either way -- or use :meth:`read_bytes`, whose ``max_bytes`` this takes."""
         if encoding not in ("utf-8", "base64"):
             raise SandboxRequestError("encoding must be 'utf-8' or 'base64'", 400)
-        raw = await self.read_bytes(path)
+        raw = await self.read_bytes(path, max_bytes=max_bytes)
         if encoding == "base64":
             return FileContent(base64.b64encode(raw).decode("ascii"), "base64")
         return FileContent(raw.decode("utf-8", "replace"), "utf-8")
 
-    async def read_bytes(self, path: str) -> bytes:
-        """A file's exact bytes."""
-        response = await self._sandbox._agent_raw(
-            "GET", "/files", f"read {path}", params={"path": path}
-        )
-        return response.content
+    async def read_bytes(self, path: str, max_bytes: int | None = None) -> bytes:
+        """A file's exact bytes, at most ``max_bytes`` of them (sandlot; default the handle's
+        ``max_read_bytes``, 64 MiB): a larger file, or an endless one such as a symlink to
+        ``/proc/self/pagemap``, raises :class:`SandboxFileTooLargeError` once the limit is
+        passed, having held no more than that. :meth:`download_file` copies big files to
+        disk instead."""
+        limit = self._sandbox.max_read_bytes if max_bytes is None else max_bytes
+        _check_limit(limit, "max_bytes")
+        pieces: list[bytes] = []
+        async with self._sandbox._agent_download(path, f"read {path}") as response:
+            _check_announced(response, limit, path)
+            total = 0
+            async for piece in response.aiter_bytes():
+                total += len(piece)
+                if total > limit:
+                    raise _too_large(path, limit)
+                pieces.append(piece)
+        return b"".join(pieces)
 
     async def rename_file(self, old_path: str, new_path: str) -> None:
         """Rename (``mv``) a file or directory."""
@@ -985,21 +1077,52 @@ class AsyncFilesystem:
         """Copy a local file into the sandbox (binary-safe, streamed: the file is never held
         in memory whole)."""
         path = os.fspath(local_path)
-        size = await async_run_blocking(os.path.getsize, path)
-        await self._sandbox._agent_raw(
-            "PUT",
-            "/files",
-            f"upload {path} to {remote_path}",
-            params={"path": remote_path},
-            content=_file_pieces(path),
-            length=size,
-        )
+        with open(path, "rb") as f:
+            await self._sandbox._agent_raw(
+                "PUT",
+                "/files",
+                f"upload {path} to {remote_path}",
+                params={"path": remote_path},
+                content=_reader_pieces(f),
+                length=await async_run_blocking(_remaining_length, f),
+            )
 
-    async def download_file(self, local_path: str | os.PathLike[str], remote_path: str) -> None:
+    async def download_file(
+        self,
+        local_path: str | os.PathLike[str],
+        remote_path: str,
+        max_bytes: int | None = None,
+    ) -> None:
         """Copy a sandbox file to ``local_path`` (binary-safe). Note the seed's order:
-        local path first."""
-        data = await self.read_bytes(remote_path)
-        await async_run_blocking(_write_local, os.fspath(local_path), data)
+        local path first.
+
+        The bytes stream to disk, in constant memory, through a temporary file beside
+        ``local_path`` that replaces it once complete (a failed copy leaves nothing behind).
+        ``max_bytes`` (sandlot) stops the copy past that size with
+        :class:`SandboxFileTooLargeError`. Without it a regular file, whose size the agent
+        announces and the sandbox's disk bounds, is copied whole, and a file of unknown length
+        (procfs, sysfs: perhaps endless) stops at the handle's ``max_read_bytes``."""
+        if max_bytes is not None:
+            _check_limit(max_bytes, "max_bytes")
+        local = os.fspath(local_path)
+        what = f"download {remote_path}"
+        async with self._sandbox._agent_download(remote_path, what) as response:
+            limit = max_bytes
+            if limit is None and "content-length" not in response.headers:
+                limit = self._sandbox.max_read_bytes
+            if limit is not None:
+                _check_announced(response, limit, remote_path)
+            sink = await async_run_blocking(_LocalFile, local)
+            try:
+                total = 0
+                async for piece in response.aiter_bytes(DOWNLOAD_CHUNK):
+                    total += len(piece)
+                    if limit is not None and total > limit:
+                        raise _too_large(remote_path, limit)
+                    await async_run_blocking(sink.write, piece)
+                await async_run_blocking(sink.commit)
+            finally:
+                await async_run_blocking(sink.discard)
 
 
 def _allowlist(entries: Sequence[str]) -> list[str]:
@@ -1011,6 +1134,31 @@ def _allowlist(entries: Sequence[str]) -> list[str]:
 
 #: Request bodies go out in pieces of this size.
 UPLOAD_CHUNK = 1 << 20
+#: Downloads are written to disk in pieces of this size (one thread hop each in the async SDK).
+DOWNLOAD_CHUNK = 1 << 20
+
+
+def _check_limit(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SandboxRequestError(f"{name} must be a non-negative int, not {value!r}", 400)
+
+
+def _too_large(path: str, limit: int) -> SandboxFileTooLargeError:
+    return SandboxFileTooLargeError(
+        f"read {path}: the file is larger than max_bytes={limit}; pass a larger max_bytes, "
+        "or download_file() to copy it to disk",
+        limit,
+    )
+
+
+def _check_announced(response: httpx.Response, limit: int, path: str) -> None:
+    """Refuse before reading a byte when the agent announces more than ``limit``."""
+    try:
+        announced = int(response.headers.get("content-length", ""))
+    except ValueError:
+        return
+    if announced > limit:
+        raise _too_large(path, limit)
 
 
 async def _pieces(data: bytes) -> AsyncIterator[bytes]:
@@ -1019,15 +1167,67 @@ async def _pieces(data: bytes) -> AsyncIterator[bytes]:
         yield bytes(view[start : start + UPLOAD_CHUNK])
 
 
-async def _file_pieces(path: str) -> AsyncIterator[bytes]:
-    with open(path, "rb") as f:
-        while True:
-            piece = await async_run_blocking(f.read, UPLOAD_CHUNK)
-            if not piece:
-                return
-            yield piece
+async def _reader_pieces(f: BinaryIO) -> AsyncIterator[bytes]:
+    while True:
+        piece = await async_run_blocking(f.read, UPLOAD_CHUNK)
+        if not piece:
+            return
+        yield piece
 
 
-def _write_local(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
+def _remaining_length(f: BinaryIO) -> int | None:
+    """Bytes from ``f``'s position to its end when it is a regular file (the upload then has
+    a Content-Length); None for a pipe or a socket (sent chunked)."""
+    try:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return max(0, st.st_size - f.tell())
+    except (OSError, ValueError, AttributeError):  # io.BytesIO has no fileno()
+        pass
+    try:
+        here = f.tell()
+        end = f.seek(0, os.SEEK_END)
+        f.seek(here)
+        return max(0, end - here)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+class _LocalFile:
+    """Where a download lands: a temporary file beside the target, renamed over it when
+    complete; a target that exists and is not a regular file (``/dev/null``, a FIFO) is
+    written to directly."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            direct = not stat.S_ISREG(os.stat(path).st_mode)
+        except FileNotFoundError:
+            direct = False
+        if direct:
+            self._tmp: str | None = None
+            self._f = open(path, "wb")  # noqa: SIM115 - closed by commit() or discard()
+            return
+        directory, name = os.path.split(os.path.abspath(path))
+        self._tmp = os.path.join(directory, f".{name}.{os.urandom(6).hex()}.part")
+        # 0666 less the umask, as open(path, "wb") would give the file itself
+        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        self._f = os.fdopen(fd, "wb")
+
+    def write(self, data: bytes) -> None:
+        self._f.write(data)
+
+    def commit(self) -> None:
+        self._f.close()
+        if self._tmp is not None:
+            os.replace(self._tmp, self.path)
+            self._tmp = None
+
+    def discard(self) -> None:
+        """Drop what was written, unless :meth:`commit` ran (then nothing is left to do)."""
+        self._f.close()
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmp)
+            self._tmp = None

@@ -29,6 +29,11 @@ TARGETS: list[tuple[str, str, str, float, str]] = [
     ("idle_sandbox_mib", "-", "memory per idle sandbox", 8, "max"),
     ("max_idle_sandboxes", "-", "idle sandboxes at once", 500, "min"),
     ("light_wake_ms", "-", "light sleep -> awake", 5, "max"),
+    *(
+        (f"{who}_peak_rss_mib", case, f"{who} peak RSS above idle, {case}", 64, "max")
+        for who in ("sdk", "server")
+        for case in ("exec", "exec_stream", "upload", "download")
+    ),
 ]
 
 

@@ -50,6 +50,7 @@ class Sizes:
     wake_n: int
     profile_creates: int  # 0: no profile
     profile_execs: int
+    memory_move: int  # bytes moved through each case of the peak-RSS figures
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -79,6 +80,7 @@ MODES: dict[str, Sizes] = {
         wake_n=10,
         profile_creates=10,
         profile_execs=300,
+        memory_move=1024 * MiB,
     ),
     "quick": Sizes(
         tti_n=5,
@@ -104,6 +106,7 @@ MODES: dict[str, Sizes] = {
         wake_n=3,
         profile_creates=0,
         profile_execs=0,
+        memory_move=256 * MiB,
     ),
     # For the CI test: every code path, the smallest samples.
     "tiny": Sizes(
@@ -130,6 +133,7 @@ MODES: dict[str, Sizes] = {
         wake_n=1,
         profile_creates=0,
         profile_execs=0,
+        memory_move=16 * MiB,
     ),
 }
 
@@ -196,7 +200,20 @@ FIGURES: dict[str, dict[str, str]] = {
         "better": "higher",
         "what": "create + delete cycles per second, sustained",
     },
+    "sdk_peak_rss_mib": {
+        "unit": "MiB",
+        "better": "lower",
+        "what": "the SDK client's peak RSS above idle while moving the bytes through each "
+        "(exec keeps its default 64 MiB of output)",
+    },
+    "server_peak_rss_mib": {
+        "unit": "MiB",
+        "better": "lower",
+        "what": "the server's peak RSS above idle meanwhile",
+    },
 }
+#: Figures measured by a part of their own (``--parts``), not by the backend they are filed under.
+FIGURE_PARTS = {"sdk_peak_rss_mib": "memory", "server_peak_rss_mib": "memory"}
 ALTERNATIVES = ("crun", "podman", "docker")
 
 
@@ -520,6 +537,19 @@ def run_alternative(run: Run, name: str, enabled: bool, why_off: str) -> None:
         backend.__exit__(None, None, None)
 
 
+def run_memory(run: Run) -> None:
+    from bench import memory
+
+    figures = [(f, memory.CASES) for f in ("sdk_peak_rss_mib", "server_peak_rss_mib")]
+
+    def measure() -> None:
+        sdk, server = memory.peak_rss(run.sizes.memory_move, run.log)
+        run.put_cases("sdk_peak_rss_mib", "sandlot", sdk)
+        run.put_cases("server_peak_rss_mib", "sandlot", server)
+
+    run.attempt("peak RSS while moving bytes", "sandlot", figures, measure)
+
+
 def run_stages(run: Run) -> None:
     from bench import stages
 
@@ -622,7 +652,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-PARTS = ("sandlot", *ALTERNATIVES, "stages")
+PARTS = ("sandlot", *ALTERNATIVES, "stages", "memory")
 
 
 def _merge(old: dict[str, Any], new: dict[str, Any], parts: list[str]) -> dict[str, Any]:
@@ -632,7 +662,7 @@ def _merge(old: dict[str, Any], new: dict[str, Any], parts: list[str]) -> dict[s
         target = out["figures"].setdefault(name, {**fig, "cases": {}})
         for case, backends in fig["cases"].items():
             for backend, result in backends.items():
-                if backend in parts:
+                if FIGURE_PARTS.get(name, backend) in parts:
                     target["cases"].setdefault(case, {})[backend] = result
     for key, value in new.items():
         if key not in ("meta", "sizes", "figures", "errors"):
@@ -701,6 +731,8 @@ def main(argv: list[str] | None = None) -> int:
             run_alternative(run, alt, enabled, f"left out of this run (--{alt} to include)")
         if "stages" in parts:
             run_stages(run)
+        if "memory" in parts:
+            run_memory(run)
     except KeyboardInterrupt:
         run.errors.append("interrupted")
         raise

@@ -32,6 +32,8 @@ MEASURED = [
     "file_read_mb_s",
     "idle_sandbox_mib",
     "create_delete_per_s",
+    "sdk_peak_rss_mib",
+    "server_peak_rss_mib",
 ]
 
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -241,7 +242,16 @@ def test_read_of_an_endless_file_stops_at_the_limit(server: RunningServer, sb: S
         assert status == 413 and limit == DEFAULT_MAX_READ_BYTES
         assert "/root/endless" in message and "max_bytes" in message
     assert answer["above_idle"] < 160 * MiB, answer
-    assert sb.exec("echo alive").stdout == "alive\n"  # the sandbox answers after it
+    # The client's leaving reaches the agent through the server: it stops reading the file.
+    agent_reads = "grep rchar /proc/$(cut -d' ' -f1 /proc/1/task/1/children)/io | cut -d' ' -f2"
+    before = int(sb.exec(agent_reads, raise_on_error=True).stdout)
+    deadline = time.monotonic() + 60
+    while True:
+        now = int(sb.exec(agent_reads, raise_on_error=True).stdout)
+        if now - before < MiB:
+            break
+        assert time.monotonic() < deadline, f"the agent still reads: {before} -> {now} bytes"
+        before = now
 
 
 def test_read_limits_are_per_call_and_per_handle(sb: Sandbox) -> None:

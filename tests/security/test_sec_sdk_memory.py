@@ -14,14 +14,17 @@ not fail them. A real server (a thread of this process) and a real sandbox take 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,8 +34,18 @@ import pytest
 from support.server import RunningServer, start_server
 
 from sandlot.paths import state_dir
-from sandlot.sdk import Sandbox, SandboxFileTooLargeError, SandboxRequestError
-from sandlot.sdk._common import DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_MAX_READ_BYTES
+from sandlot.sdk import (
+    Sandbox,
+    SandboxFileTooLargeError,
+    SandboxRequestError,
+    SandboxServiceError,
+)
+from sandlot.sdk._common import (
+    DEFAULT_MAX_OUTPUT_BYTES,
+    DEFAULT_MAX_READ_BYTES,
+    MAX_ANSWER_BYTES,
+    MAX_EVENT_LINE,
+)
 
 pytestmark = pytest.mark.root
 
@@ -365,3 +378,94 @@ def test_cp_streams_both_ways(server: RunningServer, sb: Sandbox, tmp_path: Path
     assert proc.returncode == 1, proc.stderr
     assert "larger than max_bytes" in proc.stderr and "Traceback" not in proc.stderr
     assert not endless.exists()
+
+
+# -- a hostile agent ------------------------------------------------------------------------------
+#
+# Code in a sandbox that takes its agent's place answers the SDK through the server. A real
+# server on a Unix socket plays that part here, answering every sandbox call with an endless
+# body: the SDK stops reading at its limits instead of growing without end.
+
+ENDLESS = b"a" * 65536
+SANDBOX_INFO = {
+    "id": "evil",
+    "name": "evil",
+    "status": "running",
+    "secret": "s",
+    "image": "default",
+    "instance_type": "micro",
+    "region": "local",
+    "created_at": "",
+    "sandbox_url": "",
+}
+
+
+def _answer(conn: socket.socket) -> None:
+    with conn, conn.makefile("rb") as reader:
+        request_line = reader.readline().decode()
+        length = 0
+        while (line := reader.readline()) not in (b"\r\n", b"\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        reader.read(length)
+        route = request_line.split()[1].split("?")[0].rsplit("/", 1)[-1]
+        if route == "evil":
+            body = json.dumps(SANDBOX_INFO).encode()
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            return
+        status, kind, start = {
+            "run_streaming": (b"200 OK", b"text/event-stream", b"event: output\ndata: "),
+            "files": (b"404 Not Found", b"application/json", b'{"error": "'),
+        }.get(route, (b"200 OK", b"application/json", b'{"entries": ["'))
+        with contextlib.suppress(OSError):
+            conn.sendall(
+                b"HTTP/1.1 %s\r\ncontent-type: %s\r\nconnection: close\r\n\r\n%s"
+                % (status, kind, start)
+            )
+            while True:  # until the client hangs up
+                conn.sendall(ENDLESS)
+
+
+@pytest.fixture
+def hostile(tmp_path: Path) -> Iterator[str]:
+    path = str(tmp_path / "evil.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(16)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed: the test is over
+            threading.Thread(target=_answer, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"unix:{path}"
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(10)
+
+
+def test_a_hostile_agent_cannot_send_endless_answers(hostile: str) -> None:
+    """Endless JSON, error bodies and event lines end in clear errors at the SDK's limits
+    (the old SDK read all of them until its memory ran out)."""
+    sb = Sandbox.get_from_id("evil", api_url=hostile)
+    try:
+        with pytest.raises(SandboxServiceError, match=f"larger than {MAX_ANSWER_BYTES} bytes"):
+            sb.filesystem.list_dir("/")
+        with pytest.raises(SandboxServiceError, match=f"larger than {MAX_ANSWER_BYTES} bytes"):
+            sb.filesystem.read_bytes("/x")  # a 404 whose message never ends
+        with pytest.raises(SandboxServiceError, match=f"longer than {MAX_EVENT_LINE} bytes"):
+            sb.exec("true")
+        assert sb.is_healthy() is False
+    finally:
+        sb.close()

@@ -56,6 +56,10 @@ DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024 * 1024
 #: ``/proc/self/pagemap`` streamed until the client died of MemoryError). ``download_file``
 #: streams to disk instead and has no limit unless given one.
 DEFAULT_MAX_READ_BYTES = 64 * 1024 * 1024
+#: The largest answer (JSON, or an error's body) the SDK reads: a sandbox's agent answers
+#: through the server and may be hostile. A file's bytes and a stream's events are not answers
+#: (they have their own limits).
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
 #: The longest server-sent-event line the SDK accepts. The agent sends at most 64 KiB of output
 #: per event (~384 KiB once JSON-escaped); anything far longer is a broken or hostile agent, and
 #: unbounded it would be held whole in memory.

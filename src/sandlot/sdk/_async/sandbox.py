@@ -35,6 +35,7 @@ from sandlot.sdk._common import (
     DEFAULT_POLL_INTERVAL,
     DEFAULT_WAIT_READY_TIMEOUT,
     EVENT_NAMES,
+    MAX_ANSWER_BYTES,
     CancelToken,
     CommandCancelledError,
     CommandResult,
@@ -102,10 +103,7 @@ async def _request(
 ) -> Any:
     """One request to the server; the answer's JSON, or the SDK's exception for an error."""
     kwargs["headers"] = control_headers(conn, kwargs.get("headers"))
-    try:
-        response = await client.request(method, path, **kwargs)
-    except httpx.HTTPError as exc:
-        raise transport_error(exc, conn, what) from exc
+    response = await _send(client, conn, method, path, what, **kwargs)
     raise_for_status(response, what)
     if not response.content:
         return None
@@ -113,6 +111,48 @@ async def _request(
         return response.json()
     except ValueError:
         raise SandboxServiceError(f"{what}: the answer is not JSON", response.status_code) from None
+
+
+async def _send(
+    client: httpx.AsyncClient, conn: Connection, method: str, path: str, what: str, **kwargs: Any
+) -> httpx.Response:
+    """Send a request and read its answer, at most :data:`MAX_ANSWER_BYTES` of it."""
+    try:
+        response = await client.send(client.build_request(method, path, **kwargs), stream=True)
+        try:
+            return await _read_answer(response, what)
+        finally:
+            await response.aclose()
+    except httpx.HTTPError as exc:
+        raise transport_error(exc, conn, what) from exc
+
+
+async def _read_answer(response: httpx.Response, what: str) -> httpx.Response:
+    """``response`` with its body read -- a sandbox's agent answers through the server, and a
+    hostile one must not be able to send the client an endless body: past
+    :data:`MAX_ANSWER_BYTES` the read stops with :class:`SandboxServiceError`."""
+    too_large = SandboxServiceError(
+        f"{what}: the answer is larger than {MAX_ANSWER_BYTES} bytes", response.status_code
+    )
+    length = response.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_ANSWER_BYTES:
+        raise too_large
+    pieces: list[bytes] = []
+    total = 0
+    async for piece in response.aiter_bytes():
+        total += len(piece)
+        if total > MAX_ANSWER_BYTES:
+            raise too_large
+        pieces.append(piece)
+    # The body is decoded already: the copy must not claim an encoding or a length.
+    headers = [
+        (k, v)
+        for k, v in response.headers.multi_items()
+        if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+    ]
+    return httpx.Response(
+        response.status_code, headers=headers, content=b"".join(pieces), request=response.request
+    )
 
 
 def _json_body(**fields: Any) -> bytes:
@@ -375,8 +415,15 @@ class AsyncSandbox:
         """Whether the sandbox's agent answers ``/health``."""
         client = await self._http()
         try:
-            response = await client.get(self._agent_path("/health"), timeout=DEFAULT_HEALTH_TIMEOUT)
-        except httpx.HTTPError:
+            response = await _send(
+                client,
+                self._conn,
+                "GET",
+                self._agent_path("/health"),
+                "health",
+                timeout=DEFAULT_HEALTH_TIMEOUT,
+            )
+        except SandboxError:
             return False
         if response.status_code != 200:
             return False
@@ -601,17 +648,17 @@ class AsyncSandbox:
         if length is not None:
             headers["content-length"] = str(length)
         client = await self._http()
-        try:
-            response = await client.request(
-                method,
-                self._agent_path(route),
-                params=params,
-                content=content,
-                headers=headers,
-                timeout=httpx.Timeout(600.0, connect=10.0),
-            )
-        except httpx.HTTPError as exc:
-            raise transport_error(exc, self._conn, what) from exc
+        response = await _send(
+            client,
+            self._conn,
+            method,
+            self._agent_path(route),
+            what,
+            params=params,
+            content=content,
+            headers=headers,
+            timeout=httpx.Timeout(600.0, connect=10.0),
+        )
         raise_for_status(response, what)
         return response
 
@@ -630,8 +677,7 @@ class AsyncSandbox:
                 timeout=httpx.Timeout(600.0, connect=10.0),
             ) as response:
                 if response.status_code >= 400:
-                    await response.aread()
-                    raise_for_status(response, what)
+                    raise_for_status(await _read_answer(response, what), what)
                 yield response
         except httpx.HTTPError as exc:
             raise transport_error(exc, self._conn, what) from exc
@@ -859,8 +905,7 @@ class AsyncExecStream:
                 timeout=httpx.Timeout(None, connect=10.0),
             ) as response:
                 if response.status_code >= 400:
-                    await response.aread()
-                    raise_for_status(response, what)
+                    raise_for_status(await _read_answer(response, what), what)
                 guard = StreamGuard(response, guard_after, self._cancel)
                 lines = LineSplitter()
                 try:

@@ -36,6 +36,7 @@ from sandlot.sdk._common import (
     DEFAULT_POLL_INTERVAL,
     DEFAULT_WAIT_READY_TIMEOUT,
     EVENT_NAMES,
+    MAX_ANSWER_BYTES,
     CancelToken,
     CommandCancelledError,
     CommandResult,
@@ -103,10 +104,7 @@ def _request(
 ) -> Any:
     """One request to the server; the answer's JSON, or the SDK's exception for an error."""
     kwargs["headers"] = control_headers(conn, kwargs.get("headers"))
-    try:
-        response = client.request(method, path, **kwargs)
-    except httpx.HTTPError as exc:
-        raise transport_error(exc, conn, what) from exc
+    response = _send(client, conn, method, path, what, **kwargs)
     raise_for_status(response, what)
     if not response.content:
         return None
@@ -114,6 +112,48 @@ def _request(
         return response.json()
     except ValueError:
         raise SandboxServiceError(f"{what}: the answer is not JSON", response.status_code) from None
+
+
+def _send(
+    client: httpx.Client, conn: Connection, method: str, path: str, what: str, **kwargs: Any
+) -> httpx.Response:
+    """Send a request and read its answer, at most :data:`MAX_ANSWER_BYTES` of it."""
+    try:
+        response = client.send(client.build_request(method, path, **kwargs), stream=True)
+        try:
+            return _read_answer(response, what)
+        finally:
+            response.close()
+    except httpx.HTTPError as exc:
+        raise transport_error(exc, conn, what) from exc
+
+
+def _read_answer(response: httpx.Response, what: str) -> httpx.Response:
+    """``response`` with its body read -- a sandbox's agent answers through the server, and a
+    hostile one must not be able to send the client an endless body: past
+    :data:`MAX_ANSWER_BYTES` the read stops with :class:`SandboxServiceError`."""
+    too_large = SandboxServiceError(
+        f"{what}: the answer is larger than {MAX_ANSWER_BYTES} bytes", response.status_code
+    )
+    length = response.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_ANSWER_BYTES:
+        raise too_large
+    pieces: list[bytes] = []
+    total = 0
+    for piece in response.iter_bytes():
+        total += len(piece)
+        if total > MAX_ANSWER_BYTES:
+            raise too_large
+        pieces.append(piece)
+    # The body is decoded already: the copy must not claim an encoding or a length.
+    headers = [
+        (k, v)
+        for k, v in response.headers.multi_items()
+        if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+    ]
+    return httpx.Response(
+        response.status_code, headers=headers, content=b"".join(pieces), request=response.request
+    )
 
 
 def _json_body(**fields: Any) -> bytes:
@@ -374,8 +414,15 @@ class Sandbox:
         """Whether the sandbox's agent answers ``/health``."""
         client = self._http()
         try:
-            response = client.get(self._agent_path("/health"), timeout=DEFAULT_HEALTH_TIMEOUT)
-        except httpx.HTTPError:
+            response = _send(
+                client,
+                self._conn,
+                "GET",
+                self._agent_path("/health"),
+                "health",
+                timeout=DEFAULT_HEALTH_TIMEOUT,
+            )
+        except SandboxError:
             return False
         if response.status_code != 200:
             return False
@@ -600,17 +647,17 @@ class Sandbox:
         if length is not None:
             headers["content-length"] = str(length)
         client = self._http()
-        try:
-            response = client.request(
-                method,
-                self._agent_path(route),
-                params=params,
-                content=content,
-                headers=headers,
-                timeout=httpx.Timeout(600.0, connect=10.0),
-            )
-        except httpx.HTTPError as exc:
-            raise transport_error(exc, self._conn, what) from exc
+        response = _send(
+            client,
+            self._conn,
+            method,
+            self._agent_path(route),
+            what,
+            params=params,
+            content=content,
+            headers=headers,
+            timeout=httpx.Timeout(600.0, connect=10.0),
+        )
         raise_for_status(response, what)
         return response
 
@@ -629,8 +676,7 @@ class Sandbox:
                 timeout=httpx.Timeout(600.0, connect=10.0),
             ) as response:
                 if response.status_code >= 400:
-                    response.read()
-                    raise_for_status(response, what)
+                    raise_for_status(_read_answer(response, what), what)
                 yield response
         except httpx.HTTPError as exc:
             raise transport_error(exc, self._conn, what) from exc
@@ -858,8 +904,7 @@ class ExecStream:
                 timeout=httpx.Timeout(None, connect=10.0),
             ) as response:
                 if response.status_code >= 400:
-                    response.read()
-                    raise_for_status(response, what)
+                    raise_for_status(_read_answer(response, what), what)
                 guard = StreamGuard(response, guard_after, self._cancel)
                 lines = LineSplitter()
                 try:

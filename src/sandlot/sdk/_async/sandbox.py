@@ -1167,7 +1167,7 @@ class AsyncFilesystem:
                     await async_run_blocking(sink.write, piece)
                 await async_run_blocking(sink.commit)
             finally:
-                await async_run_blocking(sink.discard)
+                sink.discard()  # not in a thread: a cancelled task must still clean up
 
 
 def _allowlist(entries: Sequence[str]) -> list[str]:

@@ -1164,7 +1164,7 @@ class Filesystem:
                     sync_run_blocking(sink.write, piece)
                 sync_run_blocking(sink.commit)
             finally:
-                sync_run_blocking(sink.discard)
+                sink.discard()  # not in a thread: a cancelled task must still clean up
 
 
 def _allowlist(entries: Sequence[str]) -> list[str]:

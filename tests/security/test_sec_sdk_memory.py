@@ -469,3 +469,29 @@ def test_a_hostile_agent_cannot_send_endless_answers(hostile: str) -> None:
         assert sb.is_healthy() is False
     finally:
         sb.close()
+
+
+@pytest.mark.anyio
+async def test_the_async_sdk_has_the_same_limits(sb: Sandbox, tmp_path: Path) -> None:
+    from sandlot.sdk import AsyncSandbox
+
+    handle = await AsyncSandbox.get_from_id(sb.id, api_url=sb._conn.description)
+    try:
+        r = await handle.exec("printf abcdef; exit 2", max_output_bytes=2)
+        assert (r.stdout, r.stdout_dropped_bytes, r.exit_code) == ("ab", 4, 2)
+        with pytest.raises(SandboxFileTooLargeError):
+            await handle.filesystem.read_bytes("/root/endless", max_bytes=MiB)
+        dest = tmp_path / "big"
+        with pytest.raises(SandboxFileTooLargeError):
+            await handle.filesystem.download_file(dest, "/root/big", max_bytes=MiB)
+        assert not os.listdir(tmp_path)
+        await handle.filesystem.download_file(dest, "/root/big")
+        assert dest.stat().st_size == BIG
+        with open(dest, "rb") as f:
+            await handle.filesystem.write_file("/root/back", f)
+        # (async calls only: a sync call here would block the event loop under the handle)
+        sums = await handle.exec("sha256sum /root/back /root/big; rm -f /root/back", timeout=120)
+        back, big = (line.split()[0] for line in sums.stdout.splitlines())
+        assert back == big
+    finally:
+        await handle.close()

@@ -63,8 +63,7 @@ def base_environment() -> dict[str, str]:
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read the environment file {path}: {exc}") from None
     if not isinstance(loaded, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and k and "=" not in k
-        for k, v in loaded.items()
+        isinstance(k, str) and isinstance(v, str) and k and "=" not in k for k, v in loaded.items()
     ):
         raise ValueError(f"the environment file {path} is not an object of strings")
     return {k: v for k, v in loaded.items() if k not in HIDDEN_ENV}

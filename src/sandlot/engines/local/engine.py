@@ -169,7 +169,6 @@ class LocalEngine:
         self.layout = cgroups.detect_layout()
         self.runtime = OciRuntime.detect(state_dir / "oci", self.layout, oci_runtime)
         self._runtime_dir: Path | None = None
-        self._mounted_runtimes: set[Path] = set()
         self._block_dirs = host_block_device_dirs()
         self._locks: dict[str, asyncio.Lock] = {}
         self.slots = SlotRegistry(self.sandboxes_dir)
@@ -192,13 +191,10 @@ class LocalEngine:
 
     def agent_runtime(self) -> Path:
         if self._runtime_dir is None or not self._runtime_dir.exists():
-            self._runtime_dir = build_runtime(self.state_dir / "runtime")
+            runtime_dir = build_runtime(self.state_dir / "runtime")
+            runtime_image.ensure_packed(runtime_dir)
+            self._runtime_dir = runtime_dir
         return self._runtime_dir
-
-    def _mount_runtime(self, runtime_dir: Path) -> Path:
-        point = runtime_image.ensure_mounted(runtime_dir)
-        self._mounted_runtimes.add(runtime_dir)
-        return point
 
     def _address(self, directory: Path) -> AgentAddress:
         sock = self._socket_root / directory.name / "agent.sock"
@@ -241,7 +237,7 @@ class LocalEngine:
             lambda: self.images.resolve(spec.image, auth=spec.registry_auth)
         )
         built_runtime = await asyncio.to_thread(self.agent_runtime)
-        runtime_dir = await asyncio.to_thread(self._mount_runtime, built_runtime)
+        runtime_dir = await asyncio.to_thread(runtime_image.ensure_mounted, built_runtime)
         async with self._lock(spec.id):
             if directory.exists():
                 raise EngineError(f"sandbox {spec.id} already exists")
@@ -295,7 +291,7 @@ class LocalEngine:
     def _remount_if_needed(self, directory: Path, meta: dict[str, Any]) -> None:
         """After a host reboot the mounts are gone but the files are not: mount them again."""
         if meta.get("runtime"):
-            self._mount_runtime(Path(meta["runtime"]))
+            runtime_image.ensure_mounted(Path(meta["runtime"]))
         if mounts.is_mountpoint(directory / "bundle" / "rootfs"):
             return
         for point in mounts.mounts_under(directory):
@@ -610,10 +606,7 @@ class LocalEngine:
         return cgroups.memory_usage_bytes(self.layout, sandbox_id)
 
     async def close(self) -> None:
-        for runtime_dir in self._mounted_runtimes:
-            with contextlib.suppress(mounts.MountError):
-                runtime_image.release(runtime_dir)
-        self._mounted_runtimes.clear()
+        return None
 
 
 def new_sandbox_id() -> str:

@@ -8,9 +8,11 @@ sandboxes see ``/`` on ``/dev/loopN`` and nothing of the host's layout. Its file
 host root (unmapped in every sandbox), so even a privileged sandbox that remounts its view
 read-write cannot change a byte; its page cache is shared by every sandbox, as before.
 
-Layout next to the runtime directory ``<state>/runtime/<digest>``: ``<digest>.img`` (built
-atomically), ``<digest>.mnt`` (its mount point, the source every sandbox's config names) and
-``<digest>.lock`` (serialises builders and mounters across threads and processes).
+The image sits next to the runtime directory (``<state>/runtime/<digest>.img``); the mount is
+host-wide, at ``/run/sandlot/runtime/<digest>``: the digest names the runtime's exact content,
+so every server (and every test's state directory) on the host shares one mount per runtime
+version, and it lasts until the host reboots (then the next create or start mounts it again).
+Nothing is ever mounted inside a state directory, so removing one never meets a mount.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import contextlib
 import fcntl
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from sandlot.engines.local import mounts
@@ -28,18 +31,25 @@ _SLACK = 1.25
 _EXTRA_BYTES = 16 * 1024 * 1024
 
 
-def _paths(runtime_dir: Path) -> tuple[Path, Path, Path]:
-    name = runtime_dir.name
-    return (
-        runtime_dir.with_name(f"{name}.img"),
-        runtime_dir.with_name(f"{name}.mnt"),
-        runtime_dir.with_name(f"{name}.lock"),
-    )
+#: Host-wide mount points of the runtimes, one per digest.
+MOUNTS_DIR = Path("/run/sandlot/runtime")
+
+
+def _image(runtime_dir: Path) -> Path:
+    return runtime_dir.with_name(f"{runtime_dir.name}.img")
 
 
 def mount_point(runtime_dir: Path) -> Path:
     """Where the runtime of ``runtime_dir`` is (or will be) mounted."""
-    return _paths(runtime_dir)[1]
+    return MOUNTS_DIR / runtime_dir.name
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Serialises builders and mounters across threads and processes."""
+    with open(path, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        yield
 
 
 def _build(runtime_dir: Path, image: Path) -> None:
@@ -79,24 +89,26 @@ def _build(runtime_dir: Path, image: Path) -> None:
     tmp.rename(image)
 
 
+def ensure_packed(runtime_dir: Path) -> None:
+    """Pack the runtime built in ``runtime_dir`` into its image, unless that is done."""
+    image = _image(runtime_dir)
+    if image.exists():
+        return
+    with _locked(runtime_dir.with_name(f"{runtime_dir.name}.lock")):
+        if not image.exists():
+            _build(runtime_dir, image)
+
+
 def ensure_mounted(runtime_dir: Path) -> Path:
     """Mount the runtime built in ``runtime_dir`` (packing it first if needed); return the
     mount point. Cheap when it is already mounted (two stat calls)."""
-    image, point, lock = _paths(runtime_dir)
+    point = mount_point(runtime_dir)
     if mounts.is_mountpoint(point):
         return point
-    with open(lock, "a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        if mounts.is_mountpoint(point):
-            return point
-        if not image.exists():
-            _build(runtime_dir, image)
-        point.mkdir(mode=0o755, exist_ok=True)
-        mounts.mount_existing_disk_image(image, point, readonly=True)
+    ensure_packed(runtime_dir)
+    MOUNTS_DIR.mkdir(parents=True, exist_ok=True, mode=0o755)
+    with _locked(MOUNTS_DIR / f".{runtime_dir.name}.lock"):
+        if not mounts.is_mountpoint(point):
+            point.mkdir(mode=0o755, exist_ok=True)
+            mounts.mount_existing_disk_image(_image(runtime_dir), point, readonly=True)
     return point
-
-
-def release(runtime_dir: Path) -> None:
-    """Lazily detach the runtime's mount: sandboxes still running keep their view of it (the
-    loop device goes with the last of them); the next create or start mounts it again."""
-    mounts.unmount(mount_point(runtime_dir))

@@ -268,7 +268,9 @@ class LocalEngine:
             except BaseException as exc:
                 await asyncio.shield(self._destroy(spec.id, directory))
                 if isinstance(exc, OSError):  # e.g. ENOSPC under the state directory
-                    raise EngineError(f"cannot create sandbox {spec.id}: {exc}") from exc
+                    # (the message, not str(exc): that would name a host path)
+                    reason = exc.strerror or type(exc).__name__
+                    raise EngineError(f"cannot create sandbox {spec.id}: {reason}") from exc
                 raise
         return SandboxInfo(spec.id, SandboxState.RUNNING, self._address(directory), pid=pid)
 
@@ -403,7 +405,7 @@ class LocalEngine:
         if directory.exists():
             shutil.rmtree(directory, ignore_errors=True)
         if directory.exists():
-            raise EngineError(f"could not remove {directory}")
+            raise EngineError(f"could not remove the files of sandbox {sandbox_id}")
 
     async def delete(self, sandbox_id: str) -> None:
         directory = self._dir(sandbox_id)

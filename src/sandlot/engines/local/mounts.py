@@ -143,7 +143,7 @@ def unmount(target: Path) -> None:
     if _libc.umount2(str(target).encode(), _MNT_DETACH) != 0:
         err = ctypes.get_errno()
         if err not in (_EINVAL, _ENOENT):
-            raise MountError(f"cannot unmount {target}: {os.strerror(err)}")
+            raise MountError(f"cannot unmount a sandbox's mount: {os.strerror(err)}")
 
 
 def is_mountpoint(path: Path) -> bool:

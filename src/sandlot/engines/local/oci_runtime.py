@@ -112,12 +112,16 @@ class OciRuntime:
             ]
         return base
 
+    def _scrub(self, text: str) -> str:
+        """Error text for clients: the host's state directory is none of their business."""
+        return text.replace(str(self.root.parent.parent), "<state>")
+
     async def _call(self, *args: str, check: bool = True) -> tuple[int, str, str]:
         result = await spawn(self.argv(*args))
         out = result.stdout.decode(errors="replace")
         err = result.stderr.decode(errors="replace").strip()
         if check and result.returncode != 0:
-            raise OciRuntimeError(f"{self.name} {args[0]} failed: {err or out}")
+            raise OciRuntimeError(self._scrub(f"{self.name} {args[0]} failed: {err or out}"))
         return result.returncode, out, err
 
     async def run_detached(
@@ -150,7 +154,9 @@ class OciRuntime:
             returncode = await asyncio.to_thread(_spawn_with_fd3, argv, listener, log_fd)
         if returncode != 0:
             tail = _read_tail(log_path).strip().splitlines()[-5:]
-            raise OciRuntimeError(f"{self.name} could not start the sandbox: " + " | ".join(tail))
+            raise OciRuntimeError(
+                self._scrub(f"{self.name} could not start the sandbox: " + " | ".join(tail))
+            )
         return int(pid_file.read_text().strip())
 
     async def state(self, sandbox_id: str) -> dict[str, Any] | None:

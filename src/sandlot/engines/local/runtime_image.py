@@ -85,7 +85,8 @@ def _build(runtime_dir: Path, image: Path) -> None:
     if mkfs.returncode != 0:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise mounts.MountError(f"cannot pack the agent runtime: {mkfs.stderr.strip()}")
+        detail = mkfs.stderr.strip().replace(str(runtime_dir.parent), "<runtime>")
+        raise mounts.MountError(f"cannot pack the agent runtime: {detail}")
     tmp.rename(image)
 
 

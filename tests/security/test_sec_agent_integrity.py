@@ -13,8 +13,10 @@ rewrite.
 from __future__ import annotations
 
 import base64
+import io
 import shutil
 import subprocess
+import zipfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -215,6 +217,30 @@ async def test_python_start_up_files_are_ignored(
         await _put(sb, path, payload)
     await _put(sb, "/usr/lib/python3/dist-packages/evil.pth", b"import os; " + payload)
     await sb.sh("cp /usr/lib/python3.11/sitecustomize.py /usr/lib/python311.zip")
+    # Python looks for lib/python311.zip in each parent of its executable's directory: the
+    # last one, /.sandlot, is the sandbox's -- a zip there was the agent's standard library.
+    early = (
+        b"import posix\n"
+        b"fd = posix.open('/pwned', posix.O_WRONLY | posix.O_CREAT | posix.O_APPEND, 0o644)\n"
+        b"posix.write(fd, b'zip\\n')\n"
+    )
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("encodings/__init__.py", early)
+        z.writestr("os.py", early)
+    for directory in ("/.sandlot/lib", "/.sandlot/runtime/lib", "/lib", "/usr/lib"):
+        await sb.run(f"mkdir -p {directory}")
+        await sb.client.post(
+            "/write_file",
+            json={
+                "path": f"{directory}/python311.zip",
+                "content": base64.b64encode(archive.getvalue()).decode(),
+                "encoding": "base64",
+            },
+        )
+    probe = await sb.run(f"{PYTHON} -I -S -c 'import sys; print(sys.prefix)'")
+    assert probe["stdout"] == f"{RUNTIME}/python\n", probe
+    assert (await sb.run("cat /pwned"))["code"] != 0
     await deep_sleep(engine, sb)
     await _assert_agent_is_ours(sb)
 

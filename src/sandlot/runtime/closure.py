@@ -17,8 +17,11 @@ libc are patched: each of those built-in paths is replaced by a path of the same
 ``/sys`` (read-only sysfs, which never holds such files; the engine checks before every start
 that ``/sys`` is a real directory for sysfs to be mounted on). The libraries glibc loads by name
 on its own (``libgcc_s`` for thread unwinding) ship in the closure, found first through its
-rpath. The agent runs with ``-I -S`` (no ``PYTHON*`` variables, no site, no current directory
-on ``sys.path``), ``-X utf8`` and ``LC_ALL=C`` (no locale files at all).
+rpath. An empty ``python311.zip`` stops Python's search for its prefix inside the runtime (it
+went on up to ``/.sandlot/lib``, where the sandbox could put a standard library of its own).
+The agent runs with ``-I -S`` (no ``PYTHON*`` variables, no site, no current directory on
+``sys.path``), ``-X utf8`` and ``LC_ALL=C`` (no locale files at all); libc's
+``/etc/localtime`` is patched away too (the agent keeps UTC and parses no sandbox file).
 
 Layout, mounted at :data:`sandlot.paths.SANDBOX_RUNTIME_DIR`::
 
@@ -40,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 from sandlot.paths import SANDBOX_RUNTIME_DIR
@@ -98,6 +102,7 @@ def _libc_patches(triplet: str) -> list[tuple[bytes, bytes]]:
     named by a locale's charset) and of the locales themselves."""
     return [
         _same_length("/usr/lib/locale", "/sys/lib/locale"),
+        _same_length("/etc/localtime", "/sys/localtime"),  # the agent keeps UTC
         _same_length("/usr/lib/locale/locale-archive", "/sys/lib/locale/locale-archive"),
         _same_length(f"/usr/lib/{triplet}/gconv", f"/sys/lib/{triplet}/gconv"),
         _same_length(
@@ -215,6 +220,10 @@ def build_runtime(root: Path, *, log: object = None) -> Path:
         stdlib = libdir / PY_VERSION
         _copy_stdlib(stdlib)
         _install_agent(stdlib)
+        # Python finds its prefix by looking for lib/python311.zip in each parent of its
+        # executable's directory, up to /.sandlot/lib -- which the sandbox can write: a zip
+        # there became the agent's standard library. An empty one here ends the search.
+        zipfile.ZipFile(libdir / f"{PY_VERSION.replace('.', '')}.zip", "w").close()
 
         dynload = sorted((stdlib / "lib-dynload").glob("*.so"))
         libs = _shared_libraries([HOST_PYTHON, *dynload])

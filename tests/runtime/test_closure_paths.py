@@ -26,6 +26,10 @@ SANDBOX_PATHS = tuple(
         "/usr/lib/locale/locale-archive",
         "/usr/lib/x86_64-linux-gnu/gconv",
         "/usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache",
+        "/etc/localtime",
+        "/usr/lib/ssl",
+        "/usr/lib/x86_64-linux-gnu/engines-3",
+        "/usr/lib/x86_64-linux-gnu/ossl-modules",
     )
 )
 
@@ -39,11 +43,13 @@ def runtime(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_loader_and_libc_name_no_sandbox_path(runtime: Path) -> None:
     lib = runtime / "python" / "lib"
-    for name in ("ld-linux-x86-64.so.2", "libc.so.6"):
+    for name in ("ld-linux-x86-64.so.2", "libc.so.6", "libcrypto.so.3"):
         data = (lib / name).read_bytes()
         found = [p for p in SANDBOX_PATHS if p in data]
         assert not found, f"{name} still names {found}"
     assert (lib / "libgcc_s.so.1").exists()  # loaded by name when a thread exits
+    assert not (lib / "libkrb5.so.3").exists()  # Kerberos reads (and loads) what krb5.conf says
+    assert (lib / "python311.zip").exists()  # ends Python's prefix search inside the runtime
 
 
 def test_patched_runtime_still_runs(runtime: Path) -> None:

@@ -15,11 +15,13 @@ from __future__ import annotations
 import base64
 import io
 import shutil
+import socket
 import subprocess
 import zipfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 from support.local import (
     IMAGES_DIR,
@@ -191,6 +193,43 @@ async def test_locales_and_gconv_modules_are_ignored(
     await sb.run(f'{PYTHON} -I -S -c "{probe}"')
     assert (await sb.run("cat /pwned"))["code"] != 0
     await deep_sleep(engine, sb)
+    await _assert_agent_is_ours(sb)
+
+
+def _open_terminal(unix_path: str, secret: str) -> bytes:
+    """A WebSocket handshake on the agent's terminal route; returns the response head."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(unix_path)
+        s.sendall(
+            b"GET /pty?cmd=true HTTP/1.1\r\nHost: agent\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer " + secret.encode() + b"\r\n\r\n"
+        )
+        return s.recv(4096)
+
+
+async def test_openssl_configuration_is_ignored(
+    engine: LocalEngine, sandboxes: list[SandboxHandle], evil_library: bytes
+) -> None:
+    """OpenSSL reads openssl.cnf from its built-in directory, and loads the providers it names;
+    the agent used hashlib (OpenSSL) for the WebSocket handshake of its terminals."""
+    sb = await _sandbox(engine, sandboxes)
+    await _put(sb, "/evil.so", evil_library)
+    config = (
+        "openssl_conf = init\n[init]\nproviders = providers\n[providers]\nevil = evil\n"
+        "default = default\n[evil]\nmodule = /evil.so\nactivate = 1\n"
+        "[default]\nactivate = 1\n"
+    )
+    await _put(sb, "/usr/lib/ssl/openssl.cnf", config.encode())
+    probe = await sb.run(f"{PYTHON} -I -S -c 'import hashlib; print(hashlib.sha256().name)'")
+    assert probe["stdout"] == "sha256\n", probe
+    assert (await sb.run("cat /pwned"))["code"] != 0
+    await deep_sleep(engine, sb)
+    head = await anyio.to_thread.run_sync(
+        _open_terminal, str(sb.info.agent_address.unix_path), sb.secret
+    )
+    assert head.startswith(b"HTTP/1.1 101") and b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head, head
     await _assert_agent_is_ours(sb)
 
 

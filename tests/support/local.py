@@ -42,6 +42,7 @@ class SandboxHandle:
     def __init__(self, info: SandboxInfo, secret: str) -> None:
         self.info = info
         self.id = info.id
+        self.secret = secret
         assert info.agent_address.unix_path
         self.client = httpx.AsyncClient(
             transport=httpx.AsyncHTTPTransport(uds=info.agent_address.unix_path),

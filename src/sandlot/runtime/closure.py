@@ -69,7 +69,9 @@ _STDLIB_EXCLUDE = {
     "config-3.11-x86_64-linux-gnu",
     "EXTERNALLY-MANAGED",
 }
-_DYNLOAD_EXCLUDE = re.compile(r"^(_test|xx|_xx|_ctypes_test|_curses|readline|_tkinter)")
+#: ``nis`` is dropped for what it links: libtirpc and Kerberos, which read /etc/krb5.conf (and
+#: load the plugins it names) from the sandbox's filesystem.
+_DYNLOAD_EXCLUDE = re.compile(r"^(_test|xx|_xx|_ctypes_test|_curses|readline|_tkinter|nis\.)")
 
 _AGENT_PACKAGE = Path(__file__).resolve().parent.parent / "agent"
 
@@ -109,6 +111,16 @@ def _libc_patches(triplet: str) -> list[tuple[bytes, bytes]]:
             f"/usr/lib/{triplet}/gconv/gconv-modules.cache",
             f"/sys/lib/{triplet}/gconv/gconv-modules.cache",
         ),
+    ]
+
+
+def _libcrypto_patches(triplet: str) -> list[tuple[bytes, bytes]]:
+    """OpenSSL's configuration (``openssl.cnf`` under OPENSSLDIR names providers and engines to
+    load: code) and its module directories."""
+    return [
+        _same_length("/usr/lib/ssl", "/sys/lib/ssl"),
+        _same_length(f"/usr/lib/{triplet}/engines-3", f"/sys/lib/{triplet}/engines-3"),
+        _same_length(f"/usr/lib/{triplet}/ossl-modules", f"/sys/lib/{triplet}/ossl-modules"),
     ]
 
 
@@ -243,6 +255,8 @@ def build_runtime(root: Path, *, log: object = None) -> Path:
         triplet = libc_dir.name  # the multiarch directory, e.g. x86_64-linux-gnu
         patch_paths(libdir / loader_name, _loader_patches(triplet))
         patch_paths(libdir / "libc.so.6", _libc_patches(triplet))
+        if (libdir / "libcrypto.so.3").exists():  # hashlib and ssl link it
+            patch_paths(libdir / "libcrypto.so.3", _libcrypto_patches(triplet))
 
         binary = pydir / "bin" / "python3"
         shutil.copy2(HOST_PYTHON, binary)

@@ -293,7 +293,7 @@ def build_runtime(root: Path, *, log: object = None) -> Path:
 
 #: The agent's own environment (its commands get theirs from a file, see the engine): the C
 #: locale is built into libc, so no locale file and no gconv module is ever opened.
-AGENT_ENV = {"LC_ALL": "C"}
+AGENT_ENV = {"LC_ALL": "C", "HOME": "/"}  # HOME given: crun reads no /etc/passwd for it
 
 
 def agent_command(listen: str) -> list[str]:

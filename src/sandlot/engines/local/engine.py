@@ -436,7 +436,11 @@ class LocalEngine:
         await asyncio.to_thread(
             own_files.secure_mount_points, directory / "bundle" / "rootfs", base
         )
-        log_fd = await asyncio.to_thread(own_files.open_agent_log, layer)
+        if own_files.own_dir(layer).is_dir():
+            log_path = own_files.own_dir(layer) / "agent.log"
+            log_fd: int | None = await asyncio.to_thread(own_files.open_agent_log, layer)
+        else:  # made before its disk held its own files: its config still names these
+            log_path, log_fd = directory / "agent.log", None
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             # No umask games (the umask is process-wide: other creates run in other threads);
@@ -447,14 +451,15 @@ class LocalEngine:
             return await self.runtime.run_detached(
                 directory.name,
                 directory / "bundle",
-                own_files.own_dir(layer) / "agent.log",
+                log_path,
                 directory / "init.pid",
                 listener.fileno(),
                 log_fd,
             )
         finally:
             listener.close()  # the sandbox's agent holds it now
-            os.close(log_fd)
+            if log_fd is not None:
+                os.close(log_fd)
 
     async def _connect(self, directory: Path, pid: int, meta: dict[str, Any]) -> None:
         """Outbound access per the sandbox's policy: the nftables egress table first, then the

@@ -92,6 +92,8 @@ def write_resolv_conf(layer: Path, content: str) -> None:
     """Rewrite the sandbox's resolv.conf in place (the bind mount holds the inode). A full disk
     is no obstacle: the truncation frees the old content's block first."""
     path = own_dir(layer) / "etc" / "resolv.conf"
+    if not own_dir(layer).is_dir():  # a sandbox made before its disk held its own files
+        path = layer.parent / "etc" / "resolv.conf"
     fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         os.write(fd, content.encode())

@@ -354,3 +354,20 @@ async def test_privileged_sandbox_cannot_redirect_sys(
     await deep_sleep(engine, sb)
     await _assert_agent_is_ours(sb)
     assert await sb.sh("test -d /sys/kernel && echo sysfs") == "sysfs\n"
+
+
+async def test_privileged_sandbox_cannot_rewrite_the_runtime_or_its_configuration(
+    engine: LocalEngine, sandboxes: list[SandboxHandle]
+) -> None:
+    """A privileged sandbox may remount its views read-write: the runtime's filesystem is
+    read-only underneath, and the configuration's files belong to a user it does not map."""
+    sb = await _sandbox(engine, sandboxes, privileged=True)
+    for point in (RUNTIME, "/.sandlot/config"):
+        await sb.run(f"mount -o remount,rw {point}")
+    for path in (f"{RUNTIME}/bin/tini", "/.sandlot/config/secret", "/.sandlot/config/env"):
+        out = await sb.run(f"echo attacker >> {path} || chmod 666 {path} || rm -f {path}")
+        assert out["code"] != 0, (path, out)
+    out = await sb.run(f"touch {RUNTIME}/new /.sandlot/config/new")
+    assert out["code"] != 0, out
+    await deep_sleep(engine, sb)
+    await _assert_agent_is_ours(sb)

@@ -90,19 +90,19 @@ ETC_FILES = ("hostname", "hosts", "resolv.conf")
 
 
 def host_block_device_dirs(sys_root: Path = Path("/sys")) -> tuple[str, ...]:
-    """The ``block`` directories of the host's physical disks under ``/sys/devices`` (e.g.
-    ``/sys/devices/pci0000:00/0000:00:04.0/virtio1/block``): where they hang depends on the
-    host's buses, so they are found rather than listed (virtual ones are masked as a whole)."""
+    """The directories under ``/sys/devices`` that list the host's physical disks by name: the
+    parent of each disk's own directory (``.../virtio1/block`` for ``vda``, ``.../nvme0`` for
+    ``nvme0n1``). Where they hang depends on the host's buses, so they are found rather than
+    listed; virtual devices (loop, zram, ...) are masked as a whole."""
     found: set[str] = set()
     with_class = sys_root / "class" / "block"
+    virtual = sys_root / "devices" / "virtual"
     if with_class.is_dir():
         for entry in with_class.iterdir():
             device = entry.resolve()
-            parent = device.parent
-            if parent.name == "block" and not str(device).startswith(
-                str(sys_root / "devices" / "virtual")
-            ):
-                found.add("/sys/" + str(parent.relative_to(sys_root)))
+            if (device / "partition").exists() or device.is_relative_to(virtual):
+                continue  # a partition sits inside its disk's directory
+            found.add("/sys/" + str(device.parent.relative_to(sys_root)))
     return tuple(sorted(found))
 
 

@@ -13,9 +13,15 @@ from pathlib import Path
 
 #: Inside every sandbox: the read-only runtime that runs the agent (Python closure + agent code).
 SANDBOX_RUNTIME_DIR = "/.sandlot/runtime"
-#: Inside every sandbox: a directory shared with the host (the pool-mode secret is kept there).
+#: Inside every sandbox: a directory the agent may write (the pool-mode claim is kept there).
 SANDBOX_RUN_DIR = "/.sandlot/run"
-SANDBOX_SECRET_FILE = f"{SANDBOX_RUN_DIR}/secret"
+#: Pool mode: where the agent keeps the secret it was claimed with (across restarts).
+SANDBOX_CLAIM_FILE = f"{SANDBOX_RUN_DIR}/secret"
+#: Inside every sandbox: the agent's read-only configuration (host-owned: the sandbox can read
+#: it, never change it): its secret and the environment its commands get.
+SANDBOX_CONFIG_DIR = "/.sandlot/config"
+SANDBOX_SECRET_FILE = f"{SANDBOX_CONFIG_DIR}/secret"
+SANDBOX_ENV_FILE = f"{SANDBOX_CONFIG_DIR}/env"
 
 
 def state_dir() -> Path:

@@ -4,6 +4,7 @@ stale sockets, clean exit, start-up time, and the standard-library-only rule."""
 from __future__ import annotations
 
 import ast
+import json
 import os
 import signal
 import socket
@@ -50,6 +51,28 @@ def test_secret_file(tmp_path: Path) -> None:
             assert c.post("/run", json={"cmd": "true"}).status_code == 401
     finally:
         a.stop()
+
+
+def test_env_file_is_the_commands_environment(tmp_path: Path) -> None:
+    """The engine's way: commands get the file's environment, the agent keeps its own (so
+    nothing meant for commands, LD_PRELOAD say, reaches the agent's loader)."""
+    env_file = tmp_path / "env"
+    env_file.write_text(json.dumps({"PATH": os.environ["PATH"], "ONLY_COMMANDS": "file"}))
+    a = start_agent(tmp_path, env={"SANDLOT_ENV_FILE": str(env_file), "ONLY_AGENT": "agent"})
+    try:
+        with a.client() as c:
+            out = c.post("/run", json={"cmd": "echo $ONLY_COMMANDS/$ONLY_AGENT/$SANDLOT_ENV_FILE"})
+            assert out.json()["stdout"] == "file//\n"
+    finally:
+        a.stop()
+
+
+@pytest.mark.parametrize("content", ["not json", "[1]", '{"A": 1}', '{"": "x"}', '{"A=B": "x"}'])
+def test_bad_env_file_refuses_to_start(tmp_path: Path, content: str) -> None:
+    env_file = tmp_path / "env"
+    env_file.write_text(content)
+    with pytest.raises(RuntimeError, match="environment file"):
+        start_agent(tmp_path, env={"SANDLOT_ENV_FILE": str(env_file)})
 
 
 def test_no_secret_refuses_to_start(tmp_path: Path) -> None:

@@ -7,18 +7,16 @@ temporary directory that is checked empty, and cleaned, at the end.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+from support.local import SandboxHandle
 
-from sandlot.engines.base import SandboxInfo, SandboxSpec
+from sandlot.engines.base import SandboxSpec
 from sandlot.engines.local import LocalEngine, new_sandbox_id
 from sandlot.engines.local.mounts import mounts_under, unmount
 from sandlot.images.store import default_store
@@ -41,49 +39,6 @@ async def engine(engine_state: Path) -> AsyncIterator[LocalEngine]:
     yield eng
     for info in await eng.list():
         await eng.delete(info.id)
-
-
-class SandboxHandle:
-    """A sandbox plus a client for its agent (straight over the Unix socket)."""
-
-    def __init__(self, info: SandboxInfo, secret: str) -> None:
-        self.info = info
-        self.id = info.id
-        assert info.agent_address.unix_path
-        self.client = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=info.agent_address.unix_path),
-            base_url="http://agent",
-            headers={"Authorization": f"Bearer {secret}"},
-            timeout=30,
-        )
-
-    async def wait_healthy(self, timeout: float = 10) -> float:
-        start = time.perf_counter()
-        while True:
-            try:
-                r = await self.client.get("/health")
-                if r.status_code == 200:
-                    return time.perf_counter() - start
-            except httpx.TransportError:
-                pass
-            if time.perf_counter() - start > timeout:
-                raise TimeoutError(f"agent of {self.id} not healthy after {timeout}s")
-            await asyncio.sleep(0.005)
-
-    async def run(self, cmd: str, **extra: Any) -> dict[str, Any]:
-        r = await self.client.post("/run", json={"cmd": cmd, **extra})
-        assert r.status_code == 200, r.text
-        body: dict[str, Any] = r.json()
-        return body
-
-    async def sh(self, cmd: str) -> str:
-        """Run and return stdout, asserting success."""
-        out = await self.run(cmd)
-        assert out["code"] == 0, out
-        return str(out["stdout"])
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
 
 
 Factory = Callable[..., Any]

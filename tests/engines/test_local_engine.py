@@ -293,7 +293,8 @@ async def test_full_disk_under_state_dir(tmp_path: Path) -> None:
 
     state = tmp_path / "small"
     state.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(state)], check=True)
+    # room for the agent runtime (its directory and its packed image); then fill the rest
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(state)], check=True)
     try:
         eng = LocalEngine(state, images=default_store())
         eng.agent_runtime()  # fits; then fill the rest of the disk

@@ -43,6 +43,7 @@ from support.registry import (
 from support.server import RunningServer, start_server
 
 from sandlot import Sandbox
+from sandlot.engines.local import own_files
 
 pytestmark = pytest.mark.root
 
@@ -186,7 +187,8 @@ def test_a_tenant_cannot_unpack_a_layout_it_wrote_into_its_sandbox(world: World)
         for f in layout.rglob("*"):
             if f.is_file():
                 sb.filesystem.write_file(f"/.sandlot/run/l/{f.relative_to(layout)}", f.read_bytes())
-        host_dir = Path(world.engine.sandboxes_dir) / sb.id / "run" / "l"
+        layer = Path(world.engine.sandboxes_dir) / sb.id / "layer"
+        host_dir = own_files.own_dir(layer) / "run" / "l"  # on the sandbox's disk image
         assert (host_dir / "index.json").is_file()  # the layout is on the host
         before = world.store_entries()
         with world.as_tenant() as tenant:

@@ -21,6 +21,8 @@ Environment:
   SANDBOX_AUTH_MODE      "pool": the first bearer token presented becomes the secret
   SANDBOX_SECRET_PATH    pool mode: where the claimed secret is persisted
   SANDLOT_AGENT_MAX_BODY largest JSON request body, in bytes (default 64 MiB)
+  SANDLOT_ENV_FILE       JSON object: the environment commands run with (instead of the
+                         agent's own, which then never carries the commands' variables)
 """
 
 
@@ -62,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         auth = Authenticator.from_env(os.environ)
         max_body = int(os.environ.get("SANDLOT_AGENT_MAX_BODY", DEFAULT_MAX_BODY))
+        app = App(auth, max_body=max_body)
     except (ConfigError, ValueError) as exc:
         sys.stderr.write(f"sandlot-agent: {exc}\n")
         return 2
-    app = App(auth, max_body=max_body)
     try:
         listener = Listener(listen)
     except (ValueError, OSError) as exc:

@@ -27,8 +27,18 @@ if TYPE_CHECKING:
 
 #: Variables of the agent's own environment that commands never see.
 HIDDEN_ENV = frozenset(
-    {"SANDBOX_SECRET", "SANDBOX_SECRET_FILE", "SANDBOX_SECRET_PATH", "SANDBOX_AUTH_MODE"}
+    {
+        "SANDBOX_SECRET",
+        "SANDBOX_SECRET_FILE",
+        "SANDBOX_SECRET_PATH",
+        "SANDBOX_AUTH_MODE",
+        "SANDLOT_ENV_FILE",
+    }
 )
+#: Commands run in their command environment when it comes from this file (JSON object of
+#: strings): the engine's way, so that no variable meant for commands (an image's
+#: LD_PRELOAD, say) reaches the agent's own loader. Without it, commands inherit the agent's.
+ENV_FILE_VARIABLE = "SANDLOT_ENV_FILE"
 READ_SIZE = 65536
 #: After the shell exits, keep reading its pipes while data still flows (a background child
 #: may hold them open forever), for at most this long, and stop after this much silence.
@@ -41,7 +51,22 @@ class SpawnError(Exception):
 
 
 def base_environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in HIDDEN_ENV}
+    """The environment every command starts from. Raises ValueError for a bad env file."""
+    path = os.environ.get(ENV_FILE_VARIABLE)
+    if not path:
+        return {k: v for k, v in os.environ.items() if k not in HIDDEN_ENV}
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            loaded = json.loads(f.read())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the environment file {path}: {exc}") from None
+    if not isinstance(loaded, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and k and "=" not in k for k, v in loaded.items()
+    ):
+        raise ValueError(f"the environment file {path} is not an object of strings")
+    return {k: v for k, v in loaded.items() if k not in HIDDEN_ENV}
 
 
 def _encodable(value: str) -> bool:
@@ -84,8 +109,9 @@ def parse_command_request(
     return cmd, cwd, env
 
 
-def find_sh() -> str:
-    for directory in os.get_exec_path(None):
+def find_sh(env: Mapping[str, str] | None = None) -> str:
+    """``sh`` on the command's PATH (``env``), else on the agent's own."""
+    for directory in os.get_exec_path(dict(env) if env is not None else None):
         candidate = os.path.join(directory, "sh")
         if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
             return candidate
@@ -106,7 +132,7 @@ def spawn(
         full_env.update(env)
     try:
         return subprocess.Popen(
-            [find_sh(), "-c", cmd],
+            [find_sh(full_env), "-c", cmd],
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

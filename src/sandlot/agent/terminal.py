@@ -112,7 +112,7 @@ def open_terminal(
     try:
         _set_size(slave, rows, cols)
         proc = subprocess.Popen(
-            [commands.find_sh(), "-c", cmd],
+            [commands.find_sh(full_env), "-c", cmd],
             stdin=slave,
             stdout=slave,
             stderr=slave,

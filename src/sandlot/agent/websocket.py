@@ -43,9 +43,14 @@ class ProtocolError(Exception):
 
 
 def accept_key(key: str) -> str:
-    import hashlib  # here, not at module level: only terminals pay for OpenSSL's import
+    # CPython's own SHA-1, not hashlib's: hashlib loads OpenSSL, which reads its configuration
+    # (and the providers it names: code) from the sandbox's filesystem.
+    try:
+        from _sha1 import sha1  # type: ignore[import-not-found]  # no stubs
+    except ImportError:  # a Python built without it (not the agent's runtime)
+        from hashlib import sha1
 
-    return base64.b64encode(hashlib.sha1(key.encode("ascii") + GUID).digest()).decode("ascii")
+    return base64.b64encode(sha1(key.encode("ascii") + GUID).digest()).decode("ascii")
 
 
 def _tokens(value: str) -> set[str]:

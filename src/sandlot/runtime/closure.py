@@ -8,6 +8,21 @@ with the binary's interpreter and rpath rewritten (patchelf) to point inside the
 runs without any environment variable that would leak into user commands. ``tini`` rides along as
 the sandbox's pid 1 (it reaps orphans and forwards signals to the agent).
 
+Nothing the sandbox writes may change the code the agent runs, yet a stock loader and libc read
+files of the sandbox's own filesystem: ``/etc/ld.so.preload`` (libraries loaded into every
+program), ``/etc/ld.so.cache`` and the system library directories (where a ``dlopen`` of a
+library the closure lacks ends up), the locale archive and the gconv modules (a locale's
+charset names a gconv module, which is ``dlopen``ed). So the closure's copies of the loader and
+libc are patched: each of those built-in paths is replaced by a path of the same length under
+``/sys`` (read-only sysfs, which never holds such files; the engine checks before every start
+that ``/sys`` is a real directory for sysfs to be mounted on). The libraries glibc loads by name
+on its own (``libgcc_s`` for thread unwinding) ship in the closure, found first through its
+rpath. An empty ``python311.zip`` stops Python's search for its prefix inside the runtime (it
+went on up to ``/.sandlot/lib``, where the sandbox could put a standard library of its own).
+The agent runs with ``-I -S`` (no ``PYTHON*`` variables, no site, no current directory on
+``sys.path``), ``-X utf8`` and ``LC_ALL=C`` (no locale files at all); libc's
+``/etc/localtime`` is patched away too (the agent keeps UTC and parses no sandbox file).
+
 Layout, mounted at :data:`sandlot.paths.SANDBOX_RUNTIME_DIR`::
 
     bin/tini
@@ -28,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 from sandlot.paths import SANDBOX_RUNTIME_DIR
@@ -53,9 +69,70 @@ _STDLIB_EXCLUDE = {
     "config-3.11-x86_64-linux-gnu",
     "EXTERNALLY-MANAGED",
 }
-_DYNLOAD_EXCLUDE = re.compile(r"^(_test|xx|_xx|_ctypes_test|_curses|readline|_tkinter)")
+#: ``nis`` is dropped for what it links: libtirpc and Kerberos, which read /etc/krb5.conf (and
+#: load the plugins it names) from the sandbox's filesystem.
+_DYNLOAD_EXCLUDE = re.compile(r"^(_test|xx|_xx|_ctypes_test|_curses|readline|_tkinter|nis\.)")
 
 _AGENT_PACKAGE = Path(__file__).resolve().parent.parent / "agent"
+
+#: Libraries glibc ``dlopen``s by name on its own (not listed by ldd): ``pthread_exit`` and
+#: ``pthread_cancel`` load the unwinder.
+_IMPLICIT_LIBRARIES = ("libgcc_s.so.1",)
+
+
+def _same_length(old: str, new: str) -> tuple[bytes, bytes]:
+    if len(old) != len(new):
+        raise ValueError(f"{old!r} and {new!r} differ in length")
+    return old.encode() + b"\0", new.encode() + b"\0"
+
+
+def _loader_patches(triplet: str) -> list[tuple[bytes, bytes]]:
+    """The loader's built-in paths of sandbox-writable files, and their replacements. The
+    system directories are one block of NUL-separated strings whose lengths the loader keeps
+    in a separate table, hence the same lengths."""
+    dirs_old = f"/lib/{triplet}/\0/usr/lib/{triplet}/\0/lib/\0/usr/lib/"
+    dirs_new = f"/sys/{triplet}/\0/sys/lib/{triplet}/\0/sys/\0/sys/lib/"
+    return [
+        _same_length("/etc/ld.so.preload", "/sys/ld.so.preload"),
+        _same_length("/etc/ld.so.cache", "/sys/ld.so.cache"),
+        _same_length(dirs_old, dirs_new),
+    ]
+
+
+def _libc_patches(triplet: str) -> list[tuple[bytes, bytes]]:
+    """libc's built-in paths of code it may load from the sandbox's filesystem (gconv modules,
+    named by a locale's charset) and of the locales themselves."""
+    return [
+        _same_length("/usr/lib/locale", "/sys/lib/locale"),
+        _same_length("/etc/localtime", "/sys/localtime"),  # the agent keeps UTC
+        _same_length("/usr/lib/locale/locale-archive", "/sys/lib/locale/locale-archive"),
+        _same_length(f"/usr/lib/{triplet}/gconv", f"/sys/lib/{triplet}/gconv"),
+        _same_length(
+            f"/usr/lib/{triplet}/gconv/gconv-modules.cache",
+            f"/sys/lib/{triplet}/gconv/gconv-modules.cache",
+        ),
+    ]
+
+
+def _libcrypto_patches(triplet: str) -> list[tuple[bytes, bytes]]:
+    """OpenSSL's configuration (``openssl.cnf`` under OPENSSLDIR names providers and engines to
+    load: code) and its module directories."""
+    return [
+        _same_length("/usr/lib/ssl", "/sys/lib/ssl"),
+        _same_length(f"/usr/lib/{triplet}/engines-3", f"/sys/lib/{triplet}/engines-3"),
+        _same_length(f"/usr/lib/{triplet}/ossl-modules", f"/sys/lib/{triplet}/ossl-modules"),
+    ]
+
+
+def patch_paths(binary: Path, patches: list[tuple[bytes, bytes]]) -> None:
+    """Replace every occurrence of each NUL-terminated string; each must occur (a glibc that
+    keeps its paths elsewhere must fail the build, not yield an agent that reads them)."""
+    data = binary.read_bytes()
+    for old, new in patches:
+        if old not in data:
+            raise RuntimeBuildError(f"{binary.name}: built-in path {old[:-1]!r} not found")
+        data = data.replace(old, new)
+    binary.write_bytes(data)
 
 
 class RuntimeBuildError(RuntimeError):
@@ -77,7 +154,7 @@ def _agent_files() -> list[Path]:
 
 def runtime_digest() -> str:
     """Digest of everything the closure is made of (cheap: stat of big files, content of ours)."""
-    h = hashlib.sha256(b"sandlot-runtime-v1")
+    h = hashlib.sha256(b"sandlot-runtime-v2")
     for big in (HOST_PYTHON, HOST_TINI):
         st = big.stat()
         h.update(f"{big}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -155,9 +232,19 @@ def build_runtime(root: Path, *, log: object = None) -> Path:
         stdlib = libdir / PY_VERSION
         _copy_stdlib(stdlib)
         _install_agent(stdlib)
+        # Python finds its prefix by looking for lib/python311.zip in each parent of its
+        # executable's directory, up to /.sandlot/lib -- which the sandbox can write: a zip
+        # there became the agent's standard library. An empty one here ends the search.
+        zipfile.ZipFile(libdir / f"{PY_VERSION.replace('.', '')}.zip", "w").close()
 
         dynload = sorted((stdlib / "lib-dynload").glob("*.so"))
         libs = _shared_libraries([HOST_PYTHON, *dynload])
+        if "libc.so.6" not in libs:
+            raise RuntimeBuildError("ldd did not report the libc of python3.11")
+        libc_dir = libs["libc.so.6"].parent
+        for name in _IMPLICIT_LIBRARIES:
+            _require(libc_dir / name, "libgcc-s1")
+            libs[name] = libc_dir / name
         loader_name = ""
         for soname, src in libs.items():
             shutil.copy2(src.resolve(), libdir / soname)
@@ -165,6 +252,11 @@ def build_runtime(root: Path, *, log: object = None) -> Path:
                 loader_name = soname
         if not loader_name:
             raise RuntimeBuildError("ldd did not report the dynamic loader of python3.11")
+        triplet = libc_dir.name  # the multiarch directory, e.g. x86_64-linux-gnu
+        patch_paths(libdir / loader_name, _loader_patches(triplet))
+        patch_paths(libdir / "libc.so.6", _libc_patches(triplet))
+        if (libdir / "libcrypto.so.3").exists():  # hashlib and ssl link it
+            patch_paths(libdir / "libcrypto.so.3", _libcrypto_patches(triplet))
 
         binary = pydir / "bin" / "python3"
         shutil.copy2(HOST_PYTHON, binary)
@@ -199,10 +291,16 @@ def build_runtime(root: Path, *, log: object = None) -> Path:
         raise
 
 
+#: The agent's own environment (its commands get theirs from a file, see the engine): the C
+#: locale is built into libc, so no locale file and no gconv module is ever opened.
+AGENT_ENV = {"LC_ALL": "C", "HOME": "/"}  # HOME given: crun reads no /etc/passwd for it
+
+
 def agent_command(listen: str) -> list[str]:
     """The argv of the sandbox's pid 1: tini, then the agent in isolated mode (-I ignores the
     user's PYTHON* variables, so a sandbox env cannot break or hijack the agent; -S skips the
-    site module: the closure has no site-packages, and start-up time matters)."""
+    site module: the closure has no site-packages, and start-up time matters; -X utf8 because
+    the agent runs in the C locale, see :data:`AGENT_ENV`)."""
     return [
         f"{SANDBOX_RUNTIME_DIR}/bin/tini",
         "-s",
@@ -211,6 +309,8 @@ def agent_command(listen: str) -> list[str]:
         f"{SANDBOX_RUNTIME_DIR}/python/bin/python3",
         "-I",
         "-S",
+        "-X",
+        "utf8",
         "-m",
         "sandlot.agent",
         "--listen",

@@ -46,7 +46,8 @@ def format_image(image: Path, size_mb: int) -> None:
     if mkfs.returncode != 0:
         with contextlib.suppress(OSError):
             image.unlink()
-        raise MountError(f"cannot create the sandbox's disk ({image}): {mkfs.stderr.strip()}")
+        detail = mkfs.stderr.strip().replace(str(image), "the disk image")
+        raise MountError(f"cannot create the sandbox's disk: {detail}")
 
 
 class DiskStock:

@@ -6,11 +6,10 @@ One sandbox on disk (``<state>/sandboxes/<id>/``)::
     lower/           the image rootfs, id-mapped read-only into the sandbox's uid range
     disk.img         sparse ext4 image sized by the instance type (the sandbox's disk quota),
     layer/           ... mounted here, holding upper/ and work/ (the writable overlay layer)
+                     and sandlot/: /etc/hosts & co, /.sandlot/run, /.sandlot/config and the
+                     agent's log (see own_files.py: all of it within the quota)
     bundle/          OCI bundle: config.json and rootfs/ (the overlay mount)
-    etc/             hostname, hosts, resolv.conf bind-mounted into the sandbox
-    run/             bind-mounted at /.sandlot/run: the agent's secret
     agent.sock       the agent's socket, made here and handed to it as fd 3 (out of its reach)
-    agent.log        stdout/stderr of the sandbox's pid 1 (tini + agent)
     pasta.pid        the user-mode network process, for sandboxes with outbound access
 
 Every step of ``create`` is undone by ``delete``, which tolerates any partial state; ``recover``
@@ -45,14 +44,14 @@ from sandlot.engines.base import (
     SandboxSpec,
     SandboxState,
 )
-from sandlot.engines.local import cgroups, idmap, mounts, network
+from sandlot.engines.local import cgroups, idmap, mounts, network, own_files, runtime_image
 from sandlot.engines.local.disks import DiskStock
 from sandlot.engines.local.oci_runtime import OciRuntime
-from sandlot.engines.local.oci_spec import SandboxConfig, build_config
+from sandlot.engines.local.oci_spec import SandboxConfig, build_config, host_block_device_dirs
 from sandlot.engines.local.uid_slots import SlotRegistry
 from sandlot.images.store import Image, ImageStore
-from sandlot.paths import SANDBOX_SECRET_FILE, images_dir
-from sandlot.runtime.closure import agent_command, build_runtime
+from sandlot.paths import SANDBOX_CLAIM_FILE, SANDBOX_ENV_FILE, SANDBOX_SECRET_FILE, images_dir
+from sandlot.runtime.closure import AGENT_ENV, agent_command, build_runtime
 
 #: Variables owned by the platform; a user's ``env`` cannot override them.
 _RESERVED_ENV = frozenset(
@@ -170,6 +169,7 @@ class LocalEngine:
         self.layout = cgroups.detect_layout()
         self.runtime = OciRuntime.detect(state_dir / "oci", self.layout, oci_runtime)
         self._runtime_dir: Path | None = None
+        self._block_dirs = host_block_device_dirs()
         self._locks: dict[str, asyncio.Lock] = {}
         self.slots = SlotRegistry(self.sandboxes_dir)
         self._deleting: set[str] = set()
@@ -191,7 +191,9 @@ class LocalEngine:
 
     def agent_runtime(self) -> Path:
         if self._runtime_dir is None or not self._runtime_dir.exists():
-            self._runtime_dir = build_runtime(self.state_dir / "runtime")
+            runtime_dir = build_runtime(self.state_dir / "runtime")
+            runtime_image.ensure_packed(runtime_dir)
+            self._runtime_dir = runtime_dir
         return self._runtime_dir
 
     def _address(self, directory: Path) -> AgentAddress:
@@ -234,7 +236,8 @@ class LocalEngine:
         image = await asyncio.to_thread(
             lambda: self.images.resolve(spec.image, auth=spec.registry_auth)
         )
-        runtime_dir = await asyncio.to_thread(self.agent_runtime)
+        built_runtime = await asyncio.to_thread(self.agent_runtime)
+        runtime_dir = await asyncio.to_thread(runtime_image.ensure_mounted, built_runtime)
         async with self._lock(spec.id):
             if directory.exists():
                 raise EngineError(f"sandbox {spec.id} already exists")
@@ -251,6 +254,7 @@ class LocalEngine:
                 "allow": None
                 if spec.outbound_allowlist is None
                 else list(netpolicy.normalize_allowlist(list(spec.outbound_allowlist))),
+                "runtime": str(built_runtime),
             }
             try:
                 self._allocate_slot(directory, meta)
@@ -264,7 +268,9 @@ class LocalEngine:
             except BaseException as exc:
                 await asyncio.shield(self._destroy(spec.id, directory))
                 if isinstance(exc, OSError):  # e.g. ENOSPC under the state directory
-                    raise EngineError(f"cannot create sandbox {spec.id}: {exc}") from exc
+                    # (the message, not str(exc): that would name a host path)
+                    reason = exc.strerror or type(exc).__name__
+                    raise EngineError(f"cannot create sandbox {spec.id}: {reason}") from exc
                 raise
         return SandboxInfo(spec.id, SandboxState.RUNNING, self._address(directory), pid=pid)
 
@@ -286,6 +292,8 @@ class LocalEngine:
 
     def _remount_if_needed(self, directory: Path, meta: dict[str, Any]) -> None:
         """After a host reboot the mounts are gone but the files are not: mount them again."""
+        if meta.get("runtime"):
+            runtime_image.ensure_mounted(Path(meta["runtime"]))
         if mounts.is_mountpoint(directory / "bundle" / "rootfs"):
             return
         for point in mounts.mounts_under(directory):
@@ -306,11 +314,8 @@ class LocalEngine:
         base = idmap.ID_BASE + meta["slot"] * idmap.ID_RANGE
         lower, layer = directory / "lower", directory / "layer"
         bundle, rootfs = directory / "bundle", directory / "bundle" / "rootfs"
-        etc, run = directory / "etc", directory / "run"
-        for d in (lower, layer, bundle, rootfs, etc, run):
+        for d in (lower, layer, bundle, rootfs):
             d.mkdir()
-        for d in (run, etc):
-            os.chown(d, base, base)
         # The writable layer lives in its own filesystem image: that is the disk quota.
         self.disks.take(spec.instance_type.disk_mb, directory / "disk.img")
         mounts.mount_existing_disk_image(directory / "disk.img", layer)
@@ -328,28 +333,27 @@ class LocalEngine:
         hostname = (spec.name or spec.id)[:63]
         hostname = "".join(c if c.isalnum() or c == "-" else "-" for c in hostname).strip("-")
         hostname = hostname or spec.id[:12]
-        files = {
+        etc = {
             "hostname": f"{hostname}\n",
             "hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\t{hostname}\n",
             "resolv.conf": network.resolv_conf(spec.network is NetworkMode.OUTBOUND),
         }
-        for name, content in files.items():
-            path = etc / name
-            path.write_text(content)
-            os.chown(path, base, base)
-        if not spec.pool:
-            secret = run / "secret"
-            fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
-            with os.fdopen(fd, "w") as f:
-                f.write(spec.secret)
-            os.chown(secret, base, base)
-
-        env = {**image.env, **dict(spec.env)}
-        env.setdefault("HOME", "/root")
-        env["HOSTNAME"] = hostname
+        # The commands' environment reaches the agent in a file: none of it (an image's
+        # LD_PRELOAD, say, naming a file the sandbox can rewrite) reaches the agent's loader.
+        command_env = {**image.env, **dict(spec.env)}
+        command_env.setdefault("HOME", "/root")
+        command_env["HOSTNAME"] = hostname
+        own = own_files.prepare(
+            layer,
+            base,
+            etc=etc,
+            secret=None if spec.pool else spec.secret,
+            env=command_env,
+        )
+        env = {**AGENT_ENV, "SANDLOT_ENV_FILE": SANDBOX_ENV_FILE}
         if spec.pool:
             env["SANDBOX_AUTH_MODE"] = "pool"
-            env["SANDBOX_SECRET_PATH"] = SANDBOX_SECRET_FILE  # the claim is kept here
+            env["SANDBOX_SECRET_PATH"] = SANDBOX_CLAIM_FILE  # the claim is kept here
         else:
             env["SANDBOX_SECRET_FILE"] = SANDBOX_SECRET_FILE
         cwd = image.workdir if _resolve_in_root(rootfs, image.workdir) else "/"
@@ -363,22 +367,14 @@ class LocalEngine:
                 id_base=base,
                 id_range=idmap.ID_RANGE,
                 runtime_dir=runtime_dir,
-                run_dir=run,
+                own_dir=own,
                 cgroup_name=spec.id,
                 privileged=spec.privileged,
                 memory_swap_supported=self._memsw,
                 max_open_files=self._max_open_files,
+                extra_masked_paths=self._block_dirs,
             )
         )
-        config["mounts"] += [
-            {
-                "destination": f"/etc/{name}",
-                "type": "bind",
-                "source": str(etc / name),
-                "options": ["bind", "rw", "nosuid", "nodev", "noexec"],
-            }
-            for name in files
-        ]
         (bundle / "config.json").write_text(json.dumps(config))
 
     async def _destroy(self, sandbox_id: str, directory: Path) -> None:
@@ -409,7 +405,7 @@ class LocalEngine:
         if directory.exists():
             shutil.rmtree(directory, ignore_errors=True)
         if directory.exists():
-            raise EngineError(f"could not remove {directory}")
+            raise EngineError(f"could not remove the files of sandbox {sandbox_id}")
 
     async def delete(self, sandbox_id: str) -> None:
         directory = self._dir(sandbox_id)
@@ -432,6 +428,19 @@ class LocalEngine:
         path = Path(str(self._address(directory).unix_path))  # short: AF_UNIX paths are limited
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+        meta = self._read_meta(directory) or {}
+        base = idmap.ID_BASE + int(meta.get("slot", 0)) * idmap.ID_RANGE
+        layer = directory / "layer"
+        # Nothing of the sandbox runs now: what it left at its mount points is fixed up
+        # before any of its files can matter to the runtime or the agent.
+        await asyncio.to_thread(
+            own_files.secure_mount_points, directory / "bundle" / "rootfs", base
+        )
+        if own_files.own_dir(layer).is_dir():
+            log_path = own_files.own_dir(layer) / "agent.log"
+            log_fd: int | None = await asyncio.to_thread(own_files.open_agent_log, layer)
+        else:  # made before its disk held its own files: its config still names these
+            log_path, log_fd = directory / "agent.log", None
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             # No umask games (the umask is process-wide: other creates run in other threads);
@@ -442,12 +451,15 @@ class LocalEngine:
             return await self.runtime.run_detached(
                 directory.name,
                 directory / "bundle",
-                directory / "agent.log",
+                log_path,
                 directory / "init.pid",
                 listener.fileno(),
+                log_fd,
             )
         finally:
             listener.close()  # the sandbox's agent holds it now
+            if log_fd is not None:
+                os.close(log_fd)
 
     async def _connect(self, directory: Path, pid: int, meta: dict[str, Any]) -> None:
         """Outbound access per the sandbox's policy: the nftables egress table first, then the
@@ -473,9 +485,15 @@ class LocalEngine:
                 raise SandboxNotFound(f"no sandbox {sandbox_id}")
             meta["network"], meta["allow"] = mode.value, allow
             self._write_meta(directory, meta)
-            (directory / "etc" / "resolv.conf").write_text(
-                network.resolv_conf(mode is NetworkMode.OUTBOUND)
-            )
+            await asyncio.to_thread(self._remount_if_needed, directory, meta)
+            try:
+                own_files.write_resolv_conf(
+                    directory / "layer", network.resolv_conf(mode is NetworkMode.OUTBOUND)
+                )
+            except OSError as exc:
+                raise EngineError(
+                    f"cannot update the sandbox's resolv.conf: {exc.strerror}"
+                ) from None
             state = await self.runtime.state(sandbox_id)
             if state is None or not state.get("pid"):
                 return  # stopped: applied at the next start

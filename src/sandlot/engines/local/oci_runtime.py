@@ -45,6 +45,13 @@ def _spawn_with_fd3(argv: list[str], fd3: int, log_fd: int) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
+def _read_tail(path: Path, size: int = 8192) -> str:
+    """The end of a log the sandbox may have made as big as its disk."""
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+        return f.read().decode(errors="replace")
+
+
 async def spawn(
     argv: list[str],
     *,
@@ -105,18 +112,29 @@ class OciRuntime:
             ]
         return base
 
+    def _scrub(self, text: str) -> str:
+        """Error text for clients: the host's state directory is none of their business."""
+        return text.replace(str(self.root.parent.parent), "<state>")
+
     async def _call(self, *args: str, check: bool = True) -> tuple[int, str, str]:
         result = await spawn(self.argv(*args))
         out = result.stdout.decode(errors="replace")
         err = result.stderr.decode(errors="replace").strip()
         if check and result.returncode != 0:
-            raise OciRuntimeError(f"{self.name} {args[0]} failed: {err or out}")
+            raise OciRuntimeError(self._scrub(f"{self.name} {args[0]} failed: {err or out}"))
         return result.returncode, out, err
 
     async def run_detached(
-        self, sandbox_id: str, bundle: Path, log_path: Path, pid_file: Path, listener: int
+        self,
+        sandbox_id: str,
+        bundle: Path,
+        log_path: Path,
+        pid_file: Path,
+        listener: int,
+        log_fd: int | None = None,
     ) -> int:
-        """Start the sandbox, handing it ``listener`` as fd 3; return its init's host pid."""
+        """Start the sandbox, handing it ``listener`` as fd 3; return its init's host pid.
+        Its stdout and stderr go to ``log_fd`` if given (already open on ``log_path``)."""
         argv = self.argv(
             "run",
             "--detach",
@@ -129,11 +147,16 @@ class OciRuntime:
             sandbox_id,
         )
         # The container's stdout/stderr go to a file: a pipe would keep crun waiting on it.
-        with open(log_path, "ab") as log:
-            returncode = await asyncio.to_thread(_spawn_with_fd3, argv, listener, log.fileno())
+        if log_fd is None:
+            with open(log_path, "ab") as log:
+                returncode = await asyncio.to_thread(_spawn_with_fd3, argv, listener, log.fileno())
+        else:
+            returncode = await asyncio.to_thread(_spawn_with_fd3, argv, listener, log_fd)
         if returncode != 0:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-            raise OciRuntimeError(f"{self.name} could not start the sandbox: " + " | ".join(tail))
+            tail = _read_tail(log_path).strip().splitlines()[-5:]
+            raise OciRuntimeError(
+                self._scrub(f"{self.name} could not start the sandbox: " + " | ".join(tail))
+            )
         return int(pid_file.read_text().strip())
 
     async def state(self, sandbox_id: str) -> dict[str, Any] | None:

@@ -16,7 +16,7 @@ from typing import Any
 from sandlot.engines.local.cgroups import CGROUP_PARENT
 from sandlot.engines.local.seccomp import seccomp_profile
 from sandlot.instance_types import InstanceType
-from sandlot.paths import SANDBOX_RUN_DIR, SANDBOX_RUNTIME_DIR
+from sandlot.paths import SANDBOX_CONFIG_DIR, SANDBOX_RUN_DIR, SANDBOX_RUNTIME_DIR
 
 #: Docker's default capability set.
 DEFAULT_CAPABILITIES = (
@@ -69,10 +69,41 @@ MASKED_PATHS = (
     "/proc/scsi",
     "/sys/firmware",
     "/sys/devices/virtual/powercap",
+    # The host's disks (and, through its loop devices, how many sandboxes it runs): sysfs and
+    # /proc list every block device of the host, whatever the namespaces.
+    "/proc/partitions",
+    "/proc/diskstats",
+    "/sys/block",
+    "/sys/class/block",
+    "/sys/dev/block",
+    "/sys/devices/virtual/block",
+    "/sys/class/bdi",
+    "/sys/devices/virtual/bdi",
+    "/sys/fs/ext4",
 )
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
 CPU_PERIOD_US = 100_000
+
+#: The files of ``/etc`` every sandbox gets from the platform (bound from its own disk).
+ETC_FILES = ("hostname", "hosts", "resolv.conf")
+
+
+def host_block_device_dirs(sys_root: Path = Path("/sys")) -> tuple[str, ...]:
+    """The directories under ``/sys/devices`` that list the host's physical disks by name: the
+    parent of each disk's own directory (``.../virtio1/block`` for ``vda``, ``.../nvme0`` for
+    ``nvme0n1``). Where they hang depends on the host's buses, so they are found rather than
+    listed; virtual devices (loop, zram, ...) are masked as a whole."""
+    found: set[str] = set()
+    with_class = sys_root / "class" / "block"
+    virtual = sys_root / "devices" / "virtual"
+    if with_class.is_dir():
+        for entry in with_class.iterdir():
+            device = entry.resolve()
+            if (device / "partition").exists() or device.is_relative_to(virtual):
+                continue  # a partition sits inside its disk's directory
+            found.add("/sys/" + str(device.parent.relative_to(sys_root)))
+    return tuple(sorted(found))
 
 
 @dataclass(frozen=True)
@@ -87,14 +118,19 @@ class SandboxConfig:
     #: First host uid/gid of the sandbox's range (root inside maps to it).
     id_base: int
     id_range: int
+    #: The mounted agent runtime (read-only, host-owned).
     runtime_dir: Path
-    run_dir: Path
+    #: The sandbox's own directory on its disk: ``run/``, ``config/`` and ``etc/`` are bound
+    #: from it, so every byte the sandbox writes through them counts against its disk quota.
+    own_dir: Path
     cgroup_name: str
     privileged: bool = False
     memory_swap_supported: bool = True
     #: The most open files the host lets us grant (our own hard limit, unless we hold
     #: CAP_SYS_RESOURCE): an instance type's open-files limit is capped to it.
     max_open_files: int | None = None
+    #: More paths to mask (see :func:`host_block_device_dirs`).
+    extra_masked_paths: tuple[str, ...] = ()
 
 
 def _mount(dest: str, typ: str, source: str, options: list[str]) -> dict[str, Any]:
@@ -128,10 +164,29 @@ def build_config(cfg: SandboxConfig) -> dict[str, Any]:
             "/sys/fs/cgroup", "cgroup", "cgroup", ["nosuid", "noexec", "nodev", "relatime", "ro"]
         ),
         _mount(
-            SANDBOX_RUNTIME_DIR, "bind", str(cfg.runtime_dir), ["rbind", "ro", "nosuid", "nodev"]
+            SANDBOX_RUN_DIR,
+            "bind",
+            str(cfg.own_dir / "run"),
+            ["rbind", "rw", "nosuid", "nodev", "noexec"],
         ),
         _mount(
-            SANDBOX_RUN_DIR, "bind", str(cfg.run_dir), ["rbind", "rw", "nosuid", "nodev", "noexec"]
+            SANDBOX_CONFIG_DIR,
+            "bind",
+            str(cfg.own_dir / "config"),
+            ["rbind", "ro", "nosuid", "nodev", "noexec"],
+        ),
+        *(
+            _mount(
+                f"/etc/{name}",
+                "bind",
+                str(cfg.own_dir / "etc" / name),
+                ["bind", "rw", "nosuid", "nodev", "noexec"],
+            )
+            for name in ETC_FILES
+        ),
+        # Last: no later mount may land over the agent's code.
+        _mount(
+            SANDBOX_RUNTIME_DIR, "bind", str(cfg.runtime_dir), ["rbind", "ro", "nosuid", "nodev"]
         ),
     ]
     linux: dict[str, Any] = {
@@ -147,7 +202,7 @@ def build_config(cfg: SandboxConfig) -> dict[str, Any]:
             "devices": [{"allow": False, "access": "rwm"}],
         },
         "cgroupsPath": f"/{CGROUP_PARENT}/{cfg.cgroup_name}",
-        "maskedPaths": list(MASKED_PATHS),
+        "maskedPaths": [*MASKED_PATHS, *cfg.extra_masked_paths],
         "readonlyPaths": list(READONLY_PATHS),
         "seccomp": seccomp_profile(privileged=cfg.privileged),
     }

@@ -471,7 +471,7 @@ def _plots(res: dict[str, Any], img: Path) -> dict[str, str]:
             total.get(k, 0)
             for k in (
                 "mounts.mount_disk_image",
-                "idmap.userns_fd",
+                "userns.create_pinned",
                 "idmap.mount_idmapped",
                 "mounts.mount_overlay",
                 "build_config",

@@ -34,7 +34,7 @@ CREATE_STAGES = [
     ("_allocate_slot", "uid-range slot (scans every sandbox's meta.json)"),
     ("disks.take", "disk quota: a pre-formatted ext4 image from the stock (mkfs if empty)"),
     ("mounts.mount_existing_disk_image", "disk quota: loop device + mount(2)"),
-    ("idmap.userns_fd", "user namespace fd for the id-mapping"),
+    ("userns.create_pinned", "the sandbox's user namespace: its uid's, limits set, pinned"),
     ("idmap.mount_idmapped", "id-mapped read-only image mount"),
     ("mounts.mount_overlay", "overlay mount"),
     ("build_config", "OCI config.json from typed data"),
@@ -102,7 +102,7 @@ def engine_stages(n: int, image: str = "default") -> dict[str, Any]:
     """Median milliseconds per stage of LocalEngine.create (to a healthy agent) and delete."""
     from sandlot.engines import local as local_pkg
     from sandlot.engines.base import SandboxSpec
-    from sandlot.engines.local import LocalEngine, idmap, mounts
+    from sandlot.engines.local import LocalEngine, idmap, mounts, userns
     from sandlot.engines.local import engine as engine_mod
     from sandlot.images.store import ImageStore
     from sandlot.instance_types import get_instance_type
@@ -126,7 +126,7 @@ def engine_stages(n: int, image: str = "default") -> dict[str, Any]:
         wrap(eng.disks, "take", "disks.take")
         wrap(mounts, "mount_existing_disk_image", "mounts.mount_existing_disk_image")
         wrap(mounts, "mount_overlay", "mounts.mount_overlay")
-        wrap(idmap, "userns_fd", "idmap.userns_fd")
+        wrap(userns, "create_pinned", "userns.create_pinned")
         wrap(idmap, "mount_idmapped", "idmap.mount_idmapped")
         wrap(engine_mod, "build_config", "build_config")
         wrap(eng.runtime.__class__, "run_detached", "runtime.run_detached")

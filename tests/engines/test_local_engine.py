@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from sandlot.engines.base import EngineError, ImageError, SandboxNotFound, SandboxSpec
+from sandlot.engines.base import (
+    EngineError,
+    ImageError,
+    InsufficientResources,
+    SandboxNotFound,
+    SandboxSpec,
+)
 from sandlot.engines.local import LocalEngine, new_sandbox_id
 from sandlot.engines.local.cgroups import CgroupLayout, sandbox_cgroup_dirs
 from sandlot.engines.local.mounts import mounts_under
@@ -303,8 +309,9 @@ async def test_full_disk_under_state_dir(tmp_path: Path) -> None:
             while True:
                 f.write(b"\0" * (1 << 20))
         spec = _spec()
-        with pytest.raises(EngineError, match="cannot create"):
+        with pytest.raises(InsufficientResources, match="not enough disk") as refused:
             await eng.create(spec)
+        assert refused.value.resource == "disk"
         _assert_nothing_left(eng, spec.id)
         filler.unlink()
     finally:

@@ -72,6 +72,22 @@ def main() -> None:
     "database, made at first start; env SANDLOT_SERVER_KEY_FILE). Replicas sharing PostgreSQL "
     "need the same file, e.g. a mounted Kubernetes Secret.",
 )
+@click.option(
+    "--overcommit",
+    type=click.Choice(["allow", "none"]),
+    default="allow",
+    show_default=True,
+    help="allow: sandboxes' limits may add up to more than the host has, but each create must "
+    "fit in what is free now (disks stay sparse); none: disks are preallocated and the memory, "
+    "pids and file handles promised to all sandboxes never exceed the host's.",
+)
+@click.option(
+    "--reserve",
+    type=click.FloatRange(0, 0.99),
+    default=0.10,
+    show_default=True,
+    help="Fraction of the host's disk, memory, pids and file handles no create may take.",
+)
 def server(
     listen: str | None,
     database: str | None,
@@ -83,10 +99,12 @@ def server(
     tcp_proxy_host: str,
     trusted_image_dirs: tuple[str, ...],
     key_file: str | None,
+    overcommit: str,
+    reserve: float,
 ) -> None:
     """Run the control server and gateway."""
     from sandlot.server.pool import PoolKey
-    from sandlot.server.run import parse_listen, serve
+    from sandlot.server.run import HostPolicy, parse_listen, serve
 
     try:
         parse_listen(listen)
@@ -108,6 +126,7 @@ def server(
             tcp_proxy_host=tcp_proxy_host,
             trusted_image_dirs=trusted_image_dirs,
             key_file=key_file,
+            policy=HostPolicy(overcommit, reserve),
         )
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None

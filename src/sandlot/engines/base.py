@@ -33,6 +33,15 @@ class EngineUnavailableError(EngineError):
     """The engine cannot run on this host (missing runtime, not root, unsupported kernel)."""
 
 
+class InsufficientResources(EngineError):
+    """The host has not enough left of ``resource`` for this sandbox ("disk", "memory",
+    "pids", "file handles"): a create refused at admission, or one that ran out of disk."""
+
+    def __init__(self, resource: str, message: str) -> None:
+        super().__init__(message)
+        self.resource = resource
+
+
 class NetworkMode(enum.StrEnum):
     #: Loopback only. The default: untrusted code reaches nothing.
     NONE = "none"

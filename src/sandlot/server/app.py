@@ -36,6 +36,7 @@ from sandlot.server.control import ApiError, Control
 from sandlot.server.db import (
     DEFAULT_PROJECT,
     ApiToken,
+    DatabaseFull,
     ProjectQuota,
     RegistrySecret,
     SandboxRow,
@@ -512,6 +513,7 @@ class Api:
                 CreateSandbox,
                 SandboxOut,
                 status=201,
+                errors=("503", "507"),  # the host has not enough left (admission)
             ),
             ApiRoute(
                 "GET",
@@ -666,6 +668,8 @@ class ApiRoute:
     status: int = 200
     auth: bool = True
     query: list[str] | None = None
+    #: Error statuses this route answers besides 400, 401 and 404.
+    errors: tuple[str, ...] = ()
 
 
 GATEWAY_PATH = "/sandboxes/{sandbox_id}/koyeb-sandbox/{path:path}"
@@ -710,7 +714,7 @@ def openapi_document(routes: list[ApiRoute]) -> dict[str, Any]:
         else:
             responses[str(r.status)] = {"description": "OK"}
         if r.auth:
-            for code in ("400", "401", "404"):
+            for code in ("400", "401", "404", *r.errors):
                 responses.setdefault(code, {"description": "error", **error})
             op["security"] = [{"bearer": []}]
         op["responses"] = responses
@@ -818,13 +822,21 @@ def create_app(config: ServerConfig) -> Starlette:
     async def method_not_allowed(request: Request, exc: Exception) -> Response:
         return error_response(405, "method_not_allowed", f"{request.method} not allowed here")
 
+    async def disk_full(request: Request, exc: Exception) -> Response:
+        return error_response(507, "insufficient_storage", str(exc))
+
     async def internal(request: Request, exc: Exception) -> Response:
         return error_response(500, "internal", f"internal error: {type(exc).__name__}: {exc}")
 
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={404: not_found, 405: method_not_allowed, 500: internal},
+        exception_handlers={
+            404: not_found,
+            405: method_not_allowed,
+            DatabaseFull: disk_full,
+            500: internal,
+        },
     )
     app.add_middleware(_PortsMiddleware, ports=api.ports)  # exposed ports' URLs first
     app.state.control = control

@@ -19,6 +19,7 @@ from sandlot.engines.base import (
     EngineError,
     EngineUnavailableError,
     ImageError,
+    InsufficientResources,
     NetworkMode,
     RegistryAuth,
     SandboxSpec,
@@ -26,7 +27,7 @@ from sandlot.engines.base import (
 )
 from sandlot.instance_types import get_instance_type
 from sandlot.netpolicy import resolve_policy
-from sandlot.server.db import QuotaExceeded, SandboxRow, Store, utcnow
+from sandlot.server.db import DatabaseFull, QuotaExceeded, SandboxRow, Store, utcnow
 from sandlot.server.lifecycle import Lifecycle
 from sandlot.server.pool import PoolKey, WarmPools
 from sandlot.server.schemas import CreateSandbox
@@ -86,7 +87,15 @@ class Control:
         )
 
     async def db(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+        """Run a store call in a worker thread. A call that found the disk full is tried once
+        more: the failure released the database's reserve (see db.DiskReserve)."""
+        try:
+            return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+        except DatabaseFull:
+            try:
+                return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+            except DatabaseFull as exc:
+                raise ApiError(507, "insufficient_storage", str(exc)) from exc
 
     # -- create -------------------------------------------------------------------------------
 
@@ -208,6 +217,8 @@ class Control:
                 raise ApiError(400, "invalid_image", str(exc)) from exc
             if isinstance(exc, EngineUnavailableError):
                 raise ApiError(503, "engine_unavailable", str(exc)) from exc
+            if isinstance(exc, InsufficientResources):
+                raise insufficient(exc) from exc
             if isinstance(exc, EngineError):
                 raise ApiError(500, "engine_error", f"creating the sandbox failed: {exc}") from exc
             raise
@@ -440,6 +451,13 @@ class Control:
 #: API tokens start with this; sandbox secrets never do (they are hex), so the gateway can refuse
 #: to forward a token into a sandbox (see gateway.py).
 API_TOKEN_PREFIX = "sl_"
+
+
+def insufficient(exc: InsufficientResources) -> ApiError:
+    """507 Insufficient Storage when the host's disk is short, 503 for its other resources."""
+    if exc.resource == "disk":
+        return ApiError(507, "insufficient_storage", str(exc))
+    return ApiError(503, "insufficient_resources", str(exc))
 
 
 def _describe(exc: BaseException) -> str:

@@ -11,14 +11,17 @@ whatever they were before.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import logging
 import os
 import secrets
+import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,6 +223,74 @@ class QuotaExceeded(Exception):
     with the usage)."""
 
 
+class DatabaseFull(Exception):
+    """The database's disk is full: nothing could be written (the server answers 507)."""
+
+
+class DiskReserve:
+    """Room kept for the database on its own disk: a preallocated file beside it.
+
+    Why: sandboxes' disks are sparse and other programs share the state filesystem, so it can
+    fill up under the server; SQLite then fails every write ("database or disk is full") and
+    every request that records anything failed with a 500. When a write fails for want of space
+    the reserve is deleted -- its blocks are the database's to grow into, so the server keeps
+    answering (creates are refused by admission meanwhile) -- and it is made again once the disk
+    has room, so the next time finds it in place.
+    """
+
+    SIZE = 16 * 1024 * 1024
+    #: Seconds between checks for room to make the reserve again.
+    RECHECK = 2.0
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._checked = 0.0
+        self.arm()
+
+    def arm(self) -> bool:
+        """Make the reserve if it is missing; False if the disk has no room for it."""
+        if self.path.exists():
+            return True
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.SIZE)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return False
+        return True
+
+    def release(self) -> bool:
+        """Give the reserve's space back to the disk; False if it was already gone."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def rearm_if_room(self) -> None:
+        """Make the reserve again once there is room for it and some (checked now and then)."""
+        now = time.monotonic()
+        if now - self._checked < self.RECHECK or self.path.exists():
+            return
+        self._checked = now
+        vfs = os.statvfs(self.path.parent)
+        if vfs.f_bavail * vfs.f_frsize > 4 * self.SIZE:
+            self.arm()
+
+
+def _is_disk_full(exc: BaseException | None) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_FULL or (
+        isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)
+    )
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -267,9 +338,11 @@ class Store:
         # First: a missing or unreadable key stops the start before anything is created.
         self.key = ServerKey.load(key_file or default_key_file(url), create=key_file is None)
         kwargs: dict[str, Any] = {}
+        self.reserve: DiskReserve | None = None
         db_path = _sqlite_path(url)
         if db_path is not None:
             secure_sqlite_files(db_path)
+            self.reserve = DiskReserve(db_path.with_name(db_path.name + ".reserve"))
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         elif url.startswith("postgresql://"):
@@ -278,6 +351,7 @@ class Store:
         self.engine: SAEngine = create_engine(url, pool_pre_ping=True, **kwargs)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "handle_error", self._on_error)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         #: Quota check and insert are one step (for SQLite, one process; PostgreSQL also locks
         #: the project's quota row, for replicas).
@@ -413,7 +487,19 @@ class Store:
         self.engine.dispose()
 
     def session(self) -> Session:
+        if self.reserve is not None:
+            self.reserve.rearm_if_room()
         return self._sessions()
+
+    def _on_error(self, context: Any) -> None:
+        """A write that failed for want of disk: release the reserve (the next try has room)
+        and say so with an error the API turns into a 507."""
+        if _is_disk_full(context.original_exception):
+            released = self.reserve is not None and self.reserve.release()
+            raise DatabaseFull(
+                "the server's disk is full"
+                + ("; retry (its reserve was just released)" if released else "")
+            ) from context.original_exception
 
     # -- tokens -------------------------------------------------------------------------------
 

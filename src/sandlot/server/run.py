@@ -62,13 +62,28 @@ def parse_listen(value: str | None) -> Listen:
     raise ValueError(f"--listen must be unix:PATH or tcp:HOST:PORT, not {value!r}")
 
 
-def load_engine(spec: str) -> Engine:
+@dataclass(frozen=True)
+class HostPolicy:
+    """How much of the host sandboxes may be promised (the local engine's admission):
+    ``overcommit`` "allow" (each create must fit what is free now) or "none" (disks
+    preallocated, promises never add up past the host); ``reserve``: the fraction of each host
+    total kept out of reach."""
+
+    overcommit: str = "allow"
+    reserve: float = 0.10
+
+
+def load_engine(spec: str, policy: HostPolicy | None = None) -> Engine:
     """``local`` (the default), or ``package.module:factory`` -- a callable returning an Engine
     (used by tests and for out-of-tree engines)."""
     if spec == "local":
         from sandlot.engines.local import LocalEngine
+        from sandlot.engines.local.admission import Overcommit
 
-        engine: Engine = LocalEngine(state_dir())
+        policy = policy or HostPolicy()
+        engine: Engine = LocalEngine(
+            state_dir(), overcommit=Overcommit(policy.overcommit), reserve=policy.reserve
+        )
         return engine
     module, sep, attr = spec.partition(":")
     if not sep:
@@ -148,6 +163,7 @@ def build_config(
     trusted_image_dirs: tuple[str, ...] = (),
     admin_socket: str | None = None,
     key_file: str | None = None,
+    policy: HostPolicy | None = None,
 ) -> ServerConfig:
     image_trust = ImageTrust.from_dirs(trusted_image_dirs)  # a bad one: before the engine starts
     secure_state_dir(state_dir())
@@ -156,7 +172,7 @@ def build_config(
         public_url = unix_public_url(listen.unix_path)
     return ServerConfig(
         database_url=url,
-        engines={DEFAULT_REGION: load_engine(engine)},
+        engines={DEFAULT_REGION: load_engine(engine, policy)},
         default_region=DEFAULT_REGION,
         auth="socket" if listen.is_unix else "token",
         public_url=public_url,
@@ -182,6 +198,7 @@ def serve(
     tcp_proxy_host: str = "127.0.0.1",
     trusted_image_dirs: tuple[str, ...] = (),
     key_file: str | None = None,
+    policy: HostPolicy | None = None,
 ) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -202,6 +219,7 @@ def serve(
             trusted_image_dirs,
             admin_socket,
             key_file,
+            policy,
         )
     except ValueError as exc:  # e.g. a trusted image directory that is not one
         raise RuntimeError(str(exc)) from exc

@@ -50,6 +50,18 @@ def format_image(image: Path, size_mb: int) -> None:
         raise MountError(f"cannot create the sandbox's disk: {detail}")
 
 
+def preallocate(image: Path, size_mb: int) -> None:
+    """Give ``image`` every block it may use (``--overcommit none``): writes inside it then never
+    need space from the host, which may be full by then. ext4 allocates the extents unwritten,
+    so nothing is written: measured here, 1 ms for a nano's 1 GiB, 120 ms for an xlarge's
+    32 GiB."""
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.posix_fallocate(fd, 0, size_mb * 1024 * 1024)
+    finally:
+        os.close(fd)
+
+
 class DiskStock:
     def __init__(self, root: Path, stock: int = STOCK) -> None:
         self.root = root

@@ -3,8 +3,10 @@
 One sandbox on disk (``<state>/sandboxes/<id>/``)::
 
     meta.json        what the sandbox was created from; ``"ready": true`` once create succeeded
+    userns           its user namespace, owned by its own host uid and pinned here (userns.py)
     lower/           the image rootfs, id-mapped read-only into the sandbox's uid range
-    disk.img         sparse ext4 image sized by the instance type (the sandbox's disk quota),
+    disk.img         ext4 image sized by the instance type (the disk quota; sparse unless
+                     the server runs with ``--overcommit none``),
     layer/           ... mounted here, holding upper/ and work/ (the writable overlay layer)
                      and sandlot/: /etc/hosts & co, /.sandlot/run, /.sandlot/config and the
                      agent's log (see own_files.py: all of it within the quota)
@@ -13,7 +15,11 @@ One sandbox on disk (``<state>/sandboxes/<id>/``)::
     pasta.pid        the user-mode network process, for sandboxes with outbound access
 
 Every step of ``create`` is undone by ``delete``, which tolerates any partial state; ``recover``
-runs ``delete`` over whatever a crash left half-made and re-attaches the rest.
+runs ``delete`` over whatever a crash left half-made and re-attaches the rest. Before anything
+is written a create is admitted against what the host has left (admission.py, 0.15 ms). Costs of
+the per-create steps added for host resources, measured on this (busy) host: the sandbox's own
+user namespace 7.6-8.8 ms against 1.8-5.8 ms for the throwaway one it replaced (userns.py);
+a disk's preallocation with ``--overcommit none`` 1 ms for 1 GiB, 120 ms for 32 GiB (disks.py).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -38,18 +45,36 @@ from sandlot.engines.base import (
     EngineError,
     EngineUnavailableError,
     ImageError,
+    InsufficientResources,
     NetworkMode,
     SandboxInfo,
     SandboxNotFound,
     SandboxSpec,
     SandboxState,
 )
-from sandlot.engines.local import cgroups, idmap, mounts, network, own_files, runtime_image
-from sandlot.engines.local.disks import DiskStock
+from sandlot.engines.local import (
+    cgroups,
+    hostlimits,
+    idmap,
+    mounts,
+    network,
+    own_files,
+    runtime_image,
+    userns,
+)
+from sandlot.engines.local.admission import (
+    DEFAULT_RESERVE,
+    Admission,
+    Claim,
+    Overcommit,
+    claim_of,
+)
+from sandlot.engines.local.disks import DiskStock, preallocate
 from sandlot.engines.local.oci_runtime import OciRuntime
 from sandlot.engines.local.oci_spec import SandboxConfig, build_config, host_block_device_dirs
 from sandlot.engines.local.uid_slots import SlotRegistry
 from sandlot.images.store import Image, ImageStore
+from sandlot.instance_types import get_instance_type
 from sandlot.paths import SANDBOX_CLAIM_FILE, SANDBOX_ENV_FILE, SANDBOX_SECRET_FILE, images_dir
 from sandlot.runtime.closure import AGENT_ENV, agent_command, build_runtime
 
@@ -153,6 +178,8 @@ class LocalEngine:
         *,
         images: ImageStore | None = None,
         oci_runtime: str | None = None,
+        overcommit: Overcommit = Overcommit.ALLOW,
+        reserve: float = DEFAULT_RESERVE,
     ) -> None:
         if os.geteuid() != 0:
             raise EngineUnavailableError(
@@ -178,6 +205,25 @@ class LocalEngine:
             self.layout is cgroups.CgroupLayout.V2
             or Path("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists()
         )
+        self.admission = Admission(state_dir, overcommit, reserve)
+        hostlimits.raise_file_max()
+        pid_max = hostlimits.measure(state_dir).pid_max
+        hostlimits.cap_sandbox_pids(self.layout, int(pid_max * (1 - reserve)))
+
+    def _promised(self) -> builtins.list[tuple[str, Claim]]:
+        """Every sandbox's claim (for ``--overcommit none``), from its recorded instance type."""
+        out = []
+        for directory in self.sandboxes_dir.iterdir():
+            meta = self._read_meta(directory) or {}
+            with contextlib.suppress(KeyError, ValueError):
+                it = get_instance_type(meta["instance_type"])
+                out.append((directory.name, claim_of(it, self._max_open_files)))
+        return out
+
+    def _admit(self, spec: SandboxSpec) -> None:
+        promised = self._promised() if self.admission.overcommit is Overcommit.NONE else []
+        claim = claim_of(spec.instance_type, self._max_open_files)
+        self.admission.admit(spec.id, spec.instance_type.name, claim, promised)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -233,13 +279,20 @@ class LocalEngine:
         bad_env = sorted(k for k in spec.env if k in _RESERVED_ENV or "=" in k or not k)
         if bad_env:
             raise EngineError(f"invalid or reserved environment variable names: {bad_env}")
-        image = await asyncio.to_thread(
-            lambda: self.images.resolve(spec.image, auth=spec.registry_auth)
-        )
-        built_runtime = await asyncio.to_thread(self.agent_runtime)
-        runtime_dir = await asyncio.to_thread(runtime_image.ensure_mounted, built_runtime)
+        # Admitted before anything is written (the agent runtime is built on first use).
+        await asyncio.to_thread(self._admit, spec)
+        try:
+            image = await asyncio.to_thread(
+                lambda: self.images.resolve(spec.image, auth=spec.registry_auth)
+            )
+            built_runtime = await asyncio.to_thread(self.agent_runtime)
+            runtime_dir = await asyncio.to_thread(runtime_image.ensure_mounted, built_runtime)
+        except BaseException:
+            self.admission.done(spec.id)
+            raise
         async with self._lock(spec.id):
             if directory.exists():
+                self.admission.done(spec.id)
                 raise EngineError(f"sandbox {spec.id} already exists")
             meta: dict[str, Any] = {
                 "id": spec.id,
@@ -267,11 +320,17 @@ class LocalEngine:
                 self._write_meta(directory, meta)
             except BaseException as exc:
                 await asyncio.shield(self._destroy(spec.id, directory))
+                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise InsufficientResources(
+                        "disk", f"the host's disk is full: cannot create sandbox {spec.id}"
+                    ) from exc
                 if isinstance(exc, OSError):  # e.g. ENOSPC under the state directory
                     # (the message, not str(exc): that would name a host path)
                     reason = exc.strerror or type(exc).__name__
                     raise EngineError(f"cannot create sandbox {spec.id}: {reason}") from exc
                 raise
+            finally:
+                self.admission.done(spec.id)
         return SandboxInfo(spec.id, SandboxState.RUNNING, self._address(directory), pid=pid)
 
     @staticmethod
@@ -279,6 +338,9 @@ class LocalEngine:
         """Id-mapped image below (its owner range, ``image_uid_base``, shown as the sandbox's
         range), the sandbox's own layer above, merged at bundle/rootfs."""
         lower, layer = directory / "lower", directory / "layer"
+        pin = directory / "userns"  # the sandbox's own, for crun (see userns.py)
+        if not userns.is_pinned(pin):
+            userns.create_pinned(base, pin)
         ns_fd = idmap.userns_fd(base, first=image_uid_base)
         try:
             idmap.mount_idmapped(image_rootfs, lower, ns_fd)
@@ -318,6 +380,8 @@ class LocalEngine:
             d.mkdir()
         # The writable layer lives in its own filesystem image: that is the disk quota.
         self.disks.take(spec.instance_type.disk_mb, directory / "disk.img")
+        if self.admission.overcommit is Overcommit.NONE:
+            preallocate(directory / "disk.img", spec.instance_type.disk_mb)
         mounts.mount_existing_disk_image(directory / "disk.img", layer)
         os.chown(layer, base, base)
         upper, work = layer / "upper", layer / "work"
@@ -373,6 +437,7 @@ class LocalEngine:
                 memory_swap_supported=self._memsw,
                 max_open_files=self._max_open_files,
                 extra_masked_paths=self._block_dirs,
+                userns_path=directory / "userns",
             )
         )
         (bundle / "config.json").write_text(json.dumps(config))
@@ -468,7 +533,7 @@ class LocalEngine:
             return
         allow = meta.get("allow")
         await network.apply_egress(pid, None if allow is None else tuple(allow))
-        await network.attach_pasta(pid, directory / "pasta.pid")
+        await network.attach_pasta(pid, directory / "pasta.pid", directory / "userns")
 
     async def set_network(
         self, sandbox_id: str, mode: NetworkMode, outbound_allowlist: tuple[str, ...] | None
@@ -501,7 +566,7 @@ class LocalEngine:
             if mode is NetworkMode.OUTBOUND:
                 await network.apply_egress(pid, None if allow is None else tuple(allow))
                 if not network.pasta_alive(directory / "pasta.pid"):
-                    await network.attach_pasta(pid, directory / "pasta.pid")
+                    await network.attach_pasta(pid, directory / "pasta.pid", directory / "userns")
             else:
                 network.detach_pasta(directory / "pasta.pid")
 

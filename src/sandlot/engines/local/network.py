@@ -52,8 +52,14 @@ def resolv_conf(outbound: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def attach_pasta(netns_pid: int, pid_file: Path) -> None:
-    """Give the network namespace of ``netns_pid`` outbound access; returns once configured."""
+async def attach_pasta(netns_pid: int, pid_file: Path, userns: Path | None = None) -> None:
+    """Give the network namespace of ``netns_pid`` outbound access; returns once configured.
+
+    ``userns``: the sandbox's pinned user namespace, which owns the network namespace. pasta
+    drops its capabilities before it opens the namespaces, and root keeps rights over a
+    namespace without them only when it owns it; a sandbox's own uid owns it (userns.py), so
+    pasta joins that user namespace first (and, without the rights to watch the sandbox's
+    /proc entry, it does not quit by itself when the sandbox goes: detach_pasta stops it)."""
     if shutil.which("pasta") is None:
         raise NetworkSetupError("outbound networking needs pasta: apt-get install passt")
     result = await spawn(
@@ -76,7 +82,7 @@ async def attach_pasta(netns_pid: int, pid_file: Path) -> None:
             str(pid_file),
             "--netns",
             f"/proc/{netns_pid}/ns/net",
-            "--netns-only",
+            *(["--userns", str(userns)] if userns is not None else ["--netns-only"]),
         ]
     )
     if result.returncode != 0:

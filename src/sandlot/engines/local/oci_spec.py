@@ -131,6 +131,9 @@ class SandboxConfig:
     max_open_files: int | None = None
     #: More paths to mask (see :func:`host_block_device_dirs`).
     extra_masked_paths: tuple[str, ...] = ()
+    #: A user namespace made beforehand (owned by the sandbox's own host uid, see
+    #: :mod:`.userns`) for the runtime to join; None: the runtime makes one (owned by root).
+    userns_path: Path | None = None
 
 
 def _mount(dest: str, typ: str, source: str, options: list[str]) -> dict[str, Any]:
@@ -206,6 +209,12 @@ def build_config(cfg: SandboxConfig) -> dict[str, Any]:
         "readonlyPaths": list(READONLY_PATHS),
         "seccomp": seccomp_profile(privileged=cfg.privileged),
     }
+    if cfg.userns_path is not None:
+        # Joined, not made: its maps are already written, and the runtime must not write them.
+        for ns in linux["namespaces"]:
+            if ns["type"] == "user":
+                ns["path"] = str(cfg.userns_path)
+        del linux["uidMappings"], linux["gidMappings"]
     return {
         "ociVersion": "1.0.2",
         "process": {

@@ -472,6 +472,7 @@ def _plots(res: dict[str, Any], img: Path) -> dict[str, str]:
             for k in (
                 "mounts.mount_disk_image",
                 "userns.create_pinned",
+                "idmap.userns_fd",
                 "idmap.mount_idmapped",
                 "mounts.mount_overlay",
                 "build_config",

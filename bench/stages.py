@@ -35,6 +35,7 @@ CREATE_STAGES = [
     ("disks.take", "disk quota: a pre-formatted ext4 image from the stock (mkfs if empty)"),
     ("mounts.mount_existing_disk_image", "disk quota: loop device + mount(2)"),
     ("userns.create_pinned", "the sandbox's user namespace: its uid's, limits set, pinned"),
+    ("idmap.userns_fd", "user namespace fd for the id-mapping"),
     ("idmap.mount_idmapped", "id-mapped read-only image mount"),
     ("mounts.mount_overlay", "overlay mount"),
     ("build_config", "OCI config.json from typed data"),
@@ -127,6 +128,7 @@ def engine_stages(n: int, image: str = "default") -> dict[str, Any]:
         wrap(mounts, "mount_existing_disk_image", "mounts.mount_existing_disk_image")
         wrap(mounts, "mount_overlay", "mounts.mount_overlay")
         wrap(userns, "create_pinned", "userns.create_pinned")
+        wrap(idmap, "userns_fd", "idmap.userns_fd")
         wrap(idmap, "mount_idmapped", "idmap.mount_idmapped")
         wrap(engine_mod, "build_config", "build_config")
         wrap(eng.runtime.__class__, "run_detached", "runtime.run_detached")

@@ -13,13 +13,13 @@ per-user count of the sandbox then stops at the host's per-user limits for uid `
 own -- and the limits below, set inside the namespace, are tighter still (the sandbox's root has
 no CAP_SYS_RESOURCE to raise them; a privileged one may, but not past the host's per-user ones).
 
-The same namespace gives the id-mapped mount of the image (:mod:`.idmap`), which needed a
-throwaway namespace of its own before. How it is made: a small fork server (started once) forks
-a child per namespace that drops to the sandbox's uid and unshares; having exec'd nothing since,
-it holds every capability in the new namespace and writes the limits itself (an exec'd shell
-would hold none until the maps exist, which cost a second shell: 15-43 ms). Measured here on a
-busy host (load average ~16 on 2 cores): 7.6-8.8 ms per create (median of 30), against
-1.8-5.8 ms for the ``unshare --user sleep`` namespace it replaces.
+How it is made: a small fork server (started once) forks a child per namespace that drops to
+the sandbox's uid and unshares; having exec'd nothing since, it holds every capability in the
+new namespace and writes the limits itself (an exec'd shell would hold none until the maps
+exist, which cost a second shell: 15-43 ms). Measured here on a busy host (load average ~16 on
+2 cores): 7.6-8.8 ms per create (median of 30), against 1.8-5.8 ms for an ``unshare --user
+sleep`` namespace. (The id-mapped mount of the image maps from the image's storage range, not
+from 0, so it keeps a throwaway namespace of its own: :func:`.idmap.userns_fd`.)
 """
 
 from __future__ import annotations

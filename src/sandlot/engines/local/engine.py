@@ -503,7 +503,12 @@ class LocalEngine:
         )
         if own_files.own_dir(layer).is_dir():
             log_path = own_files.own_dir(layer) / "agent.log"
-            log_fd: int | None = await asyncio.to_thread(own_files.open_agent_log, layer)
+            opened = await asyncio.to_thread(own_files.open_agent_log, layer)
+            log_fd: int | None = opened
+            # pid 1's stdout is the sandbox's own (root inside may reopen it through
+            # /proc/1/fd/1): crun hands stdio to the container's root only in a user
+            # namespace it makes itself, and this one is made by userns.py.
+            os.fchown(opened, base, base)
         else:  # made before its disk held its own files: its config still names these
             log_path, log_fd = directory / "agent.log", None
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

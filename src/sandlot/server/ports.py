@@ -42,10 +42,11 @@ import logging
 import re
 import socket
 import time
+import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl, quote, urlencode
 
 import anyio
@@ -55,10 +56,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from sandlot.engines.base import AgentAddress
+from sandlot.server import agentcalls
 from sandlot.server.asgi import (
     HOP_BY_HOP_REQUEST,
     HOP_BY_HOP_RESPONSE,
     ClientGone,
+    chunked,
     refuse_websocket,
     request_body,
     response_headers,
@@ -272,12 +275,8 @@ class Ports:
         return entry
 
     async def _agent(self, sandbox_id: str) -> AgentPool | None:
-        """The sandbox's agent pool, with its secret (a pool made while the sandbox woke has
-        none until the control's cache is refreshed; the tunnel needs it)."""
-        agent = await self.control.agent_for(sandbox_id)
-        if agent is not None and agent.secret is None:
-            agent = await self.control.agent_for(sandbox_id, fresh=True)
-        return agent
+        """The sandbox's agent pool, with its secret (the tunnel needs it)."""
+        return await self.control.agent_for(sandbox_id)
 
     def _agent_changed(self, sandbox_id: str) -> bool:
         current = self.control._agents.get(sandbox_id)
@@ -292,23 +291,23 @@ class Ports:
         if agent is None:
             return ports
         try:
-            with anyio.fail_after(2.0):
-                if self._synced.get(row.id) is not agent:
-                    ok = True
-                    for port in sorted(ports, key=lambda p: str(ports[p].get("since", ""))):
-                        body = {"port": port, "multi": True}
-                        status, _ = await _call(agent, "POST", "/bind_port", body)
-                        ok = ok and status == 200
-                    if ok:
-                        self._synced[row.id] = agent
-                    return ports
-                status, answer = await _call(agent, "GET", "/bound_ports", None)
-        except (UpstreamError, TimeoutError) as exc:
-            log.info("ports of %s: the agent did not answer (%s)", row.id, exc)
+            if self._synced.get(row.id) is not agent:
+                ok = True
+                for port in sorted(ports, key=lambda p: str(ports[p].get("since", ""))):
+                    body = {"port": port, "multi": True}
+                    status, _ = await agentcalls.call(agent, "POST", "/bind_port", body, timeout=2)
+                    ok = ok and status == 200
+                if ok:
+                    self._synced[row.id] = agent
+                return ports
+            status, answer = await agentcalls.call(agent, "GET", "/bound_ports", timeout=2)
+            if status != 200:
+                return ports
+            listed = agentcalls.validate(agentcalls.BoundPorts, answer, "/bound_ports")
+        except UpstreamError as exc:
+            log.info("ports of %s: no usable answer from the agent (%s)", row.id, exc)
             return ports
-        if status != 200:
-            return ports
-        bound = [str(p) for p in answer.get("ports") or []]
+        bound = [str(p) for p in dict.fromkeys(listed.ports)]
         added = [p for p in bound if p not in ports]
         removed = [p for p in ports if p not in bound]
         if not added and not removed:
@@ -392,15 +391,31 @@ class Ports:
             raise ApiError(409, "not_running", f"sandbox {row.id} is {row.status}")
         return row
 
-    async def _agent_call(self, sandbox_id: str, route: str, body: dict[str, Any] | None) -> Any:
-        """A JSON call to the sandbox's agent (waking it if needed): (status, answer)."""
+    @typing.overload
+    async def _agent_call(
+        self, sandbox_id: str, route: Literal["/bound_ports"], body: None
+    ) -> tuple[int, agentcalls.BoundPorts]: ...
+
+    @typing.overload
+    async def _agent_call(
+        self, sandbox_id: str, route: str, body: dict[str, Any]
+    ) -> tuple[int, agentcalls.AgentReply]: ...
+
+    async def _agent_call(
+        self, sandbox_id: str, route: str, body: dict[str, Any] | None
+    ) -> tuple[int, agentcalls.BoundPorts | agentcalls.AgentReply]:
+        """A JSON call to the sandbox's agent (waking it if needed): (status, answer), the
+        answer validated (``/bound_ports`` when it is a 200: its ports; else its message)."""
         async with self.control.lifecycle.activity(sandbox_id):
             agent = await self._agent(sandbox_id)
             if agent is None:
                 raise ApiError(404, "not_found", f"sandbox {sandbox_id} not found")
             method = "GET" if route == "/bound_ports" else "POST"
             try:
-                return await _call(agent, method, route, body)
+                status, answer = await agentcalls.call(agent, method, route, body)
+                if route == "/bound_ports" and status == 200:
+                    return status, agentcalls.validate(agentcalls.BoundPorts, answer, route)
+                return status, agentcalls.validate(agentcalls.AgentReply, answer, route)
             except UpstreamError as exc:
                 raise ApiError(
                     502, "agent_unreachable", f"sandbox {sandbox_id}'s agent: {exc}"
@@ -415,7 +430,7 @@ class Ports:
             row.id, "/bind_port", {"port": str(req.port), "multi": not req.exclusive}
         )
         if status == 409:
-            current = answer.get("current_port")
+            current = answer.current_port
             return Response(
                 json.dumps(
                     {
@@ -430,9 +445,7 @@ class Ports:
                 media_type="application/json",
             )
         if status != 200:
-            raise ApiError(
-                502, "agent_error", f"binding port {req.port}: {answer.get('error', status)}"
-            )
+            raise ApiError(502, "agent_error", f"binding port {req.port}: {answer.message(status)}")
         protect = bool(row.protect_ports)
 
         def add(ports: dict[str, Any]) -> None:
@@ -462,7 +475,7 @@ class Ports:
             row.id, "/unbind_port", {"port": str(port)} if port is not None else {"port": ""}
         )
         if status != 200:
-            raise ApiError(502, "agent_error", f"unbinding: {answer.get('error', status)}")
+            raise ApiError(502, "agent_error", f"unbinding: {answer.message(status)}")
         removed: list[int] = []
 
         def drop(ports: dict[str, Any]) -> None:
@@ -649,7 +662,7 @@ class Ports:
             content = request_body(first, receive, body_done)
         else:  # a chunked upload stays chunked (streamed, never gathered)
             headers.append((b"transfer-encoding", b"chunked"))
-            content = _chunked(request_body(first, receive, body_done))
+            content = chunked(request_body(first, receive, body_done))
         target = fwd.target_path(scope)
         if fwd.query:
             target += "?" + fwd.query
@@ -846,11 +859,10 @@ class Ports:
                     return
                 await self.exposed(sandbox_id)  # a new agent gets the stored ports bound again
                 status, answer = await self._agent_call(sandbox_id, "/bound_ports", None)
-                bound = answer.get("ports") or [] if status == 200 else []
-                if not bound:
+                if status != 200 or not answer.ports:
                     log.info("TCP proxy of %s: no port bound, connection closed", sandbox_id)
                     return
-                port = int(bound[0])
+                port = answer.ports[0]
                 upstream = await open_tunnel_socket(agent.address, agent.secret, port)
                 await self.relays.splice(conn, upstream, (sandbox_id, port))  # takes both
         except (TunnelError, ApiError, WakeError, RelayError, OSError) as exc:
@@ -961,25 +973,6 @@ def _new_port_info(protect: bool) -> dict[str, Any]:
     return {"since": utcnow().isoformat(), "protected": protect}
 
 
-async def _call(
-    agent: AgentPool, method: str, route: str, body: dict[str, Any] | None
-) -> tuple[int, Any]:
-    """One JSON call to an agent: (status, decoded answer)."""
-    data = json.dumps(body).encode() if body is not None else b""
-    headers = [(b"content-type", b"application/json")] if body is not None else []
-    if agent.secret is not None:
-        headers.append((b"authorization", b"Bearer " + agent.secret))
-    response = await agent.request(method, route, headers, data)
-    try:
-        raw = b"".join([c async for c in response.iter_body()])
-    finally:
-        response.close()
-    try:
-        return response.status, json.loads(raw or b"{}")
-    except ValueError:
-        return response.status, {"error": raw.decode("utf-8", "replace")}
-
-
 def _given_token(scope: Scope, query: str) -> tuple[str | None, str, bool]:
     """The port token the client gave (header, query or cookie), the query without it, and
     whether it came from the query."""
@@ -1009,12 +1002,6 @@ def _strip_cookie(value: bytes) -> bytes:
 def _close_code(code: int) -> int:
     # Codes a peer may not send on the wire (1005, 1006, 1015) become a normal closure.
     return 1000 if code in (1005, 1006, 1015) or not 1000 <= code <= 4999 else code
-
-
-async def _chunked(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    async for chunk in body:
-        yield b"%x\r\n" % len(chunk) + chunk + b"\r\n"
-    yield b"0\r\n\r\n"
 
 
 #: The path form, as the OpenAPI document names it (the host form is routed by ``Host``).

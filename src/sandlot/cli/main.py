@@ -72,6 +72,15 @@ def main() -> None:
     "database, made at first start; env SANDLOT_SERVER_KEY_FILE). Replicas sharing PostgreSQL "
     "need the same file, e.g. a mounted Kubernetes Secret.",
 )
+@click.option(
+    "--max-json-body",
+    default=1024 * 1024,
+    show_default=True,
+    type=click.IntRange(min=1024),
+    metavar="BYTES",
+    help="Largest JSON request body the control API accepts (larger: 413). File bodies to "
+    "sandboxes are streamed and not limited by this.",
+)
 def server(
     listen: str | None,
     database: str | None,
@@ -83,6 +92,7 @@ def server(
     tcp_proxy_host: str,
     trusted_image_dirs: tuple[str, ...],
     key_file: str | None,
+    max_json_body: int,
 ) -> None:
     """Run the control server and gateway."""
     from sandlot.server.pool import PoolKey
@@ -108,6 +118,7 @@ def server(
             tcp_proxy_host=tcp_proxy_host,
             trusted_image_dirs=trusted_image_dirs,
             key_file=key_file,
+            max_json_body=max_json_body,
         )
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None

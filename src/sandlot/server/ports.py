@@ -30,6 +30,8 @@ The TCP proxy (``enable_tcp_proxy``): a listener per sandbox on the server's hos
 (``--tcp-proxy-host``, 127.0.0.1 by default; the port is chosen by the system) relaying raw TCP
 to the port bound with ``/bind_port``, as Koyeb's does. With several bound ports the first one
 bound (the agent's ``GET /bound_ports`` order) is the target; each new connection reads it again.
+It cannot be combined with ``protect_ports`` (refused at create): raw TCP has no place for a
+port token, so the proxy would serve protected ports to anyone who reaches its address.
 """
 
 from __future__ import annotations
@@ -146,6 +148,13 @@ class UnexposedOut(BaseModel):
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def _port_number(text: str) -> int | None:
+    """A port number written in ASCII digits (``int()`` also takes '٣' and raises on '²')."""
+    if re.fullmatch(r"[0-9]{1,5}", text) and 1 <= int(text) <= 65535:
+        return int(text)
+    return None
 
 
 def _close_gently(conn: socket.socket) -> None:
@@ -464,9 +473,9 @@ class Ports:
         raw = request.query_params.get("port")
         port: int | None = None
         if raw is not None:
-            if not raw.isdigit() or not 1 <= int(raw) <= 65535:
-                raise ApiError(400, "invalid_port", f"port must be 1-65535, not {raw!r}")
-            port = int(raw)
+            port = _port_number(raw)
+            if port is None:
+                raise ApiError(400, "invalid_port", f"port must be 1-65535, not {raw[:20]!r}")
             if str(port) not in (row.exposed_ports or {}):
                 raise ApiError(
                     404, "port_not_exposed", f"port {port} is not exposed on sandbox {row.id}"
@@ -498,7 +507,8 @@ class Ports:
         base = _public_base(request, self.config)
         ports = sorted((int(p), v) for p, v in (row.exposed_ports or {}).items())
         proxy = None
-        if row.enable_tcp_proxy and row.status in ("running", "sleeping"):
+        awake_or_asleep = row.status in ("running", "sleeping")
+        if row.enable_tcp_proxy and not row.protect_ports and awake_or_asleep:
             listener = await self.ensure_tcp_proxy(row.id)
             host, port = listener.getsockname()[:2]
             proxy = TcpProxyOut(host=host, port=port)
@@ -519,7 +529,7 @@ class Ports:
                 protect_ports=protect_ports,
                 enable_tcp_proxy=tcp_proxy,
             )
-        if tcp_proxy:
+        if tcp_proxy and not protect_ports:
             await self.ensure_tcp_proxy(row.id)
         return row
 
@@ -564,10 +574,10 @@ class Ports:
                 await send_json(send, status, body)
 
         text = target.port_text
-        if not text.isdigit() or not 1 <= int(text) <= 65535:
-            await refuse(404, "port_not_exposed", f"{text!r} is not a port (1-65535)")
+        port = _port_number(text)
+        if port is None:
+            await refuse(404, "port_not_exposed", f"{text[:20]!r} is not a port (1-65535)")
             return
-        port = int(text)
         exposed = await self.exposed(target.sandbox_id)
         if exposed is None:
             await refuse(404, "not_found", f"sandbox {target.sandbox_id} not found")
@@ -886,7 +896,8 @@ class Ports:
                 rows = await self.control.db(
                     self.control.store.sandboxes_with_status, ["running", "sleeping"]
                 )
-                wanted = {r.id for r in rows if r.enable_tcp_proxy}
+                # Never for protected ports (refused at create; rows from before are skipped).
+                wanted = {r.id for r in rows if r.enable_tcp_proxy and not r.protect_ports}
                 for sandbox_id in list(self._proxies):
                     if sandbox_id not in wanted:
                         await self._close_proxy(sandbox_id)

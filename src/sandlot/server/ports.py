@@ -47,7 +47,6 @@ import time
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from http.cookies import SimpleCookie
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl, quote, urlencode
 
@@ -942,8 +941,8 @@ class _Forward:
                 # Never pass an API token into a sandbox, nor the port's own token.
                 if value.startswith(_TOKEN_PREFIX) or self.protected:
                     continue
-            if k == b"cookie" and self.protected:
-                v = _strip_cookie(v)
+            if k == b"cookie":  # the port token's cookie is the gateway's, never the app's
+                _, v = _token_cookie(v)
                 if not v:
                     continue
             out.append((k, v))
@@ -995,19 +994,27 @@ def _given_token(scope: Scope, query: str) -> tuple[str | None, str, bool]:
         given = next((v for k, v in pairs if k == TOKEN_PARAM), None)
         rest = urlencode([(k, v) for k, v in pairs if k != TOKEN_PARAM])
         return given, rest, True
-    cookie = _header(scope, b"cookie")
-    if cookie is not None:
-        jar: SimpleCookie = SimpleCookie()
-        with contextlib.suppress(Exception):
-            jar.load(cookie.decode("latin-1"))
-        if TOKEN_COOKIE in jar:
-            return jar[TOKEN_COOKIE].value, query, False
+    for k, v in scope["headers"]:
+        if k == b"cookie":
+            token, _ = _token_cookie(v)
+            if token is not None:
+                return token, query, False
     return None, query, False
 
 
-def _strip_cookie(value: bytes) -> bytes:
-    parts = [p for p in value.split(b";") if not p.strip().startswith(TOKEN_COOKIE.encode() + b"=")]
-    return b";".join(parts).strip()
+def _token_cookie(value: bytes) -> tuple[str | None, bytes]:
+    """The port token's cookie in a ``Cookie`` header, and the header without it. One parser
+    for both, so that whatever is taken as the token is also what is removed (a lenient
+    cookie parser once read ``sandlot_port_token =T`` that the stripping did not match)."""
+    token: str | None = None
+    kept: list[bytes] = []
+    for part in value.split(b";"):
+        name, _, rest = part.partition(b"=")
+        if name.strip() == TOKEN_COOKIE.encode():
+            token = rest.strip().strip(b'"').decode("latin-1")
+        elif part.strip():
+            kept.append(part.strip())
+    return token, b"; ".join(kept)
 
 
 def _close_code(code: int) -> int:

@@ -71,10 +71,12 @@ async def call(
     route: str,
     body: dict[str, Any] | None = None,
     *,
-    timeout: float = CALL_TIMEOUT,
+    timeout: float | None = None,
     limit: int = ANSWER_LIMIT,
 ) -> tuple[int, Any]:
-    """One JSON call: (status, decoded answer), the answer's shape not yet checked."""
+    """One JSON call: (status, decoded answer), the answer's shape not yet checked;
+    ``timeout``: :data:`CALL_TIMEOUT` unless given."""
+    timeout = CALL_TIMEOUT if timeout is None else timeout
     data = json.dumps(body).encode() if body is not None else b""
     headers = [(b"content-type", b"application/json")] if body is not None else []
     if agent.secret is not None:
@@ -101,17 +103,3 @@ def validate(model: type[Model], answer: Any, route: str) -> Model:
     except ValidationError as exc:
         where = ", ".join(".".join(str(p) for p in e["loc"]) or "body" for e in exc.errors()[:3])
         raise AgentAnswerError(f"the answer to {route} is malformed ({where})") from None
-
-
-async def call_as(
-    model: type[Model],
-    agent: AgentPool,
-    method: str,
-    route: str,
-    body: dict[str, Any] | None = None,
-    *,
-    timeout: float = CALL_TIMEOUT,
-) -> tuple[int, Model]:
-    """A JSON call whose answer is validated as ``model``: (status, answer)."""
-    status, answer = await call(agent, method, route, body, timeout=timeout)
-    return status, validate(model, answer, route)

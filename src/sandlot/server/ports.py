@@ -93,6 +93,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 #: have changed them); this replica's own changes apply at once.
 EXPOSED_CACHE_TTL = 2.0
 TOKEN_PARAM = "sandlot_token"
+#: The largest WebSocket message relayed message by message (the fallback under other servers).
+WS_MESSAGE_MAX = 16 * 1024 * 1024
 TOKEN_COOKIE = "sandlot_port_token"
 _PATH_FORM = re.compile(r"^/sandboxes/([A-Za-z0-9_-]{1,64})/ports/([^/]*)(/.*)?$")
 _HOST_LABEL = re.compile(r"^(\d{1,5})-([a-z0-9_-]{1,64})$")
@@ -769,7 +771,9 @@ class Ports:
                 additional_headers=extra,
                 user_agent_header=None,
                 compression=None,
-                max_size=None,
+                # What the sandbox's server sends is held whole per message here: bounded like
+                # uvicorn bounds the client's side (16 MiB; larger: closed with 1009).
+                max_size=WS_MESSAGE_MAX,
                 ping_interval=None,
                 proxy=None,
                 open_timeout=10,

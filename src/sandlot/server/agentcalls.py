@@ -22,7 +22,7 @@ import json
 from typing import Annotated, Any, TypeVar
 
 import anyio
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from sandlot.server.upstream import AgentPool, UpstreamError
 
@@ -37,6 +37,8 @@ MESSAGE_LIMIT = 300
 
 Model = TypeVar("Model", bound=BaseModel)
 Port = Annotated[int, Field(ge=1, le=65535)]
+#: A port as the agent may write it in text (Koyeb's ``current_port`` is a string).
+PortText = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,5}$")]
 
 
 class AgentAnswerError(UpstreamError):
@@ -55,7 +57,7 @@ class AgentReply(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     error: str | None = None
-    current_port: Port | None = None
+    current_port: Port | PortText | None = None
 
     def message(self, status: int) -> str:
         """The agent's error message, shortened, or its status."""

@@ -236,11 +236,13 @@ class Control:
         secret: str | None = None,
     ) -> None:
         if address.unix_path is not None and len(address.unix_path.encode()) > 107:
+            # The path goes to the log, not to the client: host paths are not a tenant's business.
+            log.error("agent socket path too long (108 bytes at most): %s", address.unix_path)
             raise ApiError(
                 500,
                 "engine_error",
                 f"the agent socket path of sandbox {sandbox_id} is longer than a Unix socket "
-                f"allows (108 bytes): {address.unix_path}; use a shorter state directory",
+                "allows (108 bytes); the server's log names it: use a shorter state directory",
             )
         pool = self._pool_for(sandbox_id, address, secret)
         deadline = time.monotonic() + timeout

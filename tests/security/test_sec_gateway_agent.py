@@ -266,6 +266,7 @@ def peak_rss_growth() -> Iterator[list[int]]:
     out: list[int] = []
     yield out
     out.append(_status_line("VmHWM") - before)
+    print(f" peak RSS +{out[0]} MiB", end="")
 
 
 def _json_error(response: httpx.Response) -> str:

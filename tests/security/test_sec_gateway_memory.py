@@ -143,6 +143,7 @@ def test_huge_json_body_is_refused_in_bounded_memory(server: Server, chunked: bo
     before = server.reset_peak()
     answer = _send(server.sock, head + framing + b"\r\n\r\n", _json_body(chunked))
     growth = server.status("VmHWM") - before
+    print(f"\n256 MiB JSON body ({'chunked' if chunked else 'with a length'}): +{growth} MiB peak")
     assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
     assert b"body_too_large" in answer and b"limit" in answer
     assert growth < RSS_BOUND_MIB, f"the server grew by {growth} MiB"
@@ -168,6 +169,7 @@ def test_chunked_upload_through_the_gateway_streams(server: Server) -> None:
             before = server.reset_peak()
             answer = _send(server.sock, head, iter(pieces))
             growth = server.status("VmHWM") - before
+            print(f"\n256 MiB chunked upload through the gateway: +{growth} MiB peak")
             assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
             assert target.stat().st_size == TOTAL
             assert growth < RSS_BOUND_MIB, f"the server grew by {growth} MiB"

@@ -92,6 +92,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 #: How long a replica trusts its cached view of a sandbox's exposed ports (another replica may
 #: have changed them); this replica's own changes apply at once.
 EXPOSED_CACHE_TTL = 2.0
+#: How long a request waits for the agent's view of its ports before using the stored one.
+SYNC_TIMEOUT = 2.0
 TOKEN_PARAM = "sandlot_token"
 #: The largest WebSocket message relayed message by message (the fallback under other servers).
 WS_MESSAGE_MAX = 16 * 1024 * 1024
@@ -301,20 +303,21 @@ class Ports:
         if agent is None:
             return ports
         try:
-            if self._synced.get(row.id) is not agent:
-                ok = True
-                for port in sorted(ports, key=lambda p: str(ports[p].get("since", ""))):
-                    body = {"port": port, "multi": True}
-                    status, _ = await agentcalls.call(agent, "POST", "/bind_port", body, timeout=2)
-                    ok = ok and status == 200
-                if ok:
-                    self._synced[row.id] = agent
-                return ports
-            status, answer = await agentcalls.call(agent, "GET", "/bound_ports", timeout=2)
+            with anyio.fail_after(SYNC_TIMEOUT):  # all of it: one call per stored port
+                if self._synced.get(row.id) is not agent:
+                    ok = True
+                    for port in sorted(ports, key=lambda p: str(ports[p].get("since", ""))):
+                        body = {"port": port, "multi": True}
+                        status, _ = await agentcalls.call(agent, "POST", "/bind_port", body)
+                        ok = ok and status == 200
+                    if ok:
+                        self._synced[row.id] = agent
+                    return ports
+                status, answer = await agentcalls.call(agent, "GET", "/bound_ports")
             if status != 200:
                 return ports
             listed = agentcalls.validate(agentcalls.BoundPorts, answer, "/bound_ports")
-        except UpstreamError as exc:
+        except (UpstreamError, TimeoutError) as exc:
             log.info("ports of %s: no usable answer from the agent (%s)", row.id, exc)
             return ports
         bound = [str(p) for p in dict.fromkeys(listed.ports)]

@@ -88,6 +88,15 @@ def main() -> None:
     show_default=True,
     help="Fraction of the host's disk, memory, pids and file handles no create may take.",
 )
+@click.option(
+    "--max-json-body",
+    default=1024 * 1024,
+    show_default=True,
+    type=click.IntRange(min=1024),
+    metavar="BYTES",
+    help="Largest JSON request body the control API accepts (larger: 413). File bodies to "
+    "sandboxes are streamed and not limited by this.",
+)
 def server(
     listen: str | None,
     database: str | None,
@@ -101,6 +110,7 @@ def server(
     key_file: str | None,
     overcommit: str,
     reserve: float,
+    max_json_body: int,
 ) -> None:
     """Run the control server and gateway."""
     from sandlot.server.pool import PoolKey
@@ -127,6 +137,7 @@ def server(
             trusted_image_dirs=trusted_image_dirs,
             key_file=key_file,
             policy=HostPolicy(overcommit, reserve),
+            max_json_body=max_json_body,
         )
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None

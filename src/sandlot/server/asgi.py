@@ -92,6 +92,14 @@ async def request_body(
             raise ClientGone
 
 
+async def chunked(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """``body`` in HTTP/1.1 chunked encoding: how a request body of unknown length is streamed
+    on (never gathered: a 2 GiB chunked upload once grew the server by 2 GiB)."""
+    async for chunk in body:
+        yield b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+    yield b"0\r\n\r\n"
+
+
 async def stream_response_body(
     send: Send, chunks: AsyncIterator[bytes], is_last: Callable[[], bool] = lambda: False
 ) -> None:

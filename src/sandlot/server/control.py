@@ -27,6 +27,7 @@ from sandlot.engines.base import (
 )
 from sandlot.instance_types import get_instance_type
 from sandlot.netpolicy import resolve_policy
+from sandlot.server import agentcalls
 from sandlot.server.db import DatabaseFull, QuotaExceeded, SandboxRow, Store, utcnow
 from sandlot.server.lifecycle import Lifecycle
 from sandlot.server.pool import PoolKey, WarmPools
@@ -246,11 +247,13 @@ class Control:
         secret: str | None = None,
     ) -> None:
         if address.unix_path is not None and len(address.unix_path.encode()) > 107:
+            # The path goes to the log, not to the client: host paths are not a tenant's business.
+            log.error("agent socket path too long (108 bytes at most): %s", address.unix_path)
             raise ApiError(
                 500,
                 "engine_error",
                 f"the agent socket path of sandbox {sandbox_id} is longer than a Unix socket "
-                f"allows (108 bytes): {address.unix_path}; use a shorter state directory",
+                "allows (108 bytes); the server's log names it: use a shorter state directory",
             )
         pool = self._pool_for(sandbox_id, address, secret)
         deadline = time.monotonic() + timeout
@@ -290,21 +293,12 @@ class Control:
 
     @staticmethod
     async def _probe(pool: AgentPool) -> str:
-        """ "" if the agent answers /health with 200, else why not."""
-        with anyio.move_on_after(2.0):
-            try:
-                response = await pool.request("GET", "/health", [], b"")
-            except UpstreamError as exc:
-                return str(exc)
-            try:
-                async for _ in response.iter_body():
-                    pass
-            except UpstreamError as exc:
-                return str(exc)
-            finally:
-                response.close()
-            return "" if response.status == 200 else f"HTTP {response.status}"
-        return "no answer within 2s"
+        """ "" if the agent answers /health with 200, else why not (bounded: hostile input)."""
+        try:
+            status, _ = await agentcalls.call(pool, "GET", "/health", timeout=2.0)
+        except UpstreamError as exc:
+            return str(exc)
+        return "" if status == 200 else f"HTTP {status}"
 
     # -- read / update / delete -----------------------------------------------------------------
 
@@ -373,11 +367,16 @@ class Control:
 
     async def agent_for(self, sandbox_id: str, fresh: bool = False) -> AgentPool | None:
         """The connection pool of a live sandbox's agent, or None if there is no such sandbox.
-        ``fresh``: re-read the database rather than trust the cache.
-        (The gateway is authenticated by the sandbox secret, checked by the agent itself.)"""
+        ``fresh``: re-read the database rather than trust the cache. The pool carries the
+        sandbox's secret, which the gateway checks before anything counts as activity."""
         entry = self._agents.get(sandbox_id)
         now = time.monotonic()
-        if not fresh and entry is not None and now - entry.checked_at < AGENT_CACHE_TTL:
+        if (
+            not fresh
+            and entry is not None
+            and entry.pool.secret is not None  # a pool made at a wake has none: read it
+            and now - entry.checked_at < AGENT_CACHE_TTL
+        ):
             return entry.pool
         row = await self.db(self.store.get_sandbox, sandbox_id)
         address = address_of(row) if row is not None and row.status in LIVE_STATUSES else None

@@ -6,7 +6,15 @@ chunk by chunk (server-sent events reach the client as the agent produces them),
 client's disconnect noticed even while no bytes flow -- it cancels the upstream request, so the
 agent sees its client go and kills a streamed command.
 
-The client's ``Authorization: Bearer <sandbox secret>`` is passed through; the agent checks it.
+The gateway checks the client's ``Authorization: Bearer <sandbox secret>`` itself (constant
+time) before anything else happens, and passes it on (the agent checks it too). Only a request
+that carries the secret is *activity* -- it wakes a sleeping sandbox and keeps it awake. The
+agent's public routes (``/health``, ``/openapi.json``) answer without it, but then only while the
+sandbox is awake and without counting: an unauthenticated request never wakes a sandbox nor keeps
+it awake (a sleeping one answers 503 ``sandbox_sleeping``).
+
+A request body of unknown length (chunked, or HTTP/2 without ``content-length``) is streamed on
+chunked, never gathered; the agent bounds what it accepts.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from urllib.parse import quote
 from sandlot.server.asgi import (
     HOP_BY_HOP_REQUEST,
     ClientGone,
+    chunked,
     request_body,
     response_headers,
     send_json,
@@ -54,8 +63,24 @@ class Gateway:
                 {"error": f"sandbox {sandbox_id} not found", "code": "not_found"},
             )
             return
-        # Refused before it counts as activity: a wrong secret must not wake a sandbox.
-        if not await self._authorized(scope, send, pool):
+        public = scope["path_params"].get("path", "") in _PUBLIC_AGENT_PATHS
+        if not _authenticated(scope, pool):
+            # Refused before it counts as activity: a wrong secret must not wake a sandbox.
+            if not public:
+                await _unauthorized(send)
+                return
+            if not self.control.lifecycle.is_awake(sandbox_id):
+                await send_json(
+                    send,
+                    503,
+                    {
+                        "error": f"sandbox {sandbox_id} is asleep; only a request with its "
+                        "secret wakes it",
+                        "code": "sandbox_sleeping",
+                    },
+                )
+                return
+            await self._proxy(scope, receive, send, sandbox_id)  # not activity
             return
         # The whole request is activity: it keeps the sandbox awake, and wakes it if asleep.
         try:
@@ -63,31 +88,6 @@ class Gateway:
                 await self._proxy(scope, receive, send, sandbox_id)
         except WakeError as exc:
             await send_json(send, 503, {"error": str(exc), "code": "wake_failed"})
-
-    async def _authorized(self, scope: Scope, send: Any, pool: AgentPool) -> bool:
-        params = scope["path_params"]
-        if pool.secret is not None and params.get("path", "") not in _PUBLIC_AGENT_PATHS:
-            # The agent checks the secret too; checking here first answers a wrong one without
-            # waking the agent or streaming a body it would refuse anyway.
-            given = b""
-            for k, v in scope["headers"]:
-                if k == b"authorization":
-                    given = v
-            if not hmac.compare_digest(given, b"Bearer " + pool.secret):
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 401,
-                        "headers": [
-                            (b"content-type", b"text/plain; charset=utf-8"),
-                            (b"www-authenticate", b"Bearer"),
-                            (b"content-length", b"13"),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": b"Unauthorized\n"})
-                return False
-        return True
 
     async def _proxy(self, scope: Scope, receive: Any, send: Any, sandbox_id: str) -> None:
         params = scope["path_params"]
@@ -117,12 +117,9 @@ class Gateway:
             body_done.set()
         elif has_length:
             content = request_body(first, receive, body_done)
-        else:
-            # Chunked upload without a length: gather it, and send it with one.
-            try:
-                content = b"".join([c async for c in request_body(first, receive, body_done)])
-            except ClientGone:
-                return
+        else:  # a body of unknown length stays chunked: streamed, never gathered
+            headers.append((b"transfer-encoding", b"chunked"))
+            content = chunked(request_body(first, receive, body_done))
         query = scope.get("query_string", b"")
         target = quote("/" + params.get("path", ""), safe="/%:@!$&'()*+,;=-._~")
         if query:
@@ -180,3 +177,30 @@ class Gateway:
             await stream_response_body(send, upstream.iter_body(), lambda: upstream.last_chunk_out)
         finally:
             upstream.close()
+
+
+def _authenticated(scope: Scope, pool: AgentPool) -> bool:
+    """Whether the request carries the sandbox's secret (compared in constant time). A pool
+    whose secret is unknown authenticates nobody."""
+    if pool.secret is None:
+        return False
+    given = b""
+    for k, v in scope["headers"]:
+        if k == b"authorization":
+            given = v
+    return hmac.compare_digest(given, b"Bearer " + pool.secret)
+
+
+async def _unauthorized(send: Any) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 401,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"www-authenticate", b"Bearer"),
+                (b"content-length", b"13"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": b"Unauthorized\n"})

@@ -9,10 +9,14 @@ The rules are the seed's (Koyeb's):
 - ``delete_after_delay``: delete that many seconds after creation.
 - ``delete_after_inactivity_delay``: delete that many seconds after the sandbox fell asleep.
 
-Activity is what passes through the gateway: every request to the agent API counts from its
-start to its end, so an open stream (``exec_stream``, process logs) keeps a sandbox awake, while
-a background process started with ``launch_process`` alone does not (use ``idle_timeout=0`` for
-that). A request to a sleeping sandbox wakes it first, transparently.
+Activity is what passes through the gateway *authenticated*: every request to the agent API
+that carries the sandbox's secret, and every request to an exposed port (public, or with its
+token), counts from its start to its end, so an open stream (``exec_stream``, process logs)
+keeps a sandbox awake, while a background process started with ``launch_process`` alone does
+not (use ``idle_timeout=0`` for that). A request to a sleeping sandbox wakes it first,
+transparently. Anything else -- an unauthenticated ``/health``, a wrong secret or port token --
+neither wakes a sandbox nor keeps it awake (anyone who knows a sandbox's id could otherwise keep
+it running forever).
 
 Deadlines are computed from timestamps stored in the database (created, last activity, slept),
 so they survive a server restart; the last-activity time is written at most every
@@ -101,14 +105,19 @@ class Lifecycle:
                     last_activity_at=now,
                 )
 
+    def is_awake(self, sandbox_id: str) -> bool:
+        """Neither asleep nor going to sleep or waking: what the gateway checks before passing
+        on a request that must not wake the sandbox (an unauthenticated ``/health``)."""
+        transition = self._locks.get(sandbox_id)
+        return sandbox_id not in self._sleeping and (transition is None or not transition.locked())
+
     async def ensure_awake(self, sandbox_id: str) -> None:
         """Wake a sleeping sandbox (no-op for any other status, including unknown ids).
 
         The common case -- an awake sandbox -- costs a set lookup: which sandboxes sleep is kept
         in memory (filled from the database at every check, so a restart or another replica's
         transition is seen within a tick)."""
-        transition = self._locks.get(sandbox_id)
-        if sandbox_id not in self._sleeping and (transition is None or not transition.locked()):
+        if self.is_awake(sandbox_id):
             return
         # Asleep, or a transition is under way (a request that slipped in as the sandbox was
         # being put to sleep must not reach a frozen agent): wait for it, then look again.

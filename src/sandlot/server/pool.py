@@ -15,7 +15,6 @@ token); they are not subject to lifecycle timers until claimed, and survive serv
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import anyio
 
 from sandlot.engines.base import Engine, SandboxSpec
 from sandlot.instance_types import get_instance_type
+from sandlot.server import agentcalls
 from sandlot.server.db import SandboxRow, utcnow
 from sandlot.server.schemas import CreateSandbox
 
@@ -133,20 +133,11 @@ class WarmPools:
         # The gateway's own keep-alive pool to this agent: the claim opens the connection the
         # owner's first request will reuse.
         agent = self.control._pool_for(row.id, address, secret)
-        headers = [
-            (b"authorization", f"Bearer {secret}".encode()),
-            (b"content-type", b"application/json"),
-        ]
-        body = json.dumps({"env": env}).encode()
-        with anyio.fail_after(10):
-            # The first authenticated request claims the agent: its token is now the secret.
-            response = await agent.request("POST", "/configure", headers, body)
-            try:
-                answer = b"".join([chunk async for chunk in response.iter_body()])
-            finally:
-                response.close()
-        if response.status != 200:
-            raise RuntimeError(f"agent answered {response.status}: {answer[:200]!r}")
+        # The first authenticated request claims the agent: its token is now the secret.
+        status, answer = await agentcalls.call(agent, "POST", "/configure", {"env": env})
+        if status != 200:
+            reply = agentcalls.validate(agentcalls.AgentReply, answer, "/configure")
+            raise RuntimeError(f"agent answered {status}: {reply.message(status)}")
 
     # -- refill ---------------------------------------------------------------------------------
 

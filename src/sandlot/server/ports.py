@@ -30,6 +30,8 @@ The TCP proxy (``enable_tcp_proxy``): a listener per sandbox on the server's hos
 (``--tcp-proxy-host``, 127.0.0.1 by default; the port is chosen by the system) relaying raw TCP
 to the port bound with ``/bind_port``, as Koyeb's does. With several bound ports the first one
 bound (the agent's ``GET /bound_ports`` order) is the target; each new connection reads it again.
+It cannot be combined with ``protect_ports`` (refused at create): raw TCP has no place for a
+port token, so the proxy would serve protected ports to anyone who reaches its address.
 """
 
 from __future__ import annotations
@@ -42,10 +44,10 @@ import logging
 import re
 import socket
 import time
+import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from http.cookies import SimpleCookie
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl, quote, urlencode
 
 import anyio
@@ -55,10 +57,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from sandlot.engines.base import AgentAddress
+from sandlot.server import agentcalls
 from sandlot.server.asgi import (
     HOP_BY_HOP_REQUEST,
     HOP_BY_HOP_RESPONSE,
     ClientGone,
+    chunked,
     refuse_websocket,
     request_body,
     response_headers,
@@ -88,7 +92,11 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 #: How long a replica trusts its cached view of a sandbox's exposed ports (another replica may
 #: have changed them); this replica's own changes apply at once.
 EXPOSED_CACHE_TTL = 2.0
+#: How long a request waits for the agent's view of its ports before using the stored one.
+SYNC_TIMEOUT = 2.0
 TOKEN_PARAM = "sandlot_token"
+#: The largest WebSocket message relayed message by message (the fallback under other servers).
+WS_MESSAGE_MAX = 16 * 1024 * 1024
 TOKEN_COOKIE = "sandlot_port_token"
 _PATH_FORM = re.compile(r"^/sandboxes/([A-Za-z0-9_-]{1,64})/ports/([^/]*)(/.*)?$")
 _HOST_LABEL = re.compile(r"^(\d{1,5})-([a-z0-9_-]{1,64})$")
@@ -143,6 +151,13 @@ class UnexposedOut(BaseModel):
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def _port_number(text: str) -> int | None:
+    """A port number written in ASCII digits (``int()`` also takes '٣' and raises on '²')."""
+    if re.fullmatch(r"[0-9]{1,5}", text) and 1 <= int(text) <= 65535:
+        return int(text)
+    return None
 
 
 def _close_gently(conn: socket.socket) -> None:
@@ -272,12 +287,8 @@ class Ports:
         return entry
 
     async def _agent(self, sandbox_id: str) -> AgentPool | None:
-        """The sandbox's agent pool, with its secret (a pool made while the sandbox woke has
-        none until the control's cache is refreshed; the tunnel needs it)."""
-        agent = await self.control.agent_for(sandbox_id)
-        if agent is not None and agent.secret is None:
-            agent = await self.control.agent_for(sandbox_id, fresh=True)
-        return agent
+        """The sandbox's agent pool, with its secret (the tunnel needs it)."""
+        return await self.control.agent_for(sandbox_id)
 
     def _agent_changed(self, sandbox_id: str) -> bool:
         current = self.control._agents.get(sandbox_id)
@@ -292,23 +303,24 @@ class Ports:
         if agent is None:
             return ports
         try:
-            with anyio.fail_after(2.0):
+            with anyio.fail_after(SYNC_TIMEOUT):  # all of it: one call per stored port
                 if self._synced.get(row.id) is not agent:
                     ok = True
                     for port in sorted(ports, key=lambda p: str(ports[p].get("since", ""))):
                         body = {"port": port, "multi": True}
-                        status, _ = await _call(agent, "POST", "/bind_port", body)
+                        status, _ = await agentcalls.call(agent, "POST", "/bind_port", body)
                         ok = ok and status == 200
                     if ok:
                         self._synced[row.id] = agent
                     return ports
-                status, answer = await _call(agent, "GET", "/bound_ports", None)
+                status, answer = await agentcalls.call(agent, "GET", "/bound_ports")
+            if status != 200:
+                return ports
+            listed = agentcalls.validate(agentcalls.BoundPorts, answer, "/bound_ports")
         except (UpstreamError, TimeoutError) as exc:
-            log.info("ports of %s: the agent did not answer (%s)", row.id, exc)
+            log.info("ports of %s: no usable answer from the agent (%s)", row.id, exc)
             return ports
-        if status != 200:
-            return ports
-        bound = [str(p) for p in answer.get("ports") or []]
+        bound = [str(p) for p in dict.fromkeys(listed.ports)]
         added = [p for p in bound if p not in ports]
         removed = [p for p in ports if p not in bound]
         if not added and not removed:
@@ -392,15 +404,31 @@ class Ports:
             raise ApiError(409, "not_running", f"sandbox {row.id} is {row.status}")
         return row
 
-    async def _agent_call(self, sandbox_id: str, route: str, body: dict[str, Any] | None) -> Any:
-        """A JSON call to the sandbox's agent (waking it if needed): (status, answer)."""
+    @typing.overload
+    async def _agent_call(
+        self, sandbox_id: str, route: Literal["/bound_ports"], body: None
+    ) -> tuple[int, agentcalls.BoundPorts]: ...
+
+    @typing.overload
+    async def _agent_call(
+        self, sandbox_id: str, route: str, body: dict[str, Any]
+    ) -> tuple[int, agentcalls.AgentReply]: ...
+
+    async def _agent_call(
+        self, sandbox_id: str, route: str, body: dict[str, Any] | None
+    ) -> tuple[int, agentcalls.BoundPorts | agentcalls.AgentReply]:
+        """A JSON call to the sandbox's agent (waking it if needed): (status, answer), the
+        answer validated (``/bound_ports`` when it is a 200: its ports; else its message)."""
         async with self.control.lifecycle.activity(sandbox_id):
             agent = await self._agent(sandbox_id)
             if agent is None:
                 raise ApiError(404, "not_found", f"sandbox {sandbox_id} not found")
             method = "GET" if route == "/bound_ports" else "POST"
             try:
-                return await _call(agent, method, route, body)
+                status, answer = await agentcalls.call(agent, method, route, body)
+                if route == "/bound_ports" and status == 200:
+                    return status, agentcalls.validate(agentcalls.BoundPorts, answer, route)
+                return status, agentcalls.validate(agentcalls.AgentReply, answer, route)
             except UpstreamError as exc:
                 raise ApiError(
                     502, "agent_unreachable", f"sandbox {sandbox_id}'s agent: {exc}"
@@ -415,7 +443,7 @@ class Ports:
             row.id, "/bind_port", {"port": str(req.port), "multi": not req.exclusive}
         )
         if status == 409:
-            current = answer.get("current_port")
+            current = answer.current_port
             return Response(
                 json.dumps(
                     {
@@ -430,9 +458,7 @@ class Ports:
                 media_type="application/json",
             )
         if status != 200:
-            raise ApiError(
-                502, "agent_error", f"binding port {req.port}: {answer.get('error', status)}"
-            )
+            raise ApiError(502, "agent_error", f"binding port {req.port}: {answer.message(status)}")
         protect = bool(row.protect_ports)
 
         def add(ports: dict[str, Any]) -> None:
@@ -451,9 +477,9 @@ class Ports:
         raw = request.query_params.get("port")
         port: int | None = None
         if raw is not None:
-            if not raw.isdigit() or not 1 <= int(raw) <= 65535:
-                raise ApiError(400, "invalid_port", f"port must be 1-65535, not {raw!r}")
-            port = int(raw)
+            port = _port_number(raw)
+            if port is None:
+                raise ApiError(400, "invalid_port", f"port must be 1-65535, not {raw[:20]!r}")
             if str(port) not in (row.exposed_ports or {}):
                 raise ApiError(
                     404, "port_not_exposed", f"port {port} is not exposed on sandbox {row.id}"
@@ -462,7 +488,7 @@ class Ports:
             row.id, "/unbind_port", {"port": str(port)} if port is not None else {"port": ""}
         )
         if status != 200:
-            raise ApiError(502, "agent_error", f"unbinding: {answer.get('error', status)}")
+            raise ApiError(502, "agent_error", f"unbinding: {answer.message(status)}")
         removed: list[int] = []
 
         def drop(ports: dict[str, Any]) -> None:
@@ -485,7 +511,8 @@ class Ports:
         base = _public_base(request, self.config)
         ports = sorted((int(p), v) for p, v in (row.exposed_ports or {}).items())
         proxy = None
-        if row.enable_tcp_proxy and row.status in ("running", "sleeping"):
+        awake_or_asleep = row.status in ("running", "sleeping")
+        if row.enable_tcp_proxy and not row.protect_ports and awake_or_asleep:
             listener = await self.ensure_tcp_proxy(row.id)
             host, port = listener.getsockname()[:2]
             proxy = TcpProxyOut(host=host, port=port)
@@ -506,7 +533,7 @@ class Ports:
                 protect_ports=protect_ports,
                 enable_tcp_proxy=tcp_proxy,
             )
-        if tcp_proxy:
+        if tcp_proxy and not protect_ports:
             await self.ensure_tcp_proxy(row.id)
         return row
 
@@ -551,10 +578,10 @@ class Ports:
                 await send_json(send, status, body)
 
         text = target.port_text
-        if not text.isdigit() or not 1 <= int(text) <= 65535:
-            await refuse(404, "port_not_exposed", f"{text!r} is not a port (1-65535)")
+        port = _port_number(text)
+        if port is None:
+            await refuse(404, "port_not_exposed", f"{text[:20]!r} is not a port (1-65535)")
             return
-        port = int(text)
         exposed = await self.exposed(target.sandbox_id)
         if exposed is None:
             await refuse(404, "not_found", f"sandbox {target.sandbox_id} not found")
@@ -649,7 +676,7 @@ class Ports:
             content = request_body(first, receive, body_done)
         else:  # a chunked upload stays chunked (streamed, never gathered)
             headers.append((b"transfer-encoding", b"chunked"))
-            content = _chunked(request_body(first, receive, body_done))
+            content = chunked(request_body(first, receive, body_done))
         target = fwd.target_path(scope)
         if fwd.query:
             target += "?" + fwd.query
@@ -747,7 +774,9 @@ class Ports:
                 additional_headers=extra,
                 user_agent_header=None,
                 compression=None,
-                max_size=None,
+                # What the sandbox's server sends is held whole per message here: bounded like
+                # uvicorn bounds the client's side (16 MiB; larger: closed with 1009).
+                max_size=WS_MESSAGE_MAX,
                 ping_interval=None,
                 proxy=None,
                 open_timeout=10,
@@ -846,11 +875,10 @@ class Ports:
                     return
                 await self.exposed(sandbox_id)  # a new agent gets the stored ports bound again
                 status, answer = await self._agent_call(sandbox_id, "/bound_ports", None)
-                bound = answer.get("ports") or [] if status == 200 else []
-                if not bound:
+                if status != 200 or not answer.ports:
                     log.info("TCP proxy of %s: no port bound, connection closed", sandbox_id)
                     return
-                port = int(bound[0])
+                port = answer.ports[0]
                 upstream = await open_tunnel_socket(agent.address, agent.secret, port)
                 await self.relays.splice(conn, upstream, (sandbox_id, port))  # takes both
         except (TunnelError, ApiError, WakeError, RelayError, OSError) as exc:
@@ -874,7 +902,8 @@ class Ports:
                 rows = await self.control.db(
                     self.control.store.sandboxes_with_status, ["running", "sleeping"]
                 )
-                wanted = {r.id for r in rows if r.enable_tcp_proxy}
+                # Never for protected ports (refused at create; rows from before are skipped).
+                wanted = {r.id for r in rows if r.enable_tcp_proxy and not r.protect_ports}
                 for sandbox_id in list(self._proxies):
                     if sandbox_id not in wanted:
                         await self._close_proxy(sandbox_id)
@@ -919,8 +948,8 @@ class _Forward:
                 # Never pass an API token into a sandbox, nor the port's own token.
                 if value.startswith(_TOKEN_PREFIX) or self.protected:
                     continue
-            if k == b"cookie" and self.protected:
-                v = _strip_cookie(v)
+            if k == b"cookie":  # the port token's cookie is the gateway's, never the app's
+                _, v = _token_cookie(v)
                 if not v:
                     continue
             out.append((k, v))
@@ -961,25 +990,6 @@ def _new_port_info(protect: bool) -> dict[str, Any]:
     return {"since": utcnow().isoformat(), "protected": protect}
 
 
-async def _call(
-    agent: AgentPool, method: str, route: str, body: dict[str, Any] | None
-) -> tuple[int, Any]:
-    """One JSON call to an agent: (status, decoded answer)."""
-    data = json.dumps(body).encode() if body is not None else b""
-    headers = [(b"content-type", b"application/json")] if body is not None else []
-    if agent.secret is not None:
-        headers.append((b"authorization", b"Bearer " + agent.secret))
-    response = await agent.request(method, route, headers, data)
-    try:
-        raw = b"".join([c async for c in response.iter_body()])
-    finally:
-        response.close()
-    try:
-        return response.status, json.loads(raw or b"{}")
-    except ValueError:
-        return response.status, {"error": raw.decode("utf-8", "replace")}
-
-
 def _given_token(scope: Scope, query: str) -> tuple[str | None, str, bool]:
     """The port token the client gave (header, query or cookie), the query without it, and
     whether it came from the query."""
@@ -991,30 +1001,32 @@ def _given_token(scope: Scope, query: str) -> tuple[str | None, str, bool]:
         given = next((v for k, v in pairs if k == TOKEN_PARAM), None)
         rest = urlencode([(k, v) for k, v in pairs if k != TOKEN_PARAM])
         return given, rest, True
-    cookie = _header(scope, b"cookie")
-    if cookie is not None:
-        jar: SimpleCookie = SimpleCookie()
-        with contextlib.suppress(Exception):
-            jar.load(cookie.decode("latin-1"))
-        if TOKEN_COOKIE in jar:
-            return jar[TOKEN_COOKIE].value, query, False
+    for k, v in scope["headers"]:
+        if k == b"cookie":
+            token, _ = _token_cookie(v)
+            if token is not None:
+                return token, query, False
     return None, query, False
 
 
-def _strip_cookie(value: bytes) -> bytes:
-    parts = [p for p in value.split(b";") if not p.strip().startswith(TOKEN_COOKIE.encode() + b"=")]
-    return b";".join(parts).strip()
+def _token_cookie(value: bytes) -> tuple[str | None, bytes]:
+    """The port token's cookie in a ``Cookie`` header, and the header without it. One parser
+    for both, so that whatever is taken as the token is also what is removed (a lenient
+    cookie parser once read ``sandlot_port_token =T`` that the stripping did not match)."""
+    token: str | None = None
+    kept: list[bytes] = []
+    for part in value.split(b";"):
+        name, _, rest = part.partition(b"=")
+        if name.strip() == TOKEN_COOKIE.encode():
+            token = rest.strip().strip(b'"').decode("latin-1")
+        elif part.strip():
+            kept.append(part.strip())
+    return token, b"; ".join(kept)
 
 
 def _close_code(code: int) -> int:
     # Codes a peer may not send on the wire (1005, 1006, 1015) become a normal closure.
     return 1000 if code in (1005, 1006, 1015) or not 1000 <= code <= 4999 else code
-
-
-async def _chunked(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    async for chunk in body:
-        yield b"%x\r\n" % len(chunk) + chunk + b"\r\n"
-    yield b"0\r\n\r\n"
 
 
 #: The path form, as the OpenAPI document names it (the host form is routed by ``Host``).

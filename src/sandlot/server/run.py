@@ -28,7 +28,7 @@ from sandlot.engines.base import Engine, EngineError
 from sandlot.images.trust import ImageTrust
 from sandlot.local_trust import open_private_file, private_dir
 from sandlot.paths import default_server_socket, state_dir
-from sandlot.server.app import ServerConfig, create_app, unix_public_url
+from sandlot.server.app import MAX_JSON_BODY, ServerConfig, create_app, unix_public_url
 from sandlot.server.db import default_database_url
 from sandlot.server.pool import PoolKey
 from sandlot.server.serverkey import KEY_FILE_ENV, ServerKeyError
@@ -164,6 +164,7 @@ def build_config(
     admin_socket: str | None = None,
     key_file: str | None = None,
     policy: HostPolicy | None = None,
+    max_json_body: int = MAX_JSON_BODY,
 ) -> ServerConfig:
     image_trust = ImageTrust.from_dirs(trusted_image_dirs)  # a bad one: before the engine starts
     secure_state_dir(state_dir())
@@ -184,6 +185,7 @@ def build_config(
         image_trust=image_trust,
         admin_socket=admin_socket or listen.unix_path,
         key_file=key_file or os.environ.get(KEY_FILE_ENV) or None,
+        max_json_body=max_json_body,
     )
 
 
@@ -199,6 +201,7 @@ def serve(
     trusted_image_dirs: tuple[str, ...] = (),
     key_file: str | None = None,
     policy: HostPolicy | None = None,
+    max_json_body: int = MAX_JSON_BODY,
 ) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -220,6 +223,7 @@ def serve(
             admin_socket,
             key_file,
             policy,
+            max_json_body,
         )
     except ValueError as exc:  # e.g. a trusted image directory that is not one
         raise RuntimeError(str(exc)) from exc

@@ -80,10 +80,13 @@ class CreateSandbox(_Strict):
     idle_timeout: TimerSeconds = Field(
         300, description="Seconds without traffic before sleep; 0 disables sleep."
     )
-    enable_tcp_proxy: StrictBool = False
+    enable_tcp_proxy: StrictBool = Field(
+        False, description="A raw TCP listener relaying to the bound port (not with protect_ports)."
+    )
     protect_ports: StrictBool = Field(
         False,
-        description="Exposed ports need a per-port token (returned by expose); default: public.",
+        description="Exposed ports need a per-port token (returned by expose); default: public. "
+        "Not with enable_tcp_proxy: raw TCP carries no token to check.",
     )
     privileged: StrictBool = False
     registry_secret: StrictStr | None = None
@@ -101,6 +104,17 @@ class CreateSandbox(_Strict):
     @model_validator(mode="after")
     def _egress(self) -> CreateSandbox:
         resolve_policy(self.block_network, self.outbound_allowlist)  # raises on bad input
+        return self
+
+    @model_validator(mode="after")
+    def _tcp_proxy_unprotected(self) -> CreateSandbox:
+        # A raw TCP connection has no place for a port token (the protocol is the sandbox's
+        # own), so the proxy would serve protected ports to anyone: refused, not ignored.
+        if self.enable_tcp_proxy and self.protect_ports:
+            raise ValueError(
+                "enable_tcp_proxy cannot be combined with protect_ports: the TCP proxy relays "
+                "raw bytes and cannot check a port token; use the HTTP forms of exposed ports"
+            )
         return self
 
     @field_validator("instance_type")

@@ -197,9 +197,13 @@ def _receive_socket(sock: socket.socket, head_length: int) -> socket.socket:
 
 
 def _error_text(body: bytes, status: int) -> str:
-    with contextlib.suppress(ValueError, AttributeError):
-        return str(json.loads(body)["error"])
-    return body.decode("utf-8", "replace").strip() or f"HTTP {status}"
+    """The agent's error message, whatever shape its answer has (it is hostile input)."""
+    text = body.decode("utf-8", "replace").strip()
+    with contextlib.suppress(ValueError, TypeError, KeyError, IndexError, RecursionError):
+        text = str(json.loads(body)["error"])
+    if len(text) > 300:
+        text = text[:300] + "..."
+    return text or f"HTTP {status}"
 
 
 async def open_tunnel(

@@ -11,11 +11,23 @@ A connection whose response was not read to the end (client gone, error) is clos
 reused -- closing it is also how the agent learns its client left and kills a streamed command.
 A request is never retried once written, except idempotent ones on a reused connection that
 died before answering (so ``/run`` never runs twice).
+
+The agent runs inside the sandbox, so everything it sends is hostile input (root in a sandbox
+can replace it): a head is at most :data:`MAX_HEAD` bytes with a well-formed status line, header
+names and values (a bare CR or LF in a value would be a header injected into the client's
+answer), a ``Content-Length`` that is a number and chunk sizes that are not negative; anything
+else is an :class:`UpstreamError` (the gateway's 502). Bodies are streamed, so what they hold
+is bounded by backpressure; the server's own calls read them with :meth:`UpstreamResponse.read`,
+which stops at a limit (an endless ``/bound_ports`` answer once grew the server from 74 to
+735 MiB). Proxied requests are not timed out here (``/run`` answers when its command ends,
+streams last as long as they last): the client that waits decides; the server's own calls are
+(:mod:`.agentcalls`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -28,10 +40,17 @@ IDLE_MAX = 60.0
 POOL_MAX = 16
 READ_CHUNK = 65536
 _RETRYABLE = {"GET", "HEAD", "OPTIONS"}
+#: What a header name and value may hold (RFC 9110 §5.1, §5.5; obsolete line folding refused).
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class UpstreamError(Exception):
     """The agent could not be reached or broke the protocol."""
+
+
+class BodyTooLarge(UpstreamError):
+    """An answer the server reads whole was larger than it allows."""
 
 
 class _Conn:
@@ -75,11 +94,17 @@ class UpstreamResponse:
             if self._chunked:
                 while True:
                     line = await reader.readuntil(b"\r\n")
-                    size = int(line.split(b";", 1)[0].strip(), 16)
+                    digits = line.split(b";", 1)[0].strip()
+                    if not digits or digits.strip(b"0123456789abcdefABCDEF"):
+                        raise UpstreamError("malformed chunk size from the agent")
+                    size = int(digits, 16)
                     if size == 0:
-                        # trailers, then the blank line
-                        while (await reader.readuntil(b"\r\n")) != b"\r\n":
-                            pass
+                        # trailers (bounded like a head), then the blank line
+                        trailers = 0
+                        while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
+                            trailers += len(line)
+                            if trailers > MAX_HEAD:
+                                raise UpstreamError("trailers from the agent too large")
                         break
                     remaining = size
                     while remaining:
@@ -108,6 +133,20 @@ class UpstreamResponse:
         except OSError as exc:
             raise UpstreamError(f"agent connection failed: {exc}") from exc
         self._done = True
+
+    async def read(self, limit: int) -> bytes:
+        """The whole body, for the server's own calls: :class:`BodyTooLarge` past ``limit``
+        bytes (nothing more is read; the connection is then closed, not reused)."""
+        if self._length is not None and self._length > limit:
+            raise BodyTooLarge(f"the agent's answer is {self._length} bytes (limit {limit})")
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self.iter_body():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"the agent's answer is over {limit} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
 
     def close(self) -> None:
         """Give the connection back if the response was read to its end; else close it."""
@@ -268,18 +307,22 @@ class AgentPool:
         lines = head[:-4].split(b"\r\n")
         parts = lines[0].split(b" ", 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-            raise UpstreamError(f"malformed status line from the agent: {lines[0]!r}")
+            raise UpstreamError(f"malformed status line from the agent: {lines[0][:80]!r}")
         status = int(parts[1])
+        if not 100 <= status <= 599:
+            raise UpstreamError(f"malformed status line from the agent: {lines[0][:80]!r}")
         headers: list[tuple[bytes, bytes]] = []
         length: int | None = None
         chunked = False
         for line in lines[1:]:
             name, sep, value = line.partition(b":")
-            if not sep:
+            key = name.lower()
+            value = value.strip(b" \t")
+            if not sep or not _TOKEN.fullmatch(key) or _BAD_VALUE.search(value):
                 raise UpstreamError("malformed header from the agent")
-            key = name.strip().lower()
-            value = value.strip()
             if key == b"content-length":
+                if not value.isdigit() or len(value) > 18 or length not in (None, int(value)):
+                    raise UpstreamError("malformed content-length from the agent")
                 length = int(value)
             elif key == b"transfer-encoding":
                 chunked = b"chunked" in value.lower()

@@ -215,7 +215,7 @@ class Sandbox:
         ``enable_tcp_proxy``: a TCP listener on the server's host relays to the port bound by
         :meth:`expose_port` (see :meth:`get_tcp_proxy_info`). ``protect_ports`` (sandlot):
         exposed ports need their token (returned by :meth:`expose_port`) instead of being
-        public.
+        public; not with ``enable_tcp_proxy`` (raw TCP carries no token: the server refuses).
 
         Network (Koyeb's option names, a stricter default): with neither option the sandbox
         has no network at all; ``block_network=False`` gives it full outbound access;
@@ -411,8 +411,11 @@ class Sandbox:
         return str(self._info.get("domain") or "")
 
     def is_healthy(self) -> bool:
-        """Whether the sandbox's agent answers ``/health``."""
+        """Whether the sandbox's agent answers ``/health``. With the secret (handles that have
+        it), this is activity: it wakes a sleeping sandbox, as Koyeb's does; without, the
+        server answers only for an awake sandbox."""
         client = self._http()
+        headers = {"authorization": f"Bearer {self.secret}"} if self.secret else {}
         try:
             response = _send(
                 client,
@@ -420,6 +423,7 @@ class Sandbox:
                 "GET",
                 self._agent_path("/health"),
                 "health",
+                headers=headers,
                 timeout=DEFAULT_HEALTH_TIMEOUT,
             )
         except SandboxError:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 
@@ -72,6 +74,38 @@ def main() -> None:
     "database, made at first start; env SANDLOT_SERVER_KEY_FILE). Replicas sharing PostgreSQL "
     "need the same file, e.g. a mounted Kubernetes Secret.",
 )
+@click.option(
+    "--max-exposed-ports",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Ports one sandbox may have exposed at once (default 32).",
+)
+@click.option(
+    "--max-port-requests",
+    type=click.IntRange(min=1),
+    default=None,
+    help="HTTP requests in flight to one exposed port; more wait, then get 503 (default 256).",
+)
+@click.option(
+    "--h2-max-streams",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Concurrent streams (and running handlers) per HTTP/2 connection (default 128).",
+)
+@click.option(
+    "--h2-frame-burst",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Resets, PINGs, SETTINGS... an HTTP/2 client may send in a burst before GOAWAY "
+    "(default 200).",
+)
+@click.option(
+    "--h2-frame-rate",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="How fast that budget refills, per second (default 20; also +1 per response served "
+    "whole).",
+)
 def server(
     listen: str | None,
     database: str | None,
@@ -83,8 +117,16 @@ def server(
     tcp_proxy_host: str,
     trusted_image_dirs: tuple[str, ...],
     key_file: str | None,
+    max_exposed_ports: int | None,
+    max_port_requests: int | None,
+    h2_max_streams: int | None,
+    h2_frame_burst: int | None,
+    h2_frame_rate: float | None,
 ) -> None:
-    """Run the control server and gateway."""
+    """Run the control server and gateway. Limits left out keep their defaults (listed in
+    docs/ports.md)."""
+    from sandlot.server.admission import PortLimits
+    from sandlot.server.h2limits import H2Limits
     from sandlot.server.pool import PoolKey
     from sandlot.server.run import parse_listen, serve
 
@@ -108,9 +150,24 @@ def server(
             tcp_proxy_host=tcp_proxy_host,
             trusted_image_dirs=trusted_image_dirs,
             key_file=key_file,
+            h2_limits=H2Limits(
+                **_given(
+                    max_streams=h2_max_streams,
+                    max_queued=h2_max_streams,
+                    frame_burst=h2_frame_burst,
+                    frame_rate=h2_frame_rate,
+                )
+            ),
+            port_limits=PortLimits(
+                **_given(max_exposed=max_exposed_ports, max_requests=max_port_requests)
+            ),
         )
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _given(**values: object) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _register() -> None:

@@ -32,6 +32,7 @@ import sandlot
 from sandlot._build import PACKAGE_DIR, build_id
 from sandlot.engines.base import Engine
 from sandlot.images.trust import ImageRefused, ImageTrust
+from sandlot.server.admission import PortLimits
 from sandlot.server.control import ApiError, Control
 from sandlot.server.db import (
     DEFAULT_PROJECT,
@@ -43,6 +44,7 @@ from sandlot.server.db import (
     Usage,
 )
 from sandlot.server.gateway import Gateway
+from sandlot.server.h2limits import H2Limits
 from sandlot.server.pool import PoolKey
 from sandlot.server.ports import (
     ExposedPortOut,
@@ -103,6 +105,10 @@ class ServerConfig:
     #: The server key's file (None: beside a SQLite database, else in the state directory;
     #: see serverkey.py).
     key_file: str | None = None
+    #: Per-connection bounds of HTTP/2 clients (h2serve.py).
+    h2_limits: H2Limits = field(default_factory=H2Limits)
+    #: Per-sandbox bounds of exposed ports (ports.py).
+    port_limits: PortLimits = field(default_factory=PortLimits)
 
 
 @dataclass(frozen=True)
@@ -829,6 +835,7 @@ def create_app(config: ServerConfig) -> Starlette:
     app.add_middleware(_PortsMiddleware, ports=api.ports)  # exposed ports' URLs first
     app.state.control = control
     app.state.api = api
+    app.state.h2_limits = config.h2_limits  # read by the HTTP/2 server (h2serve.limits_of)
     return app
 
 

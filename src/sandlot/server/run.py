@@ -28,8 +28,10 @@ from sandlot.engines.base import Engine, EngineError
 from sandlot.images.trust import ImageTrust
 from sandlot.local_trust import open_private_file, private_dir
 from sandlot.paths import default_server_socket, state_dir
+from sandlot.server.admission import PortLimits
 from sandlot.server.app import ServerConfig, create_app, unix_public_url
 from sandlot.server.db import default_database_url
+from sandlot.server.h2limits import H2Limits
 from sandlot.server.pool import PoolKey
 from sandlot.server.serverkey import KEY_FILE_ENV, ServerKeyError
 from sandlot.server.wsraw import PortsWebSocketProtocol, ports_http_protocol
@@ -148,6 +150,8 @@ def build_config(
     trusted_image_dirs: tuple[str, ...] = (),
     admin_socket: str | None = None,
     key_file: str | None = None,
+    h2_limits: H2Limits | None = None,
+    port_limits: PortLimits | None = None,
 ) -> ServerConfig:
     image_trust = ImageTrust.from_dirs(trusted_image_dirs)  # a bad one: before the engine starts
     secure_state_dir(state_dir())
@@ -168,6 +172,8 @@ def build_config(
         image_trust=image_trust,
         admin_socket=admin_socket or listen.unix_path,
         key_file=key_file or os.environ.get(KEY_FILE_ENV) or None,
+        h2_limits=h2_limits or H2Limits(),
+        port_limits=port_limits or PortLimits(),
     )
 
 
@@ -182,6 +188,8 @@ def serve(
     tcp_proxy_host: str = "127.0.0.1",
     trusted_image_dirs: tuple[str, ...] = (),
     key_file: str | None = None,
+    h2_limits: H2Limits | None = None,
+    port_limits: PortLimits | None = None,
 ) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -202,6 +210,8 @@ def serve(
             trusted_image_dirs,
             admin_socket,
             key_file,
+            h2_limits=h2_limits,
+            port_limits=port_limits,
         )
     except ValueError as exc:  # e.g. a trusted image directory that is not one
         raise RuntimeError(str(exc)) from exc

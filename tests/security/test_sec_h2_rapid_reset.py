@@ -327,8 +327,10 @@ def test_rapid_reset_flood_is_goawayed_and_costs_nothing_lasting(
 def test_streams_reset_before_they_start_open_nothing_in_the_sandbox(
     gw: Gw, target: Sandbox
 ) -> None:
-    """HEADERS then RST_STREAM in the same write, 50 times (under the budget): no handler runs,
-    so no connection is made into the sandbox (each used to open one)."""
+    """HEADERS then RST_STREAM in the same write, 50 times (under the budget): no handler is
+    even started, so nothing reaches the sandbox. (A regression guard: the handlers the old
+    code started for such streams got ``http.disconnect`` before opening a connection, but
+    each still ran the gateway's lookups first -- the work that swamped the server above.)"""
     url = gw.port_url(target, 8001, "count")
     with httpx.Client(timeout=30) as client:
         before = int(client.get(url).text)

@@ -153,7 +153,6 @@ def server(
             h2_limits=H2Limits(
                 **_given(
                     max_streams=h2_max_streams,
-                    max_queued=h2_max_streams,
                     frame_burst=h2_frame_burst,
                     frame_rate=h2_frame_rate,
                 )

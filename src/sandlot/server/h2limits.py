@@ -38,11 +38,9 @@ class H2Limits:
     """Per-connection bounds of the server's HTTP/2 (``sandlot server --h2-*``)."""
 
     #: Streams open at once (``SETTINGS_MAX_CONCURRENT_STREAMS``) and, the same number, request
-    #: handlers running at once: a reset stream frees its slot only when its handler has ended.
+    #: handlers running at once: a reset stream frees its handler slot only when its handler has
+    #: ended, and new streams wait for one meanwhile (they are open streams: at most as many).
     max_streams: int = 128
-    #: New streams waiting for a handler slot (possible only while reset streams' handlers end);
-    #: one more is ``GOAWAY ENHANCE_YOUR_CALM``.
-    max_queued: int = 128
     #: The cheap-frame budget: depth of the bucket ...
     frame_burst: int = 200
     #: ... and tokens returned per second (plus one per response served whole).

@@ -15,7 +15,7 @@ and exposed ports alike -- one ASGI ``http`` cycle per stream:
 - limits (:class:`.h2limits.H2Limits`, ``sandlot server --h2-*``): at most ``max_streams``
   concurrent streams and as many request handlers running (a stream the client resets has its
   handler cancelled at once, and one reset before its handler started never gets one: a reset
-  flood costs no requests' work), ``max_queued`` new streams waiting for a handler,
+  flood costs no requests' work; new streams wait while reset ones' handlers end),
   :data:`MAX_HEADER_LIST` bytes of headers per request, a budget of cheap frames (resets,
   ``PING``, ``SETTINGS``...), and nothing more read from a client that does not read its
   answers. A client breaking them gets ``GOAWAY ENHANCE_YOUR_CALM`` (a protocol error, the
@@ -367,7 +367,7 @@ class H2ServerProtocol(asyncio.Protocol):
 
     def _start_new(self) -> None:
         """Start the handlers of the streams the last read opened (those still wanted), as far
-        as slots allow; queue the rest (too many queued: ``GOAWAY``)."""
+        as slots allow; the rest wait for one (open streams all: ``h2`` bounds how many)."""
         new, self._new = self._new, []
         for stream in new:
             if stream.disconnected or self.lost:
@@ -376,16 +376,6 @@ class H2ServerProtocol(asyncio.Protocol):
                 self._start(stream)
             else:
                 self._queued.append(stream)
-        if len(self._queued) > self.limits.max_queued:
-            log.warning(
-                "HTTP/2 client %s: %d streams wait for a handler (limit %d): GOAWAY",
-                self.client,
-                len(self._queued),
-                self.limits.max_queued,
-            )
-            self._goaway(ErrorCodes.ENHANCE_YOUR_CALM)
-            for stream in list(self.streams.values()):
-                self._stop(stream)
 
     def _start(self, stream: _Stream) -> None:
         self._running += 1

@@ -159,7 +159,7 @@ class H2ServerProtocol(asyncio.Protocol):
             return
         if not self._frames.fits(data, self.h2.max_inbound_frame_size):
             if self._frames.abusive:
-                log.warning(
+                log.info(
                     "HTTP/2 client %s spent its budget of cheap frames (resets, PING, "
                     "SETTINGS...): GOAWAY",
                     self.client,

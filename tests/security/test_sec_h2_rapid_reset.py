@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,8 @@ FLOOD = TESTS / "support" / "h2flood.py"
 ENHANCE_YOUR_CALM = int(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
 #: An HTTP/1.1 server for inside a sandbox that counts the connections it accepted: ``GET
-#: /count`` answers the count (its own connection included); other paths answer ``ok``.
+#: /count`` answers the count (its own connection included), ``/hold`` never answers, other
+#: paths answer ``ok``.
 COUNTING_APP = r"""
 import asyncio, sys
 count = [0]
@@ -56,6 +57,8 @@ async def handle(reader, writer):
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
             path = head.split(b" ")[1]
+            if path.startswith(b"/hold"):
+                await asyncio.sleep(3600)
             body = str(count[0]).encode() if path.startswith(b"/count") else b"ok"
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
             await writer.drain()
@@ -418,5 +421,66 @@ def test_exposed_ports_per_sandbox_are_capped(gw: Gw, bystander: Sandbox) -> Non
             # one unexposed: room for another
             assert c.delete(base, params={"port": 20001}).status_code == 200
             assert c.post(base, json={"port": 30000}).status_code == 200
+    finally:
+        sb.delete()
+
+
+def test_requests_in_flight_to_a_port_are_bounded(gw: Gw, bystander: Sandbox) -> None:
+    """Past the port's limit of requests in flight (here 1, no queue) the next is a 503 naming
+    the limit at once, and a slot frees as soon as its client leaves."""
+    ports = gw.server.app.state.api.ports
+    saved = ports.limits
+    ports.limits = replace(saved, max_requests=1, max_queued=0)
+    ports._slots.clear()  # (made again with the limits above)
+    hold = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    try:
+        path = f"/sandboxes/{bystander.id}/ports/8001/hold"
+        hold.sendall(f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+        slots = ports._slots
+        wait_for(lambda: any(s.held for s in slots.values()), 30, "the held request never began")
+        r = httpx.get(gw.port_url(bystander, 8001, "x"), timeout=30)
+        assert r.status_code == 503, r.text
+        assert r.json()["code"] == "port_busy" and "--max-port-requests" in r.json()["error"]
+        hold.close()  # the client leaves: its slot is free again
+        wait_for(lambda: not any(s.held for s in slots.values()), 30, "the slot stayed held")
+        assert httpx.get(gw.port_url(bystander, 8001, "x"), timeout=30).text == "ok"
+    finally:
+        hold.close()
+        ports.limits = saved
+        ports._slots.clear()
+
+
+#: An h2c "server" for inside a sandbox that answers every connection with a flood of PINGs.
+PING_FLOOD = r"""
+import socket, sys
+srv = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678"
+while True:
+    conn, _ = srv.accept()
+    try:
+        conn.recv(65536)
+        conn.sendall(settings + ping * 5000)
+        while conn.recv(65536):
+            pass
+    except OSError:
+        pass
+    conn.close()
+"""
+
+
+def test_a_sandbox_flooding_the_gateway_with_pings_gets_goaway(gw: Gw) -> None:
+    """The sandbox's side is no more trusted than a client: an http2 port whose server floods
+    the gateway's connection with PINGs has it closed (the request: a 502 saying why), where
+    the gateway used to answer every one and wait for ever."""
+    sb = gw.create(exposed_port_protocol="http2")
+    try:
+        sb.filesystem.write_files({"/srv/pings.py": PING_FLOOD, "/srv/wait.py": WAIT})
+        sb.launch_process("python3 /srv/pings.py 8003")
+        assert sb.exec("python3 /srv/wait.py 8003").exit_code == 0
+        sb.expose_port(8003)
+        r = httpx.get(gw.port_url(sb, 8003, "x"), timeout=30)
+        assert r.status_code == 502, r.text
+        assert "too many resets, PINGs or SETTINGS" in r.json()["error"]
     finally:
         sb.delete()

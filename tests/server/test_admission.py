@@ -1,12 +1,15 @@
-"""The bounded queue in front of each exposed port (admission.py): slots, order, refusals."""
+"""admission.py: the bounded queue in front of each exposed port (slots, order, refusals) and
+the cap on requests in flight per API token."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
 import pytest
 
-from sandlot.server.admission import Admission, Busy
+from sandlot.server.admission import Admission, Busy, TokenRequestLimit
 
 
 @pytest.mark.anyio
@@ -64,3 +67,45 @@ async def test_a_cancelled_waiter_passes_its_slot_on() -> None:
     await asyncio.wait_for(got.wait(), 5)
     await waiter
     assert gate.held == 0 and gate.waiting == 0
+
+
+# -- requests in flight per API token -----------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_requests_per_token_are_capped() -> None:
+    release = asyncio.Event()
+    served: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        served.append(scope["path"])
+        await release.wait()
+
+    limited = TokenRequestLimit(app, limit=2, prefix="sl_")
+
+    def scope(token: str | None, path: str = "/") -> dict[str, Any]:
+        headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+        return {"type": "http", "path": path, "headers": headers}
+
+    answers: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        answers.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    held = [asyncio.ensure_future(limited(scope("sl_a"), receive, send)) for _ in range(2)]
+    others = [
+        asyncio.ensure_future(limited(scope(t), receive, send)) for t in ("sl_b", None, "secret")
+    ]
+    while len(served) < 5:
+        await asyncio.sleep(0)
+    await limited(scope("sl_a", "/third"), receive, send)  # refused at once
+    assert answers[0]["status"] == 429
+    body = json.loads(answers[1]["body"])
+    assert body["code"] == "too_many_requests" and "--max-requests-per-token" in body["error"]
+    assert "/third" not in served
+    release.set()
+    await asyncio.gather(*held, *others)
+    assert limited.held == {}  # nothing kept once the requests ended

@@ -87,6 +87,12 @@ def main() -> None:
     help="HTTP requests in flight to one exposed port; more wait, then get 503 (default 256).",
 )
 @click.option(
+    "--max-requests-per-token",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Requests in flight at once per API token; more get 429 (default 1024).",
+)
+@click.option(
     "--h2-max-streams",
     type=click.IntRange(min=1),
     default=None,
@@ -119,6 +125,7 @@ def server(
     key_file: str | None,
     max_exposed_ports: int | None,
     max_port_requests: int | None,
+    max_requests_per_token: int | None,
     h2_max_streams: int | None,
     h2_frame_burst: int | None,
     h2_frame_rate: float | None,
@@ -160,6 +167,7 @@ def server(
             port_limits=PortLimits(
                 **_given(max_exposed=max_exposed_ports, max_requests=max_port_requests)
             ),
+            **_given(token_requests=max_requests_per_token),
         )
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None

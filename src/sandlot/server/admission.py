@@ -1,6 +1,6 @@
-"""Bounds on what one sandbox's exposed ports can make the gateway hold, and the bounded queue
-that enforces them.
+"""Bounds on what one sandbox's exposed ports, and one API token, can make the server hold.
 
+Ports:
 Every HTTP request to an exposed port holds a connection into the sandbox (HTTP/1.1: a tunnel
 each; an http2 port: a stream of its one connection) for as long as it is in flight. Before
 these bounds, nothing limited how many: one client resetting 40,000 HTTP/2 streams opened a
@@ -10,15 +10,27 @@ keeps up to :attr:`PortLimits.max_queued` more waiting (first come, first served
 :attr:`PortLimits.queue_timeout` seconds, and answers the rest ``503 port_busy`` at once. WebSockets
 and TCP proxy connections are not counted here: once open they belong to relay processes
 (:mod:`.relay`), whose own capacity bounds them.
+
+Tokens: one API token may have at most :data:`TOKEN_REQUESTS` requests in flight at once, over
+all its connections (HTTP/2 bounds each connection to 128 streams, but not how many connections
+a token opens); one more is ``429 too_many_requests`` at once. The limit is generous (an agent
+platform streaming from hundreds of sandboxes at once holds one request each); it is there so
+that one token cannot hold the server's memory and tasks without end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+
+from sandlot.server.asgi import Receive, Scope, Send, refuse_websocket, send_json
+
+#: Requests in flight per API token (``sandlot server --max-requests-per-token``).
+TOKEN_REQUESTS = 1024
 
 
 @dataclass(frozen=True)
@@ -95,3 +107,53 @@ class Admission:
                 waiter.set_result(None)  # the slot passes on: held stays the same
                 return
         self.held -= 1
+
+
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class TokenRequestLimit:
+    """ASGI middleware: at most ``limit`` requests in flight per API token (see the module).
+    Tokens are told apart by a digest, so none is kept in memory longer than its requests."""
+
+    def __init__(self, app: ASGIApp, limit: int, prefix: str) -> None:
+        self.app = app
+        self.limit = limit
+        self.prefix = b"bearer " + prefix.encode()
+        self.held: dict[bytes, int] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key = self._key(scope) if scope["type"] in ("http", "websocket") else None
+        if key is None:
+            await self.app(scope, receive, send)
+            return
+        count = self.held.get(key, 0)
+        if count >= self.limit:
+            await self._refuse(scope, send)
+            return
+        self.held[key] = count + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            left = self.held[key] - 1
+            if left:
+                self.held[key] = left
+            else:
+                del self.held[key]
+
+    def _key(self, scope: Scope) -> bytes | None:
+        for name, value in scope["headers"]:
+            if name == b"authorization" and value[: len(self.prefix)].lower() == self.prefix:
+                return hashlib.blake2b(bytes(value[7:]).strip(), digest_size=16).digest()
+        return None
+
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        body = {
+            "error": f"this API token already has {self.limit} requests in flight, the limit "
+            f"(sandlot server --max-requests-per-token)",
+            "code": "too_many_requests",
+        }
+        if scope["type"] == "websocket":
+            await refuse_websocket(scope, send, 429, body)
+        else:
+            await send_json(send, 429, body)

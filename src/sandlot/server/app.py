@@ -32,8 +32,8 @@ import sandlot
 from sandlot._build import PACKAGE_DIR, build_id
 from sandlot.engines.base import Engine
 from sandlot.images.trust import ImageRefused, ImageTrust
-from sandlot.server.admission import PortLimits
-from sandlot.server.control import ApiError, Control
+from sandlot.server.admission import TOKEN_REQUESTS, PortLimits, TokenRequestLimit
+from sandlot.server.control import API_TOKEN_PREFIX, ApiError, Control
 from sandlot.server.db import (
     DEFAULT_PROJECT,
     ApiToken,
@@ -109,6 +109,8 @@ class ServerConfig:
     h2_limits: H2Limits = field(default_factory=H2Limits)
     #: Per-sandbox bounds of exposed ports (ports.py).
     port_limits: PortLimits = field(default_factory=PortLimits)
+    #: Requests in flight per API token (admission.py).
+    token_requests: int = TOKEN_REQUESTS
 
 
 @dataclass(frozen=True)
@@ -833,6 +835,9 @@ def create_app(config: ServerConfig) -> Starlette:
         exception_handlers={404: not_found, 405: method_not_allowed, 500: internal},
     )
     app.add_middleware(_PortsMiddleware, ports=api.ports)  # exposed ports' URLs first
+    app.add_middleware(  # (added last: outermost)
+        TokenRequestLimit, limit=config.token_requests, prefix=API_TOKEN_PREFIX
+    )
     app.state.control = control
     app.state.api = api
     app.state.h2_limits = config.h2_limits  # read by the HTTP/2 server (h2serve.limits_of)

@@ -28,7 +28,7 @@ from sandlot.engines.base import Engine, EngineError
 from sandlot.images.trust import ImageTrust
 from sandlot.local_trust import open_private_file, private_dir
 from sandlot.paths import default_server_socket, state_dir
-from sandlot.server.admission import PortLimits
+from sandlot.server.admission import TOKEN_REQUESTS, PortLimits
 from sandlot.server.app import ServerConfig, create_app, unix_public_url
 from sandlot.server.db import default_database_url
 from sandlot.server.h2limits import H2Limits
@@ -152,6 +152,7 @@ def build_config(
     key_file: str | None = None,
     h2_limits: H2Limits | None = None,
     port_limits: PortLimits | None = None,
+    token_requests: int = TOKEN_REQUESTS,
 ) -> ServerConfig:
     image_trust = ImageTrust.from_dirs(trusted_image_dirs)  # a bad one: before the engine starts
     secure_state_dir(state_dir())
@@ -174,6 +175,7 @@ def build_config(
         key_file=key_file or os.environ.get(KEY_FILE_ENV) or None,
         h2_limits=h2_limits or H2Limits(),
         port_limits=port_limits or PortLimits(),
+        token_requests=token_requests,
     )
 
 
@@ -190,6 +192,7 @@ def serve(
     key_file: str | None = None,
     h2_limits: H2Limits | None = None,
     port_limits: PortLimits | None = None,
+    token_requests: int = TOKEN_REQUESTS,
 ) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -212,6 +215,7 @@ def serve(
             key_file,
             h2_limits=h2_limits,
             port_limits=port_limits,
+            token_requests=token_requests,
         )
     except ValueError as exc:  # e.g. a trusted image directory that is not one
         raise RuntimeError(str(exc)) from exc

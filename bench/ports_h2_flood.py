@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
 
             idle = json.loads(measure().communicate(timeout=seconds + 120)[0])
             before = rss_mb()
+            cpu_before = time.process_time()
             flood = subprocess.Popen(
                 [
                     sys.executable,
@@ -161,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                 flood.communicate()
                 flooded = {"sent": None, "goaways": [], "seconds": None}
             after = rss_mb()
+            flooded["server_cpu_seconds"] = round(time.process_time() - cpu_before, 2)
             report(paths, idle, during, flooded, before, after)
         finally:
             for sb in boxes:
@@ -185,7 +188,9 @@ def report(
     print(
         f"\nflood: {flooded.get('sent')} streams on {len(goaways)} connections in "
         f"{flooded.get('seconds')} s, {sum(1 for g in goaways if g == 11)} ended by GOAWAY "
-        f"ENHANCE_YOUR_CALM; server RSS {before:.0f} MB before, {after:.0f} MB after",
+        f"ENHANCE_YOUR_CALM; server RSS {before:.0f} MB before, {after:.0f} MB after; CPU "
+        f"seconds meanwhile: server {flooded.get('server_cpu_seconds')}, flood "
+        f"{flooded.get('cpu_seconds')}; load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
     print()

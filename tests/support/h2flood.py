@@ -11,8 +11,8 @@ test measuring the server's memory does not measure the flood's. With several co
 goes on as an attacker would: when the server sends ``GOAWAY`` (or closes), the next connection
 carries on until ``STREAMS`` streams were written in all, the connections are used up, or (with
 ``SECONDS``) that long has passed. Prints one JSON line: streams written (in all and per
-connection), per connection the ``GOAWAY`` error code seen (None: closed without one), and how
-long it took.
+connection), per connection the ``GOAWAY`` error code seen (None: closed without one), how long
+it took and the CPU time it used.
 """
 
 from __future__ import annotations
@@ -124,7 +124,14 @@ def floods(
         goaways.append(one["goaway"])
         each.append(one["sent"])
     elapsed = round(time.monotonic() - started, 3)
-    return {"sent": sent, "per_connection": each, "goaways": goaways, "seconds": elapsed}
+    cpu = round(time.process_time(), 3)
+    return {
+        "sent": sent,
+        "per_connection": each,
+        "goaways": goaways,
+        "seconds": elapsed,
+        "cpu_seconds": cpu,
+    }
 
 
 if __name__ == "__main__":

@@ -241,9 +241,10 @@ class Prober:
                         self.done[url] = self.done.get(url, 0) + 1
 
 
-def run_flood(gw: Gw, path: str, streams: int, connections: int) -> dict[str, Any]:
+def run_flood(gw: Gw, path: str, streams: int, connections: int, seconds: float) -> dict[str, Any]:
+    args = [str(gw.port), path, str(streams), str(connections), str(seconds)]
     out = subprocess.run(
-        [sys.executable, str(FLOOD), str(gw.port), path, str(streams), str(connections)],
+        [sys.executable, str(FLOOD), *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -265,10 +266,11 @@ def tcp_proxy_address(gw: Gw, sb: Sandbox) -> tuple[str, int]:
 def test_rapid_reset_flood_is_goawayed_and_costs_nothing_lasting(
     gw: Gw, target: Sandbox, bystander: Sandbox
 ) -> None:
-    """40,000 HEADERS+RST_STREAM, on one connection after another: each is answered GOAWAY
-    ENHANCE_YOUR_CALM after a few hundred, the server's memory stays near where it was,
-    /v1/health and another sandbox's port answer a second client all along, TCP proxy clients
-    that come and go meanwhile leave nothing in CLOSE_WAIT, and the port answers right after."""
+    """HEADERS+RST_STREAM for 5 s (hundreds of thousands), on one connection after another:
+    each is answered GOAWAY ENHANCE_YOUR_CALM after a few hundred, the server's memory stays
+    near where it was, /v1/health and another sandbox's port answer a second client all along,
+    TCP proxy clients that come and go meanwhile leave nothing in CLOSE_WAIT, and the port
+    answers right after."""
     health = f"{gw.url}/v1/health"
     other = gw.port_url(bystander, 8001, "x")
     assert httpx.get(other, timeout=30).text == "ok"
@@ -298,7 +300,7 @@ def test_rapid_reset_flood_is_goawayed_and_costs_nothing_lasting(
     proxying = threading.Thread(target=proxy_clients, daemon=True)
     proxying.start()
     try:
-        result = run_flood(gw, f"/sandboxes/{target.id}/ports/8001/x", 40_000, 1000)
+        result = run_flood(gw, f"/sandboxes/{target.id}/ports/8001/x", 10**9, 10**6, 5.0)
         # The second client got answers from both while the flood ran.
         wait_for(lambda: len(prober.done) == 2, 60, f"no answers during the flood: {prober}")
     finally:
@@ -313,10 +315,10 @@ def test_rapid_reset_flood_is_goawayed_and_costs_nothing_lasting(
         f"{before:.0f} MB before, peak {peak[0]:.0f} MB, {rss_mb():.0f} MB after; answered "
         f"during the flood: {sorted(prober.done.values())}"
     )
-    # (the last connection may carry too few to be refused: it ends idle, GOAWAY NO_ERROR)
-    *refused, last = result["goaways"]
-    assert refused and set(refused) == {ENHANCE_YOUR_CALM} and last in (0, 11), result
-    assert result["sent"] == 40_000, result
+    # (the last connection, cut short, may carry too few to be refused: it ends idle)
+    *refused, _ = result["goaways"]
+    assert refused and set(refused) == {ENHANCE_YOUR_CALM}, result
+    assert result["sent"] >= 40_000, result
     assert not prober.failures, prober.failures[:5]
     assert proxy_clients_done.is_set()
     # Before the fix: +1.4 GB and climbing. Now a few MB; the bound is generous.

@@ -555,7 +555,8 @@ class Api:
                 sid + "/ports",
                 self.ports.expose,
                 "Expose a port: served at {server}/sandboxes/{id}/ports/{port}/ (and "
-                "{port}-{id}.{domain} with --domain); 409 on conflict when exclusive",
+                "{port}-{id}.{domain} with --domain); 409 on conflict when exclusive, or past "
+                "the sandbox's limit of exposed ports (too_many_ports)",
                 ExposePort,
                 ExposedPortOut,
             ),
@@ -718,7 +719,7 @@ def openapi_document(routes: list[ApiRoute]) -> dict[str, Any]:
         else:
             responses[str(r.status)] = {"description": "OK"}
         if r.auth:
-            for code in ("400", "401", "404"):
+            for code in ("400", "401", "404", "429"):  # 429: the token's requests in flight
                 responses.setdefault(code, {"description": "error", **error})
             op["security"] = [{"bearer": []}]
         op["responses"] = responses

@@ -1135,6 +1135,7 @@ def ports_openapi_paths(error: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 "401": {"description": "protected port: token missing or wrong", **error},
                 "404": {"description": "no such sandbox, or the port is not exposed", **error},
                 "502": {"description": "nothing listens on the port", **error},
+                "503": {"description": "port_busy: too many requests in flight to it", **error},
             },
         }
     return {PORTS_PATH: ops}

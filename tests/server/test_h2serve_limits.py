@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -25,6 +30,7 @@ from test_h2serve import Client
 from sandlot.server.h2limits import H2Limits
 from sandlot.server.wsraw import PortsWebSocketProtocol, ports_http_protocol
 
+TESTS = Path(__file__).resolve().parents[1]
 ENHANCE_YOUR_CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 LIMITS = H2Limits(max_streams=4, frame_burst=20, frame_rate=0.0)
 
@@ -186,3 +192,44 @@ def pinged(c: Client) -> bool:
     return any(
         isinstance(e, h2.events.PingAckReceived) and e.ping_data == b"lastping" for e in events
     )
+
+
+def test_sandlot_server_options_set_the_limits(short_dir: Path) -> None:
+    """``sandlot server --h2-frame-burst 5`` is in force, and the other limit options are
+    accepted (a server process as users run it; the agent-process engine, no sandboxes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "SANDLOT_TEST_AGENTS": str(short_dir / "agents"),
+        "SANDLOT_STATE_DIR": str(short_dir / "state"),
+        "XDG_RUNTIME_DIR": str(short_dir / "xdg"),
+    }
+    command = [sys.executable, "-m", "sandlot.cli", "server", "--engine"]
+    command += ["support.agent_engine:from_env", "--database", f"sqlite:///{short_dir / 'db'}"]
+    command += ["--listen", f"tcp:127.0.0.1:{port}", "--log-level", "warning"]
+    command += ["--h2-frame-burst", "5", "--h2-frame-rate", "0", "--h2-max-streams", "64"]
+    command += ["--max-exposed-ports", "1", "--max-port-requests", "8"]
+    command += ["--max-requests-per-token", "16"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else "died"
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        c = Client(port)
+        for i in range(10):  # twice the burst
+            c.h2.ping(i.to_bytes(8, "big"))
+        c.flush()
+        goaway = goaway_of(c)
+        assert goaway is not None and goaway.error_code == ENHANCE_YOUR_CALM
+        c.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

@@ -486,3 +486,24 @@ def test_a_sandbox_flooding_the_gateway_with_pings_gets_goaway(gw: Gw) -> None:
         assert "too many resets, PINGs or SETTINGS" in r.json()["error"]
     finally:
         sb.delete()
+
+
+def test_tcp_proxy_connections_per_sandbox_are_capped(gw: Gw, target: Sandbox) -> None:
+    """Past the sandbox's limit of open TCP proxy connections (here 1) the next is closed at
+    once; a slot frees when a connection ends."""
+    ports = gw.server.app.state.api.ports
+    saved = ports.limits
+    ports.limits = replace(saved, max_tcp_connections=1)
+    proxy = tcp_proxy_address(gw, target)
+    try:
+        with socket.create_connection(proxy, timeout=30) as first:
+            first.sendall(b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert first.recv(100).startswith(b"HTTP/1.1 200")  # open, and relayed
+            with socket.create_connection(proxy, timeout=30) as second:
+                assert second.recv(100) == b""  # closed by the server at once
+        wait_for(lambda: not ports._tcp_open, 30, "the first connection never ended")
+        with socket.create_connection(proxy, timeout=30) as third:
+            third.sendall(b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert third.recv(100).startswith(b"HTTP/1.1 200")
+    finally:
+        ports.limits = saved

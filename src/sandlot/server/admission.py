@@ -9,7 +9,8 @@ thousands. Now each (sandbox, port) admits :attr:`PortLimits.max_requests` reque
 keeps up to :attr:`PortLimits.max_queued` more waiting (first come, first served) for at most
 :attr:`PortLimits.queue_timeout` seconds, and answers the rest ``503 port_busy`` at once. WebSockets
 and TCP proxy connections are not counted here: once open they belong to relay processes
-(:mod:`.relay`), whose own capacity bounds them.
+(:mod:`.relay`), whose own capacity bounds them; a sandbox's TCP proxy connections are capped on
+their own (:attr:`PortLimits.max_tcp_connections`), so one sandbox cannot take that capacity.
 
 Tokens: one API token may have at most :data:`TOKEN_REQUESTS` requests in flight at once, over
 all its connections (HTTP/2 bounds each connection to 128 streams, but not how many connections
@@ -48,6 +49,9 @@ class PortLimits:
     #: How long a TCP proxy connection may take to reach the sandbox's port (waking it included)
     #: before it is closed.
     tcp_connect_timeout: float = 30.0
+    #: TCP proxy connections open at once to one sandbox (more are closed as they come): each
+    #: holds two descriptors in a relay process, whose capacity all sandboxes share.
+    max_tcp_connections: int = 4096
 
 
 class Busy(Exception):

@@ -242,6 +242,8 @@ class Ports:
         self.limits = config.port_limits
         #: Requests in flight per (sandbox, port): see :mod:`.admission`.
         self._slots: dict[tuple[str, int], Admission] = {}
+        #: TCP proxy connections open per sandbox.
+        self._tcp_open: dict[str, int] = {}
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -899,6 +901,22 @@ class Ports:
             task.add_done_callback(self._proxy_tasks.discard)
 
     async def _tcp_connection(self, sandbox_id: str, conn: socket.socket) -> None:
+        """One TCP proxy connection, if the sandbox has fewer than ``max_tcp_connections``
+        open (else it is closed at once)."""
+        open_now = self._tcp_open.get(sandbox_id, 0)
+        if open_now >= self.limits.max_tcp_connections:
+            log.info("TCP proxy of %s: %d connections open, the limit", sandbox_id, open_now)
+            _close_gently(conn)
+            return
+        self._tcp_open[sandbox_id] = open_now + 1
+        try:
+            await self._tcp_relay(sandbox_id, conn)
+        finally:
+            left = self._tcp_open.pop(sandbox_id, 1) - 1
+            if left:
+                self._tcp_open[sandbox_id] = left
+
+    async def _tcp_relay(self, sandbox_id: str, conn: socket.socket) -> None:
         """Reach the sandbox's port, then hand both sockets to a relay. Until the hand-over the
         client is watched: one that leaves (or a way in that takes longer than
         ``tcp_connect_timeout``: a frozen agent, a port whose backlog is full) ends the attempt

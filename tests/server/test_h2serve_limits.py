@@ -212,6 +212,7 @@ def test_sandlot_server_options_set_the_limits(short_dir: Path) -> None:
     command += ["--listen", f"tcp:127.0.0.1:{port}", "--log-level", "warning"]
     command += ["--h2-frame-burst", "5", "--h2-frame-rate", "0", "--h2-max-streams", "64"]
     command += ["--max-exposed-ports", "1", "--max-port-requests", "8"]
+    command += ["--max-tcp-connections", "8"]
     command += ["--max-requests-per-token", "16"]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

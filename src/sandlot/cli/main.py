@@ -87,6 +87,12 @@ def main() -> None:
     help="HTTP requests in flight to one exposed port; more wait, then get 503 (default 256).",
 )
 @click.option(
+    "--max-tcp-connections",
+    type=click.IntRange(min=1),
+    default=None,
+    help="TCP proxy connections open at once to one sandbox; more are closed (default 4096).",
+)
+@click.option(
     "--max-requests-per-token",
     type=click.IntRange(min=1),
     default=None,
@@ -125,6 +131,7 @@ def server(
     key_file: str | None,
     max_exposed_ports: int | None,
     max_port_requests: int | None,
+    max_tcp_connections: int | None,
     max_requests_per_token: int | None,
     h2_max_streams: int | None,
     h2_frame_burst: int | None,
@@ -165,7 +172,11 @@ def server(
                 )
             ),
             port_limits=PortLimits(
-                **_given(max_exposed=max_exposed_ports, max_requests=max_port_requests)
+                **_given(
+                    max_exposed=max_exposed_ports,
+                    max_requests=max_port_requests,
+                    max_tcp_connections=max_tcp_connections,
+                )
             ),
             **_given(token_requests=max_requests_per_token),
         )

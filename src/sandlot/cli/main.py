@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 
@@ -97,6 +99,50 @@ def main() -> None:
     help="Largest JSON request body the control API accepts (larger: 413). File bodies to "
     "sandboxes are streamed and not limited by this.",
 )
+@click.option(
+    "--max-exposed-ports",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Ports one sandbox may have exposed at once (default 32).",
+)
+@click.option(
+    "--max-port-requests",
+    type=click.IntRange(min=1),
+    default=None,
+    help="HTTP requests in flight to one exposed port; more wait, then get 503 (default 256).",
+)
+@click.option(
+    "--max-tcp-connections",
+    type=click.IntRange(min=1),
+    default=None,
+    help="TCP proxy connections open at once to one sandbox; more are closed (default 4096).",
+)
+@click.option(
+    "--max-requests-per-token",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Requests in flight at once per API token; more get 429 (default 1024).",
+)
+@click.option(
+    "--h2-max-streams",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Concurrent streams (and running handlers) per HTTP/2 connection (default 128).",
+)
+@click.option(
+    "--h2-frame-burst",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Resets, PINGs, SETTINGS... an HTTP/2 client may send in a burst before GOAWAY "
+    "(default 200).",
+)
+@click.option(
+    "--h2-frame-rate",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="How fast that budget refills, per second (default 20; also +1 per response served "
+    "whole).",
+)
 def server(
     listen: str | None,
     database: str | None,
@@ -111,8 +157,18 @@ def server(
     overcommit: str,
     reserve: float,
     max_json_body: int,
+    max_exposed_ports: int | None,
+    max_port_requests: int | None,
+    max_tcp_connections: int | None,
+    max_requests_per_token: int | None,
+    h2_max_streams: int | None,
+    h2_frame_burst: int | None,
+    h2_frame_rate: float | None,
 ) -> None:
-    """Run the control server and gateway."""
+    """Run the control server and gateway. Limits left out keep their defaults (listed in
+    docs/ports.md)."""
+    from sandlot.server.admission import PortLimits
+    from sandlot.server.h2limits import H2Limits
     from sandlot.server.pool import PoolKey
     from sandlot.server.run import HostPolicy, parse_listen, serve
 
@@ -138,9 +194,28 @@ def server(
             key_file=key_file,
             policy=HostPolicy(overcommit, reserve),
             max_json_body=max_json_body,
+            h2_limits=H2Limits(
+                **_given(
+                    max_streams=h2_max_streams,
+                    frame_burst=h2_frame_burst,
+                    frame_rate=h2_frame_rate,
+                )
+            ),
+            port_limits=PortLimits(
+                **_given(
+                    max_exposed=max_exposed_ports,
+                    max_requests=max_port_requests,
+                    max_tcp_connections=max_tcp_connections,
+                )
+            ),
+            **_given(token_requests=max_requests_per_token),
         )
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _given(**values: object) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _register() -> None:

@@ -33,7 +33,8 @@ import sandlot
 from sandlot._build import PACKAGE_DIR, build_id
 from sandlot.engines.base import Engine
 from sandlot.images.trust import ImageRefused, ImageTrust
-from sandlot.server.control import ApiError, Control
+from sandlot.server.admission import TOKEN_REQUESTS, PortLimits, TokenRequestLimit
+from sandlot.server.control import API_TOKEN_PREFIX, ApiError, Control
 from sandlot.server.db import (
     DEFAULT_PROJECT,
     ApiToken,
@@ -45,6 +46,7 @@ from sandlot.server.db import (
     Usage,
 )
 from sandlot.server.gateway import Gateway
+from sandlot.server.h2limits import H2Limits
 from sandlot.server.pool import PoolKey
 from sandlot.server.ports import (
     ExposedPortOut,
@@ -113,6 +115,12 @@ class ServerConfig:
     key_file: str | None = None
     #: The largest JSON request body the control API accepts (413 past it).
     max_json_body: int = MAX_JSON_BODY
+    #: Per-connection bounds of HTTP/2 clients (h2serve.py).
+    h2_limits: H2Limits = field(default_factory=H2Limits)
+    #: Per-sandbox bounds of exposed ports (ports.py).
+    port_limits: PortLimits = field(default_factory=PortLimits)
+    #: Requests in flight per API token (admission.py).
+    token_requests: int = TOKEN_REQUESTS
 
 
 @dataclass(frozen=True)
@@ -579,7 +587,8 @@ class Api:
                 sid + "/ports",
                 self.ports.expose,
                 "Expose a port: served at {server}/sandboxes/{id}/ports/{port}/ (and "
-                "{port}-{id}.{domain} with --domain); 409 on conflict when exclusive",
+                "{port}-{id}.{domain} with --domain); 409 on conflict when exclusive, or past "
+                "the sandbox's limit of exposed ports (too_many_ports)",
                 ExposePort,
                 ExposedPortOut,
             ),
@@ -744,7 +753,8 @@ def openapi_document(routes: list[ApiRoute]) -> dict[str, Any]:
         else:
             responses[str(r.status)] = {"description": "OK"}
         if r.auth:
-            for code in ("400", "401", "404", *r.errors):
+            # 429: the token's requests in flight
+            for code in ("400", "401", "404", "429", *r.errors):
                 responses.setdefault(code, {"description": "error", **error})
             op["security"] = [{"bearer": []}]
         op["responses"] = responses
@@ -875,9 +885,13 @@ def create_app(config: ServerConfig) -> Starlette:
         },
     )
     app.add_middleware(_PortsMiddleware, ports=api.ports)  # exposed ports' URLs first
+    app.add_middleware(  # (added last: outermost)
+        TokenRequestLimit, limit=config.token_requests, prefix=API_TOKEN_PREFIX
+    )
     app.state.control = control
     app.state.api = api
     app.state.max_json_body = config.max_json_body
+    app.state.h2_limits = config.h2_limits  # read by the HTTP/2 server (h2serve.limits_of)
     return app
 
 

@@ -12,10 +12,15 @@ and exposed ports alike -- one ASGI ``http`` cycle per stream:
   app has received the data, a response is sent only as fast as the client's windows and the
   socket's buffer allow (the app's ``send`` waits);
 - ``http.disconnect`` when the client resets the stream or the connection is lost;
-- limits: :data:`MAX_STREAMS` concurrent streams and :data:`MAX_HEADER_LIST` bytes of headers
-  per request; a client breaking them, or the protocol, gets ``GOAWAY`` and the connection is
-  closed (the ``h2`` library enforces both); an idle connection is closed after uvicorn's
-  keep-alive timeout;
+- limits (:class:`.h2limits.H2Limits`, ``sandlot server --h2-*``): at most ``max_streams``
+  concurrent streams and as many request handlers running (a stream the client resets has its
+  handler cancelled at once, and one reset before its handler started never gets one: a reset
+  flood costs no requests' work; new streams wait while reset ones' handlers end),
+  :data:`MAX_HEADER_LIST` bytes of headers per request, a budget of cheap frames (resets,
+  ``PING``, ``SETTINGS``...), and nothing more read from a client that does not read its
+  answers. A client breaking them gets ``GOAWAY ENHANCE_YOUR_CALM`` (a protocol error, the
+  matching ``GOAWAY``) and the connection is closed; an idle connection is closed after
+  uvicorn's keep-alive timeout;
 - graceful shutdown: a ``GOAWAY`` that lets the streams already open finish, then the close.
 """
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import Any, cast
 from urllib.parse import unquote
 
@@ -43,12 +49,12 @@ from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
-from sandlot.server.h2limits import FrameSizeGuard
+from sandlot.server.h2limits import FrameMeter, H2Limits
 
 log = logging.getLogger("sandlot.h2")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-MAX_STREAMS = 128
+MAX_STREAMS = H2Limits.max_streams
 MAX_HEADER_LIST = 65536
 #: Receive windows: how much request body may wait for the app, per stream and per connection.
 #: This is what a client can make the server hold (HTTP/1.1 under uvicorn: 64 KiB per
@@ -87,6 +93,9 @@ class _Stream:
         self.trailers = False
         self.complete = False
         self.task: asyncio.Task[None] | None = None
+        #: receive() calls waiting: an app listening for http.disconnect gets it instead of
+        #: being cancelled.
+        self.listening = 0
 
     def wake(self) -> None:
         self.changed.set()
@@ -108,11 +117,12 @@ class H2ServerProtocol(asyncio.Protocol):
         self.app_state = app_state
         self.transport = transport
         self.loop = asyncio.get_running_loop()
+        self.limits = limits_of(config)
         self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
         self.h2.local_settings = Settings(
             client=False,
             initial_values={
-                SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+                SettingCodes.MAX_CONCURRENT_STREAMS: self.limits.max_streams,
                 SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
                 SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             },
@@ -120,10 +130,17 @@ class H2ServerProtocol(asyncio.Protocol):
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.streams: dict[int, _Stream] = {}
+        #: Streams received in the read being processed: their handlers start once all of the
+        #: read's frames are in (a stream reset within the same read never gets one).
+        self._new: list[_Stream] = []
+        #: Streams waiting for a handler slot (see :class:`.h2limits.H2Limits`).
+        self._queued: deque[_Stream] = deque()
+        self._running = 0
+        self._reading_paused = False
         self.closing = False  # shutting down: no new streams
         self.lost = False
         self.lingering = False  # GOAWAY sent: reading only to drop what arrives
-        self._frames = FrameSizeGuard(skip=len(PREFACE))
+        self._frames = FrameMeter(self.limits, skip=len(PREFACE))
         #: Replaced whenever send windows open or the socket drains: waiters hold the old one.
         self._writable = asyncio.Event()
         self._writable.set()
@@ -141,26 +158,47 @@ class H2ServerProtocol(asyncio.Protocol):
         if self.lost or self.lingering:
             return
         if not self._frames.fits(data, self.h2.max_inbound_frame_size):
-            log.info("HTTP/2 client %s sent an oversized frame", self.client)
-            self._goaway(ErrorCodes.FRAME_SIZE_ERROR)
+            if self._frames.abusive:
+                log.info(
+                    "HTTP/2 client %s spent its budget of cheap frames (resets, PING, "
+                    "SETTINGS...): GOAWAY",
+                    self.client,
+                )
+                self._goaway(ErrorCodes.ENHANCE_YOUR_CALM)
+            else:
+                log.info("HTTP/2 client %s sent an oversized frame", self.client)
+                self._goaway(ErrorCodes.FRAME_SIZE_ERROR)
             return
         try:
             events = self.h2.receive_data(data)
         except H2Error as exc:
             # h2 has queued a GOAWAY naming the error: send it, then close.
             log.info("HTTP/2 client %s broke the protocol: %s", self.client, exc)
+            self._new.clear()
             self._flush()
             self._linger()
             return
         for event in events:
             self._event(event)
+        self._start_new()
         self._flush()
+        if (
+            not self._reading_paused
+            and self.transport.get_write_buffer_size() > self.limits.max_write_buffer
+        ):
+            # A client that makes us write (PING and SETTINGS answers...) without reading:
+            # nothing more is read from it until it has read (resume_writing).
+            self._reading_paused = True
+            self.transport.pause_reading()
 
     def pause_writing(self) -> None:
         self._paused = True
 
     def resume_writing(self) -> None:
         self._paused = False
+        if self._reading_paused and not self.lost:
+            self._reading_paused = False
+            self.transport.resume_reading()
         self._wake_writers()
 
     def eof_received(self) -> bool | None:
@@ -171,9 +209,9 @@ class H2ServerProtocol(asyncio.Protocol):
         self.server_state.connections.discard(self)
         if self._idle is not None:
             self._idle.cancel()
-        for stream in self.streams.values():
-            stream.disconnected = True
-            stream.wake()
+        self._queued.clear()
+        for stream in list(self.streams.values()):
+            self._stop(stream)
         self._wake_writers()
 
     def shutdown(self) -> None:
@@ -257,8 +295,7 @@ class H2ServerProtocol(asyncio.Protocol):
         elif isinstance(event, StreamReset):
             stream = self.streams.get(event.stream_id or 0)
             if stream is not None:
-                stream.disconnected = True
-                stream.wake()
+                self._stop(stream)
             self._wake_writers()
         elif isinstance(event, WindowUpdated | RemoteSettingsChanged):
             self._wake_writers()
@@ -321,13 +358,56 @@ class H2ServerProtocol(asyncio.Protocol):
         stream = _Stream(sid, scope)
         stream.body_ended = bool(event.stream_ended)
         self.streams[sid] = stream
+        self._new.append(stream)
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
+
+    # -- handlers: started, queued, stopped --------------------------------------------------------
+
+    def _start_new(self) -> None:
+        """Start the handlers of the streams the last read opened (those still wanted), as far
+        as slots allow; the rest wait for one (open streams all: ``h2`` bounds how many)."""
+        new, self._new = self._new, []
+        for stream in new:
+            if stream.disconnected or self.lost:
+                continue
+            if self._running < self.limits.max_streams:
+                self._start(stream)
+            else:
+                self._queued.append(stream)
+
+    def _start(self, stream: _Stream) -> None:
+        self._running += 1
         task = self.loop.create_task(self._run(stream))
         stream.task = task
         self.server_state.tasks.add(task)
         task.add_done_callback(self.server_state.tasks.discard)
+        # Not in _run's finally: a task cancelled before its first step never runs its body.
+        task.add_done_callback(lambda _: self._ended(stream))
+
+    def _stop(self, stream: _Stream) -> None:
+        """The stream is over for the client (reset, connection lost): its handler is cancelled
+        at once -- which closes whatever it opened into a sandbox -- unless it is listening for
+        ``http.disconnect`` (then that is its answer, now: the ports gateway's watcher cancels
+        the exchange itself); never started, it is forgotten."""
+        stream.disconnected = True
+        stream.wake()
+        if stream.task is not None:
+            if not stream.task.done() and not stream.listening:
+                stream.task.cancel()
+        elif self.streams.get(stream.id) is stream:
+            if stream in self._queued:
+                self._queued.remove(stream)
+            self._done(stream)
+
+    def _ended(self, stream: _Stream) -> None:
+        self._running -= 1
+        if stream.complete and not stream.disconnected:
+            self._frames.bucket.earn()  # a response served whole: a reset may be forgiven
+        self._done(stream)
+        while self._queued and self._running < self.limits.max_streams and not self.lost:
+            self._start(self._queued.popleft())
 
     # -- one stream --------------------------------------------------------------------------------
 
@@ -351,7 +431,6 @@ class H2ServerProtocol(asyncio.Protocol):
                     await self._send_500(stream)
                 else:  # a truncated response must not pass for whole
                     self._reset(stream, ErrorCodes.INTERNAL_ERROR)
-            self._done(stream)
 
     async def _send_500(self, stream: _Stream) -> None:
         try:
@@ -400,7 +479,11 @@ class H2ServerProtocol(asyncio.Protocol):
                 stream.body_delivered = True
                 return {"type": "http.request", "body": b"", "more_body": False}
             stream.changed.clear()
-            await stream.changed.wait()
+            stream.listening += 1
+            try:
+                await stream.changed.wait()
+            finally:
+                stream.listening -= 1
 
     async def _send(self, stream: _Stream, message: Message) -> None:
         if stream.disconnected or self.lost:
@@ -494,6 +577,13 @@ class H2ServerProtocol(asyncio.Protocol):
                 self._flush()
                 pending = 0
         self._flush()
+
+
+def limits_of(config: Any) -> H2Limits:
+    """The limits the app was configured with (``app.state.h2_limits``), else the defaults."""
+    state = getattr(getattr(config, "app", None), "state", None)
+    limits = getattr(state, "h2_limits", None)
+    return limits if isinstance(limits, H2Limits) else H2Limits()
 
 
 def _addr(value: object) -> tuple[str, int | None] | None:

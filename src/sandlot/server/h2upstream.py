@@ -44,7 +44,7 @@ from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
 
 from sandlot.engines.base import AgentAddress
-from sandlot.server.h2limits import FrameSizeGuard
+from sandlot.server.h2limits import FrameMeter, H2Limits
 from sandlot.server.tunnel import open_tunnel_socket
 from sandlot.server.upstream import UpstreamError
 
@@ -155,7 +155,8 @@ class H2Upstream:
         self.closed: str | None = None
         #: Replaced each time windows open (or a stream slot frees): waiters hold the old one.
         self._changed = asyncio.Event()
-        self._frames = FrameSizeGuard()
+        #: The sandbox's server is as untrusted as any client: the same frame limits and budget.
+        self._frames = FrameMeter(H2Limits())
         self._flush()
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
@@ -175,9 +176,15 @@ class H2Upstream:
         try:
             while data := await self.reader.read(READ_CHUNK):
                 if not self._frames.fits(data, self.h2.max_inbound_frame_size):
-                    self.h2.close_connection(ErrorCodes.FRAME_SIZE_ERROR)
+                    if self._frames.abusive:
+                        self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+                        reason = (
+                            "the sandbox's server sent too many resets, PINGs or SETTINGS (HTTP/2)"
+                        )
+                    else:
+                        self.h2.close_connection(ErrorCodes.FRAME_SIZE_ERROR)
+                        reason = "the sandbox's server sent an oversized HTTP/2 frame"
                     self._flush()
-                    reason = "the sandbox's server sent an oversized HTTP/2 frame"
                     break
                 for event in self.h2.receive_data(data):
                     self._event(event)
@@ -210,6 +217,7 @@ class H2Upstream:
             else:
                 stream.ended = True
                 stream.chunks.put_nowait(None)
+                self._frames.bucket.earn()  # a response whole: a reset now and then is fine
         elif isinstance(event, StreamReset):
             stream = self.streams.get(event.stream_id or 0)
             if stream is not None:

@@ -58,6 +58,7 @@ from starlette.responses import Response
 
 from sandlot.engines.base import AgentAddress
 from sandlot.server import agentcalls
+from sandlot.server.admission import Admission, Busy
 from sandlot.server.asgi import (
     HOP_BY_HOP_REQUEST,
     HOP_BY_HOP_RESPONSE,
@@ -75,7 +76,7 @@ from sandlot.server.db import SandboxRow, utcnow
 from sandlot.server.h2upstream import H2PortPool, H2Response
 from sandlot.server.lifecycle import WakeError
 from sandlot.server.relay import RelayError, Relays
-from sandlot.server.tunnel import TunnelError, open_tunnel, open_tunnel_socket
+from sandlot.server.tunnel import TunnelError, open_tunnel, open_tunnel_socket, wait_readable
 from sandlot.server.upstream import AgentPool, UpstreamError, UpstreamResponse, _Conn
 
 if TYPE_CHECKING:
@@ -172,6 +173,21 @@ def _close_gently(conn: socket.socket) -> None:
     conn.close()
 
 
+async def _client_gone(conn: socket.socket) -> None:
+    """Return once the client has closed its side, or the connection failed; nothing it sent
+    is consumed. A client that speaks first is there: then wait for ever (the caller cancels)."""
+    while True:
+        await wait_readable(conn)
+        try:
+            if conn.recv(1, socket.MSG_PEEK):
+                await asyncio.Future()
+        except BlockingIOError:
+            continue
+        except OSError:
+            return
+        return
+
+
 def _header(scope: Scope, name: bytes) -> bytes | None:
     for k, v in scope["headers"]:
         if k == name:
@@ -238,6 +254,11 @@ class Ports:
         self.relays = Relays()
         #: The agent (pool) each sandbox's ports were last pushed to (see :meth:`_sync`).
         self._synced: dict[str, AgentPool] = {}
+        self.limits = config.port_limits
+        #: Requests in flight per (sandbox, port): see :mod:`.admission`.
+        self._slots: dict[tuple[str, int], Admission] = {}
+        #: TCP proxy connections open per sandbox.
+        self._tcp_open: dict[str, int] = {}
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -321,7 +342,9 @@ class Ports:
             log.info("ports of %s: no usable answer from the agent (%s)", row.id, exc)
             return ports
         bound = [str(p) for p in dict.fromkeys(listed.ports)]
-        added = [p for p in bound if p not in ports]
+        # The agent's word counts only up to the limit (it runs inside the sandbox).
+        room = max(0, self.limits.max_exposed - len([p for p in ports if p in bound]))
+        added = [p for p in bound if p not in ports][:room]
         removed = [p for p in ports if p not in bound]
         if not added and not removed:
             return ports
@@ -344,6 +367,7 @@ class Ports:
         pool = self._pools.pop((sandbox_id, port), None)
         if pool is not None:
             pool.close()
+        self._slots.pop((sandbox_id, port), None)
         self.relays.close_tagged((sandbox_id, port))
 
     def _forget(self, sandbox_id: str) -> None:
@@ -351,6 +375,8 @@ class Ports:
         self._synced.pop(sandbox_id, None)
         for key in [k for k in self._pools if k[0] == sandbox_id]:
             self._pools.pop(key).close()
+        for key in [k for k in self._slots if k[0] == sandbox_id]:
+            del self._slots[key]
 
     def _pool(
         self, sandbox_id: str, agent: AgentPool, port: int, protocol: str
@@ -439,6 +465,7 @@ class Ports:
 
         row = await self._live_row(request)
         req: ExposePort = await parse_body(request, ExposePort)
+        self._check_room(row.id, row.exposed_ports or {}, req.port)
         status, answer = await self._agent_call(
             row.id, "/bind_port", {"port": str(req.port), "multi": not req.exclusive}
         )
@@ -461,14 +488,34 @@ class Ports:
             raise ApiError(502, "agent_error", f"binding port {req.port}: {answer.message(status)}")
         protect = bool(row.protect_ports)
 
+        full: list[ApiError] = []
+
         def add(ports: dict[str, Any]) -> None:
+            try:  # again under the row's lock: two exposes at once must not both fit
+                self._check_room(row.id, ports, req.port)
+            except ApiError as exc:
+                full.append(exc)
+                return
             ports[str(req.port)] = ports.get(str(req.port)) or _new_port_info(protect)
 
         ports = await self.control.db(self._change, row.id, add)
+        if full:
+            await self._agent_call(row.id, "/unbind_port", {"port": str(req.port)})
+            raise full[0]
         self._exposed.pop(row.id, None)
         base = _public_base(request, self.config)
         info = ports.get(str(req.port), {})
         return json_response(self._out(base, row.id, req.port, info, row.exposed_port_protocol))
+
+    def _check_room(self, sandbox_id: str, ports: dict[str, Any], port: int) -> None:
+        limit = self.limits.max_exposed
+        if str(port) not in ports and len(ports) >= limit:
+            raise ApiError(
+                409,
+                "too_many_ports",
+                f"sandbox {sandbox_id} already has {len(ports)} exposed ports, the limit "
+                f"(sandlot server --max-exposed-ports {limit}); unexpose one first",
+            )
 
     async def unexpose(self, request: Request) -> Response:
         from sandlot.server.app import json_response
@@ -644,9 +691,26 @@ class Ports:
                     await self._websocket(agent, forward, scope, receive, send)
                 else:
                     pool = self._pool(target.sandbox_id, agent, port, exposed.protocol)
-                    await self._http(pool, forward, scope, receive, send)
+                    async with self._port_slots(target.sandbox_id, port).slot():
+                        await self._http(pool, forward, scope, receive, send)
         except WakeError as exc:
             await refuse(503, "wake_failed", str(exc))
+        except Busy as exc:
+            await refuse(
+                503,
+                "port_busy",
+                f"port {port} of sandbox {target.sandbox_id} is busy: {exc} (limit "
+                f"{self.limits.max_requests} at once, sandlot server --max-port-requests)",
+                port=port,
+            )
+
+    def _port_slots(self, sandbox_id: str, port: int) -> Admission:
+        slots = self._slots.get((sandbox_id, port))
+        if slots is None:
+            lim = self.limits
+            slots = Admission(lim.max_requests, lim.max_queued, lim.queue_timeout)
+            self._slots[(sandbox_id, port)] = slots
+        return slots
 
     async def _http(
         self,
@@ -866,10 +930,45 @@ class Ports:
             task.add_done_callback(self._proxy_tasks.discard)
 
     async def _tcp_connection(self, sandbox_id: str, conn: socket.socket) -> None:
+        """One TCP proxy connection, if the sandbox has fewer than ``max_tcp_connections``
+        open (else it is closed at once)."""
+        open_now = self._tcp_open.get(sandbox_id, 0)
+        if open_now >= self.limits.max_tcp_connections:
+            log.info("TCP proxy of %s: %d connections open, the limit", sandbox_id, open_now)
+            _close_gently(conn)
+            return
+        self._tcp_open[sandbox_id] = open_now + 1
+        try:
+            await self._tcp_relay(sandbox_id, conn)
+        finally:
+            left = self._tcp_open.pop(sandbox_id, 1) - 1
+            if left:
+                self._tcp_open[sandbox_id] = left
+
+    async def _tcp_relay(self, sandbox_id: str, conn: socket.socket) -> None:
+        """Reach the sandbox's port, then hand both sockets to a relay. Until the hand-over the
+        client is watched: one that leaves (or a way in that takes longer than
+        ``tcp_connect_timeout``: a frozen agent, a port whose backlog is full) ends the attempt
+        and the socket is closed at once -- such connections used to wait, in CLOSE_WAIT, for
+        as long as the sandbox did not answer."""
         with contextlib.suppress(OSError):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        task = asyncio.current_task()
+        assert task is not None
+        left = False
+
+        async def watch() -> None:
+            nonlocal left
+            await _client_gone(conn)
+            left = True
+            task.cancel()
+
+        watcher = asyncio.ensure_future(watch())
         try:
-            async with self.control.lifecycle.activity(sandbox_id):
+            async with (
+                asyncio.timeout(self.limits.tcp_connect_timeout) as deadline,
+                self.control.lifecycle.activity(sandbox_id),
+            ):
                 agent = await self._agent(sandbox_id)
                 if agent is None:
                     return
@@ -880,10 +979,22 @@ class Ports:
                     return
                 port = answer.ports[0]
                 upstream = await open_tunnel_socket(agent.address, agent.secret, port)
+                watcher.cancel()
+                deadline.reschedule(None)
                 await self.relays.splice(conn, upstream, (sandbox_id, port))  # takes both
         except (TunnelError, ApiError, WakeError, RelayError, OSError) as exc:
             log.info("TCP proxy of %s: %s", sandbox_id, exc)
+        except TimeoutError:
+            log.info(
+                "TCP proxy of %s: no way into the sandbox within %gs, connection closed",
+                sandbox_id,
+                self.limits.tcp_connect_timeout,
+            )
+        except asyncio.CancelledError:
+            if not left or task.uncancel() > 0:
+                raise
         finally:
+            watcher.cancel()
             _close_gently(conn)
 
     async def _close_proxy(self, sandbox_id: str) -> None:
@@ -1054,6 +1165,7 @@ def ports_openapi_paths(error: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 "401": {"description": "protected port: token missing or wrong", **error},
                 "404": {"description": "no such sandbox, or the port is not exposed", **error},
                 "502": {"description": "nothing listens on the port", **error},
+                "503": {"description": "port_busy: too many requests in flight to it", **error},
             },
         }
     return {PORTS_PATH: ops}

@@ -28,8 +28,10 @@ from sandlot.engines.base import Engine, EngineError
 from sandlot.images.trust import ImageTrust
 from sandlot.local_trust import open_private_file, private_dir
 from sandlot.paths import default_server_socket, state_dir
+from sandlot.server.admission import TOKEN_REQUESTS, PortLimits
 from sandlot.server.app import MAX_JSON_BODY, ServerConfig, create_app, unix_public_url
 from sandlot.server.db import default_database_url
+from sandlot.server.h2limits import H2Limits
 from sandlot.server.pool import PoolKey
 from sandlot.server.serverkey import KEY_FILE_ENV, ServerKeyError
 from sandlot.server.wsraw import PortsWebSocketProtocol, ports_http_protocol
@@ -165,6 +167,9 @@ def build_config(
     key_file: str | None = None,
     policy: HostPolicy | None = None,
     max_json_body: int = MAX_JSON_BODY,
+    h2_limits: H2Limits | None = None,
+    port_limits: PortLimits | None = None,
+    token_requests: int = TOKEN_REQUESTS,
 ) -> ServerConfig:
     image_trust = ImageTrust.from_dirs(trusted_image_dirs)  # a bad one: before the engine starts
     secure_state_dir(state_dir())
@@ -186,6 +191,9 @@ def build_config(
         admin_socket=admin_socket or listen.unix_path,
         key_file=key_file or os.environ.get(KEY_FILE_ENV) or None,
         max_json_body=max_json_body,
+        h2_limits=h2_limits or H2Limits(),
+        port_limits=port_limits or PortLimits(),
+        token_requests=token_requests,
     )
 
 
@@ -202,6 +210,9 @@ def serve(
     key_file: str | None = None,
     policy: HostPolicy | None = None,
     max_json_body: int = MAX_JSON_BODY,
+    h2_limits: H2Limits | None = None,
+    port_limits: PortLimits | None = None,
+    token_requests: int = TOKEN_REQUESTS,
 ) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -224,6 +235,9 @@ def serve(
             key_file,
             policy,
             max_json_body,
+            h2_limits=h2_limits,
+            port_limits=port_limits,
+            token_requests=token_requests,
         )
     except ValueError as exc:  # e.g. a trusted image directory that is not one
         raise RuntimeError(str(exc)) from exc

@@ -44,7 +44,8 @@ class TunnelError(UpstreamError):
         self.status = status
 
 
-async def _wait_readable(sock: socket.socket) -> None:
+async def wait_readable(sock: socket.socket) -> None:
+    """Wait until ``sock`` has data or an EOF to read (nothing is consumed)."""
     loop = asyncio.get_running_loop()
     ready = loop.create_future()
 
@@ -102,7 +103,7 @@ async def open_tunnel_socket(
                 return sock
             body = b""
             while len(body) < min(length, 65536):
-                await _wait_readable(sock)
+                await wait_readable(sock)
                 chunk = sock.recv(65536)
                 if not chunk:
                     break
@@ -121,7 +122,7 @@ async def open_tunnel_socket(
 async def _peek_head(sock: socket.socket) -> int:
     """The length of the answer's head, once all of it has arrived (nothing is consumed)."""
     while True:
-        await _wait_readable(sock)
+        await wait_readable(sock)
         try:
             peeked = sock.recv(MAX_HEAD, socket.MSG_PEEK)
         except BlockingIOError:

@@ -97,6 +97,11 @@ def _status(client: httpx.Client, sandbox_id: str) -> str:
     return str(client.get(f"/v1/sandboxes/{sandbox_id}").json()["status"])
 
 
+def _wakes(client: httpx.Client, sandbox_id: str) -> int:
+    events = client.get(f"/v1/sandboxes/{sandbox_id}/events").json()["events"]
+    return sum(1 for e in events if e["kind"] == "woke")
+
+
 def _wait_asleep(client: httpx.Client, sandbox_id: str, poke: object = None) -> None:
     """Until the sandbox sleeps; ``poke()`` runs meanwhile (and must not keep it awake)."""
     deadline = time.monotonic() + 30
@@ -141,11 +146,13 @@ def test_unauthenticated_requests_do_not_wake_a_sleeping_sandbox(
         r = client.post(f"{base}/run", json={"cmd": "true"}, headers={"authorization": "Bearer"})
         assert r.status_code == 401
         assert _status(client, info["id"]) == "sleeping"
-        # the secret wakes it, as before
+        assert _wakes(client, info["id"]) == 0
+        # the secret wakes it, as before (its status may already say "sleeping" again: its
+        # idle timeout is a second, so the history is what tells)
         auth = {"authorization": f"Bearer {info['secret']}"}
         r = client.get(f"{base}/health", headers=auth)
         assert r.status_code == 200 and r.json()["status"] == "ok"
-        assert _status(client, info["id"]) == "running"
+        assert _wakes(client, info["id"]) == 1
 
 
 def test_exposed_port_traffic_still_wakes(env: tuple[RunningServer, int]) -> None:

@@ -48,6 +48,7 @@ from sandlot.server.db import (
 from sandlot.server.gateway import Gateway
 from sandlot.server.h2limits import H2Limits
 from sandlot.server.pool import PoolKey
+from sandlot.server.redact import hide_host_paths
 from sandlot.server.ports import (
     ExposedPortOut,
     ExposePort,
@@ -202,7 +203,7 @@ def sandbox_out(
         enable_light_sleep=row.light_sleep,
         network=row.network or "none",  # type: ignore[arg-type]
         outbound_allowlist=row.outbound_allowlist,
-        error=row.error or "",
+        error=hide_host_paths(row.error or ""),
         secret=store.sandbox_secret(row) if with_secret else None,
     )
 
@@ -249,7 +250,7 @@ def json_response(model: BaseModel, status: int = 200) -> Response:
 
 
 def error_response(status: int, code: str, message: str, detail: Any = None) -> JSONResponse:
-    body: dict[str, Any] = {"error": message, "code": code}
+    body: dict[str, Any] = {"error": hide_host_paths(message), "code": code}
     if detail is not None:
         body["detail"] = detail
     return JSONResponse(body, status_code=status)
@@ -429,7 +430,7 @@ class Api:
         who = await self.principal(request)
         rows = await self.control.events(who.project, request.path_params["sandbox_id"])
         return json_response(
-            EventList(events=[EventOut(at=_iso(e.at), kind=e.kind, detail=e.detail) for e in rows])
+            EventList(events=[EventOut(at=_iso(e.at), kind=e.kind, detail=hide_host_paths(e.detail or "")) for e in rows])
         )
 
     # -- tokens --

@@ -8,6 +8,8 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
+from sandlot.server.redact import hide_host_paths
+
 Message = dict[str, Any]
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -51,7 +53,9 @@ def response_headers(
 
 
 def json_body(body: dict[str, Any]) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    """Headers and bytes of a small JSON answer."""
+    """Headers and bytes of a small JSON answer (an error's text without host paths)."""
+    if isinstance(body.get("error"), str):
+        body = {**body, "error": hide_host_paths(body["error"])}
     data = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     return headers, data

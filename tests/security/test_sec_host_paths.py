@@ -61,17 +61,27 @@ def test_engine_failure_text_reaches_the_tenant_without_host_paths(
         body = r.text
         assert str(state_dir()) not in body and "/run/sandlot" not in body, body
         assert PLACEHOLDER in r.json()["error"]  # the message still says what failed
-        # The sandbox's own record and history, where the same text is kept:
-        store = leaky_server.app.state.control.store
-        failed = [row.id for row in store.sandboxes_with_status(["error"])]
-        assert failed
-        for sandbox_id in failed:
-            assert str(state_dir()) in (store.get_any_sandbox(sandbox_id).error or "")  # kept
-            for path in (f"/v1/sandboxes/{sandbox_id}", f"/v1/sandboxes/{sandbox_id}/events"):
-                answer = client.get(path)
-                assert answer.status_code == 200, answer.text
-                assert str(state_dir()) not in answer.text, answer.text
-                assert "/run/sandlot" not in answer.text, answer.text
+
+
+def test_a_sandboxs_error_and_history_hide_host_paths(leaky_server: RunningServer) -> None:
+    """A wake that failed records the engine's text in the sandbox's ``error`` field and its
+    events (lifecycle.py): both are read back by the tenant."""
+    store = leaky_server.app.state.control.store
+    with leaky_server.client(token=_token(leaky_server)) as client:
+        r = client.post("/v1/sandboxes", json={})
+        assert r.status_code == 201, r.text
+        sandbox_id = r.json()["id"]
+        text = HOST_TEXT.format(state=state_dir(), id=sandbox_id)
+        store.add_event(sandbox_id, "error", f"waking from deep sleep failed: {text}")
+        store.update_sandbox(sandbox_id, error=text)
+        assert store.get_any_sandbox(sandbox_id).error == text  # the server keeps it all
+        for path in (f"/v1/sandboxes/{sandbox_id}", f"/v1/sandboxes/{sandbox_id}/events"):
+            answer = client.get(path)
+            assert answer.status_code == 200, answer.text
+            assert str(state_dir()) not in answer.text, answer.text
+            assert "/run/sandlot" not in answer.text, answer.text
+            assert PLACEHOLDER in answer.text
+        client.delete(f"/v1/sandboxes/{sandbox_id}")
 
 
 def test_proxy_error_answers_hide_host_paths() -> None:

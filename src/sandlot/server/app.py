@@ -48,7 +48,6 @@ from sandlot.server.db import (
 from sandlot.server.gateway import Gateway
 from sandlot.server.h2limits import H2Limits
 from sandlot.server.pool import PoolKey
-from sandlot.server.redact import hide_host_paths
 from sandlot.server.ports import (
     ExposedPortOut,
     ExposePort,
@@ -57,6 +56,7 @@ from sandlot.server.ports import (
     UnexposedOut,
     ports_openapi_paths,
 )
+from sandlot.server.redact import hide_host_paths
 from sandlot.server.schemas import (
     PROJECT_PATTERN,
     CreateSandbox,
@@ -430,7 +430,12 @@ class Api:
         who = await self.principal(request)
         rows = await self.control.events(who.project, request.path_params["sandbox_id"])
         return json_response(
-            EventList(events=[EventOut(at=_iso(e.at), kind=e.kind, detail=hide_host_paths(e.detail or "")) for e in rows])
+            EventList(
+                events=[
+                    EventOut(at=_iso(e.at), kind=e.kind, detail=hide_host_paths(e.detail or ""))
+                    for e in rows
+                ]
+            )
         )
 
     # -- tokens --

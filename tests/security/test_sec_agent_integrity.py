@@ -18,22 +18,17 @@ import shutil
 import socket
 import subprocess
 import zipfile
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import anyio
 import pytest
 from support.local import (
-    IMAGES_DIR,
     SandboxHandle,
     create_sandbox,
     deep_sleep,
-    local_engine_unavailable,
 )
 
 from sandlot.engines.local import LocalEngine
-from sandlot.engines.local.mounts import mounts_under, unmount
-from sandlot.images.store import ImageStore
 
 pytestmark = [pytest.mark.anyio, pytest.mark.root]
 
@@ -69,28 +64,6 @@ def evil_library(tmp_path_factory: pytest.TempPathFactory) -> bytes:
         ["gcc", "-shared", "-fPIC", "-o", str(d / "evil.so"), str(d / "evil.c")], check=True
     )
     return (d / "evil.so").read_bytes()
-
-
-@pytest.fixture(scope="module")
-def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    reason = local_engine_unavailable()
-    if reason:
-        pytest.skip(reason)
-    path = tmp_path_factory.mktemp("agentfs-state")
-    yield path
-    for point in mounts_under(path):
-        unmount(point)
-
-
-@pytest.fixture
-async def engine(state: Path) -> AsyncIterator[LocalEngine]:
-    eng = LocalEngine(state, images=ImageStore(IMAGES_DIR))
-    try:
-        yield eng
-    finally:
-        for info in await eng.list():
-            await eng.delete(info.id)
-        await eng.close()
 
 
 @pytest.fixture

@@ -10,39 +10,14 @@ sandbox.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
-from support.local import IMAGES_DIR, SandboxHandle, create_sandbox, local_engine_unavailable
+from support.local import IMAGES_DIR, SandboxHandle, create_sandbox
 
 from sandlot.engines.local import LocalEngine
-from sandlot.engines.local.mounts import mounts_under, unmount
-from sandlot.images.store import ImageStore
 
 pytestmark = [pytest.mark.anyio, pytest.mark.root]
-
-
-@pytest.fixture(scope="module")
-def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    reason = local_engine_unavailable()
-    if reason:
-        pytest.skip(reason)
-    path = tmp_path_factory.mktemp("leaks-state")
-    yield path
-    for point in mounts_under(path):
-        unmount(point)
-
-
-@pytest.fixture
-async def engine(state: Path) -> AsyncIterator[LocalEngine]:
-    eng = LocalEngine(state, images=ImageStore(IMAGES_DIR))
-    try:
-        yield eng
-    finally:
-        for info in await eng.list():
-            await eng.delete(info.id)
-        await eng.close()
 
 
 @pytest.fixture

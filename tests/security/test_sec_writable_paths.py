@@ -11,21 +11,17 @@ the sandbox (its disk image included) never hold more than the quota, the writer
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from support.local import (
-    IMAGES_DIR,
     SandboxHandle,
     create_sandbox,
     deep_sleep,
-    local_engine_unavailable,
 )
 
 from sandlot.engines.local import LocalEngine
-from sandlot.engines.local.mounts import mounts_under, unmount
-from sandlot.images.store import ImageStore
 from sandlot.instance_types import get_instance_type
 
 pytestmark = [pytest.mark.anyio, pytest.mark.root]
@@ -35,28 +31,6 @@ QUOTA = get_instance_type("nano").disk_mb * 1024 * 1024
 ATTEMPT = QUOTA + 128 * 1024 * 1024
 #: What the host may hold beyond the quota for one sandbox (its config, metadata).
 SLACK = 16 * 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    reason = local_engine_unavailable()
-    if reason:
-        pytest.skip(reason)
-    path = tmp_path_factory.mktemp("writable-state")
-    yield path
-    for point in mounts_under(path):
-        unmount(point)
-
-
-@pytest.fixture
-async def engine(state: Path) -> AsyncIterator[LocalEngine]:
-    eng = LocalEngine(state, images=ImageStore(IMAGES_DIR))
-    try:
-        yield eng
-    finally:
-        for info in await eng.list():
-            await eng.delete(info.id)
-        await eng.close()
 
 
 @pytest.fixture

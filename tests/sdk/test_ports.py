@@ -632,7 +632,8 @@ def test_tcp_proxy(gw: Gateway) -> None:
 
 def test_tcp_proxy_info_in_listing(gw: Gateway, box: Sandbox) -> None:
     assert box.get_tcp_proxy_info() is None  # created without enable_tcp_proxy
-    with httpx.Client(base_url=gw.url, headers={"authorization": f"Bearer {gw.token}"}) as c:
+    auth = {"authorization": f"Bearer {gw.token}"}
+    with httpx.Client(base_url=gw.url, headers=auth, timeout=60) as c:  # (a busy machine)
         data = c.get(f"/v1/sandboxes/{box.id}/ports").json()
     assert data["tcp_proxy"] is None and data["domain"] == DOMAIN
     assert json.dumps(data)  # plain JSON

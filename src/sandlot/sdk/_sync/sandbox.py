@@ -136,7 +136,7 @@ def _read_answer(response: httpx.Response, what: str) -> httpx.Response:
         f"{what}: the answer is larger than {MAX_ANSWER_BYTES} bytes", response.status_code
     )
     length = response.headers.get("content-length", "")
-    if length.isdigit() and int(length) > MAX_ANSWER_BYTES:
+    if length.isascii() and length.isdigit() and int(length) > MAX_ANSWER_BYTES:
         raise too_large
     pieces: list[bytes] = []
     total = 0

@@ -320,12 +320,6 @@ def test_endless_bound_ports_on_a_port_request_is_bounded(
         assert growth[0] < RSS_BOUND_MIB, f"the server grew by {growth[0]} MiB"
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug, open in issue 11: about one run in three (silent and wrong-type "
-    "answers alike, also on an idle machine) the TCP proxy connection is never closed, not "
-    "even by the proxy's own 30 s deadline; the agent call itself is timed out",
-)
 @pytest.mark.parametrize("mode", ["endless-chunked", "silent", "ports-wrong-type"])
 def test_tcp_proxy_with_a_hostile_agent_closes_the_connection(
     hostile: tuple[RunningServer, HostileEngine], mode: str, quick_calls: None
@@ -336,7 +330,7 @@ def test_tcp_proxy_with_a_hostile_agent_closes_the_connection(
         proxy = client.get(f"/v1/sandboxes/{info['id']}/ports").json()["tcp_proxy"]
         agent.modes["/bound_ports"] = mode
         address = (proxy["host"], proxy["port"])
-        # closed by the server, within the call's timeout (see the xfail above)
+        # closed by the server, within the call's timeout
         with peak_rss_growth() as growth, socket.create_connection(address, timeout=45) as conn:
             assert conn.recv(1) == b""
         assert growth[0] < RSS_BOUND_MIB, f"the server grew by {growth[0]} MiB"

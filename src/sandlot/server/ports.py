@@ -173,19 +173,40 @@ def _close_gently(conn: socket.socket) -> None:
     conn.close()
 
 
-async def _client_gone(conn: socket.socket) -> None:
-    """Return once the client has closed its side, or the connection failed; nothing it sent
-    is consumed. A client that speaks first is there: then wait for ever (the caller cancels)."""
-    while True:
-        await wait_readable(conn)
+class _HangupWatch:
+    """Call ``on_gone`` once the client closes its side or the connection fails; nothing it
+    sent is consumed, and a client that speaks first is there (the watch then ends).
+
+    It runs as the event loop's reader callback, not as a task, so that :meth:`stop` takes the
+    reader off at once and the socket can be closed or handed on right after. A task waiting
+    for readability takes its reader off only when it next runs; a socket closed before that
+    leaves a stale selector entry under its descriptor's number, and the next socket given that
+    number (a new TCP proxy listener) registers into the stale entry without reaching epoll:
+    its readiness is never seen and its connections wait in the backlog for ever."""
+
+    def __init__(self, conn: socket.socket, on_gone: Callable[[], None]) -> None:
+        self._conn = conn
+        self._on_gone = on_gone
+        self._loop = asyncio.get_running_loop()
+        self._fd: int | None = conn.fileno()
+        self._loop.add_reader(self._fd, self._readable)
+
+    def _readable(self) -> None:
         try:
-            if conn.recv(1, socket.MSG_PEEK):
-                await asyncio.Future()
+            spoke = bool(self._conn.recv(1, socket.MSG_PEEK))
         except BlockingIOError:
-            continue
-        except OSError:
             return
-        return
+        except OSError:
+            spoke = False
+        self.stop()
+        if not spoke:
+            self._on_gone()
+
+    def stop(self) -> None:
+        """Stop watching (idempotent); call it before the socket is closed or handed on."""
+        if self._fd is not None:
+            self._loop.remove_reader(self._fd)
+            self._fd = None
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -910,22 +931,30 @@ class Ports:
             accepting = asyncio.get_running_loop().create_task(
                 self._accept_tcp(sandbox_id, listener)
             )
+            # closed once the task is over, so never while its reader is registered
+            accepting.add_done_callback(lambda _: listener.close())
             self._proxies[sandbox_id] = _TcpProxy(listener, accepting)
             log.info("TCP proxy of sandbox %s on %s", sandbox_id, listener.getsockname()[:2])
             return listener
 
     async def _accept_tcp(self, sandbox_id: str, listener: socket.socket) -> None:
         """Accept by hand rather than with ``asyncio.start_server``: nothing of a connection is
-        read here, so the whole stream goes to the relay untouched."""
-        loop = asyncio.get_running_loop()
+        read here, so the whole stream goes to the relay untouched. Not with
+        ``loop.sock_accept`` either: a cancelled one takes its reader off only later, by the
+        descriptor's number, which by then may name the next listener (the listener is closed
+        when this task is done, see :meth:`ensure_tcp_proxy`)."""
         while True:
+            await wait_readable(listener)
             try:
-                conn, _ = await loop.sock_accept(listener)
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                continue
             except OSError as exc:  # EMFILE and the like: the listener stays, retry shortly
                 log.warning("TCP proxy of %s: accept failed: %s", sandbox_id, exc)
                 await asyncio.sleep(0.1)
                 continue
-            task = loop.create_task(self._tcp_connection(sandbox_id, conn))
+            conn.setblocking(False)
+            task = asyncio.get_running_loop().create_task(self._tcp_connection(sandbox_id, conn))
             self._proxy_tasks.add(task)
             task.add_done_callback(self._proxy_tasks.discard)
 
@@ -957,13 +986,12 @@ class Ports:
         assert task is not None
         left = False
 
-        async def watch() -> None:
+        def gone() -> None:
             nonlocal left
-            await _client_gone(conn)
             left = True
             task.cancel()
 
-        watcher = asyncio.ensure_future(watch())
+        watch = _HangupWatch(conn, gone)
         try:
             async with (
                 asyncio.timeout(self.limits.tcp_connect_timeout) as deadline,
@@ -979,7 +1007,7 @@ class Ports:
                     return
                 port = answer.ports[0]
                 upstream = await open_tunnel_socket(agent.address, agent.secret, port)
-                watcher.cancel()
+                watch.stop()
                 deadline.reschedule(None)
                 await self.relays.splice(conn, upstream, (sandbox_id, port))  # takes both
         except (TunnelError, ApiError, WakeError, RelayError, OSError) as exc:
@@ -994,15 +1022,14 @@ class Ports:
             if not left or task.uncancel() > 0:
                 raise
         finally:
-            watcher.cancel()
+            watch.stop()
             _close_gently(conn)
 
     async def _close_proxy(self, sandbox_id: str) -> None:
         proxy = self._proxies.pop(sandbox_id, None)
         self._proxy_locks.pop(sandbox_id, None)
         if proxy is not None:
-            proxy.accepting.cancel()
-            proxy.listener.close()
+            proxy.accepting.cancel()  # which closes the listener (see ensure_tcp_proxy)
 
     async def run(self, interval: float = 1.0) -> None:
         """Keep TCP proxies in step with the database: a listener for every live sandbox that

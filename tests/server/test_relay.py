@@ -25,6 +25,14 @@ async def relays() -> AsyncIterator[Relays]:
     await r.close()
 
 
+async def _relayed(relays: Relays, count: int) -> None:
+    """Wait until the relays hold ``count`` connections (a busy machine starts one slowly)."""
+    deadline = time.monotonic() + 30
+    while relays.open_connections != count:
+        assert time.monotonic() < deadline, f"{relays.open_connections} relayed, not {count}"
+        await asyncio.sleep(0.01)
+
+
 def _pairs() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
     """(client, client's far end handed to the relay, sandbox's far end, sandbox)."""
     client, client_far = socket.socketpair()
@@ -96,7 +104,7 @@ async def test_backpressure_holds_memory_flat(relays: Relays) -> None:
 async def test_cancelling_closes_the_pair(relays: Relays) -> None:
     client, client_far, sandbox_far, sandbox = _pairs()
     spliced = asyncio.ensure_future(relays.splice(client_far, sandbox_far))
-    await asyncio.sleep(0.2)
+    await _relayed(relays, 1)
     spliced.cancel()
     client.settimeout(10)
     sandbox.settimeout(10)
@@ -108,7 +116,7 @@ async def test_cancelling_closes_the_pair(relays: Relays) -> None:
 async def test_a_dead_relay_ends_its_connections_and_a_new_one_starts(relays: Relays) -> None:
     client, client_far, sandbox_far, _sandbox = _pairs()
     spliced = asyncio.ensure_future(relays.splice(client_far, sandbox_far))
-    await asyncio.sleep(0.2)
+    await _relayed(relays, 1)
     (worker,) = relays._workers
     os.kill(worker.process.pid, signal.SIGKILL)
     with pytest.raises(RelayError, match="ended"):
@@ -201,7 +209,7 @@ async def test_close_tagged_ends_only_those(relays: Relays) -> None:
     kept[0][0].sendall(b"x")  # the pairs are in the relay once data flows
     kept[0][1].settimeout(10)
     assert await asyncio.to_thread(kept[0][1].recv, 1) == b"x"
-    await asyncio.sleep(0.2)
+    await _relayed(relays, 3)
     assert relays.close_tagged(("sb", "a")) == 2
     await asyncio.wait_for(asyncio.gather(waits[0], waits[1]), 10)
     for client, _ in kept[:2]:

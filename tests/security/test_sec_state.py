@@ -29,7 +29,6 @@ from pathlib import Path
 import httpx
 import pytest
 from support.agent_engine import AgentProcessEngine
-from support.postgres import find_bin_dir, fresh_database, postgres_cluster
 from support.server import start_server
 
 from sandlot.sdk import Sandbox
@@ -175,21 +174,6 @@ def short_dir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="sl-st-"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    if find_bin_dir() is None:
-        pytest.skip("PostgreSQL binaries not found")
-    with postgres_cluster() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, short_dir: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{short_dir / 'sandlot.db'}"
-    return fresh_database(request.getfixturevalue("postgres_url"))
 
 
 # -- a new installation -------------------------------------------------------------------------

@@ -11,23 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from support.agent_engine import AgentProcessEngine
-from support.postgres import APT_PACKAGE, find_bin_dir, fresh_database, postgres_cluster
 from support.server import RunningServer, start_server
-
-
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    if find_bin_dir() is None:
-        pytest.skip(f"PostgreSQL binaries not found: apt-get install {APT_PACKAGE}")
-    with postgres_cluster() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'sandlot.db'}"
-    return fresh_database(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture

@@ -205,3 +205,23 @@ def test_download_procfs_file_with_zero_size(client: httpx.Client) -> None:
     r = client.get("/files", params={"path": "/proc/self/status"})
     assert r.status_code == 200 and b"Pid:" in r.content
     assert client.get("/files", params={"path": "/dev/null"}).status_code == 400
+
+
+@pytest.mark.parametrize("route", ["/write_file", "/files"])
+def test_write_without_parent_names_the_missing_directory(
+    client: httpx.Client, d: Path, route: str
+) -> None:
+    """Like Koyeb's executor the write fails (404, "No such file", which its SDK classifies),
+    and the message says which directory is missing and how to make it."""
+    path = d / "a" / "b" / "f"
+    if route == "/write_file":
+        r = client.post(route, json={"path": str(path), "content": "x"})
+    else:
+        r = client.put(route, params={"path": str(path)}, content=b"x")
+    assert r.status_code == 404
+    error = r.json()["error"]
+    assert error.startswith(f"No such file or directory: {path}")
+    assert f"{d / 'a'} does not exist" in error
+    assert "make_dir" in error and "create_parents" in error
+    assert r.json()["success"] is False
+    assert sorted(os.listdir(d)) == []

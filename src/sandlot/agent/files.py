@@ -71,6 +71,31 @@ def _resolve_target(path: str) -> str:
     return path
 
 
+def _missing_parent(exc: OSError, path: str, directory: str) -> HTTPError:
+    """A write into a directory that does not exist fails, as with Koyeb's executor (404, "No
+    such file or directory", which Koyeb's SDK classifies on), and says which directory is
+    missing: the first one, from the root down."""
+    missing = directory
+    for ancestor in reversed([directory, *_ancestors(directory)]):
+        if not os.path.lexists(ancestor):
+            missing = ancestor
+            break
+    return os_error(
+        exc,
+        f"{path} (the directory {missing} does not exist: create it first with make_dir, "
+        "which is mkdir -p, or write with create_parents)",
+        success=False,
+    )
+
+
+def _ancestors(directory: str) -> list[str]:
+    out = []
+    while (parent := os.path.dirname(directory)) != directory:
+        out.append(parent)
+        directory = parent
+    return out
+
+
 def atomic_write(
     path: str,
     chunks: Iterable[bytes],
@@ -96,7 +121,10 @@ def atomic_write(
         existing = None
     base = os.path.basename(target)
     tmp = os.path.join(directory, f".{base}.sandlot-{os.urandom(6).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError as exc:
+        raise _missing_parent(exc, path, directory) from None
     written = 0
     try:
         for data in chunks:

@@ -43,38 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sandlot.engines.base import ImageError, RegistryAuth
-from sandlot.images import storage
+from sandlot.images import default_image, storage
 from sandlot.images.layers import UnpackLimits, limits_from_env, measure, read_json
 from sandlot.images.sizes import human, parse_size
 
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_PATH = default_image.ENV["PATH"]
 DEFAULT_IMAGE_ALIASES = frozenset({"default", "koyeb/sandbox", "koyeb/sandbox:latest"})
-
-#: What the default image holds: what a user of koyeb/sandbox or E2B's base image expects.
-DEFAULT_IMAGE_PACKAGES = (
-    "python3",
-    "python3-pip",
-    "python3-venv",
-    "git",
-    "curl",
-    "wget",
-    "ca-certificates",
-    "procps",
-    "unzip",
-    "xz-utils",
-    "bzip2",
-    "jq",
-    "less",
-    "file",
-    "iproute2",
-    "vim-tiny",
-)
-DEBIAN_SUITE = "bookworm"
-DEBIAN_SOURCES = (
-    "deb http://deb.debian.org/debian bookworm main",
-    "deb http://deb.debian.org/debian bookworm-updates main",
-    "deb http://deb.debian.org/debian-security bookworm-security main",
-)
 
 Progress = Callable[[str], None]
 
@@ -119,12 +93,8 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
-def _default_recipe() -> tuple[str, ...]:
-    return ("default-v1", DEBIAN_SUITE, *DEFAULT_IMAGE_PACKAGES, *DEBIAN_SOURCES)
-
-
 def default_image_digest() -> str:
-    return _recipe_digest(*_default_recipe())
+    return _recipe_digest(*default_image.recipe())
 
 
 class ImageStore:
@@ -292,7 +262,7 @@ class ImageStore:
         final = self.root / f"default-{default_image_digest()}"
         if not (final / "image.json").exists():
             # The same recipe stored the old way (owned by host root) is copied, not rebuilt.
-            legacy = self.root / f"default-{_digest(*_default_recipe())}"
+            legacy = self.root / f"default-{_digest(*default_image.recipe())}"
             if not (legacy / "image.json").exists() and not build:
                 raise ImageError("the default image is not built yet: run `sandlot image build`")
 
@@ -639,21 +609,13 @@ def _mmdebstrap(tmp: Path, progress: Progress | None) -> None:
     if shutil.which("mmdebstrap") is None:
         raise ImageError("building the default image needs mmdebstrap: apt-get install mmdebstrap")
     rootfs = tmp / "rootfs"
-    cmd = [
-        "mmdebstrap",
-        "--variant=minbase",
-        f"--include={','.join(DEFAULT_IMAGE_PACKAGES)}",
-        "--components=main",
-        # Keep the image lean: no apt lists, docs or man pages.
-        "--dpkgopt=path-exclude=/usr/share/man/*",
-        "--dpkgopt=path-exclude=/usr/share/doc/*",
-        "--customize-hook=rm -rf $1/var/lib/apt/lists/* $1/var/cache/apt/*",
-        DEBIAN_SUITE,
-        str(rootfs),
-        *DEBIAN_SOURCES,
-    ]
     if progress:
-        progress(f"building the default image (Debian {DEBIAN_SUITE}) with mmdebstrap ...")
+        progress(f"fetching uv {default_image.UV_VERSION}")
+    wheels = tmp / "wheels"
+    wheels.mkdir()
+    cmd = default_image.mmdebstrap_command(rootfs, default_image.fetch_uv(wheels))
+    if progress:
+        progress(f"building the default image (Debian {default_image.SUITE}) with mmdebstrap ...")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     tail: list[str] = []
@@ -663,7 +625,8 @@ def _mmdebstrap(tmp: Path, progress: Progress | None) -> None:
             progress(line[3:].rstrip())
     if proc.wait() != 0:
         raise ImageError("mmdebstrap failed building the default image:\n" + "\n".join(tail))
-    _write_meta(tmp, {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8"}, "/root")
+    shutil.rmtree(wheels)
+    _write_meta(tmp, dict(default_image.ENV), default_image.WORKDIR)
     if progress:
         size = sum(
             f.stat().st_size for f in rootfs.rglob("*") if f.is_file() and not f.is_symlink()

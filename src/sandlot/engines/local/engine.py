@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from sandlot import netpolicy
+from sandlot.ca_certs import ExtraCA
 from sandlot.engines.base import (
     AgentAddress,
     EngineError,
@@ -69,6 +70,7 @@ from sandlot.engines.local.admission import (
     Overcommit,
     claim_of,
 )
+from sandlot.engines.local.ca_store import CAStore
 from sandlot.engines.local.disks import DiskStock, preallocate
 from sandlot.engines.local.oci_runtime import OciRuntime
 from sandlot.engines.local.oci_spec import SandboxConfig, build_config, host_block_device_dirs
@@ -180,6 +182,7 @@ class LocalEngine:
         oci_runtime: str | None = None,
         overcommit: Overcommit = Overcommit.ALLOW,
         reserve: float = DEFAULT_RESERVE,
+        extra_ca: ExtraCA | None = None,
     ) -> None:
         if os.geteuid() != 0:
             raise EngineUnavailableError(
@@ -206,6 +209,8 @@ class LocalEngine:
             or Path("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists()
         )
         self.admission = Admission(state_dir, overcommit, reserve)
+        #: The operator's extra CA certificates, given to every new sandbox (ca_store.py).
+        self.ca_store = CAStore(extra_ca) if extra_ca is not None else None
         hostlimits.raise_file_max()
         pid_max = hostlimits.measure(state_dir).pid_max
         hostlimits.cap_sandbox_pids(self.layout, int(pid_max * (1 - reserve)))
@@ -388,6 +393,7 @@ class LocalEngine:
         for d in (upper, work):
             d.mkdir()
             os.chown(d, base, base)
+        ca_env = self.ca_store.install(image.rootfs, upper, base) if self.ca_store else {}
         self._mount_root(directory, image.rootfs, base, image.uid_base)
 
         if _resolve_in_root(rootfs, "/bin/sh") is None:
@@ -404,7 +410,7 @@ class LocalEngine:
         }
         # The commands' environment reaches the agent in a file: none of it (an image's
         # LD_PRELOAD, say, naming a file the sandbox can rewrite) reaches the agent's loader.
-        command_env = {**image.env, **dict(spec.env)}
+        command_env = {**image.env, **ca_env, **dict(spec.env)}
         command_env.setdefault("HOME", "/root")
         command_env["HOSTNAME"] = hostname
         own = own_files.prepare(

@@ -7,16 +7,13 @@ pair on a private /30) and to loopback -- never to any other address.
 from __future__ import annotations
 
 import contextlib
-import secrets
-import shutil
 import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.peer_host import peer_host
 
 from sandlot.engines.base import NetworkMode
 
@@ -25,69 +22,22 @@ from .conftest import Factory
 pytestmark = [pytest.mark.anyio, pytest.mark.root]
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
 @contextlib.contextmanager
 def _peer(tmp_path: Path, subnet: int) -> Iterator[str]:
-    """An HTTP server on a host of our own: a network namespace behind a veth pair on
-    10.213.<subnet>.0/30. Yields its URL."""
-    if shutil.which("ip") is None or shutil.which("pasta") is None:
-        pytest.skip("needs iproute2 and pasta (scripts/setup.sh installs them)")
-    host_ip, peer_ip = f"10.213.{subnet}.1", f"10.213.{subnet}.2"
-    ns = f"slpeer-{secrets.token_hex(3)}"
-    veth = f"slv{secrets.token_hex(3)}"
+    """An HTTP server on a host of our own (:mod:`support.peer_host`). Yields its URL."""
     root = tmp_path / f"peer{subnet}"
     root.mkdir()
     (root / "index.html").write_text("hello from the peer\n")
-    _ip("netns", "add", ns)
-    server = None
-    try:
-        _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        _ip("addr", "add", f"{host_ip}/30", "dev", veth)
-        _ip("link", "set", veth, "up")
-        _ip("-n", ns, "addr", "add", f"{peer_ip}/30", "dev", "eth0")
-        _ip("-n", ns, "link", "set", "eth0", "up")
-        _ip("-n", ns, "link", "set", "lo", "up")
-        server = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                sys.executable,
-                "-m",
-                "http.server",
-                "8080",
-                "--bind",
-                peer_ip,
-                "--directory",
-                str(root),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection((peer_ip, 8080), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        yield f"http://{peer_ip}:8080/index.html"
-    finally:
-        if server is not None:
-            server.kill()
-            server.wait()
-        subprocess.run(["ip", "link", "del", veth], capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+    def command(ip: str) -> list[str]:
+        return [sys.executable, "-m", "http.server", "8080", "--bind", ip, "--directory", str(root)]
+
+    with peer_host(subnet, 8080, command) as ip:
+        yield f"http://{ip}:8080/index.html"
 
 
-@pytest.fixture
-def peer_host(tmp_path: Path) -> Iterator[str]:
+@pytest.fixture(name="peer_host")
+def peer_host_fixture(tmp_path: Path) -> Iterator[str]:
     with _peer(tmp_path, 7) as url:
         yield url
 

@@ -19,7 +19,6 @@ from sandlot.images.store import ImageStore
 pytestmark = [pytest.mark.anyio, pytest.mark.root]
 
 
-
 def as_alice(script: str) -> str:
     """``script`` as a user other than root, in her home (E2B runs commands as "user")."""
     return f"runuser -u alice -- env HOME=/home/alice sh -c 'cd && {script}'"
@@ -153,11 +152,22 @@ async def test_c_extension_builds(sandbox: SandboxHandle) -> None:
 async def test_node_and_npm(sandbox: SandboxHandle) -> None:
     assert (await sandbox.sh("npm --version")).strip().split(".")[0].isdigit()
     assert await sandbox.sh("node -e 'console.log(6 * 7)'") == "42\n"
-    # npm works offline on a local package, for root and for a user.
-    await sandbox.sh(
-        "mkdir -p /tmp/js/dep && cd /tmp/js && echo 'module.exports = 7' > dep/index.js"
-        ' && echo \'{"name": "dep", "version": "1.0.0"}\' > dep/package.json'
-        " && chmod -R a+rwX /tmp/js"
-    )
-    script = 'cd /tmp/js && npm install --offline --no-audit --no-fund ./dep >/dev/null 2>&1 && node -e "console.log(require(\\"dep\\") * 6)"'
-    assert await sandbox.sh(script) == "42\n"
+    # npm installs a local package offline, for root and for a user.
+    files = {
+        "dep/index.js": "module.exports = 7\n",
+        "dep/package.json": '{"name": "dep", "version": "1.0.0"}\n',
+        "main.js": 'console.log(require("dep") * 6)\n',
+    }
+    for who in ("root", "alice"):
+        for name, content in files.items():
+            path = f"/tmp/js-{who}/{name}"
+            r = await sandbox.client.post(
+                "/write_file", json={"path": path, "content": content, "create_parents": True}
+            )
+            assert r.status_code == 200, r.text
+        script = f"cd /tmp/js-{who} && npm install --offline --no-audit --no-fund ./dep 2>&1"
+        if who == "alice":
+            await sandbox.sh("chown -R alice /tmp/js-alice")
+            script = as_alice(script)
+        await sandbox.sh(script)
+        assert await sandbox.sh(f"node /tmp/js-{who}/main.js") == "42\n"

@@ -91,6 +91,17 @@ def main() -> None:
     help="Fraction of the host's disk, memory, pids and file handles no create may take.",
 )
 @click.option(
+    "--extra-ca-file",
+    default=None,
+    envvar="SANDLOT_EXTRA_CA_FILE",
+    metavar="PATH",
+    help="PEM file of CA certificates every new sandbox trusts besides its image's own (e.g. "
+    "a TLS-inspecting proxy's or an internal package index's CA): added to the image's system "
+    "bundle, with SSL_CERT_FILE, REQUESTS_CA_BUNDLE, PIP_CERT and NODE_EXTRA_CA_CERTS set. "
+    "Certificates only (a private key is refused), 1 MiB at most. Default: none; the host's "
+    "own CAs are never given to sandboxes. Env SANDLOT_EXTRA_CA_FILE.",
+)
+@click.option(
     "--max-json-body",
     default=1024 * 1024,
     show_default=True,
@@ -156,6 +167,7 @@ def server(
     key_file: str | None,
     overcommit: str,
     reserve: float,
+    extra_ca_file: str | None,
     max_json_body: int,
     max_exposed_ports: int | None,
     max_port_requests: int | None,
@@ -167,6 +179,8 @@ def server(
 ) -> None:
     """Run the control server and gateway. Limits left out keep their defaults (listed in
     docs/ports.md)."""
+    from sandlot.ca_certs import ExtraCAError
+    from sandlot.ca_certs import load as load_extra_ca
     from sandlot.server.admission import PortLimits
     from sandlot.server.h2limits import H2Limits
     from sandlot.server.pool import PoolKey
@@ -176,6 +190,10 @@ def server(
         parse_listen(listen)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--listen") from None
+    try:
+        extra_ca = load_extra_ca(extra_ca_file) if extra_ca_file else None
+    except ExtraCAError as exc:
+        raise click.BadParameter(str(exc), param_hint="--extra-ca-file") from None
     try:
         pool_sizes = dict(PoolKey.parse(p) for p in pools)
     except ValueError as exc:
@@ -192,7 +210,7 @@ def server(
             tcp_proxy_host=tcp_proxy_host,
             trusted_image_dirs=trusted_image_dirs,
             key_file=key_file,
-            policy=HostPolicy(overcommit, reserve),
+            policy=HostPolicy(overcommit, reserve, extra_ca),
             max_json_body=max_json_body,
             h2_limits=H2Limits(
                 **_given(

@@ -24,6 +24,7 @@ from typing import Any
 
 import uvicorn
 
+from sandlot.ca_certs import ExtraCA
 from sandlot.engines.base import Engine, EngineError
 from sandlot.images.trust import ImageTrust
 from sandlot.local_trust import open_private_file, private_dir
@@ -69,10 +70,12 @@ class HostPolicy:
     """How much of the host sandboxes may be promised (the local engine's admission):
     ``overcommit`` "allow" (each create must fit what is free now) or "none" (disks
     preallocated, promises never add up past the host); ``reserve``: the fraction of each host
-    total kept out of reach."""
+    total kept out of reach; ``extra_ca``: what sandboxes trust beyond their image's CAs."""
 
     overcommit: str = "allow"
     reserve: float = 0.10
+    #: The operator's extra CA certificates for every new sandbox (``--extra-ca-file``).
+    extra_ca: ExtraCA | None = None
 
 
 def load_engine(spec: str, policy: HostPolicy | None = None) -> Engine:
@@ -84,7 +87,10 @@ def load_engine(spec: str, policy: HostPolicy | None = None) -> Engine:
 
         policy = policy or HostPolicy()
         engine: Engine = LocalEngine(
-            state_dir(), overcommit=Overcommit(policy.overcommit), reserve=policy.reserve
+            state_dir(),
+            overcommit=Overcommit(policy.overcommit),
+            reserve=policy.reserve,
+            extra_ca=policy.extra_ca,
         )
         return engine
     module, sep, attr = spec.partition(":")

@@ -23,8 +23,9 @@ Why each departure from plain Debian:
 - **build-essential, python3-dev** (wheels without binaries build), **nodejs, npm** (Debian's:
   Node.js 18, npm 9).
 
-Measured on a 2-core VM (Debian mirror through a proxy): a fresh build takes about 3 minutes and
-the image is about 700 MB on disk (mostly gcc, Node.js and npm's ~400 Debian packages).
+Measured on a 2-core VM, fresh (nothing cached): the build takes 2 min 0 s (mmdebstrap 110 s,
+the uv wheel 2 s) and the image is 882 MB on disk, against 307 MB for the first recipe (python3
+and tools only): gcc 120 MB, Debian's Node.js modules 144 MB, uv 38 MB.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ writes to its own overlay upper directory), so nothing here is ever modified aft
 
 Image references a user can give:
 
-- ``default`` or ``koyeb/sandbox`` -- the default image (Debian bookworm with python3, pip, git,
-  curl, ...), built locally once with mmdebstrap, rebuilt only when its recipe changes;
+- ``default`` or ``koyeb/sandbox`` -- the default image (Debian bookworm with python3, pip, uv,
+  gcc, Node.js, git, curl, ...: :mod:`.default_image`), built locally once with mmdebstrap,
+  rebuilt only when its recipe changes;
 - ``busybox`` -- a tiny image made from the host's static busybox (no Python in it at all);
 - an absolute path to a root filesystem directory (used in place, owned by host root);
 - ``oci:PATH[:TAG]`` -- an OCI image layout on disk (unpacked with umoci);

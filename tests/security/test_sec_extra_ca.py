@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import shutil
+import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
@@ -305,3 +309,42 @@ async def test_an_image_linking_to_the_hosts_store_gets_no_bundle(
         await trusting.delete(sb.id)
     # Nothing was written through the link on the host either.
     assert not Path("/etc/ssl/certs/ca-certificates.crt").read_bytes().endswith(_pem(test_ca.cert))
+
+
+@pytest.mark.anyio
+@pytest.mark.root
+async def test_sandlot_server_option_reaches_sandboxes(
+    state: Path, tmp_path: Path, test_ca: CertAuthority
+) -> None:
+    """``sandlot server --extra-ca-file`` (a real server process): a sandbox created through
+    the SDK trusts the CA."""
+    from sandlot import AsyncSandbox
+
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(_pem(test_ca.cert))
+    sock = tmp_path / "s.sock"
+    env = {**os.environ, "SANDLOT_STATE_DIR": str(state), "SANDLOT_IMAGES_DIR": str(IMAGES_DIR)}
+    argv = [sys.executable, "-m", "sandlot.cli", "server", "--listen", f"unix:{sock}"]
+    with open(tmp_path / "server.log", "wb") as log:
+        server = subprocess.Popen(
+            [*argv, "--extra-ca-file", str(ca_file)], env=env, stdout=log, stderr=log
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline, "the server did not start"
+            await anyio.sleep(0.05)
+        sb = await AsyncSandbox.create(api_url=f"unix:{sock}", wait_ready=True)
+        try:
+            result = await sb.exec(f"cat {ca_certs.EXTRA_FILE}; echo $SSL_CERT_FILE")
+            assert result.stdout == _pem(test_ca.cert).decode() + ca_certs.SYSTEM_BUNDLE + "\n"
+        finally:
+            await sb.delete()
+    finally:
+        server.terminate()
+        server.wait(30)
+        engine = LocalEngine(state, images=ImageStore(IMAGES_DIR))
+        for info in await engine.list():
+            await engine.delete(info.id)
+        await engine.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from support import demo_packages
 from support.local import IMAGES_DIR, SandboxHandle, create_sandbox, local_engine_unavailable
@@ -56,6 +57,7 @@ async def sandbox(state: Path, packages: dict[str, bytes]) -> AsyncIterator[Sand
     engine = LocalEngine(state, images=ImageStore(IMAGES_DIR))
     try:
         handle = await create_sandbox(engine, "default", "small")
+        handle.client.timeout = httpx.Timeout(300)  # pip builds in venvs: slow on a busy host
         try:
             for name, data in packages.items():
                 r = await handle.client.put(

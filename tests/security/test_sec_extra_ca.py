@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
@@ -232,6 +233,8 @@ async def test_pip_trusts_the_index_only_with_the_extra_ca(
     plain, trusting = engines
     without = await create_sandbox(plain, "default", network=NetworkMode.OUTBOUND)
     with_ca = await create_sandbox(trusting, "default", network=NetworkMode.OUTBOUND)
+    for handle in (without, with_ca):
+        handle.client.timeout = httpx.Timeout(300)  # pip and uv in venvs: slow on a busy host
     try:
         pip = PIP.format(url=index)
         out = await without.run(f"pip install {pip} 2>&1")

@@ -20,7 +20,9 @@ environment variables that tools which ignore the system store read (:func:`sand
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,12 +91,19 @@ def parse(data: bytes) -> ExtraCA:
 
 
 def load(path: str | Path) -> ExtraCA:
-    """Read and check the operator's file (bounded: a device or FIFO is not read forever)."""
+    """Read and check the operator's file: a regular file (a FIFO or a device would hang the
+    server's start or never end), read bounded."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_BYTES + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise ExtraCAError(f"cannot read the extra CA file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ExtraCAError(f"the extra CA file {path} is not a regular file")
+        try:
+            data = f.read(MAX_BYTES + 1)
+        except OSError as exc:
+            raise ExtraCAError(f"cannot read the extra CA file {path}: {exc.strerror}") from None
     return parse(data)
 
 

@@ -21,3 +21,9 @@ def test_help_documents_the_policy() -> None:
     out = CliRunner().invoke(main, ["server", "--help"]).output
     assert "--overcommit [allow|none]" in out and "--reserve" in out
     assert HostPolicy() == HostPolicy("allow", 0.10)  # the defaults the help shows
+
+
+def test_help_documents_the_extra_ca_file() -> None:
+    out = " ".join(CliRunner().invoke(main, ["server", "--help"]).output.split())
+    assert "--extra-ca-file PATH" in out and "SANDLOT_EXTRA_CA_FILE" in out
+    assert "host's own CAs are never given to sandboxes" in out

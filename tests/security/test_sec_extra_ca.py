@@ -159,10 +159,17 @@ def test_the_server_refuses_a_bad_file_before_starting(
 ) -> None:
     key = tmp_path / "key.pem"
     key.write_bytes(_key_pem(test_ca.key))
+    big = tmp_path / "big.pem"
+    with open(big, "wb") as f:
+        f.truncate(64 * 1024 * 1024)  # sparse: read bounded, then refused
+    fifo = tmp_path / "fifo.pem"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer for ever
     for path, reason in [
         (key, "a private key must never be given to sandboxes"),
         (tmp_path / "missing.pem", "cannot read the extra CA file"),
-        (Path("/dev/zero"), "larger than"),  # endless: read bounded, then refused
+        (big, "larger than"),
+        (fifo, "is not a regular file"),
+        (Path("/dev/zero"), "is not a regular file"),
     ]:
         result = CliRunner().invoke(main, ["server", "--extra-ca-file", str(path)])
         assert result.exit_code == 2, result.output

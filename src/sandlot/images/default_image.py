@@ -20,6 +20,8 @@ Why each departure from plain Debian:
 - **uv**, which Debian 12 does not package: its PyPI wheel (a static binary) is fetched on the
   host by the host's pip, with the version pinned and the wheel's sha256 checked by pip's hash
   mode (:data:`UV_REQUIREMENT`), then installed in the image by the image's own pip, offline.
+  The host's pip configuration applies (index, find-links, certificates): a host without
+  PyPI builds the image from its own mirror.
 - **build-essential, python3-dev** (wheels without binaries build), **nodejs, npm** (Debian's:
   Node.js 18, npm 9).
 

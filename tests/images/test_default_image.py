@@ -82,6 +82,10 @@ IMPORT_BOTH = "import sandlot_demo_wheel as w, sandlot_demo_sdist as s; print(w.
 BOTH = "sandlot_demo_wheel sandlot_demo_sdist\n"
 
 
+async def test_python_names_python3(sandbox: SandboxHandle) -> None:
+    assert (await sandbox.sh("python --version")).startswith("Python 3.")
+
+
 async def test_pip_install_as_root(sandbox: SandboxHandle) -> None:
     await sandbox.sh(f"pip install --no-index {WHEEL} {SDIST} 2>&1")
     assert await sandbox.sh(f"cd / && python3 -c '{IMPORT_BOTH}'") == BOTH

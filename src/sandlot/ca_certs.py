@@ -107,13 +107,13 @@ def load(path: str | Path) -> ExtraCA:
     return parse(data)
 
 
-def sandbox_env(has_system_bundle: bool) -> dict[str, str]:
+def sandbox_env(has_system_bundle: bool, has_extra_file: bool = True) -> dict[str, str]:
     """The variables that make tools which ignore the system store use the extra CAs: Python's
     ssl and OpenSSL (``SSL_CERT_FILE``), requests (``REQUESTS_CA_BUNDLE``, else certifi), pip
     (``PIP_CERT``), uv (``SSL_CERT_FILE``), Node.js (``NODE_EXTRA_CA_CERTS``, added to its own
     roots). The first three replace a tool's store, so they are set only where the image has
     a system bundle that now holds the extra CAs too."""
-    env = {"NODE_EXTRA_CA_CERTS": EXTRA_FILE}
+    env = {"NODE_EXTRA_CA_CERTS": EXTRA_FILE} if has_extra_file else {}
     if has_system_bundle:
         env |= {k: SYSTEM_BUNDLE for k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT")}
     return env

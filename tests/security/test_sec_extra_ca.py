@@ -323,6 +323,30 @@ async def test_an_image_linking_to_the_hosts_store_gets_no_bundle(
 
 @pytest.mark.anyio
 @pytest.mark.root
+async def test_an_image_linking_to_host_directories_gets_nothing_written_there(
+    engines: tuple[LocalEngine, LocalEngine], tmp_path: Path
+) -> None:
+    """``/usr/local`` -> a host directory: the extra file is not placed (nor written through
+    the link), and no variable names a file that is not there."""
+    _, trusting = engines
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    shutil.copy2("/bin/busybox", rootfs / "bin" / "busybox")
+    (rootfs / "bin" / "sh").symlink_to("busybox")
+    target = tmp_path / "host-dir"  # stands for any host directory
+    (rootfs / "usr").mkdir()
+    (rootfs / "usr" / "local").symlink_to(target)
+    sb = await create_sandbox(trusting, str(rootfs))
+    try:
+        assert "NODE_EXTRA_CA_CERTS" not in await sb.sh("/bin/busybox env")
+    finally:
+        await sb.aclose()
+        await trusting.delete(sb.id)
+    assert not target.exists()
+
+
+@pytest.mark.anyio
+@pytest.mark.root
 async def test_sandlot_server_option_reaches_sandboxes(
     state: Path, tmp_path: Path, test_ca: CertAuthority
 ) -> None:

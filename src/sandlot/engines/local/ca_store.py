@@ -38,11 +38,11 @@ class CAStore:
         """Write the files into ``upper`` (empty, not yet mounted) as ``owner`` (the sandbox's
         root); return the environment variables the sandbox's commands get."""
         bundle = _combined(image_rootfs, self.extra.pem)
-        _place(image_rootfs, upper, EXTRA_FILE, self.extra.pem, owner)
+        has_extra = _place(image_rootfs, upper, EXTRA_FILE, self.extra.pem, owner)
         has_bundle = bundle is not None and _place(
             image_rootfs, upper, SYSTEM_BUNDLE, bundle, owner
         )
-        return sandbox_env(has_bundle)
+        return sandbox_env(has_bundle, has_extra)
 
 
 def _image_lstat(image_rootfs: Path, relative: str) -> os.stat_result | None:

@@ -287,8 +287,11 @@ async def test_the_sandbox_sees_the_files_and_variables(
         for var in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT"):
             assert f"{var}={ca_certs.SYSTEM_BUNDLE}\n" in env
         assert f"NODE_EXTRA_CA_CERTS={ca_certs.EXTRA_FILE}\n" in env
-        # The sandbox's own files: root inside may change them (it owns its sandbox).
+        # The sandbox's own files: root inside may change them (it owns its sandbox), and
+        # Debian's own tool, run inside, keeps the extra CAs.
         assert (await sb.sh(f"stat -c %u:%a {ca_certs.SYSTEM_BUNDLE}")) == "0:644\n"
+        await sb.sh("update-ca-certificates --fresh 2>&1")
+        assert extra in await sb.sh(f"cat {ca_certs.SYSTEM_BUNDLE}")
     finally:
         await sb.aclose()
         await trusting.delete(sb.id)

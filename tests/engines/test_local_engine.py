@@ -45,7 +45,7 @@ async def test_busybox_image_without_python(make_sandbox: Factory) -> None:
 async def test_own_hostname_and_pid_namespace(make_sandbox: Factory) -> None:
     sb = await make_sandbox(name="my-box")
     assert (await sb.sh("hostname")).strip() == "my-box"
-    assert "tini" in await sb.sh("cat /proc/1/cmdline")
+    assert "sandlot-init" in await sb.sh("cat /proc/1/cmdline")
     pids = (await sb.sh("ls /proc | grep -E '^[0-9]+$'")).split()
     assert len(pids) < 20, f"sandbox sees too many processes: {pids}"
     host_pid = str(os.getpid())

@@ -307,7 +307,8 @@ async def test_mount_points_cannot_be_redirected(
     await sb.sh(
         "mv /.sandlot /.old && mkdir -p /.sandlot/run/rt && "
         "ln -s /.sandlot/run/rt /.sandlot/runtime && ln -s /tmp /.sandlot/config && "
-        "mkdir -p /.old/run/rt/bin && printf '#!/bin/sh\\ntouch /pwned\\n' > /.old/run/rt/bin/tini"
+        "mkdir -p /.old/run/rt/bin && "
+        "printf '#!/bin/sh\\ntouch /pwned\\n' > /.old/run/rt/bin/sandlot-init"
     )
     await deep_sleep(engine, sb)
     await _assert_agent_is_ours(sb)
@@ -337,7 +338,7 @@ async def test_privileged_sandbox_cannot_rewrite_the_runtime_or_its_configuratio
     sb = await _sandbox(engine, sandboxes, privileged=True)
     for point in (RUNTIME, "/.sandlot/config"):
         await sb.run(f"mount -o remount,rw {point}")
-    for path in (f"{RUNTIME}/bin/tini", "/.sandlot/config/secret", "/.sandlot/config/env"):
+    for path in (PYTHON, "/.sandlot/config/secret", "/.sandlot/config/env"):
         out = await sb.run(f"echo attacker >> {path} || chmod 666 {path} || rm -f {path}")
         assert out["code"] != 0, (path, out)
     out = await sb.run(f"touch {RUNTIME}/new /.sandlot/config/new")

@@ -131,7 +131,7 @@ def spawn(
     if env:
         full_env.update(env)
     try:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [find_sh(full_env), "-c", cmd],
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -143,6 +143,28 @@ def spawn(
         )
     except OSError as exc:
         raise SpawnError(f"cannot start command: {exc.strerror or exc}") from None
+    prefer_for_oom(proc.pid)
+    return proc
+
+
+#: The ``oom_score_adj`` of every command: the sandbox's OOM killer takes a command first.
+COMMAND_OOM_SCORE_ADJ = b"1000"
+
+
+def prefer_for_oom(pid: int) -> None:
+    """Make a command the sandbox's OOM killer's first choice, so that a memory hog, not the
+    agent (nor pid 1, whose death would end the sandbox), is what it kills. Raising one's
+    ``oom_score_adj`` needs no privilege; lowering it below 0 needs CAP_SYS_RESOURCE on the
+    host, which root inside never has, so a command cannot undo more than this (down to 0, the
+    agent's value; see ``engines/local/oom.py``, which also lowers the agent's where the host
+    allows). Written just after the command started (a subprocess pre-exec hook would rule out
+    vfork, and is unsafe with the agent's threads): a child its shell forks within those
+    microseconds keeps the agent's value."""
+    try:
+        with open(f"/proc/{pid}/oom_score_adj", "wb") as f:
+            f.write(COMMAND_OOM_SCORE_ADJ)
+    except OSError:
+        pass  # it exited already
 
 
 def feed_stdin(proc: subprocess.Popen[bytes], data: bytes) -> None:

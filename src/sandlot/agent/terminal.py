@@ -44,6 +44,7 @@ def _set_size(fd: int, rows: int, cols: int) -> None:
 
 def _take_controlling_tty() -> None:  # runs in the child between fork and exec
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    commands.prefer_for_oom(os.getpid())  # here, before exec, no shell can fork first
 
 
 def _size(value: str | None, name: str, default: int) -> int:

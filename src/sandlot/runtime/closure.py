@@ -5,8 +5,8 @@ Python works as well as the default image, and a user who breaks the image's own
 installs, removals) cannot break the agent. The closure is Debian's python3.11 binary, its standard
 library (tests and GUI toolkits dropped), every shared library they load and the dynamic loader,
 with the binary's interpreter and rpath rewritten (patchelf) to point inside the closure so it
-runs without any environment variable that would leak into user commands. ``tini`` rides along as
-the sandbox's pid 1 (it reaps orphans and forwards signals to the agent).
+runs without any environment variable that would leak into user commands. The sandbox's pid 1 is
+``sandlot-init`` (:mod:`sandlot.agent.supervisor`), which keeps the agent running.
 
 Nothing the sandbox writes may change the code the agent runs, yet a stock loader and libc read
 files of the sandbox's own filesystem: ``/etc/ld.so.preload`` (libraries loaded into every
@@ -25,7 +25,7 @@ The agent runs with ``-I -S`` (no ``PYTHON*`` variables, no site, no current dir
 
 Layout, mounted at :data:`sandlot.paths.SANDBOX_RUNTIME_DIR`::
 
-    bin/tini
+    bin/sandlot-init                 (a link to python/bin/python3: the name ps shows)
     python/bin/python3               (patched interpreter, runs with -I)
     python/lib/ld-linux-x86-64.so.2  (loader) and the .so files
     python/lib/python3.11/...        (stdlib; the agent package lives here as ``sandlot.agent``)
@@ -51,8 +51,10 @@ from sandlot.paths import SANDBOX_RUNTIME_DIR
 #: Debian's python3.11 (package python3.11-minimal + libpython3.11-stdlib).
 HOST_PYTHON = Path("/usr/bin/python3.11")
 HOST_STDLIB = Path("/usr/lib/python3.11")
-HOST_TINI = Path("/usr/bin/tini-static")
 PY_VERSION = "python3.11"
+#: The name of the sandbox's pid 1 as ``ps`` and ``pkill`` see it (its agent child renames
+#: itself ``sandlot-agent``).
+INIT_NAME = "sandlot-init"
 
 #: Standard-library parts the agent never needs; dropping them keeps the closure small.
 _STDLIB_EXCLUDE = {
@@ -136,7 +138,7 @@ def patch_paths(binary: Path, patches: list[tuple[bytes, bytes]]) -> None:
 
 
 class RuntimeBuildError(RuntimeError):
-    """The closure cannot be built on this host (missing python3.11, tini or patchelf)."""
+    """The closure cannot be built on this host (missing python3.11 or patchelf)."""
 
 
 def _require(path: Path, package: str) -> None:
@@ -155,9 +157,8 @@ def _agent_files() -> list[Path]:
 def runtime_digest() -> str:
     """Digest of everything the closure is made of (cheap: stat of big files, content of ours)."""
     h = hashlib.sha256(b"sandlot-runtime-v2")
-    for big in (HOST_PYTHON, HOST_TINI):
-        st = big.stat()
-        h.update(f"{big}:{st.st_size}:{st.st_mtime_ns}".encode())
+    st = HOST_PYTHON.stat()
+    h.update(f"{HOST_PYTHON}:{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(str(sorted(_STDLIB_EXCLUDE)).encode())
     h.update(Path(__file__).read_bytes())
     for f in _agent_files():
@@ -214,7 +215,6 @@ def build_runtime(root: Path, *, log: object = None) -> Path:
     """
     _require(HOST_PYTHON, "python3.11-minimal")
     _require(HOST_STDLIB / "os.py", "libpython3.11-stdlib")
-    _require(HOST_TINI, "tini")
     if shutil.which("patchelf") is None:
         raise RuntimeBuildError("patchelf is missing: install the Debian package 'patchelf'")
 
@@ -275,9 +275,12 @@ def build_runtime(root: Path, *, log: object = None) -> Path:
             check=True,
             capture_output=True,
         )
-        shutil.copy2(HOST_TINI, tmp / "bin" / "tini")
+        # Processes are named after the file exec'd (comm) and show their argv (cmdline): a
+        # link whose name does not contain "python" keeps `pkill python3` and `pkill -f python`
+        # off the sandbox's own processes. Python resolves the link to find its prefix.
+        (tmp / "bin" / INIT_NAME).symlink_to("../python/bin/python3")
         for path in (tmp, *tmp.rglob("*")):
-            if path.is_dir():
+            if path.is_dir() and not path.is_symlink():
                 path.chmod(0o755)
         try:
             tmp.rename(final)
@@ -297,22 +300,19 @@ AGENT_ENV = {"LC_ALL": "C", "HOME": "/"}  # HOME given: crun reads no /etc/passw
 
 
 def agent_command(listen: str) -> list[str]:
-    """The argv of the sandbox's pid 1: tini, then the agent in isolated mode (-I ignores the
-    user's PYTHON* variables, so a sandbox env cannot break or hijack the agent; -S skips the
-    site module: the closure has no site-packages, and start-up time matters; -X utf8 because
-    the agent runs in the C locale, see :data:`AGENT_ENV`)."""
+    """The argv of the sandbox's pid 1: ``sandlot-init``, which runs the agent and restarts it
+    whenever it dies (:mod:`sandlot.agent.supervisor`), in isolated mode (-I ignores the user's
+    PYTHON* variables, so a sandbox env cannot break or hijack the agent; -S skips the site
+    module: the closure has no site-packages, and start-up time matters; -X utf8 because the
+    agent runs in the C locale, see :data:`AGENT_ENV`)."""
     return [
-        f"{SANDBOX_RUNTIME_DIR}/bin/tini",
-        "-s",
-        "-g",
-        "--",
-        f"{SANDBOX_RUNTIME_DIR}/python/bin/python3",
+        f"{SANDBOX_RUNTIME_DIR}/bin/{INIT_NAME}",
         "-I",
         "-S",
         "-X",
         "utf8",
         "-m",
-        "sandlot.agent",
+        "sandlot.agent.supervisor",
         "--listen",
         listen,
     ]

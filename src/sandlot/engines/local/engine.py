@@ -59,6 +59,7 @@ from sandlot.engines.local import (
     idmap,
     mounts,
     network,
+    oom,
     own_files,
     runtime_image,
     userns,
@@ -524,7 +525,7 @@ class LocalEngine:
             listener.bind(str(path))
             os.chmod(path, 0o600)
             listener.listen(256)
-            return await self.runtime.run_detached(
+            pid = await self.runtime.run_detached(
                 directory.name,
                 directory / "bundle",
                 log_path,
@@ -532,6 +533,8 @@ class LocalEngine:
                 listener.fileno(),
                 log_fd,
             )
+            oom.protect_init(pid)
+            return pid
         finally:
             listener.close()  # the sandbox's agent holds it now
             if log_fd is not None:

@@ -1,0 +1,166 @@
+"""The agent survives what a sandbox's own code does to its processes.
+
+Each attack is what a code runner or a careless user does from inside a real sandbox: clean up
+with ``pkill -9 python3`` or ``pkill -f python``, ``kill -9 -1``, a fork bomb, a memory hog
+above the instance's limit, ``kill -STOP -1``. Each is followed by a working ``exec`` on the same
+sandbox (same pid 1: it was not restarted from outside). Before ``sandlot-init`` the agent was a
+plain ``python3`` under tini, which exited with it: the sandbox stopped for good and every call
+failed with "Connection refused".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from support.local import SandboxHandle, create_sandbox
+
+from sandlot.engines.local import LocalEngine
+from sandlot.engines.local.cgroups import CGROUP_PARENT, CGROUP_ROOT, CgroupLayout
+
+pytestmark = [pytest.mark.anyio, pytest.mark.root]
+
+#: Generous: the machine may be busy; every wait ends as soon as its condition holds.
+DEADLINE = 60.0
+AGENT_PID = (
+    "for p in /proc/[0-9]*; do "
+    '[ "$(cat $p/comm 2>/dev/null)" = sandlot-agent ] && echo ${p#/proc/}; done; true'
+)
+
+
+@pytest.fixture
+async def sb(engine: LocalEngine) -> AsyncIterator[SandboxHandle]:
+    handle = await create_sandbox(engine)
+    try:
+        yield handle
+    finally:
+        await handle.aclose()  # the engine fixture deletes the sandbox
+
+
+async def attack(sb: SandboxHandle, cmd: str, **extra: object) -> None:
+    """Run ``cmd``; the agent may die under it (the connection then closes unanswered)."""
+    with contextlib.suppress(httpx.TransportError):
+        await sb.client.post("/run", json={"cmd": cmd, **extra}, timeout=DEADLINE)
+
+
+async def working_exec(sb: SandboxHandle) -> None:
+    """Wait until an exec answers again (no fixed sleep: polls until it works)."""
+    deadline = time.monotonic() + DEADLINE
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            out = await sb.run("echo alive")
+            if out["stdout"] == "alive\n":
+                return
+            last = repr(out)
+        except (httpx.TransportError, AssertionError) as exc:
+            last = repr(exc)
+        await anyio.sleep(0.02)
+    raise AssertionError(f"no working exec within {DEADLINE}s: {last}")
+
+
+async def agent_pids(sb: SandboxHandle) -> list[str]:
+    """The agent's pid as the sandbox sees it (also the pid of a command's shell between
+    fork and exec: the agent is the one that stays)."""
+    return (await sb.sh(AGENT_PID)).split()
+
+
+async def init_started(sb: SandboxHandle) -> str:
+    """pid 1's start time: unchanged means the sandbox itself was not restarted."""
+    return (await sb.sh("cut -d' ' -f22 /proc/1/stat")).strip()
+
+
+async def test_names_are_not_python(sb: SandboxHandle) -> None:
+    names = await sb.sh("cat /proc/1/comm; cat /proc/1/cmdline | tr '\\0' ' '; echo")
+    assert "python" not in names and names.startswith("sandlot-init\n"), names
+    agent = (await agent_pids(sb))[0]
+    names = await sb.sh(f"cat /proc/{agent}/comm /proc/{agent}/cmdline | tr '\\0' ' '")
+    assert "python" not in names and names.startswith("sandlot-agent\n"), names
+
+
+@pytest.mark.parametrize("cmd", ["pkill -9 python3", "pkill -9 -f python", "killall -q python3"])
+async def test_pkill_by_python_name_misses_the_agent(sb: SandboxHandle, cmd: str) -> None:
+    before, started = await agent_pids(sb), await init_started(sb)
+    await attack(sb, cmd)
+    await working_exec(sb)
+    assert await agent_pids(sb) == before  # not even restarted: it was not matched
+    assert await init_started(sb) == started
+
+
+@pytest.mark.parametrize(
+    "cmd", ["kill -9 -1", "pkill -9 sandlot-agent", "pkill -9 -f sandlot", "kill -9 1 -1"]
+)
+async def test_killed_agent_comes_back(sb: SandboxHandle, cmd: str) -> None:
+    before, started = await agent_pids(sb), await init_started(sb)
+    await attack(sb, cmd)
+    await working_exec(sb)
+    assert await agent_pids(sb) != before  # it died, and came back by itself
+    assert await init_started(sb) == started
+    secret_ok = await sb.client.post("/run", json={"cmd": "true"})
+    assert secret_ok.status_code == 200  # the owner's secret still opens it
+    wrong = await sb.client.post(
+        "/run", json={"cmd": "true"}, headers={"Authorization": "Bearer nope"}
+    )
+    assert wrong.status_code == 401
+
+
+async def test_stopped_agent_is_continued(sb: SandboxHandle) -> None:
+    started = await init_started(sb)
+    await attack(sb, "kill -STOP -1")
+    await working_exec(sb)
+    assert await init_started(sb) == started
+
+
+async def test_fork_bomb_under_the_pids_limit(sb: SandboxHandle) -> None:
+    # Its processes share one process group: the exec's timeout kills them all.
+    await attack(sb, "f() { f | f & }; f; sleep 1000", timeout=5)
+    await working_exec(sb)
+    await attack(sb, "kill -9 -1")  # whatever of the bomb escaped its group
+    await working_exec(sb)
+
+
+def _oom_kills(layout: CgroupLayout, sandbox_id: str) -> int:
+    if layout is CgroupLayout.V2:
+        path = CGROUP_ROOT / CGROUP_PARENT / sandbox_id / "memory.events"
+    else:
+        path = CGROUP_ROOT / "memory" / CGROUP_PARENT / sandbox_id / "memory.oom_control"
+    for line in Path(path).read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            return int(value)
+    raise AssertionError(f"no oom_kill count in {path}")
+
+
+async def test_memory_hog_is_killed_not_the_agent(sb: SandboxHandle) -> None:
+    before, started = await agent_pids(sb), await init_started(sb)
+    out = await sb.run("python3 -c 'a = []\nwhile True: a.append(bytearray(10**7))'")
+    assert out["code"] == 137, out  # SIGKILLed by the OOM killer
+    await working_exec(sb)
+    assert await agent_pids(sb) == before
+    assert await init_started(sb) == started
+
+
+async def test_many_small_hogs_leave_the_agent_alone(
+    engine: LocalEngine, sb: SandboxHandle
+) -> None:
+    """Each hog (a 3 MiB dd buffer held by a write blocked on a pipe nobody reads) is smaller
+    than the agent (~11 MiB), so by size alone the OOM killer picked the agent: commands go
+    first now. The hogs end with their reader, 20 s later (while they all hold the sandbox at
+    its limit, everything in it crawls)."""
+    before, started = await agent_pids(sb), await init_started(sb)
+    await sb.run(
+        "for i in $(seq 200); do "
+        "dd if=/dev/zero bs=3M count=1 2>/dev/null | sleep 20 >/dev/null & done"
+    )
+    deadline = time.monotonic() + DEADLINE
+    while _oom_kills(engine.layout, sb.id) == 0:
+        assert time.monotonic() < deadline, "the hogs never reached the memory limit"
+        await anyio.sleep(0.05)
+    await working_exec(sb)
+    assert await agent_pids(sb) == before
+    assert await init_started(sb) == started

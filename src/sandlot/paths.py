@@ -17,6 +17,8 @@ SANDBOX_RUNTIME_DIR = "/.sandlot/runtime"
 SANDBOX_RUN_DIR = "/.sandlot/run"
 #: Pool mode: where the agent keeps the secret it was claimed with (across restarts).
 SANDBOX_CLAIM_FILE = f"{SANDBOX_RUN_DIR}/secret"
+#: Where the agent journals its background processes (a restarted agent still lists them).
+SANDBOX_PROCESS_JOURNAL = f"{SANDBOX_RUN_DIR}/processes"
 #: Inside every sandbox: the agent's read-only configuration (host-owned: the sandbox can read
 #: it, never change it): its secret and the environment its commands get.
 SANDBOX_CONFIG_DIR = "/.sandlot/config"

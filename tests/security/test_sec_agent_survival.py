@@ -164,3 +164,52 @@ async def test_many_small_hogs_leave_the_agent_alone(
     await working_exec(sb)
     assert await agent_pids(sb) == before
     assert await init_started(sb) == started
+
+
+async def test_launched_processes_outlive_the_agent(sb: SandboxHandle) -> None:
+    """Processes started with /start_process before the agent died are still listed (status,
+    pid) and killable; their output is lost, and the API says so."""
+    ids = {}
+    for name, cmd in (("quiet", "sleep 1000"), ("done", "true"), ("other", "sleep 1000")):
+        r = await sb.client.post("/start_process", json={"cmd": cmd})
+        assert r.status_code == 201, r.text
+        ids[name] = r.json()["id"]
+    waited = await sb.client.post("/wait_process", json={"id": ids["done"], "timeout": 30})
+    assert waited.json()["status"] == "completed"
+    await attack(sb, "pkill -9 sandlot-agent")
+    await working_exec(sb)
+
+    listed = {p["id"]: p for p in (await sb.client.get("/list_processes")).json()["processes"]}
+    assert listed[ids["quiet"]]["status"] == "running"
+    assert listed[ids["done"]]["status"] == "completed"
+    assert listed[ids["done"]]["exit_code"] == 0
+    info = (await sb.client.get("/process", params={"id": ids["quiet"]})).json()
+    assert info["orphaned"] is True and info["orphaned_at"]
+
+    logs = await sb.client.get("/process_logs_streaming", params={"id": ids["quiet"]})
+    assert logs.status_code == 410 and "restarted" in logs.json()["error"], logs.text
+
+    killed = await sb.client.post("/kill_process", json={"id": ids["quiet"]})
+    assert killed.status_code == 200 and killed.json()["status"] == "killed", killed.text
+    assert (await sb.run(f"kill -0 {listed[ids['quiet']]['pid']}"))["code"] != 0
+
+    # One that ends without us: its exit status went to pid 1, so it is "lost".
+    pid = listed[ids["other"]]["pid"]
+    await sb.sh(f"kill -9 {pid}")
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        r = await sb.client.get("/process", params={"id": ids["other"]})
+        if r.json()["status"] == "lost":
+            break
+        assert time.monotonic() < deadline, r.text
+        await anyio.sleep(0.02)
+
+    # New processes work as before, and a second restart still lists all of them.
+    r = await sb.client.post("/start_process", json={"cmd": "echo new"})
+    new_id = r.json()["id"]
+    await sb.client.post("/wait_process", json={"id": new_id, "timeout": 30})
+    await attack(sb, "kill -9 -1")
+    await working_exec(sb)
+    listed = {p["id"]: p for p in (await sb.client.get("/list_processes")).json()["processes"]}
+    assert {ids["quiet"], ids["done"], ids["other"], new_id} <= listed.keys()
+    assert listed[new_id]["status"] == "completed"

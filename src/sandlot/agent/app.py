@@ -22,6 +22,7 @@ from sandlot.agent.auth import Authenticator
 from sandlot.agent.chunks import Utf8Splitter, chunk_fields
 from sandlot.agent.commands import SpawnError, exit_code, parse_command_request, pump, spawn
 from sandlot.agent.http11 import ClientGone, HTTPError, Reply, Request
+from sandlot.agent.journal import Journal, OrphanedProcess
 from sandlot.agent.processes import DEFAULT_KILL_GRACE, ManagedProcess, ProcessManager
 
 # Annotations only: importing typing at run time costs the agent milliseconds of start-up.
@@ -183,7 +184,9 @@ class App:
         self._lock = threading.Lock()
         #: Process groups the agent started and that are still alive (killed on shutdown).
         self.live_groups: set[int] = set()
-        self.processes = ProcessManager(self.base_env, self.live_groups, self._lock)
+        self.processes = ProcessManager(
+            self.base_env, self.live_groups, self._lock, Journal.from_env(os.environ)
+        )
         self.ports: list[str] = []
 
         # The whole API at a glance: path -> method -> handler.
@@ -581,7 +584,7 @@ class App:
 
     # -- processes ----------------------------------------------------------------------------
 
-    def _get_process(self, process_id: str) -> ManagedProcess:
+    def _get_process(self, process_id: str) -> ManagedProcess | OrphanedProcess:
         proc = self.processes.get(process_id)
         if proc is None:
             raise HTTPError(404, f"process not found: {process_id}", success=False)
@@ -673,6 +676,8 @@ class App:
         if not isinstance(raw_id, str) or not raw_id:
             raise HTTPError(400, "Process ID is required")
         proc = self._get_process(raw_id)
+        if isinstance(proc, OrphanedProcess):
+            raise HTTPError(410, proc.gone_message())
         follow = _query_bool(req, "follow", True)
         writer = req.start_stream(200, "text/event-stream", SSE_HEADERS)
         seq = 0

@@ -33,6 +33,7 @@ HIDDEN_ENV = frozenset(
         "SANDBOX_SECRET_PATH",
         "SANDBOX_AUTH_MODE",
         "SANDLOT_ENV_FILE",
+        "SANDLOT_PROCESS_JOURNAL",
     }
 )
 #: Commands run in their command environment when it comes from this file (JSON object of

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from sandlot.agent.chunks import Chunk, Utf8Splitter, chunk_bytes, chunk_fields
 from sandlot.agent.commands import (
@@ -31,6 +31,8 @@ from sandlot.agent.commands import (
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
+
+    from sandlot.agent.journal import Journal, OrphanedProcess
 
 LOG_MAX_CHUNKS = 10_000
 LOG_MAX_BYTES = 2 * 1024 * 1024
@@ -151,6 +153,8 @@ class ManagedProcess:
         self.logs = LogRing()
         self.stdin_lock = threading.Lock()
         self.done = threading.Event()
+        #: Called once it ended (the journal records it).
+        self.on_end: Callable[[ManagedProcess], None] | None = None
 
     @property
     def status(self) -> str:
@@ -223,6 +227,8 @@ class ManagedProcess:
             with lock:
                 live_groups.discard(self.pid)
             self.logs.close()
+            if self.on_end is not None:
+                self.on_end(self)
 
     def wait(self, timeout: float | None) -> bool:
         return self.done.wait(timeout)
@@ -259,11 +265,21 @@ class ManagedProcess:
 
 
 class ProcessManager:
-    def __init__(self, base_env: Mapping[str, str], live_groups: set[int], lock: threading.Lock):
+    def __init__(
+        self,
+        base_env: Mapping[str, str],
+        live_groups: set[int],
+        lock: threading.Lock,
+        journal: Journal | None = None,
+    ):
         self._base_env = base_env
         self._live_groups = live_groups
         self._lock = lock
-        self._procs: dict[str, ManagedProcess] = {}
+        self._procs: dict[str, ManagedProcess | OrphanedProcess] = {}
+        self._journal = journal
+        if journal is not None:  # what an earlier agent of this sandbox started
+            for orphan in journal.load(orphaned_at=time.time()):
+                self._procs[orphan.id] = orphan
 
     def start(
         self,
@@ -281,6 +297,11 @@ class ProcessManager:
             self._procs[proc.id] = proc
             self._live_groups.add(proc.pid)
             self._forget_old()
+        if self._journal is not None:
+            self._journal.started(proc)
+            proc.on_end = self._journal.ended
+            if self._journal.too_big:
+                self._journal.rewrite(self.all())
         try:
             threading.Thread(
                 target=proc._run, args=(self._live_groups, self._lock), daemon=True
@@ -309,13 +330,13 @@ class ProcessManager:
             total -= p.logs.size
             p.logs.clear()
 
-    def get(self, process_id: str) -> ManagedProcess | None:
+    def get(self, process_id: str) -> ManagedProcess | OrphanedProcess | None:
         with self._lock:
             return self._procs.get(process_id)
 
-    def all(self) -> list[ManagedProcess]:
+    def all(self) -> list[ManagedProcess | OrphanedProcess]:
         with self._lock:
             return list(self._procs.values())
 
-    def running(self) -> Iterator[ManagedProcess]:
+    def running(self) -> Iterator[ManagedProcess | OrphanedProcess]:
         return (p for p in self.all() if not p.done.is_set())

@@ -41,6 +41,8 @@ import signal
 import sys
 import time
 
+from sandlot.agent.journal import JOURNAL_VARIABLE
+
 #: Seconds to wait before the n-th consecutive quick restart (then the last value, forever).
 RESTART_DELAYS = (0.0, 0.0, 0.05, 0.2, 1.0)
 #: An agent that lived this long was healthy: its death restarts the count of quick deaths.
@@ -168,6 +170,10 @@ def main() -> None:
     import sandlot.agent.app
 
     sandlot.agent.__main__.parse_args(argv)  # a usage error ends here, before any fork
+    journal = os.environ.get(JOURNAL_VARIABLE)
+    if journal:  # the sandbox (re)starts: no process of an earlier life is left
+        with contextlib.suppress(OSError):
+            os.unlink(journal)
     gc.collect()
     gc.freeze()
     supervise(argv)

@@ -78,7 +78,13 @@ from sandlot.engines.local.oci_spec import SandboxConfig, build_config, host_blo
 from sandlot.engines.local.uid_slots import SlotRegistry
 from sandlot.images.store import Image, ImageStore
 from sandlot.instance_types import get_instance_type
-from sandlot.paths import SANDBOX_CLAIM_FILE, SANDBOX_ENV_FILE, SANDBOX_SECRET_FILE, images_dir
+from sandlot.paths import (
+    SANDBOX_CLAIM_FILE,
+    SANDBOX_ENV_FILE,
+    SANDBOX_PROCESS_JOURNAL,
+    SANDBOX_SECRET_FILE,
+    images_dir,
+)
 from sandlot.runtime.closure import AGENT_ENV, agent_command, build_runtime
 
 #: Variables owned by the platform; a user's ``env`` cannot override them.
@@ -421,7 +427,11 @@ class LocalEngine:
             secret=None if spec.pool else spec.secret,
             env=command_env,
         )
-        env = {**AGENT_ENV, "SANDLOT_ENV_FILE": SANDBOX_ENV_FILE}
+        env = {
+            **AGENT_ENV,
+            "SANDLOT_ENV_FILE": SANDBOX_ENV_FILE,
+            "SANDLOT_PROCESS_JOURNAL": SANDBOX_PROCESS_JOURNAL,
+        }
         if spec.pool:
             env["SANDBOX_AUTH_MODE"] = "pool"
             env["SANDBOX_SECRET_PATH"] = SANDBOX_CLAIM_FILE  # the claim is kept here

@@ -16,6 +16,7 @@ import uvicorn
 
 from sandlot.engines.base import Engine
 from sandlot.images.trust import ImageTrust
+from sandlot.server.agentwatch import ProbeSettings
 from sandlot.server.app import ServerConfig, create_app, unix_public_url
 from sandlot.server.run import bind_unix_socket
 from sandlot.server.wsraw import HEAD_TIMEOUT, PortsWebSocketProtocol, ports_http_protocol
@@ -84,6 +85,7 @@ def start_server(
     raw_websockets: bool = True,
     head_timeout: float = HEAD_TIMEOUT,
     trusted_image_dirs: tuple[Path, ...] = (),
+    agent_probe: ProbeSettings | None = None,
 ) -> RunningServer:
     if tcp:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -108,6 +110,7 @@ def start_server(
         pools=dict(pools or {}),
         domain=domain,
         image_trust=ImageTrust.from_dirs(trusted_image_dirs),
+        agent_probe=agent_probe or ProbeSettings(),
     )
     app = create_app(config)
     server = uvicorn.Server(

@@ -34,6 +34,7 @@ from sandlot._build import PACKAGE_DIR, build_id
 from sandlot.engines.base import Engine
 from sandlot.images.trust import ImageRefused, ImageTrust
 from sandlot.server.admission import TOKEN_REQUESTS, PortLimits, TokenRequestLimit
+from sandlot.server.agentwatch import AgentWatch, ProbeSettings
 from sandlot.server.control import API_TOKEN_PREFIX, ApiError, Control
 from sandlot.server.db import (
     DEFAULT_PROJECT,
@@ -122,6 +123,8 @@ class ServerConfig:
     port_limits: PortLimits = field(default_factory=PortLimits)
     #: Requests in flight per API token (admission.py).
     token_requests: int = TOKEN_REQUESTS
+    #: The agents' health probe (agentwatch.py).
+    agent_probe: ProbeSettings = field(default_factory=ProbeSettings)
 
 
 @dataclass(frozen=True)
@@ -856,6 +859,7 @@ def create_app(config: ServerConfig) -> Starlette:
                 if control.pools is not None:
                     tg.start_soon(control.pools.run)
                 tg.start_soon(api.ports.run)
+                tg.start_soon(AgentWatch(control, config.agent_probe).run)
                 try:
                     yield
                 finally:

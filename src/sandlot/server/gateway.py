@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
+from sandlot.server import agentwatch
 from sandlot.server.asgi import (
     HOP_BY_HOP_REQUEST,
     ClientGone,
@@ -57,6 +58,10 @@ class Gateway:
         sandbox_id: str = scope["path_params"]["sandbox_id"]
         pool = await self.control.agent_for(sandbox_id)
         if pool is None:
+            failed = await agentwatch.unavailable(self.control, sandbox_id)
+            if failed is not None:
+                await send_json(send, *failed)
+                return
             await send_json(
                 send,
                 404,

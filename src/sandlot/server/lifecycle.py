@@ -78,6 +78,10 @@ class Lifecycle:
     def _lock(self, sandbox_id: str) -> anyio.Lock:
         return self._locks.setdefault(sandbox_id, anyio.Lock())
 
+    def transition_lock(self, sandbox_id: str) -> anyio.Lock:
+        """Held while a sandbox sleeps, wakes or is restarted (agentwatch.py): one at a time."""
+        return self._lock(sandbox_id)
+
     # -- activity (the gateway) ---------------------------------------------------------------
 
     @contextlib.asynccontextmanager

@@ -934,8 +934,9 @@ class AsyncExecStream:
                         pass
                     else:
                         raise SandboxServiceError(
-                            f"{what}: the output stream broke off ({exc or type(exc).__name__}); "
-                            "was the sandbox deleted?"
+                            f"{what}: the output stream broke off ({exc or type(exc).__name__}): "
+                            "the sandbox's agent died (it restarts by itself; the command was "
+                            "lost) or the sandbox was deleted"
                         ) from exc
                 finally:
                     guard.close()
@@ -950,7 +951,8 @@ class AsyncExecStream:
             raise transport_error(exc, sandbox._conn, what) from exc
         if completed is None:
             raise SandboxServiceError(
-                f"{what}: the output stream ended before the command did; was the sandbox deleted?"
+                f"{what}: the output stream ended before the command did: the sandbox's agent "
+                "died (it restarts by itself; the command was lost) or the sandbox was deleted"
             )
         if completed.get("timed_out"):
             raise SandboxTimeoutError(f"command timed out after {self._timeout:g}s: {self.cmd}")

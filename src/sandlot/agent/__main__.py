@@ -30,7 +30,7 @@ class _Stop(BaseException):
     """Raised in the main thread by SIGTERM/SIGINT to leave the accept loop."""
 
 
-def parse_args(argv: list[str]) -> str:
+def _parse_args(argv: list[str]) -> str:
     listen = None
     i = 0
     while i < len(argv):
@@ -55,7 +55,7 @@ def parse_args(argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    listen = parse_args(sys.argv[1:] if argv is None else argv)
+    listen = _parse_args(sys.argv[1:] if argv is None else argv)
 
     from sandlot.agent.app import DEFAULT_MAX_BODY, App
     from sandlot.agent.auth import Authenticator, ConfigError

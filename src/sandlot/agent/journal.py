@@ -1,8 +1,8 @@
 """What background processes the agent started, kept on disk so that a restarted agent still
 lists them and can kill them.
 
-When the agent dies (``kill -9 -1``, ``pkill``), ``sandlot-init`` starts a new one in a few
-milliseconds, but the processes the old one launched with ``/start_process`` live on (they are
+When the agent dies (``kill -9 -1``, ``pkill``), ``sandlot-init`` starts a new one within tens
+of milliseconds, but the processes the old one launched with ``/start_process`` live on (they are
 reparented to pid 1) and their ids would be unknown to the new agent. So each start and each
 end is appended to this journal (one JSON line, one ``write`` on an ``O_APPEND`` descriptor:
 ~20 us), and a new agent reads it back. What it can still do with such an *orphaned* process:

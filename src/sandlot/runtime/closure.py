@@ -6,7 +6,8 @@ installs, removals) cannot break the agent. The closure is Debian's python3.11 b
 library (tests and GUI toolkits dropped), every shared library they load and the dynamic loader,
 with the binary's interpreter and rpath rewritten (patchelf) to point inside the closure so it
 runs without any environment variable that would leak into user commands. The sandbox's pid 1 is
-``sandlot-init`` (:mod:`sandlot.agent.supervisor`), which keeps the agent running.
+``sandlot-init`` (the shell script beside this module, run by Debian's static busybox), which
+keeps the agent running: it restarts it whenever it dies.
 
 Nothing the sandbox writes may change the code the agent runs, yet a stock loader and libc read
 files of the sandbox's own filesystem: ``/etc/ld.so.preload`` (libraries loaded into every
@@ -25,7 +26,9 @@ The agent runs with ``-I -S`` (no ``PYTHON*`` variables, no site, no current dir
 
 Layout, mounted at :data:`sandlot.paths.SANDBOX_RUNTIME_DIR`::
 
-    bin/sandlot-init                 (a link to python/bin/python3: the name ps shows)
+    bin/sandlot-init                 (pid 1: a busybox shell script, see the file beside this one)
+    bin/busybox                      (static: runs sandlot-init)
+    bin/sandlot-agent                (a link to python/bin/python3: the name ps shows)
     python/bin/python3               (patched interpreter, runs with -I)
     python/lib/ld-linux-x86-64.so.2  (loader) and the .so files
     python/lib/python3.11/...        (stdlib; the agent package lives here as ``sandlot.agent``)
@@ -50,11 +53,13 @@ from sandlot.paths import SANDBOX_RUNTIME_DIR
 
 #: Debian's python3.11 (package python3.11-minimal + libpython3.11-stdlib).
 HOST_PYTHON = Path("/usr/bin/python3.11")
+HOST_BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
+INIT_SCRIPT = Path(__file__).with_name("sandlot-init")
 HOST_STDLIB = Path("/usr/lib/python3.11")
 PY_VERSION = "python3.11"
-#: The name of the sandbox's pid 1 as ``ps`` and ``pkill`` see it (its agent child renames
-#: itself ``sandlot-agent``).
+#: The names of the sandbox's pid 1 and of its agent, as ``ps`` and ``pkill`` see them.
 INIT_NAME = "sandlot-init"
+AGENT_NAME = "sandlot-agent"
 
 #: Standard-library parts the agent never needs; dropping them keeps the closure small.
 _STDLIB_EXCLUDE = {
@@ -157,8 +162,10 @@ def _agent_files() -> list[Path]:
 def runtime_digest() -> str:
     """Digest of everything the closure is made of (cheap: stat of big files, content of ours)."""
     h = hashlib.sha256(b"sandlot-runtime-v2")
-    st = HOST_PYTHON.stat()
-    h.update(f"{HOST_PYTHON}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for big in (HOST_PYTHON, HOST_BUSYBOX):
+        st = big.stat()
+        h.update(f"{big}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(INIT_SCRIPT.read_bytes())
     h.update(str(sorted(_STDLIB_EXCLUDE)).encode())
     h.update(Path(__file__).read_bytes())
     for f in _agent_files():
@@ -215,6 +222,7 @@ def build_runtime(root: Path, *, log: object = None) -> Path:
     """
     _require(HOST_PYTHON, "python3.11-minimal")
     _require(HOST_STDLIB / "os.py", "libpython3.11-stdlib")
+    _require(HOST_BUSYBOX, "busybox-static")
     if shutil.which("patchelf") is None:
         raise RuntimeBuildError("patchelf is missing: install the Debian package 'patchelf'")
 
@@ -277,8 +285,11 @@ def build_runtime(root: Path, *, log: object = None) -> Path:
         )
         # Processes are named after the file exec'd (comm) and show their argv (cmdline): a
         # link whose name does not contain "python" keeps `pkill python3` and `pkill -f python`
-        # off the sandbox's own processes. Python resolves the link to find its prefix.
-        (tmp / "bin" / INIT_NAME).symlink_to("../python/bin/python3")
+        # off the agent. Python resolves the link to find its prefix.
+        (tmp / "bin" / AGENT_NAME).symlink_to("../python/bin/python3")
+        shutil.copy2(HOST_BUSYBOX, tmp / "bin" / "busybox")
+        shutil.copyfile(INIT_SCRIPT, tmp / "bin" / INIT_NAME)
+        (tmp / "bin" / INIT_NAME).chmod(0o755)
         for path in (tmp, *tmp.rglob("*")):
             if path.is_dir() and not path.is_symlink():
                 path.chmod(0o755)
@@ -300,22 +311,13 @@ AGENT_ENV = {"LC_ALL": "C", "HOME": "/"}  # HOME given: crun reads no /etc/passw
 
 
 def agent_command(listen: str) -> list[str]:
-    """The argv of the sandbox's pid 1: ``sandlot-init``, which runs the agent and restarts it
-    whenever it dies (:mod:`sandlot.agent.supervisor`), in isolated mode (-I ignores the user's
-    PYTHON* variables, so a sandbox env cannot break or hijack the agent; -S skips the site
-    module: the closure has no site-packages, and start-up time matters; -X utf8 because the
-    agent runs in the C locale, see :data:`AGENT_ENV`)."""
-    return [
-        f"{SANDBOX_RUNTIME_DIR}/bin/{INIT_NAME}",
-        "-I",
-        "-S",
-        "-X",
-        "utf8",
-        "-m",
-        "sandlot.agent.supervisor",
-        "--listen",
-        listen,
-    ]
+    """The argv of the sandbox's pid 1: ``sandlot-init``, which runs the agent -- and runs it
+    again whenever it dies -- as ``bin/sandlot-agent -I -S -X utf8 -m sandlot.agent`` with
+    these arguments: isolated mode (-I ignores the user's PYTHON* variables, so a sandbox env
+    cannot break or hijack the agent), no site module (-S: the closure has no site-packages,
+    and start-up time matters), UTF-8 (-X utf8: the agent runs in the C locale, see
+    :data:`AGENT_ENV`)."""
+    return [f"{SANDBOX_RUNTIME_DIR}/bin/{INIT_NAME}", "--listen", listen]
 
 
 if __name__ == "__main__":  # pragma: no cover - manual use: python -m sandlot.runtime.closure DIR

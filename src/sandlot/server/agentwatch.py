@@ -1,10 +1,11 @@
 """The agent health probe: notices a sandbox whose agent stays down, restarts it from outside,
 and marks the sandbox ``error`` only when that fails again and again.
 
-Inside the sandbox ``sandlot-init`` restarts a dead agent within milliseconds (see
-``sandlot.agent.supervisor``): this probe is the second line, for what that cannot fix -- pid 1
-itself gone (the sandbox's runtime stopped), an agent that cannot be started again in there
-(the pids limit held by the sandbox's own processes), an agent that hangs. Every
+Inside the sandbox ``sandlot-init`` (pid 1) restarts a dead agent within tens of milliseconds
+(see ``sandlot/runtime/sandlot-init``): this probe is the second line, for what that cannot fix
+-- pid 1 itself gone (the sandbox's runtime stopped), an agent that cannot start again in there
+(the pids limit held by the sandbox's own processes), an agent that hangs or was stopped
+(``kill -STOP -1``). Every
 :attr:`ProbeSettings.interval` seconds it asks each running sandbox's agent for ``/health``
 (directly, not through the gateway: it is not activity, and never wakes a sleeping sandbox):
 

@@ -53,7 +53,7 @@ def children(pid: int) -> list[int]:
 def protect_init(pid: int) -> None:
     """Protect a sandbox's pid 1 (host pid ``pid``) and whatever it forked already (its agent,
     if pid 1 was quicker than us). A fork that started before the write and shows up in
-    ``children`` only after the read escapes; pid 1 forks its agent after ~60 ms of imports,
-    this runs ~1 ms after the runtime returns, and an agent that escaped is still restarted."""
+    ``children`` only after the read escapes (the commands it starts are at 1000 anyway),
+    and every later agent inherits pid 1's value."""
     protect([pid])
     protect(children(pid))

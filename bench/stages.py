@@ -44,7 +44,7 @@ CREATE_STAGES = [
         "runtime.run_detached",
         "crun run --detach (unshare + sh + crun; namespaces, cgroups, seccomp)",
     ),
-    ("agent_health", "agent start: tini -> python agent -> first /health answer"),
+    ("agent_health", "agent start: sandlot-init -> python agent -> first /health answer"),
 ]
 DELETE_STAGES = [
     ("runtime.kill_all", "crun kill --all KILL"),

@@ -280,7 +280,11 @@ schemas = {
         {"id": S, "pid": INT, "status": {"type": "string", "enum": ["running"]}},
         ["id", "pid", "status"],
     ),
-    "ProcessStatus": {"type": "string", "enum": ["running", "completed", "failed", "killed"]},
+    "ProcessStatus": {
+        "type": "string",
+        "enum": ["running", "completed", "failed", "killed", "lost"],
+        "description": "lost: started by an agent that died; it ended, its exit status unknown.",
+    },
     "ProcessSummary": obj(
         {
             "id": S,
@@ -307,6 +311,14 @@ schemas = {
                     "log_dropped_chunks": INT,
                     "timeout": {"type": ["number", "null"]},
                     "timed_out": {"type": "boolean", "description": "Killed by its own timeout."},
+                    "orphaned": {
+                        "type": "boolean",
+                        "description": "Started by an agent that died (its output is lost).",
+                    },
+                    "orphaned_at": {
+                        "type": "string",
+                        "description": "When the agent that started it was replaced.",
+                    },
                     "wait_timed_out": {
                         "type": "boolean",
                         "description": "wait_process only: the wait ended before the process.",
@@ -513,6 +525,7 @@ paths = {
                 ),
                 "400": ERR("No id"),
                 "404": ERR("Unknown process"),
+                "410": ERR("Output lost: the process was started by an agent that died"),
                 "401": {"$ref": "#/components/responses/Unauthorized"},
             },
         },
@@ -523,6 +536,7 @@ paths = {
             "responses": {
                 "200": SSE("As GET", ["log", "complete"]),
                 "404": ERR("Unknown process"),
+                "410": ERR("Output lost: the process was started by an agent that died"),
                 **common,
             },
         },

@@ -215,3 +215,33 @@ async def test_launched_processes_outlive_the_agent(sb: SandboxHandle) -> None:
     listed = {p["id"]: p for p in (await sb.client.get("/list_processes")).json()["processes"]}
     assert {ids["quiet"], ids["done"], ids["other"], new_id} <= listed.keys()
     assert listed[new_id]["status"] == "completed"
+
+
+async def test_pool_sandbox_keeps_its_claim_across_restarts(engine: LocalEngine) -> None:
+    """A warm-pool sandbox is claimed by the first bearer token it sees; the restarted agent
+    reloads that claim, so neither the owner is locked out nor anyone else let in."""
+    from sandlot.engines.base import SandboxSpec
+    from sandlot.engines.local import new_sandbox_id
+    from sandlot.instance_types import get_instance_type
+
+    info = await engine.create(
+        SandboxSpec(
+            id=new_sandbox_id(),
+            image="default",
+            instance_type=get_instance_type("micro"),
+            secret="",
+            pool=True,
+        )
+    )
+    sb = SandboxHandle(info, "owner-token-" + new_sandbox_id())
+    try:
+        await sb.wait_healthy()
+        assert (await sb.run("echo claimed"))["stdout"] == "claimed\n"  # the claim
+        await attack(sb, "kill -9 -1")
+        await working_exec(sb)
+        other = await sb.client.post(
+            "/run", json={"cmd": "true"}, headers={"Authorization": "Bearer someone-else"}
+        )
+        assert other.status_code == 401
+    finally:
+        await sb.aclose()

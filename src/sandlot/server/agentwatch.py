@@ -11,10 +11,10 @@ Inside the sandbox ``sandlot-init`` (pid 1) restarts a dead agent within tens of
 
 - one miss is recorded (event ``agent unreachable``) and tolerated: it may be a restart
   under way inside;
-- :attr:`ProbeSettings.misses_before_restart` misses in a row: the sandbox is restarted from
+- :attr:`ProbeSettings.misses_before_restart` (3) misses in a row: the sandbox is restarted from
   outside (its runtime stopped and started again on its kept filesystem, like a deep sleep
   and wake: its processes are lost, the event says so);
-- :attr:`ProbeSettings.restarts_before_error` failed restarts in a row: the sandbox is marked
+- :attr:`ProbeSettings.restarts_before_error` (3) failed restarts in a row: the sandbox is marked
   ``error`` with the reason, and the gateway answers its requests with that reason
   (:func:`unavailable`), which the SDK raises.
 
@@ -44,8 +44,10 @@ PROBE_CONCURRENCY = 32
 class ProbeSettings:
     #: Seconds between two probes of a sandbox (0 disables the probe).
     interval: float = 10.0
-    #: Consecutive failed probes before the sandbox is restarted from outside.
-    misses_before_restart: int = 2
+    #: Consecutive failed probes before the sandbox is restarted from outside (its processes
+    #: are lost then, so not for a moment of thrashing: a sandbox held at its memory limit by
+    #: a hog answered nothing for ~5 s in tests).
+    misses_before_restart: int = 3
     #: Consecutive failed restarts before the sandbox is marked ``error``.
     restarts_before_error: int = 3
     #: How long a restarted agent has to answer.
@@ -98,6 +100,8 @@ class AgentWatch:
         if pool is None:
             return
         why = await self.control._probe(pool)
+        if why and not self.control.lifecycle.is_awake(sandbox_id):
+            return  # it went to sleep under the probe: not a failure
         health = self._health.setdefault(sandbox_id, _Health())
         if not why:
             if health.misses:

@@ -11,13 +11,13 @@ fi
 
 # What the local engine and its tests use:
 #   crun (runc as fallback)  OCI runtimes           mmdebstrap            builds the default image
-#   python3.11 + stdlib      the agent's runtime    tini                  pid 1 in every sandbox
-#   patchelf                 makes the runtime relocatable               busybox-static  tiny test image
+#   python3.11 + stdlib      the agent's runtime    busybox-static        pid 1 in every sandbox
+#   patchelf                 makes the runtime relocatable               (and the tiny test image)
 #   uidmap/util-linux        user namespaces        umoci                 OCI image layouts
 #   passt, slirp4netns       outbound networking    postgresql            server store tests
 #   nftables                 egress policies        iproute2              network tests (peer hosts)
 #   skopeo                   registry pulls         docker-registry       a local registry for tests
-PACKAGES=(crun runc mmdebstrap python3.11-minimal libpython3.11-stdlib tini patchelf
+PACKAGES=(crun runc mmdebstrap python3.11-minimal libpython3.11-stdlib patchelf
           busybox-static umoci uidmap passt slirp4netns postgresql python3-venv
           nftables iproute2 e2fsprogs util-linux skopeo docker-registry)
 PACKAGES+=(podman docker.io)  # python -m bench compares sandlot with them (daemon started by the bench)

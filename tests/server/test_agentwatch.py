@@ -139,6 +139,30 @@ def test_dead_pid1_is_restarted_from_outside(
     assert sandbox.status == "running"
 
 
+def test_stopped_agent_is_restarted_and_its_exec_ends(
+    server: tuple[RunningServer, LocalEngine], sandbox: Sandbox
+) -> None:
+    """``kill -STOP -1`` stops the agent, which pid 1 cannot see: the exec that sent it would
+    wait for ever, and so would every later call. The probe restarts the sandbox; the exec ends
+    with an error."""
+    srv, _ = server
+    outcome: list[BaseException | object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(sandbox.exec("kill -STOP -1; sleep 1"))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    _wait_for_event(srv, sandbox.id, "agent restarted")
+    thread.join(DEADLINE)
+    assert not thread.is_alive(), "the exec hung"
+    assert isinstance(outcome[0], SandboxError), outcome
+    assert sandbox.exec("echo back").stdout == "back\n"
+
+
 def test_repeated_failed_restarts_mark_the_sandbox_error(
     server: tuple[RunningServer, LocalEngine],
 ) -> None:

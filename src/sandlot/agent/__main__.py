@@ -23,6 +23,8 @@ Environment:
   SANDLOT_AGENT_MAX_BODY largest JSON request body, in bytes (default 64 MiB)
   SANDLOT_ENV_FILE       JSON object: the environment commands run with (instead of the
                          agent's own, which then never carries the commands' variables)
+  SANDLOT_PROCESS_JOURNAL  file journalling background processes, so that a restarted agent
+                         still lists them (see sandlot.agent.journal)
 """
 
 

@@ -12,6 +12,8 @@ server's health probe restarts such a sandbox, see tests/server/test_agentwatch.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -245,3 +247,34 @@ async def test_pool_sandbox_keeps_its_claim_across_restarts(engine: LocalEngine)
         assert other.status_code == 401
     finally:
         await sb.aclose()
+
+
+async def test_agent_death_at_the_pids_limit(engine: LocalEngine, sb: SandboxHandle) -> None:
+    """The agent dies while the sandbox has no pid to spare: pid 1's shell cannot fork a new
+    one (a failed fork made it exit, and the sandbox with it); it waits, and the agent is back
+    once a pid is free. The limit is lowered from the host, so the moment is certain."""
+    if engine.layout is CgroupLayout.V2:
+        limit = CGROUP_ROOT / CGROUP_PARENT / sb.id / "pids.max"
+    else:
+        limit = CGROUP_ROOT / "pids" / CGROUP_PARENT / sb.id / "pids.max"
+    started = await init_started(sb)
+    init = int((engine.sandboxes_dir / sb.id / "init.pid").read_text())
+    agent = next(
+        int(c)
+        for c in Path(f"/proc/{init}/task/{init}/children").read_text().split()
+        if Path(f"/proc/{c}/comm").read_text().strip() == "sandlot-agent"
+    )
+    before = limit.read_text()
+    limit.write_text("1")  # pid 1 alone
+    try:
+        os.kill(agent, signal.SIGKILL)
+        deadline = time.monotonic() + DEADLINE
+        while Path(f"/proc/{agent}").exists():
+            assert time.monotonic() < deadline
+            await anyio.sleep(0.01)
+        info = await engine.inspect(sb.id)
+        assert info.state.value == "running" and info.pid == init  # pid 1 held on
+    finally:
+        limit.write_text(before)
+    await working_exec(sb)
+    assert await init_started(sb) == started

@@ -114,3 +114,34 @@ def test_a_forged_journal_is_read_safely(tmp_path: Path) -> None:
     finally:
         real.kill()
         real.wait()
+
+
+def test_a_rewritten_journal_keeps_every_listed_process(tmp_path: Path) -> None:
+    """Past JOURNAL_MAX_BYTES the journal is rewritten with what the agent still lists."""
+    journal = tmp_path / "processes"
+    env = {"SANDLOT_PROCESS_JOURNAL": str(journal)}
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    first = start_agent(tmp_path / "a", env=env)
+    ids = []
+    try:
+        with first.client() as c:
+            for i in range(150):  # 150 x ~4.2 KiB start records: past 512 KiB once
+                r = c.post("/start_process", json={"cmd": f"exit {i % 2} # " + "x" * 4000})
+                ids.append(r.json()["id"])
+                if i == 0:
+                    inode = journal.stat().st_ino
+            for process_id in ids:
+                c.post("/wait_process", json={"id": process_id, "timeout": 30})
+    finally:
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait()
+    assert journal.stat().st_ino != inode, "never rewritten (a rewrite renames a new file in)"
+    second = start_agent(tmp_path / "b", env=env)
+    try:
+        with second.client() as c:
+            listed = _listed(c)
+            assert set(ids) <= listed.keys()
+            assert [listed[i]["exit_code"] for i in ids] == [i % 2 for i in range(150)]
+    finally:
+        second.stop()

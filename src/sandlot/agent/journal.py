@@ -65,6 +65,9 @@ class Journal:
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._size = 0
+        #: Its size after the last rewrite: the next one waits until it has doubled (long
+        #: commands can keep what is still listed above JOURNAL_MAX_BYTES).
+        self._rewritten = 0
 
     @classmethod
     def from_env(cls, env: Any) -> Journal | None:
@@ -106,7 +109,7 @@ class Journal:
 
     @property
     def too_big(self) -> bool:
-        return self._size > JOURNAL_MAX_BYTES
+        return self._size > max(JOURNAL_MAX_BYTES, 2 * self._rewritten)
 
     def rewrite(self, procs: list[Any]) -> None:
         """Replace the journal by the records of ``procs`` (what the agent still lists)."""
@@ -144,7 +147,7 @@ class Journal:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
-            self._size = len(data)
+            self._size = self._rewritten = len(data)
 
     def load(self, orphaned_at: float) -> list[OrphanedProcess]:
         """The processes an earlier agent of this sandbox started, oldest first."""

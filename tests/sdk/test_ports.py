@@ -123,6 +123,14 @@ def test_expose_answers_urls(gw: Gateway, box: Sandbox) -> None:
     assert {8000, 8001, 8765} <= listed
 
 
+def test_domain_survives_update_lifecycle(gw: Gateway, box: Sandbox) -> None:
+    """The PATCH answer is rendered like every other sandbox answer: it once lost the configured
+    domain, so ``get_domain()`` answered the server's host after ``update_lifecycle()``."""
+    box.update_lifecycle(idle_timeout=0)
+    assert box.get_domain() == DOMAIN
+    assert box.get_sandbox_url() == f"{gw.url}/sandboxes/{box.id}/koyeb-sandbox"
+
+
 def test_http_path_form(gw: Gateway, box: Sandbox) -> None:
     r = httpx.get(path_url(gw, box, 8000, "echo/a%20b?x=1&y=2"), timeout=30)
     assert r.status_code == 200, r.text

@@ -252,7 +252,7 @@ def engine_fast_ready_poll() -> Any:
 
     import anyio
 
-    from sandlot.server import control
+    from sandlot.server.control import agents
 
     real_sleep = anyio.sleep
 
@@ -265,5 +265,5 @@ def engine_fast_ready_poll() -> Any:
 
     shim = Shim("anyio")
     shim.sleep = capped_sleep  # type: ignore[attr-defined]
-    setattr(control, "anyio", shim)  # noqa: B010 (mypy: a module attribute)
+    setattr(agents, "anyio", shim)  # noqa: B010 (mypy: a module attribute)
     return engine()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from click.testing import CliRunner
 
 from sandlot.cli.main import main
-from sandlot.server.run import HostPolicy
+from sandlot.server.runner.serve import HostPolicy
 
 
 def test_bad_overcommit_and_reserve_are_refused() -> None:

@@ -14,7 +14,8 @@ from sdk.conftest import IMAGES_DIR, local_engine_unavailable
 from support.server import RunningServer, start_server
 
 from sandlot import Sandbox, SandboxRequestError
-from sandlot.server.pool import POOL_PROJECT, PoolKey
+from sandlot.server.config import PoolKey
+from sandlot.server.control.pools import POOL_PROJECT
 
 
 @pytest.fixture

@@ -501,7 +501,7 @@ def test_many_idle_websockets(gw: Gateway, box: Sandbox) -> None:
     # all closed: the relays let go of them, the sandbox still answers
     assert httpx.get(path_url(gw, box, 8000, "after"), timeout=30).status_code == 200
     deadline = time.monotonic() + 10
-    while gw.server.app.state.api.ports.relays.open_connections:
+    while gw.server.app.state.ports.relays.open_connections:
         assert time.monotonic() < deadline, "relayed connections not reported closed"
         time.sleep(0.1)
 
@@ -512,9 +512,9 @@ def test_no_relay_is_a_clear_503(gw: Gateway, box: Sandbox) -> None:
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
 
-    from sandlot.server.relay import Relays
+    from sandlot.server.gateway.relay import Relays
 
-    ports = gw.server.app.state.api.ports
+    ports = gw.server.app.state.ports
     relays, ports.relays = ports.relays, Relays(max_workers=0)
     try:
         with pytest.raises(InvalidStatus) as info:
@@ -542,7 +542,7 @@ def test_unexposing_ends_open_websockets(gw: Gateway, box: Sandbox) -> None:
     finally:
         box.expose_port(8765)
     deadline = time.monotonic() + 10
-    while gw.server.app.state.api.ports.relays.open_connections:
+    while gw.server.app.state.ports.relays.open_connections:
         assert time.monotonic() < deadline, "the relayed connection was not reported closed"
         time.sleep(0.1)
 

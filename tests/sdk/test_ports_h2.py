@@ -34,8 +34,8 @@ from support.server import RunningServer, start_server
 from test_ports import DOMAIN, Gateway, _PeakRss, gw, path_url, start_servers
 
 from sandlot import Sandbox
-from sandlot.server.h2serve import MAX_STREAMS
-from sandlot.server.h2upstream import CONNECTION_WINDOW
+from sandlot.server.gateway.h2upstream import CONNECTION_WINDOW
+from sandlot.server.runner.h2serve import MAX_STREAMS
 
 pytestmark = pytest.mark.root
 
@@ -287,7 +287,7 @@ def test_aborted_downloads_give_the_window_back(gw: Gateway, h2box: Sandbox) -> 
     # Each abandoned stream had up to a stream window of DATA queued: unacknowledged, 40 of
     # them would have left the connection's window (as the gateway advertises it) far below
     # half; acknowledged, it is topped up again.
-    pool = gw.server.app.state.api.ports._pools[(h2box.id, H2_PORT)]
+    pool = gw.server.app.state.ports.pools._pools[(h2box.id, H2_PORT)]
     assert pool._conn.h2.inbound_flow_control_window >= CONNECTION_WINDOW // 2
 
 

@@ -32,7 +32,8 @@ from support.local import IMAGES_DIR, local_engine_unavailable
 from support.server import RunningServer, start_server
 
 from sandlot.engines.base import SandboxInfo, SandboxSpec
-from sandlot.server.app import ServerConfig, create_app, openapi_document
+from sandlot.server.api.app import create_app, openapi_document
+from sandlot.server.config import ServerConfig
 
 schemathesis = pytest.importorskip("schemathesis")
 hypothesis = pytest.importorskip("hypothesis")

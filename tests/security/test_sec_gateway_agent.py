@@ -233,7 +233,7 @@ def hostile() -> Iterator[tuple[RunningServer, HostileEngine]]:
 @pytest.fixture
 def quick_calls(monkeypatch: pytest.MonkeyPatch) -> None:
     """The server's calls to agents time out after 1 s instead of 10 (the tests' patience)."""
-    monkeypatch.setattr("sandlot.server.agentcalls.CALL_TIMEOUT", 1.0, raising=False)
+    monkeypatch.setattr("sandlot.server.control.agentcalls.CALL_TIMEOUT", 1.0, raising=False)
 
 
 @contextlib.contextmanager

@@ -402,7 +402,7 @@ def test_tcp_proxy_clients_that_leave_are_closed_at_once(gw: Gw) -> None:
 def test_exposed_ports_per_sandbox_are_capped(gw: Gw, bystander: Sandbox) -> None:
     """The (limit+1)th exposed port is refused with a 409 naming the limit (300 used to be
     accepted); ports bound behind the server's back, through the agent, count too."""
-    limit = gw.server.app.state.api.ports.limits.max_exposed
+    limit = gw.server.app.state.ports.limits.max_exposed
     sb = gw.create()
     try:
         with gw.server.client(gw.token) as c:
@@ -438,7 +438,7 @@ def test_exposed_ports_per_sandbox_are_capped(gw: Gw, bystander: Sandbox) -> Non
 def test_requests_in_flight_to_a_port_are_bounded(gw: Gw, bystander: Sandbox) -> None:
     """Past the port's limit of requests in flight (here 1, no queue) the next is a 503 naming
     the limit at once, and a slot frees as soon as its client leaves."""
-    ports = gw.server.app.state.api.ports
+    ports = gw.server.app.state.ports.pools
     saved = ports.limits
     ports.limits = replace(saved, max_requests=1, max_queued=0)
     ports._slots.clear()  # (made again with the limits above)
@@ -499,7 +499,7 @@ def test_a_sandbox_flooding_the_gateway_with_pings_gets_goaway(gw: Gw) -> None:
 def test_tcp_proxy_connections_per_sandbox_are_capped(gw: Gw, target: Sandbox) -> None:
     """Past the sandbox's limit of open TCP proxy connections (here 1) the next is closed at
     once; a slot frees when a connection ends."""
-    ports = gw.server.app.state.api.ports
+    ports = gw.server.app.state.ports.tcp
     saved = ports.limits
     ports.limits = replace(saved, max_tcp_connections=1)
     proxy = tcp_proxy_address(gw, target)
@@ -509,7 +509,7 @@ def test_tcp_proxy_connections_per_sandbox_are_capped(gw: Gw, target: Sandbox) -
             assert first.recv(100).startswith(b"HTTP/1.1 200")  # open, and relayed
             with socket.create_connection(proxy, timeout=30) as second:
                 assert second.recv(100) == b""  # closed by the server at once
-        wait_for(lambda: not ports._tcp_open, 30, "the first connection never ended")
+        wait_for(lambda: not ports._open, 30, "the first connection never ended")
         with socket.create_connection(proxy, timeout=30) as third:
             third.sendall(b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n")
             assert third.recv(100).startswith(b"HTTP/1.1 200")

@@ -17,7 +17,7 @@ from support.server import RunningServer, start_server
 
 from sandlot.engines.base import EngineError, SandboxInfo, SandboxSpec
 from sandlot.paths import state_dir
-from sandlot.server.asgi import json_body
+from sandlot.server.gateway.asgi import json_body
 from sandlot.server.redact import PLACEHOLDER, hide_host_paths
 
 HOST_TEXT = (

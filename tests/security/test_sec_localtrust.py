@@ -592,7 +592,8 @@ async def test_admin_is_told_by_the_accepting_socket_not_by_the_client(tmp_path:
     import httpx
     from support.agent_engine import AgentProcessEngine
 
-    from sandlot.server.app import ServerConfig, create_app
+    from sandlot.server.api.app import create_app
+    from sandlot.server.config import ServerConfig
 
     config = ServerConfig(
         database_url=f"sqlite:///{tmp_path / 'db'}",

@@ -25,7 +25,8 @@ from support.postgres import fresh_database
 from support.server import RunningServer, start_server
 
 from sandlot.engines.base import SandboxInfo, SandboxSpec
-from sandlot.server.pool import POOL_PROJECT, PoolKey
+from sandlot.server.config import PoolKey
+from sandlot.server.control.pools import POOL_PROJECT
 
 
 class PoolAgentEngine(AgentProcessEngine):
@@ -201,7 +202,8 @@ def wait_for_pool(store: Any) -> None:
 def test_replicas_sharing_postgresql_cannot_overshoot(postgres_url: str, short_dir: Path) -> None:
     """Two servers on one database (each with its own in-process lock): the quota row's lock
     is what serialises them."""
-    from sandlot.server.db import QuotaExceeded, SandboxRow, Store, utcnow
+    from sandlot.server.control.store import QuotaExceeded, Store
+    from sandlot.server.control.tables import SandboxRow, utcnow
 
     url = fresh_database(postgres_url)
     key = short_dir / "shared.key"

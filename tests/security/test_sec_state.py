@@ -32,7 +32,7 @@ from support.agent_engine import AgentProcessEngine
 from support.server import start_server
 
 from sandlot.sdk import Sandbox
-from sandlot.server.db import Store, hash_token
+from sandlot.server.control.store import Store, hash_token
 
 TESTS = Path(__file__).resolve().parents[1]
 SRC = TESTS.parent / "src"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from sandlot.server.admission import Admission, Busy, TokenRequestLimit
+from sandlot.server.gateway.admission import Admission, Busy, TokenRequestLimit
 
 
 @pytest.mark.anyio

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from sandlot.engines.base import AgentAddress
-from sandlot.server import agentcalls
-from sandlot.server.agentcalls import AgentAnswerError, AgentReply, BoundPorts
+from sandlot.server.control import agentcalls
+from sandlot.server.control.agentcalls import AgentAnswerError, AgentReply, BoundPorts
 from sandlot.server.upstream import AgentPool, BodyTooLarge
 
 

@@ -27,7 +27,7 @@ from sandlot.engines.local import LocalEngine
 from sandlot.engines.local.mounts import mounts_under, unmount
 from sandlot.images.store import ImageStore
 from sandlot.sdk.errors import SandboxError
-from sandlot.server.agentwatch import ProbeSettings
+from sandlot.server.config import ProbeSettings
 
 pytestmark = pytest.mark.root
 

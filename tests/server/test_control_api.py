@@ -357,7 +357,8 @@ def test_half_created_rows_are_cleaned_at_start(
     """A server that died mid-create leaves a "creating" row; the next start removes it."""
     from support.server import start_server
 
-    from sandlot.server.db import SandboxRow, Store, utcnow
+    from sandlot.server.control.store import Store
+    from sandlot.server.control.tables import SandboxRow, utcnow
 
     store = Store(database_url)
     store.add_sandbox(

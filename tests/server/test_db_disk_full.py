@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sandlot.server.db import DatabaseFull, DiskReserve, Store
+from sandlot.server.control.sqlitefiles import DatabaseFull, DiskReserve
+from sandlot.server.control.store import Store
 
 pytestmark = [pytest.mark.root]
 

@@ -22,7 +22,7 @@ import h2.events
 import pytest
 import uvicorn
 
-from sandlot.server.wsraw import PortsWebSocketProtocol, ports_http_protocol
+from sandlot.server.runner.protocols import PortsWebSocketProtocol, ports_http_protocol
 
 Scope = dict[str, Any]
 

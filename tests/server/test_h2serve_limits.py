@@ -28,7 +28,7 @@ import uvicorn
 from test_h2serve import Client
 
 from sandlot.server.h2limits import H2Limits
-from sandlot.server.wsraw import PortsWebSocketProtocol, ports_http_protocol
+from sandlot.server.runner.protocols import PortsWebSocketProtocol, ports_http_protocol
 
 TESTS = Path(__file__).resolve().parents[1]
 ENHANCE_YOUR_CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM

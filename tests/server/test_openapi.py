@@ -21,7 +21,7 @@ def test_openapi_lists_every_route(server: RunningServer) -> None:
             served.add((path, method))
 
     # exposed ports are answered before routing (path form; the host form is not a path)
-    from sandlot.server.ports import PORTS_METHODS, PORTS_PATH
+    from sandlot.server.gateway.ports.router import PORTS_METHODS, PORTS_PATH
 
     served |= {(PORTS_PATH, m) for m in PORTS_METHODS}
 

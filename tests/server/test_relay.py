@@ -1,4 +1,4 @@
-"""Relay processes (sandlot.server.relay): real processes copying between real sockets on
+"""Relay processes (sandlot.server.gateway.relay): real processes copying between real sockets on
 loopback and socketpairs; no sandbox needed."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from sandlot.server.relay import RelayError, Relays, Spliced
+from sandlot.server.gateway.relay import RelayError, Relays, Spliced
 
 
 @pytest.fixture
@@ -138,7 +138,7 @@ async def test_a_dead_relay_ends_its_connections_and_a_new_one_starts(relays: Re
 _SCRIPT = textwrap.dedent(
     """
     import asyncio, socket, sys
-    from sandlot.server.relay import Relays
+    from sandlot.server.gateway.relay import Relays
 
     async def main():
         relays = Relays(connections_per_worker=10)
@@ -228,8 +228,8 @@ async def test_close_tagged_ends_only_those(relays: Relays) -> None:
 def test_a_relay_exits_when_its_server_goes_mid_attach() -> None:
     """The control socket closing while pairs are still being attached: the relay still exits
     (an orphan relay would hold its connections for ever)."""
-    from sandlot.server.relay import WORKER
-    from sandlot.server.relay_worker import ADD, ID
+    from sandlot.server.gateway.relay import WORKER
+    from sandlot.server.gateway.relay_worker import ADD, ID
 
     for _ in range(5):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -261,7 +261,7 @@ def test_a_relay_exits_when_its_server_goes_mid_attach() -> None:
 def test_a_relay_whose_server_is_gone_exits_even_without_eof() -> None:
     """Something else keeps the control socket open (no EOF), but the server that started the
     relay is gone: the relay notices it was re-parented and exits."""
-    from sandlot.server.relay import WORKER
+    from sandlot.server.gateway.relay import WORKER
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     starter = (

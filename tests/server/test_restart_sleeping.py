@@ -8,7 +8,8 @@ import pytest
 from support.agent_engine import AgentProcessEngine
 from support.server import RunningServer
 
-from sandlot.server.app import ServerConfig, create_app
+from sandlot.server.api.app import create_app
+from sandlot.server.config import ServerConfig
 
 
 @pytest.mark.anyio

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sandlot.server.run import parse_listen
+from sandlot.server.runner.serve import parse_listen
 
 TESTS = Path(__file__).resolve().parents[1]
 

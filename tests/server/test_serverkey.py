@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sandlot.server.db import Store
-from sandlot.server.serverkey import ServerKey, ServerKeyError
+from sandlot.server.control.serverkey import ServerKey, ServerKeyError
+from sandlot.server.control.store import Store
 
 
 def test_seal_opens_only_with_its_key_and_column(tmp_path: Path) -> None:

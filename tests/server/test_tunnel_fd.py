@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sandlot.engines.base import AgentAddress
-from sandlot.server.tunnel import TunnelError, open_tunnel_socket
+from sandlot.server.gateway.tunnel import TunnelError, open_tunnel_socket
 
 HEAD = b"HTTP/1.1 200 OK\r\nSandlot-Tunnel: fd\r\nContent-Length: 0\r\n\r\n"
 

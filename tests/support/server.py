@@ -16,10 +16,14 @@ import uvicorn
 
 from sandlot.engines.base import Engine
 from sandlot.images.trust import ImageTrust
-from sandlot.server.agentwatch import ProbeSettings
-from sandlot.server.app import ServerConfig, create_app, unix_public_url
-from sandlot.server.run import bind_unix_socket
-from sandlot.server.wsraw import HEAD_TIMEOUT, PortsWebSocketProtocol, ports_http_protocol
+from sandlot.server.api.app import create_app
+from sandlot.server.config import ProbeSettings, ServerConfig, unix_public_url
+from sandlot.server.runner.protocols import (
+    HEAD_TIMEOUT,
+    PortsWebSocketProtocol,
+    ports_http_protocol,
+)
+from sandlot.server.runner.serve import bind_unix_socket
 
 
 @dataclass

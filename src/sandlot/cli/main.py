@@ -181,10 +181,9 @@ def server(
     docs/ports.md)."""
     from sandlot.ca_certs import ExtraCAError
     from sandlot.ca_certs import load as load_extra_ca
-    from sandlot.server.admission import PortLimits
+    from sandlot.server.config import PoolKey, PortLimits
     from sandlot.server.h2limits import H2Limits
-    from sandlot.server.pool import PoolKey
-    from sandlot.server.run import HostPolicy, parse_listen, serve
+    from sandlot.server.runner.serve import HostPolicy, parse_listen, serve
 
     try:
         parse_listen(listen)

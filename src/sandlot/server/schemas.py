@@ -10,6 +10,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    StrictInt,
     StrictStr,
     field_validator,
     model_validator,
@@ -352,3 +353,43 @@ class HealthOut(BaseModel):
     build: str | None = None
     package: str | None = None
     pid: int | None = None
+
+
+# -- exposed ports --
+
+
+class ExposePort(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    port: StrictInt = Field(..., ge=1, le=65535)
+    exclusive: StrictBool = Field(
+        False,
+        description="Koyeb's semantics: fail with 409 if another port is already exposed "
+        "(default: sandlot's, several ports at once).",
+    )
+
+
+class ExposedPortOut(BaseModel):
+    port: int
+    exposed_at: str = Field(..., description="Path form URL: {server}/sandboxes/{id}/ports/{port}/")
+    host_url: str | None = Field(
+        None, description="Host form URL ({port}-{id}.{domain}) when the server has --domain."
+    )
+    protocol: str
+    token: str | None = Field(None, description="With protect_ports: this port's token.")
+    since: str
+
+
+class TcpProxyOut(BaseModel):
+    host: str
+    port: int
+
+
+class PortsOut(BaseModel):
+    ports: list[ExposedPortOut]
+    tcp_proxy: TcpProxyOut | None = None
+    domain: str = Field(..., description="Where ports are served: the wildcard domain or server.")
+
+
+class UnexposedOut(BaseModel):
+    unexposed: list[int]
+    ports: list[int]

@@ -53,7 +53,7 @@ class BodyTooLarge(UpstreamError):
     """An answer the server reads whole was larger than it allows."""
 
 
-class _Conn:
+class Connection:
     __slots__ = ("idle_since", "reader", "writer")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -77,7 +77,7 @@ class UpstreamResponse:
     status: int
     headers: list[tuple[bytes, bytes]]
     _pool: AgentPool
-    _conn: _Conn | None
+    _conn: Connection | None
     _length: int | None
     _chunked: bool
     _done: bool = False
@@ -167,7 +167,7 @@ class UpstreamResponse:
             conn.close()
 
 
-def _salvage(conn: _Conn) -> bytes | None:
+def _salvage(conn: Connection) -> bytes | None:
     """After a failed send, asyncio's reader refuses to read even what the agent answered
     before closing (an early 401 or 413). Take that answer from the reader's buffer (a private
     attribute, hence the care) and give the connection a fresh reader holding the rest."""
@@ -192,9 +192,9 @@ class AgentPool:
         self.address = address
         #: The sandbox's secret, for the gateway's own check (None: leave it to the agent).
         self.secret = secret
-        self._idle: list[_Conn] = []
+        self._idle: list[Connection] = []
 
-    async def _connect(self) -> _Conn:
+    async def _connect(self) -> Connection:
         try:
             if self.address.unix_path is not None:
                 reader, writer = await asyncio.open_unix_connection(
@@ -206,16 +206,16 @@ class AgentPool:
                 )
         except OSError as exc:
             raise UpstreamError(exc.strerror or str(exc) or type(exc).__name__) from exc
-        return _Conn(reader, writer)
+        return Connection(reader, writer)
 
-    def release(self, conn: _Conn) -> None:
+    def release(self, conn: Connection) -> None:
         if len(self._idle) < POOL_MAX and conn.usable():
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
         else:
             conn.close()
 
-    def _take_idle(self) -> _Conn | None:
+    def _take_idle(self) -> Connection | None:
         while self._idle:
             conn = self._idle.pop()
             if conn.usable():
@@ -263,7 +263,7 @@ class AgentPool:
 
     async def _exchange(
         self,
-        conn: _Conn,
+        conn: Connection,
         raw_head: bytes,
         body: bytes | AsyncIterator[bytes],
         method: str,

@@ -1,4 +1,5 @@
-"""The server's state, through SQLAlchemy 2: SQLite by default, PostgreSQL by URL.
+"""The server's state, through SQLAlchemy 2: SQLite by default, PostgreSQL by URL. The tables are
+:mod:`.tables`; SQLite's own files, :mod:`.sqlitefiles`.
 
 Calls are synchronous and short; the async routes run them in a worker thread
 (:func:`anyio.to_thread.run_sync`) so a slow database never blocks the gateway's event loop.
@@ -11,31 +12,16 @@ whatever they were before.
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import secrets
-import sqlite3
-import stat
 import threading
-import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 from sqlalchemy import (
-    JSON,
-    Boolean,
-    DateTime,
-    Float,
-    Integer,
-    String,
-    Text,
-    UniqueConstraint,
     create_engine,
     event,
     inspect,
@@ -45,24 +31,36 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from sandlot.instance_types import INSTANCE_TYPES
-from sandlot.paths import state_dir
-from sandlot.server.serverkey import KEY_FILE_NAME, ServerKey, ServerKeyError
+from sandlot.server.control.serverkey import ServerKey, ServerKeyError
+from sandlot.server.control.sqlitefiles import (
+    DatabaseFull,
+    DiskReserve,
+    default_key_file,
+    is_disk_full,
+    secure_sqlite_files,
+    sqlite_path,
+    sqlite_pragmas,
+)
+from sandlot.server.control.tables import (
+    SCOPES,
+    UNCOUNTED_STATUSES,
+    ApiToken,
+    Base,
+    ProjectQuota,
+    RegistrySecret,
+    SandboxEvent,
+    SandboxRow,
+    Scope,
+    ServerMeta,
+    Usage,
+    utcnow,
+)
+from sandlot.server.status import SandboxStatus
 
 log = logging.getLogger("sandlot.server")
-
-DEFAULT_PROJECT = "default"
-
-#: What an API token may do. ``normal``: its project's sandboxes, secrets and quota (read);
-#: ``privileged``: also privileged sandboxes; ``admin``: also tokens and quotas of every project
-#: (what the local socket's owner does, over TCP). Host paths as images stay the socket's.
-Scope = Literal["normal", "privileged", "admin"]
-SCOPES: tuple[Scope, ...] = get_args(Scope)
-#: Sandbox statuses that hold resources a quota counts (everything not deleted, asleep too).
-UNCOUNTED_STATUSES = ("deleted", "pooling", "pooled")
-#: Sealed columns' names: the associated data that binds a sealed value to its column.
 SANDBOX_SECRET_COLUMN = "sandboxes.secret"
 REGISTRY_PASSWORD_COLUMN = "registry_secrets.password"
 PORT_TOKEN_COLUMN = "sandboxes.exposed_ports.token"
@@ -71,261 +69,13 @@ ENV_COLUMN = "sandboxes.env"
 SEALED_ENV_KEY = "=sealed"
 
 
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class ApiToken(Base):
-    __tablename__ = "api_tokens"
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    project: Mapped[str] = mapped_column(String(128), index=True)
-    name: Mapped[str] = mapped_column(String(128), default="")
-    #: sha256 of the token. Tokens are 256-bit random strings, so a fast hash is enough
-    #: (no dictionary to attack); the token itself is shown once, at creation.
-    token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
-    #: One of :data:`SCOPES` (tokens made before scopes existed are ``normal``).
-    scope: Mapped[str] = mapped_column(String(16), default="normal")
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-
-
-class SandboxRow(Base):
-    __tablename__ = "sandboxes"
-
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    project: Mapped[str] = mapped_column(String(128), index=True)
-    name: Mapped[str] = mapped_column(String(128), index=True)
-    status: Mapped[str] = mapped_column(String(32), index=True)
-    image: Mapped[str] = mapped_column(Text)
-    instance_type: Mapped[str] = mapped_column(String(32))
-    region: Mapped[str] = mapped_column(String(64))
-    labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
-    #: The sandbox's environment (often API keys): sealed as ``{"=sealed": ...}`` by
-    #: :meth:`Store.seal_env`, read with :meth:`Store.sandbox_env`.
-    env: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
-    #: The agent secret, at rest: "" means derived from the id by the server key (every sandbox
-    #: this server makes); else sealed by it (a secret made before derivation, kept because the
-    #: agent holds it). Read it with :meth:`Store.sandbox_secret`.
-    secret_sealed: Mapped[str] = mapped_column("secret", String(256), default="")
-    privileged: Mapped[bool] = mapped_column(Boolean, default=False)
-    exposed_port_protocol: Mapped[str] = mapped_column(String(16), default="http")
-    enable_tcp_proxy: Mapped[bool] = mapped_column(Boolean, default=False)
-    #: Exposed ports: {"8080": {"since": iso time, "protected": bool}} (see server/ports.py); a
-    #: protected port's token is derived (:meth:`Store.port_token`), or sealed
-    #: (``token_sealed``) if an older sandlot chose it at random.
-    exposed_ports: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    protect_ports: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
-    registry_secret: Mapped[str | None] = mapped_column(String(256), nullable=True)
-    # Lifecycle (stored now; the timers come with the lifecycle issue).
-    idle_timeout: Mapped[int] = mapped_column(Integer, default=300)
-    delete_after_delay: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    delete_after_inactivity_delay: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    light_sleep: Mapped[bool] = mapped_column(Boolean, default=False)
-    #: Lifecycle state: when traffic was last seen, when it fell asleep and how deeply.
-    last_activity_at: Mapped[dt.datetime | None] = mapped_column(
-        DateTime(timezone=True), nullable=True
-    )
-    slept_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    sleep_kind: Mapped[str | None] = mapped_column(String(16), nullable=True)
-    #: Egress policy: "none" or "outbound", and the allow-list (None: everywhere).
-    network: Mapped[str | None] = mapped_column(String(16), nullable=True, default="none")
-    outbound_allowlist: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
-    # Where the agent answers (from the engine).
-    agent_unix_path: Mapped[str | None] = mapped_column(Text, nullable=True)
-    agent_host: Mapped[str | None] = mapped_column(String(256), nullable=True)
-    agent_port: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    error: Mapped[str] = mapped_column(Text, default="")
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-
-
-class SandboxEvent(Base):
-    """A sandbox's history: created, slept, woke, deleted, error (``sandlot events ID``)."""
-
-    __tablename__ = "sandbox_events"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    sandbox_id: Mapped[str] = mapped_column(String(64), index=True)
-    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    kind: Mapped[str] = mapped_column(String(32))
-    detail: Mapped[str] = mapped_column(Text, default="")
-
-
-class RegistrySecret(Base):
-    """Credentials for a private registry, named per project (``registry_secret=NAME``).
-
-    Unlike API tokens they are sent to the registry, so they cannot be hashed: the password is
-    sealed with the server key (:meth:`Store.registry_password` opens it). The API never
-    returns it."""
-
-    __tablename__ = "registry_secrets"
-    __table_args__ = (UniqueConstraint("project", "name"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    project: Mapped[str] = mapped_column(String(128), index=True)
-    name: Mapped[str] = mapped_column(String(64))
-    #: ``host[:port]`` (``docker.io`` for Docker Hub): the only registry these are sent to.
-    host: Mapped[str] = mapped_column(String(255))
-    username: Mapped[str] = mapped_column(String(255))
-    password_sealed: Mapped[str] = mapped_column("password", Text)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-
-class ProjectQuota(Base):
-    """A project's limits (None: unlimited), checked at every create and warm-pool claim."""
-
-    __tablename__ = "project_quotas"
-
-    project: Mapped[str] = mapped_column(String(128), primary_key=True)
-    max_sandboxes: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    memory_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    vcpu: Mapped[float | None] = mapped_column(Float, nullable=True)
-    disk_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-
-class ServerMeta(Base):
-    """Facts about the database itself (the fingerprint of the key its secrets are sealed by)."""
-
-    __tablename__ = "server_meta"
-
-    name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
-
-
-@dataclass(frozen=True)
-class Usage:
-    """What a project holds: its counted sandboxes and their instance types' sizes."""
-
-    sandboxes: int = 0
-    memory_mb: int = 0
-    vcpu: float = 0.0
-    disk_mb: int = 0
-
-    def plus(self, instance_type: str) -> Usage:
-        t = INSTANCE_TYPES[instance_type]
-        return Usage(
-            self.sandboxes + 1,
-            self.memory_mb + t.memory_mb,
-            self.vcpu + t.vcpu,
-            self.disk_mb + t.disk_mb,
-        )
-
-
 class QuotaExceeded(Exception):
     """A create or claim would take a project past one of its quotas (the message says which,
     with the usage)."""
 
 
-class DatabaseFull(Exception):
-    """The database's disk is full: nothing could be written (the server answers 507)."""
-
-
-class DiskReserve:
-    """Room kept for the database on its own disk: a preallocated file beside it.
-
-    Why: sandboxes' disks are sparse and other programs share the state filesystem, so it can
-    fill up under the server; SQLite then fails every write ("database or disk is full") and
-    every request that records anything failed with a 500. When a write fails for want of space
-    the reserve is deleted -- its blocks are the database's to grow into, so the server keeps
-    answering (creates are refused by admission meanwhile) -- and it is made again once the disk
-    has room, so the next time finds it in place.
-    """
-
-    SIZE = 16 * 1024 * 1024
-    #: Seconds between checks for room to make the reserve again.
-    RECHECK = 2.0
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._checked = 0.0
-        self.arm()
-
-    def arm(self) -> bool:
-        """Make the reserve if it is missing; False if the disk has no room for it."""
-        if self.path.exists():
-            return True
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                os.posix_fallocate(fd, 0, self.SIZE)
-            finally:
-                os.close(fd)
-            os.rename(tmp, self.path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            return False
-        return True
-
-    def release(self) -> bool:
-        """Give the reserve's space back to the disk; False if it was already gone."""
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            return False
-        return True
-
-    def rearm_if_room(self) -> None:
-        """Make the reserve again once there is room for it and some (checked now and then)."""
-        now = time.monotonic()
-        if now - self._checked < self.RECHECK or self.path.exists():
-            return
-        self._checked = now
-        vfs = os.statvfs(self.path.parent)
-        if vfs.f_bavail * vfs.f_frsize > 4 * self.SIZE:
-            self.arm()
-
-
-def _is_disk_full(exc: BaseException | None) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code == sqlite3.SQLITE_FULL or (
-        isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)
-    )
-
-
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def default_database_url(state: Path) -> str:
-    return f"sqlite:///{state / 'sandlot.db'}"
-
-
-def _sqlite_path(url: str) -> Path | None:
-    if not url.startswith("sqlite"):
-        return None
-    path = url.split("///", 1)[1] if "///" in url else ""
-    path = path.split("?", 1)[0]
-    return Path(path) if path and path != ":memory:" else None
-
-
-def default_key_file(url: str) -> Path:
-    """Beside a SQLite database (so a copied state directory keeps working); else in the
-    state directory. Replicas on PostgreSQL should name a shared file instead."""
-    db = _sqlite_path(url)
-    return (db.parent if db is not None else state_dir()) / KEY_FILE_NAME
-
-
-def secure_sqlite_files(db: Path) -> None:
-    """The database, its WAL and shared-memory files: 0600, created so (SQLite gives the WAL
-    and -shm files the main file's mode) and tightened if an older sandlot left them 0644."""
-    db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.close(os.open(db, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
-    for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}-journal")):
-        try:
-            info = os.lstat(path)
-        except FileNotFoundError:
-            continue
-        if stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) & 0o077:
-            os.chmod(path, 0o600)
 
 
 class Store:
@@ -339,7 +89,7 @@ class Store:
         self.key = ServerKey.load(key_file or default_key_file(url), create=key_file is None)
         kwargs: dict[str, Any] = {}
         self.reserve: DiskReserve | None = None
-        db_path = _sqlite_path(url)
+        db_path = sqlite_path(url)
         if db_path is not None:
             secure_sqlite_files(db_path)
             self.reserve = DiskReserve(db_path.with_name(db_path.name + ".reserve"))
@@ -350,7 +100,7 @@ class Store:
             url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
         self.engine: SAEngine = create_engine(url, pool_pre_ping=True, **kwargs)
         if url.startswith("sqlite"):
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "connect", sqlite_pragmas)
             event.listen(self.engine, "handle_error", self._on_error)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         #: Quota check and insert are one step (for SQLite, one process; PostgreSQL also locks
@@ -494,7 +244,7 @@ class Store:
     def _on_error(self, context: Any) -> None:
         """A write that failed for want of disk: release the reserve (the next try has room)
         and say so with an error the API turns into a 507."""
-        if _is_disk_full(context.original_exception):
+        if is_disk_full(context.original_exception):
             released = self.reserve is not None and self.reserve.release()
             raise DatabaseFull(
                 "the server's disk is full"
@@ -622,7 +372,7 @@ class Store:
         """A live (not deleted) sandbox; with ``project``, only if it belongs to it."""
         with self.session() as s:
             row = s.get(SandboxRow, sandbox_id)
-            if row is None or row.status == "deleted":
+            if row is None or row.status == SandboxStatus.DELETED:
                 return None
             if project is not None and row.project != project:
                 return None
@@ -634,7 +384,7 @@ class Store:
         with self.session() as s:
             q = (
                 select(SandboxRow)
-                .where(SandboxRow.project == project, SandboxRow.status != "deleted")
+                .where(SandboxRow.project == project, SandboxRow.status != SandboxStatus.DELETED)
                 .order_by(SandboxRow.created_at)
             )
             if name is not None:
@@ -662,6 +412,21 @@ class Store:
             row.updated_at = utcnow()
             return row
 
+    def change_exposed_ports(
+        self, sandbox_id: str, change: Callable[[dict[str, Any]], None]
+    ) -> dict[str, Any]:
+        """Read-modify-write of a sandbox's exposed ports, under the row's lock (two exposes
+        at once must both see the other's); ``{}`` if there is no such sandbox."""
+        with self.session() as s, s.begin():
+            row = s.get(SandboxRow, sandbox_id, with_for_update=True)
+            if row is None:
+                return {}
+            ports = dict(row.exposed_ports or {})
+            change(ports)
+            row.exposed_ports = ports
+            row.updated_at = utcnow()
+            return ports
+
     def claim_pooled(
         self, pool_project: str, image: str, instance_type: str, **fields: Any
     ) -> SandboxRow | None:
@@ -673,7 +438,7 @@ class Store:
                 select(SandboxRow)
                 .where(
                     SandboxRow.project == pool_project,
-                    SandboxRow.status == "pooled",
+                    SandboxRow.status == SandboxStatus.POOLED,
                     SandboxRow.image == image,
                     SandboxRow.instance_type == instance_type,
                 )
@@ -694,7 +459,7 @@ class Store:
         with self.session() as s:
             query = select(SandboxRow.id).where(
                 SandboxRow.project == pool_project,
-                SandboxRow.status.in_(["pooled", "pooling"]),
+                SandboxRow.status.in_([SandboxStatus.POOLED, SandboxStatus.POOLING]),
                 SandboxRow.image == image,
                 SandboxRow.instance_type == instance_type,
             )
@@ -790,13 +555,3 @@ class Store:
             if row is not None:
                 s.delete(row)
             return row is not None
-
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    # WAL: readers (the gateway's lookups) never wait for a writer (a create).
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    # Deleted rows (a registry secret, a token) are zeroed, not left in free pages.
-    cur.execute("PRAGMA secure_delete=ON")
-    cur.close()

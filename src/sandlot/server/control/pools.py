@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import logging
 import secrets
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import anyio
 
 from sandlot.engines.base import Engine, SandboxSpec
 from sandlot.instance_types import get_instance_type
-from sandlot.server import agentcalls
-from sandlot.server.db import SandboxRow, utcnow
+from sandlot.server.config import PoolKey
+from sandlot.server.control import agentcalls
+from sandlot.server.control.core import Core, address_of
+from sandlot.server.control.tables import SandboxRow, utcnow
 from sandlot.server.schemas import CreateSandbox
-
-if TYPE_CHECKING:
-    from sandlot.server.control import Control
+from sandlot.server.status import SandboxStatus
 
 log = logging.getLogger("sandlot.pool")
 
@@ -37,24 +35,8 @@ POOL_PROJECT = "__pool__"
 REFILL_SECONDS = 0.5
 
 
-@dataclass(frozen=True)
-class PoolKey:
-    image: str
-    instance_type: str
-
-    @classmethod
-    def parse(cls, text: str) -> tuple[PoolKey, int]:
-        """``IMAGE:INSTANCE_TYPE=SIZE`` (e.g. ``default:micro=4``)."""
-        spec, sep, size = text.rpartition("=")
-        image, sep2, instance_type = spec.rpartition(":")
-        if not sep or not sep2 or not image or not size.isdigit():
-            raise ValueError(f"pool must be IMAGE:INSTANCE_TYPE=SIZE, not {text!r}")
-        get_instance_type(instance_type)
-        return cls(image, instance_type), int(size)
-
-
 class WarmPools:
-    def __init__(self, control: Control, sizes: dict[PoolKey, int], region: str) -> None:
+    def __init__(self, control: Core, sizes: dict[PoolKey, int], region: str) -> None:
         self.control = control
         self.sizes = {k: n for k, n in sizes.items() if n > 0}
         self.region = region
@@ -85,7 +67,7 @@ class WarmPools:
                 key.image,
                 key.instance_type,
                 project=project,
-                status="claiming",
+                status=SandboxStatus.CLAIMING,
                 labels=dict(req.labels or {}),
                 env=self.control.store.seal_env(req.env or {}),
                 idle_timeout=req.idle_timeout,
@@ -106,33 +88,28 @@ class WarmPools:
         except Exception as exc:
             log.warning("claiming pooled sandbox %s failed (%s): creating one cold", row.id, exc)
             with anyio.CancelScope(shield=True):
-                await self.control._discard(
+                await self.control.discard(
                     self.control.engines[self.region], row.id, f"pool claim failed: {exc}"
                 )
             return None
         final = await self.control.db(
             self.control.store.update_sandbox,
             row.id,
-            only_if_status="claiming",
-            status="running",
+            only_if_status=SandboxStatus.CLAIMING,
+            status=SandboxStatus.RUNNING,
         )
         detail = f"{image} ({req.instance_type}) from the warm pool"
-        background = self.control.lifecycle._background
-        if background is not None:  # the history need not hold up the create
-            background.start_soon(self.control.event, row.id, "created", detail)
-        else:
-            await self.control.event(row.id, "created", detail)
+        # the history need not hold up the create
+        await self.control.later(self.control.event, row.id, "created", detail)
         return final  # type: ignore[no-any-return]
 
     async def _claim_agent(self, row: SandboxRow, secret: str, env: dict[str, str]) -> None:
-        from sandlot.server.control import address_of
-
         address = address_of(row)
         if address is None:
             raise RuntimeError("the pooled sandbox has no agent address")
         # The gateway's own keep-alive pool to this agent: the claim opens the connection the
         # owner's first request will reuse.
-        agent = self.control._pool_for(row.id, address, secret)
+        agent = self.control.agents.connect(row.id, address, secret)
         # The first authenticated request claims the agent: its token is now the secret.
         status, answer = await agentcalls.call(agent, "POST", "/configure", {"env": env})
         if status != 200:
@@ -166,7 +143,7 @@ class WarmPools:
             id=sandbox_id,
             project=POOL_PROJECT,
             name=f"pool-{sandbox_id[:8]}",
-            status="pooling",
+            status=SandboxStatus.POOLING,
             image=key.image,
             instance_type=key.instance_type,
             region=self.region,
@@ -192,16 +169,16 @@ class WarmPools:
                 agent_host=info.agent_address.host,
                 agent_port=info.agent_address.port,
             )
-            await self.control._wait_healthy(engine, sandbox_id, info.agent_address, 60.0)
+            await self.control.agents.wait_healthy(engine, sandbox_id, info.agent_address, 60.0)
             await self.control.db(
                 self.control.store.update_sandbox,
                 sandbox_id,
-                only_if_status="pooling",
-                status="pooled",
+                only_if_status=SandboxStatus.POOLING,
+                status=SandboxStatus.POOLED,
             )
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
-                await self.control._discard(engine, sandbox_id, f"pool fill failed: {exc!r}")
+                await self.control.discard(engine, sandbox_id, f"pool fill failed: {exc!r}")
             if not isinstance(exc, Exception):
                 raise
             log.warning("adding to the %s/%s pool failed: %s", key.image, key.instance_type, exc)

@@ -26,32 +26,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 
 from sandlot.engines.base import EngineError
-
-if TYPE_CHECKING:
-    from sandlot.server.control import Control
+from sandlot.server.config import ProbeSettings
+from sandlot.server.control.agents import probe
+from sandlot.server.control.control import Control
+from sandlot.server.errors import ApiError
+from sandlot.server.status import SandboxStatus
 
 log = logging.getLogger("sandlot.agentwatch")
 
 PROBE_CONCURRENCY = 32
-
-
-@dataclass(frozen=True)
-class ProbeSettings:
-    #: Seconds between two probes of a sandbox (0 disables the probe).
-    interval: float = 10.0
-    #: Consecutive failed probes before the sandbox is restarted from outside (its processes
-    #: are lost then, so not for a moment of thrashing: a sandbox held at its memory limit by
-    #: a hog answered nothing for ~5 s in tests).
-    misses_before_restart: int = 3
-    #: Consecutive failed restarts before the sandbox is marked ``error``.
-    restarts_before_error: int = 3
-    #: How long a restarted agent has to answer.
-    ready_timeout: float = 30.0
 
 
 @dataclass
@@ -79,7 +67,9 @@ class AgentWatch:
 
     async def check(self) -> None:
         """Probe every running sandbox of this server's engines once."""
-        rows = await self.control.db(self.control.store.sandboxes_with_status, ["running"])
+        rows = await self.control.db(
+            self.control.store.sandboxes_with_status, [SandboxStatus.RUNNING]
+        )
         rows = [r for r in rows if r.region in self.control.engines]
         for gone in self._health.keys() - {r.id for r in rows}:
             del self._health[gone]
@@ -96,10 +86,10 @@ class AgentWatch:
     async def probe(self, sandbox_id: str, region: str) -> None:
         if not self.control.lifecycle.is_awake(sandbox_id):
             return  # asleep, or a transition holds it: not ours to judge now
-        pool = await self.control.agent_for(sandbox_id)
+        pool = await self.control.agents.get(sandbox_id)
         if pool is None:
             return
-        why = await self.control._probe(pool)
+        why = await probe(pool)
         if why and not self.control.lifecycle.is_awake(sandbox_id):
             return  # it went to sleep under the probe: not a failure
         health = self._health.setdefault(sandbox_id, _Health())
@@ -116,17 +106,15 @@ class AgentWatch:
             await self._restart(sandbox_id, region, health)
 
     async def _restart(self, sandbox_id: str, region: str, health: _Health) -> None:
-        from sandlot.server.control import ApiError
-
         engine = self.control.engines[region]
         reason = f"the agent did not answer {health.misses} health probes ({health.last})"
         try:
             async with self.control.lifecycle.transition_lock(sandbox_id):
                 row = await self.control.db(self.control.store.get_sandbox, sandbox_id)
-                if row is None or row.status != "running":
+                if row is None or row.status != SandboxStatus.RUNNING:
                     return  # deleted or put to sleep meanwhile
                 await engine.stop(sandbox_id)
-                await self.control._evict(sandbox_id)
+                self.control.agents.evict(sandbox_id)
                 info = await engine.start(sandbox_id)
                 await self.control.db(
                     self.control.store.update_sandbox,
@@ -135,7 +123,7 @@ class AgentWatch:
                     agent_host=info.agent_address.host,
                     agent_port=info.agent_address.port,
                 )
-                await self.control._wait_healthy(
+                await self.control.agents.wait_healthy(
                     engine,
                     sandbox_id,
                     info.agent_address,
@@ -165,11 +153,11 @@ class AgentWatch:
         await self.control.db(
             self.control.store.update_sandbox,
             sandbox_id,
-            only_if_status="running",
-            status="error",
+            only_if_status=SandboxStatus.RUNNING,
+            status=SandboxStatus.ERROR,
             error=reason,
         )
-        await self.control._evict(sandbox_id)
+        self.control.agents.evict(sandbox_id)
         await self.control.event(sandbox_id, "error", reason)
         self._health.pop(sandbox_id, None)
 
@@ -178,7 +166,7 @@ async def unavailable(control: Control, sandbox_id: str) -> tuple[int, dict[str,
     """Why requests to a sandbox in ``error`` cannot be served (status, JSON body), for the
     gateway: the reason, not a bare "not found"; None for any other sandbox."""
     row = await control.db(control.store.get_sandbox, sandbox_id)
-    if row is None or row.status != "error":
+    if row is None or row.status != SandboxStatus.ERROR:
         return None
     return 503, {
         "error": f"sandbox {sandbox_id} is in error: {row.error or 'no reason recorded'}",

@@ -48,6 +48,7 @@ from h2.events import (
 from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
+from starlette.types import Message
 
 from sandlot.server.h2limits import FrameMeter, H2Limits
 
@@ -69,8 +70,6 @@ WRITE_BATCH = 65536
 LINGER = 2.0
 #: Response headers HTTP/2 forbids (RFC 9113 8.2.2); an app written for HTTP/1.1 may set them.
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
-
-Message = dict[str, Any]
 
 
 class _Stream:

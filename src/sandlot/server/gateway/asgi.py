@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
+
+from starlette.types import Message, Receive, Scope, Send
 
 from sandlot.server.redact import hide_host_paths
 
-Message = dict[str, Any]
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of a request header (``name`` in lower case), or None."""
+    for k, v in scope["headers"]:
+        if k == name:
+            return bytes(v)
+    return None
 
 
 class ClientGone(Exception):

@@ -1,4 +1,4 @@
-"""A byte relay process: the far end of :mod:`sandlot.server.relay`.
+"""A byte relay process: the far end of :mod:`sandlot.server.gateway.relay`.
 
 The gateway hands it pairs of connected sockets (a client's connection and a connection into a
 sandbox) over a ``SOCK_SEQPACKET`` control socket, with SCM_RIGHTS; from then on this process

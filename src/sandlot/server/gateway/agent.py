@@ -25,8 +25,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
-from sandlot.server import agentwatch
-from sandlot.server.asgi import (
+from starlette.types import Receive, Scope, Send
+
+from sandlot.server.control import agentwatch
+from sandlot.server.control.control import Control
+from sandlot.server.errors import API_TOKEN_PREFIX, WakeError
+from sandlot.server.gateway.asgi import (
     HOP_BY_HOP_REQUEST,
     ClientGone,
     chunked,
@@ -36,13 +40,11 @@ from sandlot.server.asgi import (
     stream_response_body,
     until_client_gone,
 )
-from sandlot.server.control import API_TOKEN_PREFIX, Control
-from sandlot.server.lifecycle import WakeError
 from sandlot.server.upstream import AgentPool, UpstreamError
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
-
+#: Where the gateway is mounted (a Starlette route: ``path`` is the agent's route).
+GATEWAY_PATH = "/sandboxes/{sandbox_id}/koyeb-sandbox/{path:path}"
+GATEWAY_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 #: What is not passed on to the agent (``host``: the agent's connection is its own).
 _DROP_REQUEST = HOP_BY_HOP_REQUEST | {b"host"}
 _TOKEN_PREFIX = API_TOKEN_PREFIX.encode()
@@ -54,9 +56,9 @@ class Gateway:
     def __init__(self, control: Control) -> None:
         self.control = control
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sandbox_id: str = scope["path_params"]["sandbox_id"]
-        pool = await self.control.agent_for(sandbox_id)
+        pool = await self.control.agents.get(sandbox_id)
         if pool is None:
             failed = await agentwatch.unavailable(self.control, sandbox_id)
             if failed is not None:
@@ -94,10 +96,10 @@ class Gateway:
         except WakeError as exc:
             await send_json(send, 503, {"error": str(exc), "code": "wake_failed"})
 
-    async def _proxy(self, scope: Scope, receive: Any, send: Any, sandbox_id: str) -> None:
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
         params = scope["path_params"]
         # Looked up again: waking from deep sleep starts a new agent (and a new pool).
-        pool = await self.control.agent_for(sandbox_id)
+        pool = await self.control.agents.get(sandbox_id)
         if pool is None:
             await send_json(
                 send, 404, {"error": f"sandbox {sandbox_id} not found", "code": "not_found"}
@@ -153,7 +155,7 @@ class Gateway:
         except ClientGone:
             return
         except UpstreamError as exc:
-            if await self.control.agent_for(sandbox_id, fresh=True) is None:
+            if await self.control.agents.get(sandbox_id, fresh=True) is None:
                 # Deleted meanwhile (perhaps by another replica; our cache was stale).
                 await send_json(
                     send, 404, {"error": f"sandbox {sandbox_id} not found", "code": "not_found"}

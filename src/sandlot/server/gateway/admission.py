@@ -25,33 +25,11 @@ import asyncio
 import contextlib
 import hashlib
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 
-from sandlot.server.asgi import Receive, Scope, Send, refuse_websocket, send_json
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-#: Requests in flight per API token (``sandlot server --max-requests-per-token``).
-TOKEN_REQUESTS = 1024
-
-
-@dataclass(frozen=True)
-class PortLimits:
-    """Per-sandbox bounds of exposed ports (``sandlot server --max-exposed-ports`` ...)."""
-
-    #: Ports one sandbox may have exposed at once (``expose_port`` beyond: ``409``).
-    max_exposed: int = 32
-    #: HTTP requests in flight to one port of one sandbox (each holds a connection into it).
-    max_requests: int = 256
-    #: Requests waiting for one of those slots; beyond, ``503 port_busy`` at once.
-    max_queued: int = 512
-    #: How long a request may wait for a slot before its ``503``.
-    queue_timeout: float = 10.0
-    #: How long a TCP proxy connection may take to reach the sandbox's port (waking it included)
-    #: before it is closed.
-    tcp_connect_timeout: float = 30.0
-    #: TCP proxy connections open at once to one sandbox (more are closed as they come): each
-    #: holds two descriptors in a relay process, whose capacity all sandboxes share.
-    max_tcp_connections: int = 4096
+from sandlot.server.gateway.asgi import refuse_websocket, send_json
 
 
 class Busy(Exception):
@@ -111,9 +89,6 @@ class Admission:
                 waiter.set_result(None)  # the slot passes on: held stays the same
                 return
         self.held -= 1
-
-
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class TokenRequestLimit:

@@ -1,19 +1,28 @@
 """WebSockets (and h2c upgrades) to exposed ports passed through as bytes: uvicorn's ``ws``
 and ``http`` protocol classes for ``sandlot server``.
 
-ASGI hands a WebSocket to the app message by message, which is what :mod:`.ports` relays when
-the server in front is any ASGI server. Served by sandlot's own runner, uvicorn is given this
-protocol class instead: an upgrade aimed at an exposed port has its request head (path rewritten,
-tokens removed, ``X-Forwarded-*`` added) written into a tunnel to the sandbox's port, and from
-then on bytes flow both ways untouched -- the ``101`` is the sandbox server's own, extensions
-such as permessage-deflate are negotiated end to end, and frames are not parsed twice. The
-checks before that (exposed? token? wake the sandbox) are the gateway's own
-(:meth:`.ports.Ports.serve`). Every other WebSocket goes to uvicorn's usual implementation.
+ASGI hands a WebSocket to the app message by message, which is what
+:mod:`sandlot.server.gateway.ports.websocket` relays when the server in front is any ASGI
+server. Served by sandlot's own runner, uvicorn is given this protocol class instead: an upgrade
+aimed at an exposed port has its request head (path rewritten, tokens removed,
+``X-Forwarded-*`` added) written into a tunnel to the sandbox's port, and from then on bytes
+flow both ways untouched -- the ``101`` is the sandbox server's own, extensions such as
+permessage-deflate are negotiated end to end, and frames are not parsed twice. The checks before
+that (exposed? token? wake the sandbox) are the gateway's own
+(:meth:`sandlot.server.gateway.ports.router.PortRouter.serve`). Every other WebSocket goes to
+uvicorn's usual implementation.
 
 Once the upgrade request is written, both connections -- the client's and the one into the
-sandbox -- go to a relay process (:mod:`.relay`), which copies bytes with flow control both ways
-until both directions end. The gateway keeps neither descriptor, only the request's place in the
-sandbox's activity (an open WebSocket keeps its sandbox awake).
+sandbox -- go to a relay process (:mod:`sandlot.server.gateway.relay`), which copies bytes with
+flow control both ways until both directions end. The gateway keeps neither descriptor, only
+the request's place in the sandbox's activity (an open WebSocket keeps its sandbox awake).
+
+This is the one module that builds on uvicorn's private classes, which is why pyproject pins
+uvicorn to one minor version (0.54): ``uvicorn.protocols.http.httptools_impl.HttpToolsProtocol``
+(subclassed: its ``data_received`` and timeout handling), and
+``uvicorn.protocols.websockets.auto.AutoWebSocketsProtocol`` (the fallback handed the
+connection), both constructed as uvicorn does (``config``, ``server_state``, ``app_state``).
+Moving the pin: run tests/server/test_h2serve*.py and tests/sdk/test_ports*.py.
 """
 
 from __future__ import annotations
@@ -26,9 +35,11 @@ import socket
 from typing import Any, cast
 from urllib.parse import unquote
 
-from sandlot.server.asgi import refuse_websocket
-from sandlot.server.relay import RelayError
-from sandlot.server.tunnel import TunnelError, open_tunnel_socket
+from starlette.types import Message
+
+from sandlot.server.gateway.asgi import refuse_websocket
+from sandlot.server.gateway.relay import RelayError
+from sandlot.server.gateway.tunnel import TunnelError, open_tunnel_socket
 from sandlot.server.upstream import AgentPool
 
 log = logging.getLogger("sandlot.ports")
@@ -88,7 +99,7 @@ class PortsWebSocketProtocol(asyncio.Protocol):
         assert self.transport is not None
         ports = _ports_of(self.config)
         scope = _scope(head, self.transport) if ports is not None else None
-        target = ports.match(scope) if ports is not None and scope is not None else None
+        target = ports.router.match(scope) if ports is not None and scope is not None else None
         if ports is None or scope is None or target is None:
             fallback = _fallback_class()(
                 config=self.config,
@@ -110,7 +121,7 @@ class PortsWebSocketProtocol(asyncio.Protocol):
 
     async def _serve(self, ports: Any, target: Any, scope: dict[str, Any]) -> None:
         try:
-            await ports.serve(target, scope, self._receive, self._send)
+            await ports.router.serve(target, scope, self._receive, self._send)
         except asyncio.CancelledError:
             pass
         except Exception:  # pragma: no cover - logged; the connection is closed below
@@ -122,7 +133,7 @@ class PortsWebSocketProtocol(asyncio.Protocol):
     async def _receive(self) -> dict[str, Any]:
         return {"type": "websocket.connect"}
 
-    async def _send(self, message: dict[str, Any]) -> None:
+    async def _send(self, message: Message) -> None:
         """The gateway's refusals (an HTTP answer instead of the upgrade)."""
         assert self.transport is not None
         kind = message["type"]
@@ -148,8 +159,8 @@ class PortsWebSocketProtocol(asyncio.Protocol):
 
     async def _run(self, agent: AgentPool, fwd: Any, scope: dict[str, Any]) -> None:
         """Open the connection to the port, send it the upgrade request, then hand both
-        connections to a relay process (:mod:`.relay`) and wait until it reports them done --
-        holding no descriptor and doing no copying here meanwhile."""
+        connections to a relay process (:mod:`sandlot.server.gateway.relay`) and wait until it
+        reports them done -- holding no descriptor and doing no copying here meanwhile."""
         assert self.transport is not None
         ports = _ports_of(self.config)
         try:
@@ -202,9 +213,9 @@ class PortsWebSocketProtocol(asyncio.Protocol):
 
 
 def _ports_of(config: Any) -> Any:
+    """The app's exposed ports (:class:`sandlot.server.gateway.ports.service.Ports`), if any."""
     app = getattr(config, "app", None)
-    api = getattr(getattr(app, "state", None), "api", None)
-    return getattr(api, "ports", None)
+    return getattr(getattr(app, "state", None), "ports", None)
 
 
 def _scope(head: bytes, transport: asyncio.Transport) -> dict[str, Any] | None:
@@ -317,7 +328,7 @@ def ports_http_protocol(head_timeout: float = HEAD_TIMEOUT) -> Any:
                 return False
             raw_path = self.url.split(b"?", 1)[0]
             scope = {"path": unquote(raw_path.decode("latin-1")), "headers": self.headers}
-            return ports.match(scope) is not None
+            return ports.router.match(scope) is not None
 
     return PortsHttpToolsProtocol
 
@@ -327,7 +338,7 @@ def _h2_preface_hook(protocol: Any, head: bytes) -> bytes:
     connection's first bytes) may still become the preface, keep it and answer ``b""``; when it
     is the preface, hand the connection to :class:`.h2serve.H2ServerProtocol` (``b""``);
     otherwise it is HTTP/1.1, returned for uvicorn to parse."""
-    from sandlot.server.h2serve import PREFACE, switch_to_h2
+    from sandlot.server.runner.h2serve import PREFACE, switch_to_h2
 
     if len(head) < len(PREFACE) and PREFACE.startswith(head):
         protocol._first_bytes = head

@@ -29,13 +29,19 @@ from sandlot.engines.base import Engine, EngineError
 from sandlot.images.trust import ImageTrust
 from sandlot.local_trust import open_private_file, private_dir
 from sandlot.paths import default_server_socket, state_dir
-from sandlot.server.admission import TOKEN_REQUESTS, PortLimits
-from sandlot.server.app import MAX_JSON_BODY, ServerConfig, create_app, unix_public_url
-from sandlot.server.db import default_database_url
+from sandlot.server.api.app import create_app
+from sandlot.server.config import (
+    MAX_JSON_BODY,
+    TOKEN_REQUESTS,
+    PoolKey,
+    PortLimits,
+    ServerConfig,
+    unix_public_url,
+)
+from sandlot.server.control.serverkey import KEY_FILE_ENV, ServerKeyError
+from sandlot.server.control.sqlitefiles import default_database_url
 from sandlot.server.h2limits import H2Limits
-from sandlot.server.pool import PoolKey
-from sandlot.server.serverkey import KEY_FILE_ENV, ServerKeyError
-from sandlot.server.wsraw import PortsWebSocketProtocol, ports_http_protocol
+from sandlot.server.runner.protocols import PortsWebSocketProtocol, ports_http_protocol
 
 DEFAULT_REGION = "local"
 

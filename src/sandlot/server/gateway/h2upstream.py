@@ -44,8 +44,8 @@ from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
 
 from sandlot.engines.base import AgentAddress
+from sandlot.server.gateway.tunnel import open_tunnel_socket
 from sandlot.server.h2limits import FrameMeter, H2Limits
-from sandlot.server.tunnel import open_tunnel_socket
 from sandlot.server.upstream import UpstreamError
 
 #: What each stream may have in flight towards the gateway before the gateway's client reads

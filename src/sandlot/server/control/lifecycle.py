@@ -30,17 +30,16 @@ import datetime as dt
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 import anyio.abc
 
 from sandlot.engines.base import EngineError
-from sandlot.server.db import SandboxRow, utcnow
-
-if TYPE_CHECKING:
-    from sandlot.server.control import Control
+from sandlot.server.control.core import Core
+from sandlot.server.control.tables import SandboxRow, utcnow
+from sandlot.server.errors import ApiError, WakeError
+from sandlot.server.status import SandboxStatus
 
 log = logging.getLogger("sandlot.lifecycle")
 
@@ -50,10 +49,6 @@ ACTIVITY_FLUSH_SECONDS = 5.0
 TICK_SECONDS = 0.5
 
 
-class WakeError(Exception):
-    """A sleeping sandbox could not be woken (the gateway answers 503 with this message)."""
-
-
 def _aware(value: dt.datetime | None) -> dt.datetime | None:
     if value is None:
         return None
@@ -61,8 +56,17 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
 
 
 class Lifecycle:
-    def __init__(self, control: Control, tick: float = TICK_SECONDS) -> None:
+    """Sleep, wake and delete-after timers of every sandbox. ``delete(project, id, reason)``
+    is the control plane's delete, called when a deadline passes."""
+
+    def __init__(
+        self,
+        control: Core,
+        delete: Callable[[str, str, str], Awaitable[None]],
+        tick: float = TICK_SECONDS,
+    ) -> None:
         self.control = control
+        self._delete = delete
         self.tick = tick
         self._inflight: dict[str, int] = defaultdict(int)
         #: Monotonic-free wall times (UTC) of the last activity seen by this server.
@@ -73,7 +77,6 @@ class Lifecycle:
         #: changes this server made, so a refresh read before one of them is not applied.
         self._sleeping: dict[str, tuple[str, str]] = {}  # id -> (sleep kind, region)
         self._transitions = 0
-        self._background: anyio.abc.TaskGroup | None = None
 
     def _lock(self, sandbox_id: str) -> anyio.Lock:
         return self._locks.setdefault(sandbox_id, anyio.Lock())
@@ -132,7 +135,7 @@ class Lifecycle:
                 await self._thaw(sandbox_id, known[1], time.perf_counter())
                 return
             row = await self.control.db(self.control.store.get_sandbox, sandbox_id)
-            if row is None or row.status != "sleeping":
+            if row is None or row.status != SandboxStatus.SLEEPING:
                 self._mark(sandbox_id, sleeping=None)
                 return
             await self._wake(row)
@@ -142,14 +145,13 @@ class Lifecycle:
         # Thawed: let the request through now; the bookkeeping follows in the background,
         # under the sandbox's lock so no later transition overtakes it.
         self._mark(sandbox_id, sleeping=None)
-        if self._background is not None:
-            self._background.start_soon(self._record_wake, sandbox_id, "light", started)
+        background = self.control.background
+        if background is not None:
+            background.start_soon(self._record_wake, sandbox_id, "light", started)
         else:  # the timer loop is not running (embedded use): record it now
             await self._write_wake(sandbox_id, "light", started)
 
     async def _wake(self, row: SandboxRow) -> None:
-        from sandlot.server.control import ApiError
-
         engine = self.control.engines[row.region]
         started = time.perf_counter()
         kind = row.sleep_kind or "deep"
@@ -165,13 +167,13 @@ class Lifecycle:
                 agent_host=info.agent_address.host,
                 agent_port=info.agent_address.port,
             )
-            await self.control._evict(row.id)  # connections to the old agent are gone
-            await self.control._wait_healthy(engine, row.id, info.agent_address, 60.0)
+            self.control.agents.evict(row.id)  # connections to the old agent are gone
+            await self.control.agents.wait_healthy(engine, row.id, info.agent_address, 60.0)
         except (EngineError, OSError, ApiError) as exc:
             await self.control.db(
                 self.control.store.update_sandbox,
                 row.id,
-                status="error",
+                status=SandboxStatus.ERROR,
                 error=f"waking from {kind} sleep failed: {exc}",
             )
             await self.control.event(row.id, "error", f"waking from {kind} sleep failed: {exc}")
@@ -188,7 +190,7 @@ class Lifecycle:
         await self.control.db(
             self.control.store.update_sandbox,
             sandbox_id,
-            status="running",
+            status=SandboxStatus.RUNNING,
             sleep_kind=None,
             slept_at=None,
             last_activity_at=utcnow(),
@@ -203,24 +205,24 @@ class Lifecycle:
             if self._inflight.get(sandbox_id):
                 return False
             row = await self.control.db(self.control.store.get_sandbox, sandbox_id)
-            if row is None or row.status not in ("running", "sleeping"):
+            if row is None or row.status not in (SandboxStatus.RUNNING, SandboxStatus.SLEEPING):
                 return False
-            if row.status == "sleeping" and (row.sleep_kind == kind or kind == "light"):
+            if row.status == SandboxStatus.SLEEPING and (row.sleep_kind == kind or kind == "light"):
                 return False
             engine = self.control.engines[row.region]
             if kind == "light":
                 await engine.pause(sandbox_id)
             else:
-                if row.status == "sleeping":  # light -> deep: thaw so the kill can land
+                if row.status == SandboxStatus.SLEEPING:  # light -> deep: thaw so the kill can land
                     with contextlib.suppress(EngineError):
                         await engine.resume(sandbox_id)
                 await engine.stop(sandbox_id)
-                await self.control._evict(sandbox_id)
-            slept_at = row.slept_at if row.status == "sleeping" else utcnow()
+                self.control.agents.evict(sandbox_id)
+            slept_at = row.slept_at if row.status == SandboxStatus.SLEEPING else utcnow()
             await self.control.db(
                 self.control.store.update_sandbox,
                 sandbox_id,
-                status="sleeping",
+                status=SandboxStatus.SLEEPING,
                 sleep_kind=kind,
                 slept_at=slept_at,
                 last_activity_at=self._last_activity.get(sandbox_id, row.last_activity_at),
@@ -235,11 +237,9 @@ class Lifecycle:
             return True
 
     async def expire(self, row: SandboxRow, reason: str) -> None:
-        from sandlot.server.control import ApiError
-
         async with self._lock(row.id):
             with contextlib.suppress(ApiError):  # already gone: nothing to do
-                await self.control.delete(row.project, row.id, reason=reason)
+                await self._delete(row.project, row.id, reason)
 
     def _mark(self, sandbox_id: str, *, sleeping: tuple[str, str] | None) -> None:
         """Record a transition: ``sleeping`` is (kind, region), or None once awake."""
@@ -260,12 +260,14 @@ class Lifecycle:
         """Learn which sandboxes sleep before the first request is served: otherwise a request
         arriving right after a restart, before the first :meth:`check`, would be forwarded to
         the agent of a deeply sleeping sandbox (connection refused) instead of waking it."""
-        rows = await self.control.db(self.control.store.sandboxes_with_status, ["sleeping"])
+        rows = await self.control.db(
+            self.control.store.sandboxes_with_status, [SandboxStatus.SLEEPING]
+        )
         self._sleeping = _sleeping_of(rows)
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
-            self._background = tg
+            self.control.background = tg
             while True:
                 try:
                     await self.check(utcnow())
@@ -276,7 +278,8 @@ class Lifecycle:
     async def check(self, now: dt.datetime) -> None:
         generation = self._transitions
         rows = await self.control.db(
-            self.control.store.sandboxes_with_status, ["running", "sleeping"]
+            self.control.store.sandboxes_with_status,
+            [SandboxStatus.RUNNING, SandboxStatus.SLEEPING],
         )
         if generation == self._transitions:  # no transition since the read: it is current
             self._sleeping = _sleeping_of(rows)
@@ -291,7 +294,7 @@ class Lifecycle:
         ):
             await self.expire(row, f"delete_after_delay ({row.delete_after_delay}s) passed")
             return
-        if row.status == "sleeping":
+        if row.status == SandboxStatus.SLEEPING:
             asleep_for = (now - slept).total_seconds() if slept else 0.0
             if row.delete_after_inactivity_delay is not None and asleep_for >= (
                 row.delete_after_inactivity_delay
@@ -312,4 +315,6 @@ class Lifecycle:
 
 def _sleeping_of(rows: list[SandboxRow]) -> dict[str, tuple[str, str]]:
     """Which of ``rows`` sleep: id → (sleep kind, region)."""
-    return {r.id: (r.sleep_kind or "deep", r.region) for r in rows if r.status == "sleeping"}
+    return {
+        r.id: (r.sleep_kind or "deep", r.region) for r in rows if r.status == SandboxStatus.SLEEPING
+    }

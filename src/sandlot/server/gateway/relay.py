@@ -31,7 +31,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandlot.server.relay_worker import ADD, CLOSE, DONE, HELLO, ID, REPORT
+from sandlot.server.gateway.relay_worker import ADD, CLOSE, DONE, HELLO, ID, REPORT
 
 log = logging.getLogger("sandlot.relay")
 

@@ -1,0 +1,1 @@
+"""Exposed ports and the TCP proxy: see :mod:`.service`."""

@@ -30,6 +30,7 @@ import threading
 import time
 
 from sandlot.agent.commands import kill_group
+from sandlot.agent.logring import LogRing, iso
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -212,8 +213,6 @@ class OrphanedProcess:
         self.kill_requested = False
         self.done = threading.Event()
         self._lock = threading.Lock()
-        from sandlot.agent.processes import LogRing
-
         self.logs = LogRing()
         self.logs.close()
         self.poll()
@@ -273,8 +272,6 @@ class OrphanedProcess:
         return None
 
     def summary(self) -> dict[str, Any]:
-        from sandlot.agent.processes import iso
-
         status = self.status
         return {
             "id": self.id,
@@ -287,8 +284,6 @@ class OrphanedProcess:
         }
 
     def details(self) -> dict[str, Any]:
-        from sandlot.agent.processes import iso
-
         return {
             **self.summary(),
             "ended_at": None if self.ended_at is None else iso(self.ended_at),
@@ -303,8 +298,6 @@ class OrphanedProcess:
         }
 
     def gone_message(self) -> str:
-        from sandlot.agent.processes import iso
-
         return (
             f"the output and stdin of process {self.id} were lost: the agent that started it "
             f"died and was restarted at {iso(self.orphaned_at)} (the process itself "

@@ -24,17 +24,15 @@ from typing import Any
 from sqlalchemy import (
     create_engine,
     event,
-    inspect,
     select,
-    text,
-    update,
 )
 from sqlalchemy.engine import Engine as SAEngine
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sandlot.instance_types import INSTANCE_TYPES
-from sandlot.server.control.serverkey import ServerKey, ServerKeyError
+from sandlot.server.control import migrate
+from sandlot.server.control.serverkey import ServerKey
 from sandlot.server.control.sqlitefiles import (
     DatabaseFull,
     DiskReserve,
@@ -45,7 +43,12 @@ from sandlot.server.control.sqlitefiles import (
     sqlite_pragmas,
 )
 from sandlot.server.control.tables import (
+    ENV_COLUMN,
+    PORT_TOKEN_COLUMN,
+    REGISTRY_PASSWORD_COLUMN,
+    SANDBOX_SECRET_COLUMN,
     SCOPES,
+    SEALED_ENV_KEY,
     UNCOUNTED_STATUSES,
     ApiToken,
     Base,
@@ -54,19 +57,12 @@ from sandlot.server.control.tables import (
     SandboxEvent,
     SandboxRow,
     Scope,
-    ServerMeta,
     Usage,
     utcnow,
 )
 from sandlot.server.status import SandboxStatus
 
 log = logging.getLogger("sandlot.server")
-SANDBOX_SECRET_COLUMN = "sandboxes.secret"
-REGISTRY_PASSWORD_COLUMN = "registry_secrets.password"
-PORT_TOKEN_COLUMN = "sandboxes.exposed_ports.token"
-ENV_COLUMN = "sandboxes.env"
-#: The one key of a sealed ``env`` (no environment variable can be named so: it holds "=").
-SEALED_ENV_KEY = "=sealed"
 
 
 class QuotaExceeded(Exception):
@@ -107,110 +103,9 @@ class Store:
         #: the project's quota row, for replicas).
         self._admit_lock = threading.Lock()
         Base.metadata.create_all(self.engine)
-        self._add_missing_columns()
-        self._check_key()
-        self._migrate_secrets()
+        migrate.upgrade(self.engine, self.session, self.key, self.seal_env)
         if db_path is not None:
             secure_sqlite_files(db_path)  # the WAL and -shm files exist now
-
-    def _add_missing_columns(self) -> None:
-        """Bring a database made by an older sandlot up to date: new columns are all nullable
-        or defaulted, so adding them is the whole migration."""
-        inspector = inspect(self.engine)
-        with self.engine.begin() as conn:
-            for table in Base.metadata.sorted_tables:
-                present = {c["name"] for c in inspector.get_columns(table.name)}
-                for column in table.columns:
-                    if column.name not in present:
-                        kind = column.type.compile(dialect=self.engine.dialect)
-                        conn.execute(
-                            text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
-                        )
-            # Tokens made before scopes existed keep what they could do: normal.
-            conn.execute(update(ApiToken).where(ApiToken.scope.is_(None)).values(scope="normal"))
-
-    def _check_key(self) -> None:
-        """The database remembers which key sealed it; another key is refused, not used."""
-        name = "server_key_fingerprint"
-        with self.session() as s, s.begin():
-            row = s.get(ServerMeta, name, with_for_update=True)
-            if row is None:
-                s.add(ServerMeta(name=name, value=self.key.fingerprint))
-            elif row.value != self.key.fingerprint:
-                raise ServerKeyError(
-                    "this database's secrets were sealed with another server key: give this "
-                    "server the same key file as the others (--key-file)"
-                )
-
-    def _migrate_secrets(self) -> None:
-        """Seal what an older sandlot stored in clear: agent secrets and port tokens (their
-        holders keep them, so they cannot become derived), registry passwords and sandboxes'
-        environments. Then rewrite the tables so the clear values do not linger in freed space,
-        the WAL or (PostgreSQL) dead row versions."""
-        sealed = 0
-        with self.session() as s, s.begin():
-            for table, key_column, column, name in (
-                (SandboxRow, SandboxRow.id, SandboxRow.secret_sealed, SANDBOX_SECRET_COLUMN),
-                (
-                    RegistrySecret,
-                    RegistrySecret.id,
-                    RegistrySecret.password_sealed,
-                    REGISTRY_PASSWORD_COLUMN,
-                ),
-            ):
-                rows = s.execute(select(key_column, column).where(column != "")).all()
-                for row_id, value in rows:
-                    if self.key.is_sealed(value, name):
-                        continue
-                    s.execute(
-                        update(table)
-                        .where(key_column == row_id, column == value)
-                        .values({column: self.key.seal(value, name)})
-                    )
-                    sealed += 1
-            sealed += self._seal_port_tokens(s)
-            sealed += self._seal_envs(s)
-        if not sealed:
-            return
-        try:
-            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                if self.engine.dialect.name == "sqlite":
-                    conn.exec_driver_sql("VACUUM")
-                    conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
-                elif self.engine.dialect.name == "postgresql":
-                    conn.exec_driver_sql("VACUUM FULL sandboxes, registry_secrets")
-        except DBAPIError as exc:  # e.g. not the tables' owner: sealed anyway, said loudly
-            log.warning("sealed %d secrets; rewriting the tables failed: %s", sealed, exc)
-
-    def _seal_port_tokens(self, s: Session) -> int:
-        """Port tokens an older sandlot stored in clear in ``exposed_ports``."""
-        sealed = 0
-        query = select(SandboxRow.id, SandboxRow.exposed_ports)
-        for sandbox_id, ports in s.execute(query.where(SandboxRow.exposed_ports.is_not(None))):
-            if not isinstance(ports, dict):
-                continue  # JSON null
-            clear = {p for p, v in ports.items() if isinstance(v, dict) and v.get("token")}
-            if not clear:
-                continue
-            new = {p: dict(v) for p, v in ports.items()}
-            for p in clear:
-                token = new[p].pop("token")
-                new[p]["token_sealed"] = self.key.seal(token, PORT_TOKEN_COLUMN)
-            s.execute(
-                update(SandboxRow).where(SandboxRow.id == sandbox_id).values(exposed_ports=new)
-            )
-            sealed += len(clear)
-        return sealed
-
-    def _seal_envs(self, s: Session) -> int:
-        """Environments an older sandlot stored in clear."""
-        sealed = 0
-        for sandbox_id, env in s.execute(select(SandboxRow.id, SandboxRow.env)):
-            if isinstance(env, dict) and env and SEALED_ENV_KEY not in env:
-                row = update(SandboxRow).where(SandboxRow.id == sandbox_id)
-                s.execute(row.values(env=self.seal_env(env)))
-                sealed += 1
-        return sealed
 
     def seal_env(self, env: Mapping[str, str]) -> dict[str, str]:
         """What the ``env`` column holds for ``env``."""

@@ -169,3 +169,12 @@ class Usage:
             self.vcpu + t.vcpu,
             self.disk_mb + t.disk_mb,
         )
+
+
+#: Sealed columns' names: the associated data that binds a sealed value to its column.
+SANDBOX_SECRET_COLUMN = "sandboxes.secret"
+REGISTRY_PASSWORD_COLUMN = "registry_secrets.password"
+PORT_TOKEN_COLUMN = "sandboxes.exposed_ports.token"
+ENV_COLUMN = "sandboxes.env"
+#: The one key of a sealed ``env`` (no environment variable can be named so: it holds "=").
+SEALED_ENV_KEY = "=sealed"

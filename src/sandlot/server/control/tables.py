@@ -68,9 +68,10 @@ class SandboxRow(Base):
     privileged: Mapped[bool] = mapped_column(Boolean, default=False)
     exposed_port_protocol: Mapped[str] = mapped_column(String(16), default="http")
     enable_tcp_proxy: Mapped[bool] = mapped_column(Boolean, default=False)
-    #: Exposed ports: {"8080": {"since": iso time, "protected": bool}} (see server/ports.py); a
-    #: protected port's token is derived (:meth:`Store.port_token`), or sealed
-    #: (``token_sealed``) if an older sandlot chose it at random.
+    #: Exposed ports: {"8080": {"since": iso time, "protected": bool}} (see
+    #: server/gateway/ports/registry.py); a protected port's token is derived
+    #: (:meth:`Store.port_token`), or sealed (``token_sealed``) if an older sandlot chose it
+    #: at random.
     exposed_ports: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     protect_ports: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     registry_secret: Mapped[str | None] = mapped_column(String(256), nullable=True)

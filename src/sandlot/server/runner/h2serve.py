@@ -1,7 +1,7 @@
 """HTTP/2 clients with prior knowledge (h2c: ``PRI * HTTP/2.0`` as a connection's first bytes,
 what gRPC and ``curl --http2-prior-knowledge`` send) served by ``sandlot server``.
 
-uvicorn speaks HTTP/1.1 only. :func:`.wsraw.ports_http_protocol`'s protocol sees the preface and
+uvicorn speaks HTTP/1.1 only. :func:`.protocols.ports_http_protocol`'s protocol sees the preface and
 hands the connection to :class:`H2ServerProtocol`, which serves the whole ASGI app -- control API
 and exposed ports alike -- one ASGI ``http`` cycle per stream:
 

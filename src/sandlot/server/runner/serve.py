@@ -264,7 +264,7 @@ def serve(
         raise RuntimeError(f"cannot open the database: {exc}") from exc
     uv_config = uvicorn.Config(
         app,
-        # WebSockets and h2c upgrades to exposed ports: bytes both ways (wsraw.py)
+        # WebSockets and h2c upgrades to exposed ports: bytes both ways (protocols.py)
         ws=PortsWebSocketProtocol,
         http=ports_http_protocol(),
         log_level=log_level,

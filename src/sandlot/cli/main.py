@@ -53,6 +53,15 @@ def main() -> None:
     "{port}-{sandbox id}.DOMAIN (routed by the Host header).",
 )
 @click.option(
+    "--ports-listen",
+    default=None,
+    metavar="tcp:HOST:PORT|none",
+    help="A TCP address that serves sandboxes' exposed ports and nothing else (not the API). "
+    "Default for a Unix-socket server: tcp:127.0.0.1:0 (a free port, the same one across "
+    "restarts while it stays free), so exposed URLs open in a browser; for a TCP server: "
+    "none (ports are served on --listen).",
+)
+@click.option(
     "--tcp-proxy-host",
     default="127.0.0.1",
     show_default=True,
@@ -162,6 +171,7 @@ def server(
     log_level: str,
     pools: tuple[str, ...],
     domain: str | None,
+    ports_listen: str | None,
     tcp_proxy_host: str,
     trusted_image_dirs: tuple[str, ...],
     key_file: str | None,
@@ -183,12 +193,17 @@ def server(
     from sandlot.ca_certs import load as load_extra_ca
     from sandlot.server.config import PoolKey, PortLimits
     from sandlot.server.h2limits import H2Limits
+    from sandlot.server.runner.portslisten import parse_ports_listen
     from sandlot.server.runner.serve import HostPolicy, parse_listen, serve
 
     try:
-        parse_listen(listen)
+        unix_server = parse_listen(listen).is_unix
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--listen") from None
+    try:
+        parse_ports_listen(ports_listen, unix_server)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ports-listen") from None
     try:
         extra_ca = load_extra_ca(extra_ca_file) if extra_ca_file else None
     except ExtraCAError as exc:
@@ -226,6 +241,7 @@ def server(
                 )
             ),
             **_given(token_requests=max_requests_per_token),
+            ports_listen=ports_listen,
         )
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None

@@ -111,3 +111,9 @@ class ServerConfig:
     token_requests: int = TOKEN_REQUESTS
     #: The agents' health probe (control/agentwatch.py).
     agent_probe: ProbeSettings = field(default_factory=ProbeSettings)
+    #: The ports-only TCP listener's address (``--ports-listen``): requests that come in on it
+    #: reach exposed ports and nothing else (api/portsonly.py).
+    ports_listen: tuple[str, int] | None = None
+    #: Base of exposed ports' URLs when they are served apart from the API (the ports-only
+    #: listener's ``http://127.0.0.1:PORT``). None: the API's own base.
+    ports_url: str | None = None

@@ -22,6 +22,7 @@ from starlette.routing import BaseRoute, Route
 
 from sandlot.server.api.http import INTERNAL, error_response, wrap
 from sandlot.server.api.openapi import openapi_document
+from sandlot.server.api.portsonly import PortsOnly, not_a_port
 from sandlot.server.api.routes import Api
 from sandlot.server.config import ServerConfig
 from sandlot.server.control.agentwatch import AgentWatch
@@ -92,9 +93,13 @@ def create_app(config: ServerConfig) -> Starlette:
         },
     )
     app.add_middleware(_PortsMiddleware, ports=ports)  # exposed ports' URLs first
-    app.add_middleware(  # (added last: outermost)
-        TokenRequestLimit, limit=config.token_requests, prefix=API_TOKEN_PREFIX
-    )
+    app.add_middleware(TokenRequestLimit, limit=config.token_requests, prefix=API_TOKEN_PREFIX)
+    if config.ports_listen is not None:  # (added last: outermost)
+        app.add_middleware(
+            PortsOnly,
+            address=config.ports_listen,
+            ports_app=ports.router.middleware(not_a_port),
+        )
     app.state.control = control
     app.state.api = api
     app.state.ports = ports  # read by the runner's raw WebSocket protocol (runner/protocols.py)

@@ -79,7 +79,7 @@ class PortHandlers(Handlers):
         if full:
             await self.registry.agent_call(row.id, "/unbind_port", {"port": str(req.port)})
             raise full[0]
-        base = self.render.base(request)
+        base = self.render.ports_base(request)
         info = ports.get(str(req.port), {})
         return json_response(
             self.render.port(base, row.id, req.port, info, row.exposed_port_protocol)
@@ -117,7 +117,7 @@ class PortHandlers(Handlers):
     async def list_ports(self, request: Request) -> Response:
         who = await self.principal(request)
         row: SandboxRow = await self.control.get(who.project, request.path_params["sandbox_id"])
-        base = self.render.base(request)
+        base = self.render.ports_base(request)
         ports = sorted((int(p), v) for p, v in (row.exposed_ports or {}).items())
         proxy = None
         awake_or_asleep = row.status in (SandboxStatus.RUNNING, SandboxStatus.SLEEPING)

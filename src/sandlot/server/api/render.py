@@ -55,6 +55,13 @@ class Renderer:
             return unix_public_url(config.admin_socket)
         return str(request.base_url).rstrip("/")
 
+    def ports_base(self, request: Request) -> str:
+        """Base of exposed ports' path-form URLs: the ports-only listener's when there is one
+        (a Unix-socket server's ports then open in any browser or curl), else :meth:`base`."""
+        if self.config.ports_url:
+            return self.config.ports_url.rstrip("/")
+        return self.base(request)
+
     def domain_for(self, base: str) -> str:
         """Where exposed ports are served: the wildcard domain, else the server's host."""
         return self.domain or base.split("://", 1)[-1]
@@ -77,7 +84,7 @@ class Renderer:
             labels=row.labels or {},
             env=self.store.sandbox_env(row),
             sandbox_url=f"{base}/sandboxes/{row.id}/koyeb-sandbox",
-            domain=self.domain_for(base),
+            domain=self.domain_for(self.ports_base(request)),
             privileged=row.privileged,
             exposed_port_protocol=row.exposed_port_protocol,
             enable_tcp_proxy=row.enable_tcp_proxy,

@@ -41,6 +41,11 @@ from sandlot.server.config import (
 from sandlot.server.control.serverkey import KEY_FILE_ENV, ServerKeyError
 from sandlot.server.control.sqlitefiles import default_database_url
 from sandlot.server.h2limits import H2Limits
+from sandlot.server.runner.portslisten import (
+    bind_ports_listener,
+    parse_ports_listen,
+    ports_url,
+)
 from sandlot.server.runner.protocols import PortsWebSocketProtocol, ports_http_protocol
 
 DEFAULT_REGION = "local"
@@ -182,12 +187,14 @@ def build_config(
     h2_limits: H2Limits | None = None,
     port_limits: PortLimits | None = None,
     token_requests: int = TOKEN_REQUESTS,
+    ports_listener: socket.socket | None = None,
 ) -> ServerConfig:
     image_trust = ImageTrust.from_dirs(trusted_image_dirs)  # a bad one: before the engine starts
     secure_state_dir(state_dir())
     url = database or os.environ.get("SANDLOT_DATABASE_URL") or default_database_url(state_dir())
     if public_url is None and listen.unix_path is not None:
         public_url = unix_public_url(listen.unix_path)
+    ports_address, ports_base = ports_url(ports_listener) if ports_listener else (None, None)
     return ServerConfig(
         database_url=url,
         engines={DEFAULT_REGION: load_engine(engine, policy)},
@@ -206,6 +213,8 @@ def build_config(
         h2_limits=h2_limits or H2Limits(),
         port_limits=port_limits or PortLimits(),
         token_requests=token_requests,
+        ports_listen=ports_address,
+        ports_url=ports_base,
     )
 
 
@@ -225,6 +234,7 @@ def serve(
     h2_limits: H2Limits | None = None,
     port_limits: PortLimits | None = None,
     token_requests: int = TOKEN_REQUESTS,
+    ports_listen: str | None = None,
 ) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -233,6 +243,8 @@ def serve(
     state = state_dir()
     state_lock = lock_state_dir(state)  # noqa: F841 -- held until the process ends
     admin_socket = listen.unix_path or str(default_server_socket(state))
+    ports_address = parse_ports_listen(ports_listen, listen.is_unix)
+    ports_listener = bind_ports_listener(ports_address, state) if ports_address else None
     try:
         config = build_config(
             listen,
@@ -250,6 +262,7 @@ def serve(
             h2_limits=h2_limits,
             port_limits=port_limits,
             token_requests=token_requests,
+            ports_listener=ports_listener,
         )
     except ValueError as exc:  # e.g. a trusted image directory that is not one
         raise RuntimeError(str(exc)) from exc
@@ -279,6 +292,9 @@ def serve(
     sockets = [bind_unix_socket(admin_socket)]
     if listen.unix_path is None:
         sockets.append(uv_config.bind_socket())
+    if ports_listener is not None:
+        sockets.append(ports_listener)
+        logging.getLogger("sandlot.server").info("exposed ports at %s", config.ports_url)
     server = _Server(uv_config, unlink=admin_socket)
     try:
         server.run(sockets=sockets)

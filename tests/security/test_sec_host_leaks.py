@@ -46,7 +46,8 @@ def _host_markers(engine: LocalEngine, sandbox_id: str) -> list[str]:
 async def test_mount_table_names_no_host_path(engine: LocalEngine, sandbox: SandboxHandle) -> None:
     seen = await sandbox.sh(
         "cat /proc/self/mountinfo /proc/self/mounts /proc/1/mountinfo; "
-        "readlink /proc/1/fd/0 /proc/1/fd/1 /proc/1/fd/2 /proc/1/cwd /proc/1/exe"
+        # pid 1 (sandlot-init) closes its stderr: a missing descriptor is not a failure
+        "for p in /proc/1/fd/* /proc/1/cwd /proc/1/exe; do readlink $p || true; done"
     )
     leaked = [m for m in _host_markers(engine, sandbox.id) if m in seen]
     assert not leaked, f"host paths visible inside: {leaked}\n{seen}"

@@ -23,6 +23,10 @@ from bench.stats import Result, ratio, skipped
 REPO = machine.REPO
 DEFAULT_JSON = REPO / "bench" / "results" / "latest.json"
 DEFAULT_DOCS = REPO / "docs"
+#: Where a quick (or tiny) run writes unless told otherwise: its small samples are not the
+#: published figures, so it must not overwrite the committed ``latest.json`` and
+#: ``docs/benchmarks.md`` (git-ignored).
+QUICK_DIR = REPO / "bench" / "results" / "quick"
 
 
 @dataclass(frozen=True)
@@ -625,12 +629,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         )
         p.add_argument(f"--no-{alt}", dest=alt, action="store_false", help=f"leave {alt} out")
     p.add_argument("--no-profile", action="store_true", help="skip the cProfile runs")
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="where to write the results (default: bench/results/latest.json for a full run "
+        "or --render-only, bench/results/quick/latest.json for --quick)",
+    )
     p.add_argument(
         "--docs",
         type=Path,
-        default=DEFAULT_DOCS,
-        help="where benchmarks.md and img/ go (default: docs/)",
+        default=None,
+        help="where benchmarks.md and img/ go (default: docs/ for a full run or --render-only, "
+        "bench/results/quick/ for --quick)",
     )
     p.add_argument(
         "--render-only",
@@ -692,8 +703,19 @@ def _merge(old: dict[str, Any], new: dict[str, Any], parts: list[str]) -> dict[s
     return out
 
 
+def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """Where the results JSON and the rendered docs go: what was asked, else the committed
+    files for a full run (and for re-rendering them), else :data:`QUICK_DIR` for a quick run.
+    (A quick run once overwrote the published figures with its small samples.)"""
+    quick = (args.quick or args.tiny) and not args.render_only
+    json_path = args.json or (QUICK_DIR / "latest.json" if quick else DEFAULT_JSON)
+    docs = args.docs or (QUICK_DIR if quick else DEFAULT_DOCS)
+    return json_path, docs
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.json, args.docs = output_paths(args)
     from bench import report
 
     if args.render_only:
@@ -745,6 +767,7 @@ def main(argv: list[str] | None = None) -> int:
         run.log(f"wrote {args.json}")
     report.render(results, args.docs)
     run.log(f"rendered {args.docs / 'benchmarks.md'}")
+    print(f"results: {args.json}\nreport: {args.docs / 'benchmarks.md'}")
     missing = [f for f, fig in results["figures"].items() if not fig["cases"]]
     if missing:
         print(f"figures with nothing recorded: {missing}", file=sys.stderr)

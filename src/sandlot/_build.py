@@ -3,7 +3,7 @@
 The SDK starts a local server on first use and leaves it running; after ``pip install -U`` (or
 an edit of a development checkout) that server still runs the old code. The SDK compares this
 digest with the one the server reports and restarts a server of its own installation that is
-out of date (:func:`sandlot.sdk._common.ensure_local_server`).
+out of date (:func:`sandlot.sdk._autostart.ensure_local_server`).
 """
 
 from __future__ import annotations

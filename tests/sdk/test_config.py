@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sandlot import MissingApiTokenError, Sandbox
-from sandlot.sdk._common import resolve_connection
+from sandlot.sdk._connection import resolve_connection
 
 
 def test_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -88,10 +88,10 @@ def test_autostarts_local_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
         kept = Sandbox.create(image="busybox")
         before = _server_pids(sock)
         import sandlot._build
-        from sandlot.sdk import _common
+        from sandlot.sdk import _autostart
 
         monkeypatch.setattr(sandlot._build, "build_id", lambda: "a-newer-build")
-        _common._checked.discard(sock)
+        _autostart._checked.discard(sock)
         with Sandbox.create(image="busybox") as sb:
             assert sb.exec("echo new").stdout == "new\n"
         after = _server_pids(sock)
@@ -167,7 +167,7 @@ def test_current_or_foreign_local_server_is_left_alone(
     it is the process behind the socket (tests/security/test_sec_localtrust.py): a current
     build, or another installation's server, is left alone."""
     from sandlot._build import PACKAGE_DIR, build_id
-    from sandlot.sdk._common import _stop_if_outdated
+    from sandlot.sdk._autostart import _stop_if_outdated
 
     server = _FakeServer(tmp_path / "s.sock", {})
     health = {

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from sandlot.sdk import SandboxServiceError
-from sandlot.sdk._common import LineSplitter, OutputKeeper
+from sandlot.sdk._output import OutputKeeper
+from sandlot.sdk._sse import LineSplitter
 
 
 @pytest.mark.parametrize("char", ["a", "é", "€", "😀"])

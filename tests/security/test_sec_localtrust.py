@@ -289,7 +289,7 @@ def _same_uid_server(path: Path, health: dict[str, object]) -> subprocess.Popen[
 def test_health_naming_another_pid_is_not_signalled(tmp_path: Path) -> None:
     """Even a server of our own uid is only signalled when the pid it names is the process
     behind the socket (its SO_PEERCRED pid): a health answer naming another pid is ignored."""
-    from sandlot.sdk._common import _stop_if_outdated
+    from sandlot.sdk._autostart import _stop_if_outdated
 
     victim = subprocess.Popen(["sleep", "300"])
     server = _same_uid_server(tmp_path / "s.sock", _outdated_health(victim.pid))
@@ -305,7 +305,7 @@ def test_health_naming_another_pid_is_not_signalled(tmp_path: Path) -> None:
 
 def test_outdated_server_behind_the_socket_is_stopped(tmp_path: Path) -> None:
     """The legitimate case still works: the process behind the socket names itself."""
-    from sandlot.sdk._common import _stop_if_outdated
+    from sandlot.sdk._autostart import _stop_if_outdated
 
     server = _same_uid_server(tmp_path / "s.sock", _outdated_health("self"))
     try:

@@ -40,7 +40,7 @@ from sandlot.sdk import (
     SandboxRequestError,
     SandboxServiceError,
 )
-from sandlot.sdk._common import (
+from sandlot.sdk._limits import (
     DEFAULT_MAX_OUTPUT_BYTES,
     DEFAULT_MAX_READ_BYTES,
     MAX_ANSWER_BYTES,

@@ -1,25 +1,17 @@
 """The Python SDK: the Koyeb Sandbox SDK's API for sandlot, sync and async.
 
 ``Sandbox`` (sync) is generated from ``AsyncSandbox`` (async, ``_async/``) by
-``scripts/unasync.py``: one implementation, two faces.
+``scripts/unasync.py``: one implementation, two faces. The public modules: this one,
+:mod:`sandlot.sdk.types` (results, events, the cancel token, the control API's answers),
+:mod:`sandlot.sdk.errors` (the exception tree) and :mod:`sandlot.sdk.control` (tokens,
+quotas, secrets, health). Modules whose names start with ``_`` are not an API.
 """
 
-from sandlot.sdk._async.sandbox import AsyncExecStream, AsyncFilesystem, AsyncSandbox
-from sandlot.sdk._common import (
-    CancelToken,
-    CommandCancelledError,
-    CommandResult,
-    CommandStatus,
-    EndEvent,
-    ExitEvent,
-    FileContent,
-    ProcessInfo,
-    StderrEvent,
-    StdoutEvent,
-    StreamEvent,
-)
-from sandlot.sdk._sync.sandbox import ExecStream, Filesystem, Sandbox
+from sandlot.sdk._async import AsyncExecStream, AsyncFilesystem, AsyncSandbox
+from sandlot.sdk._sync import ExecStream, Filesystem, Sandbox
+from sandlot.sdk.control import AsyncControlClient, ControlClient
 from sandlot.sdk.errors import (
+    CommandCancelledError,
     InvalidPortError,
     MissingApiTokenError,
     NoSandboxSecretError,
@@ -32,8 +24,21 @@ from sandlot.sdk.errors import (
     SandboxTimeoutError,
     UnsupportedFeatureError,
 )
+from sandlot.sdk.types import (
+    CancelToken,
+    CommandResult,
+    CommandStatus,
+    EndEvent,
+    ExitEvent,
+    FileContent,
+    ProcessInfo,
+    StderrEvent,
+    StdoutEvent,
+    StreamEvent,
+)
 
 __all__ = [
+    "AsyncControlClient",
     "AsyncExecStream",
     "AsyncFilesystem",
     "AsyncSandbox",
@@ -41,6 +46,7 @@ __all__ = [
     "CommandCancelledError",
     "CommandResult",
     "CommandStatus",
+    "ControlClient",
     "EndEvent",
     "ExecStream",
     "ExitEvent",

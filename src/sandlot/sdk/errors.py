@@ -12,6 +12,7 @@ Hierarchy::
     │   └── SandboxFileTooLargeError             ... 413: a read passed its max_bytes
     ├── SandboxServiceError                      5xx, or the server/agent cannot be reached
     ├── SandboxCommandError                      exec(..., raise_on_error=True) and code != 0
+    ├── CommandCancelledError                    a CancelToken stopped exec / wait_ready
     └── UnsupportedFeatureError                  an option/method a later release completes
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "CommandCancelledError",
     "InvalidPortError",
     "MissingApiTokenError",
     "NoSandboxSecretError",
@@ -93,6 +95,11 @@ class SandboxCommandError(SandboxError):
     def __init__(self, message: str, result: Any = None) -> None:
         super().__init__(message)
         self.result = result
+
+
+class CommandCancelledError(SandboxError):
+    """``exec`` (or ``wait_ready``) was cancelled through its ``CancelToken``; a command was
+    killed. Like every SDK error, ``except SandboxError`` catches it."""
 
 
 class UnsupportedFeatureError(SandboxError):

@@ -31,6 +31,7 @@ REPLACEMENTS = {
     "AsyncFilesystem": "Filesystem",
     "AsyncExecStream": "ExecStream",
     "AsyncClient": "Client",
+    "AsyncControlClient": "ControlClient",
     "AsyncHTTPTransport": "HTTPTransport",
     "AsyncBaseTransport": "BaseTransport",
     "async_uds_transport": "sync_uds_transport",

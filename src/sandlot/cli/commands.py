@@ -20,8 +20,9 @@ from rich.console import Console
 from rich.table import Table
 
 from sandlot.sdk import Sandbox
-from sandlot.sdk._common import ExitEvent, StderrEvent, StdoutEvent
+from sandlot.sdk.control import ControlClient
 from sandlot.sdk.errors import SandboxError
+from sandlot.sdk.types import ExitEvent, QuotaInfo, StderrEvent, StdoutEvent
 
 F = TypeVar("F", bound=Callable[..., Any])
 err_console = Console(stderr=True)
@@ -264,8 +265,8 @@ def rm(sandbox_ids: tuple[str, ...]) -> None:
 @sdk_errors
 def events(sandbox_id: str, as_json: bool) -> None:
     """Show a sandbox's history: created, slept, woke, deleted (also after deletion)."""
-    data = _call("GET", f"/v1/sandboxes/{sandbox_id}/events", f"get events of sandbox {sandbox_id}")
-    items = data["events"]
+    with _control() as control:
+        items = control.sandbox_events(sandbox_id)
     if as_json:
         click.echo(json.dumps(items))
         return
@@ -276,14 +277,10 @@ def events(sandbox_id: str, as_json: bool) -> None:
 # -- tokens -------------------------------------------------------------------------------------
 
 
-def _call(method: str, path: str, what: str, **kwargs: Any) -> Any:
-    """One control API call, with the SDK's connection settings and errors."""
-    from sandlot.sdk._common import resolve_connection
-    from sandlot.sdk._sync.sandbox import _open_client, _request
-
-    conn = resolve_connection(None, None)
-    with _open_client(conn) as client:
-        return _request(client, conn, method, path, what, **kwargs)
+def _control() -> ControlClient:
+    """The control API, with the SDK's connection settings (``SANDLOT_URL``... or the local
+    server)."""
+    return ControlClient()
 
 
 @click.group()
@@ -311,8 +308,8 @@ def token() -> None:
 @sdk_errors
 def token_create(project: str, name: str | None, scope: str, as_json: bool) -> None:
     """Create a token; it is shown once."""
-    body = {"project": project, "name": name or "", "scope": scope}
-    data = _call("POST", "/v1/tokens", "create token", json=body)
+    with _control() as control:
+        data = control.create_token(project=project, name=name or "", scope=scope)
     if as_json:
         click.echo(json.dumps(data))
     else:
@@ -329,9 +326,8 @@ def token_create(project: str, name: str | None, scope: str, as_json: bool) -> N
 @sdk_errors
 def token_list(project: str | None, as_json: bool) -> None:
     """List tokens (never their values)."""
-    params = {"project": project} if project else {}
-    data = _call("GET", "/v1/tokens", "list tokens", params=params)
-    items = data["tokens"]
+    with _control() as control:
+        items = control.list_tokens(project)
     if as_json:
         click.echo(json.dumps(items))
         return
@@ -353,7 +349,8 @@ def token_list(project: str | None, as_json: bool) -> None:
 @sdk_errors
 def token_revoke(token_id: str) -> None:
     """Revoke a token."""
-    _call("DELETE", f"/v1/tokens/{token_id}", "revoke token")
+    with _control() as control:
+        control.revoke_token(token_id)
     click.echo(token_id)
 
 
@@ -382,7 +379,7 @@ def parse_size_mb(value: str, what: str) -> int | None:
     return round(amount * _SIZE_UNITS[unit])
 
 
-def _show_quotas(items: list[dict[str, Any]]) -> None:
+def _show_quotas(items: list[QuotaInfo]) -> None:
     def limit(used: float, allowed: float | None, unit: str = "") -> str:
         return f"{used:g}{unit} / {'-' if allowed is None else f'{allowed:g}{unit}'}"
 
@@ -409,7 +406,8 @@ def quota(ctx: click.Context, as_json: bool) -> None:
     sandlot quota set PROJECT --max-sandboxes 10 --memory 8G --cpu 4 --disk 20G"""
     if ctx.invoked_subcommand is not None:
         return
-    items = _call("GET", "/v1/quotas", "list quotas")["quotas"]
+    with _control() as control:
+        items = control.list_quotas()
     if as_json:
         click.echo(json.dumps(items))
     else:
@@ -453,7 +451,8 @@ def quota_set(
         body["disk_mb"] = parse_size_mb(disk, "--disk")
     if not body:
         raise click.UsageError("give at least one of --max-sandboxes, --memory, --cpu, --disk")
-    _show_quotas([_call("PATCH", f"/v1/quotas/{project}", "set quota", json=body)])
+    with _control() as control:
+        _show_quotas([control.set_quota(project, **body)])
 
 
 @quota.command(name="rm")
@@ -461,7 +460,8 @@ def quota_set(
 @sdk_errors
 def quota_remove(project: str) -> None:
     """Remove a project's quota (no limits)."""
-    _call("DELETE", f"/v1/quotas/{project}", "remove quota")
+    with _control() as control:
+        control.delete_quota(project)
     click.echo(project)
 
 
@@ -489,8 +489,8 @@ def secret_create(name: str, registry: str, username: str, password_stdin: bool)
     password = sys.stdin.read().rstrip("\r\n")
     if not password:
         raise click.ClickException("no password on standard input")
-    body = {"name": name, "registry": registry, "username": username, "password": password}
-    data = _call("POST", "/v1/secrets", "create secret", json=body)
+    with _control() as control:
+        data = control.create_secret(name, registry, username, password)
     click.echo(data["name"])
 
 
@@ -499,7 +499,8 @@ def secret_create(name: str, registry: str, username: str, password_stdin: bool)
 @sdk_errors
 def secret_list(as_json: bool) -> None:
     """List the project's secrets (never their passwords)."""
-    items = _call("GET", "/v1/secrets", "list secrets")["secrets"]
+    with _control() as control:
+        items = control.list_secrets()
     if as_json:
         click.echo(json.dumps(items))
         return
@@ -514,7 +515,8 @@ def secret_list(as_json: bool) -> None:
 @sdk_errors
 def secret_remove(name: str) -> None:
     """Delete a secret (sandboxes created with it keep running)."""
-    click.echo(_call("DELETE", f"/v1/secrets/{name}", "delete secret")["name"])
+    with _control() as control:
+        click.echo(control.delete_secret(name)["name"])
 
 
 # -- images -------------------------------------------------------------------------------------

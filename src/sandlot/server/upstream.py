@@ -3,46 +3,58 @@
 Why not httpx here: on this hop every request pays the client's overhead, and the gateway's
 budget for an exec round trip is about a millisecond. Measured on the reference machine,
 ``httpx.AsyncClient`` takes ~0.8-1.3 ms for a ``/health`` over a Unix socket where a plain
-asyncio stream takes ~0.1 ms. The agent is ours and speaks plain HTTP/1.1, so the subset
-needed is small: one request at a time per connection, ``Content-Length`` or chunked responses,
+asyncio stream takes ~0.1 ms. The agent is ours and speaks plain HTTP/1.1, so the subset needed
+is small: one request at a time per connection, ``Content-Length`` or chunked responses,
 keep-alive, and a pool of idle connections per sandbox.
 
-A connection whose response was not read to the end (client gone, error) is closed, never
-reused -- closing it is also how the agent learns its client left and kills a streamed command.
-A request is never retried once written, except idempotent ones on a reused connection that
-died before answering (so ``/run`` never runs twice).
+A connection whose response was not read to the end (client gone, error) is closed, never reused
+-- closing it is also how the agent learns its client left and kills a streamed command. A
+request is never retried once written, except idempotent ones on a reused connection that died
+before answering (so ``/run`` never runs twice).
 
-The agent runs inside the sandbox, so everything it sends is hostile input (root in a sandbox
-can replace it): a head is at most :data:`MAX_HEAD` bytes with a well-formed status line, header
-names and values (a bare CR or LF in a value would be a header injected into the client's
-answer), a ``Content-Length`` that is a number and chunk sizes that are not negative; anything
-else is an :class:`UpstreamError` (the gateway's 502). Bodies are streamed, so what they hold
-is bounded by backpressure; the server's own calls read them with :meth:`UpstreamResponse.read`,
-which stops at a limit (an endless ``/bound_ports`` answer once grew the server from 74 to
-735 MiB). Proxied requests are not timed out here (``/run`` answers when its command ends,
-streams last as long as they last): the client that waits decides; the server's own calls are
-(:mod:`.agentcalls`).
+The wire (writing requests, checking and parsing answers, pooling) is
+:mod:`sandlot.http11client`, shared with the SDK's hop to the local server; this module is the
+gateway's face of it. The agent runs inside the sandbox, so everything it sends is hostile input
+(root in a sandbox can replace it): a head is at most :data:`MAX_HEAD` bytes with a well-formed
+status line, header names and values (a bare CR or LF in a value would be a header injected into
+the client's answer), a ``Content-Length`` that is a number and chunk sizes that are not
+negative; anything else is an :class:`UpstreamError` (the gateway's 502). Bodies are streamed,
+so what they hold is bounded by backpressure; the server's own calls read them with
+:meth:`UpstreamResponse.read`, which stops at a limit (an endless ``/bound_ports`` answer once
+grew the server from 74 to 735 MiB). Proxied requests are not timed out here (``/run`` answers
+when its command ends, streams last as long as they last): the client that waits decides; the
+server's own calls are (:mod:`.agentcalls`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from sandlot import http11client as wire
 from sandlot.engines.base import AgentAddress
+from sandlot.http11client import MAX_HEAD, READ_CHUNK
 
-MAX_HEAD = 65536
+__all__ = [
+    "IDLE_MAX",
+    "MAX_HEAD",
+    "POOL_MAX",
+    "READ_CHUNK",
+    "AgentPool",
+    "BodyTooLarge",
+    "Connection",
+    "UpstreamError",
+    "UpstreamResponse",
+]
+
 #: Idle pooled connections older than this are dropped (the agent closes idle ones at 300 s).
 IDLE_MAX = 60.0
 POOL_MAX = 16
-READ_CHUNK = 65536
 _RETRYABLE = {"GET", "HEAD", "OPTIONS"}
-#: What a header name and value may hold (RFC 9110 §5.1, §5.5; obsolete line folding refused).
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+#: One connection to an agent (or, for the ports gateway, a tunnel through it).
+Connection = wire.Connection
 
 
 class UpstreamError(Exception):
@@ -51,25 +63,6 @@ class UpstreamError(Exception):
 
 class BodyTooLarge(UpstreamError):
     """An answer the server reads whole was larger than it allows."""
-
-
-class Connection:
-    __slots__ = ("idle_since", "reader", "writer")
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.idle_since = time.monotonic()
-
-    def usable(self) -> bool:
-        return (
-            not self.writer.is_closing()
-            and not self.reader.at_eof()
-            and time.monotonic() - self.idle_since < IDLE_MAX
-        )
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 @dataclass
@@ -82,6 +75,9 @@ class UpstreamResponse:
     _chunked: bool
     _done: bool = False
     _closed: bool = field(default=False)
+    #: False once the answer said ``connection: close``, ran to the connection's end, or the
+    #: request was not sent whole.
+    _keep_alive: bool = True
     #: Set as the last chunk of a body with a length is handed out (before the generator ends).
     last_chunk_out: bool = False
 
@@ -89,46 +85,14 @@ class UpstreamResponse:
         """The decoded body, chunk by chunk as it arrives."""
         conn = self._conn
         assert conn is not None
-        reader = conn.reader
+        remaining = None if self._chunked else self._length
         try:
-            if self._chunked:
-                while True:
-                    line = await reader.readuntil(b"\r\n")
-                    digits = line.split(b";", 1)[0].strip()
-                    if not digits or digits.strip(b"0123456789abcdefABCDEF"):
-                        raise UpstreamError("malformed chunk size from the agent")
-                    size = int(digits, 16)
-                    if size == 0:
-                        # trailers (bounded like a head), then the blank line
-                        trailers = 0
-                        while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
-                            trailers += len(line)
-                            if trailers > MAX_HEAD:
-                                raise UpstreamError("trailers from the agent too large")
-                        break
-                    remaining = size
-                    while remaining:
-                        data = await reader.read(min(remaining, READ_CHUNK))
-                        if not data:
-                            raise UpstreamError("agent closed the connection mid-response")
-                        remaining -= len(data)
-                        yield data
-                    if await reader.readexactly(2) != b"\r\n":
-                        raise UpstreamError("malformed chunked response from the agent")
-            elif self._length is not None:
-                remaining = self._length
-                while remaining:
-                    data = await reader.read(min(remaining, READ_CHUNK))
-                    if not data:
-                        raise UpstreamError("agent closed the connection mid-response")
+            async for data in wire.iter_body(conn.reader, self._length, self._chunked):
+                if remaining is not None:
                     remaining -= len(data)
                     self.last_chunk_out = not remaining
-                    yield data
-            else:
-                while data := await reader.read(READ_CHUNK):
-                    yield data
-                self._length = -1  # read to EOF: not reusable
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+                yield data
+        except wire.ProtocolError as exc:
             raise UpstreamError(f"broken response from the agent: {exc}") from exc
         except OSError as exc:
             raise UpstreamError(f"agent connection failed: {exc}") from exc
@@ -156,33 +120,10 @@ class UpstreamResponse:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        reusable = (
-            self._done
-            and self._length != -1
-            and not any(k == b"connection" and v.lower() == b"close" for k, v in self.headers)
-        )
-        if reusable:
+        if self._done and self._keep_alive:
             self._pool.release(conn)
         else:
             conn.close()
-
-
-def _salvage(conn: Connection) -> bytes | None:
-    """After a failed send, asyncio's reader refuses to read even what the agent answered
-    before closing (an early 401 or 413). Take that answer from the reader's buffer (a private
-    attribute, hence the care) and give the connection a fresh reader holding the rest."""
-    buffered = getattr(conn.reader, "_buffer", None)
-    if not isinstance(buffered, bytearray):
-        return None
-    data = bytes(buffered)
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
-        return None
-    rest = asyncio.StreamReader(limit=MAX_HEAD)
-    rest.feed_data(data[end + 4 :])
-    rest.feed_eof()
-    conn.reader = rest
-    return data[: end + 4]
 
 
 class AgentPool:
@@ -192,7 +133,7 @@ class AgentPool:
         self.address = address
         #: The sandbox's secret, for the gateway's own check (None: leave it to the agent).
         self.secret = secret
-        self._idle: list[Connection] = []
+        self._idle = wire.IdlePool(POOL_MAX, IDLE_MAX)
 
     async def _connect(self) -> Connection:
         try:
@@ -209,19 +150,10 @@ class AgentPool:
         return Connection(reader, writer)
 
     def release(self, conn: Connection) -> None:
-        if len(self._idle) < POOL_MAX and conn.usable():
-            conn.idle_since = time.monotonic()
-            self._idle.append(conn)
-        else:
-            conn.close()
+        self._idle.release(conn)
 
     def _take_idle(self) -> Connection | None:
-        while self._idle:
-            conn = self._idle.pop()
-            if conn.usable():
-                return conn
-            conn.close()
-        return None
+        return self._idle.take()
 
     async def request(
         self,
@@ -232,15 +164,14 @@ class AgentPool:
     ) -> UpstreamResponse:
         """Send a request and read the response head. ``headers`` must already carry the
         body's ``content-length`` when ``body`` is an iterator."""
-        head = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1")]
+        extra: list[tuple[bytes, bytes]] = []
         if not any(k == b"host" for k, _ in headers):  # the ports gateway passes the client's
-            head.append(b"host: agent\r\n")
-        for k, v in headers:
-            head.append(k + b": " + v + b"\r\n")
+            extra.append((b"host", b"agent"))
         if isinstance(body, bytes | bytearray):
-            head.append(b"content-length: " + str(len(body)).encode() + b"\r\n")
-        head.append(b"\r\n")
-        raw_head = b"".join(head)
+            extra_len = [(b"content-length", str(len(body)).encode())]
+        else:
+            extra_len = []
+        raw_head = wire.encode_head(method, target, [*extra, *headers, *extra_len])
         # A body iterator cannot be replayed: only requests with their body in hand retry.
         retries = 1 if method in _RETRYABLE and isinstance(body, bytes | bytearray) else 0
         while True:
@@ -268,20 +199,8 @@ class AgentPool:
         body: bytes | AsyncIterator[bytes],
         method: str,
     ) -> UpstreamResponse:
-        writer = conn.writer
         try:
-            if isinstance(body, bytes | bytearray):
-                # One write for the common small request: one syscall, one packet.
-                writer.write(raw_head + body if len(body) <= READ_CHUNK else raw_head)
-                if len(body) > READ_CHUNK:
-                    writer.write(body)
-                await writer.drain()
-            else:
-                writer.write(raw_head)
-                async for chunk in body:
-                    writer.write(chunk)
-                    await writer.drain()
-                await writer.drain()
+            await wire.send_request(conn.writer, raw_head, body)
         except (OSError, RuntimeError) as exc:  # uvloop: RuntimeError on a closed transport
             # The agent may have answered early (401, 413...) and closed without reading the
             # whole body: its answer, if any, beats a generic 502.
@@ -289,9 +208,9 @@ class AgentPool:
         else:
             send_error = None
         try:
-            head = await conn.reader.readuntil(b"\r\n\r\n")
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            early = _salvage(conn) if send_error is not None else None
+            head = await wire.read_head(conn.reader)
+        except wire.IncompleteAnswer as exc:
+            early = wire.salvage_early_answer(conn) if send_error is not None else None
             if early is None:
                 reason = (
                     f"agent connection failed: {send_error}"
@@ -300,45 +219,29 @@ class AgentPool:
                 )
                 raise UpstreamError(reason) from exc
             head = early
-        except asyncio.LimitOverrunError as exc:
-            raise UpstreamError("response head from the agent too large") from exc
+        except wire.ProtocolError as exc:
+            raise UpstreamError(f"{exc} from the agent") from exc
         except OSError as exc:
             raise UpstreamError(f"agent connection failed: {exc}") from exc
-        lines = head[:-4].split(b"\r\n")
-        parts = lines[0].split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-            raise UpstreamError(f"malformed status line from the agent: {lines[0][:80]!r}")
-        status = int(parts[1])
-        if not 100 <= status <= 599:
-            raise UpstreamError(f"malformed status line from the agent: {lines[0][:80]!r}")
-        headers: list[tuple[bytes, bytes]] = []
-        length: int | None = None
-        chunked = False
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            key = name.lower()
-            value = value.strip(b" \t")
-            if not sep or not _TOKEN.fullmatch(key) or _BAD_VALUE.search(value):
-                raise UpstreamError("malformed header from the agent")
-            if key == b"content-length":
-                if not value.isdigit() or len(value) > 18 or length not in (None, int(value)):
-                    raise UpstreamError("malformed content-length from the agent")
-                length = int(value)
-            elif key == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-            headers.append((key, value))
-        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-            length = 0
-            chunked = False
-        response = UpstreamResponse(status, headers, self, conn, length, chunked)
+        try:
+            parsed = wire.parse_head(head, method)
+        except wire.ProtocolError as exc:
+            raise UpstreamError(f"{exc} from the agent") from exc
+        response = UpstreamResponse(
+            parsed.status,
+            parsed.headers,
+            self,
+            conn,
+            parsed.length,
+            parsed.chunked,
+            _keep_alive=parsed.keep_alive and send_error is None,
+        )
         if send_error is not None:
             # The request was not sent whole: this connection must not be reused.
-            headers.append((b"connection", b"close"))
-        if length == 0 and not chunked:
+            parsed.headers.append((b"connection", b"close"))
+        if parsed.length == 0 and not parsed.chunked:
             response._done = True
         return response
 
     def close(self) -> None:
-        for conn in self._idle:
-            conn.close()
-        self._idle.clear()
+        self._idle.close()

@@ -61,8 +61,9 @@ class _Body(httpx.AsyncByteStream):
         if conn is None or self._done:
             return
         head = self._head
+        pieces = wire.iter_body(conn.reader, head.length, head.chunked)
         try:
-            async for data in wire.iter_body(conn.reader, head.length, head.chunked, self._timeout):
+            while (data := await wire.next_piece(pieces, self._timeout)) is not None:
                 yield data
         except TimeoutError:
             raise httpx.ReadTimeout("timed out reading from the sandlot server") from None
@@ -74,6 +75,8 @@ class _Body(httpx.AsyncByteStream):
             raise httpx.RemoteProtocolError(f"malformed response body: {exc}") from exc
         except OSError as exc:
             raise httpx.ReadError(str(exc)) from exc
+        finally:
+            await pieces.aclose()
         self._done = True
 
     async def aclose(self) -> None:

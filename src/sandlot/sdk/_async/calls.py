@@ -8,32 +8,17 @@ This file is the source of truth; ``src/sandlot/sdk/_sync/`` is generated from i
 from __future__ import annotations
 
 import json
-from collections.abc import (
-    AsyncIterator,
-    Sequence,
-)
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
 
 from sandlot.sdk._answers import raise_for_status, transport_error
 from sandlot.sdk._autostart import async_ensure_local_server
-from sandlot.sdk._connection import (
-    Connection,
-    client_kwargs,
-    control_headers,
-    shared_ssl_context,
-)
-from sandlot.sdk._limits import (
-    MAX_ANSWER_BYTES,
-)
-from sandlot.sdk._primitives import (
-    async_uds_transport,
-)
-from sandlot.sdk.errors import (
-    SandboxRequestError,
-    SandboxServiceError,
-)
+from sandlot.sdk._connection import Connection, client_kwargs, control_headers, shared_ssl_context
+from sandlot.sdk._limits import MAX_ANSWER_BYTES
+from sandlot.sdk._primitives import async_uds_transport
+from sandlot.sdk.errors import SandboxRequestError, SandboxServiceError
 
 
 async def open_client(conn: Connection) -> httpx.AsyncClient:

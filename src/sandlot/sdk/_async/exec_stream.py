@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import (
-    AsyncGenerator,
-    Mapping,
-)
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import httpx
@@ -21,9 +18,7 @@ from sandlot.sdk._async.base import SandboxBase
 from sandlot.sdk._async.calls import check_limit, read_answer, to_json
 from sandlot.sdk._deadlines import StreamGuard
 from sandlot.sdk._output import OutputKeeper
-from sandlot.sdk._primitives import (
-    monotonic,
-)
+from sandlot.sdk._primitives import monotonic
 from sandlot.sdk._sse import LineSplitter, parse_sse_line
 from sandlot.sdk.errors import (
     CommandCancelledError,

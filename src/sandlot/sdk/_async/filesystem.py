@@ -11,27 +11,16 @@ import contextlib
 import os
 import shlex
 import stat
-from collections.abc import (
-    AsyncIterator,
-    Iterable,
-    Mapping,
-)
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any, BinaryIO
 
 import httpx
 
 from sandlot.sdk._async.calls import UPLOAD_CHUNK, check_limit
 from sandlot.sdk._async.processes import ProcessesMixin
-from sandlot.sdk._primitives import (
-    async_run_blocking,
-)
-from sandlot.sdk.errors import (
-    SandboxFileTooLargeError,
-    SandboxRequestError,
-)
-from sandlot.sdk.types import (
-    FileContent,
-)
+from sandlot.sdk._primitives import async_run_blocking
+from sandlot.sdk.errors import SandboxFileTooLargeError, SandboxRequestError
+from sandlot.sdk.types import FileContent
 
 
 class AsyncFilesystem:

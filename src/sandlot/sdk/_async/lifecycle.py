@@ -7,9 +7,7 @@ This file is the source of truth; ``src/sandlot/sdk/_sync/`` is generated from i
 from __future__ import annotations
 
 import contextlib
-from collections.abc import (
-    Sequence,
-)
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -21,19 +19,14 @@ from sandlot.sdk._limits import (
     DEFAULT_POLL_INTERVAL,
     DEFAULT_WAIT_READY_TIMEOUT,
 )
-from sandlot.sdk._primitives import (
-    async_sleep,
-    monotonic,
-)
+from sandlot.sdk._primitives import async_sleep, monotonic
 from sandlot.sdk.errors import (
     CommandCancelledError,
     SandboxError,
     SandboxNotFoundError,
     SandboxTimeoutError,
 )
-from sandlot.sdk.types import (
-    CancelToken,
-)
+from sandlot.sdk.types import CancelToken
 
 #: An omitted argument (None is a value: it clears a delay).
 _UNSET: Any = object()

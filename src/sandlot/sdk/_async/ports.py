@@ -11,22 +11,10 @@ from typing import Any
 from sandlot.sdk._answers import check_port
 from sandlot.sdk._async.base import SandboxBase
 from sandlot.sdk._async.calls import call, to_json
-from sandlot.sdk._limits import (
-    DEFAULT_POLL_INTERVAL,
-    DEFAULT_WAIT_READY_TIMEOUT,
-)
-from sandlot.sdk._primitives import (
-    async_sleep,
-    monotonic,
-)
-from sandlot.sdk.errors import (
-    CommandCancelledError,
-    SandboxRequestError,
-    SandboxTimeoutError,
-)
-from sandlot.sdk.types import (
-    CancelToken,
-)
+from sandlot.sdk._limits import DEFAULT_POLL_INTERVAL, DEFAULT_WAIT_READY_TIMEOUT
+from sandlot.sdk._primitives import async_sleep, monotonic
+from sandlot.sdk.errors import CommandCancelledError, SandboxRequestError, SandboxTimeoutError
+from sandlot.sdk.types import CancelToken
 
 
 class PortsMixin(SandboxBase):

@@ -6,26 +6,14 @@ This file is the source of truth; ``src/sandlot/sdk/_sync/`` is generated from i
 
 from __future__ import annotations
 
-from collections.abc import (
-    Callable,
-    Mapping,
-)
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sandlot.sdk._async.base import SandboxBase
 from sandlot.sdk._async.exec_stream import AsyncExecStream
-from sandlot.sdk._limits import (
-    DEFAULT_EXEC_TIMEOUT,
-)
-from sandlot.sdk.errors import (
-    SandboxCommandError,
-    SandboxRequestError,
-)
-from sandlot.sdk.types import (
-    CancelToken,
-    CommandResult,
-    ProcessInfo,
-)
+from sandlot.sdk._limits import DEFAULT_EXEC_TIMEOUT
+from sandlot.sdk.errors import SandboxCommandError, SandboxRequestError
+from sandlot.sdk.types import CancelToken, CommandResult, ProcessInfo
 
 
 class ProcessesMixin(SandboxBase):

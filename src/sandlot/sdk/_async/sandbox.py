@@ -22,10 +22,7 @@ from sandlot.sdk._async.lifecycle import LifecycleMixin
 from sandlot.sdk._async.ports import PortsMixin
 from sandlot.sdk._async.processes import ProcessesMixin
 from sandlot.sdk._connection import Connection, resolve_connection
-from sandlot.sdk._limits import (
-    DEFAULT_CREATE_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT,
-)
+from sandlot.sdk._limits import DEFAULT_CREATE_TIMEOUT, DEFAULT_IDLE_TIMEOUT
 
 
 class AsyncSandbox(LifecycleMixin, PortsMixin, ProcessesMixin):

@@ -8,21 +8,14 @@ This file is the source of truth; ``src/sandlot/sdk/_sync/`` is generated from i
 from __future__ import annotations
 
 import contextlib
-from collections.abc import (
-    Iterator,
-)
+from collections.abc import Iterator
 from typing import Any, Self
 
 import httpx
 
 from sandlot.sdk._answers import raise_for_status, transport_error
-from sandlot.sdk._connection import (
-    Connection,
-)
-from sandlot.sdk._limits import (
-    DEFAULT_MAX_OUTPUT_BYTES,
-    DEFAULT_MAX_READ_BYTES,
-)
+from sandlot.sdk._connection import Connection
+from sandlot.sdk._limits import DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_MAX_READ_BYTES
 from sandlot.sdk._sync.calls import (
     UPLOAD_CHUNK,
     call,
@@ -32,15 +25,13 @@ from sandlot.sdk._sync.calls import (
     send,
     to_json,
 )
-from sandlot.sdk.errors import (
-    NoSandboxSecretError,
-)
+from sandlot.sdk.errors import NoSandboxSecretError
 
 
 class SandboxBase:
     """What every part of a sandbox handle shares: its description, its connection, and the
-    requests to its agent. :class:`~sandlot.sdk._async.sandbox.AsyncSandbox` adds the rest
-    from the mixins beside this module (lifecycle, ports, processes)."""
+    requests to its agent. The sandbox class adds the rest from the mixins beside this module
+    (lifecycle, ports, processes), each a subclass of this one so that it type-checks alone."""
 
     #: How much of each output stream :meth:`exec` keeps (sandlot). Set it on a handle, or on
     #: the class for every handle; ``exec(..., max_output_bytes=)`` wins over both.

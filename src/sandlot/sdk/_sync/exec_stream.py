@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import (
-    Generator,
-    Mapping,
-)
+from collections.abc import Generator, Mapping
 from typing import Any
 
 import httpx
@@ -20,9 +17,7 @@ import httpx
 from sandlot.sdk._answers import raise_for_status, transport_error
 from sandlot.sdk._deadlines import StreamGuard
 from sandlot.sdk._output import OutputKeeper
-from sandlot.sdk._primitives import (
-    monotonic,
-)
+from sandlot.sdk._primitives import monotonic
 from sandlot.sdk._sse import LineSplitter, parse_sse_line
 from sandlot.sdk._sync.base import SandboxBase
 from sandlot.sdk._sync.calls import check_limit, read_answer, to_json

@@ -12,27 +12,16 @@ import contextlib
 import os
 import shlex
 import stat
-from collections.abc import (
-    Iterable,
-    Iterator,
-    Mapping,
-)
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, BinaryIO
 
 import httpx
 
-from sandlot.sdk._primitives import (
-    sync_run_blocking,
-)
+from sandlot.sdk._primitives import sync_run_blocking
 from sandlot.sdk._sync.calls import UPLOAD_CHUNK, check_limit
 from sandlot.sdk._sync.processes import ProcessesMixin
-from sandlot.sdk.errors import (
-    SandboxFileTooLargeError,
-    SandboxRequestError,
-)
-from sandlot.sdk.types import (
-    FileContent,
-)
+from sandlot.sdk.errors import SandboxFileTooLargeError, SandboxRequestError
+from sandlot.sdk.types import FileContent
 
 
 class Filesystem:

@@ -8,9 +8,7 @@ This file is the source of truth; ``src/sandlot/sdk/_sync/`` is generated from i
 from __future__ import annotations
 
 import contextlib
-from collections.abc import (
-    Sequence,
-)
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -20,10 +18,7 @@ from sandlot.sdk._limits import (
     DEFAULT_POLL_INTERVAL,
     DEFAULT_WAIT_READY_TIMEOUT,
 )
-from sandlot.sdk._primitives import (
-    monotonic,
-    sync_sleep,
-)
+from sandlot.sdk._primitives import monotonic, sync_sleep
 from sandlot.sdk._sync.base import SandboxBase
 from sandlot.sdk._sync.calls import allowlist, call, send, to_json
 from sandlot.sdk.errors import (
@@ -32,9 +27,7 @@ from sandlot.sdk.errors import (
     SandboxNotFoundError,
     SandboxTimeoutError,
 )
-from sandlot.sdk.types import (
-    CancelToken,
-)
+from sandlot.sdk.types import CancelToken
 
 #: An omitted argument (None is a value: it clears a delay).
 _UNSET: Any = object()

@@ -10,24 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from sandlot.sdk._answers import check_port
-from sandlot.sdk._limits import (
-    DEFAULT_POLL_INTERVAL,
-    DEFAULT_WAIT_READY_TIMEOUT,
-)
-from sandlot.sdk._primitives import (
-    monotonic,
-    sync_sleep,
-)
+from sandlot.sdk._limits import DEFAULT_POLL_INTERVAL, DEFAULT_WAIT_READY_TIMEOUT
+from sandlot.sdk._primitives import monotonic, sync_sleep
 from sandlot.sdk._sync.base import SandboxBase
 from sandlot.sdk._sync.calls import call, to_json
-from sandlot.sdk.errors import (
-    CommandCancelledError,
-    SandboxRequestError,
-    SandboxTimeoutError,
-)
-from sandlot.sdk.types import (
-    CancelToken,
-)
+from sandlot.sdk.errors import CommandCancelledError, SandboxRequestError, SandboxTimeoutError
+from sandlot.sdk.types import CancelToken
 
 
 class PortsMixin(SandboxBase):

@@ -18,10 +18,7 @@ from typing import Any
 import httpx
 
 from sandlot.sdk._connection import Connection, resolve_connection
-from sandlot.sdk._limits import (
-    DEFAULT_CREATE_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT,
-)
+from sandlot.sdk._limits import DEFAULT_CREATE_TIMEOUT, DEFAULT_IDLE_TIMEOUT
 from sandlot.sdk._sync.calls import allowlist, call, open_client, to_json
 from sandlot.sdk._sync.filesystem import Filesystem
 from sandlot.sdk._sync.lifecycle import LifecycleMixin

@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "Sandbox": "sandlot.sdk",
     "AsyncSandbox": "sandlot.sdk",
+    "ControlClient": "sandlot.sdk.control",
+    "AsyncControlClient": "sandlot.sdk.control",
     "SandboxError": "sandlot.sdk.errors",
     "MissingApiTokenError": "sandlot.sdk.errors",
     "InvalidPortError": "sandlot.sdk.errors",
@@ -25,16 +27,22 @@ _LAZY = {
     "SandboxNotFoundError": "sandlot.sdk.errors",
     "SandboxCommandError": "sandlot.sdk.errors",
     "UnsupportedFeatureError": "sandlot.sdk.errors",
+    "CommandCancelledError": "sandlot.sdk.errors",
+    "SandboxFileTooLargeError": "sandlot.sdk.errors",
 }
 
 __all__ = [
+    "AsyncControlClient",
     "AsyncSandbox",
+    "CommandCancelledError",
+    "ControlClient",
     "InvalidPortError",
     "MissingApiTokenError",
     "NoSandboxSecretError",
     "Sandbox",
     "SandboxCommandError",
     "SandboxError",
+    "SandboxFileTooLargeError",
     "SandboxNotFoundError",
     "SandboxRequestError",
     "SandboxServiceError",
@@ -45,12 +53,15 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover - names for type checkers only
     from sandlot.sdk import AsyncSandbox, Sandbox
+    from sandlot.sdk.control import AsyncControlClient, ControlClient
     from sandlot.sdk.errors import (
+        CommandCancelledError,
         InvalidPortError,
         MissingApiTokenError,
         NoSandboxSecretError,
         SandboxCommandError,
         SandboxError,
+        SandboxFileTooLargeError,
         SandboxNotFoundError,
         SandboxRequestError,
         SandboxServiceError,

@@ -26,3 +26,13 @@ def test_command_cancelled_is_in_the_documented_tree() -> None:
 def test_every_sdk_error_is_a_sandbox_error() -> None:
     for name in errors.__all__:
         assert issubclass(getattr(errors, name), errors.SandboxError), name
+
+
+def test_top_level_names() -> None:
+    """``from sandlot import X`` for every name in ``sandlot.__all__``, lazily loaded."""
+    import sandlot
+
+    for name in sandlot.__all__:
+        assert getattr(sandlot, name) is not None, name
+    assert sandlot.CommandCancelledError is errors.CommandCancelledError
+    assert sandlot.ControlClient is sdk.ControlClient

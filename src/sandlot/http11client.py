@@ -41,7 +41,6 @@ T = TypeVar("T")
 #: What a header name and value may hold (RFC 9110 §5.1, §5.5; obsolete line folding refused).
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 
 
 class PeerError(Exception):
@@ -118,15 +117,16 @@ def encode_head(method: str, target: str, headers: list[tuple[bytes, bytes]]) ->
     return b"".join(parts)
 
 
-async def send_request(
+def send_request(
     writer: asyncio.StreamWriter,
     head: bytes,
     body: bytes | AsyncIterable[bytes],
     chunked: bool = False,
-) -> None:
+) -> Awaitable[None]:
     """Write a request: ``head`` then ``body`` (bytes, or pieces sent as they come, in chunked
-    encoding if ``chunked``). Errors of the socket propagate (OSError; uvloop raises
-    RuntimeError on a closed transport)."""
+    encoding if ``chunked``); await the result. Errors of the socket propagate (OSError;
+    uvloop raises RuntimeError on a closed transport). A body in hand is written at once and
+    only the drain is awaited: no coroutine of its own on the hot path."""
     if isinstance(body, bytes | bytearray):
         # One write for the common small request: one syscall, one packet.
         if len(body) <= READ_CHUNK:
@@ -134,8 +134,13 @@ async def send_request(
         else:
             writer.write(head)
             writer.write(body)
-        await writer.drain()
-        return
+        return writer.drain()
+    return _send_pieces(writer, head, body, chunked)
+
+
+async def _send_pieces(
+    writer: asyncio.StreamWriter, head: bytes, body: AsyncIterable[bytes], chunked: bool
+) -> None:
     writer.write(head)
     async for piece in body:
         if chunked:
@@ -160,7 +165,9 @@ async def read_head(reader: asyncio.StreamReader, timeout: float | None = None) 
     closes first, :class:`ProtocolError` past :data:`MAX_HEAD` (the reader's limit),
     ``TimeoutError`` after ``timeout`` seconds."""
     try:
-        return await _timed(reader.readuntil(b"\r\n\r\n"), timeout)
+        if timeout is None:  # the gateway's case: no coroutine more than needed
+            return await reader.readuntil(b"\r\n\r\n")
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
     except (asyncio.IncompleteReadError, ConnectionError) as exc:
         raise IncompleteAnswer("the peer closed the connection without answering") from exc
     except asyncio.LimitOverrunError as exc:
@@ -254,7 +261,8 @@ async def iter_body(
             while True:
                 line = await reader.readuntil(b"\r\n")
                 digits = line.split(b";", 1)[0].strip()
-                if not _HEX.fullmatch(digits):
+                # hex digits only, at most 15 (a str.strip, ~1 us less per chunk than a regex)
+                if not digits or len(digits) > 15 or digits.strip(b"0123456789abcdefABCDEF"):
                     raise ProtocolError("malformed chunk size")
                 size = int(digits, 16)
                 if size == 0:

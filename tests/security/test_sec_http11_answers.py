@@ -41,6 +41,10 @@ def sock() -> Iterator[Path]:
 
 HOSTILE = {
     "negative-chunk": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n-1\r\n" + b"x" * 4096,
+    "huge-chunk-size": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    + b"1" * 16
+    + b"\r\nabc",
+    "spaced-chunk-size": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1 2\r\nabc",
     "hex-prefix-chunk": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0x10\r\n",
     "unicode-length": "HTTP/1.1 200 OK\r\ncontent-length: ٣\r\n\r\nabc".encode(),
     "signed-length": b"HTTP/1.1 200 OK\r\ncontent-length: +3\r\n\r\nabc",

@@ -42,7 +42,7 @@ def _object(data: Any, what: str) -> dict[str, Any]:
     return data
 
 
-class SyncControlClient:
+class ControlClient:
     """The control API of a sandlot server (not the sandboxes: see ``AsyncSandbox``).
 
     ``api_url`` and ``api_token`` work as for ``AsyncSandbox.create`` (arguments, then
@@ -55,7 +55,7 @@ class SyncControlClient:
         self._conn: Connection = resolve_connection(api_url, api_token)
         self._client: httpx.Client | None = None
 
-    def __enter__(self) -> SyncControlClient:
+    def __enter__(self) -> ControlClient:
         return self
 
     def __exit__(

@@ -264,7 +264,7 @@ def test_ports_and_tcp_proxy(sb: Sandbox) -> None:
         with pytest.raises(InvalidPortError):
             sb.expose_port(bad)  # type: ignore[arg-type]
     exposed = sb.expose_port(8080)
-    assert exposed["port"] == 8080
+    assert exposed.port == exposed["port"] == 8080  # Koyeb's attributes, and the old mapping
     assert exposed["exposed_at"].endswith(f"/sandboxes/{sb.id}/ports/8080/")
     sb.unexpose_port()
     with pytest.raises(SandboxRequestError) as info:

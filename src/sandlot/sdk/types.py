@@ -12,7 +12,7 @@ import base64
 import dataclasses
 import enum
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypedDict
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "CommandStatus",
     "EndEvent",
     "ExitEvent",
+    "ExposedPort",
     "FileContent",
     "Listener",
     "ProcessInfo",
@@ -129,6 +130,55 @@ class ProcessInfo:
     status: str
     command: str
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExposedPort(Mapping[str, Any]):
+    """``expose_port``'s result, as the Koyeb SDK returns it (``exposed.port``,
+    ``exposed.exposed_at``) with sandlot's own fields: ``host_url`` (with a server ``--domain``),
+    ``protocol``, ``token`` (with ``protect_ports``) and ``since``. It is also a read-only
+    mapping (``exposed["exposed_at"]``), the shape sandlot answered before and the JS SDK's
+    ``{ port, exposed_at }``."""
+
+    port: int
+    exposed_at: str
+    host_url: str | None = None
+    protocol: str = "http"
+    token: str | None = None
+    since: str = ""
+
+    @classmethod
+    def from_answer(cls, data: Any) -> ExposedPort:
+        """From the server's JSON; a malformed answer is a ``ValueError`` naming the field."""
+        if not isinstance(data, dict):
+            raise ValueError("an exposed port is not a JSON object")
+        port, exposed_at = data.get("port"), data.get("exposed_at")
+        if type(port) is not int or not 1 <= port <= 65535:
+            raise ValueError(f"an exposed port's port is not 1-65535: {port!r:.40}")
+        if not isinstance(exposed_at, str):
+            raise ValueError("an exposed port has no exposed_at URL")
+        optional = {k: data.get(k) for k in ("host_url", "token")}
+        for key, value in optional.items():
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"an exposed port's {key} is not a string")
+        protocol, since = data.get("protocol") or "http", data.get("since") or ""
+        if not isinstance(protocol, str) or not isinstance(since, str):
+            raise ValueError("an exposed port's protocol or since is not a string")
+        return cls(port, exposed_at, optional["host_url"], protocol, optional["token"], since)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in _EXPOSED_PORT_FIELDS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_EXPOSED_PORT_FIELDS)
+
+    def __len__(self) -> int:
+        return len(_EXPOSED_PORT_FIELDS)
+
+
+_EXPOSED_PORT_FIELDS = tuple(f.name for f in dataclasses.fields(ExposedPort))
 
 
 @dataclasses.dataclass(frozen=True)

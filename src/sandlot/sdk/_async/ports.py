@@ -13,8 +13,13 @@ from sandlot.sdk._async.base import SandboxBase
 from sandlot.sdk._async.calls import call, to_json
 from sandlot.sdk._limits import DEFAULT_POLL_INTERVAL, DEFAULT_WAIT_READY_TIMEOUT
 from sandlot.sdk._primitives import async_sleep, monotonic
-from sandlot.sdk.errors import CommandCancelledError, SandboxRequestError, SandboxTimeoutError
-from sandlot.sdk.types import CancelToken
+from sandlot.sdk.errors import (
+    CommandCancelledError,
+    SandboxRequestError,
+    SandboxServiceError,
+    SandboxTimeoutError,
+)
+from sandlot.sdk.types import CancelToken, ExposedPort
 
 
 class PortsMixin(SandboxBase):
@@ -22,8 +27,9 @@ class PortsMixin(SandboxBase):
 
     # -- ports ------------------------------------------------------------------------------------
 
-    async def expose_port(self, port: int, exclusive: bool = False) -> dict[str, Any]:
-        """Serve the sandbox's ``port`` through the server: ``{port, exposed_at, ...}``.
+    async def expose_port(self, port: int, exclusive: bool = False) -> ExposedPort:
+        """Serve the sandbox's ``port`` through the server: an :class:`ExposedPort`
+        (``.port``, ``.exposed_at``, ...; also readable as ``exposed["exposed_at"]``).
 
         ``exposed_at`` is the path form ``{server}/sandboxes/{id}/ports/{port}/``; with a server
         run with ``--domain D``, ``host_url`` is ``http://{port}-{id}.D/``. Several ports can be
@@ -42,7 +48,7 @@ class PortsMixin(SandboxBase):
             content=to_json(port=port, exclusive=bool(exclusive)),
             headers={"content-type": "application/json"},
         )
-        return dict(data)
+        return self._exposed_port(data, f"exposing port {port}")
 
     async def unexpose_port(self, port: int | None = None) -> None:
         """Stop serving ``port`` (:class:`SandboxRequestError` 404 if it is not exposed), or
@@ -60,9 +66,18 @@ class PortsMixin(SandboxBase):
             params=params,
         )
 
-    async def list_exposed_ports(self) -> list[dict[str, Any]]:
-        """The exposed ports (sandlot): ``[{port, exposed_at, host_url, token, ...}]``."""
-        return list((await self._ports())["ports"])
+    async def list_exposed_ports(self) -> list[ExposedPort]:
+        """The exposed ports (sandlot), as :meth:`expose_port` returns each."""
+        ports = (await self._ports()).get("ports")
+        if not isinstance(ports, list):
+            raise SandboxServiceError("the server's list of exposed ports is not a list")
+        return [self._exposed_port(p, "listing exposed ports") for p in ports]
+
+    def _exposed_port(self, data: Any, what: str) -> ExposedPort:
+        try:
+            return ExposedPort.from_answer(data)
+        except ValueError as exc:
+            raise SandboxServiceError(f"{what} of sandbox {self.id}: {exc}") from None
 
     async def _ports(self) -> dict[str, Any]:
         client = await self._http()

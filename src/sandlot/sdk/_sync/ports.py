@@ -14,8 +14,13 @@ from sandlot.sdk._limits import DEFAULT_POLL_INTERVAL, DEFAULT_WAIT_READY_TIMEOU
 from sandlot.sdk._primitives import monotonic, sync_sleep
 from sandlot.sdk._sync.base import SandboxBase
 from sandlot.sdk._sync.calls import call, to_json
-from sandlot.sdk.errors import CommandCancelledError, SandboxRequestError, SandboxTimeoutError
-from sandlot.sdk.types import CancelToken
+from sandlot.sdk.errors import (
+    CommandCancelledError,
+    SandboxRequestError,
+    SandboxServiceError,
+    SandboxTimeoutError,
+)
+from sandlot.sdk.types import CancelToken, ExposedPort
 
 
 class PortsMixin(SandboxBase):
@@ -23,8 +28,9 @@ class PortsMixin(SandboxBase):
 
     # -- ports ------------------------------------------------------------------------------------
 
-    def expose_port(self, port: int, exclusive: bool = False) -> dict[str, Any]:
-        """Serve the sandbox's ``port`` through the server: ``{port, exposed_at, ...}``.
+    def expose_port(self, port: int, exclusive: bool = False) -> ExposedPort:
+        """Serve the sandbox's ``port`` through the server: an :class:`ExposedPort`
+        (``.port``, ``.exposed_at``, ...; also readable as ``exposed["exposed_at"]``).
 
         ``exposed_at`` is the path form ``{server}/sandboxes/{id}/ports/{port}/``; with a server
         run with ``--domain D``, ``host_url`` is ``http://{port}-{id}.D/``. Several ports can be
@@ -43,7 +49,7 @@ class PortsMixin(SandboxBase):
             content=to_json(port=port, exclusive=bool(exclusive)),
             headers={"content-type": "application/json"},
         )
-        return dict(data)
+        return self._exposed_port(data, f"exposing port {port}")
 
     def unexpose_port(self, port: int | None = None) -> None:
         """Stop serving ``port`` (:class:`SandboxRequestError` 404 if it is not exposed), or
@@ -61,9 +67,18 @@ class PortsMixin(SandboxBase):
             params=params,
         )
 
-    def list_exposed_ports(self) -> list[dict[str, Any]]:
-        """The exposed ports (sandlot): ``[{port, exposed_at, host_url, token, ...}]``."""
-        return list((self._ports())["ports"])
+    def list_exposed_ports(self) -> list[ExposedPort]:
+        """The exposed ports (sandlot), as :meth:`expose_port` returns each."""
+        ports = (self._ports()).get("ports")
+        if not isinstance(ports, list):
+            raise SandboxServiceError("the server's list of exposed ports is not a list")
+        return [self._exposed_port(p, "listing exposed ports") for p in ports]
+
+    def _exposed_port(self, data: Any, what: str) -> ExposedPort:
+        try:
+            return ExposedPort.from_answer(data)
+        except ValueError as exc:
+            raise SandboxServiceError(f"{what} of sandbox {self.id}: {exc}") from None
 
     def _ports(self) -> dict[str, Any]:
         client = self._http()

@@ -194,7 +194,7 @@ def server(
     from sandlot.server.config import PoolKey, PortLimits
     from sandlot.server.h2limits import H2Limits
     from sandlot.server.runner.portslisten import parse_ports_listen
-    from sandlot.server.runner.serve import HostPolicy, parse_listen, serve
+    from sandlot.server.runner.serve import HostPolicy, ServerOptions, parse_listen, serve
 
     try:
         unix_server = parse_listen(listen).is_unix
@@ -213,14 +213,15 @@ def server(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--pool") from None
     try:
-        serve(
-            listen,
+        options = ServerOptions(
+            listen=listen,
             database=database,
             engine=engine,
             public_url=public_url,
             log_level=log_level,
             pools=pool_sizes,
             domain=domain,
+            ports_listen=ports_listen,
             tcp_proxy_host=tcp_proxy_host,
             trusted_image_dirs=trusted_image_dirs,
             key_file=key_file,
@@ -241,8 +242,8 @@ def server(
                 )
             ),
             **_given(token_requests=max_requests_per_token),
-            ports_listen=ports_listen,
         )
+        serve(options)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -171,99 +171,86 @@ def secure_state_dir(path: Path) -> None:
         os.chmod(path, 0o700)
 
 
+@dataclass(frozen=True)
+class ServerOptions:
+    """What ``sandlot server`` is asked for (its command line), before anything is opened or
+    bound: :func:`serve` turns it into a :class:`ServerConfig`. One object rather than twenty
+    parameters passed on twice."""
+
+    listen: str | None = None
+    database: str | None = None
+    engine: str = "local"
+    public_url: str | None = None
+    log_level: str = "info"
+    pools: dict[PoolKey, int] = field(default_factory=dict)
+    domain: str | None = None
+    #: ``--ports-listen`` (runner/portslisten.py).
+    ports_listen: str | None = None
+    tcp_proxy_host: str = "127.0.0.1"
+    trusted_image_dirs: tuple[str, ...] = ()
+    key_file: str | None = None
+    policy: HostPolicy = field(default_factory=HostPolicy)
+    max_json_body: int = MAX_JSON_BODY
+    h2_limits: H2Limits = field(default_factory=H2Limits)
+    port_limits: PortLimits = field(default_factory=PortLimits)
+    token_requests: int = TOKEN_REQUESTS
+
+
 def build_config(
+    options: ServerOptions,
     listen: Listen,
-    database: str | None,
-    engine: str,
-    public_url: str | None,
-    pools: dict[PoolKey, int] | None = None,
-    domain: str | None = None,
-    tcp_proxy_host: str = "127.0.0.1",
-    trusted_image_dirs: tuple[str, ...] = (),
     admin_socket: str | None = None,
-    key_file: str | None = None,
-    policy: HostPolicy | None = None,
-    max_json_body: int = MAX_JSON_BODY,
-    h2_limits: H2Limits | None = None,
-    port_limits: PortLimits | None = None,
-    token_requests: int = TOKEN_REQUESTS,
     ports_listener: socket.socket | None = None,
 ) -> ServerConfig:
-    image_trust = ImageTrust.from_dirs(trusted_image_dirs)  # a bad one: before the engine starts
+    """The app's configuration; the engine is started here (a bad trusted image directory is
+    refused before it)."""
+    image_trust = ImageTrust.from_dirs(options.trusted_image_dirs)
     secure_state_dir(state_dir())
-    url = database or os.environ.get("SANDLOT_DATABASE_URL") or default_database_url(state_dir())
+    url = (
+        options.database
+        or os.environ.get("SANDLOT_DATABASE_URL")
+        or default_database_url(state_dir())
+    )
+    public_url = options.public_url
     if public_url is None and listen.unix_path is not None:
         public_url = unix_public_url(listen.unix_path)
     ports_address, ports_base = ports_url(ports_listener) if ports_listener else (None, None)
     return ServerConfig(
         database_url=url,
-        engines={DEFAULT_REGION: load_engine(engine, policy)},
+        engines={DEFAULT_REGION: load_engine(options.engine, options.policy)},
         default_region=DEFAULT_REGION,
         auth="socket" if listen.is_unix else "token",
         public_url=public_url,
         # SQLite means one server process: anything still "creating" at start is a leftover.
         stale_create_after=0.0 if url.startswith("sqlite") else 900.0,
-        pools=dict(pools or {}),
-        domain=domain,
-        tcp_proxy_host=tcp_proxy_host,
+        pools=dict(options.pools),
+        domain=options.domain,
+        tcp_proxy_host=options.tcp_proxy_host,
         image_trust=image_trust,
         admin_socket=admin_socket or listen.unix_path,
-        key_file=key_file or os.environ.get(KEY_FILE_ENV) or None,
-        max_json_body=max_json_body,
-        h2_limits=h2_limits or H2Limits(),
-        port_limits=port_limits or PortLimits(),
-        token_requests=token_requests,
+        key_file=options.key_file or os.environ.get(KEY_FILE_ENV) or None,
+        max_json_body=options.max_json_body,
+        h2_limits=options.h2_limits,
+        port_limits=options.port_limits,
+        token_requests=options.token_requests,
         ports_listen=ports_address,
         ports_url=ports_base,
     )
 
 
-def serve(
-    listen_value: str | None,
-    database: str | None = None,
-    engine: str = "local",
-    public_url: str | None = None,
-    log_level: str = "info",
-    pools: dict[PoolKey, int] | None = None,
-    domain: str | None = None,
-    tcp_proxy_host: str = "127.0.0.1",
-    trusted_image_dirs: tuple[str, ...] = (),
-    key_file: str | None = None,
-    policy: HostPolicy | None = None,
-    max_json_body: int = MAX_JSON_BODY,
-    h2_limits: H2Limits | None = None,
-    port_limits: PortLimits | None = None,
-    token_requests: int = TOKEN_REQUESTS,
-    ports_listen: str | None = None,
-) -> None:
+def serve(options: ServerOptions) -> None:
+    log_level = options.log_level
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
-    listen = parse_listen(listen_value)
+    listen = parse_listen(options.listen)
     state = state_dir()
     state_lock = lock_state_dir(state)  # noqa: F841 -- held until the process ends
     admin_socket = listen.unix_path or str(default_server_socket(state))
-    ports_address = parse_ports_listen(ports_listen, listen.is_unix)
+    ports_address = parse_ports_listen(options.ports_listen, listen.is_unix)
     ports_listener = bind_ports_listener(ports_address, state) if ports_address else None
     try:
-        config = build_config(
-            listen,
-            database,
-            engine,
-            public_url,
-            pools,
-            domain,
-            tcp_proxy_host,
-            trusted_image_dirs,
-            admin_socket,
-            key_file,
-            policy,
-            max_json_body,
-            h2_limits=h2_limits,
-            port_limits=port_limits,
-            token_requests=token_requests,
-            ports_listener=ports_listener,
-        )
+        config = build_config(options, listen, admin_socket, ports_listener)
     except ValueError as exc:  # e.g. a trusted image directory that is not one
         raise RuntimeError(str(exc)) from exc
     except EngineError as exc:

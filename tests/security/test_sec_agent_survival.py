@@ -157,9 +157,12 @@ async def test_many_small_hogs_leave_the_agent_alone(
     first now. The hogs end with their reader, 20 s later (while they all hold the sandbox at
     its limit, everything in it crawls)."""
     before, started = await agent_pids(sb), await init_started(sb)
-    await sb.run(
+    # every output redirected: a hog holding the command's stderr kept the call open past
+    # the client's timeout while the sandbox crawled at its limit (seen in CI)
+    await attack(
+        sb,
         "for i in $(seq 200); do "
-        "dd if=/dev/zero bs=3M count=1 2>/dev/null | sleep 20 >/dev/null & done"
+        "dd if=/dev/zero bs=3M count=1 2>/dev/null | sleep 20 >/dev/null 2>&1 & done",
     )
     deadline = time.monotonic() + DEADLINE
     while _oom_kills(engine.layout, sb.id) == 0:

@@ -17,6 +17,7 @@ fi
 #   passt, slirp4netns       outbound networking    postgresql            server store tests
 #   nftables                 egress policies        iproute2              network tests (peer hosts)
 #   skopeo                   registry pulls         docker-registry       a local registry for tests
+#   (and runsc, gVisor's runtime, built below from the Go module proxy)
 PACKAGES=(crun runc mmdebstrap python3.11-minimal libpython3.11-stdlib patchelf
           busybox-static umoci uidmap passt slirp4netns postgresql python3-venv
           nftables iproute2 e2fsprogs util-linux skopeo docker-registry)
@@ -34,6 +35,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   if [[ " ${missing[*]} " == *" docker-registry "* ]] && [ -d /run/systemd/system ]; then
     systemctl disable --now docker-registry >/dev/null 2>&1 || true
   fi
+fi
+
+# gVisor's runsc (the `gvisor` runtime): built from source once per machine, cached by version
+# (scripts/build-runsc.sh), and put on PATH for the local engine. SANDLOT_SKIP_RUNSC=1 skips it
+# (then gvisor sandboxes are refused with an error naming this script, and their tests skip).
+if [ "${SANDLOT_SKIP_RUNSC:-0}" != 1 ]; then
+  runsc=$(scripts/build-runsc.sh)
+  ln -sfn "$runsc" /usr/local/bin/runsc
 fi
 
 PY=${PYTHON:-python3}

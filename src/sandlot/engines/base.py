@@ -79,6 +79,13 @@ class SandboxSpec:
     pool: bool = False
     #: Credentials for the image's registry (a private image), or None.
     registry_auth: RegistryAuth | None = None
+    #: The isolation runtime, one of :data:`RUNTIMES`: ``crun`` (a container on the host's
+    #: kernel) or ``gvisor`` (runsc: a user-space kernel between the code and the host's).
+    runtime: str = "crun"
+
+
+#: The runtimes a sandbox may ask for; the first is the default.
+RUNTIMES = ("crun", "gvisor")
 
 
 @dataclass(frozen=True)

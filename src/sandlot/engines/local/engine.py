@@ -34,6 +34,7 @@ import os
 import secrets
 import shutil
 import socket
+import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,6 +43,7 @@ from typing import Any
 from sandlot import netpolicy
 from sandlot.ca_certs import ExtraCA
 from sandlot.engines.base import (
+    RUNTIMES,
     AgentAddress,
     EngineError,
     EngineUnavailableError,
@@ -79,6 +81,7 @@ from sandlot.engines.local.uid_slots import SlotRegistry
 from sandlot.images.store import Image, ImageStore
 from sandlot.instance_types import get_instance_type
 from sandlot.paths import (
+    SANDBOX_AGENT_SOCKET,
     SANDBOX_CLAIM_FILE,
     SANDBOX_ENV_FILE,
     SANDBOX_PROCESS_JOURNAL,
@@ -205,6 +208,7 @@ class LocalEngine:
         self.images = images or ImageStore(images_dir(state_dir))
         self.layout = cgroups.detect_layout()
         self.runtime = OciRuntime.detect(state_dir / "oci", self.layout, oci_runtime)
+        self._gvisor: OciRuntime | None = None  # found on first use: runsc is optional
         self._runtime_dir: Path | None = None
         self._block_dirs = host_block_device_dirs()
         self._locks: dict[str, asyncio.Lock] = {}
@@ -244,6 +248,26 @@ class LocalEngine:
             raise SandboxNotFound(f"invalid sandbox id {sandbox_id!r}")
         return self.sandboxes_dir / sandbox_id
 
+    def _runtime_named(self, name: str) -> OciRuntime:
+        """The runtime a sandbox asked for (``SandboxSpec.runtime``, kept in its meta)."""
+        if name == "crun":
+            return self.runtime
+        if name == "gvisor":
+            if self._gvisor is None:
+                self._gvisor = OciRuntime.detect_gvisor(self.state_dir / "oci", self.layout)
+                if not _searchable_by_all(self.sandboxes_dir):
+                    # runsc's gofer runs as the sandbox's uid and opens bundle/rootfs by path
+                    self._gvisor = None
+                    raise EngineUnavailableError(
+                        "gvisor sandboxes need a state directory whose parents every user may "
+                        "search (chmod o+x): runsc reaches the sandbox's files as its own uid"
+                    )
+            return self._gvisor
+        raise EngineError(f"unknown runtime {name!r}: one of {', '.join(RUNTIMES)}")
+
+    def _runtime_of(self, meta: Mapping[str, Any] | None) -> OciRuntime:
+        return self._runtime_named((meta or {}).get("oci", "crun"))
+
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
         return self._locks.setdefault(sandbox_id, asyncio.Lock())
 
@@ -280,6 +304,12 @@ class LocalEngine:
         def claim(slot: int) -> None:
             meta["slot"] = slot
             directory.mkdir(mode=0o700)
+            if meta.get("oci") == "gvisor":
+                # runsc's gofer runs as the sandbox's root (its host uid ``base``) and must
+                # reach the rootfs below: its group may search this directory, nobody else.
+                base = idmap.ID_BASE + slot * idmap.ID_RANGE
+                os.chown(directory, 0, base)
+                directory.chmod(0o710)
             self._write_meta(directory, meta)
 
         return self.slots.allocate(directory.name, claim)
@@ -291,6 +321,7 @@ class LocalEngine:
         bad_env = sorted(k for k in spec.env if k in _RESERVED_ENV or "=" in k or not k)
         if bad_env:
             raise EngineError(f"invalid or reserved environment variable names: {bad_env}")
+        self._runtime_named(spec.runtime)  # an unknown runtime, or runsc missing: refused now
         # Admitted before anything is written (the agent runtime is built on first use).
         await asyncio.to_thread(self._admit, spec)
         try:
@@ -320,6 +351,7 @@ class LocalEngine:
                 if spec.outbound_allowlist is None
                 else list(netpolicy.normalize_allowlist(list(spec.outbound_allowlist))),
                 "runtime": str(built_runtime),
+                "oci": spec.runtime,
             }
             try:
                 self._allocate_slot(directory, meta)
@@ -441,7 +473,9 @@ class LocalEngine:
         config = build_config(
             SandboxConfig(
                 hostname=hostname,
-                args=agent_command("fd:3"),
+                args=agent_command(
+                    f"unix:{SANDBOX_AGENT_SOCKET}" if spec.runtime == "gvisor" else "fd:3"
+                ),
                 env=env,
                 cwd=cwd,
                 instance_type=spec.instance_type,
@@ -454,7 +488,9 @@ class LocalEngine:
                 memory_swap_supported=self._memsw,
                 max_open_files=self._max_open_files,
                 extra_masked_paths=self._block_dirs,
-                userns_path=directory / "userns",
+                # runsc cannot join a namespace made beforehand (setns of a user namespace
+                # from its multi-threaded Go process: EINVAL): it makes its own from the maps.
+                userns_path=None if spec.runtime == "gvisor" else directory / "userns",
             )
         )
         (bundle / "config.json").write_text(json.dumps(config))
@@ -463,8 +499,13 @@ class LocalEngine:
         """Remove everything of one sandbox, from whatever state it is in; its uid range last,
         once nothing of it is left."""
         meta = self._read_meta(directory)
-        await self.runtime.kill_all(sandbox_id, "KILL")
-        await self.runtime.delete(sandbox_id)
+        try:
+            runtime = self._runtime_of(meta)
+        except EngineError:  # its runtime is gone from this host: nothing of it can run
+            runtime = None
+        if runtime is not None:
+            await runtime.kill_all(sandbox_id, "KILL")
+            await runtime.delete(sandbox_id)
         network.detach_pasta(directory / "pasta.pid")
         await asyncio.to_thread(self._remove_files, sandbox_id, directory)
         if meta is not None and isinstance(meta.get("slot"), int):
@@ -528,6 +569,23 @@ class LocalEngine:
             os.fchown(opened, base, base)
         else:  # made before its disk held its own files: its config still names these
             log_path, log_fd = directory / "agent.log", None
+        runtime = self._runtime_of(meta)
+        if runtime.name == "runsc":
+            try:
+                pid = await runtime.run_detached(
+                    directory.name,
+                    directory / "bundle",
+                    log_path,
+                    directory / "init.pid",
+                    None,
+                    log_fd,
+                )
+            finally:
+                if log_fd is not None:
+                    os.close(log_fd)
+            made = own_files.own_dir(layer) / "run" / "agent.sock"
+            await _adopt_agent_socket(made, directory / "agent.sock")
+            return pid
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             # No umask games (the umask is process-wide: other creates run in other threads);
@@ -535,7 +593,7 @@ class LocalEngine:
             listener.bind(str(path))
             os.chmod(path, 0o600)
             listener.listen(256)
-            pid = await self.runtime.run_detached(
+            pid = await runtime.run_detached(
                 directory.name,
                 directory / "bundle",
                 log_path,
@@ -583,7 +641,7 @@ class LocalEngine:
                 raise EngineError(
                     f"cannot update the sandbox's resolv.conf: {exc.strerror}"
                 ) from None
-            state = await self.runtime.state(sandbox_id)
+            state = await self._runtime_of(meta).state(sandbox_id)
             if state is None or not state.get("pid"):
                 return  # stopped: applied at the next start
             pid = int(state["pid"])
@@ -598,10 +656,12 @@ class LocalEngine:
         """Deep sleep: every process ends and its memory is released; the filesystem stays."""
         directory = self._dir(sandbox_id)
         async with self._lock(sandbox_id):
-            if self._read_meta(directory) is None:
+            meta = self._read_meta(directory)
+            if meta is None:
                 raise SandboxNotFound(f"no sandbox {sandbox_id}")
-            await self.runtime.kill_all(sandbox_id, "KILL")
-            await self.runtime.delete(sandbox_id)
+            runtime = self._runtime_of(meta)
+            await runtime.kill_all(sandbox_id, "KILL")
+            await runtime.delete(sandbox_id)
             network.detach_pasta(directory / "pasta.pid")
 
     async def start(self, sandbox_id: str) -> SandboxInfo:
@@ -611,11 +671,12 @@ class LocalEngine:
             meta = self._read_meta(directory)
             if meta is None or not meta.get("ready"):
                 raise SandboxNotFound(f"no sandbox {sandbox_id}")
-            state = await self.runtime.state(sandbox_id)
+            runtime = self._runtime_of(meta)
+            state = await runtime.state(sandbox_id)
             if state is not None and state.get("status") in ("running", "paused"):
                 return await self.inspect(sandbox_id)
             if state is not None:
-                await self.runtime.delete(sandbox_id)
+                await runtime.delete(sandbox_id)
             await asyncio.to_thread(self._remount_if_needed, directory, meta)
             pid = await self._run(directory)
             await self._connect(directory, pid, meta)
@@ -644,7 +705,7 @@ class LocalEngine:
         address = self._address(directory)
         if not meta.get("ready"):
             return SandboxInfo(sandbox_id, SandboxState.CREATING, address)
-        state = await self.runtime.state(sandbox_id)
+        state = await self._runtime_of(meta).state(sandbox_id)
         if state is None:
             return SandboxInfo(
                 sandbox_id,
@@ -688,10 +749,17 @@ class LocalEngine:
                 removed.append(directory.name)
             else:
                 known[directory.name] = meta.get("slot")
-        for sandbox_id in await self.runtime.list_ids():
-            if sandbox_id not in known:
-                await self._destroy(sandbox_id, self.sandboxes_dir / sandbox_id)
-                removed.append(sandbox_id)
+        runtimes = [self.runtime]
+        if (self.state_dir / "oci" / "runsc").exists():  # gVisor sandboxes were made here
+            with contextlib.suppress(EngineUnavailableError):
+                runtimes.append(self._runtime_named("gvisor"))
+        for runtime in runtimes:
+            for sandbox_id in await runtime.list_ids():
+                if sandbox_id not in known:
+                    await runtime.kill_all(sandbox_id, "KILL")  # its meta may not name it
+                    await runtime.delete(sandbox_id)
+                    await self._destroy(sandbox_id, self.sandboxes_dir / sandbox_id)
+                    removed.append(sandbox_id)
         for sandbox_id in self.slots.owned().keys() - known.keys():
             cgroups.remove_cgroup_dirs(cgroups.sandbox_cgroup_dirs(self.layout, sandbox_id))
         self.slots.adopt({i: slot for i, slot in known.items() if isinstance(slot, int)})
@@ -703,6 +771,42 @@ class LocalEngine:
 
     async def close(self) -> None:
         return None
+
+
+def _searchable_by_all(path: Path) -> bool:
+    """Every directory from ``/`` to ``path`` has its search bit for others."""
+    return all(os.stat(p).st_mode & stat.S_IXOTH for p in [path, *path.parents])
+
+
+#: How long a gVisor sandbox's agent may take to make its socket (it starts in ~0.3 s here).
+AGENT_SOCKET_TIMEOUT = 30.0
+
+
+async def _adopt_agent_socket(made: Path, link: Path) -> None:
+    """A gVisor sandbox's agent makes its own socket, in a directory the sandbox can write
+    (runsc gives a donated listening socket to the sandbox as a plain file: ``listen`` fails
+    with EINVAL). The sandbox could swap that file for a symlink to any socket on the host, so
+    the gateway never connects through it: the socket's inode, checked to be a socket and not
+    followed if a symlink, is bind-mounted at ``link``, in the sandbox's host directory (a hard
+    link cannot cross from the sandbox's disk); ``delete`` unmounts it with the rest."""
+    deadline = time.monotonic() + AGENT_SOCKET_TIMEOUT
+    while True:
+        try:
+            fd = os.open(made, os.O_PATH | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            fd = -1
+        if fd >= 0:
+            try:
+                if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    mounts.unmount(link)  # a restart's: the old agent's socket
+                    mounts.bind_fd(fd, link)
+                    return
+            finally:
+                os.close(fd)
+            raise EngineError("the sandbox's agent socket is not a socket")
+        if time.monotonic() > deadline:
+            raise EngineError(f"the sandbox's agent made no socket in {AGENT_SOCKET_TIMEOUT:g} s")
+        await asyncio.sleep(0.005)
 
 
 def new_sandbox_id() -> str:

@@ -35,6 +35,19 @@ def mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> None:
             os.close(fd)
 
 
+_MS_BIND = 0x1000
+
+
+def bind_fd(fd: int, target: Path) -> None:
+    """Bind the file open as ``fd`` (an ``O_PATH`` fd is enough) at ``target`` (made if absent,
+    an empty file): the inode itself, whatever its path becomes afterwards. Unlike a hard link
+    it may cross filesystems."""
+    target.touch(mode=0o600, exist_ok=True)
+    if _libc.mount(f"/proc/self/fd/{fd}".encode(), str(target).encode(), None, _MS_BIND, None):
+        err = ctypes.get_errno()
+        raise MountError(f"cannot bind a sandbox's file: {os.strerror(err)}")
+
+
 _SYS_OPEN_TREE = 428
 _OPEN_TREE_CLONE = 1
 _OPEN_TREE_CLOEXEC = os.O_CLOEXEC

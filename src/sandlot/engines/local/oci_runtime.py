@@ -27,7 +27,7 @@ class OciRuntimeError(EngineError):
     pass
 
 
-def _spawn_with_fd3(argv: list[str], fd3: int, log_fd: int) -> int:
+def _spawn_with_fd3(argv: list[str], fd3: int | None, log_fd: int) -> int:
     """Run ``argv`` with ``fd3`` as its fd 3 and ``log_fd`` as stdout/stderr; wait for it.
 
     posix_spawn's file actions place the fd without a shell (dash cannot redirect fds above
@@ -38,8 +38,9 @@ def _spawn_with_fd3(argv: list[str], fd3: int, log_fd: int) -> int:
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_DUP2, log_fd, 1),
         (os.POSIX_SPAWN_DUP2, log_fd, 2),
-        (os.POSIX_SPAWN_DUP2, fd3, 3),
     ]
+    if fd3 is not None:
+        actions.append((os.POSIX_SPAWN_DUP2, fd3, 3))
     pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
@@ -76,12 +77,34 @@ async def spawn(
     )
 
 
+#: gVisor's global flags. systrap: the default platform, and the one that works here (KVM hung
+#: on these machines although /dev/kvm answers).
+#: host-uds=create: the agent makes its socket on a bind mount (see engine._adopt_agent_socket).
+RUNSC_FLAGS = ("--platform=systrap", "--host-uds=create")
+
+
 @dataclass(frozen=True)
 class OciRuntime:
     name: str
     binary: str
     root: Path
     layout: CgroupLayout
+    #: Global flags given before the command (runsc's platform, ...).
+    flags: tuple[str, ...] = ()
+
+    @classmethod
+    def detect_gvisor(cls, root: Path, layout: CgroupLayout) -> OciRuntime:
+        """runsc, found on PATH (scripts/setup.sh builds it and puts it there)."""
+        binary = shutil.which("runsc")
+        if not binary:
+            raise EngineUnavailableError(
+                "the gvisor runtime needs runsc, which is not installed on this host: "
+                "run scripts/build-runsc.sh (scripts/setup.sh does)"
+            )
+        root.mkdir(parents=True, exist_ok=True)
+        return cls(
+            name="runsc", binary=binary, root=root / "runsc", layout=layout, flags=RUNSC_FLAGS
+        )
 
     @classmethod
     def detect(cls, root: Path, layout: CgroupLayout, preferred: str | None = None) -> OciRuntime:
@@ -97,7 +120,7 @@ class OciRuntime:
         )
 
     def argv(self, *args: str) -> list[str]:
-        base = [self.binary, "--root", str(self.root), *args]
+        base = [self.binary, "--root", str(self.root), *self.flags, *args]
         if self.layout is CgroupLayout.HYBRID and self.name == "crun":
             return [
                 "unshare",
@@ -130,16 +153,17 @@ class OciRuntime:
         bundle: Path,
         log_path: Path,
         pid_file: Path,
-        listener: int,
+        listener: int | None,
         log_fd: int | None = None,
     ) -> int:
-        """Start the sandbox, handing it ``listener`` as fd 3; return its init's host pid.
+        """Start the sandbox, handing it ``listener`` as fd 3 (if any); return its init's host pid.
         Its stdout and stderr go to ``log_fd`` if given (already open on ``log_path``)."""
+        # runsc has no --preserve-fds: it donates host fds to the sandbox as ``--pass-fd H:G``.
+        fd3 = ("--preserve-fds", "1") if listener is not None else ()
         argv = self.argv(
             "run",
             "--detach",
-            "--preserve-fds",
-            "1",
+            *fd3,
             "--pid-file",
             str(pid_file),
             "--bundle",

@@ -1,0 +1,102 @@
+"""The local engine's gvisor runtime: real runsc sandboxes (skipped where runsc is not built).
+
+What differs from crun is in docs/gvisor.md; these check that a sandbox works the same through
+its agent, that its kernel is gVisor's, and that delete leaves nothing of it on the host.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.local import SandboxHandle
+
+from sandlot.engines.base import EngineError, EngineUnavailableError
+from sandlot.engines.local import LocalEngine
+from sandlot.engines.local import cgroups as cgroup_paths
+from sandlot.engines.local.mounts import mounts_under, unmount
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.root,
+    pytest.mark.skipif(
+        shutil.which("runsc") is None,
+        reason="runsc is not installed (scripts/setup.sh builds it; SANDLOT_SKIP_RUNSC skips it)",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def engine_state() -> Iterator[Path]:
+    """runsc's gofer reaches the sandbox's files as the sandbox's uid: the state directory must
+    be searchable by all (pytest's own temporary directories are not)."""
+    state = Path(tempfile.mkdtemp(prefix="sandlot-gvisor-test-", dir="/var/tmp"))
+    state.chmod(0o711)
+    yield state
+    for point in mounts_under(state):
+        unmount(point)
+    shutil.rmtree(state, ignore_errors=True)
+
+
+async def test_commands_and_files_run_under_gvisors_kernel(make_sandbox) -> None:  # type: ignore[no-untyped-def]
+    sb: SandboxHandle = await make_sandbox(runtime="gvisor")
+    assert "gvisor" in await sb.sh("cat /proc/version")
+    assert "gVisor" in await sb.sh("dmesg")  # crun's sandboxes may not read the host's log
+    await sb.sh("printf 'hello' > /tmp/f && mkdir -p /work && cp /tmp/f /work/g")
+    assert await sb.sh("cat /work/g") == "hello"
+    assert (await sb.sh("id -u")).strip() == "0"
+    out = await sb.run("exit 3")
+    assert out["code"] == 3
+
+
+async def test_crun_stays_the_default(make_sandbox) -> None:  # type: ignore[no-untyped-def]
+    sb: SandboxHandle = await make_sandbox()
+    assert "gvisor" not in await sb.sh("cat /proc/version")
+
+
+async def test_delete_leaves_no_runsc_state_mounts_or_cgroups(
+    engine: LocalEngine, make_sandbox
+) -> None:  # type: ignore[no-untyped-def]
+    sb: SandboxHandle = await make_sandbox(runtime="gvisor")
+    directory = engine.sandboxes_dir / sb.id
+    assert (directory / "agent.sock").exists()
+    runsc_root = engine.state_dir / "oci" / "runsc"
+    assert sb.id in {p.name.split("_")[0] for p in runsc_root.iterdir()} or any(
+        sb.id in p.name for p in runsc_root.iterdir()
+    )
+    cgroups = cgroup_paths.sandbox_cgroup_dirs(engine.layout, sb.id)
+    assert any(d.exists() for d in cgroups)
+    await sb.aclose()
+    await engine.delete(sb.id)
+    assert not directory.exists()
+    assert mounts_under(directory) == []
+    assert not any(sb.id in p.name for p in runsc_root.iterdir())
+    assert not any(d.exists() for d in cgroups)
+    assert await engine._runtime_named("gvisor").list_ids() == []
+
+
+async def test_an_unknown_runtime_is_refused(engine: LocalEngine) -> None:
+    with pytest.raises(EngineError, match="unknown runtime 'kata'"):
+        engine._runtime_named("kata")
+
+
+async def test_a_state_directory_runsc_cannot_search_is_a_clear_error(tmp_path: Path) -> None:
+    from sandlot.images.store import default_store
+
+    eng = LocalEngine(tmp_path / "state", images=default_store())  # pytest's: 0700 parents
+    with pytest.raises(EngineUnavailableError, match="searchable|search"):
+        eng._runtime_named("gvisor")
+    for point in mounts_under(tmp_path):
+        unmount(point)
+
+
+async def test_a_missing_runsc_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from sandlot.engines.local.cgroups import detect_layout
+    from sandlot.engines.local.oci_runtime import OciRuntime
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(EngineUnavailableError, match="runsc, which is not installed"):
+        OciRuntime.detect_gvisor(tmp_path, detect_layout())

@@ -16,6 +16,7 @@ the sandbox's own limits stay the sandbox's. Over TCP (no fd passing) the agent 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 
@@ -29,6 +30,11 @@ def _port(value: str | None) -> int:
     if value is None or not value.isdigit() or not 1 <= int(value) <= 65535:
         raise HTTPError(400, "'port' must be a port number (1-65535)")
     return int(value)
+
+
+#: Off in gVisor sandboxes (``SANDLOT_TUNNEL_FD=0``, set by the engine): their sockets live in
+#: gVisor's network stack, and one passed to the host is no TCP socket there; the agent relays.
+FD_HANDOVER = os.environ.get("SANDLOT_TUNNEL_FD", "1") != "0"
 
 
 def open_tunnel(req: Request) -> None:
@@ -46,8 +52,10 @@ def open_tunnel(req: Request) -> None:
     target.settimeout(None)
     # Small writes (HTTP/2 frames, WebSocket messages) go out at once, not after a delayed ACK.
     target.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if req.headers.get("sandlot-tunnel", "").strip().lower() == "fd" and (
-        req.conn.sock.family == socket.AF_UNIX
+    if (
+        req.headers.get("sandlot-tunnel", "").strip().lower() == "fd"
+        and req.conn.sock.family == socket.AF_UNIX
+        and FD_HANDOVER
     ):
         with target:
             req.respond_with_fd(200, {"Sandlot-Tunnel": "fd"}, target.fileno())

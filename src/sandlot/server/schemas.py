@@ -16,6 +16,7 @@ from pydantic import (
     model_validator,
 )
 
+from sandlot.engines.base import RUNTIMES
 from sandlot.instance_types import DEFAULT_INSTANCE_TYPE, INSTANCE_TYPES
 from sandlot.netpolicy import resolve_policy
 
@@ -90,6 +91,11 @@ class CreateSandbox(_Strict):
         "Not with enable_tcp_proxy: raw TCP carries no token to check.",
     )
     privileged: StrictBool = False
+    runtime: StrictStr = Field(
+        RUNTIMES[0],
+        description="Isolation: crun (a container on the host's kernel; default) or gvisor "
+        "(gVisor's user-space kernel between the code and the host's).",
+    )
     registry_secret: StrictStr | None = None
     delete_after_delay: TimerSeconds | None = None
     delete_after_inactivity_delay: TimerSeconds | None = None
@@ -105,6 +111,14 @@ class CreateSandbox(_Strict):
     @model_validator(mode="after")
     def _egress(self) -> CreateSandbox:
         resolve_policy(self.block_network, self.outbound_allowlist)  # raises on bad input
+        return self
+
+    @model_validator(mode="after")
+    def _gvisor_offline(self) -> CreateSandbox:
+        if self.runtime == "gvisor" and (
+            self.block_network is False or self.outbound_allowlist is not None
+        ):
+            raise ValueError("gvisor sandboxes have no outbound network yet: only crun ones do")
         return self
 
     @model_validator(mode="after")
@@ -125,6 +139,13 @@ class CreateSandbox(_Strict):
             raise ValueError(
                 f"unknown instance_type {value!r}; expected one of: {', '.join(INSTANCE_TYPES)}"
             )
+        return value
+
+    @field_validator("runtime")
+    @classmethod
+    def _known_runtime(cls, value: str) -> str:
+        if value not in RUNTIMES:
+            raise ValueError(f"unknown runtime {value!r}; expected one of: {', '.join(RUNTIMES)}")
         return value
 
     @field_validator("env")
@@ -194,6 +215,7 @@ class SandboxOut(BaseModel):
     sandbox_url: str
     domain: str
     privileged: bool
+    runtime: str = RUNTIMES[0]
     exposed_port_protocol: str
     enable_tcp_proxy: bool
     idle_timeout: int

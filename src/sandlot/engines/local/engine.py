@@ -322,6 +322,8 @@ class LocalEngine:
         if bad_env:
             raise EngineError(f"invalid or reserved environment variable names: {bad_env}")
         self._runtime_named(spec.runtime)  # an unknown runtime, or runsc missing: refused now
+        if spec.runtime == "gvisor" and spec.network is not NetworkMode.NONE:
+            raise EngineError(GVISOR_NO_OUTBOUND)
         # Admitted before anything is written (the agent runtime is built on first use).
         await asyncio.to_thread(self._admit, spec)
         try:
@@ -464,6 +466,8 @@ class LocalEngine:
             "SANDLOT_ENV_FILE": SANDBOX_ENV_FILE,
             "SANDLOT_PROCESS_JOURNAL": SANDBOX_PROCESS_JOURNAL,
         }
+        if spec.runtime == "gvisor":
+            env["SANDLOT_TUNNEL_FD"] = "0"  # see agent/tunnel.py
         if spec.pool:
             env["SANDBOX_AUTH_MODE"] = "pool"
             env["SANDBOX_SECRET_PATH"] = SANDBOX_CLAIM_FILE  # the claim is kept here
@@ -630,6 +634,8 @@ class LocalEngine:
             meta = self._read_meta(directory)
             if meta is None or not meta.get("ready"):
                 raise SandboxNotFound(f"no sandbox {sandbox_id}")
+            if meta.get("oci") == "gvisor" and mode is not NetworkMode.NONE:
+                raise EngineError(GVISOR_NO_OUTBOUND)
             meta["network"], meta["allow"] = mode.value, allow
             self._write_meta(directory, meta)
             await asyncio.to_thread(self._remount_if_needed, directory, meta)
@@ -771,6 +777,9 @@ class LocalEngine:
 
     async def close(self) -> None:
         return None
+
+
+GVISOR_NO_OUTBOUND = "gvisor sandboxes have no outbound network yet: only crun sandboxes do"
 
 
 def _searchable_by_all(path: Path) -> bool:

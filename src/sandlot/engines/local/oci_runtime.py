@@ -80,7 +80,9 @@ async def spawn(
 #: gVisor's global flags. systrap: the default platform, and the one that works here (KVM hung
 #: on these machines although /dev/kvm answers).
 #: host-uds=create: the agent makes its socket on a bind mount (see engine._adopt_agent_socket).
-RUNSC_FLAGS = ("--platform=systrap", "--host-uds=create")
+#: network=none: gVisor's own loopback and nothing else (its default, "sandbox", copies the
+#: interfaces of the network namespace, where loopback is still down: no 127.0.0.1 at all).
+RUNSC_FLAGS = ("--platform=systrap", "--host-uds=create", "--network=none")
 
 
 @dataclass(frozen=True)

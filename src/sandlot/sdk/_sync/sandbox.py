@@ -62,6 +62,7 @@ class Sandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
         protect_ports: bool = False,
         block_network: bool | None = None,
         outbound_allowlist: Sequence[str] | None = None,
+        runtime: str | None = None,
     ) -> Sandbox:
         """Create a sandbox. With ``wait_ready`` (the default) it answers once the sandbox is
         healthy, waiting at most ``timeout`` seconds (then :class:`SandboxTimeoutError`).
@@ -74,7 +75,10 @@ class Sandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
         Network (Koyeb's option names, a stricter default): with neither option the sandbox
         has no network at all; ``block_network=False`` gives it full outbound access;
         ``outbound_allowlist=["10.1.2.0/24", "192.0.2.7"]`` only those networks (plus DNS to
-        its resolvers). Change it later with :meth:`update_network`."""
+        its resolvers). Change it later with :meth:`update_network`.
+
+        ``runtime`` (sandlot): ``"crun"`` (the default: a container on the host's kernel) or
+        ``"gvisor"`` (gVisor's user-space kernel between the code and the host's)."""
         conn = resolve_connection(api_url, api_token)
         body: dict[str, Any] = {
             "image": image,
@@ -100,6 +104,8 @@ class Sandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
             body["block_network"] = block_network
         if outbound_allowlist is not None:
             body["outbound_allowlist"] = allowlist(outbound_allowlist)
+        if runtime is not None:
+            body["runtime"] = runtime
         content = to_json(**body)
         client = open_client(conn)
         try:

@@ -86,6 +86,7 @@ class Renderer:
             sandbox_url=f"{base}/sandboxes/{row.id}/koyeb-sandbox",
             domain=self.domain_for(self.ports_base(request)),
             privileged=row.privileged,
+            runtime=row.runtime or "crun",
             exposed_port_protocol=row.exposed_port_protocol,
             enable_tcp_proxy=row.enable_tcp_proxy,
             idle_timeout=row.idle_timeout,

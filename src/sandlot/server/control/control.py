@@ -113,6 +113,7 @@ class Control(Core):
             labels=dict(req.labels or {}),
             env=self.store.seal_env(req.env or {}),
             privileged=req.privileged,
+            runtime=req.runtime,
             exposed_port_protocol=req.exposed_port_protocol,
             enable_tcp_proxy=req.enable_tcp_proxy,
             protect_ports=req.protect_ports,
@@ -144,6 +145,7 @@ class Control(Core):
             network=mode,
             outbound_allowlist=allow,
             registry_auth=auth,
+            runtime=req.runtime,
         )
         try:
             info = await engine.create(spec)

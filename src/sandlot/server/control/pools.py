@@ -48,6 +48,8 @@ class WarmPools:
             return None
         if req.privileged or req.enable_tcp_proxy or req.registry_secret is not None:
             return None
+        if req.runtime != "crun":  # pools hold crun sandboxes
+            return None
         if (req.region or self.control.default_region) != self.region:
             return None
         return key

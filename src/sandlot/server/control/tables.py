@@ -66,6 +66,8 @@ class SandboxRow(Base):
     #: agent holds it). Read it with :meth:`Store.sandbox_secret`.
     secret_sealed: Mapped[str] = mapped_column("secret", String(256), default="")
     privileged: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: The isolation runtime (engines.base.RUNTIMES); None: made before there was a choice (crun).
+    runtime: Mapped[str | None] = mapped_column(String(16), nullable=True, default="crun")
     exposed_port_protocol: Mapped[str] = mapped_column(String(16), default="http")
     enable_tcp_proxy: Mapped[bool] = mapped_column(Boolean, default=False)
     #: Exposed ports: {"8080": {"since": iso time, "protected": bool}} (see

@@ -100,3 +100,21 @@ async def test_a_missing_runsc_is_a_clear_error(tmp_path: Path, monkeypatch) -> 
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(EngineUnavailableError, match="runsc, which is not installed"):
         OciRuntime.detect_gvisor(tmp_path, detect_layout())
+
+
+async def test_deep_sleep_keeps_files_and_light_sleep_is_refused(
+    engine: LocalEngine, make_sandbox
+) -> None:  # type: ignore[no-untyped-def]
+    """Deep sleep (stop/start: a new agent, its new socket adopted; the files were written to
+    the sandbox's disk, not runsc's own overlay). Light sleep (the cgroup freezer) is refused:
+    a frozen runsc sandbox makes `runsc state` hang."""
+    sb: SandboxHandle = await make_sandbox(runtime="gvisor")
+    await sb.sh("echo kept > /root/f")
+    await engine.stop(sb.id)
+    assert (await engine.inspect(sb.id)).state.value == "stopped"
+    await engine.start(sb.id)
+    await sb.wait_healthy(timeout=30)
+    assert (await sb.sh("cat /root/f")) == "kept\n"
+    with pytest.raises(EngineError, match="light sleep is not supported"):
+        await engine.pause(sb.id)
+    assert (await sb.sh("echo awake")) == "awake\n"

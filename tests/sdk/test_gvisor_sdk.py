@@ -27,7 +27,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[tuple[RunningServer, str]]:
-    from conftest import IMAGES_DIR, local_engine_unavailable
+    from support.local import IMAGES_DIR, local_engine_unavailable
 
     reason = local_engine_unavailable()
     if reason:

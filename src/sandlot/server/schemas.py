@@ -119,6 +119,8 @@ class CreateSandbox(_Strict):
             self.block_network is False or self.outbound_allowlist is not None
         ):
             raise ValueError("gvisor sandboxes have no outbound network yet: only crun ones do")
+        if self.runtime == "gvisor" and self.enable_light_sleep:
+            raise ValueError("gvisor sandboxes have no light sleep yet: only crun ones do")
         return self
 
     @model_validator(mode="after")

@@ -553,9 +553,11 @@ class LocalEngine:
         would connect to that instead.
         """
         path = Path(str(self._address(directory).unix_path))  # short: AF_UNIX paths are limited
+        meta = self._read_meta(directory) or {}
+        if meta.get("oci") == "gvisor":
+            mounts.unmount(directory / "agent.sock")  # the last run's agent socket (bound)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        meta = self._read_meta(directory) or {}
         base = idmap.ID_BASE + int(meta.get("slot", 0)) * idmap.ID_RANGE
         layer = directory / "layer"
         # Nothing of the sandbox runs now: what it left at its mount points is fixed up
@@ -575,6 +577,8 @@ class LocalEngine:
             log_path, log_fd = directory / "agent.log", None
         runtime = self._runtime_of(meta)
         if runtime.name == "runsc":
+            made = own_files.own_dir(layer) / "run" / "agent.sock"
+            await asyncio.to_thread(_remove_stale_socket, made)  # else adopted before the new one
             try:
                 pid = await runtime.run_detached(
                     directory.name,
@@ -587,7 +591,6 @@ class LocalEngine:
             finally:
                 if log_fd is not None:
                     os.close(log_fd)
-            made = own_files.own_dir(layer) / "run" / "agent.sock"
             await _adopt_agent_socket(made, directory / "agent.sock")
             return pid
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -696,8 +699,12 @@ class LocalEngine:
 
     def _set_frozen(self, sandbox_id: str, frozen: bool) -> None:
         # Direct freezer writes take ~0.1 ms: cheap enough to do on the event loop.
-        if self._read_meta(self._dir(sandbox_id)) is None:
+        meta = self._read_meta(self._dir(sandbox_id))
+        if meta is None:
             raise SandboxNotFound(f"no sandbox {sandbox_id}")
+        if frozen and meta.get("oci") == "gvisor":
+            # A frozen runsc sandbox makes every later `runsc state` hang (seen: minutes).
+            raise EngineError("light sleep is not supported for gvisor sandboxes yet")
         try:
             cgroups.set_frozen(self.layout, sandbox_id, frozen)
         except cgroups.FreezerError as exc:
@@ -785,6 +792,17 @@ GVISOR_NO_OUTBOUND = "gvisor sandboxes have no outbound network yet: only crun s
 def _searchable_by_all(path: Path) -> bool:
     """Every directory from ``/`` to ``path`` has its search bit for others."""
     return all(os.stat(p).st_mode & stat.S_IXOTH for p in [path, *path.parents])
+
+
+def _remove_stale_socket(made: Path) -> None:
+    """The last run's socket file, gone before the sandbox starts (nothing of it runs then);
+    through its directory opened without following links, whatever the sandbox left there."""
+    fd = os.open(made.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            os.unlink(made.name, dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 #: How long a gVisor sandbox's agent may take to make its socket (it starts in ~0.3 s here).

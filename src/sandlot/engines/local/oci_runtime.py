@@ -82,7 +82,9 @@ async def spawn(
 #: host-uds=create: the agent makes its socket on a bind mount (see engine._adopt_agent_socket).
 #: network=none: gVisor's own loopback and nothing else (its default, "sandbox", copies the
 #: interfaces of the network namespace, where loopback is still down: no 127.0.0.1 at all).
-RUNSC_FLAGS = ("--platform=systrap", "--host-uds=create", "--network=none")
+#: overlay2=none: writes go through to the sandbox's own overlay on its disk (the quota, kept
+#: across sleep); runsc's default keeps them in an overlay of its own, lost when it stops.
+RUNSC_FLAGS = ("--platform=systrap", "--host-uds=create", "--network=none", "--overlay2=none")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ if [ ! -x "$GO" ] && ! command -v "$GO" >/dev/null; then
   exit 1
 fi
 
+export HOME=${HOME:-/root}  # go keeps its module and build caches there (CI may not set it)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"

@@ -34,7 +34,6 @@ import os
 import secrets
 import shutil
 import socket
-import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,6 +56,7 @@ from sandlot.engines.base import (
 )
 from sandlot.engines.local import (
     cgroups,
+    gvisor,
     hostlimits,
     idmap,
     mounts,
@@ -255,7 +255,7 @@ class LocalEngine:
         if name == "gvisor":
             if self._gvisor is None:
                 self._gvisor = OciRuntime.detect_gvisor(self.state_dir / "oci", self.layout)
-                if not _searchable_by_all(self.sandboxes_dir):
+                if not gvisor.searchable_by_all(self.sandboxes_dir):
                     # runsc's gofer runs as the sandbox's uid and opens bundle/rootfs by path
                     self._gvisor = None
                     raise EngineUnavailableError(
@@ -323,7 +323,7 @@ class LocalEngine:
             raise EngineError(f"invalid or reserved environment variable names: {bad_env}")
         self._runtime_named(spec.runtime)  # an unknown runtime, or runsc missing: refused now
         if spec.runtime == "gvisor" and spec.network is not NetworkMode.NONE:
-            raise EngineError(GVISOR_NO_OUTBOUND)
+            raise EngineError(gvisor.NO_OUTBOUND)
         # Admitted before anything is written (the agent runtime is built on first use).
         await asyncio.to_thread(self._admit, spec)
         try:
@@ -578,7 +578,9 @@ class LocalEngine:
         runtime = self._runtime_of(meta)
         if runtime.name == "runsc":
             made = own_files.own_dir(layer) / "run" / "agent.sock"
-            await asyncio.to_thread(_remove_stale_socket, made)  # else adopted before the new one
+            await asyncio.to_thread(
+                gvisor.remove_stale_socket, made
+            )  # else adopted before the new one
             try:
                 pid = await runtime.run_detached(
                     directory.name,
@@ -591,7 +593,7 @@ class LocalEngine:
             finally:
                 if log_fd is not None:
                     os.close(log_fd)
-            await _adopt_agent_socket(made, directory / "agent.sock")
+            await gvisor.adopt_agent_socket(made, directory / "agent.sock")
             return pid
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -638,7 +640,7 @@ class LocalEngine:
             if meta is None or not meta.get("ready"):
                 raise SandboxNotFound(f"no sandbox {sandbox_id}")
             if meta.get("oci") == "gvisor" and mode is not NetworkMode.NONE:
-                raise EngineError(GVISOR_NO_OUTBOUND)
+                raise EngineError(gvisor.NO_OUTBOUND)
             meta["network"], meta["allow"] = mode.value, allow
             self._write_meta(directory, meta)
             await asyncio.to_thread(self._remount_if_needed, directory, meta)
@@ -784,56 +786,6 @@ class LocalEngine:
 
     async def close(self) -> None:
         return None
-
-
-GVISOR_NO_OUTBOUND = "gvisor sandboxes have no outbound network yet: only crun sandboxes do"
-
-
-def _searchable_by_all(path: Path) -> bool:
-    """Every directory from ``/`` to ``path`` has its search bit for others."""
-    return all(os.stat(p).st_mode & stat.S_IXOTH for p in [path, *path.parents])
-
-
-def _remove_stale_socket(made: Path) -> None:
-    """The last run's socket file, gone before the sandbox starts (nothing of it runs then);
-    through its directory opened without following links, whatever the sandbox left there."""
-    fd = os.open(made.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    try:
-        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-            os.unlink(made.name, dir_fd=fd)
-    finally:
-        os.close(fd)
-
-
-#: How long a gVisor sandbox's agent may take to make its socket (it starts in ~0.3 s here).
-AGENT_SOCKET_TIMEOUT = 30.0
-
-
-async def _adopt_agent_socket(made: Path, link: Path) -> None:
-    """A gVisor sandbox's agent makes its own socket, in a directory the sandbox can write
-    (runsc gives a donated listening socket to the sandbox as a plain file: ``listen`` fails
-    with EINVAL). The sandbox could swap that file for a symlink to any socket on the host, so
-    the gateway never connects through it: the socket's inode, checked to be a socket and not
-    followed if a symlink, is bind-mounted at ``link``, in the sandbox's host directory (a hard
-    link cannot cross from the sandbox's disk); ``delete`` unmounts it with the rest."""
-    deadline = time.monotonic() + AGENT_SOCKET_TIMEOUT
-    while True:
-        try:
-            fd = os.open(made, os.O_PATH | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            fd = -1
-        if fd >= 0:
-            try:
-                if stat.S_ISSOCK(os.fstat(fd).st_mode):
-                    mounts.unmount(link)  # a restart's: the old agent's socket
-                    mounts.bind_fd(fd, link)
-                    return
-            finally:
-                os.close(fd)
-            raise EngineError("the sandbox's agent socket is not a socket")
-        if time.monotonic() > deadline:
-            raise EngineError(f"the sandbox's agent made no socket in {AGENT_SOCKET_TIMEOUT:g} s")
-        await asyncio.sleep(0.005)
 
 
 def new_sandbox_id() -> str:

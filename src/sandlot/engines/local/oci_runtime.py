@@ -79,7 +79,7 @@ async def spawn(
 
 #: gVisor's global flags. systrap: the default platform, and the one that works here (KVM hung
 #: on these machines although /dev/kvm answers).
-#: host-uds=create: the agent makes its socket on a bind mount (see engine._adopt_agent_socket).
+#: host-uds=create: the agent makes its socket on a bind mount (see gvisor.adopt_agent_socket).
 #: network=none: gVisor's own loopback and nothing else (its default, "sandbox", copies the
 #: interfaces of the network namespace, where loopback is still down: no 127.0.0.1 at all).
 #: overlay2=none: writes go through to the sandbox's own overlay on its disk (the quota, kept

@@ -1,0 +1,65 @@
+"""What a gVisor (runsc) sandbox needs that a crun one does not, in one place: the agent's own
+socket adopted from the sandbox's disk, the search bits runsc's gofer needs, and what gVisor
+sandboxes cannot do yet. The engine (engine.py) calls these where the runtimes differ;
+docs/gvisor.md says why each difference exists."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import stat
+import time
+from pathlib import Path
+
+from sandlot.engines.base import EngineError
+from sandlot.engines.local import mounts
+
+NO_OUTBOUND = "gvisor sandboxes have no outbound network yet: only crun sandboxes do"
+
+
+def searchable_by_all(path: Path) -> bool:
+    """Every directory from ``/`` to ``path`` has its search bit for others."""
+    return all(os.stat(p).st_mode & stat.S_IXOTH for p in [path, *path.parents])
+
+
+def remove_stale_socket(made: Path) -> None:
+    """The last run's socket file, gone before the sandbox starts (nothing of it runs then);
+    through its directory opened without following links, whatever the sandbox left there."""
+    fd = os.open(made.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            os.unlink(made.name, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+#: How long a gVisor sandbox's agent may take to make its socket (it starts in ~0.3 s here).
+AGENT_SOCKET_TIMEOUT = 30.0
+
+
+async def adopt_agent_socket(made: Path, link: Path) -> None:
+    """A gVisor sandbox's agent makes its own socket, in a directory the sandbox can write
+    (runsc gives a donated listening socket to the sandbox as a plain file: ``listen`` fails
+    with EINVAL). The sandbox could swap that file for a symlink to any socket on the host, so
+    the gateway never connects through it: the socket's inode, checked to be a socket and not
+    followed if a symlink, is bind-mounted at ``link``, in the sandbox's host directory (a hard
+    link cannot cross from the sandbox's disk); ``delete`` unmounts it with the rest."""
+    deadline = time.monotonic() + AGENT_SOCKET_TIMEOUT
+    while True:
+        try:
+            fd = os.open(made, os.O_PATH | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            fd = -1
+        if fd >= 0:
+            try:
+                if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    mounts.unmount(link)  # a restart's: the old agent's socket
+                    mounts.bind_fd(fd, link)
+                    return
+            finally:
+                os.close(fd)
+            raise EngineError("the sandbox's agent socket is not a socket")
+        if time.monotonic() > deadline:
+            raise EngineError(f"the sandbox's agent made no socket in {AGENT_SOCKET_TIMEOUT:g} s")
+        await asyncio.sleep(0.005)

@@ -60,6 +60,10 @@ def server() -> Iterator[Server]:
         **os.environ,
         "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         "SANDLOT_TEST_AGENTS": str(root / "agents"),
+        # its own state and runtime dirs: one server per state dir, and a user's own server
+        # on the default one must not make this test fail
+        "SANDLOT_STATE_DIR": str(root / "state"),
+        "XDG_RUNTIME_DIR": str(root / "xdg"),
     }
     proc = subprocess.Popen(
         [

@@ -16,8 +16,10 @@ sandboxes and a real registry on 127.0.0.1:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import stat
 import struct
 import subprocess
@@ -44,6 +46,7 @@ from support.server import RunningServer, start_server
 
 from sandlot import Sandbox
 from sandlot.engines.local import own_files
+from sandlot.images.trust import ImageRefused, ImageTrust
 
 pytestmark = pytest.mark.root
 
@@ -105,13 +108,17 @@ def world() -> Iterator[World]:
         engine = LocalEngine(tmp / "state", images=store)
         owner = start_server(engine, f"sqlite:///{tmp / 'owner.db'}", unix_path=tmp / "s.sock")
         servers.append(owner)
+        (tmp / "registry").mkdir()
+        host, registry = start_registry(tmp / "registry")
         tenant = start_server(
-            engine, f"sqlite:///{tmp / 'tenant.db'}", tcp=True, trusted_image_dirs=(trusted,)
+            engine,
+            f"sqlite:///{tmp / 'tenant.db'}",
+            tcp=True,
+            trusted_image_dirs=(trusted,),
+            trusted_registries=(host,),  # exactly as spelled: 127.0.0.1:PORT
         )
         servers.append(tenant)
         _, token = tenant.app.state.control.store.create_token("tenant", "attacker")
-        (tmp / "registry").mkdir()
-        host, registry = start_registry(tmp / "registry")
         yield World(tmp, engine, owner, tenant, token, trusted, host)
     finally:
         if registry is not None:
@@ -137,6 +144,72 @@ def _assert_no_host_path(world: World, response: httpx.Response, *paths: str) ->
 
 
 # -- a tenant's image= never names the host ----------------------------------------------------
+
+
+# -- a tenant's image= never makes the server pull from the host itself ------------------------
+
+
+def _resolves(name: str) -> bool:
+    try:
+        return bool(socket.getaddrinfo(name, None))
+    except OSError:
+        return False
+
+
+def _own_global_address() -> str | None:
+    """One of this host's global addresses (``ip -j addr``), bracketed if IPv6."""
+    out = subprocess.run(["ip", "-j", "addr"], capture_output=True, text=True, check=True).stdout
+    for link in json.loads(out):
+        for addr in link.get("addr_info", []):
+            if addr.get("scope") == "global":
+                local = str(addr["local"])
+                return f"[{local}]" if ":" in local else local
+    return None
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "localhost:{port}/evil/bomb:1",  # the registry on 127.0.0.1, spelled another way
+        "127.0.0.1:{other}/x:1",  # any other service on the host's loopback
+        "127.0.0.2:{port}/x:1",
+        "[::1]:{port}/x:1",
+        "{hostname}:{port}/x:1",  # this host's name (resolves to one of its addresses)
+        "{own}:{port}/x:1",  # one of this host's own non-loopback addresses
+        "169.254.169.254/latest/meta-data:1",  # the cloud's metadata service
+        "0.0.0.0:{port}/x:1",
+        "foo.localhost:{port}/x:1",
+    ],
+)
+def test_a_tenant_cannot_pull_from_registries_on_the_host(world: World, image: str) -> None:
+    port = world.registry.rpartition(":")[2]
+    hostname = socket.gethostname()
+    if "{hostname}" in image and not _resolves(hostname):
+        pytest.skip(f"this host's name {hostname!r} does not resolve here")
+    own = _own_global_address()
+    if "{own}" in image and own is None:
+        pytest.skip("this host has no global address")
+    image = image.format(port=port, other=int(port) + 1, hostname=hostname, own=own)
+    before = world.store_entries()
+    with world.as_tenant() as tenant:
+        response = _create(tenant, image)
+        _delete(tenant, response)
+    assert response.status_code == 403, response.text
+    assert response.json()["code"] == "forbidden"
+    assert "--trusted-registry" in response.json()["error"]
+    assert world.store_entries() == before  # nothing was pulled
+
+
+def test_a_trusted_registry_is_open_to_tenants_only_as_spelled(world: World) -> None:
+    with pytest.raises(ValueError, match="HOST"):
+        ImageTrust.from_dirs([], ["http://127.0.0.1:5000"])
+    trust = ImageTrust.from_dirs([], [world.registry])
+    assert trust.check(f"{world.registry}/a/b:1", local=False) == f"{world.registry}/a/b:1"
+    for ref in ("default", "koyeb/sandbox", "busybox"):
+        assert trust.check(ref, local=False) == ref
+    assert trust.check("localhost:1/a:1", local=True) == "localhost:1/a:1"  # the administrator
+    with pytest.raises(ImageRefused):
+        trust.check(f"localhost:{world.registry.rpartition(':')[2]}/a/b:1", local=False)
 
 
 @pytest.mark.parametrize(

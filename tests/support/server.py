@@ -89,6 +89,7 @@ def start_server(
     raw_websockets: bool = True,
     head_timeout: float = HEAD_TIMEOUT,
     trusted_image_dirs: tuple[Path, ...] = (),
+    trusted_registries: tuple[str, ...] = (),
     agent_probe: ProbeSettings | None = None,
 ) -> RunningServer:
     if tcp:
@@ -113,7 +114,7 @@ def start_server(
         stale_create_after=stale_create_after,
         pools=dict(pools or {}),
         domain=domain,
-        image_trust=ImageTrust.from_dirs(trusted_image_dirs),
+        image_trust=ImageTrust.from_dirs(trusted_image_dirs, trusted_registries),
         agent_probe=agent_probe or ProbeSettings(),
     )
     app = create_app(config)

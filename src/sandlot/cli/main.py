@@ -76,6 +76,15 @@ def main() -> None:
     "(repeatable). Default: none; host paths are for the local socket's owner only.",
 )
 @click.option(
+    "--trusted-registry",
+    "trusted_registries",
+    multiple=True,
+    metavar="HOST[:PORT]",
+    help="A registry on this host (loopback, link-local or one of its own addresses) that API "
+    "tokens may pull images from (repeatable). Default: none; such registries are for the "
+    "local socket's owner only.",
+)
+@click.option(
     "--key-file",
     default=None,
     metavar="PATH",
@@ -174,6 +183,7 @@ def server(
     ports_listen: str | None,
     tcp_proxy_host: str,
     trusted_image_dirs: tuple[str, ...],
+    trusted_registries: tuple[str, ...],
     key_file: str | None,
     overcommit: str,
     reserve: float,
@@ -224,6 +234,7 @@ def server(
             ports_listen=ports_listen,
             tcp_proxy_host=tcp_proxy_host,
             trusted_image_dirs=trusted_image_dirs,
+            trusted_registries=trusted_registries,
             key_file=key_file,
             policy=HostPolicy(overcommit, reserve, extra_ca),
             max_json_body=max_json_body,

@@ -557,6 +557,14 @@ def _superseded(d: Path) -> bool:
     return d.name.startswith(".build-") and time.time() - d.stat().st_mtime > 3600
 
 
+def pulls_from(ref: str) -> str | None:
+    """The registry host (``host[:port]``) an image reference would be pulled from, or None for
+    the built-in images and host paths."""
+    if ref in DEFAULT_IMAGE_ALIASES or ref == "busybox" or host_path(ref) is not None:
+        return None
+    return registry_host(ref) if _REGISTRY_REF.fullmatch(ref) else None
+
+
 def is_registry_host(text: str) -> bool:
     """``text`` names a registry the way :func:`registry_host` spells one (``ghcr.io``,
     ``localhost:5000``, ``docker.io``), so that credentials for it can be matched to images."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import anyio
 from starlette.requests import Request
 from starlette.responses import Response
@@ -36,7 +38,10 @@ class SandboxHandlers(Handlers):
         req = await parse_body(request, CreateSandbox)
         if req.image:
             try:
-                image = self.config.image_trust.check(req.image, local=who.admin)
+                # off the event loop: a registry's name may be resolved
+                image = await anyio.to_thread.run_sync(
+                    functools.partial(self.config.image_trust.check, req.image, local=who.admin)
+                )
             except ImageRefused as exc:
                 raise ApiError(403, "forbidden", str(exc)) from None
             req = req.model_copy(update={"image": image})

@@ -188,6 +188,7 @@ class ServerOptions:
     ports_listen: str | None = None
     tcp_proxy_host: str = "127.0.0.1"
     trusted_image_dirs: tuple[str, ...] = ()
+    trusted_registries: tuple[str, ...] = ()
     key_file: str | None = None
     policy: HostPolicy = field(default_factory=HostPolicy)
     max_json_body: int = MAX_JSON_BODY
@@ -204,7 +205,7 @@ def build_config(
 ) -> ServerConfig:
     """The app's configuration; the engine is started here (a bad trusted image directory is
     refused before it)."""
-    image_trust = ImageTrust.from_dirs(options.trusted_image_dirs)
+    image_trust = ImageTrust.from_dirs(options.trusted_image_dirs, options.trusted_registries)
     secure_state_dir(state_dir())
     url = (
         options.database

@@ -28,6 +28,23 @@ def test_every_sdk_error_is_a_sandbox_error() -> None:
         assert issubclass(getattr(errors, name), errors.SandboxError), name
 
 
+def test_the_error_tree_is_koyebs_where_both_name_a_class() -> None:
+    """Code written against Koyeb's SDK catches the same errors here: a 5xx is a
+    SandboxServiceError, which ``except SandboxRequestError`` also catches (Koyeb's tree)."""
+    from koyeb.sandbox import errors as koyeb_errors
+
+    for name in errors.__all__:
+        ours, theirs = getattr(errors, name), getattr(koyeb_errors, name, None)
+        if not isinstance(theirs, type):
+            continue
+        for base in theirs.__mro__[1:]:
+            if base.__module__ == koyeb_errors.__name__:
+                assert issubclass(ours, getattr(errors, base.__name__)), (name, base.__name__)
+    failure = errors.SandboxServiceError("down", 503)
+    assert isinstance(failure, errors.SandboxRequestError) and failure.status_code == 503
+    assert errors.SandboxServiceError("unreachable").status_code is None
+
+
 def test_top_level_names() -> None:
     """``from sandlot import X`` for every name in ``sandlot.__all__``, lazily loaded."""
     import sandlot

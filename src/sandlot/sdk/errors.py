@@ -7,10 +7,10 @@ Hierarchy::
     ├── InvalidPortError (also ValueError)       a port that is not an int in 1..65535
     ├── SandboxTimeoutError                      readiness, a command or a request timed out
     ├── NoSandboxSecretError                     a handle without the sandbox secret (from list())
-    ├── SandboxRequestError                      the server or agent answered 4xx
+    ├── SandboxRequestError                      the server or agent answered 4xx or 5xx
     │   ├── SandboxNotFoundError                 ... 404: no such sandbox (or not yours)
-    │   └── SandboxFileTooLargeError             ... 413: a read passed its max_bytes
-    ├── SandboxServiceError                      5xx, or the server/agent cannot be reached
+    │   ├── SandboxFileTooLargeError             ... 413: a read passed its max_bytes
+    │   └── SandboxServiceError                  ... 5xx, or the server/agent cannot be reached
     ├── SandboxCommandError                      exec(..., raise_on_error=True) and code != 0
     ├── CommandCancelledError                    a CancelToken stopped exec / wait_ready
     └── UnsupportedFeatureError                  an option/method a later release completes
@@ -58,10 +58,13 @@ class NoSandboxSecretError(SandboxError):
 
 
 class SandboxRequestError(SandboxError):
-    """The server or the sandbox's agent rejected the request (HTTP 4xx)."""
+    """The server or the sandbox's agent rejected the request (HTTP 4xx), or failed
+    (:class:`SandboxServiceError`, a subclass, as in Koyeb's SDK: ``except
+    SandboxRequestError`` catches every failed request)."""
 
-    def __init__(self, message: str, status_code: int, body: Any = None) -> None:
+    def __init__(self, message: str, status_code: int | None, body: Any = None) -> None:
         super().__init__(message)
+        #: The HTTP status; None only for a :class:`SandboxServiceError` with no answer at all.
         self.status_code = status_code
         self.body = body
 
@@ -80,13 +83,12 @@ class SandboxFileTooLargeError(SandboxRequestError):
         self.limit = limit
 
 
-class SandboxServiceError(SandboxError):
-    """The server or the agent failed (HTTP 5xx) or could not be reached."""
+class SandboxServiceError(SandboxRequestError):
+    """The server or the agent failed (HTTP 5xx) or could not be reached (``status_code``
+    None)."""
 
     def __init__(self, message: str, status_code: int | None = None, body: Any = None) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.body = body
+        super().__init__(message, status_code, body)
 
 
 class SandboxCommandError(SandboxError):

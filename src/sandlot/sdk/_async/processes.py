@@ -12,7 +12,7 @@ from typing import Any
 from sandlot.sdk._async.base import SandboxBase
 from sandlot.sdk._async.exec_stream import AsyncExecStream
 from sandlot.sdk._limits import DEFAULT_EXEC_TIMEOUT
-from sandlot.sdk.errors import SandboxCommandError, SandboxRequestError
+from sandlot.sdk.errors import SandboxCommandError, SandboxRequestError, SandboxServiceError
 from sandlot.sdk.types import CancelToken, CommandResult, ProcessInfo
 
 
@@ -127,6 +127,8 @@ class ProcessesMixin(SandboxBase):
                 try:
                     await self.kill_process(process.id)
                     count += 1
+                except SandboxServiceError:
+                    raise  # a SandboxRequestError too (as Koyeb's), but not "finished"
                 except SandboxRequestError:
                     pass  # it finished meanwhile
         return count

@@ -13,7 +13,7 @@ from typing import Any
 from sandlot.sdk._limits import DEFAULT_EXEC_TIMEOUT
 from sandlot.sdk._sync.base import SandboxBase
 from sandlot.sdk._sync.exec_stream import ExecStream
-from sandlot.sdk.errors import SandboxCommandError, SandboxRequestError
+from sandlot.sdk.errors import SandboxCommandError, SandboxRequestError, SandboxServiceError
 from sandlot.sdk.types import CancelToken, CommandResult, ProcessInfo
 
 
@@ -128,6 +128,8 @@ class ProcessesMixin(SandboxBase):
                 try:
                     self.kill_process(process.id)
                     count += 1
+                except SandboxServiceError:
+                    raise  # a SandboxRequestError too (as Koyeb's), but not "finished"
                 except SandboxRequestError:
                     pass  # it finished meanwhile
         return count

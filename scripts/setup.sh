@@ -41,15 +41,27 @@ fi
 # (scripts/build-runsc.sh), and put on PATH for the local engine. SANDLOT_SKIP_RUNSC=1 skips it
 # (then gvisor sandboxes are refused with an error naming this script, and their tests skip).
 # A failed build does not stop the setup: crun stays the default runtime, and the gvisor one
-# says what is missing.
+# says what is missing. The build (CPU-bound, ~3 min on a fresh 2-core machine) runs in the
+# background while the venv and the default image (mostly downloads and dpkg) are made.
+builds=$(mktemp -d /tmp/sandlot-setup.XXXXXX)
+trap 'if [ -n "${runsc_build:-}" ]; then kill "$runsc_build" 2>/dev/null || true; fi; rm -rf "$builds"' EXIT
+runsc_build=
 if [ "${SANDLOT_SKIP_RUNSC:-0}" != 1 ]; then
-  if runsc=$(scripts/build-runsc.sh); then
-    ln -sfn "$runsc" /usr/local/bin/runsc
+  scripts/build-runsc.sh >"$builds/runsc.path" 2>"$builds/runsc.log" &
+  runsc_build=$!
+fi
+
+finish_runsc() {
+  [ -n "$runsc_build" ] || return 0
+  if wait "$runsc_build"; then
+    cat "$builds/runsc.log" >&2
+    ln -sfn "$(cat "$builds/runsc.path")" /usr/local/bin/runsc
   else
+    tail -n 30 "$builds/runsc.log" >&2
     echo "==> WARNING: runsc did not build; the gvisor runtime is unavailable (rerun" \
       "scripts/build-runsc.sh to see why)" >&2
   fi
-fi
+}
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
@@ -62,3 +74,5 @@ echo "==> installing sandlot into .venv"
 
 echo "==> building the default image (cached after the first run)"
 .venv/bin/python -m sandlot.images build
+
+finish_runsc

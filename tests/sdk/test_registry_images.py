@@ -4,6 +4,7 @@ a real server and real sandboxes. Traffic goes to loopback only."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from support.registry import free_port, need_tools, start_registry
 from support.server import RunningServer, start_server
 
 from sandlot import Sandbox, SandboxRequestError
+from sandlot.images.store import STORAGE_LAYOUT
 
 pytestmark = pytest.mark.root
 
@@ -264,3 +266,11 @@ def test_private_registry_with_registry_secret(
         ["grep", "-rl", "hunter2-registry", str(store)], capture_output=True, text=True
     )
     assert leaked.stdout == ""
+    # nor can a fast hash of a guess be checked against the directory names (they show in a
+    # sandbox's mount table): the name of the stored pull is not a fast digest of the password
+    for guess in ("hunter2-registry", "not-the-password"):
+        fast = "\n".join([STORAGE_LAYOUT, "registry-v1", image, private_registry.host])
+        fast += f"\nrobot\n{guess}"
+        tag = hashlib.sha256(fast.encode()).hexdigest()[:12]
+        assert not list(store.glob(f"registry-{tag}-*"))
+    assert list(store.glob("registry-*"))  # the pull is there, under another name

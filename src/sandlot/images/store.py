@@ -29,6 +29,7 @@ images are stored makes new directories beside the old ones, never changes those
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -92,6 +93,17 @@ def _recipe_digest(*parts: str) -> str:
 
 def _digest(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=64)
+def _credential_tag(auth: RegistryAuth) -> str:
+    """What an image pulled with ``auth`` is kept apart by, standing for the password. The
+    directory name holds 48 bits of a digest of its recipe and shows in a sandbox's mount table:
+    with a fast hash of the password in it, a weak password could be guessed offline from the
+    name. scrypt (~0.1 s here, remembered per credentials while the server runs) makes each guess
+    cost as much."""
+    salt = f"sandlot-registry-auth\n{auth.registry}\n{auth.username}".encode()
+    return hashlib.scrypt(auth.password.encode(), salt=salt, n=2**14, r=8, p=1).hex()
 
 
 def default_image_digest() -> str:
@@ -393,7 +405,7 @@ class ImageStore:
         _need("umoci", "pulling images from registries")
         key = ["registry-v1", ref]
         if auth is not None:
-            key += [auth.registry, auth.username, auth.password]
+            key += ["scrypt", auth.registry, auth.username, _credential_tag(auth)]
         base = f"registry-{_recipe_digest(*key)}"
         with self._lock(base):
             versions = sorted(

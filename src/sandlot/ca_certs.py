@@ -10,8 +10,10 @@ one (no API takes a host path), so no tenant can make the server read a host fil
 What the file may hold is checked here, once, at server start: at most :data:`MAX_BYTES` and
 :data:`MAX_CERTIFICATES`, only ``CERTIFICATE`` PEM blocks (a private key or anything else is
 refused, so an operator's mistake never hands a key to tenants), each one a parseable X.509
-certificate that is not marked as a non-CA (``CA:FALSE``). Sandboxes get the certificates
-re-encoded, not the file's bytes: no comment or stray text of the operator's file reaches them.
+certificate that is not marked as a non-CA (``CA:FALSE``) and has not expired (TLS clients
+refuse chains through an expired CA anyway: an operator learns it at start, not from tenants).
+Sandboxes get the certificates re-encoded, not the file's bytes: no comment or stray text of the
+operator's file reaches them.
 
 Where they land in a sandbox (see :mod:`sandlot.engines.local.ca_store`): appended to the
 image's own Debian-layout bundle, and alone in Debian's place for local CAs, with the
@@ -20,6 +22,7 @@ environment variables that tools which ignore the system store read (:func:`sand
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import stat
@@ -74,7 +77,13 @@ def parse(data: bytes) -> ExtraCA:
         ) from None
     if len(certificates) > MAX_CERTIFICATES:
         raise ExtraCAError(f"the extra CA file holds more than {MAX_CERTIFICATES} certificates")
+    now = datetime.datetime.now(datetime.UTC)
     for cert in certificates:
+        if cert.not_valid_after_utc < now:
+            raise ExtraCAError(
+                f"{cert.subject.rfc4514_string()} expired on "
+                f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: give a valid CA"
+            )
         try:
             constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         except x509.ExtensionNotFound:

@@ -58,8 +58,9 @@ def _cert(
     *,
     ca: bool,
     ip: str | None = None,
+    expired: bool = False,
 ) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
+    now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=3 if expired else 0)
     issuer_name, issuer_key = issuer or (subject, key)
     builder = (
         x509.CertificateBuilder()
@@ -138,6 +139,7 @@ def test_certificates_are_accepted_and_re_encoded(test_ca: CertAuthority) -> Non
         ("broken", "not valid"),
         ("huge", "larger than 1024 KiB"),
         ("many", "more than 256 certificates"),
+        ("expired", "sandlot old CA expired on 2"),
     ],
 )
 def test_bad_files_are_refused(test_ca: CertAuthority, content: str, reason: str) -> None:
@@ -149,6 +151,7 @@ def test_bad_files_are_refused(test_ca: CertAuthority, content: str, reason: str
         "broken": b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
         "huge": ca + b"#" * ca_certs.MAX_BYTES,
         "many": ca * (ca_certs.MAX_CERTIFICATES + 1),
+        "expired": ca + _pem(_cert("sandlot old CA", test_ca.key, None, ca=True, expired=True)),
     }[content]
     with pytest.raises(ExtraCAError, match=reason):
         ca_certs.parse(data)

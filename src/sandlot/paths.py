@@ -18,6 +18,9 @@ SANDBOX_RUN_DIR = "/.sandlot/run"
 #: gVisor sandboxes: where the agent makes its socket (runsc cannot hand it a host socket; the
 #: engine then links the socket file where the sandbox cannot reach it, see engines/local).
 SANDBOX_AGENT_SOCKET = f"{SANDBOX_RUN_DIR}/agent.sock"
+#: gVisor sandboxes: where the agent writes its pid, for the checkpoint hook to signal it
+#: (sandlot.agent.checkpoint).
+SANDBOX_AGENT_PID_FILE = f"{SANDBOX_RUN_DIR}/agent.pid"
 #: Pool mode: where the agent keeps the secret it was claimed with (across restarts).
 SANDBOX_CLAIM_FILE = f"{SANDBOX_RUN_DIR}/secret"
 #: Where the agent journals its background processes (a restarted agent still lists them).

@@ -25,6 +25,9 @@ Environment:
                          agent's own, which then never carries the commands' variables)
   SANDLOT_PROCESS_JOURNAL  file journalling background processes, so that a restarted agent
                          still lists them (see sandlot.agent.journal)
+  SANDLOT_AGENT_PID_FILE with unix:PATH, where the agent writes its pid: SIGUSR1 then closes
+                         its sockets for a gVisor checkpoint, SIGUSR2 listens again
+                         (see sandlot.agent.checkpoint)
 """
 
 
@@ -61,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sandlot.agent.app import DEFAULT_MAX_BODY, App
     from sandlot.agent.auth import Authenticator, ConfigError
+    from sandlot.agent.checkpoint import Parking
     from sandlot.agent.http11 import Listener
 
     try:
@@ -82,8 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a vanished client is an EPIPE, not a death
+    parking = Parking.from_env(dict(os.environ), listener)
     try:
-        listener.serve_forever(app.dispatch)
+        if parking is None:
+            listener.serve_forever(app.dispatch)
+        else:
+            parking.install()
+            parking.serve(app.dispatch)
     except _Stop:
         pass
     finally:

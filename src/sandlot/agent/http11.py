@@ -587,6 +587,9 @@ class Listener:
             )
         self.sock.listen(256)
         self.closed = False
+        #: The open client connections (see :meth:`park`).
+        self.clients: set[socket.socket] = set()
+        self._clients_lock = threading.Lock()
 
     def serve_forever(self, dispatch: Dispatch) -> None:
         while True:
@@ -598,12 +601,51 @@ class Listener:
                 continue
             if self.sock.family != socket.AF_UNIX:
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            thread = threading.Thread(target=serve_connection, args=(client, dispatch), daemon=True)
+            with self._clients_lock:
+                self.clients.add(client)
+            thread = threading.Thread(target=self._serve, args=(client, dispatch), daemon=True)
             try:
                 thread.start()
             except RuntimeError:  # "can't start new thread": the pids limit, most likely
+                self._forget(client)
                 client.close()
                 time.sleep(0.05)
+
+    def _serve(self, client: socket.socket, dispatch: Dispatch) -> None:
+        try:
+            serve_connection(client, dispatch)
+        finally:
+            self._forget(client)
+
+    def _forget(self, client: socket.socket) -> None:
+        with self._clients_lock:
+            self.clients.discard(client)
+
+    def park(self, grace: float = 2.0) -> None:
+        """Let go of every socket that leads out of the sandbox, for a gVisor checkpoint
+        (gVisor cannot save a socket bound on the host: see sandlot.agent.checkpoint). The
+        listening socket is closed, every client connection shut down and waited for (at most
+        ``grace`` seconds), and the socket file removed last: its absence says "done"."""
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        with self._clients_lock:
+            clients = list(self.clients)
+        for client in clients:
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + grace
+        while self.clients and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if self.unix_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.unix_path)
+
+    def unpark(self) -> None:
+        """Listen again after :meth:`park` (a restored or resumed checkpoint): a new socket at
+        the same path (the engine adopts it as it adopts a restarted agent's)."""
+        if self.unix_path is None:
+            raise ValueError("only a unix: listener can be parked and listen again")
+        self.sock = _bind_unix(self.unix_path)
 
     def close(self) -> None:
         if self.closed:

@@ -28,6 +28,7 @@ Layout, mounted at :data:`sandlot.paths.SANDBOX_RUNTIME_DIR`::
 
     bin/sandlot-init                 (pid 1: a busybox shell script, see the file beside this one)
     bin/busybox                      (static: runs sandlot-init)
+    bin/sandlot-checkpoint           (gVisor: runsc's save/restore hook, a busybox script)
     bin/sandlot-agent                (a link to python/bin/python3: the name ps shows)
     python/bin/python3               (patched interpreter, runs with -I)
     python/lib/ld-linux-x86-64.so.2  (loader) and the .so files
@@ -55,6 +56,8 @@ from sandlot.paths import SANDBOX_RUNTIME_DIR
 HOST_PYTHON = Path("/usr/bin/python3.11")
 HOST_BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
 INIT_SCRIPT = Path(__file__).with_name("sandlot-init")
+#: runsc's save/restore hook in gVisor sandboxes (see sandlot.agent.checkpoint).
+CHECKPOINT_SCRIPT = Path(__file__).with_name("sandlot-checkpoint")
 HOST_STDLIB = Path("/usr/lib/python3.11")
 PY_VERSION = "python3.11"
 #: The names of the sandbox's pid 1 and of its agent, as ``ps`` and ``pkill`` see them.
@@ -166,6 +169,7 @@ def runtime_digest() -> str:
         st = big.stat()
         h.update(f"{big}:{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(INIT_SCRIPT.read_bytes())
+    h.update(CHECKPOINT_SCRIPT.read_bytes())
     h.update(str(sorted(_STDLIB_EXCLUDE)).encode())
     h.update(Path(__file__).read_bytes())
     for f in _agent_files():
@@ -290,6 +294,8 @@ def build_runtime(root: Path, *, log: object = None) -> Path:
         shutil.copy2(HOST_BUSYBOX, tmp / "bin" / "busybox")
         shutil.copyfile(INIT_SCRIPT, tmp / "bin" / INIT_NAME)
         (tmp / "bin" / INIT_NAME).chmod(0o755)
+        shutil.copyfile(CHECKPOINT_SCRIPT, tmp / "bin" / CHECKPOINT_SCRIPT.name)
+        (tmp / "bin" / CHECKPOINT_SCRIPT.name).chmod(0o755)
         for path in (tmp, *tmp.rglob("*")):
             if path.is_dir() and not path.is_symlink():
                 path.chmod(0o755)
@@ -308,6 +314,13 @@ def build_runtime(root: Path, *, log: object = None) -> Path:
 #: The agent's own environment (its commands get theirs from a file, see the engine): the C
 #: locale is built into libc, so no locale file and no gconv module is ever opened.
 AGENT_ENV = {"LC_ALL": "C", "HOME": "/"}  # HOME given: crun reads no /etc/passwd for it
+
+
+def checkpoint_hook() -> str:
+    """runsc's ``--save-restore-exec-argv`` (split on spaces by runsc): the runtime's busybox
+    running ``sandlot-checkpoint``, both read-only in the sandbox."""
+    bin_dir = f"{SANDBOX_RUNTIME_DIR}/bin"
+    return f"{bin_dir}/busybox sh {bin_dir}/{CHECKPOINT_SCRIPT.name}"
 
 
 def agent_command(listen: str) -> list[str]:

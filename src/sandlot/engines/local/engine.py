@@ -56,6 +56,7 @@ from sandlot.engines.base import (
 )
 from sandlot.engines.local import (
     cgroups,
+    checkpoint,
     gvisor,
     hostlimits,
     idmap,
@@ -81,6 +82,7 @@ from sandlot.engines.local.uid_slots import SlotRegistry
 from sandlot.images.store import Image, ImageStore
 from sandlot.instance_types import get_instance_type
 from sandlot.paths import (
+    SANDBOX_AGENT_PID_FILE,
     SANDBOX_AGENT_SOCKET,
     SANDBOX_CLAIM_FILE,
     SANDBOX_ENV_FILE,
@@ -468,6 +470,7 @@ class LocalEngine:
         }
         if spec.runtime == "gvisor":
             env["SANDLOT_TUNNEL_FD"] = "0"  # see agent/tunnel.py
+            env["SANDLOT_AGENT_PID_FILE"] = SANDBOX_AGENT_PID_FILE  # see checkpoint.py
         if spec.pool:
             env["SANDBOX_AUTH_MODE"] = "pool"
             env["SANDBOX_SECRET_PATH"] = SANDBOX_CLAIM_FILE  # the claim is kept here
@@ -582,14 +585,7 @@ class LocalEngine:
                 gvisor.remove_stale_socket, made
             )  # else adopted before the new one
             try:
-                pid = await runtime.run_detached(
-                    directory.name,
-                    directory / "bundle",
-                    log_path,
-                    directory / "init.pid",
-                    None,
-                    log_fd,
-                )
+                pid = await self._restore_or_run(directory, runtime, log_path, log_fd)
             finally:
                 if log_fd is not None:
                     os.close(log_fd)
@@ -616,6 +612,32 @@ class LocalEngine:
             listener.close()  # the sandbox's agent holds it now
             if log_fd is not None:
                 os.close(log_fd)
+
+    async def _restore_or_run(
+        self, directory: Path, runtime: OciRuntime, log_path: Path, log_fd: int | None
+    ) -> int:
+        """A gVisor sandbox starts from its deep-sleep checkpoint if it has one (its processes
+        and memory back), else afresh; a checkpoint that does not restore is dropped and the
+        sandbox starts afresh (as a crun one wakes). Either way the image goes: it is stale as
+        soon as the sandbox runs again."""
+        image = checkpoint.image_dir(directory)
+        if log_fd is not None and checkpoint.has_image(image):
+            try:
+                return await checkpoint.restore(
+                    runtime,
+                    directory.name,
+                    image,
+                    directory / "bundle",
+                    directory / "init.pid",
+                    log_fd,
+                )
+            except EngineError:
+                await runtime.delete(directory.name)
+            finally:
+                await asyncio.to_thread(checkpoint.remove, image)
+        return await runtime.run_detached(
+            directory.name, directory / "bundle", log_path, directory / "init.pid", None, log_fd
+        )
 
     async def _connect(self, directory: Path, pid: int, meta: dict[str, Any]) -> None:
         """Outbound access per the sandbox's policy: the nftables egress table first, then the
@@ -663,17 +685,27 @@ class LocalEngine:
             else:
                 network.detach_pasta(directory / "pasta.pid")
 
-    async def stop(self, sandbox_id: str) -> None:
-        """Deep sleep: every process ends and its memory is released; the filesystem stays."""
+    async def stop(self, sandbox_id: str) -> str | None:
+        """Deep sleep: memory is released and the filesystem stays. A crun sandbox's processes
+        end; a running gVisor sandbox is checkpointed first (checkpoint.py), and ``start``
+        brings its processes back with their memory. Returns what was kept, if more."""
         directory = self._dir(sandbox_id)
         async with self._lock(sandbox_id):
             meta = self._read_meta(directory)
             if meta is None:
                 raise SandboxNotFound(f"no sandbox {sandbox_id}")
             runtime = self._runtime_of(meta)
+            note = None
+            state = await runtime.state(sandbox_id) if runtime.name == "runsc" else None
+            if state is not None and state.get("status") == "running" and meta.get("ready"):
+                usage = self.memory_usage(sandbox_id)
+                if usage is None:
+                    usage = get_instance_type(meta["instance_type"]).memory_bytes
+                note = await checkpoint.sleep(runtime, sandbox_id, directory, usage)
             await runtime.kill_all(sandbox_id, "KILL")
             await runtime.delete(sandbox_id)
             network.detach_pasta(directory / "pasta.pid")
+            return note
 
     async def start(self, sandbox_id: str) -> SandboxInfo:
         """Start a stopped sandbox again on its kept filesystem (its agent starts afresh)."""

@@ -139,9 +139,11 @@ class OciRuntime:
             ]
         return base
 
-    def _scrub(self, text: str) -> str:
+    def scrub(self, text: str) -> str:
         """Error text for clients: the host's state directory is none of their business."""
         return text.replace(str(self.root.parent.parent), "<state>")
+
+    _scrub = scrub
 
     async def _call(self, *args: str, check: bool = True) -> tuple[int, str, str]:
         result = await spawn(self.argv(*args))

@@ -1,0 +1,231 @@
+"""Checkpoint and restore of a gVisor sandbox: its memory and processes saved to a directory,
+and a sandbox started again from one (runsc ``checkpoint`` / ``restore``).
+
+Deep sleep of a gVisor sandbox uses these (engine.py: ``stop`` saves, ``start`` restores);
+snapshots and fork are meant to build on them. An image directory holds runsc's files
+(``checkpoint.img``: the kernel's state; ``pages.img`` and ``pages_meta.img``: the memory)
+and nothing else; it is made under a temporary name and renamed when complete, so a crash never
+leaves a half-written image that a restore would pick up. Directories 0700 and files 0600, all
+root's: only runsc's own command (root) reads them, never the sandbox's gofer (its uid).
+
+**The agent's socket.** gVisor cannot save a socket bound on the host ("Cannot save endpoint
+with bound host socket": the checkpoint fails and the sandbox is gone), and the agent's is one.
+runsc's save/restore hook runs ``sandlot-checkpoint`` inside the sandbox before the save (the
+agent closes its listener and connections and removes its socket file) and after the restore
+or a ``--leave-running`` save (it binds a new socket at the same path): see
+sandlot.agent.checkpoint. The caller adopts the new socket like a restarted agent's
+(gvisor.adopt_agent_socket: opened ``O_PATH|O_NOFOLLOW``, checked to be a socket).
+
+**What an image is bound to** (for a restore into another sandbox's directory, e.g. a fork):
+
+- the sandbox's memory, so the agent's secret (or its pool-mode claim) and its auth mode: a
+  restored copy answers to the original's secret until its agent is told otherwise;
+- the in-sandbox paths (the agent's socket, its pid file, ``/.sandlot/*``) and the OCI config's
+  mounts: the restoring bundle must have the same mounts at the same places. Its files are
+  reopened by path through the new bundle's gofer, so a copy needs its own disk (a copy of the
+  original's ``disk.img``, taken while the original is checkpointed, so files and memory agree);
+- gVisor's own network stack (``--network=none``: loopback only), saved in the image, so
+  listeners on 127.0.0.1 inside come back; no host network namespace is involved;
+- not the host side: the runsc id, the cgroup, the pid and the socket's bind mount are the
+  restoring sandbox's (its id and bundle); its uid range comes from its own config's uid maps,
+  and must be its own (the sandbox's files on the new disk are owned by that range).
+
+Measured on this 2-core host (bench: ``python -m bench --parts gvisor``): see docs/gvisor.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sandlot.engines.base import EngineError, InsufficientResources
+from sandlot.engines.local.oci_runtime import OciRuntime, OciRuntimeError, spawn
+from sandlot.runtime.closure import checkpoint_hook
+
+#: The directory name of a sandbox's deep-sleep image, in its host directory.
+IMAGE_NAME = "checkpoint"
+#: runsc's files in an image (``checkpoint.img`` is written last: it marks a whole image).
+STATE_FILE = "checkpoint.img"
+#: How long the in-sandbox hook may take (the agent closes its sockets in ~ms; its default,
+#: 10 min, would let a sandbox hold its deep sleep up that long).
+HOOK_TIMEOUT = "10s"
+#: Room kept free beyond the estimate: runsc's own state file and the filesystem's metadata.
+SPACE_MARGIN = 32 * 1024 * 1024
+
+
+class CheckpointError(EngineError):
+    """runsc could not checkpoint or restore the sandbox (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Saved:
+    """One checkpoint: where it is, how big, and how long it took."""
+
+    image: Path
+    bytes: int
+    seconds: float
+
+
+def image_dir(sandbox_dir: Path) -> Path:
+    return sandbox_dir / IMAGE_NAME
+
+
+def has_image(image: Path) -> bool:
+    """A complete image (its state file is written last, under a temporary directory name)."""
+    return (image / STATE_FILE).is_file()
+
+
+def needed_bytes(memory_bytes: int) -> int:
+    """What a checkpoint may write, from the sandbox's memory use (its cgroup's, sentry
+    included: an upper bound of the pages gVisor saves; uncompressed)."""
+    return memory_bytes + SPACE_MARGIN
+
+
+def ensure_room(image: Path, memory_bytes: int, sandbox_id: str) -> None:
+    """Refuse a checkpoint the disk under ``image`` cannot hold, before anything is written."""
+    st = os.statvfs(image.parent)
+    free = st.f_bavail * st.f_frsize
+    needed = needed_bytes(memory_bytes)
+    if needed > free:
+        mib = 1024 * 1024
+        raise InsufficientResources(
+            "disk",
+            f"cannot checkpoint sandbox {sandbox_id}: its memory needs about {needed // mib} MiB "
+            f"on the host's disk and {free // mib} MiB are free",
+        )
+
+
+def remove(image: Path) -> None:
+    """An image and its half-written sibling, gone (a delete, a restore done, a failure)."""
+    for path in (image, image.with_name(image.name + ".tmp")):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _size(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+
+
+def _first_line(text: str) -> str:
+    """runsc's error without the goroutine dump a failed save appends."""
+    line = text.strip().splitlines()[0] if text.strip() else "no output"
+    return line.split("\\ngoroutine")[0].split(":\ngoroutine")[0][:500]
+
+
+async def checkpoint(
+    runtime: OciRuntime,
+    sandbox_id: str,
+    image: Path,
+    *,
+    memory_bytes: int,
+    leave_running: bool = False,
+) -> Saved:
+    """Save the running sandbox's memory and processes to ``image`` (a new directory).
+
+    Without ``leave_running`` the sandbox is gone afterwards (runsc's container is stopped; the
+    caller deletes it); with it, it runs on and its agent listens again. Refused with
+    :class:`InsufficientResources` when the disk cannot hold ``memory_bytes`` (see
+    :func:`ensure_room`). On failure nothing of the image is left; the sandbox may be gone
+    too (runsc stops it when the save fails half way: seen), which the caller must check."""
+    if runtime.name != "runsc":
+        raise CheckpointError("only gvisor sandboxes can be checkpointed")
+    remove(image)
+    ensure_room(image, memory_bytes, sandbox_id)
+    tmp = image.with_name(image.name + ".tmp")
+    tmp.mkdir(mode=0o700)
+    args = [
+        "checkpoint",
+        "--image-path",
+        str(tmp),
+        "--save-restore-exec-argv",
+        checkpoint_hook(),
+        "--save-restore-exec-timeout",
+        HOOK_TIMEOUT,
+    ]
+    if leave_running:
+        args.append("--leave-running")
+    started = time.perf_counter()
+    try:
+        result = await spawn(runtime.argv(*args, sandbox_id))
+        if result.returncode != 0:
+            err = _first_line(result.stderr.decode(errors="replace"))
+            if "no space left" in err.lower():
+                raise InsufficientResources(
+                    "disk", f"cannot checkpoint sandbox {sandbox_id}: the host's disk is full"
+                )
+            raise CheckpointError(runtime.scrub(f"cannot checkpoint sandbox {sandbox_id}: {err}"))
+        for f in tmp.iterdir():
+            f.chmod(0o600)
+        tmp.rename(image)
+    except BaseException:
+        remove(image)
+        raise
+    return Saved(image, _size(image), time.perf_counter() - started)
+
+
+async def restore(
+    runtime: OciRuntime,
+    sandbox_id: str,
+    image: Path,
+    bundle: Path,
+    pid_file: Path,
+    log_fd: int,
+) -> int:
+    """Start sandbox ``sandbox_id`` from ``bundle`` with the memory and processes saved in
+    ``image``; return its init's host pid. ``sandbox_id`` and ``bundle`` may be another
+    sandbox's than the one saved (see the module's notes on what an image is bound to). The
+    sandbox's stdout and stderr go to ``log_fd``. The image is left in place: the caller
+    removes it once the restored sandbox answers (a restored image is stale at once: its files
+    move on)."""
+    if not has_image(image):
+        raise CheckpointError(f"sandbox {sandbox_id} has no checkpoint to restore")
+    argv = runtime.argv(
+        "restore",
+        "--detach",
+        "--image-path",
+        str(image),
+        "--bundle",
+        str(bundle),
+        "--pid-file",
+        str(pid_file),
+        sandbox_id,
+    )
+    with contextlib.suppress(FileNotFoundError):
+        pid_file.unlink()
+    result = await spawn(argv, stdout=log_fd, stderr=log_fd)
+    if result.returncode != 0:  # runsc wrote why to the sandbox's log (its stderr)
+        raise CheckpointError(
+            f"cannot restore sandbox {sandbox_id} from its checkpoint "
+            f"(runsc exited with status {result.returncode})"
+        )
+    try:
+        return int(pid_file.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise OciRuntimeError(f"runsc restored sandbox {sandbox_id} without a pid") from exc
+
+
+# -- deep sleep that keeps memory (what the engine's stop and start call for gVisor) ---------
+
+
+async def sleep(runtime: OciRuntime, sandbox_id: str, sandbox_dir: Path, memory_bytes: int) -> str:
+    """Deep sleep of a running gVisor sandbox: checkpoint it into its own directory, then let
+    runsc's container go (its memory is freed). Returns what the sleep kept, for the sandbox's
+    events. A checkpoint that cannot be made (the disk cannot hold it, the sandbox's agent did
+    not let go of its socket in time) is not fatal: the sandbox is stopped as a crun one is
+    (processes lost, files kept), and the reason is returned."""
+    try:
+        saved = await checkpoint(
+            runtime, sandbox_id, image_dir(sandbox_dir), memory_bytes=memory_bytes
+        )
+        note = (
+            f"processes and memory kept on disk ({saved.bytes // (1024 * 1024)} MiB "
+            f"written in {saved.seconds * 1000:.0f} ms), memory released"
+        )
+    except EngineError as exc:
+        note = f"processes stopped, memory released, filesystem kept (memory not kept: {exc})"
+    await runtime.kill_all(sandbox_id, "KILL")
+    await runtime.delete(sandbox_id)
+    return note

@@ -149,8 +149,11 @@ class Engine(Protocol):
         """Change a sandbox's egress policy, live."""
         ...
 
-    async def stop(self, sandbox_id: str) -> None:
-        """Deep sleep: end every process and release its memory; keep the filesystem."""
+    async def stop(self, sandbox_id: str) -> str | None:
+        """Deep sleep: release the sandbox's memory and keep its filesystem. Its processes end,
+        unless the engine can save them with their memory (the local engine's gVisor
+        sandboxes: ``start`` brings them back); it then says what it kept (for the sandbox's
+        events), else None."""
         ...
 
     async def start(self, sandbox_id: str) -> SandboxInfo:

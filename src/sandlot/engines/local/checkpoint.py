@@ -35,6 +35,7 @@ Measured on this 2-core host (bench: ``python -m bench --parts gvisor``): see do
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -53,8 +54,13 @@ STATE_FILE = "checkpoint.img"
 #: How long the in-sandbox hook may take (the agent closes its sockets in ~ms; its default,
 #: 10 min, would let a sandbox hold its deep sleep up that long).
 HOOK_TIMEOUT = "10s"
+_HOOK_SECONDS = 10.0
+_HOOK_MODE_ENV = "GVISOR_SAVE_RESTORE_AUTO_EXEC_MODE"
 #: Room kept free beyond the estimate: runsc's own state file and the filesystem's metadata.
 SPACE_MARGIN = 32 * 1024 * 1024
+
+
+_HOOK_ALREADY_SET = b"save/restore binary is already set"
 
 
 class CheckpointError(EngineError):
@@ -115,6 +121,23 @@ def _first_line(text: str) -> str:
     return line.split("\\ngoroutine")[0].split(":\ngoroutine")[0][:500]
 
 
+async def _run_save_hook(runtime: OciRuntime, sandbox_id: str) -> None:
+    """The save half of the hook, as runsc runs it (its mode in the same variable)."""
+    argv = runtime.argv(
+        "exec", "--env", f"{_HOOK_MODE_ENV}=save", sandbox_id, *checkpoint_hook().split(" ")
+    )
+    try:
+        result = await asyncio.wait_for(spawn(argv), _HOOK_SECONDS)
+    except TimeoutError:
+        raise CheckpointError(
+            f"cannot checkpoint sandbox {sandbox_id}: its agent did not close its sockets"
+        ) from None
+    if result.returncode != 0:
+        raise CheckpointError(
+            f"cannot checkpoint sandbox {sandbox_id}: its agent did not close its sockets"
+        )
+
+
 async def checkpoint(
     runtime: OciRuntime,
     sandbox_id: str,
@@ -136,20 +159,22 @@ async def checkpoint(
     ensure_room(image, memory_bytes, sandbox_id)
     tmp = image.with_name(image.name + ".tmp")
     tmp.mkdir(mode=0o700)
-    args = [
-        "checkpoint",
-        "--image-path",
-        str(tmp),
-        "--save-restore-exec-argv",
-        checkpoint_hook(),
-        "--save-restore-exec-timeout",
-        HOOK_TIMEOUT,
-    ]
+    args = ["checkpoint", "--image-path", str(tmp)]
     if leave_running:
         args.append("--leave-running")
+    hook = ["--save-restore-exec-argv", checkpoint_hook()]
+    hook += ["--save-restore-exec-timeout", HOOK_TIMEOUT]
     started = time.perf_counter()
     try:
-        result = await spawn(runtime.argv(*args, sandbox_id))
+        result = await spawn(runtime.argv(*args, *hook, sandbox_id))
+        if result.returncode != 0 and _HOOK_ALREADY_SET in result.stderr:
+            # The kernel keeps the hook it was first given (a restored one: in its image) and
+            # runs it after a restore, but before a save only when given it again, which it
+            # refuses: the save half is run here, then the save without it.
+            shutil.rmtree(tmp)
+            tmp.mkdir(mode=0o700)
+            await _run_save_hook(runtime, sandbox_id)
+            result = await spawn(runtime.argv(*args, sandbox_id))
         if result.returncode != 0:
             err = _first_line(result.stderr.decode(errors="replace"))
             if "no space left" in err.lower():

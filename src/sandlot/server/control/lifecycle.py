@@ -216,7 +216,7 @@ class Lifecycle:
                 if row.status == SandboxStatus.SLEEPING:  # light -> deep: thaw so the kill can land
                     with contextlib.suppress(EngineError):
                         await engine.resume(sandbox_id)
-                await engine.stop(sandbox_id)
+                kept = await engine.stop(sandbox_id)
                 self.control.agents.evict(sandbox_id)
             slept_at = row.slept_at if row.status == SandboxStatus.SLEEPING else utcnow()
             await self.control.db(
@@ -227,11 +227,10 @@ class Lifecycle:
                 slept_at=slept_at,
                 last_activity_at=self._last_activity.get(sandbox_id, row.last_activity_at),
             )
-            detail = (
-                "processes frozen, memory kept"
-                if kind == "light"
-                else ("processes stopped, memory released, filesystem kept")
-            )
+            if kind == "light":
+                detail = "processes frozen, memory kept"
+            else:
+                detail = kept or "processes stopped, memory released, filesystem kept"
             self._mark(sandbox_id, sleeping=(kind, row.region))
             await self.control.event(sandbox_id, f"slept ({kind})", detail)
             return True

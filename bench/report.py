@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 ANALYSIS = Path(__file__).with_name("analysis.md")
-BACKENDS = ("sandlot", "crun", "podman", "docker")
+BACKENDS = ("sandlot", "gvisor", "crun", "podman", "docker")
 COLORS = {
     "sandlot": "#2a7ab9",
+    "gvisor": "#d35400",
     "sandlot (agent)": "#7fb3dd",
     "sandlot (warm pool)": "#7fb3dd",
     "crun": "#555555",

@@ -50,10 +50,14 @@ class BenchServer:
         profile_to: Path | None = None,
         engine_factory: str = "bench.server:engine",
         pools: tuple[str, ...] = (),
+        searchable: bool = False,
     ) -> None:
         """``profile_to``: a server that profiles itself between :meth:`profile_start` and
-        :meth:`profile_stop`, which writes the cProfile stats there."""
+        :meth:`profile_stop`, which writes the cProfile stats there. ``searchable``: its
+        directory 0711, as gVisor sandboxes need (runsc's gofer reaches their files as their
+        own uid)."""
         self.profile_to = profile_to
+        self.searchable = searchable
         self.pools = pools
         self.engine_factory = "bench.server:engine_profiled" if profile_to else engine_factory
         self.tmp: Path | None = None
@@ -79,6 +83,8 @@ class BenchServer:
     def __enter__(self) -> BenchServer:
         # Short path: agent sockets live below it and Unix socket paths are limited to 107 bytes.
         self.tmp = make_tmp("slb-")
+        if self.searchable:
+            self.tmp.chmod(0o711)
         try:
             self._start()
         except BaseException:

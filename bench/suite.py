@@ -55,6 +55,9 @@ class Sizes:
     profile_creates: int  # 0: no profile
     profile_execs: int
     memory_move: int  # bytes moved through each case of the peak-RSS figures
+    #: gVisor's checkpoint/restore: memory written by a process, and rounds per size.
+    checkpoint_sizes: dict[str, int] = field(default_factory=dict)
+    checkpoint_rounds: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -85,6 +88,8 @@ MODES: dict[str, Sizes] = {
         profile_creates=10,
         profile_execs=300,
         memory_move=1024 * MiB,
+        checkpoint_sizes={"10MB": 10 * MiB, "100MB": 100 * MiB, "1GB": 1024 * MiB},
+        checkpoint_rounds=5,
     ),
     "quick": Sizes(
         tti_n=5,
@@ -111,6 +116,8 @@ MODES: dict[str, Sizes] = {
         profile_creates=0,
         profile_execs=0,
         memory_move=256 * MiB,
+        checkpoint_sizes={"10MB": 10 * MiB, "100MB": 100 * MiB},
+        checkpoint_rounds=3,
     ),
     # For the CI test: every code path, the smallest samples.
     "tiny": Sizes(
@@ -138,6 +145,8 @@ MODES: dict[str, Sizes] = {
         profile_creates=0,
         profile_execs=0,
         memory_move=16 * MiB,
+        checkpoint_sizes={"10MB": 10 * MiB},
+        checkpoint_rounds=1,
     ),
 }
 
@@ -199,6 +208,16 @@ FIGURES: dict[str, dict[str, str]] = {
         "better": "lower",
         "what": "deep sleep -> answering the next request",
     },
+    "checkpoint_ms": {
+        "unit": "ms",
+        "better": "lower",
+        "what": "gVisor sandbox: runsc checkpoint to disk, by the memory its process wrote",
+    },
+    "restore_ms": {
+        "unit": "ms",
+        "better": "lower",
+        "what": "gVisor sandbox: restore from that checkpoint -> its agent answers",
+    },
     "create_delete_per_s": {
         "unit": "cycles/s",
         "better": "higher",
@@ -217,7 +236,12 @@ FIGURES: dict[str, dict[str, str]] = {
     },
 }
 #: Figures measured by a part of their own (``--parts``), not by the backend they are filed under.
-FIGURE_PARTS = {"sdk_peak_rss_mib": "memory", "server_peak_rss_mib": "memory"}
+FIGURE_PARTS = {
+    "sdk_peak_rss_mib": "memory",
+    "server_peak_rss_mib": "memory",
+    "checkpoint_ms": "gvisor",
+    "restore_ms": "gvisor",
+}
 ALTERNATIVES = ("crun", "podman", "docker")
 
 
@@ -541,6 +565,86 @@ def run_alternative(run: Run, name: str, enabled: bool, why_off: str) -> None:
         backend.__exit__(None, None, None)
 
 
+def run_gvisor(run: Run) -> None:
+    """The gVisor column (sandlot's sandboxes with ``runtime="gvisor"``, through the same
+    server and SDK as the sandlot column) and gVisor's own figures: checkpoint and restore by
+    memory written (engine level, bench/gvisor_checkpoint.py), deep wake with memory kept."""
+    import shutil
+
+    from bench.sandlot_workloads import SandlotBench
+    from bench.server import BenchServer
+
+    s = run.sizes
+    ours = [
+        ("tti_cold_ms", ("-",)),
+        ("exec_rtt_ms", ("-",)),
+        ("exec_rtt_agent_ms", ("-",)),
+        ("stream_latency_ms", ("-",)),
+        ("idle_sandbox_mib", ("-",)),
+        ("deep_wake_ms", ("-",)),
+    ]
+    sized = tuple(s.checkpoint_sizes)
+    if shutil.which("runsc") is None:
+        why = "runsc is not installed (scripts/setup.sh builds it)"
+        for figure, cases in ours:
+            run.skip_figure(figure, why, ("gvisor",), cases)
+        for figure in ("checkpoint_ms", "restore_ms"):
+            run.skip_figure(figure, why, ("sandlot",), sized)
+        return
+    with BenchServer(searchable=True) as srv:
+        sb = SandlotBench(srv, run.log, runtime="gvisor")
+        run.attempt("warm-up", "gvisor", [], lambda: sb.create().delete())
+        run.attempt(
+            "tti_cold_ms",
+            "gvisor",
+            ours[:1],
+            lambda: run.put("tti_cold_ms", "gvisor", sb.tti_cold(s.tti_n_alt)),
+        )
+
+        def rtt() -> None:
+            via_server, agent = sb.exec_rtt(s.exec_n_alt)
+            run.put("exec_rtt_ms", "gvisor", via_server)
+            run.put("exec_rtt_agent_ms", "gvisor", agent)
+
+        run.attempt("exec_rtt_ms", "gvisor", ours[1:3], rtt)
+        run.attempt(
+            "stream_latency_ms",
+            "gvisor",
+            ours[3:4],
+            lambda: run.put("stream_latency_ms", "gvisor", sb.stream_latency(s.stream_lines)),
+        )
+        run.attempt(
+            "idle_sandbox_mib",
+            "gvisor",
+            ours[4:5],
+            lambda: run.put(
+                "idle_sandbox_mib", "gvisor", sb.idle_memory(s.idle_count_alt, s.idle_settle_s)
+            ),
+        )
+        run.attempt(
+            "deep_wake_ms",
+            "gvisor",
+            ours[5:6],
+            lambda: run.put("deep_wake_ms", "gvisor", sb.wake(s.wake_n, light=False)),
+        )
+
+    def checkpoints() -> None:
+        from bench import gvisor_checkpoint
+
+        saves, restores = gvisor_checkpoint.measure(
+            s.checkpoint_sizes, s.checkpoint_rounds, run.log
+        )
+        run.put_cases("checkpoint_ms", "sandlot", saves)
+        run.put_cases("restore_ms", "sandlot", restores)
+
+    run.attempt(
+        "checkpoint/restore by memory",
+        "sandlot",
+        [("checkpoint_ms", sized), ("restore_ms", sized)],
+        checkpoints,
+    )
+
+
 def run_memory(run: Run) -> None:
     from bench import memory
 
@@ -663,7 +767,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-PARTS = ("sandlot", *ALTERNATIVES, "stages", "memory")
+PARTS = ("sandlot", "gvisor", *ALTERNATIVES, "stages", "memory")
 
 
 def _merge(old: dict[str, Any], new: dict[str, Any], parts: list[str]) -> dict[str, Any]:
@@ -744,6 +848,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "sandlot" in parts:
             run_sandlot(run)
+        if "gvisor" in parts:
+            run_gvisor(run)
         for alt in ALTERNATIVES:
             if alt not in parts:
                 continue

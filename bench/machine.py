@@ -80,9 +80,14 @@ def describe() -> dict[str, Any]:
     }
 
 
+def make_tmp_parent() -> Path:
+    """Where :func:`make_tmp` makes its directories: ``$SANDLOT_BENCH_TMP`` (default ``/tmp``)."""
+    return Path(os.environ.get("SANDLOT_BENCH_TMP", "/tmp"))
+
+
 def make_tmp(prefix: str) -> Path:
-    """A temporary directory for the bench, under ``$SANDLOT_BENCH_TMP`` (default ``/tmp``):
-    short, because agent sockets live below it and Unix socket paths are limited to 107 bytes."""
+    """A temporary directory for the bench, under :func:`make_tmp_parent`: short, because
+    agent sockets live below it and Unix socket paths are limited to 107 bytes."""
     import tempfile
 
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("SANDLOT_BENCH_TMP", "/tmp")))
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=make_tmp_parent()))

@@ -571,8 +571,8 @@ def run_gvisor(run: Run) -> None:
     memory written (engine level, bench/gvisor_checkpoint.py), deep wake with memory kept."""
     import shutil
 
-    from bench.sandlot_workloads import SandlotBench
-    from bench.server import BenchServer
+    from bench.machine import make_tmp_parent
+    from sandlot.engines.local.gvisor import searchable_by_all
 
     s = run.sizes
     ours = [
@@ -584,13 +584,46 @@ def run_gvisor(run: Run) -> None:
         ("deep_wake_ms", ("-",)),
     ]
     sized = tuple(s.checkpoint_sizes)
+    why = None
     if shutil.which("runsc") is None:
         why = "runsc is not installed (scripts/setup.sh builds it)"
+    elif not searchable_by_all(make_tmp_parent()):
+        why = "gVisor needs SANDLOT_BENCH_TMP searchable by all (chmod o+x)"
+    if why is not None:
         for figure, cases in ours:
             run.skip_figure(figure, why, ("gvisor",), cases)
         for figure in ("checkpoint_ms", "restore_ms"):
             run.skip_figure(figure, why, ("sandlot",), sized)
         return
+    if run.mode == "tiny":  # the bench's own test: the engine-level figures only (~70 s less)
+        for figure, cases in ours:
+            run.skip_figure(figure, "tiny run: python -m bench --parts gvisor", ("gvisor",), cases)
+    else:
+        _gvisor_column(run, ours)
+
+    def checkpoints() -> None:
+        from bench import gvisor_checkpoint
+
+        saves, restores = gvisor_checkpoint.measure(
+            s.checkpoint_sizes, s.checkpoint_rounds, run.log
+        )
+        run.put_cases("checkpoint_ms", "sandlot", saves)
+        run.put_cases("restore_ms", "sandlot", restores)
+
+    run.attempt(
+        "checkpoint/restore by memory",
+        "sandlot",
+        [("checkpoint_ms", sized), ("restore_ms", sized)],
+        checkpoints,
+    )
+
+
+def _gvisor_column(run: Run, ours: list[tuple[str, tuple[str, ...]]]) -> None:
+    """The gVisor column: the sandlot column's workloads with ``runtime="gvisor"``."""
+    from bench.sandlot_workloads import SandlotBench
+    from bench.server import BenchServer
+
+    s = run.sizes
     with BenchServer(searchable=True) as srv:
         sb = SandlotBench(srv, run.log, runtime="gvisor")
         run.attempt("warm-up", "gvisor", [], lambda: sb.create().delete())
@@ -627,22 +660,6 @@ def run_gvisor(run: Run) -> None:
             ours[5:6],
             lambda: run.put("deep_wake_ms", "gvisor", sb.wake(s.wake_n, light=False)),
         )
-
-    def checkpoints() -> None:
-        from bench import gvisor_checkpoint
-
-        saves, restores = gvisor_checkpoint.measure(
-            s.checkpoint_sizes, s.checkpoint_rounds, run.log
-        )
-        run.put_cases("checkpoint_ms", "sandlot", saves)
-        run.put_cases("restore_ms", "sandlot", restores)
-
-    run.attempt(
-        "checkpoint/restore by memory",
-        "sandlot",
-        [("checkpoint_ms", sized), ("restore_ms", sized)],
-        checkpoints,
-    )
 
 
 def run_memory(run: Run) -> None:

@@ -53,6 +53,7 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     # The bench's own temporary directories go here (short: agent sockets live below it), so
     # what it leaves behind can be told apart from another bench running at the same time.
     bench_tmp = Path(tempfile.mkdtemp(prefix="slbt-", dir="/tmp"))
+    bench_tmp.chmod(0o711)  # gVisor sandboxes: runsc's gofer searches it as the sandbox's uid
     try:
         proc = subprocess.run(
             [

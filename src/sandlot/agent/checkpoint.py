@@ -44,7 +44,9 @@ class Parking:
         self.listener = listener
         self.pid_file = pid_file
         self._want_parked = False
-        self._busy = False  # parking or binding: a signal then only records what is wanted
+        #: Only while waiting (accepting, or parked): a signal then breaks the wait. Anywhere
+        #: else it only records what is wanted, which the loop looks at next.
+        self._interruptible = False
 
     @classmethod
     def from_env(cls, environ: dict[str, str], listener: Listener) -> Parking | None:
@@ -69,7 +71,8 @@ class Parking:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._want_parked = signum == PARK_SIGNAL
-        if not self._busy:
+        if self._interruptible:
+            self._interruptible = False
             raise _Switch
 
     def serve(self, dispatch: Dispatch) -> None:
@@ -77,22 +80,24 @@ class Parking:
         parked = False
         while True:
             try:
-                self._busy = True
-                try:
-                    if self._want_parked and not parked:
-                        self.listener.park()
-                        parked = True
-                    elif not self._want_parked and parked:
-                        self.listener.unpark()
-                        parked = False
-                finally:
-                    self._busy = False
-                if parked or self._want_parked != parked:
-                    time.sleep(0.1)  # a signal ends it at once; a change missed above: next turn
-                else:
-                    self.listener.serve_forever(dispatch)
-            except _Switch:
-                continue
+                if self._want_parked and not parked:
+                    self.listener.park()
+                    parked = True
+                elif not self._want_parked and parked:
+                    self.listener.unpark()
+                    parked = False
             except (OSError, ValueError) as exc:  # the socket path taken by the sandbox, say
                 sys.stderr.write(f"sandlot-agent: cannot listen again: {exc}\n")
                 time.sleep(0.5)
+                continue
+            try:
+                self._interruptible = True
+                if self._want_parked != parked:
+                    pass  # a signal came during the change above: look again
+                elif parked:
+                    time.sleep(1.0)
+                else:
+                    self.listener.serve_forever(dispatch)
+                self._interruptible = False  # last: a signal before it still lands in here
+            except _Switch:
+                pass

@@ -754,11 +754,14 @@ class LocalEngine:
             return SandboxInfo(sandbox_id, SandboxState.CREATING, address)
         state = await self._runtime_of(meta).state(sandbox_id)
         if state is None:
+            saved = checkpoint.has_image(checkpoint.image_dir(directory))
             return SandboxInfo(
                 sandbox_id,
                 SandboxState.STOPPED,
                 address,
-                detail="the runtime has no record of it (host restarted?)",
+                detail="checkpointed: its processes and memory are on disk"
+                if saved
+                else "the runtime has no record of it (host restarted?)",
             )
         status = state.get("status")
         if status == "running" and cgroups.is_frozen(self.layout, sandbox_id):

@@ -30,6 +30,14 @@ sandlot.agent.checkpoint. The caller adopts the new socket like a restarted agen
   restoring sandbox's (its id and bundle); its uid range comes from its own config's uid maps,
   and must be its own (the sandbox's files on the new disk are owned by that range).
 
+Tried here (a sandbox's image restored under another sandbox's id and bundle): runsc first
+refuses the other uid maps ("UIDMappings does not match across checkpoint restore"), which
+``restore(..., another_sandbox=True)`` turns into a warning; it then fails on the files:
+"failed to walk "processes" ... in mount /.sandlot/run: no such file or directory": the
+restored kernel re-walks every file it had open, so the restoring sandbox needs a copy of the
+original's disk with the same files, shifted to its own uid range. That copy is what a fork
+must make; not done here.
+
 Measured on this 2-core host (bench: ``python -m bench --parts gvisor``): see docs/gvisor.md.
 """
 
@@ -206,16 +214,24 @@ async def restore(
     bundle: Path,
     pid_file: Path,
     log_fd: int,
+    *,
+    another_sandbox: bool = False,
 ) -> int:
     """Start sandbox ``sandbox_id`` from ``bundle`` with the memory and processes saved in
-    ``image``; return its init's host pid. ``sandbox_id`` and ``bundle`` may be another
-    sandbox's than the one saved (see the module's notes on what an image is bound to). The
-    sandbox's stdout and stderr go to ``log_fd``. The image is left in place: the caller
-    removes it once the restored sandbox answers (a restored image is stale at once: its files
-    move on)."""
+    ``image``; return its init's host pid. The sandbox's stdout and stderr go to ``log_fd``.
+    The image is left in place: the caller removes it once the restored sandbox answers (a
+    restored image is stale at once: its files move on).
+
+    ``another_sandbox``: ``sandbox_id`` and ``bundle`` are not the saved sandbox's (a fork).
+    runsc checks the restoring config against the saved one and refuses different uid maps
+    ("UIDMappings does not match across checkpoint restore"), which every other sandbox has
+    (its own uid range): that check is then made a warning (``--restore-spec-validation``).
+    See the module's notes on what an image is bound to."""
     if not has_image(image):
         raise CheckpointError(f"sandbox {sandbox_id} has no checkpoint to restore")
+    relaxed = ("--restore-spec-validation=warning",) if another_sandbox else ()
     argv = runtime.argv(
+        *relaxed,
         "restore",
         "--detach",
         *RESTORE_FLAGS,

@@ -9,6 +9,7 @@ the alternatives run containers). Modules:
 - :mod:`bench.server`   -- a private sandlot server (own state dir and socket, host's images)
 - :mod:`bench.sandlot_workloads` -- every figure, measured through the SDK (and the agent socket)
 - :mod:`bench.alternatives` -- the same workloads for raw crun (the floor), podman and docker
+- :mod:`bench.gvisor_checkpoint` -- gVisor checkpoint/restore times by the memory written
 - :mod:`bench.stages`   -- where the time goes: engine stage timers and cProfile of the server
 - :mod:`bench.report`   -- JSON -> docs/benchmarks.md tables and docs/img/*.png plots
 - :mod:`bench.suite`    -- the run itself (sizes per mode, order, cleanup)

@@ -5,6 +5,7 @@ agent's when it wakes. Real runsc sandboxes; skipped without runsc."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import tempfile
@@ -12,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from support.local import create_sandbox, local_engine_unavailable
 
@@ -56,7 +58,19 @@ async def test_a_sandbox_that_stops_its_agent_still_sleeps_and_frees_its_memory(
     image, say why, and wake it afresh."""
     sb = await create_sandbox(engine, runtime="gvisor")
     try:
-        await sb.sh("sleep 600 >/dev/null 2>&1 & kill -STOP $(cat /.sandlot/run/agent.pid) &")
+        stop_agent = (
+            "sleep 600 >/dev/null 2>&1 & sleep 0.2; kill -STOP $(cat /.sandlot/run/agent.pid)"
+        )
+        # Its answer may never come (the agent stops): not awaited; the agent going silent is.
+        request = asyncio.create_task(sb.client.post("/start_process", json={"cmd": stop_agent}))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                await asyncio.wait_for(sb.client.get("/health"), 1.0)
+            except (TimeoutError, httpx.TransportError):
+                break
+            await asyncio.sleep(0.05)
+        request.cancel()
         started = time.monotonic()
         note = await engine.stop(sb.id)
         assert time.monotonic() - started < 30

@@ -66,6 +66,7 @@ async def test_deep_sleep_keeps_a_counting_process_and_its_memory(
         image = checkpoint.image_dir(engine.sandboxes_dir / sb.id)
         assert checkpoint.has_image(image)
         assert (await engine.inspect(sb.id)).state is SandboxState.STOPPED
+        assert engine.memory_usage(sb.id) is None  # its cgroup is gone: its memory is freed
         await engine.start(sb.id)
         assert not image.exists(), "a restored image is stale: it goes"
         sb = await _reconnect(engine, sb)  # the same secret: the agent kept it in memory

@@ -7,6 +7,7 @@ anything is written when the disk cannot hold it. Real runsc sandboxes; skipped 
 from __future__ import annotations
 
 import asyncio
+import re
 import stat
 import time
 from pathlib import Path
@@ -147,3 +148,40 @@ async def test_leave_running_checkpoints_and_the_agent_listens_again(
     await _wait_count(sb, (await _count(sb))[-1])
     checkpoint.remove(image)
     await sb.aclose()
+
+
+async def test_deep_sleep_on_a_disk_that_cannot_hold_the_memory_stops_it_cold_and_says_why(
+    engine_state: Path,  # noqa: F811
+) -> None:
+    """The state directory on a small disk, nearly full: deep sleep refuses the checkpoint
+    before writing, stops the sandbox as crun does (memory freed, files kept) and says why."""
+    import os
+    import subprocess
+
+    with loop_filesystem(engine_state, 3072) as disk:
+        disk.chmod(0o711)
+        small = LocalEngine(disk / "state", images=default_store())
+        sb: SandboxHandle | None = None
+        try:
+            from support.local import create_sandbox
+
+            sb = await create_sandbox(small, runtime="gvisor")
+            await sb.sh("echo kept > /root/f")
+            st = os.statvfs(disk)
+            ballast = st.f_bavail * st.f_frsize - 8 * 1024 * 1024  # 8 MiB left
+            subprocess.run(["fallocate", "-l", str(ballast), str(disk / "ballast")], check=True)
+            note = await small.stop(sb.id)
+            assert note is not None and "memory not kept" in note, note
+            assert re.search(r"needs about \d+ MiB on the host's disk and \d+ MiB are free", note)
+            assert str(disk) not in note
+            assert not checkpoint.image_dir(small.sandboxes_dir / sb.id).exists()
+            assert small.memory_usage(sb.id) is None
+            (disk / "ballast").unlink()
+            await small.start(sb.id)
+            await sb.wait_healthy(timeout=30)
+            assert (await sb.sh("cat /root/f")) == "kept\n"
+        finally:
+            if sb is not None:
+                await sb.aclose()
+            for info in await small.list():
+                await small.delete(info.id)

@@ -12,7 +12,7 @@ import builtins
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from sandlot.instance_types import InstanceType
 
@@ -82,6 +82,9 @@ class SandboxSpec:
     #: The isolation runtime, one of :data:`RUNTIMES`: ``crun`` (a container on the host's
     #: kernel) or ``gvisor`` (runsc: a user-space kernel between the code and the host's).
     runtime: str = "crun"
+    #: Start from this filesystem snapshot (its layers over its image; ``image`` is then the
+    #: snapshot's base image, for the record), or None.
+    snapshot: str | None = None
 
 
 #: The runtimes a sandbox may ask for; the first is the default.
@@ -120,6 +123,35 @@ class SandboxInfo:
     #: Pid of the sandbox's init process on the host, when the engine has one.
     pid: int | None = None
     detail: str = ""
+
+
+class UnsupportedFeature(EngineError):
+    """What was asked is not something this engine or runtime can do (the message says which
+    can)."""
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A filesystem snapshot an engine made: its size on disk and notes for the user (what
+    was left out of it, whether its layers were flattened)."""
+
+    id: str
+    size: int
+    messages: tuple[str, ...] = ()
+
+
+@runtime_checkable
+class Snapshotter(Protocol):
+    """Engines that keep filesystem snapshots (the local engine); others answer that they
+    have none."""
+
+    async def snapshot(self, sandbox_id: str, snapshot_id: str) -> SnapshotInfo:
+        """Copy the sandbox's filesystem changes into a new snapshot ``snapshot_id``."""
+        ...
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        """Remove a snapshot; refused while a sandbox or another snapshot uses it."""
+        ...
 
 
 class Engine(Protocol):

@@ -53,6 +53,7 @@ from sandlot.engines.base import (
     SandboxNotFound,
     SandboxSpec,
     SandboxState,
+    SnapshotInfo,
 )
 from sandlot.engines.local import (
     cgroups,
@@ -79,6 +80,7 @@ from sandlot.engines.local.disks import DiskStock, preallocate
 from sandlot.engines.local.oci_runtime import OciRuntime
 from sandlot.engines.local.oci_spec import SandboxConfig, build_config, host_block_device_dirs
 from sandlot.engines.local.uid_slots import SlotRegistry
+from sandlot.images.snapshots import SnapshotStore, StoredSnapshot, image_of
 from sandlot.images.store import Image, ImageStore
 from sandlot.instance_types import get_instance_type
 from sandlot.paths import (
@@ -166,9 +168,11 @@ def _grantable_open_files() -> int | None:
 
 
 def images_in_use(state_dir: Path) -> set[Path]:
-    """The image rootfs of every sandbox under ``state_dir`` (running, asleep or half made):
-    what ``sandlot image prune`` must keep."""
+    """The image rootfs of every sandbox under ``state_dir`` (running, asleep or half made)
+    and of every snapshot: what ``sandlot image prune`` must keep."""
     used: set[Path] = set()
+    if (state_dir / "snapshots").is_dir():
+        used |= SnapshotStore(state_dir / "snapshots").base_images()
     sandboxes = state_dir / "sandboxes"
     if not sandboxes.is_dir():
         return used
@@ -208,6 +212,11 @@ class LocalEngine:
         self._socket_root = _short_link(self.sandboxes_dir)
         self.disks = DiskStock(state_dir / "disks")
         self.images = images or ImageStore(images_dir(state_dir))
+        #: Filesystem snapshots: layers stacked on images (images/snapshots.py).
+        self.snapshots = SnapshotStore(state_dir / "snapshots")
+        #: Held by a snapshot's delete and by a spawn until its meta names the snapshot's
+        #: layers: a delete then sees every sandbox that uses them.
+        self._snapshot_guard = asyncio.Lock()
         self.layout = cgroups.detect_layout()
         self.runtime = OciRuntime.detect(state_dir / "oci", self.layout, oci_runtime)
         self._gvisor: OciRuntime | None = None  # found on first use: runsc is optional
@@ -329,8 +338,17 @@ class LocalEngine:
         # Admitted before anything is written (the agent runtime is built on first use).
         await asyncio.to_thread(self._admit, spec)
         try:
-            image = await asyncio.to_thread(
-                lambda: self.images.resolve(spec.image, auth=spec.registry_auth)
+            stored = (
+                await asyncio.to_thread(self.snapshots.get, spec.snapshot)
+                if spec.snapshot
+                else None
+            )
+            image = (
+                stored.image
+                if stored is not None
+                else await asyncio.to_thread(
+                    lambda: self.images.resolve(spec.image, auth=spec.registry_auth)
+                )
             )
             built_runtime = await asyncio.to_thread(self.agent_runtime)
             runtime_dir = await asyncio.to_thread(runtime_image.ensure_mounted, built_runtime)
@@ -346,6 +364,11 @@ class LocalEngine:
                 "image": spec.image,
                 "image_rootfs": str(image.rootfs),
                 "image_uid_base": image.uid_base,
+                "image_env": image.env,
+                "image_workdir": image.workdir,
+                # a spawned snapshot's layers, top first, mounted over the image
+                "layers": [str(p) for p in stored.layers] if stored is not None else [],
+                "snapshot": spec.snapshot,
                 "instance_type": spec.instance_type.name,
                 "name": spec.name,
                 "created_at": time.time(),
@@ -358,7 +381,10 @@ class LocalEngine:
                 "oci": spec.runtime,
             }
             try:
-                self._allocate_slot(directory, meta)
+                async with self._snapshot_guard:
+                    self._allocate_slot(directory, meta)
+                    if spec.snapshot:  # deleted since it was read? then say so now
+                        await asyncio.to_thread(self.snapshots.get, spec.snapshot)
                 await asyncio.to_thread(self._prepare, directory, spec, image, meta, runtime_dir)
                 if spec.id in self._deleting:
                     raise SandboxNotFound(f"sandbox {spec.id} was deleted while being created")
@@ -382,23 +408,40 @@ class LocalEngine:
         return SandboxInfo(spec.id, SandboxState.RUNNING, self._address(directory), pid=pid)
 
     @staticmethod
-    def _mount_root(directory: Path, image_rootfs: Path, base: int, image_uid_base: int) -> None:
+    def _mount_root(
+        directory: Path,
+        image_rootfs: Path,
+        base: int,
+        image_uid_base: int,
+        layers: builtins.list[Path] | None = None,
+    ) -> None:
         """Id-mapped image below (its owner range, ``image_uid_base``, shown as the sandbox's
-        range), the sandbox's own layer above, merged at bundle/rootfs."""
+        range), a spawned snapshot's layers (storage-owned, top first) over it, each id-mapped
+        the same way, the sandbox's own layer above, merged at bundle/rootfs."""
         lower, layer = directory / "lower", directory / "layer"
         pin = directory / "userns"  # the sandbox's own, for crun (see userns.py)
         if not userns.is_pinned(pin):
             userns.create_pinned(base, pin)
-        ns_fd = idmap.userns_fd(base, first=image_uid_base)
+        stacked = [(image_rootfs, lower, image_uid_base)]
+        for n, source in enumerate(layers or []):
+            target = directory / f"lower.{n}"
+            target.mkdir(exist_ok=True)
+            stacked.insert(n, (source, target, idmap.STORAGE_ID_BASE))
+        fds: dict[int, int] = {}
         try:
-            idmap.mount_idmapped(image_rootfs, lower, ns_fd)
+            for source, target, first in stacked:
+                if first not in fds:
+                    fds[first] = idmap.userns_fd(base, first=first)
+                idmap.mount_idmapped(source, target, fds[first])
         except idmap.IdmapError as exc:  # e.g. a filesystem without id-mapped mounts
             reason = f"the image's files cannot be mapped into a sandbox ({exc.reason})"
             raise ImageError(reason) from exc
         finally:
-            os.close(ns_fd)
+            for fd in fds.values():
+                os.close(fd)
         merged = directory / "bundle" / "rootfs"
-        mounts.mount_overlay(lower, layer / "upper", layer / "work", merged)
+        lowers = [target for _, target, _ in stacked]
+        mounts.mount_overlay(lowers, layer / "upper", layer / "work", merged)
 
     def _remount_if_needed(self, directory: Path, meta: dict[str, Any]) -> None:
         """After a host reboot the mounts are gone but the files are not: mount them again."""
@@ -411,7 +454,8 @@ class LocalEngine:
         base = idmap.ID_BASE + meta["slot"] * idmap.ID_RANGE
         mounts.mount_existing_disk_image(directory / "disk.img", directory / "layer")
         image_uid_base = int(meta.get("image_uid_base", 0))  # 0: made before the storage range
-        self._mount_root(directory, Path(meta["image_rootfs"]), base, image_uid_base)
+        layers = [Path(p) for p in meta.get("layers") or []]
+        self._mount_root(directory, Path(meta["image_rootfs"]), base, image_uid_base, layers)
 
     def _prepare(
         self,
@@ -437,7 +481,9 @@ class LocalEngine:
             d.mkdir()
             os.chown(d, base, base)
         ca_env = self.ca_store.install(image.rootfs, upper, base) if self.ca_store else {}
-        self._mount_root(directory, image.rootfs, base, image.uid_base)
+        self._mount_root(
+            directory, image.rootfs, base, image.uid_base, [Path(p) for p in meta["layers"]]
+        )
 
         if _resolve_in_root(rootfs, "/bin/sh") is None:
             raise ImageError(
@@ -813,8 +859,62 @@ class LocalEngine:
         for sandbox_id in self.slots.owned().keys() - known.keys():
             cgroups.remove_cgroup_dirs(cgroups.sandbox_cgroup_dirs(self.layout, sandbox_id))
         self.slots.adopt({i: slot for i, slot in known.items() if isinstance(slot, int)})
+        self.snapshots.recover()
         self.slots.reclaim_stale()
         return removed
+
+    # -- filesystem snapshots (images/snapshots.py) --------------------------------------------
+
+    async def snapshot(self, sandbox_id: str, snapshot_id: str) -> SnapshotInfo:
+        """Copy the sandbox's writable layer into a new snapshot. A running crun sandbox is
+        frozen meanwhile (the copy is then of one moment, and nothing changes under it); a
+        gVisor one is copied live (a frozen runsc sandbox hangs ``runsc state``)."""
+        directory = self._dir(sandbox_id)
+        async with self._lock(sandbox_id):
+            meta = self._read_meta(directory)
+            if meta is None or not meta.get("ready"):
+                raise SandboxNotFound(f"no sandbox {sandbox_id}")
+            await asyncio.to_thread(self._remount_if_needed, directory, meta)
+            base = idmap.ID_BASE + int(meta["slot"]) * idmap.ID_RANGE
+            rootfs = Path(meta["image_rootfs"])
+            uid_base = int(meta.get("image_uid_base", 0))
+            image = (
+                Image(meta["image"], rootfs, meta["image_env"], meta["image_workdir"], uid_base)
+                if "image_env" in meta
+                else image_of(rootfs, meta["image"], uid_base)
+            )
+            stack = tuple(Path(p) for p in meta.get("layers") or [])
+            freeze = meta.get("oci") != "gvisor" and not cgroups.is_frozen(self.layout, sandbox_id)
+            state = await self._runtime_of(meta).state(sandbox_id)
+            freeze = freeze and state is not None and state.get("status") == "running"
+            if freeze:
+                cgroups.set_frozen(self.layout, sandbox_id, True)
+            try:
+                stored: StoredSnapshot = await asyncio.to_thread(
+                    self.snapshots.create,
+                    snapshot_id,
+                    directory / "layer" / "upper",
+                    base,
+                    image,
+                    stack,
+                )
+            finally:
+                if freeze:
+                    cgroups.set_frozen(self.layout, sandbox_id, False)
+        notes = [f"left out {n} {kind} entries" for kind, n in sorted(stored.dropped.items())]
+        if len(stored.layers) == 1 and stack:
+            notes.append(f"flattened {len(stack) + 1} stacked layers into one")
+        return SnapshotInfo(snapshot_id, stored.size, tuple(notes))
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        def mounted() -> set[Path]:
+            used: set[Path] = set()
+            for directory in self.sandboxes_dir.iterdir():
+                used |= {Path(p) for p in (self._read_meta(directory) or {}).get("layers") or []}
+            return used
+
+        async with self._snapshot_guard:
+            await asyncio.to_thread(lambda: self.snapshots.delete(snapshot_id, mounted()))
 
     def memory_usage(self, sandbox_id: str) -> int | None:
         return cgroups.memory_usage_bytes(self.layout, sandbox_id)

@@ -19,14 +19,16 @@ class MountError(EngineError):
     pass
 
 
-def mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> None:
-    """Mount the sandbox's overlay. Its layers are named as ``/proc/self/fd/N`` of directories
-    we hold open: the options are shown as given in the sandbox's ``/proc/self/mountinfo``, and
-    the host paths of its state directory are none of its business."""
-    fds = [os.open(d, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for d in (lower, upper, work)]
+def mount_overlay(lowers: list[Path], upper: Path, work: Path, target: Path) -> None:
+    """Mount the sandbox's overlay (``lowers``: top first). Its layers are named as
+    ``/proc/self/fd/N`` of directories we hold open: the options are shown as given in the
+    sandbox's ``/proc/self/mountinfo``, and the host paths of its state directory are none of
+    its business."""
+    fds = [os.open(d, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for d in (*lowers, upper, work)]
     try:
-        options = "lowerdir=/proc/self/fd/{},upperdir=/proc/self/fd/{},workdir=/proc/self/fd/{}"
-        options = options.format(*fds)
+        lowerdir = ":".join(f"/proc/self/fd/{fd}" for fd in fds[:-2])
+        options = f"lowerdir={lowerdir},upperdir=/proc/self/fd/{fds[-2]},"
+        options += f"workdir=/proc/self/fd/{fds[-1]}"
         if _libc.mount(b"overlay", str(target).encode(), b"overlay", 0, options.encode()) != 0:
             err = ctypes.get_errno()
             raise MountError(f"cannot mount the sandbox overlay: {os.strerror(err)}")

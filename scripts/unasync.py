@@ -32,6 +32,8 @@ REPLACEMENTS = {
     "AsyncExecStream": "ExecStream",
     "AsyncClient": "Client",
     "AsyncControlClient": "ControlClient",
+    "AsyncSnapshot": "Snapshot",
+    "AsyncSnapshotTemplate": "SnapshotTemplate",
     "AsyncHTTPTransport": "HTTPTransport",
     "AsyncBaseTransport": "BaseTransport",
     "async_uds_transport": "sync_uds_transport",

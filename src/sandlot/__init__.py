@@ -29,11 +29,17 @@ _LAZY = {
     "UnsupportedFeatureError": "sandlot.sdk.errors",
     "CommandCancelledError": "sandlot.sdk.errors",
     "SandboxFileTooLargeError": "sandlot.sdk.errors",
+    "TemplateBuildError": "sandlot.sdk.errors",
+    "Snapshot": "sandlot.sdk",
+    "AsyncSnapshot": "sandlot.sdk",
+    "SnapshotType": "sandlot.sdk.types",
+    "SnapshotStatus": "sandlot.sdk.types",
 }
 
 __all__ = [
     "AsyncControlClient",
     "AsyncSandbox",
+    "AsyncSnapshot",
     "CommandCancelledError",
     "ControlClient",
     "InvalidPortError",
@@ -47,12 +53,16 @@ __all__ = [
     "SandboxRequestError",
     "SandboxServiceError",
     "SandboxTimeoutError",
+    "Snapshot",
+    "SnapshotStatus",
+    "SnapshotType",
+    "TemplateBuildError",
     "UnsupportedFeatureError",
     "__version__",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - names for type checkers only
-    from sandlot.sdk import AsyncSandbox, Sandbox
+    from sandlot.sdk import AsyncSandbox, AsyncSnapshot, Sandbox, Snapshot
     from sandlot.sdk.control import AsyncControlClient, ControlClient
     from sandlot.sdk.errors import (
         CommandCancelledError,
@@ -66,8 +76,10 @@ if TYPE_CHECKING:  # pragma: no cover - names for type checkers only
         SandboxRequestError,
         SandboxServiceError,
         SandboxTimeoutError,
+        TemplateBuildError,
         UnsupportedFeatureError,
     )
+    from sandlot.sdk.types import SnapshotStatus, SnapshotType
 
 
 def __getattr__(name: str) -> Any:

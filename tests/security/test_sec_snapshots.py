@@ -7,18 +7,26 @@ own it, and copies it the way a snapshot does."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import struct
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.local import IMAGES_DIR
 from support.loopfs import loop_filesystem
+from support.server import start_server
 
+from sandlot import Sandbox, SandboxNotFoundError, Snapshot
 from sandlot.engines.base import InsufficientResources
+from sandlot.engines.local import LocalEngine
 from sandlot.engines.local.idmap import ID_BASE, ID_RANGE, STORAGE_ID_BASE
 from sandlot.images import layer_copy
 from sandlot.images.snapshots import SnapshotStore
-from sandlot.images.store import Image
+from sandlot.images.store import Image, ImageStore
+from sandlot.sdk._connection import resolve_connection
 
 pytestmark = pytest.mark.root
 BASE = ID_BASE + 7 * ID_RANGE  # the tenant's root on the host
@@ -167,3 +175,45 @@ def test_a_snapshot_the_disk_cannot_hold_is_refused_and_leaves_nothing(
         with pytest.raises(InsufficientResources, match="disk"):
             store.create("big", upper, BASE, image, ())  # 40 MiB + the 256 MiB reserve
         assert os.listdir(store.root) == []
+
+
+# -- another project's snapshots -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_projects(state: Path) -> Iterator[tuple[str, str, str]]:
+    """A TCP server over a real engine, and tokens of two projects: (url, ours, theirs)."""
+    tmp = Path(tempfile.mkdtemp(prefix="sl-snap-sec-"))
+    engine = LocalEngine(state, images=ImageStore(IMAGES_DIR))
+    srv = start_server(engine, f"sqlite:///{tmp / 'db'}", tcp=True)
+    store = srv.app.state.control.store
+    _, ours = store.create_token("ours", "test")
+    _, theirs = store.create_token("theirs", "test")
+    yield srv.url, ours, theirs
+    srv.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_another_project_cannot_see_spawn_or_delete_a_snapshot(
+    two_projects: tuple[str, str, str],
+) -> None:
+    url, ours, theirs = two_projects
+    with Sandbox.create(image="busybox", api_url=url, api_token=ours) as sb:
+        sb.exec("echo private > /secret.txt")
+        snap = sb.snapshot("private")
+        try:
+            with pytest.raises(SandboxNotFoundError):
+                Snapshot.get(snap.id, api_url=url, api_token=theirs)
+            assert Snapshot.list(api_url=url, api_token=theirs) == []
+            with pytest.raises(SandboxNotFoundError):
+                Sandbox.create(snapshot=snap.id, api_url=url, api_token=theirs)
+            stolen = Snapshot(dict(snap.info), resolve_connection(url, theirs))
+            with pytest.raises(SandboxNotFoundError):
+                stolen.delete()
+            with pytest.raises(SandboxNotFoundError):  # nor snapshot or fork our sandboxes
+                Sandbox(dict(sb.info), resolve_connection(url, theirs)).snapshot("mine-now")
+            with pytest.raises(SandboxNotFoundError):
+                Sandbox(dict(sb.info), resolve_connection(url, theirs)).fork()
+            assert Snapshot.get(snap.id, api_url=url, api_token=ours).status.value == "available"
+        finally:
+            snap.delete()

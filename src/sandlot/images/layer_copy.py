@@ -41,6 +41,7 @@ from pathlib import Path
 from sandlot.engines.base import ImageError, InsufficientResources
 from sandlot.engines.local import idmap
 from sandlot.images.layers import DISK_RESERVE, ENTRY_COST
+from sandlot.images.sizes import human
 from sandlot.images.storage import STORAGE_ID_BASE, storage_capability
 
 #: The deepest directory nesting a snapshot copies (node_modules trees reach ~40).
@@ -132,8 +133,8 @@ def check_room(totals: LayerTotals, target_dir: Path) -> None:
     if needed > free:
         raise InsufficientResources(
             "disk",
-            f"the snapshot needs about {needed // 2**20} MiB and the server's disk has "
-            f"{max(free, 0) // 2**20} MiB free",
+            f"the snapshot needs about {human(needed)} and the server's disk has "
+            f"{human(max(free, 0))} free for it",
         )
 
 

@@ -7,8 +7,14 @@
 quotas, secrets, health). Modules whose names start with ``_`` are not an API.
 """
 
-from sandlot.sdk._async import AsyncExecStream, AsyncFilesystem, AsyncSandbox
-from sandlot.sdk._sync import ExecStream, Filesystem, Sandbox
+from sandlot.sdk._async import (
+    AsyncExecStream,
+    AsyncFilesystem,
+    AsyncSandbox,
+    AsyncSnapshot,
+    AsyncSnapshotTemplate,
+)
+from sandlot.sdk._sync import ExecStream, Filesystem, Sandbox, Snapshot, SnapshotTemplate
 from sandlot.sdk.control import AsyncControlClient, ControlClient
 from sandlot.sdk.errors import (
     CommandCancelledError,
@@ -22,6 +28,7 @@ from sandlot.sdk.errors import (
     SandboxRequestError,
     SandboxServiceError,
     SandboxTimeoutError,
+    TemplateBuildError,
     UnsupportedFeatureError,
 )
 from sandlot.sdk.types import (
@@ -33,6 +40,8 @@ from sandlot.sdk.types import (
     ExposedPort,
     FileContent,
     ProcessInfo,
+    SnapshotStatus,
+    SnapshotType,
     StderrEvent,
     StdoutEvent,
     StreamEvent,
@@ -43,6 +52,8 @@ __all__ = [
     "AsyncExecStream",
     "AsyncFilesystem",
     "AsyncSandbox",
+    "AsyncSnapshot",
+    "AsyncSnapshotTemplate",
     "CancelToken",
     "CommandCancelledError",
     "CommandResult",
@@ -66,8 +77,13 @@ __all__ = [
     "SandboxRequestError",
     "SandboxServiceError",
     "SandboxTimeoutError",
+    "Snapshot",
+    "SnapshotStatus",
+    "SnapshotTemplate",
+    "SnapshotType",
     "StderrEvent",
     "StdoutEvent",
     "StreamEvent",
+    "TemplateBuildError",
     "UnsupportedFeatureError",
 ]

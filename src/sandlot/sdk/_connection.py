@@ -60,6 +60,14 @@ def resolve_connection(api_url: str | None, api_token: str | None) -> Connection
     return Connection(url.rstrip("/"), None, token, autostart=False)
 
 
+def connection_arguments(conn: Connection) -> tuple[str | None, str | None]:
+    """The ``api_url`` and ``api_token`` that resolve to ``conn`` again (for a handle that
+    makes another one: a snapshot's spawn, a sandbox's fork)."""
+    if conn.autostart:
+        return None, conn.api_token
+    return (f"unix:{conn.unix_path}" if conn.unix_path else conn.base_url), conn.api_token
+
+
 @functools.cache
 def shared_ssl_context() -> ssl.SSLContext:
     """One TLS context per process. Building one loads the CA bundle (~20 ms here), and each

@@ -12,6 +12,7 @@ Hierarchy::
     │   ├── SandboxFileTooLargeError             ... 413: a read passed its max_bytes
     │   └── SandboxServiceError                  ... 5xx, or the server/agent cannot be reached
     ├── SandboxCommandError                      exec(..., raise_on_error=True) and code != 0
+    │   └── TemplateBuildError                   ... a template's step failed (build())
     ├── CommandCancelledError                    a CancelToken stopped exec / wait_ready
     └── UnsupportedFeatureError                  an option/method a later release completes
 """
@@ -32,6 +33,7 @@ __all__ = [
     "SandboxRequestError",
     "SandboxServiceError",
     "SandboxTimeoutError",
+    "TemplateBuildError",
     "UnsupportedFeatureError",
 ]
 
@@ -97,6 +99,24 @@ class SandboxCommandError(SandboxError):
     def __init__(self, message: str, result: Any = None) -> None:
         super().__init__(message)
         self.result = result
+
+
+class TemplateBuildError(SandboxCommandError):
+    """A template's step failed (``Sandbox.template(...).build()``): ``step`` (its number,
+    from 1), ``command``, ``exit_code``, and ``result`` (the step's ``CommandResult``); the
+    message holds the end of its output."""
+
+    #: How much of each output stream the message keeps (its end).
+    OUTPUT_TAIL = 4000
+
+    def __init__(self, step: int, command: str, result: Any) -> None:
+        self.step, self.command, self.exit_code = step, command, int(result.exit_code)
+        out, err = result.stdout[-self.OUTPUT_TAIL :], result.stderr[-self.OUTPUT_TAIL :]
+        super().__init__(
+            f"template step {step} failed with exit code {self.exit_code}: {command}\n"
+            f"stdout:\n{out}\nstderr:\n{err}",
+            result,
+        )
 
 
 class CommandCancelledError(SandboxError):

@@ -31,6 +31,8 @@ __all__ = [
     "SandboxEvent",
     "SecretInfo",
     "ServerHealth",
+    "SnapshotStatus",
+    "SnapshotType",
     "StderrEvent",
     "StdoutEvent",
     "StreamEvent",
@@ -295,3 +297,25 @@ class ServerHealth(TypedDict, total=False):
     build: str | None
     package: str | None
     pid: int | None
+
+
+# -- snapshots ----------------------------------------------------------------------------------
+
+
+class SnapshotType(enum.Enum):
+    """Koyeb's snapshot types: the filesystem's changes, or also memory and processes."""
+
+    FILESYSTEM = "filesystem"
+    FULL = "full"
+
+
+class SnapshotStatus(enum.Enum):
+    """Koyeb's snapshot statuses (sandlot's go creating -> available or failed -> deleted)."""
+
+    INVALID = "invalid"
+    CREATING = "creating"
+    UPLOADING = "uploading"
+    AVAILABLE = "available"
+    DELETING = "deleting"
+    DELETED = "deleted"
+    FAILED = "failed"

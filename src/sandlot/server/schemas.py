@@ -107,6 +107,11 @@ class CreateSandbox(_Strict):
     outbound_allowlist: list[StrictStr] | None = Field(
         None, description="Outbound access to these addresses/CIDRs only (bare IPs: /32, /128)."
     )
+    snapshot: StrictStr | None = Field(
+        None,
+        description="Start from this snapshot's filesystem (its id); the image is the "
+        "snapshot's, so image must be omitted or the same.",
+    )
 
     @model_validator(mode="after")
     def _egress(self) -> CreateSandbox:
@@ -232,6 +237,53 @@ class SandboxOut(BaseModel):
 
 class SandboxList(BaseModel):
     sandboxes: list[SandboxOut]
+
+
+SnapshotTypeName = Literal["filesystem", "full"]
+
+
+class CreateSnapshot(_Strict):
+    name: StrictStr = Field(..., pattern=NAME_PATTERN)
+    snapshot_type: SnapshotTypeName = Field(
+        "filesystem",
+        description="filesystem: the sandbox's file changes; full: also its memory and "
+        "processes (needs a runtime that can checkpoint: gvisor).",
+    )
+    labels: dict[StrictStr, StrictStr] | None = None
+    wait_available: StrictBool = Field(
+        True, description="Answer once the snapshot is available (else while it is creating)."
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return _check_labels(value)
+
+
+class SnapshotOut(BaseModel):
+    id: str
+    name: str
+    sandbox_id: str = Field(..., description="The sandbox it was taken of.")
+    snapshot_type: SnapshotTypeName
+    status: Literal["creating", "available", "failed", "deleting", "deleted"]
+    image: str = Field(..., description="The image its layer stacks on.")
+    region: str
+    project_id: str
+    labels: dict[str, str]
+    created_at: str
+    available_at: str | None = None
+    size: int | None = Field(None, description="Bytes its own layer takes on disk.")
+    messages: list[str]
+
+
+class SnapshotList(BaseModel):
+    snapshots: list[SnapshotOut]
+
+
+class ForkSandbox(_Strict):
+    n: int = Field(1, ge=1, le=16, description="How many sandboxes to start (1-16).")
+    wait_ready: StrictBool = True
+    timeout: NonNegativeSeconds = Field(300, description="Seconds to wait for readiness.")
 
 
 class EventOut(BaseModel):

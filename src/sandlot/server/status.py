@@ -34,3 +34,17 @@ LIVE_STATUSES = (
     SandboxStatus.PAUSED,
     SandboxStatus.SLEEPING,
 )
+
+
+class SnapshotStatus(enum.StrEnum):
+    """Koyeb's snapshot statuses (``koyeb.sandbox.SnapshotStatus``); sandlot's snapshots are
+    ``creating`` while their files are copied, then ``available`` or ``failed``, and
+    ``deleted`` once removed (a local copy has no ``uploading`` step)."""
+
+    INVALID = "invalid"
+    CREATING = "creating"
+    UPLOADING = "uploading"
+    AVAILABLE = "available"
+    DELETING = "deleting"
+    DELETED = "deleted"
+    FAILED = "failed"

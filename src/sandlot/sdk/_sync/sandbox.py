@@ -3,7 +3,10 @@
 
 The class is assembled from one mixin per concern, each in its own module: ``base`` (the
 handle's state and agent calls), ``lifecycle``, ``ports`` and ``processes``; ``filesystem``
-and ``exec_stream`` hold the objects it hands out.
+and ``exec_stream`` hold the objects it hands out. :class:`AsyncSnapshot` (Koyeb's
+``Snapshot``: ``get``, ``list``, ``refresh``, ``wait_available``, ``delete``, ``spawn``) lives
+here too: a sandbox makes snapshots and a snapshot spawns sandboxes, so they are one module
+(``template`` sits beside them, given what it needs).
 
 This file is the source of truth; ``src/sandlot/sdk/_sync/`` is generated from it by
 ``scripts/unasync.py`` (do not edit the sync twin by hand).
@@ -11,19 +14,25 @@ This file is the source of truth; ``src/sandlot/sdk/_sync/`` is generated from i
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
-from sandlot.sdk._connection import Connection, resolve_connection
+from sandlot.sdk._connection import Connection, connection_arguments, resolve_connection
 from sandlot.sdk._limits import DEFAULT_CREATE_TIMEOUT, DEFAULT_IDLE_TIMEOUT
+from sandlot.sdk._primitives import monotonic, sync_sleep
 from sandlot.sdk._sync.calls import allowlist, call, open_client, to_json
 from sandlot.sdk._sync.filesystem import Filesystem
 from sandlot.sdk._sync.lifecycle import LifecycleMixin
 from sandlot.sdk._sync.ports import PortsMixin
 from sandlot.sdk._sync.processes import ProcessesMixin
+from sandlot.sdk._sync.template import SnapshotTemplate
+from sandlot.sdk.errors import SandboxError, SandboxServiceError
+from sandlot.sdk.types import SnapshotStatus, SnapshotType
 
 
 class Sandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
@@ -63,6 +72,7 @@ class Sandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
         block_network: bool | None = None,
         outbound_allowlist: Sequence[str] | None = None,
         runtime: str | None = None,
+        snapshot: Snapshot | str | None = None,
     ) -> Sandbox:
         """Create a sandbox. With ``wait_ready`` (the default) it answers once the sandbox is
         healthy, waiting at most ``timeout`` seconds (then :class:`SandboxTimeoutError`).
@@ -78,7 +88,10 @@ class Sandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
         its resolvers). Change it later with :meth:`update_network`.
 
         ``runtime`` (sandlot): ``"crun"`` (the default: a container on the host's kernel) or
-        ``"gvisor"`` (gVisor's user-space kernel between the code and the host's)."""
+        ``"gvisor"`` (gVisor's user-space kernel between the code and the host's).
+
+        ``snapshot``: start from a snapshot's filesystem (an :class:`AsyncSnapshot` or its id);
+        the sandbox then runs the snapshot's image (leave ``image`` out)."""
         conn = resolve_connection(api_url, api_token)
         body: dict[str, Any] = {
             "image": image,
@@ -106,6 +119,8 @@ class Sandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
             body["outbound_allowlist"] = allowlist(outbound_allowlist)
         if runtime is not None:
             body["runtime"] = runtime
+        if snapshot is not None:
+            body["snapshot"] = snapshot.id if isinstance(snapshot, Snapshot) else snapshot
         content = to_json(**body)
         client = open_client(conn)
         try:
@@ -124,6 +139,95 @@ class Sandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
             client.close()
             raise
         return cls(info, conn, client)
+
+    @classmethod
+    def create_from_snapshot(
+        cls, snapshot: Snapshot | str, name: str | None = None, **create_kwargs: Any
+    ) -> Sandbox:
+        """``create(snapshot=snapshot, ...)``: a new sandbox from a snapshot's filesystem."""
+        return cls.create(name=name, snapshot=snapshot, **create_kwargs)
+
+    @classmethod
+    def template(
+        cls,
+        name: str,
+        image: str = "default",
+        workdir: str | None = None,
+        api_token: str | None = None,
+        api_url: str | None = None,
+        delete_builder: bool = True,
+        **create_kwargs: Any,
+    ) -> SnapshotTemplate:
+        """A template: steps (``.file``, ``.copy``, ``.run``, ``.env``) that ``.build()`` runs in
+        a builder sandbox of ``image`` and keeps as a snapshot (built once per distinct steps)."""
+        return SnapshotTemplate(
+            cls.create,
+            Snapshot.list,
+            name,
+            image,
+            workdir=workdir,
+            api_token=api_token,
+            api_url=api_url,
+            delete_builder=delete_builder,
+            **create_kwargs,
+        )
+
+    # -- snapshots and forks ------------------------------------------------------------------
+
+    def snapshot(
+        self,
+        name: str,
+        snapshot_type: SnapshotType = SnapshotType.FILESYSTEM,
+        wait_available: bool = True,
+        timeout: float = 600,
+        labels: Mapping[str, str] | None = None,
+    ) -> Snapshot:
+        """Keep this sandbox's filesystem changes as a snapshot named ``name`` (the sandbox is
+        frozen while they are copied, then runs on). ``SnapshotType.FULL`` (memory and
+        processes too) needs a runtime that can checkpoint: :class:`UnsupportedFeatureError`
+        says so. With ``wait_available`` it answers once the snapshot is available (at most
+        ``timeout`` seconds), else at once, while it is being made."""
+        body: dict[str, Any] = {
+            "name": name,
+            "snapshot_type": SnapshotType(snapshot_type).value,
+            "wait_available": wait_available,
+        }
+        if labels is not None:
+            body["labels"] = dict(labels)
+        client = self._http()
+        data = call(
+            client,
+            self._conn,
+            "POST",
+            f"/v1/sandboxes/{self.id}/snapshots",
+            f"snapshot sandbox {self.id}",
+            content=to_json(**body),
+            headers={"content-type": "application/json"},
+            timeout=httpx.Timeout(timeout + 30.0, connect=10.0),
+        )
+        made = Snapshot(data, self._conn)
+        if wait_available and not made.wait_available(timeout=timeout):
+            raise SandboxError(f"snapshot {made.id} is {made.status.value}: {made.messages}")
+        return made
+
+    def fork(
+        self, n: int = 1, wait_ready: bool = True, timeout: float = DEFAULT_CREATE_TIMEOUT
+    ) -> list[Sandbox]:
+        """``n`` new running sandboxes starting from this one's filesystem as it is now (sandlot;
+        memory and processes are not carried: they start afresh), each with its own secret,
+        network and lifecycle, and this one's options. Their snapshot goes with the last."""
+        client = self._http()
+        data = call(
+            client,
+            self._conn,
+            "POST",
+            f"/v1/sandboxes/{self.id}/fork",
+            f"fork sandbox {self.id}",
+            content=to_json(n=n, wait_ready=wait_ready, timeout=timeout),
+            headers={"content-type": "application/json"},
+            timeout=httpx.Timeout(n * (timeout + 30.0), connect=10.0),
+        )
+        return [type(self)(item, self._conn) for item in data["sandboxes"]]
 
     @classmethod
     def get_from_id(
@@ -177,3 +281,157 @@ class Sandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
             self.delete()
         finally:
             self.close()
+
+
+def _time(value: Any) -> dt.datetime | None:
+    if not value:
+        return None
+    try:
+        return dt.datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+
+
+def _enum(kind: Any, value: Any, default: Any) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        return default
+
+
+class Snapshot:
+    """A snapshot, as the server last described it (:meth:`refresh` asks again)."""
+
+    def __init__(self, info: dict[str, Any], conn: Connection) -> None:
+        if not isinstance(info, dict) or not isinstance(info.get("id"), str):
+            raise SandboxServiceError("the server's answer does not describe a snapshot")
+        self._conn = conn
+        self._update(info)
+
+    def _update(self, info: dict[str, Any]) -> None:
+        self._info = dict(info)
+        self.id: str = info["id"]
+        self.name: str = str(info.get("name", ""))
+        #: The sandbox it was taken of (Koyeb: ``service_id``).
+        self.sandbox_id: str = str(info.get("sandbox_id", ""))
+        self.snapshot_type: SnapshotType = _enum(
+            SnapshotType, info.get("snapshot_type"), SnapshotType.FILESYSTEM
+        )
+        self.status: SnapshotStatus = _enum(
+            SnapshotStatus, info.get("status"), SnapshotStatus.INVALID
+        )
+        self.created_at: dt.datetime | None = _time(info.get("created_at"))
+        self.available_at: dt.datetime | None = _time(info.get("available_at"))
+        size = info.get("size")
+        self.size: int | None = size if isinstance(size, int) else None
+        self.messages: list[str] = [str(m) for m in info.get("messages") or []]
+        self.image: str = str(info.get("image", ""))
+        self.region: str = str(info.get("region", ""))
+        self.project_id: str = str(info.get("project_id", ""))
+        self.labels: dict[str, str] = dict(info.get("labels") or {})
+
+    @property
+    def service_id(self) -> str:
+        """Koyeb's name for the sandbox the snapshot was taken of."""
+        return self.sandbox_id
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The server's full description, as last fetched."""
+        return dict(self._info)
+
+    def __repr__(self) -> str:
+        return f"<Snapshot id={self.id} name={self.name!r} status={self.status.value}>"
+
+    # -- the API --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _request(conn: Connection, method: str, path: str, what: str, **kw: Any) -> Any:
+        client = open_client(conn)
+        try:
+            return call(client, conn, method, path, what, **kw)
+        finally:
+            client.close()
+
+    @classmethod
+    def get(
+        cls, snapshot_id: str, api_token: str | None = None, api_url: str | None = None
+    ) -> Snapshot:
+        """A snapshot of your project by id (:class:`SandboxNotFoundError` if there is none)."""
+        conn = resolve_connection(api_url, api_token)
+        path = f"/v1/snapshots/{quote(str(snapshot_id), safe='')}"
+        return cls(cls._request(conn, "GET", path, f"get snapshot {snapshot_id}"), conn)
+
+    @classmethod
+    def list(
+        cls,
+        sandbox_id: str | None = None,
+        snapshot_type: SnapshotType | None = None,
+        status: SnapshotStatus | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        api_token: str | None = None,
+        api_url: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        service_id: str | None = None,
+    ) -> list[Snapshot]:
+        """Your project's snapshots, oldest first, optionally filtered (``service_id`` is
+        Koyeb's name for ``sandbox_id``); deleted ones only with ``status=DELETED``."""
+        conn = resolve_connection(api_url, api_token)
+        params: list[tuple[str, str]] = []
+        if sandbox_id or service_id:
+            params.append(("sandbox_id", str(sandbox_id or service_id)))
+        if snapshot_type is not None:
+            params.append(("snapshot_type", SnapshotType(snapshot_type).value))
+        if status is not None:
+            params.append(("status", SnapshotStatus(status).value))
+        for key, value in (labels or {}).items():
+            params.append(("label", f"{key}={value}"))
+        data = cls._request(conn, "GET", "/v1/snapshots", "list snapshots", params=params)
+        items = data.get("snapshots") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise SandboxServiceError("list snapshots: the answer has no 'snapshots' list")
+        return [cls(item, conn) for item in items[offset : offset + limit]]
+
+    def refresh(self) -> None:
+        """Read the snapshot's state again."""
+        path = f"/v1/snapshots/{quote(self.id, safe='')}"
+        self._update(self._request(self._conn, "GET", path, f"get snapshot {self.id}"))
+
+    def wait_available(self, timeout: float = 600, poll_interval: float = 0.5) -> bool:
+        """Wait until the snapshot is available: True; False if it failed or ``timeout``
+        passed first."""
+        deadline = monotonic() + timeout
+        while True:
+            self.refresh()
+            if self.status is SnapshotStatus.AVAILABLE:
+                return True
+            if self.status in (SnapshotStatus.FAILED, SnapshotStatus.DELETED):
+                return False
+            if monotonic() >= deadline:
+                return False
+            sync_sleep(min(poll_interval, max(deadline - monotonic(), 0.0)))
+
+    def delete(self) -> bool:
+        """Delete the snapshot. Refused (:class:`SandboxRequestError`, 409) while a sandbox
+        spawned from it, or a snapshot taken of one, still uses it."""
+        path = f"/v1/snapshots/{quote(self.id, safe='')}"
+        self._update(self._request(self._conn, "DELETE", path, f"delete snapshot {self.id}"))
+        return True
+
+    def spawn(
+        self,
+        name: str | None = None,
+        wait_ready: bool = True,
+        timeout: float = DEFAULT_CREATE_TIMEOUT,
+        **create_kwargs: Any,
+    ) -> Sandbox:
+        """A new sandbox from this snapshot: ``AsyncSandbox.create(snapshot=self, ...)``."""
+        if "snapshot" in create_kwargs:
+            raise SandboxError("spawn() takes no snapshot: it spawns this one")
+        url, token = connection_arguments(self._conn)
+        create_kwargs.setdefault("api_url", url)
+        create_kwargs.setdefault("api_token", token)
+        return Sandbox.create(
+            name=name, wait_ready=wait_ready, timeout=timeout, snapshot=self, **create_kwargs
+        )

@@ -17,6 +17,7 @@ from sandlot.server.control.tables import (
     RegistrySecret,
     SandboxEvent,
     SandboxRow,
+    SnapshotRow,
     Usage,
 )
 from sandlot.server.gateway.ports.router import normal_domain
@@ -28,6 +29,7 @@ from sandlot.server.schemas import (
     QuotaUsage,
     SandboxOut,
     SecretOut,
+    SnapshotOut,
     TokenOut,
 )
 from sandlot.server.status import SandboxStatus
@@ -156,4 +158,22 @@ class Renderer:
             registry=row.host,
             username=row.username,
             created_at=iso(row.created_at),
+        )
+
+    @staticmethod
+    def snapshot(row: SnapshotRow) -> SnapshotOut:
+        return SnapshotOut(
+            id=row.id,
+            name=row.name,
+            sandbox_id=row.sandbox_id,
+            snapshot_type=row.snapshot_type,  # type: ignore[arg-type]
+            status=row.status,  # type: ignore[arg-type]
+            image=row.image,
+            region=row.region,
+            project_id=row.project,
+            labels=row.labels or {},
+            created_at=iso(row.created_at),
+            available_at=iso(row.available_at) if row.available_at else None,
+            size=row.size,
+            messages=[hide_host_paths(m) for m in row.messages or []],
         )

@@ -17,17 +17,20 @@ from sandlot.server.api.openapi import ApiRoute, openapi_document
 from sandlot.server.api.ports import PortHandlers
 from sandlot.server.api.render import Renderer
 from sandlot.server.api.sandboxes import SandboxHandlers
+from sandlot.server.api.snapshots import SnapshotHandlers
 from sandlot.server.config import ServerConfig
 from sandlot.server.control.control import Control
 from sandlot.server.gateway.ports.service import Ports
 from sandlot.server.schemas import (
     CreateSandbox,
     CreateSecret,
+    CreateSnapshot,
     CreateToken,
     DeletedOut,
     EventList,
     ExposedPortOut,
     ExposePort,
+    ForkSandbox,
     HealthOut,
     PortsOut,
     QuotaList,
@@ -37,6 +40,8 @@ from sandlot.server.schemas import (
     SecretList,
     SecretOut,
     SetQuota,
+    SnapshotList,
+    SnapshotOut,
     TokenList,
     TokenOut,
     UnexposedOut,
@@ -55,6 +60,7 @@ class Api:
         self.sandboxes = SandboxHandlers(config, control, auth, render, ports)
         self.ports = PortHandlers(config, control, auth, render, ports)
         self.admin = AdminHandlers(config, control, auth, render)
+        self.snapshots = SnapshotHandlers(config, control, auth, render)
 
     async def health(self, request: Request) -> Response:
         out = HealthOut(
@@ -70,7 +76,7 @@ class Api:
     def routes(self) -> list[ApiRoute]:
         """The routing table: every route, its handler and its OpenAPI description."""
         sid = "/v1/sandboxes/{sandbox_id}"
-        s, p, a = self.sandboxes, self.ports, self.admin
+        s, p, a, sn = self.sandboxes, self.ports, self.admin, self.snapshots
         return [
             ApiRoute(
                 "GET", "/v1/health", self.health, "Server health", None, HealthOut, auth=False
@@ -83,7 +89,7 @@ class Api:
                 CreateSandbox,
                 SandboxOut,
                 status=201,
-                errors=("503", "507"),  # the host has not enough left (admission)
+                errors=("409", "503", "507"),  # 409: its snapshot is not available
             ),
             ApiRoute(
                 "GET",
@@ -140,6 +146,55 @@ class Api:
                 "Exposed ports, the TCP proxy's address and the ports' domain",
                 None,
                 PortsOut,
+            ),
+            ApiRoute(
+                "POST",
+                sid + "/snapshots",
+                sn.create_snapshot,
+                "Snapshot a sandbox's filesystem (full: also memory and processes, where the "
+                "runtime can); 409 if the sandbox was deleted, 507 if the disk cannot hold it",
+                CreateSnapshot,
+                SnapshotOut,
+                status=201,
+                errors=("409", "507"),
+            ),
+            ApiRoute(
+                "POST",
+                sid + "/fork",
+                sn.fork_sandbox,
+                "Start n new sandboxes from this one's current filesystem, each with its own "
+                "secret, network and lifecycle",
+                ForkSandbox,
+                SandboxList,
+                status=201,
+                errors=("409", "503", "507"),
+            ),
+            ApiRoute(
+                "GET",
+                "/v1/snapshots",
+                sn.list_snapshots,
+                "List the project's snapshots (filters: sandbox_id=, snapshot_type=, status=, "
+                "label=KEY=VALUE repeated)",
+                None,
+                SnapshotList,
+                query=["sandbox_id", "snapshot_type", "status", "label"],
+            ),
+            ApiRoute(
+                "GET",
+                "/v1/snapshots/{snapshot_id}",
+                sn.get_snapshot,
+                "Get a snapshot (deleted ones too, with status deleted)",
+                None,
+                SnapshotOut,
+            ),
+            ApiRoute(
+                "DELETE",
+                "/v1/snapshots/{snapshot_id}",
+                sn.delete_snapshot,
+                "Delete a snapshot; 409 while a sandbox or another snapshot uses it",
+                None,
+                SnapshotOut,
+                errors=("409",),
             ),
             ApiRoute(
                 "POST",

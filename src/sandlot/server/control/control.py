@@ -25,11 +25,12 @@ from sandlot.server.config import PoolKey
 from sandlot.server.control.core import Core
 from sandlot.server.control.lifecycle import Lifecycle
 from sandlot.server.control.pools import WarmPools
+from sandlot.server.control.snapshots import Snapshots
 from sandlot.server.control.store import QuotaExceeded, Store
 from sandlot.server.control.tables import SandboxRow, utcnow
 from sandlot.server.errors import ApiError
 from sandlot.server.schemas import CreateSandbox
-from sandlot.server.status import SandboxStatus
+from sandlot.server.status import SandboxStatus, SnapshotStatus
 
 log = logging.getLogger("sandlot.server")
 
@@ -56,6 +57,7 @@ class Control(Core):
         self.pools = (
             WarmPools(self, self.pool_sizes, self.default_region) if self.pool_sizes else None
         )
+        self.snapshots = Snapshots(self, self.create)
 
     # -- create -------------------------------------------------------------------------------
 
@@ -84,16 +86,38 @@ class Control(Core):
             password = self.store.registry_password(found)
             auth = RegistryAuth(found.host, found.username, password)
         region = req.region or self.default_region
+        image = req.image or DEFAULT_IMAGE
+        image = IMAGE_ALIASES.get(image, image)
+        if req.snapshot is not None:
+            snapshot = await self.snapshots.usable(project, req.snapshot)
+            if req.region is not None and req.region != snapshot.region:
+                raise ApiError(
+                    400,
+                    "invalid_region",
+                    f"snapshot {snapshot.id} is kept in region {snapshot.region!r}: "
+                    "its sandboxes run there",
+                )
+            if req.image is not None and image != snapshot.image:
+                raise ApiError(
+                    400,
+                    "invalid_image",
+                    f"a sandbox spawned from snapshot {snapshot.id} runs its image "
+                    f"({snapshot.image!r}): leave image out",
+                )
+            region, image = snapshot.region, snapshot.image
         engine = self.engines.get(region)
         if engine is None:
             known = ", ".join(sorted(self.engines))
             raise ApiError(
                 400, "invalid_region", f"unknown region {region!r}; this server has: {known}"
             )
-        image = req.image or DEFAULT_IMAGE
-        image = IMAGE_ALIASES.get(image, image)
         mode, allow = resolve_policy(req.block_network, req.outbound_allowlist)
-        if self.pools is not None and mode is NetworkMode.NONE and auth is None:
+        if (
+            self.pools is not None
+            and mode is NetworkMode.NONE
+            and auth is None
+            and req.snapshot is None
+        ):
             try:
                 claimed = await self.pools.claim(project, req, image)
             except QuotaExceeded as exc:
@@ -127,6 +151,7 @@ class Control(Core):
             error="",
             created_at=now,
             updated_at=now,
+            snapshot_id=req.snapshot,
         )
         try:
             await self.db(self.store.add_sandbox, row, True)
@@ -146,6 +171,7 @@ class Control(Core):
             outbound_allowlist=allow,
             registry_auth=auth,
             runtime=req.runtime,
+            snapshot=req.snapshot,
         )
         try:
             info = await engine.create(spec)
@@ -228,6 +254,7 @@ class Control(Core):
         )
         await self.event(sandbox_id, "deleted", reason)
         self.lifecycle.forget(sandbox_id)
+        await self.snapshots.release(row.snapshot_id)
 
     async def events(self, project: str, sandbox_id: str) -> list[Any]:
         row = await self.db(self.store.get_any_sandbox, sandbox_id)
@@ -265,6 +292,13 @@ class Control(Core):
             engine = self.engines.get(row.region)
             if kept[key] > self.pool_sizes.get(key, 0) and engine is not None:
                 await self.discard(engine, row.id, "warm pool shrunk")
+        for snap in await self.db(self.store.snapshots_with_status, [SnapshotStatus.CREATING]):
+            await self.db(
+                self.store.update_snapshot,
+                snap.id,
+                status=SnapshotStatus.FAILED,
+                messages=["the server stopped while the snapshot was being made"],
+            )
         await self._reconcile_engines()
 
     async def _reconcile_engines(self) -> None:

@@ -57,10 +57,11 @@ from sandlot.server.control.tables import (
     SandboxEvent,
     SandboxRow,
     Scope,
+    SnapshotRow,
     Usage,
     utcnow,
 )
-from sandlot.server.status import SandboxStatus
+from sandlot.server.status import SandboxStatus, SnapshotStatus
 
 log = logging.getLogger("sandlot.server")
 
@@ -376,6 +377,66 @@ class Store:
     def sandboxes_with_status(self, statuses: Iterable[str]) -> list[SandboxRow]:
         with self.session() as s:
             return list(s.scalars(select(SandboxRow).where(SandboxRow.status.in_(list(statuses)))))
+
+    # -- snapshots ----------------------------------------------------------------------------
+
+    def add_snapshot(self, row: SnapshotRow) -> None:
+        with self.session() as s, s.begin():
+            s.add(row)
+
+    def get_snapshot(self, snapshot_id: str, project: str | None = None) -> SnapshotRow | None:
+        """A snapshot (deleted ones too); with ``project``, only if it belongs to it."""
+        with self.session() as s:
+            row = s.get(SnapshotRow, snapshot_id)
+            if row is None or (project is not None and row.project != project):
+                return None
+            return row
+
+    def list_snapshots(
+        self,
+        project: str,
+        sandbox_id: str | None = None,
+        snapshot_type: str | None = None,
+        status: str | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> list[SnapshotRow]:
+        """The project's snapshots, oldest first; deleted ones only when ``status`` asks."""
+        with self.session() as s:
+            q = select(SnapshotRow).where(SnapshotRow.project == project)
+            if status is not None:
+                q = q.where(SnapshotRow.status == status)
+            else:
+                q = q.where(SnapshotRow.status != SnapshotStatus.DELETED)
+            if sandbox_id is not None:
+                q = q.where(SnapshotRow.sandbox_id == sandbox_id)
+            if snapshot_type is not None:
+                q = q.where(SnapshotRow.snapshot_type == snapshot_type)
+            rows = list(s.scalars(q.order_by(SnapshotRow.created_at)))
+        if labels:
+            rows = [r for r in rows if all(r.labels.get(k) == v for k, v in labels.items())]
+        return rows
+
+    def update_snapshot(self, snapshot_id: str, **fields: Any) -> SnapshotRow | None:
+        with self.session() as s, s.begin():
+            row = s.get(SnapshotRow, snapshot_id, with_for_update=True)
+            if row is None:
+                return None
+            for key, value in fields.items():
+                setattr(row, key, value)
+            return row
+
+    def snapshots_with_status(self, statuses: Iterable[str]) -> list[SnapshotRow]:
+        with self.session() as s:
+            q = select(SnapshotRow).where(SnapshotRow.status.in_(list(statuses)))
+            return list(s.scalars(q))
+
+    def sandboxes_from_snapshot(self, snapshot_id: str) -> list[SandboxRow]:
+        """Live sandboxes spawned from a snapshot."""
+        with self.session() as s:
+            q = select(SandboxRow).where(
+                SandboxRow.snapshot_id == snapshot_id, SandboxRow.status != SandboxStatus.DELETED
+            )
+            return list(s.scalars(q))
 
     # -- quotas -------------------------------------------------------------------------------
 

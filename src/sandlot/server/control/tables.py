@@ -99,6 +99,35 @@ class SandboxRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: The snapshot it was spawned from (None: made from its image).
+    snapshot_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class SnapshotRow(Base):
+    """A snapshot of a sandbox's filesystem (its files are the engine's: images/snapshots.py)."""
+
+    __tablename__ = "snapshots"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project: Mapped[str] = mapped_column(String(128), index=True)
+    name: Mapped[str] = mapped_column(String(128), index=True)
+    #: The sandbox it was taken of (Koyeb calls it the service).
+    sandbox_id: Mapped[str] = mapped_column(String(64), index=True)
+    region: Mapped[str] = mapped_column(String(64))
+    #: "filesystem" or "full" (Koyeb's SnapshotType values).
+    snapshot_type: Mapped[str] = mapped_column(String(16))
+    #: One of Koyeb's SnapshotStatus values (sandlot.server.status.SnapshotStatus).
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    #: The base image of its layers: what spawned sandboxes show as their image.
+    image: Mapped[str] = mapped_column(Text)
+    labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    messages: Mapped[list[str]] = mapped_column(JSON, default=list)
+    #: Made by a fork: removed once the last sandbox spawned from it is deleted.
+    ephemeral: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    available_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class SandboxEvent(Base):

@@ -108,6 +108,7 @@ def with_create_options(fn: F) -> F:
 
 @click.command()
 @with_create_options
+@click.option("--snapshot", default=None, help="Start from this snapshot's filesystem (its id).")
 @click.option("--json", "as_json", is_flag=True, help="Print the sandbox as JSON.")
 @sdk_errors
 def create(
@@ -116,6 +117,7 @@ def create(
     instance_type: str,
     env: tuple[str, ...],
     labels: tuple[str, ...],
+    snapshot: str | None,
     as_json: bool,
 ) -> None:
     """Create a sandbox and print its id."""
@@ -125,6 +127,7 @@ def create(
         instance_type=instance_type,
         env=parse_pairs(env, "--env"),
         labels=parse_pairs(labels, "--label"),
+        snapshot=snapshot,
     )
     info = summary(sb)
     sb.close()  # the sandbox keeps running: only the handle goes

@@ -265,8 +265,9 @@ def _given(**values: object) -> dict[str, Any]:
 
 def _register() -> None:
     from sandlot.cli.commands import COMMANDS
+    from sandlot.cli.snapshot_commands import fork, snapshot
 
-    for command in COMMANDS:
+    for command in [*COMMANDS, snapshot, fork]:
         main.add_command(command)
 
 

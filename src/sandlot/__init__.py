@@ -33,6 +33,7 @@ _LAZY = {
     "Snapshot": "sandlot.sdk",
     "AsyncSnapshot": "sandlot.sdk",
     "SnapshotType": "sandlot.sdk.types",
+    "ConfigFile": "sandlot.sdk.types",
     "SnapshotStatus": "sandlot.sdk.types",
 }
 
@@ -41,6 +42,7 @@ __all__ = [
     "AsyncSandbox",
     "AsyncSnapshot",
     "CommandCancelledError",
+    "ConfigFile",
     "ControlClient",
     "InvalidPortError",
     "MissingApiTokenError",
@@ -79,7 +81,7 @@ if TYPE_CHECKING:  # pragma: no cover - names for type checkers only
         TemplateBuildError,
         UnsupportedFeatureError,
     )
-    from sandlot.sdk.types import SnapshotStatus, SnapshotType
+    from sandlot.sdk.types import ConfigFile, SnapshotStatus, SnapshotType
 
 
 def __getattr__(name: str) -> Any:

@@ -20,6 +20,7 @@ __all__ = [
     "CancelToken",
     "CommandResult",
     "CommandStatus",
+    "ConfigFile",
     "EndEvent",
     "ExitEvent",
     "ExposedPort",
@@ -319,3 +320,12 @@ class SnapshotStatus(enum.Enum):
     DELETING = "deleting"
     DELETED = "deleted"
     FAILED = "failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigFile:
+    """A file written into a new sandbox (``create(config_files={path: ConfigFile(...)})``,
+    Koyeb's name): its content and its permissions (octal, default ``"0644"``)."""
+
+    content: str | bytes
+    permissions: str = "0644"

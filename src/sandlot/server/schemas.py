@@ -112,6 +112,17 @@ class CreateSandbox(_Strict):
         description="Start from this snapshot's filesystem (its id); the image is the "
         "snapshot's, so image must be omitted or the same.",
     )
+    sandbox_secret: StrictStr | None = Field(
+        None,
+        pattern=r"^[\x21-\x7e]{16,512}$",
+        description="The agent's bearer secret, chosen by the caller (16-512 printable ASCII "
+        "characters, no spaces); default: one derived by the server.",
+    )
+    deep_sleep_value: TimerSeconds | None = Field(
+        None,
+        description="With enable_light_sleep: seconds asleep (light) before deep sleep; "
+        "default 3900 (Koyeb's _experimental_deep_sleep_value).",
+    )
 
     @model_validator(mode="after")
     def _egress(self) -> CreateSandbox:

@@ -113,6 +113,16 @@ class LifecycleMixin(SandboxBase):
             body["enable_light_sleep"] = _experimental_enable_light_sleep
         await self._patch(body, f"update sandbox {self.id}")
 
+    async def update_network_policy(
+        self, block_network: bool | None = None, outbound_allowlist: Sequence[str] | None = None
+    ) -> None:
+        """Change the sandbox's egress policy (Koyeb's name), live: ``block_network=True`` (no
+        network), ``False`` (full outbound), or an ``outbound_allowlist`` of addresses/CIDRs.
+        Unlike Koyeb, which redeploys the sandbox (its processes and memory are lost), sandlot
+        applies it to the running sandbox; and with neither argument the sandbox gets
+        sandlot's default, no network at all (Koyeb's is full outbound)."""
+        await self.update_network(block_network, outbound_allowlist)
+
     async def update_network(
         self, block_network: bool | None = None, outbound_allowlist: Sequence[str] | None = None
     ) -> None:

@@ -14,6 +14,7 @@ This file is the source of truth; ``src/sandlot/sdk/_sync/`` is generated from i
 from __future__ import annotations
 
 import datetime as dt
+import shlex
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -28,10 +29,11 @@ from sandlot.sdk._async.ports import PortsMixin
 from sandlot.sdk._async.processes import ProcessesMixin
 from sandlot.sdk._async.template import AsyncSnapshotTemplate
 from sandlot.sdk._connection import Connection, connection_arguments, resolve_connection
-from sandlot.sdk._limits import DEFAULT_CREATE_TIMEOUT, DEFAULT_IDLE_TIMEOUT
+from sandlot.sdk._create_options import config_file_items, refuse_cloud_only
+from sandlot.sdk._limits import DEFAULT_CREATE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_POLL_INTERVAL
 from sandlot.sdk._primitives import async_sleep, monotonic
 from sandlot.sdk.errors import SandboxError, SandboxServiceError
-from sandlot.sdk.types import SnapshotStatus, SnapshotType
+from sandlot.sdk.types import ConfigFile, SnapshotStatus, SnapshotType
 
 
 class AsyncSandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
@@ -72,6 +74,13 @@ class AsyncSandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
         outbound_allowlist: Sequence[str] | None = None,
         runtime: str | None = None,
         snapshot: AsyncSnapshot | str | None = None,
+        config_files: Mapping[str, str | bytes | ConfigFile] | None = None,
+        sandbox_secret: str | None = None,
+        _experimental_deep_sleep_value: int | None = None,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        cleanup_on_failure: bool = True,
+        app_id: str | None = None,
+        enable_mesh: bool | None = None,
     ) -> AsyncSandbox:
         """Create a sandbox. With ``wait_ready`` (the default) it answers once the sandbox is
         healthy, waiting at most ``timeout`` seconds (then :class:`SandboxTimeoutError`).
@@ -90,7 +99,16 @@ class AsyncSandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
         ``"gvisor"`` (gVisor's user-space kernel between the code and the host's).
 
         ``snapshot``: start from a snapshot's filesystem (an :class:`AsyncSnapshot` or its id);
-        the sandbox then runs the snapshot's image (leave ``image`` out)."""
+        the sandbox then runs the snapshot's image (leave ``image`` out).
+
+        Koyeb's other options: ``config_files`` (``{path: content or ConfigFile}``, written
+        once the sandbox is ready), ``sandbox_secret`` (the agent's secret, default: one the
+        server derives), ``_experimental_deep_sleep_value`` (with light sleep: seconds before
+        deep sleep), ``poll_interval`` (of the SDK's readiness polls); ``cleanup_on_failure``
+        is always what sandlot does; ``app_id`` and ``enable_mesh=True`` mean something on
+        Koyeb's cloud only: :class:`UnsupportedFeatureError`."""
+        refuse_cloud_only(app_id, enable_mesh)
+        files = config_file_items(config_files)
         conn = resolve_connection(api_url, api_token)
         body: dict[str, Any] = {
             "image": image,
@@ -120,6 +138,10 @@ class AsyncSandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
             body["runtime"] = runtime
         if snapshot is not None:
             body["snapshot"] = snapshot.id if isinstance(snapshot, AsyncSnapshot) else snapshot
+        if sandbox_secret is not None:
+            body["sandbox_secret"] = sandbox_secret
+        if _experimental_deep_sleep_value is not None:
+            body["deep_sleep_value"] = _experimental_deep_sleep_value
         content = to_json(**body)
         client = await open_client(conn)
         try:
@@ -137,7 +159,24 @@ class AsyncSandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
         except BaseException:
             await client.aclose()
             raise
-        return cls(info, conn, client)
+        sandbox = cls(info, conn, client)
+        if files:
+            try:
+                await sandbox.wait_ready(timeout=timeout, poll_interval=poll_interval)
+                await sandbox._write_config_files(files)
+            except BaseException:
+                await sandbox.delete()  # as a failed create: nothing half made is left
+                await sandbox.close()
+                raise
+        return sandbox
+
+    async def _write_config_files(self, files: list[tuple[str, bytes, int]]) -> None:
+        for path, data, mode in files:
+            parent = path.rsplit("/", 1)[0]
+            if parent:
+                await self.filesystem.mkdir(parent, recursive=True)
+            await self.filesystem.write_file(path, data)
+            await self.exec(f"chmod {mode:o} {shlex.quote(path)}", raise_on_error=True)
 
     @classmethod
     async def create_from_snapshot(

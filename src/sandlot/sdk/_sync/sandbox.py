@@ -15,6 +15,7 @@ This file is the source of truth; ``src/sandlot/sdk/_sync/`` is generated from i
 from __future__ import annotations
 
 import datetime as dt
+import shlex
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -23,7 +24,8 @@ from urllib.parse import quote
 import httpx
 
 from sandlot.sdk._connection import Connection, connection_arguments, resolve_connection
-from sandlot.sdk._limits import DEFAULT_CREATE_TIMEOUT, DEFAULT_IDLE_TIMEOUT
+from sandlot.sdk._create_options import config_file_items, refuse_cloud_only
+from sandlot.sdk._limits import DEFAULT_CREATE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_POLL_INTERVAL
 from sandlot.sdk._primitives import monotonic, sync_sleep
 from sandlot.sdk._sync.calls import allowlist, call, open_client, to_json
 from sandlot.sdk._sync.filesystem import Filesystem
@@ -32,7 +34,7 @@ from sandlot.sdk._sync.ports import PortsMixin
 from sandlot.sdk._sync.processes import ProcessesMixin
 from sandlot.sdk._sync.template import SnapshotTemplate
 from sandlot.sdk.errors import SandboxError, SandboxServiceError
-from sandlot.sdk.types import SnapshotStatus, SnapshotType
+from sandlot.sdk.types import ConfigFile, SnapshotStatus, SnapshotType
 
 
 class Sandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
@@ -73,6 +75,13 @@ class Sandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
         outbound_allowlist: Sequence[str] | None = None,
         runtime: str | None = None,
         snapshot: Snapshot | str | None = None,
+        config_files: Mapping[str, str | bytes | ConfigFile] | None = None,
+        sandbox_secret: str | None = None,
+        _experimental_deep_sleep_value: int | None = None,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        cleanup_on_failure: bool = True,
+        app_id: str | None = None,
+        enable_mesh: bool | None = None,
     ) -> Sandbox:
         """Create a sandbox. With ``wait_ready`` (the default) it answers once the sandbox is
         healthy, waiting at most ``timeout`` seconds (then :class:`SandboxTimeoutError`).
@@ -91,7 +100,16 @@ class Sandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
         ``"gvisor"`` (gVisor's user-space kernel between the code and the host's).
 
         ``snapshot``: start from a snapshot's filesystem (an :class:`AsyncSnapshot` or its id);
-        the sandbox then runs the snapshot's image (leave ``image`` out)."""
+        the sandbox then runs the snapshot's image (leave ``image`` out).
+
+        Koyeb's other options: ``config_files`` (``{path: content or ConfigFile}``, written
+        once the sandbox is ready), ``sandbox_secret`` (the agent's secret, default: one the
+        server derives), ``_experimental_deep_sleep_value`` (with light sleep: seconds before
+        deep sleep), ``poll_interval`` (of the SDK's readiness polls); ``cleanup_on_failure``
+        is always what sandlot does; ``app_id`` and ``enable_mesh=True`` mean something on
+        Koyeb's cloud only: :class:`UnsupportedFeatureError`."""
+        refuse_cloud_only(app_id, enable_mesh)
+        files = config_file_items(config_files)
         conn = resolve_connection(api_url, api_token)
         body: dict[str, Any] = {
             "image": image,
@@ -121,6 +139,10 @@ class Sandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
             body["runtime"] = runtime
         if snapshot is not None:
             body["snapshot"] = snapshot.id if isinstance(snapshot, Snapshot) else snapshot
+        if sandbox_secret is not None:
+            body["sandbox_secret"] = sandbox_secret
+        if _experimental_deep_sleep_value is not None:
+            body["deep_sleep_value"] = _experimental_deep_sleep_value
         content = to_json(**body)
         client = open_client(conn)
         try:
@@ -138,7 +160,24 @@ class Sandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
         except BaseException:
             client.close()
             raise
-        return cls(info, conn, client)
+        sandbox = cls(info, conn, client)
+        if files:
+            try:
+                sandbox.wait_ready(timeout=timeout, poll_interval=poll_interval)
+                sandbox._write_config_files(files)
+            except BaseException:
+                sandbox.delete()  # as a failed create: nothing half made is left
+                sandbox.close()
+                raise
+        return sandbox
+
+    def _write_config_files(self, files: list[tuple[str, bytes, int]]) -> None:
+        for path, data, mode in files:
+            parent = path.rsplit("/", 1)[0]
+            if parent:
+                self.filesystem.mkdir(parent, recursive=True)
+            self.filesystem.write_file(path, data)
+            self.exec(f"chmod {mode:o} {shlex.quote(path)}", raise_on_error=True)
 
     @classmethod
     def create_from_snapshot(

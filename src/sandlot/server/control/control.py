@@ -27,7 +27,7 @@ from sandlot.server.control.lifecycle import Lifecycle
 from sandlot.server.control.pools import WarmPools
 from sandlot.server.control.snapshots import Snapshots
 from sandlot.server.control.store import QuotaExceeded, Store
-from sandlot.server.control.tables import SandboxRow, utcnow
+from sandlot.server.control.tables import SANDBOX_SECRET_COLUMN, SandboxRow, utcnow
 from sandlot.server.errors import ApiError
 from sandlot.server.schemas import CreateSandbox
 from sandlot.server.status import SandboxStatus, SnapshotStatus
@@ -117,6 +117,7 @@ class Control(Core):
             and mode is NetworkMode.NONE
             and auth is None
             and req.snapshot is None
+            and req.sandbox_secret is None
         ):
             try:
                 claimed = await self.pools.claim(project, req, image)
@@ -152,6 +153,10 @@ class Control(Core):
             created_at=now,
             updated_at=now,
             snapshot_id=req.snapshot,
+            deep_sleep_after=req.deep_sleep_value,
+            secret_sealed=""
+            if req.sandbox_secret is None
+            else self.store.key.seal(req.sandbox_secret, SANDBOX_SECRET_COLUMN),
         )
         try:
             await self.db(self.store.add_sandbox, row, True)

@@ -302,7 +302,9 @@ class Lifecycle:
                     row,
                     f"delete_after_inactivity_delay ({row.delete_after_inactivity_delay}s) passed",
                 )
-            elif row.sleep_kind == "light" and asleep_for >= DEEP_SLEEP_AFTER_LIGHT:
+            elif row.sleep_kind == "light" and asleep_for >= (
+                DEEP_SLEEP_AFTER_LIGHT if row.deep_sleep_after is None else row.deep_sleep_after
+            ):
                 await self.sleep(row.id, "deep")
             return
         if row.idle_timeout <= 0 or self._inflight.get(row.id):

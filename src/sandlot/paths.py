@@ -30,6 +30,8 @@ SANDBOX_PROCESS_JOURNAL = f"{SANDBOX_RUN_DIR}/processes"
 SANDBOX_CONFIG_DIR = "/.sandlot/config"
 SANDBOX_SECRET_FILE = f"{SANDBOX_CONFIG_DIR}/secret"
 SANDBOX_ENV_FILE = f"{SANDBOX_CONFIG_DIR}/env"
+#: The sandbox's main process (entrypoint/command/args), a ``sh -c`` line the agent runs.
+SANDBOX_MAIN_COMMAND_FILE = f"{SANDBOX_CONFIG_DIR}/main"
 
 
 def state_dir() -> Path:

@@ -28,6 +28,8 @@ Environment:
   SANDLOT_AGENT_PID_FILE with unix:PATH, where the agent writes its pid: SIGUSR1 then closes
                          its sockets for a gVisor checkpoint, SIGUSR2 listens again
                          (see sandlot.agent.checkpoint)
+  SANDLOT_MAIN_COMMAND_FILE  file holding the sandbox's main process (a sh -c line), started
+                         and restarted by the agent (see sandlot.agent.main_process)
 """
 
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from sandlot.agent import commands, files
+from sandlot.agent import commands, files, main_process
 from sandlot.agent.auth import Authenticator
 from sandlot.agent.chunks import Utf8Splitter, chunk_fields
 from sandlot.agent.commands import SpawnError, exit_code, parse_command_request, pump, spawn
@@ -186,6 +186,10 @@ class App:
         self.live_groups: set[int] = set()
         self.processes = ProcessManager(
             self.base_env, self.live_groups, self._lock, Journal.from_env(os.environ)
+        )
+        #: The sandbox's main process (entrypoint/command/args), if it has one.
+        self.main_process = main_process.supervise(
+            os.environ, self.processes, self.cwd, self.stopping
         )
         self.ports: list[str] = []
 

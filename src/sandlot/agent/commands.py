@@ -34,6 +34,7 @@ HIDDEN_ENV = frozenset(
         "SANDBOX_AUTH_MODE",
         "SANDLOT_ENV_FILE",
         "SANDLOT_PROCESS_JOURNAL",
+        "SANDLOT_MAIN_COMMAND_FILE",
     }
 )
 #: Commands run in their command environment when it comes from this file (JSON object of

@@ -209,9 +209,13 @@ class ProcessManager:
         *,
         stdin: bool,
         timeout: float | None = None,
+        process_id: str | None = None,
     ) -> ManagedProcess:
+        """``process_id``: a chosen id (the main process's, see main_process.py)."""
         popen = spawn(cmd, cwd, env, base_env=self._base_env, stdin=stdin)
         proc = ManagedProcess(cmd, cwd, popen, started_at=time.time())
+        if process_id is not None:
+            proc.id = process_id
         proc.timeout = timeout
         with self._lock:
             self._procs[proc.id] = proc

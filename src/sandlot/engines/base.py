@@ -85,6 +85,9 @@ class SandboxSpec:
     #: Start from this filesystem snapshot (its layers over its image; ``image`` is then the
     #: snapshot's base image, for the record), or None.
     snapshot: str | None = None
+    #: The sandbox's main process (Koyeb's entrypoint/command/args as one ``sh -c`` line),
+    #: started and restarted by its agent; None: none.
+    command: str | None = None
 
 
 #: The runtimes a sandbox may ask for; the first is the default.

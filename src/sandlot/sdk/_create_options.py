@@ -8,13 +8,17 @@ both faces of the SDK (docs/snapshots.md and the README list them):
   whose create failed (it would hold host resources), and its events say why;
 - ``poll_interval`` is the pace of the SDK's own readiness polls (the server waits for
   readiness itself when ``wait_ready``);
-- ``config_files`` are written once the sandbox is ready, each with its permissions.
+- ``config_files`` are written once the sandbox is ready, each with its permissions;
+- ``entrypoint``/``command``/``args`` become the sandbox's main process (:func:`main_command`),
+  which its agent starts beside itself and restarts whenever it ends (the image's own
+  ENTRYPOINT and CMD are not run, as on Koyeb's sandboxes).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import shlex
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sandlot.sdk.errors import SandboxRequestError, UnsupportedFeatureError
@@ -33,6 +37,27 @@ def refuse_cloud_only(app_id: str | None, enable_mesh: bool | None) -> None:
         raise UnsupportedFeatureError(
             "enable_mesh is Koyeb's service mesh: sandlot has none (leave it out or pass False)"
         )
+
+
+def main_command(
+    entrypoint: Sequence[str] | None, command: str | None, args: Sequence[str] | None
+) -> str | None:
+    """One ``sh -c`` line: ``entrypoint`` (argv) followed by ``command`` and ``args`` as
+    arguments; without an entrypoint, ``command`` is a shell line and ``args`` its arguments."""
+    for name, value in (("entrypoint", entrypoint), ("args", args)):
+        if isinstance(value, str) or (
+            value is not None and not all(isinstance(v, str) for v in value)
+        ):
+            raise SandboxRequestError(f"{name} must be a list of strings", 400)
+    if command is not None and not isinstance(command, str):
+        raise SandboxRequestError("command must be a string", 400)
+    if entrypoint:
+        return shlex.join([*entrypoint, *([command] if command else []), *(args or [])])
+    if command:
+        return command + (" " + shlex.join(args) if args else "")
+    if args:
+        raise SandboxRequestError("args needs an entrypoint or a command to pass them to", 400)
+    return None
 
 
 def config_file_items(config_files: Mapping[str, Any] | None) -> list[tuple[str, bytes, int]]:

@@ -118,6 +118,13 @@ class CreateSandbox(_Strict):
         description="The agent's bearer secret, chosen by the caller (16-512 printable ASCII "
         "characters, no spaces); default: one derived by the server.",
     )
+    command: StrictStr | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="The sandbox's main process, a sh -c line (Koyeb's entrypoint/command/args "
+        "joined by the SDK), started beside the agent and restarted whenever it ends.",
+    )
     deep_sleep_value: TimerSeconds | None = Field(
         None,
         description="With enable_light_sleep: seconds asleep (light) before deep sleep; "
@@ -244,6 +251,8 @@ class SandboxOut(BaseModel):
     outbound_allowlist: list[str] | None = None
     error: str = ""
     secret: str | None = Field(None, description="Present on create and get; absent from list.")
+    command: str | None = Field(None, description="Its main process, if it has one.")
+    snapshot: str | None = Field(None, description="The snapshot it was spawned from.")
 
 
 class SandboxList(BaseModel):

@@ -88,6 +88,7 @@ from sandlot.paths import (
     SANDBOX_AGENT_SOCKET,
     SANDBOX_CLAIM_FILE,
     SANDBOX_ENV_FILE,
+    SANDBOX_MAIN_COMMAND_FILE,
     SANDBOX_PROCESS_JOURNAL,
     SANDBOX_SECRET_FILE,
     images_dir,
@@ -508,6 +509,7 @@ class LocalEngine:
             etc=etc,
             secret=None if spec.pool else spec.secret,
             env=command_env,
+            main_command=spec.command,
         )
         env = {
             **AGENT_ENV,
@@ -517,6 +519,8 @@ class LocalEngine:
         if spec.runtime == "gvisor":
             env["SANDLOT_TUNNEL_FD"] = "0"  # see agent/tunnel.py
             env["SANDLOT_AGENT_PID_FILE"] = SANDBOX_AGENT_PID_FILE  # see checkpoint.py
+        if spec.command is not None:
+            env["SANDLOT_MAIN_COMMAND_FILE"] = SANDBOX_MAIN_COMMAND_FILE
         if spec.pool:
             env["SANDBOX_AUTH_MODE"] = "pool"
             env["SANDBOX_SECRET_PATH"] = SANDBOX_CLAIM_FILE  # the claim is kept here

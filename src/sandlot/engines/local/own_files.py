@@ -14,7 +14,8 @@ Layout on the disk (``layer/``)::
       etc/                hostname, hosts, resolv.conf: owned by the sandbox's root, bound rw
       run/                owned by the sandbox's root, bound rw at /.sandlot/run
       config/             host root : sandbox root, 0750, bound ro at /.sandlot/config:
-                          ``secret`` and ``env`` (0440): the sandbox reads them, and cannot
+                          ``secret``, ``env`` and ``main`` (the main process's command;
+                          0440): the sandbox reads them, and cannot
                           change them even after remounting (their owner is unmapped inside)
       agent.log[.1]       pid 1's stdout and stderr, rotated at each start past LOG_MAX_BYTES
 """
@@ -69,6 +70,7 @@ def prepare(
     etc: Mapping[str, str],
     secret: str | None,
     env: Mapping[str, str],
+    main_command: str | None = None,
 ) -> Path:
     """Make the sandbox's own files on its freshly mounted disk; return their directory."""
     own = own_dir(layer)
@@ -85,6 +87,8 @@ def prepare(
     _write(config / "env", json.dumps(dict(env)), 0, base, 0o440)
     if secret is not None:
         _write(config / "secret", secret, 0, base, 0o440)
+    if main_command is not None:
+        _write(config / "main", main_command, 0, base, 0o440)
     return own
 
 

@@ -29,7 +29,7 @@ from sandlot.sdk._async.ports import PortsMixin
 from sandlot.sdk._async.processes import ProcessesMixin
 from sandlot.sdk._async.template import AsyncSnapshotTemplate
 from sandlot.sdk._connection import Connection, connection_arguments, resolve_connection
-from sandlot.sdk._create_options import config_file_items, refuse_cloud_only
+from sandlot.sdk._create_options import config_file_items, main_command, refuse_cloud_only
 from sandlot.sdk._limits import DEFAULT_CREATE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_POLL_INTERVAL
 from sandlot.sdk._primitives import async_sleep, monotonic
 from sandlot.sdk.errors import SandboxError, SandboxServiceError
@@ -81,6 +81,9 @@ class AsyncSandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
         cleanup_on_failure: bool = True,
         app_id: str | None = None,
         enable_mesh: bool | None = None,
+        entrypoint: Sequence[str] | None = None,
+        command: str | None = None,
+        args: Sequence[str] | None = None,
     ) -> AsyncSandbox:
         """Create a sandbox. With ``wait_ready`` (the default) it answers once the sandbox is
         healthy, waiting at most ``timeout`` seconds (then :class:`SandboxTimeoutError`).
@@ -104,11 +107,15 @@ class AsyncSandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
         Koyeb's other options: ``config_files`` (``{path: content or ConfigFile}``, written
         once the sandbox is ready), ``sandbox_secret`` (the agent's secret, default: one the
         server derives), ``_experimental_deep_sleep_value`` (with light sleep: seconds before
-        deep sleep), ``poll_interval`` (of the SDK's readiness polls); ``cleanup_on_failure``
+        deep sleep), ``poll_interval`` (of the SDK's readiness polls), ``entrypoint``/
+        ``command``/``args`` (the sandbox's main process, started beside the agent and
+        restarted whenever it ends; listed as ``main-N`` by :meth:`list_processes`);
+        ``cleanup_on_failure``
         is always what sandlot does; ``app_id`` and ``enable_mesh=True`` mean something on
         Koyeb's cloud only: :class:`UnsupportedFeatureError`."""
         refuse_cloud_only(app_id, enable_mesh)
         files = config_file_items(config_files)
+        main = main_command(entrypoint, command, args)
         conn = resolve_connection(api_url, api_token)
         body: dict[str, Any] = {
             "image": image,
@@ -140,6 +147,8 @@ class AsyncSandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
             body["snapshot"] = snapshot.id if isinstance(snapshot, AsyncSnapshot) else snapshot
         if sandbox_secret is not None:
             body["sandbox_secret"] = sandbox_secret
+        if main is not None:
+            body["command"] = main
         if _experimental_deep_sleep_value is not None:
             body["deep_sleep_value"] = _experimental_deep_sleep_value
         content = to_json(**body)

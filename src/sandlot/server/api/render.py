@@ -99,6 +99,8 @@ class Renderer:
             outbound_allowlist=row.outbound_allowlist,
             error=hide_host_paths(row.error or ""),
             secret=self.store.sandbox_secret(row) if with_secret else None,
+            command=row.command,
+            snapshot=row.snapshot_id,
         )
 
     def port(

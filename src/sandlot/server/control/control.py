@@ -118,6 +118,7 @@ class Control(Core):
             and auth is None
             and req.snapshot is None
             and req.sandbox_secret is None
+            and req.command is None
         ):
             try:
                 claimed = await self.pools.claim(project, req, image)
@@ -154,6 +155,7 @@ class Control(Core):
             updated_at=now,
             snapshot_id=req.snapshot,
             deep_sleep_after=req.deep_sleep_value,
+            command=req.command,
             secret_sealed=""
             if req.sandbox_secret is None
             else self.store.key.seal(req.sandbox_secret, SANDBOX_SECRET_COLUMN),
@@ -177,6 +179,7 @@ class Control(Core):
             registry_auth=auth,
             runtime=req.runtime,
             snapshot=req.snapshot,
+            command=req.command,
         )
         try:
             info = await engine.create(spec)

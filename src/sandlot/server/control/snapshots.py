@@ -242,6 +242,8 @@ def _options_of(row: SandboxRow, env: dict[str, str]) -> CreateSandbox:
             "delete_after_delay": row.delete_after_delay,
             "delete_after_inactivity_delay": row.delete_after_inactivity_delay,
             "enable_light_sleep": row.light_sleep,
+            "command": row.command,
+            "deep_sleep_value": row.deep_sleep_after,
             "labels": dict(row.labels or {}) or None,
             "block_network": False
             if row.network == "outbound" and not row.outbound_allowlist

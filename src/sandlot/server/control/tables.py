@@ -101,6 +101,8 @@ class SandboxRow(Base):
     deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     #: The snapshot it was spawned from (None: made from its image).
     snapshot_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: Its main process (a sh -c line), or None.
+    command: Mapped[str | None] = mapped_column(Text, nullable=True)
     #: With light sleep: seconds asleep before deep sleep (None: lifecycle's default).
     deep_sleep_after: Mapped[int | None] = mapped_column(Integer, nullable=True)
 

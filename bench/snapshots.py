@@ -17,6 +17,7 @@ against a cold create -> first ``echo`` of the same image, interleaved in one ru
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -66,7 +67,7 @@ def measure(url: str, sizes_mb: list[int], runs: int) -> dict[str, Any]:
             try:
                 for _ in range(3):  # interleaved: a busy moment hits both alike
                     colds.append(_echo_after(lambda: Sandbox.create(image=IMAGE, api_url=url)))
-                    spawns.append(_echo_after(lambda: snap.spawn(api_url=url)))
+                    spawns.append(_echo_after(functools.partial(snap.spawn, api_url=url)))
             finally:
                 snap.delete()
         spawn, cold = summarize(spawns), summarize(colds)

@@ -5,8 +5,13 @@ template step) is sent."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
-from support.server import RunningServer
+from sdk.conftest import IMAGES_DIR, local_engine_unavailable
+from support.server import RunningServer, start_server
 
 from sandlot import (
     AsyncSandbox,
@@ -197,3 +202,66 @@ async def test_async_face(api_url: str) -> None:
     finally:
         await sb.delete()
         await sb.close()
+
+
+def test_a_project_keeps_a_bounded_number_of_snapshots(
+    api_url: str, local_server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local_server.app.state.control.snapshots, "max_per_project", 1)
+    with Sandbox.create(image="busybox") as sb:
+        first = sb.snapshot("one")
+        with pytest.raises(SandboxRequestError, match="SANDLOT_MAX_SNAPSHOTS") as refused:
+            sb.snapshot("two")
+        assert refused.value.status_code == 429
+        first.delete()
+        sb.snapshot("two").delete()
+
+
+def test_snapshots_survive_a_server_restart(tmp_path_factory: pytest.TempPathFactory) -> None:
+    reason = local_engine_unavailable()
+    if reason:
+        pytest.skip(reason)
+    from sandlot.engines.local import LocalEngine
+    from sandlot.images.store import ImageStore
+    from sandlot.server.control.tables import SnapshotRow, utcnow
+
+    tmp = Path(tempfile.mkdtemp(prefix="sl-snap-restart-"))
+    db, sock = f"sqlite:///{tmp / 'db'}", tmp / "s.sock"
+    srv = start_server(
+        LocalEngine(tmp / "state", images=ImageStore(IMAGES_DIR)), db, unix_path=sock
+    )
+    try:
+        with Sandbox.create(image="busybox", api_url=srv.url) as sb:
+            sb.exec("echo kept > /k")
+            snap = sb.snapshot("kept")
+            half = SnapshotRow(
+                id="half0made0snapshot000000",
+                project="default",
+                name="half",
+                sandbox_id=sb.id,
+                region="local",
+                snapshot_type="filesystem",
+                status="creating",
+                image="busybox",
+                labels={},
+                messages=[],
+                ephemeral=False,
+                created_at=utcnow(),
+            )
+            srv.app.state.control.store.add_snapshot(half)
+    finally:
+        srv.stop()
+    engine = LocalEngine(tmp / "state", images=ImageStore(IMAGES_DIR))
+    srv = start_server(engine, db, unix_path=sock)
+    try:
+        again = Snapshot.get(snap.id, api_url=srv.url)
+        assert again.status is SnapshotStatus.AVAILABLE
+        with again.spawn() as child:
+            assert child.exec("cat /k").stdout == "kept\n"
+        stale = Snapshot.get("half0made0snapshot000000", api_url=srv.url)
+        assert stale.status is SnapshotStatus.FAILED and "stopped" in stale.messages[0]
+        again.delete()
+        stale.delete()
+    finally:
+        srv.stop()
+        shutil.rmtree(tmp, ignore_errors=True)

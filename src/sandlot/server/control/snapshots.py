@@ -10,6 +10,7 @@ a message that says which (crun cannot; gVisor's checkpoint is not wired in yet)
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -45,10 +46,18 @@ FULL_NOT_YET = (
 )
 
 
+#: Snapshots a project may keep (not deleted ones; forks' too): each holds host disk that no
+#: sandbox quota counts. ``SANDLOT_MAX_SNAPSHOTS`` changes it.
+DEFAULT_MAX_SNAPSHOTS = 100
+
+
 class Snapshots:
     def __init__(self, core: Core, create: Create) -> None:
         self.core = core
         self._create = create
+        self.max_per_project = int(
+            os.environ.get("SANDLOT_MAX_SNAPSHOTS") or DEFAULT_MAX_SNAPSHOTS
+        )
 
     async def _live_source(self, project: str, sandbox_id: str) -> SandboxRow:
         row = await self.core.db(self.core.store.get_any_sandbox, sandbox_id)
@@ -76,6 +85,14 @@ class Snapshots:
             runtime = source.runtime or "crun"
             raise ApiError(400, "unsupported", FULL_ON_CRUN if runtime == "crun" else FULL_NOT_YET)
         engine = self._engine(source)
+        kept = await self.core.db(self.core.store.list_snapshots, project)
+        if len(kept) >= self.max_per_project:
+            raise ApiError(
+                429,
+                "quota_exceeded",
+                f"project {project!r} keeps {len(kept)} snapshots, the most a project may "
+                f"(SANDLOT_MAX_SNAPSHOTS={self.max_per_project}): delete some first",
+            )
         row = SnapshotRow(
             id=secrets.token_hex(12),
             project=project,

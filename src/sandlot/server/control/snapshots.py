@@ -55,9 +55,7 @@ class Snapshots:
     def __init__(self, core: Core, create: Create) -> None:
         self.core = core
         self._create = create
-        self.max_per_project = int(
-            os.environ.get("SANDLOT_MAX_SNAPSHOTS") or DEFAULT_MAX_SNAPSHOTS
-        )
+        self.max_per_project = int(os.environ.get("SANDLOT_MAX_SNAPSHOTS") or DEFAULT_MAX_SNAPSHOTS)
 
     async def _live_source(self, project: str, sandbox_id: str) -> SandboxRow:
         row = await self.core.db(self.core.store.get_any_sandbox, sandbox_id)

@@ -126,9 +126,12 @@ def _measure(fd: int, totals: LayerTotals, seen: set[tuple[int, int]], depth: in
             totals.bytes += st.st_blocks * 512
 
 
-def check_room(totals: LayerTotals, target_dir: Path) -> None:
-    """Refuse before copying when the store's filesystem cannot hold ``totals``."""
-    free = shutil.disk_usage(target_dir).free - DISK_RESERVE
+def check_room(totals: LayerTotals, target_dir: Path, reserve: float = 0.0) -> None:
+    """Refuse before copying when the store's filesystem cannot hold ``totals`` and still keep
+    ``reserve`` (a fraction of it, at least :data:`DISK_RESERVE`) free: snapshots are on the
+    host's disk, which running sandboxes' own disks need too."""
+    usage = shutil.disk_usage(target_dir)
+    free = usage.free - max(DISK_RESERVE, int(usage.total * reserve))
     needed = totals.bytes + totals.entries * ENTRY_COST
     if needed > free:
         raise InsufficientResources(

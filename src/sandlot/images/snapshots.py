@@ -58,8 +58,11 @@ class StoredSnapshot:
 
 
 class SnapshotStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, reserve: float = 0.0) -> None:
+        """``reserve``: the fraction of the disk a new snapshot must leave free (the engine's
+        ``--reserve``, 10 % by default)."""
         self.root = root
+        self.reserve = reserve
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.root.chmod(0o700)
 
@@ -112,7 +115,7 @@ class SnapshotStore:
                 more = layer_copy.measure(layer)
                 totals.bytes += more.bytes
                 totals.entries += more.entries
-        layer_copy.check_room(totals, self.root)
+        layer_copy.check_room(totals, self.root, self.reserve)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{snapshot_id}-", dir=self.root))
         try:
             layer = tmp / "layer"

@@ -214,7 +214,7 @@ class LocalEngine:
         self.disks = DiskStock(state_dir / "disks")
         self.images = images or ImageStore(images_dir(state_dir))
         #: Filesystem snapshots: layers stacked on images (images/snapshots.py).
-        self.snapshots = SnapshotStore(state_dir / "snapshots")
+        self.snapshots = SnapshotStore(state_dir / "snapshots", reserve)
         #: Held by a snapshot's delete and by a spawn until its meta names the snapshot's
         #: layers: a delete then sees every sandbox that uses them.
         self._snapshot_guard = asyncio.Lock()

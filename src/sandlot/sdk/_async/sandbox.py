@@ -224,7 +224,7 @@ class AsyncSandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
     async def snapshot(
         self,
         name: str,
-        snapshot_type: SnapshotType = SnapshotType.FILESYSTEM,
+        snapshot_type: SnapshotType | str | None = None,
         wait_available: bool = True,
         timeout: float = 600,
         labels: Mapping[str, str] | None = None,
@@ -234,9 +234,10 @@ class AsyncSandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
         processes too) needs a runtime that can checkpoint: :class:`UnsupportedFeatureError`
         says so. With ``wait_available`` it answers once the snapshot is available (at most
         ``timeout`` seconds), else at once, while it is being made."""
+        kind = SnapshotType(getattr(snapshot_type, "value", snapshot_type) or "filesystem")
         body: dict[str, Any] = {
             "name": name,
-            "snapshot_type": SnapshotType(snapshot_type).value,
+            "snapshot_type": kind.value,
             "wait_available": wait_available,
         }
         if labels is not None:
@@ -376,6 +377,11 @@ class AsyncSnapshot:
         self.region: str = str(info.get("region", ""))
         self.project_id: str = str(info.get("project_id", ""))
         self.labels: dict[str, str] = dict(info.get("labels") or {})
+        #: Koyeb's fields with no meaning here, for code that reads them.
+        self.deployment_id: str | None = None
+        self.organization_id: str = ""
+        #: What the template that built it did (Koyeb's name; empty otherwise).
+        self.operations: list[str] = getattr(self, "operations", [])
 
     @property
     def service_id(self) -> str:

@@ -150,11 +150,13 @@ class AsyncSnapshotTemplate:
         )
         try:
             await self._apply(builder, on_output, timeout)
-            return await builder.snapshot(
+            made = await builder.snapshot(
                 snapshot_name or self.name,
                 labels={DIGEST_LABEL: digest},
                 timeout=timeout,
             )
+            made.operations = list(self._operations)
+            return made
         finally:
             if self._delete_builder:
                 await builder.delete()

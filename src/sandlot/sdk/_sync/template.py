@@ -151,11 +151,13 @@ class SnapshotTemplate:
         )
         try:
             self._apply(builder, on_output, timeout)
-            return builder.snapshot(
+            made = builder.snapshot(
                 snapshot_name or self.name,
                 labels={DIGEST_LABEL: digest},
                 timeout=timeout,
             )
+            made.operations = list(self._operations)
+            return made
         finally:
             if self._delete_builder:
                 builder.delete()

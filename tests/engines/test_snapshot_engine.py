@@ -119,3 +119,36 @@ async def test_snapshots_survive_a_new_engine(engine: LocalEngine, make_sandbox:
         assert again.snapshots.get(snap).layers == (Path(engine.snapshots.root / snap / "layer"),)
     finally:
         await engine.delete_snapshot(snap)
+
+
+async def test_snapshot_of_a_sleeping_sandbox(engine: LocalEngine, make_sandbox: Factory) -> None:
+    sb = await make_sandbox()
+    await sb.sh("echo asleep > /s")
+    await engine.pause(sb.id)  # light sleep: stays frozen after the snapshot
+    light = "l" + new_sandbox_id()
+    await engine.snapshot(sb.id, light)
+    assert (await engine.inspect(sb.id)).state.value == "paused"
+    await engine.resume(sb.id)
+    await engine.stop(sb.id)  # deep sleep: nothing runs, the files stay
+    deep = "d" + new_sandbox_id()
+    await engine.snapshot(sb.id, deep)
+    try:
+        for snap in (light, deep):
+            child = await make_sandbox(snapshot=snap)
+            assert await child.sh("cat /s") == "asleep\n"
+            await engine.delete(child.id)
+    finally:
+        await engine.delete_snapshot(light)
+        await engine.delete_snapshot(deep)
+
+
+def test_image_prune_keeps_what_snapshots_stack_on(tmp_path: Path) -> None:
+    from sandlot.engines.local.engine import images_in_use
+    from sandlot.images.store import Image
+
+    store = snapshots.SnapshotStore(tmp_path / "snapshots")
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    base = Image("default", Path("/images/default-x/rootfs"), uid_base=STORAGE_ID_BASE)
+    store.create("kept", upper, ID_BASE, base, ())
+    assert images_in_use(tmp_path) == {Path("/images/default-x/rootfs")}

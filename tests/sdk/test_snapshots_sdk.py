@@ -50,6 +50,12 @@ def test_snapshot_spawn_and_delete(api_url: str) -> None:
             assert refused.value.status_code == 409 and "in use" in str(refused.value)
         with Sandbox.create_from_snapshot(snap.id) as again:
             assert again.exec("cat /data/f").stdout == "hello\n"
+        with Sandbox.create(snapshot="first") as by_name:  # Koyeb's SDK takes names too
+            assert by_name.exec("cat /data/f").stdout == "hello\n"
+        twin = sb.snapshot("first")
+        with pytest.raises(SandboxRequestError, match="give the id"):
+            Sandbox.create(snapshot="first")
+        twin.delete()
     assert snap.delete()
     assert snap.status is SnapshotStatus.DELETED
     snap.refresh()

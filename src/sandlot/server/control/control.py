@@ -105,6 +105,7 @@ class Control(Core):
                     f"({snapshot.image!r}): leave image out",
                 )
             region, image = snapshot.region, snapshot.image
+            req = req.model_copy(update={"snapshot": snapshot.id})  # it may have been a name
         engine = self.engines.get(region)
         if engine is None:
             known = ", ".join(sorted(self.engines))

@@ -156,8 +156,23 @@ class Snapshots:
         return row  # type: ignore[no-any-return]
 
     async def usable(self, project: str, snapshot_id: str) -> SnapshotRow:
-        """The snapshot a create spawns from: this project's, and available."""
-        row = await self.get(project, snapshot_id)
+        """The snapshot a create spawns from: this project's, and available. Named by its id,
+        or by its name when that is unambiguous (Koyeb's SDK takes either)."""
+        row = await self.core.db(self.core.store.get_snapshot, snapshot_id, project)
+        if row is None:
+            named = [
+                r
+                for r in await self.core.db(self.core.store.list_snapshots, project)
+                if r.name == snapshot_id
+            ]
+            if len(named) > 1:
+                raise ApiError(
+                    409,
+                    "conflict",
+                    f"{len(named)} snapshots are named {snapshot_id!r}: give the id of one",
+                )
+            row = named[0] if named else await self.get(project, snapshot_id)
+        assert isinstance(row, SnapshotRow)
         if row.status != SnapshotStatus.AVAILABLE:
             raise ApiError(
                 409, "conflict", f"snapshot {snapshot_id} is {row.status}: it cannot be spawned"

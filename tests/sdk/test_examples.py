@@ -17,6 +17,7 @@ EXPECTED = {
     "filesystem.py": "downloaded 256 bytes",
     "background_process.py": "still running: 0",
     "cancel.py": "cancelled:",
+    "snapshots.py": "template says: hello world",
 }
 
 pytestmark = pytest.mark.root

@@ -5,6 +5,7 @@ template step) is sent."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 from pathlib import Path
@@ -233,30 +234,32 @@ def test_snapshots_survive_a_server_restart(tmp_path_factory: pytest.TempPathFac
 
     tmp = Path(tempfile.mkdtemp(prefix="sl-snap-restart-"))
     db, sock = f"sqlite:///{tmp / 'db'}", tmp / "s.sock"
-    srv = start_server(
-        LocalEngine(tmp / "state", images=ImageStore(IMAGES_DIR)), db, unix_path=sock
-    )
+    engine = LocalEngine(tmp / "state", images=ImageStore(IMAGES_DIR))
+    srv = start_server(engine, db, unix_path=sock)
     try:
-        with Sandbox.create(image="busybox", api_url=srv.url) as sb:
-            sb.exec("echo kept > /k")
-            snap = sb.snapshot("kept")
-            half = SnapshotRow(
-                id="half0made0snapshot000000",
-                project="default",
-                name="half",
-                sandbox_id=sb.id,
-                region="local",
-                snapshot_type="filesystem",
-                status="creating",
-                image="busybox",
-                labels={},
-                messages=[],
-                ephemeral=False,
-                created_at=utcnow(),
-            )
-            srv.app.state.control.store.add_snapshot(half)
+        sb = Sandbox.create(image="busybox", api_url=srv.url)
+        sb.exec("echo kept > /k")
+        snap = sb.snapshot("kept")
+        # The server dies in the middle of a snapshot: its row says creating, the sandbox
+        # is frozen for the copy.
+        half = SnapshotRow(
+            id="half0made0snapshot000000",
+            project="default",
+            name="half",
+            sandbox_id=sb.id,
+            region="local",
+            snapshot_type="filesystem",
+            status="creating",
+            image="busybox",
+            labels={},
+            messages=[],
+            ephemeral=False,
+            created_at=utcnow(),
+        )
+        srv.app.state.control.store.add_snapshot(half)
+        asyncio.run(engine.pause(sb.id))
     finally:
-        srv.stop()
+        srv.stop(keep_sandboxes=True)
     engine = LocalEngine(tmp / "state", images=ImageStore(IMAGES_DIR))
     srv = start_server(engine, db, unix_path=sock)
     try:
@@ -266,6 +269,9 @@ def test_snapshots_survive_a_server_restart(tmp_path_factory: pytest.TempPathFac
             assert child.exec("cat /k").stdout == "kept\n"
         stale = Snapshot.get("half0made0snapshot000000", api_url=srv.url)
         assert stale.status is SnapshotStatus.FAILED and "stopped" in stale.messages[0]
+        thawed = Sandbox.get_from_id(sb.id, api_url=srv.url)
+        assert thawed.exec("cat /k", timeout=30).stdout == "kept\n"  # not left frozen
+        thawed.delete()
         again.delete()
         stale.delete()
     finally:

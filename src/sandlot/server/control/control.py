@@ -3,6 +3,7 @@ database and the engines. HTTP concerns (parsing, routes) live in :mod:`sandlot.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 from typing import Any
@@ -308,6 +309,12 @@ class Control(Core):
                 status=SnapshotStatus.FAILED,
                 messages=["the server stopped while the snapshot was being made"],
             )
+            # Its sandbox was frozen for the copy: awake again unless it sleeps.
+            source = await self.db(self.store.get_sandbox, snap.sandbox_id)
+            engine = self.engines.get(snap.region)
+            if source is not None and source.status == SandboxStatus.RUNNING and engine:
+                with contextlib.suppress(EngineError):
+                    await engine.resume(source.id)
         await self._reconcile_engines()
 
     async def _reconcile_engines(self) -> None:

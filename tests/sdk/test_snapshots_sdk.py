@@ -277,3 +277,31 @@ def test_snapshots_survive_a_server_restart(tmp_path_factory: pytest.TempPathFac
     finally:
         srv.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("GET", "/v1/snapshots?status=bogus", None, 400),
+        ("GET", "/v1/snapshots?snapshot_type=memory", None, 400),
+        ("GET", "/v1/snapshots?label=novalue", None, 400),
+        ("GET", "/v1/snapshots/..%2F..%2Fetc", None, 404),
+        ("DELETE", "/v1/snapshots/nope", None, 404),
+        ("POST", "/v1/sandboxes/nope/snapshots", {"name": "x"}, 404),
+        ("POST", "/v1/sandboxes/nope/fork", {"n": 1}, 404),
+        ("POST", "/v1/sandboxes/nope/fork", {"n": 17}, 400),
+        ("POST", "/v1/sandboxes/nope/fork", {"n": True}, 400),
+        ("POST", "/v1/sandboxes/nope/snapshots", {"name": "x", "snapshot_type": "ram"}, 400),
+        ("POST", "/v1/sandboxes/nope/snapshots", {"name": "x", "extra": 1}, 400),
+        ("POST", "/v1/sandboxes", {"snapshot": "nope"}, 404),
+        ("POST", "/v1/sandboxes", {"snapshot": 7}, 400),
+    ],
+)
+def test_bad_api_input_is_a_clear_4xx(
+    local_server: RunningServer, method: str, path: str, body: object, status: int
+) -> None:
+    with local_server.client() as client:
+        answer = client.request(method, path, json=body)
+    assert answer.status_code == status, answer.text
+    assert answer.json().get("error") or answer.json().get("message")
+    assert "/var/" not in answer.text and "/tmp/" not in answer.text

@@ -305,3 +305,17 @@ def test_bad_api_input_is_a_clear_4xx(
     assert answer.status_code == status, answer.text
     assert answer.json().get("error") or answer.json().get("message")
     assert "/var/" not in answer.text and "/tmp/" not in answer.text
+
+
+def test_the_disk_quota_holds_snapshots_too(api_url: str, local_server: RunningServer) -> None:
+    store = local_server.app.state.control.store
+    with Sandbox.create(image="busybox") as sb:
+        held = store.usage("default").disk_mb
+        store.set_quota("default", disk_mb=held)
+        try:
+            with pytest.raises(SandboxRequestError, match="disk quota") as refused:
+                sb.snapshot("over")
+            assert refused.value.status_code == 429
+        finally:
+            store.delete_quota("default")
+        sb.snapshot("fits").delete()

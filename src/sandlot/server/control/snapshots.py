@@ -91,6 +91,7 @@ class Snapshots:
                 f"project {project!r} keeps {len(kept)} snapshots, the most a project may "
                 f"(SANDLOT_MAX_SNAPSHOTS={self.max_per_project}): delete some first",
             )
+        await self._check_disk_quota(project, kept)
         row = SnapshotRow(
             id=secrets.token_hex(12),
             project=project,
@@ -113,6 +114,23 @@ class Snapshots:
         with anyio.CancelScope(shield=True):  # the copy, once begun, completes or fails
             row = await self._make(engine, row, raise_errors=True)
         return row
+
+    async def _check_disk_quota(self, project: str, kept: list[SnapshotRow]) -> None:
+        """A project's disk quota (``sandlot quota set --disk``) holds its sandboxes' disks
+        and its snapshots: a new snapshot is refused once they fill it."""
+        quota = await self.core.db(self.core.store.get_quota, project)
+        if quota is None or quota.disk_mb is None:
+            return
+        usage = await self.core.db(self.core.store.usage, project)
+        held = usage.disk_mb + sum(r.size or 0 for r in kept) / 2**20
+        if held >= quota.disk_mb:
+            raise ApiError(
+                429,
+                "quota_exceeded",
+                f"project {project!r} is at its disk quota ({quota.disk_mb} MiB): its sandboxes' "
+                f"disks and snapshots hold {held:.0f} MiB (delete snapshots or sandboxes, or "
+                "raise it: sandlot quota set)",
+            )
 
     async def _make(
         self, engine: Snapshotter, row: SnapshotRow, raise_errors: bool = False

@@ -82,6 +82,7 @@ def test_nothing_is_owned_by_host_root(upper: Path, tmp_path: Path) -> None:
     assert os.lstat(layer / "rootsuid").st_uid == STORAGE_ID_BASE + 65534  # nobody, not root
     mine = os.lstat(layer / "mine")
     assert mine.st_uid == STORAGE_ID_BASE + 1000 and stat.S_IMODE(mine.st_mode) == 0o6755
+    assert mine.st_mtime_ns == os.lstat(upper / "mine").st_mtime_ns  # times kept
     assert os.readlink(layer / "link") == "/etc/shadow"  # a link, never followed
     assert (layer / "link").is_symlink()
 

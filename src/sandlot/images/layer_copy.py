@@ -161,9 +161,11 @@ def apply_layer(source: Path, target: Path, shift: Shift, totals: LayerTotals) -
 
 
 def _own(fd: int, st: os.stat_result, shift: Shift) -> None:
-    """Owner, then mode (chown clears setuid/setgid: the mode goes on after it)."""
+    """Owner, then mode (chown clears setuid/setgid: the mode goes on after it), then times
+    (make and Python's .pyc checks compare modification times)."""
     os.fchown(fd, shift(st.st_uid), shift(st.st_gid))
     os.fchmod(fd, stat.S_IMODE(st.st_mode))
+    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 class _Copier:
@@ -192,6 +194,8 @@ class _Copier:
                 os.symlink(os.readlink(name, dir_fd=src), name, dir_fd=dst)
                 uid, gid = self.shift(st.st_uid), self.shift(st.st_gid)
                 os.chown(name, uid, gid, dir_fd=dst, follow_symlinks=False)
+                times = (st.st_atime_ns, st.st_mtime_ns)
+                os.utime(name, ns=times, dir_fd=dst, follow_symlinks=False)
             elif is_whiteout(st):
                 _remove(dst, name, old)
                 os.mknod(name, stat.S_IFCHR | 0o000, 0, dir_fd=dst)
@@ -261,6 +265,7 @@ class _Copier:
                         self.totals.drop("capability")
                     else:
                         os.setxattr(fd_out, _CAPS_XATTR, shifted)
+                os.utime(fd_out, ns=(now.st_atime_ns, now.st_mtime_ns))
             finally:
                 os.close(fd_out)
         finally:

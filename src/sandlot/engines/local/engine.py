@@ -891,20 +891,26 @@ class LocalEngine:
             freeze = meta.get("oci") != "gvisor" and not cgroups.is_frozen(self.layout, sandbox_id)
             state = await self._runtime_of(meta).state(sandbox_id)
             freeze = freeze and state is not None and state.get("status") == "running"
-            if freeze:
-                cgroups.set_frozen(self.layout, sandbox_id, True)
             try:
-                stored: StoredSnapshot = await asyncio.to_thread(
-                    self.snapshots.create,
-                    snapshot_id,
-                    directory / "layer" / "upper",
-                    base,
-                    image,
-                    stack,
-                )
-            finally:
                 if freeze:
-                    cgroups.set_frozen(self.layout, sandbox_id, False)
+                    cgroups.set_frozen(self.layout, sandbox_id, True)
+                try:
+                    stored: StoredSnapshot = await asyncio.to_thread(
+                        self.snapshots.create,
+                        snapshot_id,
+                        directory / "layer" / "upper",
+                        base,
+                        image,
+                        stack,
+                    )
+                finally:
+                    if freeze:
+                        cgroups.set_frozen(self.layout, sandbox_id, False)
+            except OSError as exc:  # the message, not str(exc): that would name a host path
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise InsufficientResources("disk", "the server's disk is full") from exc
+                reason = exc.strerror or type(exc).__name__
+                raise EngineError(f"cannot snapshot sandbox {sandbox_id}: {reason}") from exc
         notes = [f"left out {n} {kind} entries" for kind, n in sorted(stored.dropped.items())]
         if len(stored.layers) == 1 and stack:
             notes.append(f"flattened {len(stack) + 1} stacked layers into one")

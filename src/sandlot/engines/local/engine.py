@@ -382,7 +382,8 @@ class LocalEngine:
                 "oci": spec.runtime,
             }
             try:
-                async with self._snapshot_guard:
+                guard = self._snapshot_guard if spec.snapshot else contextlib.nullcontext()
+                async with guard:
                     self._allocate_slot(directory, meta)
                     if spec.snapshot:  # deleted since it was read? then say so now
                         await asyncio.to_thread(self.snapshots.get, spec.snapshot)

@@ -4,7 +4,8 @@ A snapshot row says what the API shows (Koyeb's names and statuses); its files a
 (:mod:`sandlot.images.snapshots`). Project scoping is the row's: another project's snapshot is
 "not found", for get, spawn and delete alike. FILESYSTEM snapshots are what engines make today;
 FULL ones (memory and processes) need a runtime that can checkpoint, and are refused with
-a message that says which (crun cannot; gVisor's checkpoint is not wired in yet).
+a message that says which (crun cannot; a gVisor checkpoint, which deep sleep uses, restores
+only into its own sandbox so far: engines/local/checkpoint.py says what a copy would need).
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ FULL_ON_CRUN = (
     "snapshot instead"
 )
 FULL_NOT_YET = (
-    "FULL snapshots of gvisor sandboxes are not available in this sandlot yet (gVisor's "
-    "checkpoint/restore is not wired in): take a FILESYSTEM snapshot instead"
+    "FULL snapshots of gvisor sandboxes are not available in this sandlot yet (a checkpoint "
+    "restores only into the sandbox it came from: another one would need a copy of its disk "
+    "in its own uid range, not made yet): take a FILESYSTEM snapshot instead"
 )
 
 

@@ -52,6 +52,17 @@ def raise_for_status(response: httpx.Response, what: str) -> None:
     raise SandboxServiceError(message, status, body)
 
 
+def sandboxes_in(data: Any, what: str) -> list[dict[str, Any]]:
+    """The ``sandboxes`` list of an answer (list, fork), each with an id; a malformed answer is a
+    :class:`SandboxServiceError`, never a KeyError from deep inside the SDK."""
+    items = data.get("sandboxes") if isinstance(data, dict) else None
+    if not isinstance(items, list) or not all(
+        isinstance(item, dict) and isinstance(item.get("id"), str) for item in items
+    ):
+        raise SandboxServiceError(f"{what}: the server's answer is not a list of sandboxes")
+    return items
+
+
 def transport_error(exc: Exception, conn: Connection, what: str) -> SandboxError:
     if isinstance(exc, httpx.TimeoutException):
         return SandboxTimeoutError(f"{what}: timed out talking to {conn.description}")

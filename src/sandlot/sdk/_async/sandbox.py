@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 import httpx
 
+from sandlot.sdk._answers import sandboxes_in
 from sandlot.sdk._async.calls import allowlist, call, open_client, to_json
 from sandlot.sdk._async.filesystem import AsyncFilesystem
 from sandlot.sdk._async.lifecycle import LifecycleMixin
@@ -275,7 +276,9 @@ class AsyncSandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
             headers={"content-type": "application/json"},
             timeout=httpx.Timeout(n * (timeout + 30.0), connect=10.0),
         )
-        return [type(self)(item, self._conn) for item in data["sandboxes"]]
+        return [
+            type(self)(item, self._conn) for item in sandboxes_in(data, f"fork sandbox {self.id}")
+        ]
 
     @classmethod
     async def get_from_id(
@@ -312,7 +315,7 @@ class AsyncSandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
             data = await call(client, conn, "GET", "/v1/sandboxes", "list sandboxes", params=params)
         finally:
             await client.aclose()
-        return [cls(item, conn) for item in data["sandboxes"]]
+        return [cls(item, conn) for item in sandboxes_in(data, "list sandboxes")]
 
     # -- context manager --------------------------------------------------------------------------
 

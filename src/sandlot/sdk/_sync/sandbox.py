@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 import httpx
 
+from sandlot.sdk._answers import sandboxes_in
 from sandlot.sdk._connection import Connection, connection_arguments, resolve_connection
 from sandlot.sdk._create_options import config_file_items, main_command, refuse_cloud_only
 from sandlot.sdk._limits import DEFAULT_CREATE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_POLL_INTERVAL
@@ -276,7 +277,9 @@ class Sandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
             headers={"content-type": "application/json"},
             timeout=httpx.Timeout(n * (timeout + 30.0), connect=10.0),
         )
-        return [type(self)(item, self._conn) for item in data["sandboxes"]]
+        return [
+            type(self)(item, self._conn) for item in sandboxes_in(data, f"fork sandbox {self.id}")
+        ]
 
     @classmethod
     def get_from_id(
@@ -313,7 +316,7 @@ class Sandbox(LifecycleMixin, PortsMixin, ProcessesMixin):
             data = call(client, conn, "GET", "/v1/sandboxes", "list sandboxes", params=params)
         finally:
             client.close()
-        return [cls(item, conn) for item in data["sandboxes"]]
+        return [cls(item, conn) for item in sandboxes_in(data, "list sandboxes")]
 
     # -- context manager --------------------------------------------------------------------------
 

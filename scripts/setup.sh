@@ -17,10 +17,11 @@ fi
 #   passt, slirp4netns       outbound networking    postgresql            server store tests
 #   nftables                 egress policies        iproute2              network tests (peer hosts)
 #   skopeo                   registry pulls         docker-registry       a local registry for tests
+#   etcd-server              the kubernetes engine's tests (with kube-apiserver, built below)
 #   (and runsc, gVisor's runtime, built below from the Go module proxy)
 PACKAGES=(crun runc mmdebstrap python3.11-minimal libpython3.11-stdlib patchelf
           busybox-static umoci uidmap passt slirp4netns postgresql python3-venv
-          nftables iproute2 e2fsprogs util-linux skopeo docker-registry)
+          nftables iproute2 e2fsprogs util-linux skopeo docker-registry etcd-server)
 PACKAGES+=(podman docker.io)  # python -m bench compares sandlot with them (daemon started by the bench)
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -34,6 +35,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   # port 5000) is not wanted.
   if [[ " ${missing[*]} " == *" docker-registry "* ]] && [ -d /run/systemd/system ]; then
     systemctl disable --now docker-registry >/dev/null 2>&1 || true
+  fi
+  # Likewise etcd: the kubernetes tests start their own, on free 127.0.0.1 ports.
+  if [[ " ${missing[*]} " == *" etcd-server "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now etcd >/dev/null 2>&1 || true
   fi
 fi
 
@@ -62,6 +67,17 @@ finish_runsc() {
       "scripts/build-runsc.sh to see why)" >&2
   fi
 }
+
+# kube-apiserver for the kubernetes engine's tests: built from the Go module proxy once per
+# machine (~3.5 min on 2 cores; cached by version, scripts/build-kubernetes.sh).
+# SANDLOT_SKIP_KUBERNETES=1 skips it; a failed build leaves the setup going and those tests
+# skip, saying so.
+if [ "${SANDLOT_SKIP_KUBERNETES:-0}" != 1 ]; then
+  if ! scripts/build-kubernetes.sh >/dev/null; then
+    echo "==> WARNING: kube-apiserver did not build; the kubernetes engine's tests will skip" \
+      "(rerun scripts/build-kubernetes.sh to see why)" >&2
+  fi
+fi
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

@@ -88,6 +88,9 @@ class SandboxSpec:
     #: The sandbox's main process (Koyeb's entrypoint/command/args as one ``sh -c`` line),
     #: started and restarted by its agent; None: none.
     command: str | None = None
+    #: The project the sandbox belongs to ("" for a warm-pool sandbox not yet claimed): an
+    #: engine may record it (the kubernetes engine's spec annotation); it decides nothing.
+    project: str = ""
 
 
 #: The runtimes a sandbox may ask for; the first is the default.

@@ -182,6 +182,7 @@ class Control(Core):
             runtime=req.runtime,
             snapshot=req.snapshot,
             command=req.command,
+            project=project,
         )
         try:
             info = await engine.create(spec)

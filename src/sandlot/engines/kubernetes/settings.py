@@ -1,0 +1,52 @@
+"""How a sandlot server uses its cluster (``sandlot server --engine kubernetes ...``): the bottom
+layer of the kubernetes engine, read by every other module of it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+#: The port the agent listens on in every sandbox Pod (its Pod IP's; nothing else reaches it
+#: but the sandlot server, see :mod:`.policies`).
+AGENT_PORT = 7070
+
+#: The image holding the agent runtime at ``/.sandlot/runtime`` (``python -m sandlot.images
+#: runtime-image`` builds it; docs/kubernetes.md). Tagged by sandlot's version.
+DEFAULT_RUNTIME_IMAGE = "sandlot-runtime:latest"
+
+#: Runtime (``SandboxSpec.runtime``) -> RuntimeClass name (None: the cluster's default runtime).
+#: gVisor's containerd shim is usually installed as the RuntimeClass ``gvisor`` (handler
+#: ``runsc``); ``--runtime-class gvisor=NAME`` changes it.
+DEFAULT_RUNTIME_CLASSES: Mapping[str, str | None] = {"crun": None, "gvisor": "gvisor"}
+
+
+#: What the ``default`` image (and its ``koyeb/sandbox`` aliases) means on a cluster: a
+#: registry image with the same Debian and Python as the local default image.
+DEFAULT_IMAGE = "docker.io/library/python:3.11-slim-bookworm"
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    #: The namespace sandboxes live in (the server's Role grants rights there only).
+    namespace: str = "sandlot"
+    #: A kubeconfig file; None: the in-cluster service account, else ``~/.kube/config``.
+    kubeconfig: str | None = None
+    runtime_image: str = DEFAULT_RUNTIME_IMAGE
+    #: The image of sandboxes created with the ``default`` image.
+    default_image: str = DEFAULT_IMAGE
+    runtime_classes: Mapping[str, str | None] = field(
+        default_factory=lambda: dict(DEFAULT_RUNTIME_CLASSES)
+    )
+    #: StorageClass of the sandboxes' PersistentVolumeClaims (None: the cluster's default).
+    storage_class: str | None = None
+    #: Labels a Pod's ``nodeSelector`` must match (e.g. nodes that have the gVisor runtime).
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    #: How long a create or start waits for the Pod to run (image pulls included).
+    start_timeout: float = 300.0
+    #: ``imagePullPolicy`` of the sandboxes' containers.
+    image_pull_policy: str = "IfNotPresent"
+    #: The server's own Pods' labels: the agents' NetworkPolicy admits them alone (and nothing
+    #: else in the cluster) to the agent port.
+    server_pod_labels: Mapping[str, str] = field(
+        default_factory=lambda: {"app.kubernetes.io/name": "sandlot-server"}
+    )

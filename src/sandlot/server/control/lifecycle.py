@@ -207,9 +207,11 @@ class Lifecycle:
             row = await self.control.db(self.control.store.get_sandbox, sandbox_id)
             if row is None or row.status not in (SandboxStatus.RUNNING, SandboxStatus.SLEEPING):
                 return False
+            engine = self.control.engines[row.region]
+            if kind == "light" and not getattr(engine, "can_freeze", True):
+                kind = "deep"  # e.g. Kubernetes: a Pod cannot be frozen, only scaled to zero
             if row.status == SandboxStatus.SLEEPING and (row.sleep_kind == kind or kind == "light"):
                 return False
-            engine = self.control.engines[row.region]
             if kind == "light":
                 await engine.pause(sandbox_id)
             else:

@@ -322,19 +322,44 @@ class Control(Core):
         """Engine-side leftovers of a crash: half-made sandboxes (the engine's own ``recover``)
         and sandboxes this database says were deleted (the server died mid-delete). Sandboxes
         unknown to this database are left alone -- another server may share the engine -- and
-        logged."""
+        logged, unless the engine is ``exclusive`` to this database (a Kubernetes namespace of
+        one deployment, whose replicas share one store): then they are removed, and rows whose
+        sandbox the engine no longer has (a Pod deleted behind sandlot's back) are marked
+        ``error`` as lost."""
         for region, engine in self.engines.items():
+            exclusive = getattr(engine, "exclusive", False)
             removed = await engine.recover()
             if removed:
                 log.warning("engine %s: removed half-created sandboxes %s", region, removed)
-            for info in await engine.list():
+            held = await engine.list()
+            for info in held:
                 row = await self.db(self.store.get_any_sandbox, info.id)
                 if row is not None and row.status == SandboxStatus.DELETED:
+                    await engine.delete(info.id)
+                elif row is None and exclusive:
+                    log.warning("engine %s: removing sandbox %s, which has no row", region, info.id)
                     await engine.delete(info.id)
                 elif row is None:
                     log.warning(
                         "engine %s holds sandbox %s unknown to this server", region, info.id
                     )
+            if exclusive:
+                await self._mark_lost(region, {info.id for info in held})
+
+    async def _mark_lost(self, region: str, held: set[str]) -> None:
+        rows = await self.db(
+            self.store.sandboxes_with_status,
+            [SandboxStatus.RUNNING, SandboxStatus.SLEEPING, SandboxStatus.POOLED],
+        )
+        for row in rows:
+            if row.region == region and row.id not in held:
+                await self.db(
+                    self.store.update_sandbox,
+                    row.id,
+                    status=SandboxStatus.ERROR,
+                    error="lost: the engine no longer has this sandbox",
+                )
+                await self.event(row.id, "error", "lost: the engine no longer has this sandbox")
 
     async def close(self) -> None:
         self.agents.close()

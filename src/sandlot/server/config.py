@@ -3,8 +3,9 @@ layer, read by every other one."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 from urllib.parse import quote
 
 from sandlot.engines.base import Engine
@@ -76,6 +77,20 @@ class ProbeSettings:
     ready_timeout: float = 30.0
 
 
+class Leadership(Protocol):
+    """Which replica of several on one store runs the owned loops (lifecycle timers, warm
+    pools, agent probes) and the start-up reconcile: e.g. a Kubernetes Lease
+    (engines/kubernetes/lease.py)."""
+
+    async def lead(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Forever: run ``work`` while this replica leads; cancel it when it no longer does."""
+        ...
+
+    async def release(self) -> None:
+        """Stop leading at once (shutdown), so another replica need not wait for expiry."""
+        ...
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     database_url: str
@@ -117,3 +132,5 @@ class ServerConfig:
     #: Base of exposed ports' URLs when they are served apart from the API (the ports-only
     #: listener's ``http://127.0.0.1:PORT``). None: the API's own base.
     ports_url: str | None = None
+    #: With several replicas on one store: who runs the owned loops (None: this server alone).
+    leadership: Leadership | None = None

@@ -47,17 +47,32 @@ def create_app(config: ServerConfig) -> Starlette:
     ]
     routes.append(Route(GATEWAY_PATH, Gateway(control), methods=GATEWAY_METHODS))
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def owned_loops() -> None:
+        """What one server of a store runs: lifecycle timers, warm pools, agent probes."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(control.lifecycle.run)
+            if control.pools is not None:
+                tg.start_soon(control.pools.run)
+            tg.start_soon(AgentWatch(control, config.agent_probe).run)
+
+    async def lead() -> None:
         await control.reconcile(config.stale_create_after)
         await control.lifecycle.load()
+        await owned_loops()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        leadership = config.leadership
+        if leadership is None:
+            await control.reconcile(config.stale_create_after)
+            await control.lifecycle.load()
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(control.lifecycle.run)
-                if control.pools is not None:
-                    tg.start_soon(control.pools.run)
+                if leadership is None:
+                    tg.start_soon(owned_loops)
+                else:  # one replica of several: the owned loops while it leads
+                    tg.start_soon(leadership.lead, lead)
                 tg.start_soon(ports.run)
-                tg.start_soon(AgentWatch(control, config.agent_probe).run)
                 try:
                     yield
                 finally:
@@ -67,6 +82,8 @@ def create_app(config: ServerConfig) -> Starlette:
             # clean-up was cancelled (relays, proxies and the engine were not closed) and the
             # cancellation replaced any error that was on its way out.
             with anyio.CancelScope(shield=True):
+                if leadership is not None:
+                    await leadership.release()
                 await ports.close()
                 await control.close()
 

@@ -33,7 +33,35 @@ def main() -> None:
     "--engine",
     default="local",
     show_default=True,
-    help="'local', or module:factory returning an Engine.",
+    help="'local', 'kubernetes' (sandboxes as Pods: see --kubeconfig, --namespace), or "
+    "module:factory returning an Engine.",
+)
+@click.option(
+    "--kubeconfig",
+    default=None,
+    metavar="FILE",
+    help="With --engine kubernetes: the cluster's kubeconfig (default: the in-cluster service "
+    "account, else ~/.kube/config).",
+)
+@click.option(
+    "--namespace",
+    default="sandlot",
+    show_default=True,
+    help="With --engine kubernetes: the namespace sandboxes' Pods live in.",
+)
+@click.option(
+    "--runtime-image",
+    default=None,
+    metavar="IMAGE",
+    help="With --engine kubernetes: the image holding the agent runtime (docs/kubernetes.md).",
+)
+@click.option(
+    "--runtime-class",
+    "runtime_classes",
+    multiple=True,
+    metavar="RUNTIME=CLASS",
+    help="With --engine kubernetes: the RuntimeClass of a runtime (default gvisor=gvisor; "
+    "RUNTIME= for the cluster's default runtime; repeatable).",
 )
 @click.option("--public-url", default=None, help="Base URL clients use to reach this server.")
 @click.option("--log-level", default="info", show_default=True)
@@ -176,6 +204,10 @@ def server(
     listen: str | None,
     database: str | None,
     engine: str,
+    kubeconfig: str | None,
+    namespace: str,
+    runtime_image: str | None,
+    runtime_classes: tuple[str, ...],
     public_url: str | None,
     log_level: str,
     pools: tuple[str, ...],
@@ -223,10 +255,15 @@ def server(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--pool") from None
     try:
+        kube = _kubernetes_settings(kubeconfig, namespace, runtime_image, runtime_classes)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--runtime-class") from None
+    try:
         options = ServerOptions(
             listen=listen,
             database=database,
             engine=engine,
+            kubernetes=kube,
             public_url=public_url,
             log_level=log_level,
             pools=pool_sizes,
@@ -257,6 +294,32 @@ def server(
         serve(options)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _kubernetes_settings(
+    kubeconfig: str | None,
+    namespace: str,
+    runtime_image: str | None,
+    runtime_classes: tuple[str, ...],
+) -> Any:
+    from sandlot.engines.base import RUNTIMES
+    from sandlot.engines.kubernetes.settings import DEFAULT_RUNTIME_CLASSES, KubernetesSettings
+
+    classes = dict(DEFAULT_RUNTIME_CLASSES)
+    for item in runtime_classes:
+        runtime, sep, name = item.partition("=")
+        if not sep or runtime not in RUNTIMES:
+            raise ValueError(
+                f"--runtime-class must be RUNTIME=CLASS with RUNTIME one of {', '.join(RUNTIMES)}"
+                f", not {item!r}"
+            )
+        classes[runtime] = name or None
+    return KubernetesSettings(
+        namespace=namespace,
+        kubeconfig=kubeconfig,
+        runtime_classes=classes,
+        **_given(runtime_image=runtime_image),
+    )
 
 
 def _given(**values: object) -> dict[str, Any]:

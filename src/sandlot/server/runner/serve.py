@@ -25,7 +25,8 @@ from typing import Any
 import uvicorn
 
 from sandlot.ca_certs import ExtraCA
-from sandlot.engines.base import Engine, EngineError
+from sandlot.engines.base import Engine, EngineError, EngineUnavailableError
+from sandlot.engines.kubernetes.settings import KubernetesSettings
 from sandlot.images.trust import ImageTrust
 from sandlot.local_trust import open_private_file, private_dir
 from sandlot.paths import default_server_socket, state_dir
@@ -89,9 +90,20 @@ class HostPolicy:
     extra_ca: ExtraCA | None = None
 
 
-def load_engine(spec: str, policy: HostPolicy | None = None) -> Engine:
-    """``local`` (the default), or ``package.module:factory`` -- a callable returning an Engine
-    (used by tests and for out-of-tree engines)."""
+def load_engine(
+    spec: str, policy: HostPolicy | None = None, kube: KubernetesSettings | None = None
+) -> Engine:
+    """``local`` (the default), ``kubernetes`` (Pods on a cluster, ``kube`` says which and
+    how), or ``package.module:factory`` -- a callable returning an Engine (used by tests and
+    for out-of-tree engines)."""
+    if spec == "kubernetes":
+        try:
+            from sandlot.engines.kubernetes.engine import KubernetesEngine
+        except ImportError as exc:
+            raise EngineUnavailableError(
+                f"the kubernetes engine needs its client: pip install 'sandlot[kubernetes]' ({exc})"
+            ) from None
+        return KubernetesEngine(kube or KubernetesSettings())
     if spec == "local":
         from sandlot.engines.local import LocalEngine
         from sandlot.engines.local.admission import Overcommit
@@ -106,7 +118,7 @@ def load_engine(spec: str, policy: HostPolicy | None = None) -> Engine:
         return engine
     module, sep, attr = spec.partition(":")
     if not sep:
-        raise ValueError(f"unknown engine {spec!r}: use 'local' or 'module:factory'")
+        raise ValueError(f"unknown engine {spec!r}: use 'local', 'kubernetes' or 'module:factory'")
     factory: Any = getattr(importlib.import_module(module), attr)
     result: Engine = factory()
     return result
@@ -195,6 +207,8 @@ class ServerOptions:
     h2_limits: H2Limits = field(default_factory=H2Limits)
     port_limits: PortLimits = field(default_factory=PortLimits)
     token_requests: int = TOKEN_REQUESTS
+    #: With ``engine="kubernetes"``: the cluster, namespace and runtime classes.
+    kubernetes: KubernetesSettings | None = None
 
 
 def build_config(
@@ -216,9 +230,15 @@ def build_config(
     if public_url is None and listen.unix_path is not None:
         public_url = unix_public_url(listen.unix_path)
     ports_address, ports_base = ports_url(ports_listener) if ports_listener else (None, None)
+    engine = load_engine(options.engine, options.policy, options.kubernetes)
+    # Replicas share a PostgreSQL store: an engine that can elect one of them (a Kubernetes
+    # Lease) says which runs the timers, pools and reconcile. SQLite: one server, no election.
+    elect = getattr(engine, "leadership", None)
+    leadership = elect() if elect is not None and not url.startswith("sqlite") else None
     return ServerConfig(
         database_url=url,
-        engines={DEFAULT_REGION: load_engine(options.engine, options.policy)},
+        engines={DEFAULT_REGION: engine},
+        leadership=leadership,
         default_region=DEFAULT_REGION,
         auth="socket" if listen.is_unix else "token",
         public_url=public_url,

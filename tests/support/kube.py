@@ -70,10 +70,13 @@ class ControlPlane:
     tokens: dict[str, str]
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def kubeconfig(self, user: str = "admin") -> Path:
-        """A kubeconfig file for ``user`` (a token user of this control plane)."""
+    def kubeconfig(self, user: str = "admin", token: str | None = None) -> Path:
+        """A kubeconfig file for ``user`` (a token user of this control plane), or for any
+        bearer ``token`` (a service account's) under that name."""
         path = self.dir / f"kubeconfig-{user}"
-        if not path.exists():
+        if token is not None:
+            self.tokens[user] = token
+        if token is not None or not path.exists():
             path.write_text(
                 "apiVersion: v1\nkind: Config\n"
                 f"clusters:\n- name: test\n  cluster:\n    server: {self.url}\n"
@@ -85,10 +88,13 @@ class ControlPlane:
             path.chmod(0o600)
         return path
 
-    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        """One admin request (stdlib, for fixtures that must not need an event loop)."""
+    def request(
+        self, method: str, path: str, body: bytes | None = None, token: str | None = None
+    ) -> tuple[int, bytes]:
+        """One request, as admin unless ``token`` is given (stdlib, for fixtures that must not
+        need an event loop)."""
         req = urllib.request.Request(self.url + path, data=body, method=method)
-        req.add_header("authorization", f"Bearer {self.tokens['admin']}")
+        req.add_header("authorization", f"Bearer {token or self.tokens['admin']}")
         req.add_header("content-type", "application/json")
         ctx = ssl.create_default_context(cafile=str(self.ca_file))
         try:

@@ -72,6 +72,7 @@ def create_app(config: ServerConfig) -> Starlette:
                     tg.start_soon(owned_loops)
                 else:  # one replica of several: the owned loops while it leads
                     tg.start_soon(leadership.lead, lead)
+                    tg.start_soon(control.lifecycle.follow)
                 tg.start_soon(ports.run)
                 try:
                     yield

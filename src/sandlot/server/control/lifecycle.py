@@ -266,6 +266,20 @@ class Lifecycle:
         )
         self._sleeping = _sleeping_of(rows)
 
+    async def follow(self) -> None:
+        """For a replica of several (``ServerConfig.leadership``): which sandboxes sleep is
+        read every tick whether or not this replica leads, since the leader's timers put them
+        to sleep, so that a request here wakes them. A request that comes in the tick between
+        another replica's transition and this read reaches the stopped agent and fails."""
+        while True:
+            generation = self._transitions
+            rows = await self.control.db(
+                self.control.store.sandboxes_with_status, [SandboxStatus.SLEEPING]
+            )
+            if generation == self._transitions:  # no transition here since the read
+                self._sleeping = _sleeping_of(rows)
+            await anyio.sleep(self.tick)
+
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
             self.control.background = tg

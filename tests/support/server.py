@@ -17,7 +17,7 @@ import uvicorn
 from sandlot.engines.base import Engine
 from sandlot.images.trust import ImageTrust
 from sandlot.server.api.app import create_app
-from sandlot.server.config import ProbeSettings, ServerConfig, unix_public_url
+from sandlot.server.config import Leadership, ProbeSettings, ServerConfig, unix_public_url
 from sandlot.server.runner.protocols import (
     HEAD_TIMEOUT,
     PortsWebSocketProtocol,
@@ -91,6 +91,8 @@ def start_server(
     trusted_image_dirs: tuple[Path, ...] = (),
     trusted_registries: tuple[str, ...] = (),
     agent_probe: ProbeSettings | None = None,
+    leadership: Leadership | None = None,
+    key_file: Path | None = None,
 ) -> RunningServer:
     if tcp:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -116,6 +118,8 @@ def start_server(
         domain=domain,
         image_trust=ImageTrust.from_dirs(trusted_image_dirs, trusted_registries),
         agent_probe=agent_probe or ProbeSettings(),
+        leadership=leadership,
+        key_file=str(key_file) if key_file else None,
     )
     app = create_app(config)
     server = uvicorn.Server(

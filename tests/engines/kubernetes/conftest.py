@@ -1,56 +1,10 @@
-"""Fixtures for the kubernetes engine: one real control plane (etcd + kube-apiserver) for the
-session, and per test a fresh namespace, a loopback stand-in kubelet and an engine on it.
-Skipped, with the reason, where etcd or the built kube-apiserver is missing."""
+"""The kubernetes engine's tests: a real control plane, a stand-in kubelet, an engine (the
+fixtures live in support/kube_fixtures.py, shared with tests/security)."""
 
-from __future__ import annotations
-
-from collections.abc import AsyncIterator, Iterator
-
-import pytest
-from support import kube
-from support.loopkubelet import LoopKubelet
-
-from sandlot.engines.kubernetes.engine import KubernetesEngine
-from sandlot.engines.kubernetes.settings import KubernetesSettings
-
-
-@pytest.fixture(scope="session")
-def control_plane() -> Iterator[kube.ControlPlane]:
-    reason = kube.missing()
-    if reason is not None:
-        pytest.skip(reason)
-    with kube.control_plane(users=("sandlot-server",)) as cp:
-        yield cp
-
-
-@pytest.fixture
-def namespace(control_plane: kube.ControlPlane) -> Iterator[str]:
-    name = control_plane.namespace()
-    yield name
-    control_plane.request("DELETE", f"/api/v1/namespaces/{name}")
-
-
-@pytest.fixture
-def kubelet(control_plane: kube.ControlPlane, namespace: str) -> Iterator[LoopKubelet]:
-    with LoopKubelet(control_plane, namespace) as k:
-        yield k
-
-
-@pytest.fixture
-def kube_settings(control_plane: kube.ControlPlane, namespace: str) -> KubernetesSettings:
-    return KubernetesSettings(
-        namespace=namespace, kubeconfig=str(control_plane.kubeconfig()), start_timeout=30
-    )
-
-
-@pytest.fixture
-async def kube_engine(
-    kube_settings: KubernetesSettings, kubelet: LoopKubelet
-) -> AsyncIterator[KubernetesEngine]:
-    engine = KubernetesEngine(kube_settings)
-    yield engine
-    try:
-        for info in await engine.list():
-            await engine.delete(info.id)
-    finally:
-        await engine.close()
+from support.kube_fixtures import (  # noqa: F401 - fixtures
+    control_plane,
+    kube_engine,
+    kube_settings,
+    kubelet,
+    namespace,
+)

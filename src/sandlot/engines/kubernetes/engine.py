@@ -27,6 +27,7 @@ from typing import Any
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from sandlot.agent.commands import HIDDEN_ENV
 from sandlot.engines.base import (
     AgentAddress,
     EngineError,
@@ -162,6 +163,12 @@ class KubernetesEngine:
     # -- create / delete -----------------------------------------------------------------------
 
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
+        # The agent's own variables (its secret, pool mode, journal) come after the user's in
+        # the Pod's env, and a later duplicate wins: a user's would be overridden, but refuse
+        # them outright, as the local engine does, rather than rely on that order.
+        bad_env = sorted(k for k in spec.env if k in HIDDEN_ENV or "=" in k or not k)
+        if bad_env:
+            raise EngineError(f"invalid or reserved environment variable names: {bad_env}")
         if spec.runtime not in self.settings.runtime_classes:
             known = ", ".join(self.settings.runtime_classes)
             raise EngineError(f"runtime {spec.runtime!r} is not offered here (one of: {known})")

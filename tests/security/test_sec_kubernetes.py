@@ -1,0 +1,71 @@
+"""Attacks on the kubernetes engine, against a real kube-apiserver (skipped where it is not
+built): a tenant's env naming the agent's own variables, and secrets reaching the Pod spec
+(which anyone allowed to read Pods, and every audit log, sees)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from support import kube_fixtures
+from support.kube import ControlPlane
+
+from sandlot.engines.base import EngineError, SandboxSpec
+from sandlot.instance_types import get_instance_type
+
+pytestmark = pytest.mark.anyio
+
+# The kubernetes fixtures (support/kube_fixtures.py), made this module's own.
+control_plane = kube_fixtures.control_plane
+namespace = kube_fixtures.namespace
+kubelet = kube_fixtures.kubelet
+kube_settings = kube_fixtures.kube_settings
+kube_engine = kube_fixtures.kube_engine
+
+
+def _spec(sandbox_id: str, **kw: Any) -> SandboxSpec:
+    return SandboxSpec(
+        **{
+            "id": sandbox_id,
+            "image": "debian",
+            "instance_type": get_instance_type("nano"),
+            "secret": "the-agent-secret-" + sandbox_id,
+            **kw,
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["SANDBOX_AUTH_MODE", "SANDBOX_SECRET", "SANDBOX_SECRET_FILE", "SANDLOT_PROCESS_JOURNAL"],
+)
+async def test_env_cannot_set_the_agents_own_variables(
+    kube_engine: Any, control_plane: ControlPlane, namespace: str, name: str
+) -> None:
+    """``SANDBOX_AUTH_MODE=pool`` after the engine's own entry would make the agent accept the
+    first bearer token anyone presents (a Pod's later duplicate env entry wins); the others
+    would point the agent at another secret. Refused before anything is made."""
+    with pytest.raises(EngineError, match="reserved environment variable"):
+        await kube_engine.create(_spec("secenv1", env={name: "pool"}))
+    status, _ = control_plane.request("GET", f"/api/v1/namespaces/{namespace}/pods/sandlot-secenv1")
+    assert status == 404
+
+
+async def test_no_secret_reaches_the_pod_or_its_annotations(
+    kube_engine: Any, control_plane: ControlPlane, namespace: str
+) -> None:
+    spec = _spec(
+        "secspec1",
+        env={"TOKEN": "tenant-secret-value"},
+        labels={"team": "a"},
+    )
+    await kube_engine.create(spec)
+    for kind in ("pods", "secrets", "persistentvolumeclaims"):
+        _, body = control_plane.request(
+            "GET", f"/api/v1/namespaces/{namespace}/{kind}/sandlot-secspec1"
+        )
+        obj = json.loads(body)
+        visible = json.dumps({"metadata": obj["metadata"], "spec": obj.get("spec")})
+        assert spec.secret not in visible, kind
+        assert "tenant-secret-value" not in visible, kind

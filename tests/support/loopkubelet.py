@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
 import json
 import shutil
 import signal
@@ -46,13 +47,17 @@ class _Running:
 
 
 class LoopKubelet:
-    def __init__(self, cp: ControlPlane, namespace: str) -> None:
+    def __init__(self, cp: ControlPlane, namespace: str, run_agents: bool = True) -> None:
+        """``run_agents=False``: report Pods running without starting their agents (what
+        bench/kubernetes.py measures: the API server's and the engine's share alone)."""
         self.cp = cp
         self.namespace = namespace
+        self.run_agents = run_agents
         self.running: dict[str, _Running] = {}  # by Pod uid
         self._next_ip = 0
         self._lock = threading.Lock()
         self._resp: Any = None
+        self._conn: http.client.HTTPSConnection | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="loop-kubelet")
 
@@ -84,16 +89,26 @@ class LoopKubelet:
         return urllib.request.urlopen(req, context=ctx, timeout=None)
 
     def _patch_status(self, name: str, status: dict[str, Any]) -> None:
-        req = urllib.request.Request(
-            f"{self.cp.url}/api/v1/namespaces/{self.namespace}/pods/{name}/status",
-            data=json.dumps({"status": status}).encode(),
-            method="PATCH",
-        )
-        req.add_header("authorization", f"Bearer {self.cp.tokens['admin']}")
-        req.add_header("content-type", "application/merge-patch+json")
-        ctx = ssl.create_default_context(cafile=str(self.cp.ca_file))
-        with contextlib.suppress(urllib.error.HTTPError):  # deleted meanwhile
-            urllib.request.urlopen(req, context=ctx, timeout=30).close()
+        """One kept-alive connection (a new TLS handshake per Pod was most of this stand-in's
+        cost); a Pod deleted meanwhile answers 404, which is fine."""
+        body = json.dumps({"status": status}).encode()
+        headers = {
+            "authorization": f"Bearer {self.cp.tokens['admin']}",
+            "content-type": "application/merge-patch+json",
+        }
+        path = f"/api/v1/namespaces/{self.namespace}/pods/{name}/status"
+        for _ in range(2):
+            if self._conn is None:
+                host, port = self.cp.url.removeprefix("https://").rsplit(":", 1)
+                ctx = ssl.create_default_context(cafile=str(self.cp.ca_file))
+                self._conn = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=30)
+            try:
+                self._conn.request("PATCH", path, body, headers)
+                self._conn.getresponse().read()
+                return
+            except (OSError, http.client.HTTPException):
+                self._conn.close()
+                self._conn = None
 
     def _secret_data(self, name: str) -> dict[str, str]:
         status, body = self.cp.request("GET", f"/api/v1/namespaces/{self.namespace}/secrets/{name}")
@@ -161,27 +176,28 @@ class LoopKubelet:
                 },
             )
             return
-        env = self._environment(pod, work)
-        listen = container["command"][container["command"].index("--listen") + 1]
-        port = listen.rsplit(":", 1)[1]
-        log = open(work / "agent.log", "wb")  # noqa: SIM115 - kept open for the process
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sandlot.agent", "--listen", f"tcp:{ip}:{port}"],
-            env=env,
-            cwd=work,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
-        with self._lock:
-            if uid in self.running:
-                self.running[uid].proc = proc
-            else:  # deleted while starting
-                proc.kill()
-                proc.wait()
-                return
+        if self.run_agents:
+            env = self._environment(pod, work)
+            listen = container["command"][container["command"].index("--listen") + 1]
+            port = listen.rsplit(":", 1)[1]
+            log = open(work / "agent.log", "wb")  # noqa: SIM115 - kept open for the process
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sandlot.agent", "--listen", f"tcp:{ip}:{port}"],
+                env=env,
+                cwd=work,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            log.close()
+            with self._lock:
+                if uid in self.running:
+                    self.running[uid].proc = proc
+                else:  # deleted while starting
+                    proc.kill()
+                    proc.wait()
+                    return
         self._patch_status(
             meta["name"],
             {

@@ -23,6 +23,7 @@ PACKAGES=(crun runc mmdebstrap python3.11-minimal libpython3.11-stdlib patchelf
           busybox-static umoci uidmap passt slirp4netns postgresql python3-venv
           nftables iproute2 e2fsprogs util-linux skopeo docker-registry etcd-server)
 PACKAGES+=(podman docker.io)  # python -m bench compares sandlot with them (daemon started by the bench)
+PACKAGES+=(catatonit)  # podman kube play's pause container (the kubernetes engine's Pod spec test)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

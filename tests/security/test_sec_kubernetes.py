@@ -61,10 +61,12 @@ async def test_no_secret_reaches_the_pod_or_its_annotations(
         labels={"team": "a"},
     )
     await kube_engine.create(spec)
-    for kind in ("pods", "secrets", "persistentvolumeclaims"):
-        _, body = control_plane.request(
-            "GET", f"/api/v1/namespaces/{namespace}/{kind}/sandlot-secspec1"
-        )
+    for kind, name in (
+        ("pods", "sandlot-secspec1"),
+        ("secrets", "sandlot-secspec1"),
+        ("persistentvolumeclaims", "sandlot-secspec1-workspace"),
+    ):
+        _, body = control_plane.request("GET", f"/api/v1/namespaces/{namespace}/{kind}/{name}")
         obj = json.loads(body)
         visible = json.dumps({"metadata": obj["metadata"], "spec": obj.get("spec")})
         assert spec.secret not in visible, kind

@@ -124,7 +124,7 @@ class ControlPlane:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
-                    proc.wait(10)
+                    proc.wait(3)  # its files go with it: no need for a long graceful drain
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()

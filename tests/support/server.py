@@ -69,10 +69,13 @@ class RunningServer:
             return
 
         async def delete() -> None:
-            for info in await self.engine.list():
-                if info.id in ids:
-                    with contextlib.suppress(Exception):
-                        await self.engine.delete(info.id)
+            try:
+                for info in await self.engine.list():
+                    if info.id in ids:
+                        with contextlib.suppress(Exception):
+                            await self.engine.delete(info.id)
+            finally:
+                await self.engine.close()  # what this loop opened (an API client, say)
 
         asyncio.run(delete())
 

@@ -49,7 +49,7 @@ def _objects(cp: ControlPlane, ns: str, sandbox_id: str) -> dict[str, int]:
     paths = {
         "pod": f"/api/v1/namespaces/{ns}/pods/{name}",
         "secret": f"/api/v1/namespaces/{ns}/secrets/{name}",
-        "pvc": f"/api/v1/namespaces/{ns}/persistentvolumeclaims/{name}",
+        "pvc": f"/api/v1/namespaces/{ns}/persistentvolumeclaims/{name}-workspace",
         "netpol": f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies/{name}",
     }
     found = {}

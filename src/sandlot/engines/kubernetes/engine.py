@@ -241,7 +241,9 @@ class KubernetesEngine:
         await _ignore_missing(core.delete_namespaced_pod(name, ns, grace_period_seconds=0))
         await asyncio.gather(
             _ignore_missing(core.delete_namespaced_secret(f"{name}-pull", ns)),
-            _ignore_missing(core.delete_namespaced_persistent_volume_claim(name, ns)),
+            _ignore_missing(
+                core.delete_namespaced_persistent_volume_claim(manifests.claim_name(sandbox_id), ns)
+            ),
             _ignore_missing(net.delete_namespaced_network_policy(name, ns)),
         )
         # The Secret last: it is the record list() and reconcile find a sandbox by.

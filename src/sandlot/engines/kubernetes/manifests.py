@@ -6,8 +6,9 @@ A sandbox ``ID`` is, all named ``sandlot-ID`` and labelled ``sandlot.dev/sandbox
   appears in the Pod spec), plus the sandbox's spec (annotation ``sandlot.dev/spec``, without
   secrets). It lives as long as the sandbox, sleeping included: it is the engine's record, and
   the owner of the objects below (deleting it lets the garbage collector remove them too);
-- a **PersistentVolumeClaim** mounted at :data:`VOLUME_PATH`: what survives deep sleep, when the
-  Pod is deleted (Kubernetes cannot freeze a Pod: sleep is scale to zero);
+- a **PersistentVolumeClaim** (``sandlot-ID-workspace``) mounted at :data:`VOLUME_PATH`: what
+  survives deep sleep, when the Pod is deleted (Kubernetes cannot freeze a Pod: sleep is scale
+  to zero);
 - a **NetworkPolicy**: the egress policy, and ingress to the agent from the server's Pods only
   (enforced only where the cluster's network plugin enforces NetworkPolicies);
 - a **Pod**: an init container copies the agent runtime (a self-contained Python, see
@@ -47,6 +48,12 @@ _RUN_DIR = "/.sandlot/run"
 
 def object_name(sandbox_id: str) -> str:
     return f"sandlot-{sandbox_id}"
+
+
+def claim_name(sandbox_id: str) -> str:
+    """The PersistentVolumeClaim's name: not the Secret's, which podman's kube play would take
+    for the claim's volume when mounting the Secret (its names share one space there)."""
+    return f"sandlot-{sandbox_id}-workspace"
 
 
 def sandbox_id_of(metadata_labels: dict[str, str] | None) -> str | None:
@@ -123,7 +130,7 @@ def volume_claim(spec: SandboxSpec, settings: KubernetesSettings, owner: list[An
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
         "metadata": {
-            "name": object_name(spec.id),
+            "name": claim_name(spec.id),
             "labels": _labels(spec.id, spec.pool),
             "ownerReferences": owner,
         },
@@ -244,7 +251,7 @@ def pod(
     volumes: list[Manifest] = [
         {"name": "runtime", "emptyDir": {}},
         {"name": "run", "emptyDir": {"medium": "Memory"}},
-        {"name": "workspace", "persistentVolumeClaim": {"claimName": name}},
+        {"name": "workspace", "persistentVolumeClaim": {"claimName": claim_name(spec.id)}},
     ]
     if not spec.pool:
         container["volumeMounts"].append(
@@ -257,6 +264,8 @@ def pod(
                     "secretName": name,
                     "defaultMode": 0o400,
                     "items": [{"key": SECRET_KEY, "path": SECRET_KEY}],
+                    # Kubernetes' default, spelt out: podman 4.3's kube play dereferences it.
+                    "optional": False,
                 },
             }
         )
@@ -271,11 +280,13 @@ def pod(
                 "name": "sandlot-runtime",
                 "image": settings.runtime_image,
                 "imagePullPolicy": settings.image_pull_policy,
-                # The runtime image's own static busybox: nothing of a shell is assumed.
+                # The runtime image's own static busybox: nothing of a shell is assumed. -f:
+                # an init container runs again into the same emptyDir when the Pod's sandbox
+                # restarts (seen with podman kube play), and plain -a fails on the links.
                 "command": [
                     f"{SANDBOX_RUNTIME_DIR}/bin/busybox",
                     "cp",
-                    "-a",
+                    "-af",
                     f"{SANDBOX_RUNTIME_DIR}/.",
                     _RUNTIME_COPY,
                 ],

@@ -185,3 +185,49 @@ def test_restart_reconciles_pods_and_rows(
         again.delete()
     finally:
         srv.stop()
+
+
+def test_exposed_port_and_tcp_proxy_reach_the_pod_through_the_gateway(
+    kube_settings: KubernetesSettings,
+    kubelet: LoopKubelet,
+    server_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The gateway's path to a port is the agent's tunnel at the Pod IP: as for a local
+    sandbox's socket, no Service per sandbox. (The stand-in's "Pod" shares this host's loopback,
+    so its server gets a free port.)"""
+    import socket as socketmod
+
+    import httpx
+
+    srv = start_server(KubernetesEngine(kube_settings), f"sqlite:///{server_dir / 'db'}", tcp=True)
+    _, token = srv.app.state.control.store.create_token("ports", "test")
+    monkeypatch.setenv("SANDLOT_URL", srv.url)
+    monkeypatch.setenv("SANDLOT_API_TOKEN", token)
+    with socketmod.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        with Sandbox.create(image="debian", enable_tcp_proxy=True, idle_timeout=0) as sb:
+            sb.exec("mkdir -p web && echo served-from-the-pod > web/index.html")
+            sb.launch_process(f"python3 -m http.server {port} --bind 127.0.0.1 -d web")
+            exposed = sb.expose_port(port)
+
+            def served() -> bool:
+                try:
+                    r = httpx.get(exposed["exposed_at"], timeout=5)
+                except httpx.TransportError:
+                    return False
+                return r.status_code == 200 and r.text == "served-from-the-pod\n"
+
+            _wait_for(served)
+            sb.wait_tcp_proxy_ready(timeout=30)
+            host, proxy_port = sb.get_tcp_proxy_info() or ("", 0)
+            with socketmod.create_connection((host, proxy_port), timeout=10) as conn:
+                conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                answer = b""
+                while chunk := conn.recv(65536):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.0 200") and answer.endswith(b"served-from-the-pod\n")
+    finally:
+        srv.stop()

@@ -266,3 +266,27 @@ async def test_recover_removes_pods_whose_secret_is_gone(
     assert await kube_engine.recover() == ["k8sorphan1"]
     assert set(_objects(control_plane, namespace, "k8sorphan1").values()) == {404}
     assert [i.id for i in await kube_engine.list()] == ["k8skept1"]
+
+
+async def test_a_private_image_gets_its_own_pull_secret(
+    kube_engine: KubernetesEngine, control_plane: ControlPlane, namespace: str
+) -> None:
+    from sandlot.engines.base import RegistryAuth
+
+    auth = RegistryAuth("registry.example:5000", "robot", "pull-password")
+    await kube_engine.create(_spec("k8spull1", registry_auth=auth))
+    _, pod = _get(control_plane, f"/api/v1/namespaces/{namespace}/pods/sandlot-k8spull1")
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "sandlot-k8spull1-pull"}]
+    assert "pull-password" not in json.dumps(pod)
+    path = f"/api/v1/namespaces/{namespace}/secrets/sandlot-k8spull1-pull"
+    _, pull = _get(control_plane, path)
+    assert pull["type"] == "kubernetes.io/dockerconfigjson"
+    config = json.loads(base64.b64decode(pull["data"][".dockerconfigjson"]))
+    assert list(config["auths"]) == ["registry.example:5000"]  # for that registry only
+    # kept through deep sleep (the Pod made again needs it), gone with the sandbox
+    await kube_engine.stop("k8spull1")
+    await kube_engine.start("k8spull1")
+    _, pod = _get(control_plane, f"/api/v1/namespaces/{namespace}/pods/sandlot-k8spull1")
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "sandlot-k8spull1-pull"}]
+    await kube_engine.delete("k8spull1")
+    assert control_plane.request("GET", path)[0] == 404

@@ -77,6 +77,8 @@ class Lifecycle:
         #: changes this server made, so a refresh read before one of them is not applied.
         self._sleeping: dict[str, tuple[str, str]] = {}  # id -> (sleep kind, region)
         self._transitions = 0
+        #: Set by :meth:`follow`: another replica's transitions are possible.
+        self.following = False
 
     def _lock(self, sandbox_id: str) -> anyio.Lock:
         return self._locks.setdefault(sandbox_id, anyio.Lock())
@@ -125,7 +127,13 @@ class Lifecycle:
         in memory (filled from the database at every check, so a restart or another replica's
         transition is seen within a tick)."""
         if self.is_awake(sandbox_id):
-            return
+            if not self.following:
+                return
+            # One replica of several: another may have put it to sleep since this one's last
+            # read (follow()), so the store says (one indexed read per request).
+            row = await self.control.db(self.control.store.get_sandbox, sandbox_id)
+            if row is None or row.status != SandboxStatus.SLEEPING:
+                return
         # Asleep, or a transition is under way (a request that slipped in as the sandbox was
         # being put to sleep must not reach a frozen agent): wait for it, then look again.
         async with self._lock(sandbox_id):
@@ -269,8 +277,11 @@ class Lifecycle:
     async def follow(self) -> None:
         """For a replica of several (``ServerConfig.leadership``): which sandboxes sleep is
         read every tick whether or not this replica leads, since the leader's timers put them
-        to sleep, so that a request here wakes them. A request that comes in the tick between
-        another replica's transition and this read reaches the stopped agent and fails."""
+        to sleep, so that a request here wakes them; and since that read may be a tick old,
+        :meth:`ensure_awake` then asks the store for each request (one indexed read). Left: a
+        request in the moment between the leader stopping a sandbox and recording it asleep
+        reaches the stopped agent and fails once."""
+        self.following = True
         while True:
             generation = self._transitions
             rows = await self.control.db(

@@ -71,3 +71,31 @@ async def test_no_secret_reaches_the_pod_or_its_annotations(
         visible = json.dumps({"metadata": obj["metadata"], "spec": obj.get("spec")})
         assert spec.secret not in visible, kind
         assert "tenant-secret-value" not in visible, kind
+
+
+async def test_privileged_pods_are_refused_unless_the_operator_allows_them(
+    kube_engine: Any, kube_settings: Any, control_plane: ControlPlane, namespace: str
+) -> None:
+    """A token with the privileged scope asks for ``privileged=True``: on a cluster that is
+    root on a node shared with other tenants' Pods. Refused by default."""
+    with pytest.raises(EngineError, match="privileged sandboxes are off"):
+        await kube_engine.create(_spec("secpriv1", privileged=True))
+    status, _ = control_plane.request(
+        "GET", f"/api/v1/namespaces/{namespace}/pods/sandlot-secpriv1"
+    )
+    assert status == 404
+
+    import dataclasses
+
+    from sandlot.engines.kubernetes.engine import KubernetesEngine
+
+    allowing = KubernetesEngine(dataclasses.replace(kube_settings, allow_privileged=True))
+    try:
+        await allowing.create(_spec("secpriv2", privileged=True))
+        _, body = control_plane.request(
+            "GET", f"/api/v1/namespaces/{namespace}/pods/sandlot-secpriv2"
+        )
+        assert json.loads(body)["spec"]["containers"][0]["securityContext"]["privileged"] is True
+        await allowing.delete("secpriv2")
+    finally:
+        await allowing.close()

@@ -56,6 +56,13 @@ def main() -> None:
     help="With --engine kubernetes: the image holding the agent runtime (docs/kubernetes.md).",
 )
 @click.option(
+    "--allow-privileged-pods",
+    is_flag=True,
+    default=False,
+    help="With --engine kubernetes: let privileged sandboxes be made (a privileged Pod is root "
+    "on its node; off by default).",
+)
+@click.option(
     "--runtime-class",
     "runtime_classes",
     multiple=True,
@@ -207,6 +214,7 @@ def server(
     kubeconfig: str | None,
     namespace: str,
     runtime_image: str | None,
+    allow_privileged_pods: bool,
     runtime_classes: tuple[str, ...],
     public_url: str | None,
     log_level: str,
@@ -255,7 +263,9 @@ def server(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--pool") from None
     try:
-        kube = _kubernetes_settings(kubeconfig, namespace, runtime_image, runtime_classes)
+        kube = _kubernetes_settings(
+            kubeconfig, namespace, runtime_image, runtime_classes, allow_privileged_pods
+        )
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--runtime-class") from None
     try:
@@ -301,6 +311,7 @@ def _kubernetes_settings(
     namespace: str,
     runtime_image: str | None,
     runtime_classes: tuple[str, ...],
+    allow_privileged: bool,
 ) -> Any:
     from sandlot.engines.base import RUNTIMES
     from sandlot.engines.kubernetes.settings import DEFAULT_RUNTIME_CLASSES, KubernetesSettings
@@ -318,6 +329,7 @@ def _kubernetes_settings(
         namespace=namespace,
         kubeconfig=kubeconfig,
         runtime_classes=classes,
+        allow_privileged=allow_privileged,
         **_given(runtime_image=runtime_image),
     )
 

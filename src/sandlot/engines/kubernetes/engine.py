@@ -169,6 +169,11 @@ class KubernetesEngine:
         bad_env = sorted(k for k in spec.env if k in HIDDEN_ENV or "=" in k or not k)
         if bad_env:
             raise EngineError(f"invalid or reserved environment variable names: {bad_env}")
+        if spec.privileged and not self.settings.allow_privileged:
+            raise EngineError(
+                "privileged sandboxes are off on this cluster: a privileged Pod is root on its "
+                "node (the operator may allow them: sandlot server --allow-privileged-pods)"
+            )
         if spec.runtime not in self.settings.runtime_classes:
             known = ", ".join(self.settings.runtime_classes)
             raise EngineError(f"runtime {spec.runtime!r} is not offered here (one of: {known})")

@@ -45,6 +45,10 @@ class KubernetesSettings:
     start_timeout: float = 300.0
     #: ``imagePullPolicy`` of the sandboxes' containers.
     image_pull_policy: str = "IfNotPresent"
+    #: Whether ``privileged`` sandboxes may be made (``--allow-privileged-pods``). Off by
+    #: default: a privileged container is root on its node, with every other tenant's Pods on
+    #: it, whatever the token's scope says.
+    allow_privileged: bool = False
     #: The server's own Pods' labels: the agents' NetworkPolicy admits them alone (and nothing
     #: else in the cluster) to the agent port.
     server_pod_labels: Mapping[str, str] = field(

@@ -1,7 +1,10 @@
 """The engine interface: what the server needs from anything that runs sandboxes.
 
-The local engine (crun on this machine) is the default; a Kubernetes engine implements the same
-interface later. Engines know nothing of API tokens, projects or lifecycle timers -- that is the
+The local engine (crun on this machine) is the default; the kubernetes engine (Pods on a cluster,
+engines/kubernetes) implements the same interface. Two optional attributes tell the server more:
+``can_freeze = False`` (no light sleep: it sleeps deep instead) and ``exclusive = True`` (the
+engine's sandboxes all belong to this server's store: reconcile removes those without a row).
+Engines know nothing of API tokens, projects or lifecycle timers -- that is the
 server's business -- they only turn a :class:`SandboxSpec` into an isolated, running sandbox whose
 agent answers at :attr:`SandboxInfo.agent_address`.
 """

@@ -63,6 +63,13 @@ def main() -> None:
     "on its node; off by default).",
 )
 @click.option(
+    "--pod-user-namespaces",
+    is_flag=True,
+    default=False,
+    help="With --engine kubernetes: each sandbox Pod in its own user namespace (hostUsers: "
+    "false; needs Kubernetes >= 1.33 and a runtime and kernel that support it).",
+)
+@click.option(
     "--runtime-class",
     "runtime_classes",
     multiple=True,
@@ -215,6 +222,7 @@ def server(
     namespace: str,
     runtime_image: str | None,
     allow_privileged_pods: bool,
+    pod_user_namespaces: bool,
     runtime_classes: tuple[str, ...],
     public_url: str | None,
     log_level: str,
@@ -264,7 +272,12 @@ def server(
         raise click.BadParameter(str(exc), param_hint="--pool") from None
     try:
         kube = _kubernetes_settings(
-            kubeconfig, namespace, runtime_image, runtime_classes, allow_privileged_pods
+            kubeconfig,
+            namespace,
+            runtime_image,
+            runtime_classes,
+            allow_privileged=allow_privileged_pods,
+            user_namespaces=pod_user_namespaces,
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--runtime-class") from None
@@ -311,7 +324,9 @@ def _kubernetes_settings(
     namespace: str,
     runtime_image: str | None,
     runtime_classes: tuple[str, ...],
+    *,
     allow_privileged: bool,
+    user_namespaces: bool,
 ) -> Any:
     from sandlot.engines.base import RUNTIMES
     from sandlot.engines.kubernetes.settings import DEFAULT_RUNTIME_CLASSES, KubernetesSettings
@@ -330,6 +345,7 @@ def _kubernetes_settings(
         kubeconfig=kubeconfig,
         runtime_classes=classes,
         allow_privileged=allow_privileged,
+        user_namespaces=user_namespaces,
         **_given(runtime_image=runtime_image),
     )
 

@@ -24,6 +24,7 @@ from sandlot.engines.base import (
 )
 from sandlot.engines.kubernetes.engine import KubernetesEngine
 from sandlot.engines.kubernetes.manifests import object_name
+from sandlot.engines.kubernetes.settings import KubernetesSettings
 from sandlot.instance_types import get_instance_type
 
 pytestmark = pytest.mark.anyio
@@ -290,3 +291,21 @@ async def test_a_private_image_gets_its_own_pull_secret(
     assert pod["spec"]["imagePullSecrets"] == [{"name": "sandlot-k8spull1-pull"}]
     await kube_engine.delete("k8spull1")
     assert control_plane.request("GET", path)[0] == 404
+
+
+async def test_pod_user_namespaces_set_host_users_false(
+    kube_settings: KubernetesSettings,
+    kubelet: LoopKubelet,
+    control_plane: ControlPlane,
+    namespace: str,
+) -> None:
+    import dataclasses
+
+    engine = KubernetesEngine(dataclasses.replace(kube_settings, user_namespaces=True))
+    try:
+        await engine.create(_spec("k8susers1"))
+        _, pod = _get(control_plane, f"/api/v1/namespaces/{namespace}/pods/sandlot-k8susers1")
+        assert pod["spec"]["hostUsers"] is False
+        await engine.delete("k8susers1")
+    finally:
+        await engine.close()

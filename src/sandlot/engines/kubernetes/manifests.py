@@ -303,6 +303,8 @@ def pod(
     runtime_class = settings.runtime_classes.get(spec.runtime)
     if runtime_class:
         pod_spec["runtimeClassName"] = runtime_class
+    if settings.user_namespaces and not spec.privileged:  # privileged needs the node's users
+        pod_spec["hostUsers"] = False
     if settings.node_selector:
         pod_spec["nodeSelector"] = dict(settings.node_selector)
     if image_pull_secret is not None:

@@ -49,6 +49,12 @@ class KubernetesSettings:
     #: default: a privileged container is root on its node, with every other tenant's Pods on
     #: it, whatever the token's scope says.
     allow_privileged: bool = False
+    #: Run each sandbox Pod in its own user namespace (``hostUsers: false``,
+    #: ``--pod-user-namespaces``): root inside is an unprivileged uid on the node, as with the
+    #: local engine. Off by default: it needs Kubernetes >= 1.33 (or the UserNamespacesSupport
+    #: gate), a runtime that supports it (containerd >= 2.0, CRI-O >= 1.25) and a kernel with
+    #: id-mapped mounts for the Pods' filesystems; where missing, Pods do not start.
+    user_namespaces: bool = False
     #: The server's own Pods' labels: the agents' NetworkPolicy admits them alone (and nothing
     #: else in the cluster) to the agent port.
     server_pod_labels: Mapping[str, str] = field(

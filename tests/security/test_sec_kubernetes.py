@@ -99,3 +99,32 @@ async def test_privileged_pods_are_refused_unless_the_operator_allows_them(
         await allowing.delete("secpriv2")
     finally:
         await allowing.close()
+
+
+async def test_an_allowlist_cannot_open_the_clusters_own_networks(
+    kube_engine: Any, control_plane: ControlPlane, namespace: str
+) -> None:
+    """A tenant allowlists the cluster's Pod network (where an in-cluster PostgreSQL, the API
+    server and other tenants' Pods answer) or the metadata service: the NetworkPolicy reaches
+    none of it. Before, the allowlist went into the policy as given."""
+    from sandlot.engines.base import NetworkMode
+
+    await kube_engine.create(
+        _spec(
+            "secnet1",
+            network=NetworkMode.OUTBOUND,
+            outbound_allowlist=("10.0.0.0/8", "169.254.169.254/32", "0.0.0.0/1"),
+        )
+    )
+    _, body = control_plane.request(
+        "GET",
+        f"/apis/networking.k8s.io/v1/namespaces/{namespace}/networkpolicies/sandlot-secnet1",
+    )
+    blocks = [
+        to["ipBlock"]
+        for rule in json.loads(body)["spec"]["egress"]
+        for to in rule.get("to", [])
+        if "ipBlock" in to
+    ]
+    assert [b["cidr"] for b in blocks] == ["0.0.0.0/1"]  # the others are gone whole
+    assert "10.0.0.0/8" in blocks[0]["except"] and "100.64.0.0/10" in blocks[0]["except"]

@@ -178,17 +178,26 @@ async def test_egress_policy_becomes_a_network_policy_and_changes_live(
     ingress = policy["spec"]["ingress"]
     assert ingress[0]["ports"] == [{"protocol": "TCP", "port": 7070}]
 
-    await kube_engine.set_network("k8snet1", NetworkMode.OUTBOUND, ("10.1.0.0/16",))
+    def blocks() -> list[dict[str, Any]]:
+        _, policy = _get(control_plane, path)
+        return [
+            to["ipBlock"]
+            for rule in policy["spec"]["egress"]
+            for to in rule.get("to", [])
+            if "ipBlock" in to
+        ]
+
+    await kube_engine.set_network("k8snet1", NetworkMode.OUTBOUND, ("203.0.113.0/24",))
+    assert blocks() == [{"cidr": "203.0.113.0/24"}]
     _, policy = _get(control_plane, path)
-    cidrs = [
-        to["ipBlock"]["cidr"] for rule in policy["spec"]["egress"] for to in rule.get("to", [])
-    ]
-    assert cidrs == ["10.1.0.0/16"]
+    dns = policy["spec"]["egress"][0]  # the cluster's DNS Pods, and only them
+    assert dns["to"][0]["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
 
     await kube_engine.set_network("k8snet1", NetworkMode.OUTBOUND, None)
-    _, policy = _get(control_plane, path)
-    blocks = [to["ipBlock"] for rule in policy["spec"]["egress"] for to in rule.get("to", [])]
-    assert {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]} in blocks
+    everywhere = blocks()
+    assert everywhere[0]["cidr"] == "0.0.0.0/0"
+    assert {"10.0.0.0/8", "169.254.0.0/16", "192.168.0.0/16"} <= set(everywhere[0]["except"])
+    assert everywhere[1]["cidr"] == "::/0"
 
 
 async def test_deep_sleep_deletes_the_pod_and_keeps_secret_volume_and_policy(

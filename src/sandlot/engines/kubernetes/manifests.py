@@ -19,6 +19,7 @@ A sandbox ``ID`` is, all named ``sandlot-ID`` and labelled ``sandlot.dev/sandbox
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Any
 
@@ -151,25 +152,29 @@ def network_policy(
     settings: KubernetesSettings,
     owner: list[Any],
 ) -> Manifest:
-    """Ingress: the agent port, from the server's Pods only. Egress: nothing (``none``); the
-    allowlist's networks plus DNS; or everywhere but link-local addresses (cloud metadata
-    services live there) when there is no allowlist."""
+    """Ingress: the agent port, from the server's Pods only. Egress: nothing (``none``), or the
+    allowlist's networks (everywhere without one) less the operator's blocked ones
+    (:attr:`~.KubernetesSettings.blocked_cidrs`: the cluster's own networks and the metadata
+    service), plus the cluster's DNS Pods."""
     egress: list[dict[str, Any]] = []
     if mode is NetworkMode.OUTBOUND:
-        dns = {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
-        if allowlist is None:
-            egress.append(
-                {
-                    "to": [
-                        {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]}},
-                        {"ipBlock": {"cidr": "::/0", "except": ["fe80::/10"]}},
-                    ]
-                }
-            )
-        else:
-            egress.append(dns)
-            if allowlist:
-                egress.append({"to": [{"ipBlock": {"cidr": cidr}} for cidr in allowlist]})
+        wanted = allowlist if allowlist is not None else ("0.0.0.0/0", "::/0")
+        egress.append(
+            {
+                "to": [
+                    {
+                        "namespaceSelector": {
+                            "matchLabels": {"kubernetes.io/metadata.name": settings.dns_namespace}
+                        },
+                        "podSelector": {"matchLabels": dict(settings.dns_pod_labels)},
+                    }
+                ],
+                "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+            }
+        )
+        blocks = ip_blocks(wanted, settings.blocked_cidrs)
+        if blocks:
+            egress.append({"to": [{"ipBlock": block} for block in blocks]})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -190,6 +195,25 @@ def network_policy(
             "egress": egress,
         },
     }
+
+
+def ip_blocks(wanted: tuple[str, ...], blocked: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``ipBlock``s reaching ``wanted`` but none of ``blocked``: a wanted network inside a
+    blocked one is left out (a tenant's allowlist naming the cluster's own network reaches
+    nothing), one holding blocked networks gets them as ``except``."""
+    out: list[dict[str, Any]] = []
+    nets = [ipaddress.ip_network(b, strict=False) for b in blocked]
+    for cidr in wanted:
+        net = ipaddress.ip_network(cidr, strict=False)
+        same = [b for b in nets if b.version == net.version]
+        if any(net.subnet_of(b) for b in same):  # type: ignore[arg-type]
+            continue
+        inside = [str(b) for b in same if b.subnet_of(net)]  # type: ignore[arg-type]
+        block: dict[str, Any] = {"cidr": str(net)}
+        if inside:
+            block["except"] = inside
+        out.append(block)
+    return out
 
 
 def _hostname(spec: SandboxSpec) -> str:

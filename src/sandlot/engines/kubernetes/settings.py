@@ -25,6 +25,19 @@ DEFAULT_RUNTIME_CLASSES: Mapping[str, str | None] = {"crun": None, "gvisor": "gv
 DEFAULT_IMAGE = "docker.io/library/python:3.11-slim-bookworm"
 
 
+DEFAULT_BLOCKED_CIDRS = (
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+    "127.0.0.0/8",
+    "fc00::/7",
+    "fe80::/10",
+    "::1/128",
+)
+
+
 @dataclass(frozen=True)
 class KubernetesSettings:
     #: The namespace sandboxes live in (the server's Role grants rights there only).
@@ -55,6 +68,13 @@ class KubernetesSettings:
     #: gate), a runtime that supports it (containerd >= 2.0, CRI-O >= 1.25) and a kernel with
     #: id-mapped mounts for the Pods' filesystems; where missing, Pods do not start.
     user_namespaces: bool = False
+    #: Networks no sandbox reaches, whatever its egress policy or allowlist says: the cluster's
+    #: own (Pods, Services, the API server, an in-cluster database) and the cloud's metadata
+    #: service live in them. Private, shared and link-local ranges by default.
+    blocked_cidrs: tuple[str, ...] = DEFAULT_BLOCKED_CIDRS
+    #: The cluster DNS Pods outbound sandboxes may ask (namespace, Pod labels).
+    dns_namespace: str = "kube-system"
+    dns_pod_labels: Mapping[str, str] = field(default_factory=lambda: {"k8s-app": "kube-dns"})
     #: The server's own Pods' labels: the agents' NetworkPolicy admits them alone (and nothing
     #: else in the cluster) to the agent port.
     server_pod_labels: Mapping[str, str] = field(

@@ -318,3 +318,32 @@ async def test_pod_user_namespaces_set_host_users_false(
         await engine.delete("k8susers1")
     finally:
         await engine.close()
+
+
+async def test_a_main_command_runs_from_the_secret_and_survives_deep_sleep(
+    kube_engine: KubernetesEngine, control_plane: ControlPlane, namespace: str
+) -> None:
+    import anyio
+
+    spec = _spec("k8smain1", command="echo main-ran >> main.log; exec sleep 600")
+    info = await kube_engine.create(spec)
+    _, pod = _get(control_plane, f"/api/v1/namespaces/{namespace}/pods/sandlot-k8smain1")
+    assert "main-ran" not in json.dumps(pod)  # the line is in the Secret, like env values
+    await _healthy(info.agent_address)
+    for _ in range(250):
+        out = await _run(info.agent_address, spec.secret, "cat main.log 2>/dev/null")
+        if out["stdout"]:
+            break
+        await anyio.sleep(0.02)
+    assert out["stdout"] == "main-ran\n"
+    await kube_engine.stop("k8smain1")
+    again = await kube_engine.start("k8smain1")  # the command comes back from the Secret
+    _, pod = _get(control_plane, f"/api/v1/namespaces/{namespace}/pods/sandlot-k8smain1")
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["SANDLOT_MAIN_COMMAND_FILE"] == "/.sandlot/config/main"
+    assert again.state is SandboxState.RUNNING
+
+
+async def test_snapshots_are_refused_with_a_message(kube_engine: KubernetesEngine) -> None:
+    with pytest.raises(EngineError, match="snapshots are not available"):
+        await kube_engine.create(_spec("k8ssnap1", snapshot="snap-1"))

@@ -41,7 +41,12 @@ from sandlot.engines.base import (
 )
 from sandlot.engines.kubernetes import manifests
 from sandlot.engines.kubernetes.lease import LeaseElector
-from sandlot.engines.kubernetes.manifests import SECRET_KEY, SPEC_ANNOTATION, object_name
+from sandlot.engines.kubernetes.manifests import (
+    MAIN_KEY,
+    SECRET_KEY,
+    SPEC_ANNOTATION,
+    object_name,
+)
 from sandlot.engines.kubernetes.podwatch import Pod, PodWatcher
 from sandlot.engines.kubernetes.rawjson import json_of
 from sandlot.engines.kubernetes.settings import AGENT_PORT, KubernetesSettings
@@ -169,6 +174,8 @@ class KubernetesEngine:
         bad_env = sorted(k for k in spec.env if k in HIDDEN_ENV or "=" in k or not k)
         if bad_env:
             raise EngineError(f"invalid or reserved environment variable names: {bad_env}")
+        if spec.snapshot is not None:
+            raise EngineError("snapshots are not available on the kubernetes engine yet")
         if spec.privileged and not self.settings.allow_privileged:
             raise EngineError(
                 "privileged sandboxes are off on this cluster: a privileged Pod is root on its "
@@ -405,6 +412,7 @@ def _spec_from(made: Any) -> SandboxSpec:
         pool=bool(saved.get("pool")),
         runtime=saved.get("runtime", "crun"),
         project=saved.get("project", ""),
+        command=data.get(MAIN_KEY),
     )
 
 

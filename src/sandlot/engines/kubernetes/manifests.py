@@ -26,7 +26,12 @@ from typing import Any
 from sandlot.engines.base import NetworkMode, SandboxSpec
 from sandlot.engines.kubernetes.settings import AGENT_PORT, KubernetesSettings
 from sandlot.images.store import DEFAULT_IMAGE_ALIASES
-from sandlot.paths import SANDBOX_CONFIG_DIR, SANDBOX_PROCESS_JOURNAL, SANDBOX_RUNTIME_DIR
+from sandlot.paths import (
+    SANDBOX_CONFIG_DIR,
+    SANDBOX_MAIN_COMMAND_FILE,
+    SANDBOX_PROCESS_JOURNAL,
+    SANDBOX_RUNTIME_DIR,
+)
 from sandlot.runtime.closure import agent_command
 
 Manifest = dict[str, Any]
@@ -43,6 +48,8 @@ SANDBOX_CONTAINER = "sandbox"
 VOLUME_PATH = "/workspace"
 #: The secret's key in the Secret, and the file the agent reads it from.
 SECRET_KEY = "secret"
+#: The main process's command line (``SandboxSpec.command``), in the Secret and its volume.
+MAIN_KEY = "main"
 _RUNTIME_COPY = "/.sandlot/runtime-copy"
 _RUN_DIR = "/.sandlot/run"
 
@@ -101,6 +108,8 @@ def secret(spec: SandboxSpec) -> Manifest:
     data: dict[str, str] = {f"env-{i}": value for i, value in enumerate(spec.env.values())}
     if not spec.pool:
         data[SECRET_KEY] = spec.secret
+    if spec.command is not None:
+        data[MAIN_KEY] = spec.command  # a main process's line may carry credentials too
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -247,6 +256,8 @@ def pod(
         ]
     else:
         env.append({"name": "SANDBOX_SECRET_FILE", "value": f"{SANDBOX_CONFIG_DIR}/{SECRET_KEY}"})
+    if spec.command is not None:
+        env.append({"name": "SANDLOT_MAIN_COMMAND_FILE", "value": SANDBOX_MAIN_COMMAND_FILE})
     resources = {
         "cpu": _cpu(it.vcpu),
         "memory": _quantity_mi(it.memory_mb),
@@ -277,7 +288,10 @@ def pod(
         {"name": "run", "emptyDir": {"medium": "Memory"}},
         {"name": "workspace", "persistentVolumeClaim": {"claimName": claim_name(spec.id)}},
     ]
-    if not spec.pool:
+    items = [] if spec.pool else [{"key": SECRET_KEY, "path": SECRET_KEY}]
+    if spec.command is not None:
+        items.append({"key": MAIN_KEY, "path": MAIN_KEY})
+    if items:
         container["volumeMounts"].append(
             {"name": "config", "mountPath": SANDBOX_CONFIG_DIR, "readOnly": True}
         )
@@ -287,7 +301,7 @@ def pod(
                 "secret": {
                     "secretName": name,
                     "defaultMode": 0o400,
-                    "items": [{"key": SECRET_KEY, "path": SECRET_KEY}],
+                    "items": items,
                     # Kubernetes' default, spelt out: podman 4.3's kube play dereferences it.
                     "optional": False,
                 },

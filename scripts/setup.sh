@@ -43,42 +43,53 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-# gVisor's runsc (the `gvisor` runtime): built from source once per machine, cached by version
-# (scripts/build-runsc.sh), and put on PATH for the local engine. SANDLOT_SKIP_RUNSC=1 skips it
-# (then gvisor sandboxes are refused with an error naming this script, and their tests skip).
-# A failed build does not stop the setup: crun stays the default runtime, and the gvisor one
-# says what is missing. The build (CPU-bound, ~3 min on a fresh 2-core machine) runs in the
-# background while the venv and the default image (mostly downloads and dpkg) are made.
+# Third-party binaries built from the Go module proxy once per machine, cached by version:
+# - runsc, gVisor's runtime (the `gvisor` runtime; scripts/build-runsc.sh, ~3 min on a fresh
+#   2-core machine), put on PATH for the local engine. SANDLOT_SKIP_RUNSC=1 skips it: gvisor
+#   sandboxes are then refused with an error naming the script, and their tests skip.
+# - kube-apiserver, for the kubernetes engine's tests (scripts/build-kubernetes.sh, ~3.5 min).
+#   SANDLOT_SKIP_KUBERNETES=1 skips it; those tests then skip, saying so.
+# A failed build does not stop the setup (crun and the local engine need neither). The builds
+# are CPU-bound, so they run one after the other in the background while the venv and the
+# default image (mostly downloads and dpkg) are made.
 builds=$(mktemp -d /tmp/sandlot-setup.XXXXXX)
-trap 'if [ -n "${runsc_build:-}" ]; then kill "$runsc_build" 2>/dev/null || true; fi; rm -rf "$builds"' EXIT
-runsc_build=
-if [ "${SANDLOT_SKIP_RUNSC:-0}" != 1 ]; then
-  scripts/build-runsc.sh >"$builds/runsc.path" 2>"$builds/runsc.log" &
-  runsc_build=$!
-fi
+go_builds=
+trap 'if [ -n "$go_builds" ]; then kill "$go_builds" 2>/dev/null || true; fi; rm -rf "$builds"' EXIT
+(
+  if [ "${SANDLOT_SKIP_RUNSC:-0}" != 1 ]; then
+    if scripts/build-runsc.sh >"$builds/runsc.path" 2>"$builds/runsc.log"; then rc=0; else rc=1; fi
+    echo "$rc" >"$builds/runsc.rc"
+  fi
+  if [ "${SANDLOT_SKIP_KUBERNETES:-0}" != 1 ]; then
+    if scripts/build-kubernetes.sh >/dev/null 2>"$builds/kubernetes.log"; then rc=0; else rc=1; fi
+    echo "$rc" >"$builds/kubernetes.rc"
+  fi
+) &
+go_builds=$!
 
-finish_runsc() {
-  [ -n "$runsc_build" ] || return 0
-  if wait "$runsc_build"; then
-    cat "$builds/runsc.log" >&2
-    ln -sfn "$(cat "$builds/runsc.path")" /usr/local/bin/runsc
-  else
-    tail -n 30 "$builds/runsc.log" >&2
-    echo "==> WARNING: runsc did not build; the gvisor runtime is unavailable (rerun" \
-      "scripts/build-runsc.sh to see why)" >&2
+finish_go_builds() {
+  wait "$go_builds" || true
+  go_builds=
+  if [ -f "$builds/runsc.rc" ]; then
+    if [ "$(cat "$builds/runsc.rc")" = 0 ]; then
+      cat "$builds/runsc.log" >&2
+      ln -sfn "$(cat "$builds/runsc.path")" /usr/local/bin/runsc
+    else
+      tail -n 30 "$builds/runsc.log" >&2
+      echo "==> WARNING: runsc did not build; the gvisor runtime is unavailable (rerun" \
+        "scripts/build-runsc.sh to see why)" >&2
+    fi
+  fi
+  if [ -f "$builds/kubernetes.rc" ]; then
+    if [ "$(cat "$builds/kubernetes.rc")" = 0 ]; then
+      cat "$builds/kubernetes.log" >&2
+    else
+      tail -n 30 "$builds/kubernetes.log" >&2
+      echo "==> WARNING: kube-apiserver did not build; the kubernetes engine's tests will skip" \
+        "(rerun scripts/build-kubernetes.sh to see why)" >&2
+    fi
   fi
 }
-
-# kube-apiserver for the kubernetes engine's tests: built from the Go module proxy once per
-# machine (~3.5 min on 2 cores; cached by version, scripts/build-kubernetes.sh).
-# SANDLOT_SKIP_KUBERNETES=1 skips it; a failed build leaves the setup going and those tests
-# skip, saying so.
-if [ "${SANDLOT_SKIP_KUBERNETES:-0}" != 1 ]; then
-  if ! scripts/build-kubernetes.sh >/dev/null; then
-    echo "==> WARNING: kube-apiserver did not build; the kubernetes engine's tests will skip" \
-      "(rerun scripts/build-kubernetes.sh to see why)" >&2
-  fi
-fi
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
@@ -92,4 +103,4 @@ echo "==> installing sandlot into .venv"
 echo "==> building the default image (cached after the first run)"
 .venv/bin/python -m sandlot.images build
 
-finish_runsc
+finish_go_builds

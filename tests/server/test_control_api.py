@@ -84,6 +84,10 @@ def test_koyeb_image_name_maps_to_default(server: RunningServer) -> None:
         ({"env": {"A": 1}}, "env.A"),
         ({"env": {"A=B": "x"}}, "invalid environment variable name"),
         ({"env": {"SANDBOX_SECRET": "x"}}, "reserved"),
+        ({"env": {"SANDBOX_AUTH_MODE": "pool"}}, "reserved"),  # first bearer would claim it
+        ({"env": {"SANDLOT_PROCESS_JOURNAL": "/tmp/j"}}, "reserved"),
+        ({"env": {"SANDLOT_ENV_FILE": "/tmp/e"}}, "reserved"),
+        ({"env": {"SANDLOT_MAIN_COMMAND_FILE": "/tmp/m"}}, "reserved"),
         ({"env": {"A": "x\u0000y"}}, "NUL"),
         ({"timeout": -1}, "timeout"),
         ({"idle_timeout": -5}, "idle_timeout"),

@@ -16,6 +16,7 @@ from pydantic import (
     model_validator,
 )
 
+from sandlot.agent.commands import HIDDEN_ENV
 from sandlot.engines.base import RUNTIMES
 from sandlot.instance_types import DEFAULT_INSTANCE_TYPE, INSTANCE_TYPES
 from sandlot.netpolicy import resolve_policy
@@ -24,10 +25,9 @@ NAME_PATTERN = r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$"
 PROJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 LABEL_KEY_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9_./-]{0,126}[A-Za-z0-9])?$"
 
-#: The agent's own configuration: a sandbox's env must not set these.
-RESERVED_ENV = frozenset(
-    {"SANDBOX_SECRET", "SANDBOX_SECRET_FILE", "SANDBOX_SECRET_PATH", "SANDBOX_AUTH_MODE"}
-)
+#: The agent's own configuration (its secret, pool mode, journal, ...): a sandbox's env must not
+#: set these. One list, the agent's: a name it adds is refused here too.
+RESERVED_ENV = HIDDEN_ENV
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
 #: Lifecycle timers: whole seconds, at most ten years (a larger value is a typo, not a plan).

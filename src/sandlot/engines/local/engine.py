@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from sandlot import netpolicy
+from sandlot.agent.commands import HIDDEN_ENV
 from sandlot.ca_certs import ExtraCA
 from sandlot.engines.base import (
     RUNTIMES,
@@ -95,10 +96,6 @@ from sandlot.paths import (
 )
 from sandlot.runtime.closure import AGENT_ENV, agent_command, build_runtime
 
-#: Variables owned by the platform; a user's ``env`` cannot override them.
-_RESERVED_ENV = frozenset(
-    {"SANDBOX_SECRET", "SANDBOX_SECRET_FILE", "SANDBOX_SECRET_PATH", "SANDBOX_AUTH_MODE"}
-)
 _ID_ALPHABET = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
@@ -330,7 +327,8 @@ class LocalEngine:
 
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
         directory = self._dir(spec.id)
-        bad_env = sorted(k for k in spec.env if k in _RESERVED_ENV or "=" in k or not k)
+        # the agent's own variables (one list, the agent's), and names no environment can hold
+        bad_env = sorted(k for k in spec.env if k in HIDDEN_ENV or "=" in k or not k)
         if bad_env:
             raise EngineError(f"invalid or reserved environment variable names: {bad_env}")
         self._runtime_named(spec.runtime)  # an unknown runtime, or runsc missing: refused now

@@ -137,11 +137,7 @@ class CreateSandbox(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _gvisor_offline(self) -> CreateSandbox:
-        if self.runtime == "gvisor" and (
-            self.block_network is False or self.outbound_allowlist is not None
-        ):
-            raise ValueError("gvisor sandboxes have no outbound network yet: only crun ones do")
+    def _gvisor_light_sleep(self) -> CreateSandbox:
         if self.runtime == "gvisor" and self.enable_light_sleep:
             raise ValueError("gvisor sandboxes have no light sleep yet: only crun ones do")
         return self

@@ -15,8 +15,6 @@ from pathlib import Path
 from sandlot.engines.base import EngineError
 from sandlot.engines.local import mounts
 
-NO_OUTBOUND = "gvisor sandboxes have no outbound network yet: only crun sandboxes do"
-
 
 def searchable_by_all(path: Path) -> bool:
     """Every directory from ``/`` to ``path`` has its search bit for others."""

@@ -80,11 +80,11 @@ async def spawn(
 #: gVisor's global flags. systrap: the default platform, and the one that works here (KVM hung
 #: on these machines although /dev/kvm answers).
 #: host-uds=create: the agent makes its socket on a bind mount (see gvisor.adopt_agent_socket).
-#: network=none: gVisor's own loopback and nothing else (its default, "sandbox", copies the
-#: interfaces of the network namespace, where loopback is still down: no 127.0.0.1 at all).
+#: network=sandbox: gVisor's stack copies the interfaces of the network namespace it joins,
+#: made beforehand with loopback up and a link to route through (gvisor_net.py).
 #: overlay2=none: writes go through to the sandbox's own overlay on its disk (the quota, kept
 #: across sleep); runsc's default keeps them in an overlay of its own, lost when it stops.
-RUNSC_FLAGS = ("--platform=systrap", "--host-uds=create", "--network=none", "--overlay2=none")
+RUNSC_FLAGS = ("--platform=systrap", "--host-uds=create", "--network=sandbox", "--overlay2=none")
 
 
 @dataclass(frozen=True)

@@ -137,12 +137,6 @@ class CreateSandbox(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _gvisor_light_sleep(self) -> CreateSandbox:
-        if self.runtime == "gvisor" and self.enable_light_sleep:
-            raise ValueError("gvisor sandboxes have no light sleep yet: only crun ones do")
-        return self
-
-    @model_validator(mode="after")
     def _tcp_proxy_unprotected(self) -> CreateSandbox:
         # A raw TCP connection has no place for a port token (the protocol is the sandbox's
         # own), so the proxy would serve protected ports to anyone: refused, not ignored.

@@ -549,6 +549,7 @@ class LocalEngine:
                 # from its multi-threaded Go process: EINVAL): it makes its own from the maps.
                 userns_path=None if spec.runtime == "gvisor" else directory / "userns",
                 netns_path=gvisor_net.netns_pin(directory) if spec.runtime == "gvisor" else None,
+                seccomp_errno_ret=spec.runtime != "gvisor",
             )
         )
         (bundle / "config.json").write_text(json.dumps(config))

@@ -107,7 +107,13 @@ async def spawn(
 #: made beforehand with loopback up and a link to route through (gvisor_net.py).
 #: overlay2=none: writes go through to the sandbox's own overlay on its disk (the quota, kept
 #: across sleep); runsc's default keeps them in an overlay of its own, lost when it stops.
-RUNSC_FLAGS = ("--platform=systrap", "--host-uds=create", "--network=sandbox", "--overlay2=none")
+RUNSC_FLAGS = (
+    "--platform=systrap",
+    "--host-uds=create",
+    "--network=sandbox",
+    "--overlay2=none",
+    "--oci-seccomp",
+)
 
 
 @dataclass(frozen=True)

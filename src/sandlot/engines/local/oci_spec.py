@@ -137,6 +137,8 @@ class SandboxConfig:
     #: A network namespace made beforehand (gVisor's, see :mod:`.gvisor_net`) for the runtime
     #: to join; None: the runtime makes one, holding only ``lo``.
     netns_path: Path | None = None
+    #: Whether the runtime honours the seccomp profile's ``errnoRet`` (runsc does not).
+    seccomp_errno_ret: bool = True
 
 
 def _mount(dest: str, typ: str, source: str, options: list[str]) -> dict[str, Any]:
@@ -210,7 +212,7 @@ def build_config(cfg: SandboxConfig) -> dict[str, Any]:
         "cgroupsPath": f"/{CGROUP_PARENT}/{cfg.cgroup_name}",
         "maskedPaths": [*MASKED_PATHS, *cfg.extra_masked_paths],
         "readonlyPaths": list(READONLY_PATHS),
-        "seccomp": seccomp_profile(privileged=cfg.privileged),
+        "seccomp": seccomp_profile(privileged=cfg.privileged, errno_ret=cfg.seccomp_errno_ret),
     }
     if cfg.userns_path is not None:
         # Joined, not made: its maps are already written, and the runtime must not write them.

@@ -20,11 +20,7 @@ from support.runtimes import runtime_params, searchable_state_dir
 from sandlot.engines.local import LocalEngine
 from sandlot.images.store import ImageStore
 
-pytestmark = [
-    pytest.mark.anyio,
-    pytest.mark.root,
-    pytest.mark.parametrize("runtime", runtime_params(gvisor_by_default=True)),
-]
+pytestmark = [pytest.mark.root]
 
 _SYSCALL = (
     "python3 -c 'import ctypes,os,sys; l=ctypes.CDLL(None,use_errno=True); "
@@ -61,6 +57,8 @@ async def sandbox(state: Path, runtime: str) -> AsyncIterator[SandboxHandle]:
         await engine.delete(sb.id)
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("runtime", runtime_params(gvisor_by_default=True))
 async def test_the_profiles_denials_hold(sandbox: SandboxHandle, runtime: str) -> None:
     for name, command in DENIED.items():
         assert (await sandbox.sh(command)).split() == ["-1", "1"], f"{name} on {runtime}"
@@ -74,7 +72,7 @@ async def test_the_profiles_denials_hold(sandbox: SandboxHandle, runtime: str) -
     assert (await sandbox.sh(_SYSCALL.format(args="39"))).split()[1] == "0"  # getpid
 
 
-def test_a_runtime_without_errno_ret_gets_clone3_allowed_and_nothing_else(runtime: str) -> None:
+def test_a_runtime_without_errno_ret_gets_clone3_allowed_and_nothing_else() -> None:
     from sandlot.engines.local.seccomp import seccomp_profile
 
     honoured = seccomp_profile(privileged=False)

@@ -56,3 +56,16 @@ def searchable_state_dir(prefix: str) -> Iterator[Path]:
         for point in mounts_under(state):
             unmount(point)
         shutil.rmtree(state, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def engine_state_for_runtimes(prefix: str) -> Iterator[Path]:
+    """A test module's engine state directory where both runtimes work: skips without root
+    and crun (as the suites' own ``state`` fixtures do), else :func:`searchable_state_dir`."""
+    from support.local import local_engine_unavailable
+
+    reason = local_engine_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with searchable_state_dir(prefix) as state:
+        yield state

@@ -201,3 +201,17 @@ def test_gvisors_ruleset_filters_what_the_router_forwards_from_gvisor() -> None:
     assert 'iifname != "gw0" drop' in listed
     assert listed.index("ip daddr 169.254.0.0/16 drop") < listed.index("192.0.2.0/24")
     assert listed.rstrip().splitlines()[-3].strip() == "reject with icmpx admin-prohibited"
+
+
+@pytest.mark.parametrize("runtime", runtime_params(gvisor_by_default=True))
+async def test_outbound_access_survives_deep_sleep(
+    make_sandbox: Factory, engine: object, peer_host: str, runtime: str
+) -> None:
+    """Stop and start (for gVisor: a checkpoint and a restore, whose network stack comes back
+    from the image): the namespaces are set up again before runsc runs, pasta comes back."""
+    from support.local import deep_sleep
+
+    sb = await make_sandbox(image="busybox", network=NetworkMode.OUTBOUND, runtime=runtime)
+    await deep_sleep(engine, sb)
+    assert await sb.sh(f"timeout 5 wget -q -O- {peer_host}") == "hello from the peer\n"
+    assert await sb.sh("echo hi | nc -l -p 9000 & sleep 0.2; nc 127.0.0.1 9000") == "hi\n"

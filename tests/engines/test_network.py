@@ -1,4 +1,5 @@
-"""Outbound networking: on request only, through pasta, never to the host's loopback.
+"""Outbound networking: on request only, through pasta, never to the host's loopback; on crun
+and on gVisor (whose own network stack sits behind a router namespace, gvisor_net.py).
 
 Traffic goes only to a peer host that this test creates in its own network namespace (a veth
 pair on a private /30) and to loopback -- never to any other address.
@@ -14,12 +15,28 @@ from pathlib import Path
 
 import pytest
 from support.peer_host import peer_host
+from support.runtimes import runtime_params, searchable_state_dir
 
 from sandlot.engines.base import NetworkMode
 
 from .conftest import Factory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.root]
+
+#: Each of these runs on gVisor as well in the default run (a few seconds each).
+both_runtimes = pytest.mark.parametrize("runtime", runtime_params(gvisor_by_default=True))
+
+
+@pytest.fixture(scope="module")
+def engine_state() -> Iterator[Path]:
+    """One that gVisor sandboxes can use too (see support.runtimes)."""
+    with searchable_state_dir("sl-net-") as state:
+        yield state
+
+
+def _interfaces(proc_net_dev: str) -> list[str]:
+    """Interface names from /proc/net/dev (gVisor has no /sys/class/net)."""
+    return sorted(line.split(":")[0].strip() for line in proc_net_dev.splitlines()[2:])
 
 
 @contextlib.contextmanager
@@ -57,28 +74,33 @@ def host_loopback_server() -> Iterator[int]:
     srv.close()
 
 
-async def test_no_network_by_default(make_sandbox: Factory, peer_host: str) -> None:
-    sb = await make_sandbox(image="busybox")
+@both_runtimes
+async def test_no_network_by_default(make_sandbox: Factory, peer_host: str, runtime: str) -> None:
+    sb = await make_sandbox(image="busybox", runtime=runtime)
     out = await sb.run(f"timeout 5 wget -q -O- {peer_host}")
     assert out["code"] != 0
 
 
+@both_runtimes
 async def test_outbound_on_request(
-    make_sandbox: Factory, peer_host: str, host_loopback_server: int
+    make_sandbox: Factory, peer_host: str, host_loopback_server: int, runtime: str
 ) -> None:
-    sb = await make_sandbox(image="busybox", network=NetworkMode.OUTBOUND)
-    assert "eth0" in (await sb.sh("ls /sys/class/net")).split()
+    sb = await make_sandbox(image="busybox", network=NetworkMode.OUTBOUND, runtime=runtime)
+    assert len(_interfaces(await sb.sh("cat /proc/net/dev"))) == 2  # lo and the way out
     assert await sb.sh(f"timeout 5 wget -q -O- {peer_host}") == "hello from the peer\n"
     # 127.0.0.1 inside is the sandbox's own loopback: the host's listener is not reachable.
     out = await sb.run(f"timeout 5 wget -q -O- http://127.0.0.1:{host_loopback_server}/")
     assert out["code"] != 0
 
 
-async def test_pasta_goes_away_with_the_sandbox(make_sandbox: Factory, engine: object) -> None:
+@both_runtimes
+async def test_pasta_goes_away_with_the_sandbox(
+    make_sandbox: Factory, engine: object, runtime: str
+) -> None:
     from sandlot.engines.local import LocalEngine
 
     assert isinstance(engine, LocalEngine)
-    sb = await make_sandbox(image="busybox", network=NetworkMode.OUTBOUND)
+    sb = await make_sandbox(image="busybox", network=NetworkMode.OUTBOUND, runtime=runtime)
     pid = int((engine.sandboxes_dir / sb.id / "pasta.pid").read_text())
     assert Path(f"/proc/{pid}").exists()
     await engine.delete(sb.id)
@@ -87,37 +109,51 @@ async def test_pasta_goes_away_with_the_sandbox(make_sandbox: Factory, engine: o
     assert not _running(pid)  # gone, or a zombie waiting for its reaper
 
 
+@both_runtimes
 async def test_allowlist_reaches_only_listed_networks(
-    make_sandbox: Factory, peer_host: str, other_peer_host: str
+    make_sandbox: Factory, peer_host: str, other_peer_host: str, runtime: str
 ) -> None:
     sb = await make_sandbox(
-        image="busybox", network=NetworkMode.OUTBOUND, outbound_allowlist=("10.213.7.2",)
-    )  # a bare IP: /32
+        image="busybox",
+        network=NetworkMode.OUTBOUND,
+        outbound_allowlist=("10.213.7.2",),  # a bare IP: /32
+        runtime=runtime,
+    )
     assert await sb.sh(f"timeout 5 wget -q -O- {peer_host}") == "hello from the peer\n"
     out = await sb.run(f"timeout 5 wget -q -O- {other_peer_host}")
     assert out["code"] != 0
 
 
-async def test_sandbox_cannot_lift_its_policy(make_sandbox: Factory) -> None:
-    sb = await make_sandbox(network=NetworkMode.OUTBOUND, outbound_allowlist=("10.213.7.0/30",))
+@both_runtimes
+async def test_sandbox_cannot_lift_its_policy(make_sandbox: Factory, runtime: str) -> None:
+    sb = await make_sandbox(
+        network=NetworkMode.OUTBOUND, outbound_allowlist=("10.213.7.0/30",), runtime=runtime
+    )
     eff = int((await sb.sh("grep CapEff /proc/self/status")).split()[1], 16)
     assert not eff & (1 << 12), "CAP_NET_ADMIN must not be granted"
-    out = await sb.run("ip route add 10.99.0.0/16 dev eth0 2>&1; ip link set eth0 down 2>&1")
+    way_out = next(i for i in _interfaces(await sb.sh("cat /proc/net/dev")) if i != "lo")
+    out = await sb.run(
+        f"ip route add 10.99.0.0/16 dev {way_out} 2>&1; ip link set {way_out} down 2>&1"
+    )
     assert "not permitted" in out["stdout"].lower()
 
 
+@both_runtimes
 async def test_network_policy_changes_live(
-    make_sandbox: Factory, engine: object, peer_host: str
+    make_sandbox: Factory, engine: object, peer_host: str, runtime: str
 ) -> None:
     from sandlot.engines.local import LocalEngine
 
     assert isinstance(engine, LocalEngine)
-    sb = await make_sandbox(image="busybox")
+    sb = await make_sandbox(image="busybox", runtime=runtime)
     assert (await sb.run(f"timeout 3 wget -q -O- {peer_host}"))["code"] != 0
     await engine.set_network(sb.id, NetworkMode.OUTBOUND, ("10.213.7.0/30",))
     assert await sb.sh(f"timeout 5 wget -q -O- {peer_host}") == "hello from the peer\n"
     await engine.set_network(sb.id, NetworkMode.NONE, None)
-    assert (await sb.sh("ls /sys/class/net")).split() == ["lo"]
+    if runtime == "crun":
+        assert _interfaces(await sb.sh("cat /proc/net/dev")) == ["lo"]
+    # gVisor keeps its end of the pair: the route out, pasta, is gone from the router.
+    assert not (engine.sandboxes_dir / sb.id / "pasta.pid").exists()
     assert (await sb.run(f"timeout 3 wget -q -O- {peer_host}"))["code"] != 0
 
 
@@ -152,3 +188,30 @@ def test_ruleset_blocks_link_local_and_allows_dns_to_resolvers() -> None:
     assert "ip6 daddr { 2001:db8::/32 } accept" in listed
     assert "ip daddr 10.255.255.53 udp dport 53 accept" in listed
     assert "policy drop" in listed
+
+
+def test_gvisors_ruleset_filters_what_the_router_forwards_from_gvisor() -> None:
+    """gVisor's packets reach the host's kernel as a router's traffic: the policy sits on the
+    forward hook, only for what comes from gVisor's end, and refuses the rest with an ICMP error
+    (a refused connection fails at once instead of timing out)."""
+    from sandlot.engines.local.network import egress_ruleset
+
+    listed = egress_ruleset(("192.0.2.0/24",), [], forward_from="gw0")
+    assert "type filter hook forward priority 0; policy drop;" in listed
+    assert 'iifname != "gw0" drop' in listed
+    assert listed.index("ip daddr 169.254.0.0/16 drop") < listed.index("192.0.2.0/24")
+    assert listed.rstrip().splitlines()[-3].strip() == "reject with icmpx admin-prohibited"
+
+
+@pytest.mark.parametrize("runtime", runtime_params(gvisor_by_default=True))
+async def test_outbound_access_survives_deep_sleep(
+    make_sandbox: Factory, engine: object, peer_host: str, runtime: str
+) -> None:
+    """Stop and start (for gVisor: a checkpoint and a restore, whose network stack comes back
+    from the image): the namespaces are set up again before runsc runs, pasta comes back."""
+    from support.local import deep_sleep
+
+    sb = await make_sandbox(image="busybox", network=NetworkMode.OUTBOUND, runtime=runtime)
+    await deep_sleep(engine, sb)
+    assert await sb.sh(f"timeout 5 wget -q -O- {peer_host}") == "hello from the peer\n"
+    assert await sb.sh("echo hi | nc -l -p 9000 & sleep 0.2; nc 127.0.0.1 9000") == "hi\n"

@@ -92,3 +92,28 @@ def test_unknown_runtime_is_a_400(server: tuple[RunningServer, str]) -> None:
     assert "unknown runtime 'kata'" in r.text
     with pytest.raises(SandboxRequestError, match="unknown runtime"):
         Sandbox.create(api_url=srv.url, api_token=token, runtime="kata")
+
+
+def test_light_sleep_on_gvisor_keeps_processes(server: tuple[RunningServer, str]) -> None:
+    """Light sleep after idle_timeout (runsc pause), then a transparent wake (runsc resume):
+    the background process is still there. Refused with a 400 before."""
+    srv, token = server
+    with Sandbox.create(
+        api_url=srv.url,
+        api_token=token,
+        image="busybox",
+        runtime="gvisor",
+        idle_timeout=1,
+        _experimental_enable_light_sleep=True,
+    ) as sb:
+        sb.exec("sleep 600 >/dev/null 2>&1 &")
+        deadline = time.monotonic() + 30
+        while True:
+            info = httpx.get(
+                f"{srv.url}/v1/sandboxes/{sb.id}", headers={"authorization": f"Bearer {token}"}
+            ).json()
+            if (info["status"], info.get("sleep_kind")) == ("sleeping", "light"):
+                break
+            assert time.monotonic() < deadline, f"never slept: {info['status']}"
+            time.sleep(0.2)
+        assert sb.exec("pidof sleep").code == 0

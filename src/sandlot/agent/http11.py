@@ -15,6 +15,7 @@ One thread per connection; a handler gets a :class:`Request`, and either returns
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import select
@@ -450,6 +451,19 @@ class Connection:
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
+    def detach(self) -> tuple[socket.socket, bytes]:
+        """Hand the socket, non-blocking, and the bytes already read past the request to the
+        caller, which owns them from now on (this connection's close leaves them alone)."""
+        self.sock.setblocking(False)
+        try:
+            pending = self.rfile.read1(65536) or b""  # the buffer only: the socket would block
+        except (BlockingIOError, InterruptedError):
+            pending = b""
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.rfile.close()
+        return self.sock, pending
+
 
 Dispatch = Callable[[Request], "Reply | None"]
 
@@ -595,9 +609,13 @@ class Listener:
         while True:
             try:
                 client, _ = self.sock.accept()
-            except OSError:
+            except OSError as exc:
                 if self.closed:
                     return
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors (every relayed tunnel holds two, in gVisor sandboxes):
+                    # wait for some to close rather than spin on a backlog that stays full.
+                    time.sleep(0.05)
                 continue
             if self.sock.family != socket.AF_UNIX:
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -10,20 +10,19 @@ Over a Unix socket the gateway asks for the connection itself (``Sandlot-Tunnel:
 connects, answers ``200`` with the connected socket attached (SCM_RIGHTS) and is done. The
 gateway then talks to the port directly, as if it were inside the sandbox's network namespace:
 one hop less on every byte, and no agent threads, memory or pids spent per open connection --
-the sandbox's own limits stay the sandbox's. Over TCP (no fd passing) the agent relays.
+the sandbox's own limits stay the sandbox's. Over TCP (no fd passing), and in gVisor sandboxes,
+the agent relays: all tunnels in one thread (relay_loop.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
-import threading
 
 from sandlot.agent.http11 import HTTPError, Request
+from sandlot.agent.relay_loop import RELAY
 
 CONNECT_TIMEOUT = 5.0
-BUFFER = 65536
 
 
 def _port(value: str | None) -> int:
@@ -61,34 +60,5 @@ def open_tunnel(req: Request) -> None:
             req.respond_with_fd(200, {"Sandlot-Tunnel": "fd"}, target.fileno())
         return
     conn = req.upgrade({"Connection": "Upgrade", "Upgrade": "tcp"})
-    conn.sock.settimeout(None)
-
-    def client_to_target() -> None:
-        try:
-            while True:
-                # read1: bytes the client sent right after its request are already buffered
-                data = conn.rfile.read1(BUFFER)
-                if not data:
-                    break
-                target.sendall(data)
-        except (OSError, ValueError):
-            pass
-        with contextlib.suppress(OSError):
-            target.shutdown(socket.SHUT_WR)
-
-    upstream = threading.Thread(target=client_to_target, daemon=True)
-    upstream.start()
-    try:
-        while True:
-            data = target.recv(BUFFER)
-            if not data:
-                break
-            conn.sock.sendall(data)
-    except OSError:
-        with contextlib.suppress(OSError):
-            target.shutdown(socket.SHUT_RDWR)
-    with contextlib.suppress(OSError):
-        conn.sock.shutdown(socket.SHUT_WR)
-    upstream.join()
-    target.close()
-    conn.close()
+    client, client_sent = conn.detach()
+    RELAY.add(client, client_sent, target)

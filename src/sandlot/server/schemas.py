@@ -137,16 +137,6 @@ class CreateSandbox(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _gvisor_offline(self) -> CreateSandbox:
-        if self.runtime == "gvisor" and (
-            self.block_network is False or self.outbound_allowlist is not None
-        ):
-            raise ValueError("gvisor sandboxes have no outbound network yet: only crun ones do")
-        if self.runtime == "gvisor" and self.enable_light_sleep:
-            raise ValueError("gvisor sandboxes have no light sleep yet: only crun ones do")
-        return self
-
-    @model_validator(mode="after")
     def _tcp_proxy_unprotected(self) -> CreateSandbox:
         # A raw TCP connection has no place for a port token (the protocol is the sandbox's
         # own), so the proxy would serve protected ports to anyone: refused, not ignored.

@@ -47,9 +47,11 @@ import asyncio
 import contextlib
 import os
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sandlot.engines.base import EngineError, InsufficientResources
 from sandlot.engines.local.oci_runtime import OciRuntime, OciRuntimeError, spawn
@@ -186,7 +188,7 @@ async def checkpoint(
     hook += ["--save-restore-exec-timeout", HOOK_TIMEOUT]
     started = time.perf_counter()
     try:
-        result = await spawn(runtime.argv(*args, *hook, sandbox_id))
+        result = await _bounded(runtime.argv(*args, *hook, sandbox_id))
         if result.returncode != 0 and _HOOK_ALREADY_SET in result.stderr:
             # The kernel keeps the hook it was first given (a restored one: in its image) and
             # runs it after a restore, but before a save only when given it again, which it
@@ -194,7 +196,7 @@ async def checkpoint(
             shutil.rmtree(tmp)
             tmp.mkdir(mode=0o700)
             await _run_save_hook(runtime, sandbox_id)
-            result = await spawn(runtime.argv(*args, sandbox_id))
+            result = await _bounded(runtime.argv(*args, sandbox_id))
         if result.returncode != 0:
             err = _first_line(result.stderr.decode(errors="replace"))
             if "no space left" in err.lower():
@@ -209,6 +211,21 @@ async def checkpoint(
         remove(image)
         raise
     return Saved(image, _size(image), time.perf_counter() - started)
+
+
+#: The longest a checkpoint or a restore may take before runsc is killed and the call fails
+#: (1 GiB took 2-7 s here under load): no wake or sleep hangs on a runsc that does.
+SAVE_RESTORE_TIMEOUT = 300.0
+
+
+async def _bounded(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[bytes]:
+    try:
+        return await spawn(argv, timeout=SAVE_RESTORE_TIMEOUT, **kw)
+    except subprocess.TimeoutExpired:
+        verb = "restore" if "restore" in argv else "checkpoint"
+        raise CheckpointError(
+            f"runsc {verb} did not finish in {SAVE_RESTORE_TIMEOUT:g} s (killed)"
+        ) from None
 
 
 async def restore(
@@ -249,7 +266,7 @@ async def restore(
     )
     with contextlib.suppress(FileNotFoundError):
         pid_file.unlink()
-    result = await spawn(argv, stdout=log_fd, stderr=log_fd)
+    result = await _bounded(argv, stdout=log_fd, stderr=log_fd)
     if result.returncode != 0:  # runsc wrote why to the sandbox's log (its stderr)
         raise CheckpointError(
             f"cannot restore sandbox {sandbox_id} from its checkpoint "

@@ -60,6 +60,7 @@ from sandlot.engines.local import (
     cgroups,
     checkpoint,
     gvisor,
+    gvisor_net,
     hostlimits,
     idmap,
     mounts,
@@ -332,8 +333,6 @@ class LocalEngine:
         if bad_env:
             raise EngineError(f"invalid or reserved environment variable names: {bad_env}")
         self._runtime_named(spec.runtime)  # an unknown runtime, or runsc missing: refused now
-        if spec.runtime == "gvisor" and spec.network is not NetworkMode.NONE:
-            raise EngineError(gvisor.NO_OUTBOUND)
         # Admitted before anything is written (the agent runtime is built on first use).
         await asyncio.to_thread(self._admit, spec)
         try:
@@ -547,6 +546,8 @@ class LocalEngine:
                 # runsc cannot join a namespace made beforehand (setns of a user namespace
                 # from its multi-threaded Go process: EINVAL): it makes its own from the maps.
                 userns_path=None if spec.runtime == "gvisor" else directory / "userns",
+                netns_path=gvisor_net.netns_pin(directory) if spec.runtime == "gvisor" else None,
+                seccomp_errno_ret=spec.runtime != "gvisor",
             )
         )
         (bundle / "config.json").write_text(json.dumps(config))
@@ -633,6 +634,7 @@ class LocalEngine:
             await asyncio.to_thread(
                 gvisor.remove_stale_socket, made
             )  # else adopted before the new one
+            await asyncio.to_thread(gvisor_net.prepare, directory)
             try:
                 pid = await self._restore_or_run(directory, runtime, log_path, log_fd)
             finally:
@@ -694,8 +696,25 @@ class LocalEngine:
         if meta.get("network") != NetworkMode.OUTBOUND.value:
             return
         allow = meta.get("allow")
-        await network.apply_egress(pid, None if allow is None else tuple(allow))
-        await network.attach_pasta(pid, directory / "pasta.pid", directory / "userns")
+        await self._open_network(directory, meta, pid, None if allow is None else tuple(allow))
+
+    @staticmethod
+    async def _open_network(
+        directory: Path, meta: Mapping[str, Any], pid: int, allow: tuple[str, ...] | None
+    ) -> None:
+        """The egress table, then pasta if it is not there yet. crun: in the namespace of the
+        sandbox's init, filtering what it sends; gVisor: in the namespace runsc joined,
+        filtering what it forwards from gVisor's end (gvisor_net.py)."""
+        pasta = directory / "pasta.pid"
+        if meta.get("oci") == "gvisor":
+            netns = str(gvisor_net.router_pin(directory))
+            await network.apply_egress(netns, allow, forward_from=gvisor_net.HOST_LINK)
+            if not network.pasta_alive(pasta):
+                await network.attach_pasta(netns, pasta)
+            return
+        await network.apply_egress(f"/proc/{pid}/ns/net", allow)
+        if not network.pasta_alive(pasta):
+            await network.attach_pasta(f"/proc/{pid}/ns/net", pasta, directory / "userns")
 
     async def set_network(
         self, sandbox_id: str, mode: NetworkMode, outbound_allowlist: tuple[str, ...] | None
@@ -710,8 +729,6 @@ class LocalEngine:
             meta = self._read_meta(directory)
             if meta is None or not meta.get("ready"):
                 raise SandboxNotFound(f"no sandbox {sandbox_id}")
-            if meta.get("oci") == "gvisor" and mode is not NetworkMode.NONE:
-                raise EngineError(gvisor.NO_OUTBOUND)
             meta["network"], meta["allow"] = mode.value, allow
             self._write_meta(directory, meta)
             await asyncio.to_thread(self._remount_if_needed, directory, meta)
@@ -726,11 +743,9 @@ class LocalEngine:
             state = await self._runtime_of(meta).state(sandbox_id)
             if state is None or not state.get("pid"):
                 return  # stopped: applied at the next start
-            pid = int(state["pid"])
             if mode is NetworkMode.OUTBOUND:
-                await network.apply_egress(pid, None if allow is None else tuple(allow))
-                if not network.pasta_alive(directory / "pasta.pid"):
-                    await network.attach_pasta(pid, directory / "pasta.pid", directory / "userns")
+                allowed = None if allow is None else tuple(allow)
+                await self._open_network(directory, meta, int(state["pid"]), allowed)
             else:
                 network.detach_pasta(directory / "pasta.pid")
 
@@ -775,19 +790,23 @@ class LocalEngine:
             return SandboxInfo(sandbox_id, SandboxState.RUNNING, self._address(directory), pid=pid)
 
     async def pause(self, sandbox_id: str) -> None:
-        self._set_frozen(sandbox_id, True)
+        await self._set_paused(sandbox_id, True)
 
     async def resume(self, sandbox_id: str) -> None:
-        self._set_frozen(sandbox_id, False)
+        await self._set_paused(sandbox_id, False)
 
-    def _set_frozen(self, sandbox_id: str, frozen: bool) -> None:
-        # Direct freezer writes take ~0.1 ms: cheap enough to do on the event loop.
+    async def _set_paused(self, sandbox_id: str, paused: bool) -> None:
+        """Light sleep: crun's sandboxes through the cgroup freezer (direct writes, ~0.1 ms:
+        on the event loop); gVisor's through ``runsc pause``/``resume`` (gvisor.py says why)."""
         meta = self._read_meta(self._dir(sandbox_id))
         if meta is None:
             raise SandboxNotFound(f"no sandbox {sandbox_id}")
-        if frozen and meta.get("oci") == "gvisor":
-            # A frozen runsc sandbox makes every later `runsc state` hang (seen: minutes).
-            raise EngineError("light sleep is not supported for gvisor sandboxes yet")
+        if meta.get("oci") == "gvisor":
+            await gvisor.set_paused(self._runtime_of(meta), sandbox_id, paused)
+            return
+        self._set_frozen(sandbox_id, paused)
+
+    def _set_frozen(self, sandbox_id: str, frozen: bool) -> None:
         try:
             cgroups.set_frozen(self.layout, sandbox_id, frozen)
         except cgroups.FreezerError as exc:

@@ -1,7 +1,7 @@
 """What a gVisor (runsc) sandbox needs that a crun one does not, in one place: the agent's own
-socket adopted from the sandbox's disk, the search bits runsc's gofer needs, and what gVisor
-sandboxes cannot do yet. The engine (engine.py) calls these where the runtimes differ;
-docs/gvisor.md says why each difference exists."""
+socket adopted from the sandbox's disk, the search bits runsc's gofer needs, and light sleep
+through runsc (its network is gvisor_net.py). The engine (engine.py) calls these where the
+runtimes differ; docs/gvisor.md says why each difference exists."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from pathlib import Path
 
 from sandlot.engines.base import EngineError
 from sandlot.engines.local import mounts
-
-NO_OUTBOUND = "gvisor sandboxes have no outbound network yet: only crun sandboxes do"
+from sandlot.engines.local.oci_runtime import OciRuntime
 
 
 def searchable_by_all(path: Path) -> bool:
@@ -63,3 +62,21 @@ async def adopt_agent_socket(made: Path, link: Path) -> None:
         if time.monotonic() > deadline:
             raise EngineError(f"the sandbox's agent made no socket in {AGENT_SOCKET_TIMEOUT:g} s")
         await asyncio.sleep(0.005)
+
+
+async def set_paused(runtime: OciRuntime, sandbox_id: str, paused: bool) -> None:
+    """Light sleep of a gVisor sandbox: ``runsc pause`` stops gVisor's tasks where they are and
+    keeps their memory, while runsc's own control server keeps answering. Not the cgroup
+    freezer: that froze the sentry's control server too, and every later ``runsc state``
+    (which asks it) hung for minutes. Measured here (busy 2-core host, a sandbox holding
+    50 MB): pause 67 ms, resume 59 ms (median of 10; each is one runsc process, mostly its
+    start), memory kept (77 MiB before and after); crun's freezer takes 0.2 ms."""
+    if paused:
+        await runtime.pause(sandbox_id)
+        return
+    try:
+        await runtime.resume(sandbox_id)
+    except EngineError:  # not paused (a resume before a deep sleep, say): nothing to do
+        state = await runtime.state(sandbox_id)
+        if state is not None and state.get("status") == "paused":
+            raise

@@ -52,8 +52,9 @@ def resolv_conf(outbound: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def attach_pasta(netns_pid: int, pid_file: Path, userns: Path | None = None) -> None:
-    """Give the network namespace of ``netns_pid`` outbound access; returns once configured.
+async def attach_pasta(netns: str, pid_file: Path, userns: Path | None = None) -> None:
+    """Give the network namespace at ``netns`` (``/proc/PID/ns/net``, or a pinned one)
+    outbound access; returns once configured.
 
     ``userns``: the sandbox's pinned user namespace, which owns the network namespace. pasta
     drops its capabilities before it opens the namespaces, and root keeps rights over a
@@ -81,7 +82,7 @@ async def attach_pasta(netns_pid: int, pid_file: Path, userns: Path | None = Non
             "--pid",
             str(pid_file),
             "--netns",
-            f"/proc/{netns_pid}/ns/net",
+            netns,
             *(["--userns", str(userns)] if userns is not None else ["--netns-only"]),
         ]
     )
@@ -129,16 +130,27 @@ def _running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
-def egress_ruleset(allow: tuple[str, ...] | None, resolvers: list[str]) -> str:
-    """The nftables script for a sandbox with outbound access (``allow`` None: everywhere)."""
+def egress_ruleset(
+    allow: tuple[str, ...] | None, resolvers: list[str], forward_from: str | None = None
+) -> str:
+    """The nftables script for a sandbox with outbound access (``allow`` None: everywhere).
+
+    ``forward_from``: the policy applies to what the namespace's kernel forwards from that
+    interface (gVisor, gvisor_net.py) instead of what it sends itself (crun); anything else is
+    refused with an ICMP error, so a refused connection fails at once rather than timing out."""
+    hook = "output" if forward_from is None else "forward"
     lines = [
         "table inet sandlot_egress",
         "delete table inet sandlot_egress",
         "table inet sandlot_egress {",
-        "  chain output {",
-        "    type filter hook output priority 0; policy drop;",
+        f"  chain {hook} {{",
+        f"    type filter hook {hook} priority 0; policy drop;",
         '    oifname "lo" accept',
         "    ct state established,related accept",
+    ]
+    if forward_from is not None:
+        lines.append(f'    iifname != "{forward_from}" drop')
+    lines += [
         "    ip daddr 169.254.0.0/16 drop",
         "    ip6 daddr fe80::/10 drop",
     ]
@@ -155,17 +167,22 @@ def egress_ruleset(allow: tuple[str, ...] | None, resolvers: list[str]) -> str:
             family = "ip" if ipaddress.ip_address(server).version == 4 else "ip6"
             lines.append(f"    {family} daddr {server} udp dport 53 accept")
             lines.append(f"    {family} daddr {server} tcp dport 53 accept")
+    if forward_from is not None:
+        lines.append("    reject with icmpx admin-prohibited")
     lines += ["  }", "}"]
     return "\n".join(lines) + "\n"
 
 
-async def apply_egress(netns_pid: int, allow: tuple[str, ...] | None) -> None:
-    """Install (or replace, atomically) the egress table in the namespace of ``netns_pid``."""
+async def apply_egress(
+    netns: str, allow: tuple[str, ...] | None, forward_from: str | None = None
+) -> None:
+    """Install (or replace, atomically) the egress table in the network namespace at ``netns``
+    (``/proc/PID/ns/net``, or a pinned one)."""
     if shutil.which("nft") is None:
         raise NetworkSetupError("egress policies need nftables: apt-get install nftables")
-    script = egress_ruleset(allow, host_nameservers())
+    script = egress_ruleset(allow, host_nameservers(), forward_from)
     result = await spawn(
-        ["nsenter", f"--net=/proc/{netns_pid}/ns/net", "--", "nft", "-f", "-"],
+        ["nsenter", f"--net={netns}", "--", "nft", "-f", "-"],
         input=script.encode(),
     )
     if result.returncode != 0:

@@ -134,6 +134,11 @@ class SandboxConfig:
     #: A user namespace made beforehand (owned by the sandbox's own host uid, see
     #: :mod:`.userns`) for the runtime to join; None: the runtime makes one (owned by root).
     userns_path: Path | None = None
+    #: A network namespace made beforehand (gVisor's, see :mod:`.gvisor_net`) for the runtime
+    #: to join; None: the runtime makes one, holding only ``lo``.
+    netns_path: Path | None = None
+    #: Whether the runtime honours the seccomp profile's ``errnoRet`` (runsc does not).
+    seccomp_errno_ret: bool = True
 
 
 def _mount(dest: str, typ: str, source: str, options: list[str]) -> dict[str, Any]:
@@ -207,7 +212,7 @@ def build_config(cfg: SandboxConfig) -> dict[str, Any]:
         "cgroupsPath": f"/{CGROUP_PARENT}/{cfg.cgroup_name}",
         "maskedPaths": [*MASKED_PATHS, *cfg.extra_masked_paths],
         "readonlyPaths": list(READONLY_PATHS),
-        "seccomp": seccomp_profile(privileged=cfg.privileged),
+        "seccomp": seccomp_profile(privileged=cfg.privileged, errno_ret=cfg.seccomp_errno_ret),
     }
     if cfg.userns_path is not None:
         # Joined, not made: its maps are already written, and the runtime must not write them.
@@ -215,6 +220,10 @@ def build_config(cfg: SandboxConfig) -> dict[str, Any]:
             if ns["type"] == "user":
                 ns["path"] = str(cfg.userns_path)
         del linux["uidMappings"], linux["gidMappings"]
+    if cfg.netns_path is not None:
+        for ns in linux["namespaces"]:
+            if ns["type"] == "network":
+                ns["path"] = str(cfg.netns_path)
     return {
         "ociVersion": "1.0.2",
         "process": {

@@ -70,9 +70,17 @@ fspick move_mount open_tree mount_setattr syslog vhangup clone3
 """.split()
 
 
-def seccomp_profile(*, privileged: bool) -> dict[str, Any]:
-    """The OCI ``linux.seccomp`` object."""
+def seccomp_profile(*, privileged: bool, errno_ret: bool = True) -> dict[str, Any]:
+    """The OCI ``linux.seccomp`` object.
+
+    ``errno_ret=False``: for a runtime that answers every denied call with EPERM whatever
+    ``errnoRet`` says (runsc's ``--oci-seccomp``, checked in its source and by running it).
+    EPERM from ``clone3`` would stop glibc from falling back to ``clone`` (every new thread
+    fails), so ``clone3`` is then allowed: its flags are out of seccomp's sight, and a namespace
+    it makes is one of gVisor's own kernel (``unshare`` stays denied)."""
     names = sorted(set(ALLOWED) | (set(PRIVILEGED_EXTRA) if privileged else set()))
+    if not errno_ret:
+        names = sorted({*names, "clone3"})
     syscalls: list[dict[str, Any]] = [{"names": names, "action": "SCMP_ACT_ALLOW"}]
     if privileged:
         syscalls.append({"names": ["clone"], "action": "SCMP_ACT_ALLOW"})
@@ -92,8 +100,9 @@ def seccomp_profile(*, privileged: bool) -> dict[str, Any]:
                 ],
             }
         )
-        # ENOSYS, not EPERM: glibc then falls back to clone(), whose flags are checked above.
-        syscalls.append({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS})
+        if errno_ret:
+            # ENOSYS, not EPERM: glibc then falls back to clone(), whose flags are checked above.
+            syscalls.append({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS})
     # personality: only the harmless values Docker allows (0, PER_LINUX32, UNAME26 variants).
     syscalls.append(
         {

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from support.runtimes import RUNSC_MISSING
 
 from sandlot.cli.main import main
 
@@ -37,11 +39,18 @@ def test_create_ls_exec_cp_rm(cli: CliRunner, tmp_path: Path) -> None:
     info = json.loads(created.stdout)
     sid = info["id"]
     assert "secret" not in info
+    assert info["runtime"] == "crun"  # the server's default
     try:
         listed = cli.invoke(main, ["ls", "--label", "team=a", "--json"])
         assert [s["id"] for s in json.loads(listed.stdout)] == [sid]
+        assert json.loads(listed.stdout)[0]["runtime"] == "crun"
         table = cli.invoke(main, ["ls"])
-        assert "cli-box" in table.stdout
+        assert "cli-box" in table.stdout and "RUNTIME" in table.stdout
+        shown = cli.invoke(main, ["info", sid])
+        assert shown.exit_code == 0, shown.output
+        assert f"id:               {sid}" in shown.stdout
+        assert "runtime:          crun" in shown.stdout
+        assert json.loads(cli.invoke(main, ["info", sid, "--json"]).stdout)["id"] == sid
 
         out = cli.invoke(
             main,
@@ -80,6 +89,8 @@ def test_create_ls_exec_cp_rm(cli: CliRunner, tmp_path: Path) -> None:
         (["run", "--instance-type", "huge", "--", "true"], "unknown instance_type 'huge'"),
         (["run", "--env", "NOEQUALS", "--", "true"], "expected KEY=VALUE"),
         (["run"], "missing command"),
+        (["run", "--runtime", "kata", "--", "true"], "'kata' is not one of"),
+        (["info", "no-such-sandbox"], "not found"),
         (["exec", "no-such-sandbox", "--", "true"], "not found"),
         (["cp", "a", "b"], "exactly one of SOURCE and DEST"),
         (["image", "pull", "Not/Lower:1"], "not a registry reference"),
@@ -162,3 +173,21 @@ def test_secret_create_list_remove(cli: CliRunner) -> None:
     assert cli.invoke(main, ["secret", "rm", "cli-reg"]).output.strip() == "cli-reg"
     gone = cli.invoke(main, ["secret", "rm", "cli-reg"])
     assert gone.exit_code == 1 and "not found" in gone.stderr
+
+
+@pytest.mark.skipif(shutil.which("runsc") is None, reason=RUNSC_MISSING)
+def test_create_runtime_gvisor_shown_by_info_and_ls(cli: CliRunner) -> None:
+    created = cli.invoke(main, ["create", "--runtime", "gvisor", "--json"])
+    assert created.exit_code == 0, created.output
+    sid = json.loads(created.stdout)["id"]
+    try:
+        assert json.loads(created.stdout)["runtime"] == "gvisor"
+        assert "runtime:          gvisor" in cli.invoke(main, ["info", sid]).stdout
+        listed = json.loads(cli.invoke(main, ["ls", "--json"]).stdout)
+        assert {s["id"]: s["runtime"] for s in listed}[sid] == "gvisor"
+        row = next(line for line in cli.invoke(main, ["ls"]).stdout.splitlines() if sid in line)
+        assert "gvisor" in row.split()
+        out = cli.invoke(main, ["exec", sid, "--", "cat /proc/version"])
+        assert "gvisor" in out.stdout
+    finally:
+        cli.invoke(main, ["rm", sid])

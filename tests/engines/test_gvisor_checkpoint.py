@@ -20,7 +20,7 @@ from sandlot.engines.base import InsufficientResources, SandboxState
 from sandlot.engines.local import LocalEngine, checkpoint
 from sandlot.images.store import default_store
 
-from .test_gvisor_engine import engine_state, pytestmark  # noqa: F401  (runsc's state dir, skips)
+from .test_gvisor_engine import pytestmark  # noqa: F401  (skips without runsc)
 
 #: A shell counter: its count lives in the shell's memory, each value appended to a file.
 COUNTER = "i=0; while :; do i=$((i+1)); echo $i >> /tmp/count; sleep 0.1; done"
@@ -151,7 +151,7 @@ async def test_leave_running_checkpoints_and_the_agent_listens_again(
 
 
 async def test_deep_sleep_on_a_disk_that_cannot_hold_the_memory_stops_it_cold_and_says_why(
-    engine_state: Path,  # noqa: F811
+    engine_state: Path,
 ) -> None:
     """The state directory on a small disk, nearly full: deep sleep refuses the checkpoint
     before writing, stops the sandbox as crun does (memory freed, files kept) and says why."""

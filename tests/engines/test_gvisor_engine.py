@@ -7,8 +7,6 @@ its agent, that its kernel is gVisor's, and that delete leaves nothing of it on 
 from __future__ import annotations
 
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from support.local import SandboxHandle
 from sandlot.engines.base import EngineError, EngineUnavailableError
 from sandlot.engines.local import LocalEngine
 from sandlot.engines.local import cgroups as cgroup_paths
-from sandlot.engines.local.mounts import mounts_under, unmount
+from sandlot.engines.local.mounts import mounts_under
 
 pytestmark = [
     pytest.mark.anyio,
@@ -27,18 +25,6 @@ pytestmark = [
         reason="runsc is not installed (scripts/setup.sh builds it; SANDLOT_SKIP_RUNSC skips it)",
     ),
 ]
-
-
-@pytest.fixture(scope="module")
-def engine_state() -> Iterator[Path]:
-    """runsc's gofer reaches the sandbox's files as the sandbox's uid: the state directory must
-    be searchable by all (pytest's own temporary directories are not)."""
-    state = Path(tempfile.mkdtemp(prefix="sandlot-gvisor-test-", dir="/var/tmp"))
-    state.chmod(0o711)
-    yield state
-    for point in mounts_under(state):
-        unmount(point)
-    shutil.rmtree(state, ignore_errors=True)
 
 
 async def test_commands_and_files_run_under_gvisors_kernel(make_sandbox) -> None:  # type: ignore[no-untyped-def]
@@ -82,16 +68,6 @@ async def test_delete_leaves_no_runsc_state_mounts_or_cgroups(
 async def test_an_unknown_runtime_is_refused(engine: LocalEngine) -> None:
     with pytest.raises(EngineError, match="unknown runtime 'kata'"):
         engine._runtime_named("kata")
-
-
-async def test_a_state_directory_runsc_cannot_search_is_a_clear_error(tmp_path: Path) -> None:
-    from sandlot.images.store import default_store
-
-    eng = LocalEngine(tmp_path / "state", images=default_store())  # pytest's: 0700 parents
-    with pytest.raises(EngineUnavailableError, match="may search"):
-        eng._runtime_named("gvisor")
-    for point in mounts_under(tmp_path):
-        unmount(point)
 
 
 async def test_a_missing_runsc_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -22,7 +22,7 @@ from sandlot import (
 )
 from sandlot.sdk import CancelToken, CommandCancelledError, EndEvent, ExitEvent
 
-pytestmark = [pytest.mark.root, pytest.mark.anyio]
+pytestmark = [pytest.mark.root, pytest.mark.anyio, pytest.mark.runtimes]
 
 
 @pytest.fixture
@@ -119,6 +119,7 @@ async def test_task_cancellation_kills_the_command(sb: AsyncSandbox) -> None:
     assert not await _running(sb, "sleep 43.5")
 
 
+@pytest.mark.gvisor_default
 async def test_exec_stream(sb: AsyncSandbox) -> None:
     names: list[str] = []
     stream = sb.exec_stream("echo hi; echo ho >&2")

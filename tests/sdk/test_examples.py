@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from support.runtimes import RUNSC_MISSING
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPECTED = {
     "hello.py": "Hello from Koyeb Sandbox!",
     "hello_async.py": "Hello from Koyeb Sandbox!",
+    "hello_gvisor.py": "Hello from Koyeb Sandbox!\nkernel: 4.19.0-gvisor",
     "exec_stream.py": "Command finished",
     "filesystem.py": "downloaded 256 bytes",
     "background_process.py": "still running: 0",
@@ -29,6 +32,8 @@ def test_every_example_is_listed() -> None:
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_example(api_url: str, name: str) -> None:
+    if name == "hello_gvisor.py" and shutil.which("runsc") is None:
+        pytest.skip(RUNSC_MISSING)
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / name)],
         capture_output=True,

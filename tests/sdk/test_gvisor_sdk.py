@@ -1,6 +1,6 @@
 """``Sandbox.create(runtime="gvisor")`` end to end: a real server (TCP on 127.0.0.1) in front
-of a real LocalEngine whose state directory runsc's gofer can search; skipped where runsc is
-not built. Traffic goes only to loopback and Unix sockets."""
+of a real LocalEngine on a closed (0700) state directory, the server's default; skipped where
+runsc is not built. Traffic goes only to loopback and Unix sockets."""
 
 from __future__ import annotations
 
@@ -36,9 +36,7 @@ def server() -> Iterator[tuple[RunningServer, str]]:
     from sandlot.engines.local.mounts import mounts_under, unmount
     from sandlot.images.store import ImageStore
 
-    # runsc reaches the sandbox's files as the sandbox's uid: parents searchable by all.
-    tmp = Path(tempfile.mkdtemp(prefix="sl-gvisor-", dir="/var/tmp"))
-    tmp.chmod(0o711)
+    tmp = Path(tempfile.mkdtemp(prefix="sl-gvisor-"))  # 0700, as a server's own
     engine = LocalEngine(tmp / "state", images=ImageStore(IMAGES_DIR))
     srv = start_server(engine, f"sqlite:///{tmp / 'db'}", tcp=True)
     _, token = srv.app.state.control.store.create_token("gvisor", "test")

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from support.registry import free_port, need_tools, start_registry
+from support.runtimes import runtime_fixture  # noqa: F401 (a fixture)
 from support.server import RunningServer, start_server
 
 from sandlot import Sandbox, SandboxRequestError
@@ -128,8 +129,10 @@ def server(local_server: RunningServer) -> Iterator[RunningServer]:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_an_image_from_a_registry(server: RunningServer, registry: Registry) -> None:
-    with Sandbox.create(image=registry.ref, api_url=server.url) as sb:
+@pytest.mark.gvisor_default
+def test_an_image_from_a_registry(server: RunningServer, registry: Registry, runtime: str) -> None:
+    """An image without Python (busybox's files), on both runtimes."""
+    with Sandbox.create(image=registry.ref, api_url=server.url, runtime=runtime) as sb:
         result = sb.exec('echo "$GREETING"; pwd; busybox | head -1')
         assert result.exit_code == 0, result.stderr
         lines = result.stdout.splitlines()
@@ -139,8 +142,8 @@ def test_an_image_from_a_registry(server: RunningServer, registry: Registry) -> 
         assert sb.filesystem.read_file("/work/x.txt").content == "written"
 
 
-def test_by_digest(server: RunningServer, registry: Registry) -> None:
-    with Sandbox.create(image=registry.digest_ref, api_url=server.url) as sb:
+def test_by_digest(server: RunningServer, registry: Registry, runtime: str) -> None:
+    with Sandbox.create(image=registry.digest_ref, api_url=server.url, runtime=runtime) as sb:
         assert sb.exec("echo $GREETING").stdout == "hello from the registry\n"
 
 
@@ -243,7 +246,7 @@ def _add_secret(server: RunningServer, name: str, registry: str, password: str) 
 
 
 def test_private_registry_with_registry_secret(
-    server: RunningServer, private_registry: PrivateRegistry
+    server: RunningServer, private_registry: PrivateRegistry, runtime: str
 ) -> None:
     image = private_registry.ref
     with pytest.raises(SandboxRequestError, match=r"cannot pull .*(unauthorized|authentication)"):
@@ -255,7 +258,9 @@ def test_private_registry_with_registry_secret(
     with pytest.raises(SandboxRequestError, match=r"secret is for ghcr\.io, not for 127\.0\.0\.1"):
         Sandbox.create(image=image, api_url=server.url, registry_secret="elsewhere")
     _add_secret(server, "robot", private_registry.host, "hunter2-registry")
-    with Sandbox.create(image=image, api_url=server.url, registry_secret="robot") as sb:
+    with Sandbox.create(
+        image=image, api_url=server.url, registry_secret="robot", runtime=runtime
+    ) as sb:
         assert sb.exec("echo $GREETING").stdout == "hello from the registry\n"
     # The pulled private image is kept for that secret only: without it, no sandbox gets it.
     with pytest.raises(SandboxRequestError, match="cannot pull"):

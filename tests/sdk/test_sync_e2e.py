@@ -28,7 +28,7 @@ from sandlot import (
 from sandlot.sdk import CancelToken, CommandCancelledError, ExitEvent, StdoutEvent
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.runtimes]
 
 
 @pytest.fixture
@@ -37,6 +37,7 @@ def sb(api_url: str) -> Any:
         yield sandbox
 
 
+@pytest.mark.gvisor_default
 def test_hello_example(api_url: str) -> None:
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "hello.py")],
@@ -217,6 +218,7 @@ def test_processes(sb: Sandbox) -> None:
         sb.kill_process("no-such-process")
 
 
+@pytest.mark.gvisor_default
 def test_filesystem(sb: Sandbox, tmp_path: Path) -> None:
     fs = sb.filesystem
     fs.mkdir("/work/a/b", recursive=True)

@@ -22,6 +22,7 @@ import anyio
 import httpx
 import pytest
 from support.local import SandboxHandle, create_sandbox
+from support.runtimes import runtime_fixture, xfail_on_gvisor  # noqa: F401 (a fixture)
 
 from sandlot.engines.local import LocalEngine
 from sandlot.engines.local.cgroups import CGROUP_PARENT, CGROUP_ROOT, CgroupLayout
@@ -36,9 +37,20 @@ AGENT_PID = (
 )
 
 
+#: gVisor's kernel lets root inside SIGKILL pid 1 (Linux drops it: pid_namespaces(7); the
+#: sentry has a TODO for it): the sandbox ends, and the server's agent probe restarts it.
+GVISOR_KILLS_INIT = "gVisor delivers SIGKILL from inside to pid 1: the sandbox ends"
+#: A fork bomb ends a gVisor sandbox: under systrap each guest process has a stub process on the
+#: host, counted by the host's pids limit (seen: pids.current 481 of 512, then 0; no OOM kill),
+#: so the sentry itself runs out of host pids before gVisor refuses the guest's forks.
+GVISOR_FORK_BOMB = "a fork bomb ends a gVisor sandbox"
+
+
 @pytest.fixture
-async def sb(engine: LocalEngine) -> AsyncIterator[SandboxHandle]:
-    handle = await create_sandbox(engine)
+async def sb(engine: LocalEngine, runtime: str) -> AsyncIterator[SandboxHandle]:
+    """A sandbox on each runtime: on gVisor each agent binds its own socket inside the sandbox,
+    and the engine adopts a restarted agent's (engines/local/gvisor_agent_watch.py)."""
+    handle = await create_sandbox(engine, runtime=runtime)
     try:
         yield handle
     finally:
@@ -78,6 +90,7 @@ async def init_started(sb: SandboxHandle) -> str:
     return (await sb.sh("cut -d' ' -f22 /proc/1/stat")).strip()
 
 
+@pytest.mark.gvisor_default
 async def test_names_are_not_python(sb: SandboxHandle) -> None:
     names = await sb.sh("cat /proc/1/comm; cat /proc/1/cmdline | tr '\\0' ' '; echo")
     assert "python" not in names and names.startswith("sandlot-init\n"), names
@@ -86,7 +99,14 @@ async def test_names_are_not_python(sb: SandboxHandle) -> None:
     assert "python" not in names and names.startswith("sandlot-agent\n"), names
 
 
-@pytest.mark.parametrize("cmd", ["pkill -9 python3", "pkill -9 -f python", "killall -q python3"])
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        pytest.param("pkill -9 python3", marks=pytest.mark.gvisor_default),
+        "pkill -9 -f python",
+        "killall -q python3",
+    ],
+)
 async def test_pkill_by_python_name_misses_the_agent(sb: SandboxHandle, cmd: str) -> None:
     before, started = await agent_pids(sb), await init_started(sb)
     await attack(sb, cmd)
@@ -98,15 +118,19 @@ async def test_pkill_by_python_name_misses_the_agent(sb: SandboxHandle, cmd: str
 @pytest.mark.parametrize(
     "cmd",
     [
-        "kill -9 -1",
+        pytest.param("kill -9 -1", marks=pytest.mark.gvisor_default),
         "pkill -9 sandlot-agent",
-        "pkill -9 -f sandlot",
+        "pkill -9 -f sandlot",  # pid 1's command line names sandlot too
         "kill -9 1 -1",
         # pid 1 is a shell, which acts on SIGINT: the agent's death then ended it too.
         "kill -INT 1; kill -TERM 1; kill -HUP 1; kill -9 $PPID",
     ],
 )
-async def test_killed_agent_comes_back(sb: SandboxHandle, cmd: str) -> None:
+async def test_killed_agent_comes_back(
+    sb: SandboxHandle, cmd: str, runtime: str, request: pytest.FixtureRequest
+) -> None:
+    if cmd in ("pkill -9 -f sandlot", "kill -9 1 -1"):
+        xfail_on_gvisor(request, runtime, GVISOR_KILLS_INIT)
     before, started = await agent_pids(sb), await init_started(sb)
     await attack(sb, cmd)
     await working_exec(sb)
@@ -120,7 +144,10 @@ async def test_killed_agent_comes_back(sb: SandboxHandle, cmd: str) -> None:
     assert wrong.status_code == 401
 
 
-async def test_fork_bomb_under_the_pids_limit(sb: SandboxHandle) -> None:
+async def test_fork_bomb_under_the_pids_limit(
+    sb: SandboxHandle, runtime: str, request: pytest.FixtureRequest
+) -> None:
+    xfail_on_gvisor(request, runtime, GVISOR_FORK_BOMB)
     # Its processes share one process group: the exec's timeout kills them all.
     await attack(sb, "f() { f | f & }; f; sleep 1000", timeout=5)
     await working_exec(sb)
@@ -140,6 +167,7 @@ def _oom_kills(layout: CgroupLayout, sandbox_id: str) -> int:
     raise AssertionError(f"no oom_kill count in {path}")
 
 
+@pytest.mark.gvisor_default
 async def test_memory_hog_is_killed_not_the_agent(sb: SandboxHandle) -> None:
     before, started = await agent_pids(sb), await init_started(sb)
     out = await sb.run("python3 -c 'a = []\nwhile True: a.append(bytearray(10**7))'")
@@ -150,12 +178,14 @@ async def test_memory_hog_is_killed_not_the_agent(sb: SandboxHandle) -> None:
 
 
 async def test_many_small_hogs_leave_the_agent_alone(
-    engine: LocalEngine, sb: SandboxHandle
+    engine: LocalEngine, sb: SandboxHandle, runtime: str
 ) -> None:
     """Each hog (a 3 MiB dd buffer held by a write blocked on a pipe nobody reads) is smaller
     than the agent (~11 MiB), so by size alone the OOM killer picked the agent: commands go
     first now. The hogs end with their reader, 20 s later (while they all hold the sandbox at
     its limit, everything in it crawls)."""
+    if runtime == "gvisor":
+        pytest.skip("counts the host cgroup's OOM kills: gVisor's kernel picks its own victims")
     before, started = await agent_pids(sb), await init_started(sb)
     # every output redirected: a hog holding the command's stderr kept the call open past
     # the client's timeout while the sandbox crawled at its limit (seen in CI)
@@ -173,6 +203,7 @@ async def test_many_small_hogs_leave_the_agent_alone(
     assert await init_started(sb) == started
 
 
+@pytest.mark.gvisor_default
 async def test_launched_processes_outlive_the_agent(sb: SandboxHandle) -> None:
     """Processes started with /start_process before the agent died are still listed (status,
     pid) and killable; their output is lost, and the API says so."""
@@ -252,10 +283,14 @@ async def test_pool_sandbox_keeps_its_claim_across_restarts(engine: LocalEngine)
         await sb.aclose()
 
 
-async def test_agent_death_at_the_pids_limit(engine: LocalEngine, sb: SandboxHandle) -> None:
+async def test_agent_death_at_the_pids_limit(
+    engine: LocalEngine, sb: SandboxHandle, runtime: str
+) -> None:
     """The agent dies while the sandbox has no pid to spare: pid 1's shell cannot fork a new
     one (a failed fork made it exit, and the sandbox with it); it waits, and the agent is back
     once a pid is free. The limit is lowered from the host, so the moment is certain."""
+    if runtime == "gvisor":
+        pytest.skip("finds the agent among pid 1's host children: gVisor's tasks are not")
     if engine.layout is CgroupLayout.V2:
         limit = CGROUP_ROOT / CGROUP_PARENT / sb.id / "pids.max"
     else:

@@ -96,6 +96,7 @@ def start_server(
     agent_probe: ProbeSettings | None = None,
     leadership: Leadership | None = None,
     key_file: Path | None = None,
+    default_runtime: str = "crun",
 ) -> RunningServer:
     if tcp:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -123,6 +124,7 @@ def start_server(
         agent_probe=agent_probe or ProbeSettings(),
         leadership=leadership,
         key_file=str(key_file) if key_file else None,
+        default_runtime=default_runtime,
     )
     app = create_app(config)
     server = uvicorn.Server(

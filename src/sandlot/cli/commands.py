@@ -97,6 +97,13 @@ create_options = [
     click.option(
         "--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label (repeatable)."
     ),
+    click.option(
+        "--runtime",
+        type=click.Choice(["crun", "gvisor"]),
+        default=None,
+        help="crun (a container on the host's kernel) or gvisor (gVisor's user-space kernel "
+        "between the code and the host's). Default: the server's (sandlot server --runtime).",
+    ),
 ]
 
 
@@ -118,6 +125,7 @@ def create(
     env: tuple[str, ...],
     labels: tuple[str, ...],
     snapshot: str | None,
+    runtime: str | None,
     as_json: bool,
 ) -> None:
     """Create a sandbox and print its id."""
@@ -128,6 +136,7 @@ def create(
         env=parse_pairs(env, "--env"),
         labels=parse_pairs(labels, "--label"),
         snapshot=snapshot,
+        runtime=runtime,
     )
     info = summary(sb)
     sb.close()  # the sandbox keeps running: only the handle goes
@@ -145,7 +154,7 @@ def list_sandboxes(name: str | None, labels: tuple[str, ...], as_json: bool) -> 
     if as_json:
         click.echo(json.dumps(items))
         return
-    table = Table("NAME", "STATUS", "IMAGE", "TYPE", "CREATED", box=None)
+    table = Table("NAME", "STATUS", "IMAGE", "TYPE", "RUNTIME", "CREATED", box=None)
     table.add_column("ID", no_wrap=True, min_width=24)  # ids are what scripts copy: never cut
     for it in items:
         status = it.get("status", "")
@@ -156,10 +165,51 @@ def list_sandboxes(name: str | None, labels: tuple[str, ...], as_json: bool) -> 
             status,
             it.get("image", ""),
             it.get("instance_type", ""),
+            it.get("runtime", ""),
             str(it.get("created_at", ""))[:19],
             it["id"],
         )
     Console().print(table)
+
+
+#: What ``sandlot info`` shows, in this order (``--json`` shows everything but the secret).
+INFO_FIELDS = (
+    "id",
+    "name",
+    "status",
+    "sleep_kind",
+    "image",
+    "instance_type",
+    "runtime",
+    "network",
+    "privileged",
+    "region",
+    "created_at",
+    "last_activity_at",
+    "idle_timeout",
+    "sandbox_url",
+    "error",
+)
+
+
+@click.command()
+@click.argument("sandbox_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@sdk_errors
+def info(sandbox_id: str, as_json: bool) -> None:
+    """Show one sandbox: its status, image, instance type, runtime, ..."""
+    sb = Sandbox.get_from_id(sandbox_id)
+    try:
+        shown = summary(sb)
+    finally:
+        sb.close()
+    if as_json:
+        click.echo(json.dumps(shown))
+        return
+    for key in INFO_FIELDS:
+        value = shown.get(key)
+        if value not in (None, ""):
+            click.echo(f"{key + ':':<18}{value}")
 
 
 @click.command(name="exec", context_settings={"ignore_unknown_options": True})
@@ -194,6 +244,7 @@ def run(
     instance_type: str,
     env: tuple[str, ...],
     labels: tuple[str, ...],
+    runtime: str | None,
     argv: tuple[str, ...],
     cwd: str | None,
 ) -> None:
@@ -207,6 +258,7 @@ def run(
         instance_type=instance_type,
         env=parse_pairs(env, "--env"),
         labels=parse_pairs(labels, "--label"),
+        runtime=runtime,
     ) as sb:
         code = stream_command(sb, cmd, cwd, {})
     sys.exit(code)
@@ -600,6 +652,7 @@ def image_list(as_json: bool) -> None:
 COMMANDS = [
     create,
     list_sandboxes,
+    info,
     exec_command,
     run,
     cp,

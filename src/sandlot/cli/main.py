@@ -162,6 +162,17 @@ def main() -> None:
     "own CAs are never given to sandboxes. Env SANDLOT_EXTRA_CA_FILE.",
 )
 @click.option(
+    "--runtime",
+    "default_runtime",
+    type=click.Choice(["crun", "gvisor"]),
+    default="crun",
+    show_default=True,
+    envvar="SANDLOT_RUNTIME",
+    help="The runtime of sandboxes whose create names none: crun (a container on the host's "
+    "kernel) or gvisor (gVisor's user-space kernel between the code and the host's; needs "
+    "runsc). A create may still name either. Env SANDLOT_RUNTIME.",
+)
+@click.option(
     "--max-json-body",
     default=1024 * 1024,
     show_default=True,
@@ -236,6 +247,7 @@ def server(
     overcommit: str,
     reserve: float,
     extra_ca_file: str | None,
+    default_runtime: str,
     max_json_body: int,
     max_exposed_ports: int | None,
     max_port_requests: int | None,
@@ -298,6 +310,7 @@ def server(
             key_file=key_file,
             policy=HostPolicy(overcommit, reserve, extra_ca),
             max_json_body=max_json_body,
+            default_runtime=default_runtime,
             h2_limits=H2Limits(
                 **_given(
                     max_streams=h2_max_streams,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 from urllib.parse import quote
 
-from sandlot.engines.base import Engine
+from sandlot.engines.base import RUNTIMES, Engine
 from sandlot.images.trust import ImageTrust
 from sandlot.instance_types import get_instance_type
 from sandlot.server.h2limits import H2Limits
@@ -134,3 +134,5 @@ class ServerConfig:
     ports_url: str | None = None
     #: With several replicas on one store: who runs the owned loops (None: this server alone).
     leadership: Leadership | None = None
+    #: The runtime of sandboxes whose create names none (``sandlot server --runtime``).
+    default_runtime: str = RUNTIMES[0]

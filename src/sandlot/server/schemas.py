@@ -91,10 +91,11 @@ class CreateSandbox(_Strict):
         "Not with enable_tcp_proxy: raw TCP carries no token to check.",
     )
     privileged: StrictBool = False
-    runtime: StrictStr = Field(
-        RUNTIMES[0],
-        description="Isolation: crun (a container on the host's kernel; default) or gvisor "
-        "(gVisor's user-space kernel between the code and the host's).",
+    runtime: StrictStr | None = Field(
+        None,
+        description="Isolation: crun (a container on the host's kernel) or gvisor (gVisor's "
+        "user-space kernel between the code and the host's). Default: the server's "
+        "(`sandlot server --runtime`, itself crun by default).",
     )
     registry_secret: StrictStr | None = None
     delete_after_delay: TimerSeconds | None = None
@@ -158,8 +159,8 @@ class CreateSandbox(_Strict):
 
     @field_validator("runtime")
     @classmethod
-    def _known_runtime(cls, value: str) -> str:
-        if value not in RUNTIMES:
+    def _known_runtime(cls, value: str | None) -> str | None:
+        if value is not None and value not in RUNTIMES:
             raise ValueError(f"unknown runtime {value!r}; expected one of: {', '.join(RUNTIMES)}")
         return value
 

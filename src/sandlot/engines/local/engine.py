@@ -60,6 +60,7 @@ from sandlot.engines.local import (
     cgroups,
     checkpoint,
     gvisor,
+    gvisor_bundle,
     gvisor_net,
     hostlimits,
     idmap,
@@ -79,6 +80,7 @@ from sandlot.engines.local.admission import (
 )
 from sandlot.engines.local.ca_store import CAStore
 from sandlot.engines.local.disks import DiskStock, preallocate
+from sandlot.engines.local.gvisor_agent_watch import AgentWatches
 from sandlot.engines.local.oci_runtime import OciRuntime
 from sandlot.engines.local.oci_spec import SandboxConfig, build_config, host_block_device_dirs
 from sandlot.engines.local.uid_slots import SlotRegistry
@@ -224,6 +226,8 @@ class LocalEngine:
         self._locks: dict[str, asyncio.Lock] = {}
         self.slots = SlotRegistry(self.sandboxes_dir)
         self._deleting: set[str] = set()
+        #: gVisor sandboxes' agent sockets, adopted again when their agent restarts.
+        self._agent_watches = AgentWatches()
         self._max_open_files = _grantable_open_files()
         self._memsw = (
             self.layout is cgroups.CgroupLayout.V2
@@ -265,13 +269,6 @@ class LocalEngine:
         if name == "gvisor":
             if self._gvisor is None:
                 self._gvisor = OciRuntime.detect_gvisor(self.state_dir / "oci", self.layout)
-                if not gvisor.searchable_by_all(self.sandboxes_dir):
-                    # runsc's gofer runs as the sandbox's uid and opens bundle/rootfs by path
-                    self._gvisor = None
-                    raise EngineUnavailableError(
-                        "gvisor sandboxes need a state directory whose parents every user may "
-                        "search (chmod o+x): runsc reaches the sandbox's files as its own uid"
-                    )
             return self._gvisor
         raise EngineError(f"unknown runtime {name!r}: one of {', '.join(RUNTIMES)}")
 
@@ -314,12 +311,6 @@ class LocalEngine:
         def claim(slot: int) -> None:
             meta["slot"] = slot
             directory.mkdir(mode=0o700)
-            if meta.get("oci") == "gvisor":
-                # runsc's gofer runs as the sandbox's root (its host uid ``base``) and must
-                # reach the rootfs below: its group may search this directory, nobody else.
-                base = idmap.ID_BASE + slot * idmap.ID_RANGE
-                os.chown(directory, 0, base)
-                directory.chmod(0o710)
             self._write_meta(directory, meta)
 
         return self.slots.allocate(directory.name, claim)
@@ -537,7 +528,9 @@ class LocalEngine:
                 id_base=base,
                 id_range=idmap.ID_RANGE,
                 runtime_dir=runtime_dir,
-                own_dir=own,
+                # runsc's gofer opens bind sources by path as the sandbox's uid: outside the
+                # state directory for it (gvisor_bundle.py)
+                own_dir=gvisor_bundle.own_dir(spec.id) if spec.runtime == "gvisor" else own,
                 cgroup_name=spec.id,
                 privileged=spec.privileged,
                 memory_swap_supported=self._memsw,
@@ -555,6 +548,7 @@ class LocalEngine:
     async def _destroy(self, sandbox_id: str, directory: Path) -> None:
         """Remove everything of one sandbox, from whatever state it is in; its uid range last,
         once nothing of it is left."""
+        self._agent_watches.stop(sandbox_id)
         meta = self._read_meta(directory)
         try:
             runtime = self._runtime_of(meta)
@@ -569,6 +563,7 @@ class LocalEngine:
             self.slots.release(sandbox_id, meta["slot"])
 
     def _remove_files(self, sandbox_id: str, directory: Path) -> None:
+        gvisor_bundle.remove(sandbox_id)  # its mounts hold the sandbox's rootfs and disk
         for point in mounts.mounts_under(directory):
             mounts.unmount(point)
         mounts.wait_loop_released(directory / "disk.img")
@@ -636,11 +631,19 @@ class LocalEngine:
             )  # else adopted before the new one
             await asyncio.to_thread(gvisor_net.prepare, directory)
             try:
-                pid = await self._restore_or_run(directory, runtime, log_path, log_fd)
+                bundle = await asyncio.to_thread(
+                    gvisor_bundle.prepare,
+                    directory.name,
+                    directory / "bundle",
+                    own_files.own_dir(layer),
+                    base,
+                )
+                pid = await self._restore_or_run(directory, runtime, bundle, log_path, log_fd)
             finally:
                 if log_fd is not None:
                     os.close(log_fd)
             await gvisor.adopt_agent_socket(made, directory / "agent.sock")
+            self._agent_watches.start(directory.name, made, directory / "agent.sock")
             return pid
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -665,7 +668,12 @@ class LocalEngine:
                 os.close(log_fd)
 
     async def _restore_or_run(
-        self, directory: Path, runtime: OciRuntime, log_path: Path, log_fd: int | None
+        self,
+        directory: Path,
+        runtime: OciRuntime,
+        bundle: Path,
+        log_path: Path,
+        log_fd: int | None,
     ) -> int:
         """A gVisor sandbox starts from its deep-sleep checkpoint if it has one (its processes
         and memory back), else afresh; a checkpoint that does not restore is dropped and the
@@ -678,7 +686,7 @@ class LocalEngine:
                     runtime,
                     directory.name,
                     image,
-                    directory / "bundle",
+                    bundle,
                     directory / "init.pid",
                     log_fd,
                 )
@@ -687,7 +695,7 @@ class LocalEngine:
             finally:
                 await asyncio.to_thread(checkpoint.remove, image)
         return await runtime.run_detached(
-            directory.name, directory / "bundle", log_path, directory / "init.pid", None, log_fd
+            directory.name, bundle, log_path, directory / "init.pid", None, log_fd
         )
 
     async def _connect(self, directory: Path, pid: int, meta: dict[str, Any]) -> None:
@@ -759,6 +767,7 @@ class LocalEngine:
             if meta is None:
                 raise SandboxNotFound(f"no sandbox {sandbox_id}")
             runtime = self._runtime_of(meta)
+            self._agent_watches.stop(sandbox_id)  # its agent lets go of its socket now
             note = None
             state = await runtime.state(sandbox_id) if runtime.name == "runsc" else None
             if state is not None and state.get("status") == "running" and meta.get("ready"):
@@ -769,6 +778,8 @@ class LocalEngine:
             await runtime.kill_all(sandbox_id, "KILL")
             await runtime.delete(sandbox_id)
             network.detach_pasta(directory / "pasta.pid")
+            if runtime.name == "runsc":
+                await asyncio.to_thread(gvisor_bundle.remove, sandbox_id)
             return note
 
     async def start(self, sandbox_id: str) -> SandboxInfo:
@@ -878,8 +889,13 @@ class LocalEngine:
                     await runtime.delete(sandbox_id)
                     await self._destroy(sandbox_id, self.sandboxes_dir / sandbox_id)
                     removed.append(sandbox_id)
+                elif runtime.name == "runsc":  # running on: follow its agent again
+                    directory = self.sandboxes_dir / sandbox_id
+                    made = own_files.own_dir(directory / "layer") / "run" / "agent.sock"
+                    self._agent_watches.start(sandbox_id, made, directory / "agent.sock")
         for sandbox_id in self.slots.owned().keys() - known.keys():
             cgroups.remove_cgroup_dirs(cgroups.sandbox_cgroup_dirs(self.layout, sandbox_id))
+            gvisor_bundle.remove(sandbox_id)
         self.slots.adopt({i: slot for i, slot in known.items() if isinstance(slot, int)})
         self.snapshots.recover()
         self.slots.reclaim_stale()
@@ -948,7 +964,7 @@ class LocalEngine:
         return cgroups.memory_usage_bytes(self.layout, sandbox_id)
 
     async def close(self) -> None:
-        return None
+        await self._agent_watches.close()
 
 
 def new_sandbox_id() -> str:

@@ -1,5 +1,5 @@
 """What a gVisor (runsc) sandbox needs that a crun one does not, in one place: the agent's own
-socket adopted from the sandbox's disk, the search bits runsc's gofer needs, and light sleep
+socket adopted from the sandbox's disk, and light sleep
 through runsc (its network is gvisor_net.py). The engine (engine.py) calls these where the
 runtimes differ; docs/gvisor.md says why each difference exists."""
 
@@ -15,11 +15,6 @@ from pathlib import Path
 from sandlot.engines.base import EngineError
 from sandlot.engines.local import mounts
 from sandlot.engines.local.oci_runtime import OciRuntime
-
-
-def searchable_by_all(path: Path) -> bool:
-    """Every directory from ``/`` to ``path`` has its search bit for others."""
-    return all(os.stat(p).st_mode & stat.S_IXOTH for p in [path, *path.parents])
 
 
 def remove_stale_socket(made: Path) -> None:
@@ -45,20 +40,7 @@ async def adopt_agent_socket(made: Path, link: Path) -> None:
     followed if a symlink, is bind-mounted at ``link``, in the sandbox's host directory (a hard
     link cannot cross from the sandbox's disk); ``delete`` unmounts it with the rest."""
     deadline = time.monotonic() + AGENT_SOCKET_TIMEOUT
-    while True:
-        try:
-            fd = os.open(made, os.O_PATH | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            fd = -1
-        if fd >= 0:
-            try:
-                if stat.S_ISSOCK(os.fstat(fd).st_mode):
-                    mounts.unmount(link)  # a restart's: the old agent's socket
-                    mounts.bind_fd(fd, link)
-                    return
-            finally:
-                os.close(fd)
-            raise EngineError("the sandbox's agent socket is not a socket")
+    while not adopt_now(made, link):
         if time.monotonic() > deadline:
             raise EngineError(f"the sandbox's agent made no socket in {AGENT_SOCKET_TIMEOUT:g} s")
         await asyncio.sleep(0.005)
@@ -80,3 +62,20 @@ async def set_paused(runtime: OciRuntime, sandbox_id: str, paused: bool) -> None
         state = await runtime.state(sandbox_id)
         if state is not None and state.get("status") == "paused":
             raise
+
+
+def adopt_now(made: Path, link: Path) -> bool:
+    """Bind the socket at ``made`` at ``link`` if there is one (False: none yet); opened
+    without following a symlink, and refused unless it is a socket."""
+    try:
+        fd = os.open(made, os.O_PATH | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise EngineError("the sandbox's agent socket is not a socket")
+        mounts.unmount(link)  # a restart's: the old agent's socket
+        mounts.bind_fd(fd, link)
+        return True
+    finally:
+        os.close(fd)

@@ -39,7 +39,13 @@ __all__ = ["create_app", "openapi_document"]
 
 def create_app(config: ServerConfig) -> Starlette:
     store = Store(config.database_url, Path(config.key_file) if config.key_file else None)
-    control = Control(store, dict(config.engines), config.default_region, config.pools)
+    control = Control(
+        store,
+        dict(config.engines),
+        config.default_region,
+        config.pools,
+        default_runtime=config.default_runtime,
+    )
     ports = Ports(config, control)
     api = Api(config, control, ports)
     routes: list[BaseRoute] = [

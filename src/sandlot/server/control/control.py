@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 
 from sandlot.engines.base import (
+    RUNTIMES,
     Engine,
     EngineError,
     EngineUnavailableError,
@@ -51,9 +52,12 @@ class Control(Core):
         engines: dict[str, Engine],
         default_region: str,
         pool_sizes: dict[PoolKey, int] | None = None,
+        default_runtime: str = RUNTIMES[0],
     ) -> None:
         super().__init__(store, engines, default_region)
         self.pool_sizes = dict(pool_sizes or {})
+        #: The runtime of creates that name none (``sandlot server --runtime``).
+        self.default_runtime = default_runtime
         self.lifecycle = Lifecycle(self, self.delete)
         self.pools = (
             WarmPools(self, self.pool_sizes, self.default_region) if self.pool_sizes else None
@@ -74,6 +78,9 @@ class Control(Core):
                 "privileged sandboxes need a token with the 'privileged' scope "
                 "(sandlot token create --scope privileged)",
             )
+        if req.runtime is None:  # the server's default (``sandlot server --runtime``)
+            req = req.model_copy(update={"runtime": self.default_runtime})
+        runtime = req.runtime or self.default_runtime
         auth: RegistryAuth | None = None
         if req.registry_secret is not None:
             found = await self.db(self.store.get_registry_secret, project, req.registry_secret)
@@ -141,7 +148,7 @@ class Control(Core):
             labels=dict(req.labels or {}),
             env=self.store.seal_env(req.env or {}),
             privileged=req.privileged,
-            runtime=req.runtime,
+            runtime=runtime,
             exposed_port_protocol=req.exposed_port_protocol,
             enable_tcp_proxy=req.enable_tcp_proxy,
             protect_ports=req.protect_ports,
@@ -179,7 +186,7 @@ class Control(Core):
             network=mode,
             outbound_allowlist=allow,
             registry_auth=auth,
-            runtime=req.runtime,
+            runtime=runtime,
             snapshot=req.snapshot,
             command=req.command,
             project=project,

@@ -209,6 +209,8 @@ class ServerOptions:
     token_requests: int = TOKEN_REQUESTS
     #: With ``engine="kubernetes"``: the cluster, namespace and runtime classes.
     kubernetes: KubernetesSettings | None = None
+    #: ``--runtime``: the runtime of sandboxes whose create names none.
+    default_runtime: str = "crun"
 
 
 def build_config(
@@ -256,6 +258,7 @@ def build_config(
         token_requests=options.token_requests,
         ports_listen=ports_address,
         ports_url=ports_base,
+        default_runtime=options.default_runtime,
     )
 
 

@@ -9,10 +9,6 @@ from support.local import SandboxHandle
 
 from sandlot.engines.local import LocalEngine, new_sandbox_id
 
-from .test_gvisor_engine import engine_state
-
-__all__ = ["engine_state"]  # the gVisor tests' searchable state directory, reused
-
 pytestmark = [
     pytest.mark.anyio,
     pytest.mark.root,

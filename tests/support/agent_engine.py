@@ -14,10 +14,8 @@ Images with special names make it misbehave on purpose:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +29,7 @@ from sandlot.engines.base import (
     SandboxSpec,
     SandboxState,
 )
+from support.proctree import kill_tree
 
 
 class AgentProcessEngine:
@@ -88,8 +87,7 @@ class AgentProcessEngine:
         self.deleted.append(sandbox_id)
         proc = self.procs.pop(sandbox_id, None)
         if proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)  # the agent and the commands it started in their own sessions
             await asyncio.to_thread(proc.wait)
         shutil.rmtree(self._dir(sandbox_id), ignore_errors=True)
 

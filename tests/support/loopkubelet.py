@@ -21,7 +21,6 @@ import contextlib
 import http.client
 import json
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from support.kube import ControlPlane
+from support.proctree import kill_tree
 
 UNPULLABLE = "registry.invalid/no-such-image:1"
 
@@ -260,9 +260,6 @@ class LoopKubelet:
         if running is None:
             return
         if running.proc is not None and running.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                import os
-
-                os.killpg(running.proc.pid, signal.SIGKILL)
+            kill_tree(running.proc.pid)  # the agent and the commands it started
             running.proc.wait()
         shutil.rmtree(running.dir, ignore_errors=True)

@@ -571,9 +571,6 @@ def run_gvisor(run: Run) -> None:
     memory written (engine level, bench/gvisor_checkpoint.py), deep wake with memory kept."""
     import shutil
 
-    from bench.machine import make_tmp_parent
-    from sandlot.engines.local.gvisor import searchable_by_all
-
     s = run.sizes
     ours = [
         ("tti_cold_ms", ("-",)),
@@ -587,8 +584,6 @@ def run_gvisor(run: Run) -> None:
     why = None
     if shutil.which("runsc") is None:
         why = "runsc is not installed (scripts/setup.sh builds it)"
-    elif not searchable_by_all(make_tmp_parent()):
-        why = "gVisor needs SANDLOT_BENCH_TMP searchable by all (chmod o+x)"
     if why is not None:
         for figure, cases in ours:
             run.skip_figure(figure, why, ("gvisor",), cases)

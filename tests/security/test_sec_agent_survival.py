@@ -168,10 +168,12 @@ def _oom_kills(layout: CgroupLayout, sandbox_id: str) -> int:
 
 
 @pytest.mark.gvisor_default
-async def test_memory_hog_is_killed_not_the_agent(sb: SandboxHandle) -> None:
+async def test_memory_hog_is_killed_not_the_agent(sb: SandboxHandle, runtime: str) -> None:
     before, started = await agent_pids(sb), await init_started(sb)
     out = await sb.run("python3 -c 'a = []\nwhile True: a.append(bytearray(10**7))'")
-    assert out["code"] == 137, out  # SIGKILLed by the OOM killer
+    # SIGKILLed by the OOM killer; under gVisor a fault its kernel cannot back with memory may
+    # end the hog with SIGSEGV instead (seen in CI): either way the hog, not the agent
+    assert out["code"] in ((137, 139) if runtime == "gvisor" else (137,)), out
     await working_exec(sb)
     assert await agent_pids(sb) == before
     assert await init_started(sb) == started
@@ -203,7 +205,7 @@ async def test_many_small_hogs_leave_the_agent_alone(
     assert await init_started(sb) == started
 
 
-@pytest.mark.gvisor_default
+# on gVisor in the full form only (61 s there)
 async def test_launched_processes_outlive_the_agent(sb: SandboxHandle) -> None:
     """Processes started with /start_process before the agent died are still listed (status,
     pid) and killable; their output is lost, and the API says so."""

@@ -28,7 +28,6 @@ import asyncio
 import builtins
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import secrets
@@ -81,8 +80,11 @@ from sandlot.engines.local.admission import (
 from sandlot.engines.local.ca_store import CAStore
 from sandlot.engines.local.disks import DiskStock, preallocate
 from sandlot.engines.local.gvisor_agent_watch import AgentWatches
+from sandlot.engines.local.hostlimits import grantable_open_files
 from sandlot.engines.local.oci_runtime import OciRuntime
 from sandlot.engines.local.oci_spec import SandboxConfig, build_config, host_block_device_dirs
+from sandlot.engines.local.rootfs_paths import resolve_in_root
+from sandlot.engines.local.socket_links import short_link
 from sandlot.engines.local.uid_slots import SlotRegistry
 from sandlot.images.snapshots import SnapshotStore, StoredSnapshot, image_of
 from sandlot.images.store import Image, ImageStore
@@ -100,72 +102,6 @@ from sandlot.paths import (
 from sandlot.runtime.closure import AGENT_ENV, agent_command, build_runtime
 
 _ID_ALPHABET = set("abcdefghijklmnopqrstuvwxyz0123456789-")
-
-
-def _resolve_in_root(root: Path, relative: str) -> Path | None:
-    """Resolve ``relative`` inside ``root`` as the sandbox would see it (absolute symlinks are
-    relative to ``root``); None if it does not exist. Never escapes ``root``."""
-    parts = [p for p in relative.strip("/").split("/") if p]
-    current = root
-    hops = 0
-    while parts:
-        part = parts.pop(0)
-        if part == "..":
-            current = current.parent if current != root else root
-            continue
-        candidate = current / part
-        if candidate.is_symlink():
-            hops += 1
-            if hops > 40:
-                return None
-            target = os.readlink(candidate)
-            if target.startswith("/"):
-                current = root
-            parts = [p for p in target.split("/") if p and p != "."] + parts
-            continue
-        if not candidate.exists():
-            return None
-        current = candidate
-    return current
-
-
-#: Where short aliases of sandbox directories live (see :func:`_short_link`).
-SOCKET_LINKS_DIR = Path("/run/sandlot/links")
-
-
-def _short_link(target: Path) -> Path:
-    """A short symlink to ``target``: Unix socket paths are limited to 107 bytes, and a state
-    directory can be deep (``connect`` follows symlinks, so the alias keeps agent socket paths
-    short whatever the state directory is)."""
-    link = SOCKET_LINKS_DIR / hashlib.sha256(str(target.resolve()).encode()).hexdigest()[:12]
-    SOCKET_LINKS_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not (link.is_symlink() and os.readlink(link) == str(target.resolve())):
-        tmp = link.with_name(link.name + f".{os.getpid()}")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        tmp.symlink_to(target.resolve())
-        tmp.rename(link)
-    return link
-
-
-def _grantable_open_files() -> int | None:
-    """RLIMIT_NOFILE above our own hard limit needs CAP_SYS_RESOURCE (some hosts, containers
-    among them, withhold it from root): then that hard limit is the most a sandbox can get."""
-    import resource
-
-    try:
-        cap_eff = next(
-            int(line.split()[1], 16)
-            for line in Path("/proc/self/status").read_text().splitlines()
-            if line.startswith("CapEff:")
-        )
-    except (OSError, StopIteration, ValueError):
-        cap_eff = 0
-    cap_sys_resource = 24
-    if cap_eff & (1 << cap_sys_resource):
-        return None
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    return None if hard == resource.RLIM_INFINITY else hard
 
 
 def images_in_use(state_dir: Path) -> set[Path]:
@@ -210,7 +146,7 @@ class LocalEngine:
         self.sandboxes_dir = state_dir / "sandboxes"
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         self.sandboxes_dir.chmod(0o711)
-        self._socket_root = _short_link(self.sandboxes_dir)
+        self._socket_root = short_link(self.sandboxes_dir)
         self.disks = DiskStock(state_dir / "disks")
         self.images = images or ImageStore(images_dir(state_dir))
         #: Filesystem snapshots: layers stacked on images (images/snapshots.py).
@@ -228,7 +164,7 @@ class LocalEngine:
         self._deleting: set[str] = set()
         #: gVisor sandboxes' agent sockets, adopted again when their agent restarts.
         self._agent_watches = AgentWatches()
-        self._max_open_files = _grantable_open_files()
+        self._max_open_files = grantable_open_files()
         self._memsw = (
             self.layout is cgroups.CgroupLayout.V2
             or Path("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists()
@@ -475,7 +411,7 @@ class LocalEngine:
             directory, image.rootfs, base, image.uid_base, [Path(p) for p in meta["layers"]]
         )
 
-        if _resolve_in_root(rootfs, "/bin/sh") is None:
+        if resolve_in_root(rootfs, "/bin/sh") is None:
             raise ImageError(
                 f"image {spec.image!r} has no /bin/sh: sandboxes run commands with sh -c"
             )
@@ -515,7 +451,7 @@ class LocalEngine:
             env["SANDBOX_SECRET_PATH"] = SANDBOX_CLAIM_FILE  # the claim is kept here
         else:
             env["SANDBOX_SECRET_FILE"] = SANDBOX_SECRET_FILE
-        cwd = image.workdir if _resolve_in_root(rootfs, image.workdir) else "/"
+        cwd = image.workdir if resolve_in_root(rootfs, image.workdir) else "/"
         config = build_config(
             SandboxConfig(
                 hostname=hostname,

@@ -124,3 +124,23 @@ def cap_sandbox_pids(layout: CgroupLayout, limit: int) -> bool:
         log.warning("cannot bound all sandboxes' pids together: %s", exc)
         return False
     return True
+
+
+def grantable_open_files() -> int | None:
+    """RLIMIT_NOFILE above our own hard limit needs CAP_SYS_RESOURCE (some hosts, containers
+    among them, withhold it from root): then that hard limit is the most a sandbox can get."""
+    import resource
+
+    try:
+        cap_eff = next(
+            int(line.split()[1], 16)
+            for line in Path("/proc/self/status").read_text().splitlines()
+            if line.startswith("CapEff:")
+        )
+    except (OSError, StopIteration, ValueError):
+        cap_eff = 0
+    cap_sys_resource = 24
+    if cap_eff & (1 << cap_sys_resource):
+        return None
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return None if hard == resource.RLIM_INFINITY else hard
